@@ -1,0 +1,300 @@
+"""Registration, logins, refresh rotation, revocation and access-token checks.
+
+The :class:`AuthService` is the only place that decides whether a token is good: the signature
+and claims (:class:`~relayd._tokens.TokenCodec`), then the state only the store knows: the
+client still exists, the token was issued after the client's last "revoke all", the jti was
+not revoked, and for refresh tokens that the presented token is its family's newest one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+import uuid as uuid_module
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from attrs import frozen
+
+from . import _kdf
+from ._config import AuthConfig, Config
+from ._errors import ConfigError, Conflict, NotFound, TokenError, Unauthorized
+from ._log import audit
+from ._store import ClientRecord, Store
+from ._tokens import MIN_SECRET_BYTES, Claims, IssuedToken, TokenCodec
+
+log = logging.getLogger("relayd.auth")
+
+SECRET_FILE_NAME = "signing-secret"
+CLIENT_ROLES = ("client",)
+
+
+def load_signing_secret(
+    config: Config, environ: Mapping[str, str], *, generate: bool = True
+) -> tuple[bytes | None, str]:
+    """Find the HS256 signing secret; return it and where it came from.
+
+    In order: ``$RELAYD_SECRET``; the file named by ``auth.secret_file``; the file relayd
+    generated in ``state_dir`` on an earlier start; else, if ``generate``, a new random secret
+    is written there (mode 0600) and a warning logged. There is no default secret. With
+    ``generate=False`` and nothing found, the secret is ``None``.
+
+    Raises:
+        ConfigError: a configured secret is shorter than 32 bytes or its file is unreadable.
+    """
+    if environ.get("RELAYD_SECRET"):
+        secret = environ["RELAYD_SECRET"].encode("utf-8")
+        origin = "$RELAYD_SECRET"
+    elif config.auth.secret_file:
+        path = Path(config.auth.secret_file)
+        try:
+            secret = path.read_bytes().strip()
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"auth.secret_file: cannot read {path}: {exc.strerror}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("signing secret file %s is readable by other users; chmod 600 it", path)
+        origin = str(path)
+    else:
+        path = config.state_path / SECRET_FILE_NAME
+        if path.exists() or not generate:
+            secret = path.read_bytes().strip() if path.exists() else b""
+            origin = str(path) if path.exists() else f"{path} (generated on first start)"
+            if not generate and not secret:
+                return None, origin
+        else:
+            try:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                raise ConfigError(f"state_dir: cannot create {path}: {exc.strerror}") from None
+            secret = secrets.token_urlsafe(48).encode("ascii")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secret + b"\n")
+            log.warning(
+                "no signing secret configured: generated %s. Keep that file (tokens die with "
+                "it) or set RELAYD_SECRET / auth.secret_file for production",
+                path,
+            )
+            origin = str(path)
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(f"{origin}: the signing secret must be at least {MIN_SECRET_BYTES} bytes")
+    return secret, origin
+
+
+def normalize_uuid(value: str) -> str:
+    """The canonical lowercase, hyphenated form, or ``ValueError``."""
+    return str(uuid_module.UUID(value))
+
+
+@frozen
+class TokenPair:
+    access: IssuedToken
+    refresh: IssuedToken
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {
+            "access_token": self.access.token,
+            "refresh_token": self.refresh.token,
+            "token_type": "bearer",
+            "expires_in": int(self.access.claims.exp - now),
+            "expires_at": self.access.claims.exp,
+            "refresh_expires_in": int(self.refresh.claims.exp - now),
+            "refresh_expires_at": self.refresh.claims.exp,
+        }
+
+
+@frozen
+class Registration:
+    client: ClientRecord
+    client_secret: str
+    tokens: TokenPair
+
+
+class AuthService:
+    def __init__(self, store: Store, codec: TokenCodec, config: AuthConfig) -> None:
+        self._store = store
+        self.codec = codec
+        self.config = config
+        self._revoked_jtis: set[str] = set()
+        # scrypt holds ~16 MiB and a core for tens of ms: two at a time at most.
+        self._kdf_limiter = trio.CapacityLimiter(2)
+        # Compared against when the client does not exist, so a miss costs as much as a hit.
+        self._decoy_hash = _kdf.hash_secret(_kdf.new_client_secret(), n=config.kdf_cost)
+
+    @property
+    def now(self) -> float:
+        return self.codec.clock()
+
+    async def load(self) -> None:
+        """Load revocation state from the store. Call once before serving."""
+        self._revoked_jtis = await self._store.revoked_token_ids(self.now)
+
+    async def _hash(self, secret: str) -> str:
+        return await trio.to_thread.run_sync(
+            partial(_kdf.hash_secret, secret, n=self.config.kdf_cost), limiter=self._kdf_limiter
+        )
+
+    async def _verify(self, secret: str, stored: str) -> bool:
+        return await trio.to_thread.run_sync(
+            _kdf.verify_secret, secret, stored, limiter=self._kdf_limiter
+        )
+
+    async def _issue_pair(self, client: ClientRecord, family: str | None = None) -> TokenPair:
+        new_family = family is None
+        family = family or secrets.token_urlsafe(16)
+        access = self.codec.issue(
+            sub=client.uuid, token_use="access", roles=client.roles, ttl=self.config.access_ttl
+        )
+        refresh = self.codec.issue(
+            sub=client.uuid,
+            token_use="refresh",
+            roles=client.roles,
+            ttl=self.config.refresh_ttl,
+            family=family,
+        )
+        if new_family:
+            await self._store.create_family(
+                family, client.uuid, refresh.claims.jti, self.now, refresh.claims.exp
+            )
+        return TokenPair(access, refresh)
+
+    # --- registration and login -------------------------------------------------------------
+
+    async def register(self, name: str, uuid: str | None, *, source: str | None) -> Registration:
+        """Register a client. Raises :class:`Conflict` if the UUID was ever registered."""
+        client_uuid = uuid or str(uuid_module.uuid4())
+        client_secret = _kdf.new_client_secret()
+        secret_hash = await self._hash(client_secret)
+        now = self.now
+        client = ClientRecord(
+            uuid=client_uuid,
+            name=name,
+            secret_hash=secret_hash,
+            roles=CLIENT_ROLES,
+            created_at=now,
+            # Tokens from any earlier holder of this UUID can never become valid again.
+            tokens_valid_after=now,
+        )
+        if not await self._store.insert_client(client):
+            audit("register_conflict", client=client_uuid, source=source)
+            raise Conflict(
+                f"client {client_uuid} is already registered; log in with its secret at "
+                "POST /auth/token",
+                code="uuid_taken",
+            )
+        tokens = await self._issue_pair(client)
+        audit("register", client=client_uuid, source=source)
+        return Registration(client, client_secret, tokens)
+
+    async def login(self, client_uuid: str, client_secret: str, *, source: str | None) -> TokenPair:
+        """Exchange a client's UUID and secret for a new token pair (a new refresh family)."""
+        client = await self._store.get_client(client_uuid)
+        live = client is not None and client.deleted_at is None
+        stored = client.secret_hash if client is not None and live else self._decoy_hash
+        matches = await self._verify(client_secret, stored)
+        if client is None or not live or not matches:
+            audit("login_failed", client=client_uuid, source=source)
+            raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
+        tokens = await self._issue_pair(client)
+        audit("token_issued", client=client_uuid, source=source)
+        return tokens
+
+    # --- refresh and logout -----------------------------------------------------------------
+
+    async def _live_client(self, claims: Claims) -> ClientRecord:
+        client = await self._store.get_client(claims.sub)
+        if client is None or client.deleted_at is not None:
+            raise TokenError("token_revoked", "the token's client no longer exists")
+        if claims.iat < client.tokens_valid_after:
+            raise TokenError("token_revoked", "the token was revoked")
+        return client
+
+    async def refresh(self, refresh_token: str, *, source: str | None) -> TokenPair:
+        """Rotate a refresh token: a new pair, the presented token spent.
+
+        Presenting a token that was already rotated revokes its whole family and raises
+        ``TokenError("refresh_reused")``: either the client or a thief holds a stolen copy.
+        """
+        claims = self.codec.verify(refresh_token, use="refresh")
+        client = await self._live_client(claims)
+        assert claims.family is not None
+        tokens = await self._issue_pair(client, family=claims.family)
+        outcome = await self._store.rotate_family(
+            claims.family,
+            claims.jti,
+            tokens.refresh.claims.jti,
+            self.now,
+            tokens.refresh.claims.exp,
+        )
+        if outcome == "reused":
+            audit("refresh_reuse_detected", client=client.uuid, source=source, family=claims.family)
+            raise TokenError(
+                "refresh_reused",
+                "this refresh token was already used; every token of its login is now revoked",
+            )
+        if outcome != "rotated":
+            raise TokenError("token_revoked", "the refresh token was revoked")
+        audit("token_refreshed", client=client.uuid, source=source)
+        return tokens
+
+    async def logout(self, refresh_token: str, *, source: str | None) -> bool:
+        """Revoke the refresh token's family. ``False`` if it was already revoked."""
+        claims = self.codec.verify(refresh_token, use="refresh")
+        assert claims.family is not None
+        revoked = await self._store.revoke_family(claims.family, self.now, "logout")
+        audit("refresh_revoked", client=claims.sub, source=source, family=claims.family)
+        return revoked
+
+    # --- access tokens ----------------------------------------------------------------------
+
+    async def authenticate(self, access_token: str) -> Claims:
+        """Verify an access token and its revocation state; return its claims.
+
+        Raises:
+            TokenError: see :meth:`TokenCodec.verify`, plus ``token_revoked``.
+        """
+        claims = self.codec.verify(access_token, use="access")
+        if claims.jti in self._revoked_jtis:
+            raise TokenError("token_revoked", "the token was revoked")
+        if not claims.is_operator:
+            await self._live_client(claims)
+        return claims
+
+    def mint_operator_token(self, name: str, roles: tuple[str, ...], ttl: float) -> IssuedToken:
+        """An access token for an operator (``sub`` = ``operator:<name>``), not a client."""
+        return self.codec.issue(sub=f"operator:{name}", token_use="access", roles=roles, ttl=ttl)
+
+    async def revoke_token(self, claims: Claims, *, actor: str, source: str | None) -> None:
+        """Revoke one access token by its jti until it expires."""
+        await self._store.revoke_token(claims.jti, claims.sub, self.now, claims.exp)
+        self._revoked_jtis.add(claims.jti)
+        audit("token_revoked", client=claims.sub, actor=actor, source=source)
+
+    # --- clients ----------------------------------------------------------------------------
+
+    async def get_client(self, client_uuid: str) -> ClientRecord:
+        client = await self._store.get_client(client_uuid)
+        if client is None or client.deleted_at is not None:
+            raise NotFound(f"no client {client_uuid}", code="unknown_client")
+        return client
+
+    async def list_clients(self) -> list[ClientRecord]:
+        return await self._store.list_clients()
+
+    async def revoke_client(self, client_uuid: str, *, actor: str, source: str | None) -> None:
+        """Refuse every token the client holds now; it must log in again with its secret."""
+        if not await self._store.revoke_client_tokens(client_uuid, self.now):
+            raise NotFound(f"no client {client_uuid}", code="unknown_client")
+        audit("client_revoked", client=client_uuid, actor=actor, source=source)
+
+    async def delete_client(self, client_uuid: str, *, actor: str, source: str | None) -> None:
+        """Delete a client. Its UUID stays taken, so nobody can register it and get its mail."""
+        if not await self._store.delete_client(client_uuid, self.now):
+            raise NotFound(f"no client {client_uuid}", code="unknown_client")
+        audit("client_deleted", client=client_uuid, actor=actor, source=source)

@@ -1,0 +1,337 @@
+"""Strict, typed configuration: ``relayd.toml``, then ``RELAYD_*`` environment overrides.
+
+Theory of operation:
+
+* Each section is a frozen attrs class whose fields carry their defaults and a docstring; the
+  defaults are the *embedded defaults* a fresh checkout runs on, and ``relayd.toml`` at the
+  repository root repeats them with a comment per key (a test keeps the two equal).
+* A dedicated cattrs converter structures the parsed TOML. It forbids unknown keys and does no
+  type coercion: ``listen = 8000`` or ``access_ttl = "15m"`` are errors, and every error names
+  the file and the dotted key.
+* ``RELAYD_<SECTION>__<KEY>`` (or ``RELAYD_<KEY>`` for top-level keys) overrides one key. The
+  string is parsed according to the key's declared type; an override that names no key is an
+  error, not a silent no-op.
+* Secrets never live in the TOML: see :func:`relayd._auth.load_signing_secret`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import cattrs
+from attrs import field, frozen
+from cattrs.errors import ForbiddenExtraKeysError
+
+from ._errors import ConfigError
+from ._structure import field_error, iter_errors, strict_converter
+
+ENV_PREFIX = "RELAYD_"
+# Environment variables with the prefix that are not config keys.
+ENV_RESERVED = frozenset({"RELAYD_CONFIG", "RELAYD_SECRET", "RELAYD_VENV"})
+
+RegistrationPolicy = Literal["open", "closed"]
+Synchronous = Literal["full", "normal"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) and check both parts."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r} has no valid port (0-65535)")
+    return host, int(port_text)
+
+
+def _address(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise field_error(attribute, str(exc)) from None
+
+
+def _optional_address(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value:
+        _address(instance, attribute, value)
+
+
+def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0 or math.isinf(value):
+        raise field_error(attribute, f"must be a positive finite number, not {value!r}")
+
+
+def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0 or math.isinf(value):
+        raise field_error(attribute, f"must be zero or a positive finite number, not {value!r}")
+
+
+def _power_of_two(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 2 or value & (value - 1):
+        raise field_error(attribute, f"must be a power of two, not {value!r}")
+
+
+@frozen(kw_only=True)
+class HttpConfig:
+    """The HTTP listener: the REST API and the ``/ws`` endpoint share it."""
+
+    listen: str = field(default="127.0.0.1:8000", validator=_address)
+    """``host:port`` to listen on; port 0 picks a free port."""
+    max_body_bytes: int = field(default=65_536, validator=_positive)
+    """Largest request body accepted; larger bodies are answered 413."""
+    keep_alive_timeout: float = field(default=5.0, validator=_positive)
+    """Seconds an idle keep-alive connection is kept before relayd closes it."""
+    request_timeout: float = field(default=30.0, validator=_positive)
+    """Seconds a client may take to send a request before the connection is dropped."""
+    register_per_minute: float = field(default=10.0, validator=_positive)
+    """Sustained ``POST /register`` rate allowed per source IP."""
+    register_burst: int = field(default=10, validator=_positive)
+    """``POST /register`` requests a source IP may make at once before the rate applies."""
+    auth_per_minute: float = field(default=60.0, validator=_positive)
+    """Sustained ``/auth/*`` request rate allowed per source IP."""
+    auth_burst: int = field(default=20, validator=_positive)
+    """``/auth/*`` requests a source IP may make at once before the rate applies."""
+
+
+@frozen(kw_only=True)
+class AuthConfig:
+    """Tokens, client secrets and who may register."""
+
+    issuer: str = "relayd"
+    """``iss`` claim of issued tokens, checked on every token."""
+    audience: str = "relayd"
+    """``aud`` claim of issued tokens, checked on every token."""
+    access_ttl: float = field(default=900.0, validator=_positive)
+    """Lifetime of an access token, in seconds."""
+    refresh_ttl: float = field(default=2_592_000.0, validator=_positive)
+    """Lifetime of a refresh token (and its rotation family), in seconds."""
+    leeway: float = field(default=5.0, validator=_non_negative)
+    """Clock skew tolerated when checking ``exp`` and ``nbf``, in seconds."""
+    registration: RegistrationPolicy = "open"
+    """``open``: anyone may register a client; ``closed``: only an admin token may."""
+    secret_file: str = ""
+    """File holding the signing secret (``RELAYD_SECRET`` wins; empty: generated in state_dir)."""
+    kdf_cost: int = field(default=16_384, validator=_power_of_two)
+    """scrypt cost ``n`` for hashing client secrets (a power of two)."""
+
+
+@frozen(kw_only=True)
+class StoreConfig:
+    """The embedded SQLite store."""
+
+    path: str = "relayd.sqlite3"
+    """Database file, relative to ``state_dir``; ``:memory:`` keeps everything in memory."""
+    synchronous: Synchronous = "full"
+    """``full`` survives power loss; ``normal`` survives a process crash but may lose the
+    last commits on power loss (see docs/operations.md)."""
+
+
+@frozen(kw_only=True)
+class LogConfig:
+    """Logging to stderr (journald picks it up under systemd)."""
+
+    level: LogLevel = "info"
+    """Lowest level logged: debug, info, warning or error."""
+    format: LogFormat = "text"
+    """``text`` for people, ``json`` for log pipelines."""
+
+
+@frozen(kw_only=True)
+class Config:
+    """relayd's whole configuration."""
+
+    state_dir: str = "./var"
+    """Directory for the store and the generated signing secret; created if missing."""
+    drain_timeout: float = field(default=10.0, validator=_positive)
+    """On SIGTERM/SIGINT, seconds given to open connections to finish before they are cut."""
+    http: HttpConfig = field(factory=HttpConfig)
+    auth: AuthConfig = field(factory=AuthConfig)
+    store: StoreConfig = field(factory=StoreConfig)
+    log: LogConfig = field(factory=LogConfig)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def store_path(self) -> str:
+        """The database path SQLite opens: ``:memory:`` or a file under ``state_dir``."""
+        if self.store.path == ":memory:":
+            return ":memory:"
+        return str(self.state_path / self.store.path)
+
+
+# --- structuring --------------------------------------------------------------------------------
+
+
+_converter = strict_converter(forbid_extra_keys=True)
+
+
+def _describe(path: str, exc: BaseException) -> list[str]:
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = [a.name for a in attrs.fields(exc.cl)]
+        lines = []
+        for extra in sorted(exc.extra_fields):
+            hint = difflib.get_close_matches(extra, known, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            lines.append(f"{path + '.' if path else ''}{extra}: unknown key{suggestion}")
+        return lines
+    if isinstance(exc, KeyError):
+        return [f"{path}: required"]
+    return [f"{path or '(top level)'}: {exc}"]
+
+
+def structure(data: Mapping[str, Any], source: str) -> Config:
+    """Build a :class:`Config` from parsed TOML, naming ``source`` and the key in any error."""
+    for section in attrs.fields(Config):
+        if attrs.has(_field_type(Config, section.name)) and not isinstance(
+            data.get(section.name, {}), dict
+        ):
+            raise ConfigError(f"{source}: {section.name}: must be a table ([{section.name}])")
+    try:
+        return _converter.structure(dict(data), Config)
+    except cattrs.BaseValidationError as exc:
+        messages = [m for path, leaf in iter_errors(exc) for m in _describe(path, leaf)]
+    except (ValueError, TypeError) as exc:
+        messages = [str(exc)]
+    raise ConfigError("\n".join(f"{source}: {m}" for m in messages))
+
+
+# --- environment overrides ----------------------------------------------------------------------
+
+
+def _field_type(cls: type[Any], name: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints.get(name)
+
+
+def _parse_env_value(raw: str, kind: Any, var: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        return raw
+    if kind is str:
+        return raw
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{var}: expected a boolean (true/false), got {raw!r}")
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{var}: expected {kind.__name__}, got {raw!r}") from None
+    raise ConfigError(f"{var}: this key cannot be set from the environment")
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return ``data`` with every ``RELAYD_*`` override applied (``data`` is not modified)."""
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    sections = {a.name for a in attrs.fields(Config) if attrs.has(_field_type(Config, a.name))}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var in ENV_RESERVED:
+            continue
+        raw = environ[var]
+        name = var.removeprefix(ENV_PREFIX).lower()
+        section, sep, key = name.partition("__")
+        if sep:
+            section_cls = _field_type(Config, section) if section in sections else None
+            kind = _field_type(section_cls, key) if section_cls is not None else None
+            if kind is None:
+                raise ConfigError(f"{var}: no config key {section}.{key}")
+            target = merged.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{var}: {section} is not a table in the config file")
+            target[key] = _parse_env_value(raw, kind, var)
+        else:
+            kind = _field_type(Config, section)
+            if kind is None or section in sections:
+                raise ConfigError(f"{var}: no top-level config key {section}")
+            merged[section] = _parse_env_value(raw, kind, var)
+    return merged
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+DEFAULT_CONFIG_FILE = "relayd.toml"
+
+
+def resolve_config_path(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    """``--config``, else ``$RELAYD_CONFIG``, else ``./relayd.toml`` if present, else none."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("RELAYD_CONFIG"):
+        return Path(environ["RELAYD_CONFIG"])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read the config file (if any), apply environment overrides and validate everything.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not valid TOML, or a key is unknown,
+            of the wrong type or out of range. The message names the file and the key.
+    """
+    env = os.environ if environ is None else environ
+    config_path = resolve_config_path(None if path is None else os.fspath(path), env)
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if config_path is not None:
+        source = str(config_path)
+        try:
+            with open(config_path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    overridden = apply_env(data, env)
+    if overridden != data:
+        source += " (with RELAYD_* overrides)"
+    return structure(overridden, source)
+
+
+def unstructure(config: Config) -> dict[str, Any]:
+    result: dict[str, Any] = _converter.unstructure(config)
+    return result
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    return repr(value)
+
+
+def to_toml(config: Config) -> str:
+    """Render the effective config as TOML, the way ``relayd check-config`` prints it."""
+    data = unstructure(config)
+    top = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    lines = [*top]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{section}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,257 @@
+"""The REST API: a Quart-Trio app.
+
+Every response is JSON. Every error has one shape,
+``{"error": {"code": ..., "message": ..., "details": {...}}}``, with the status it implies;
+``docs/protocol.md`` lists the routes and codes. The app holds no state of its own: it calls the
+services it is built with.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from typing import Any
+
+import trio
+from attrs import define, field
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from . import __version__
+from ._api import LoginRequest, RefreshRequest, RegisterRequest, RevokeRequest, parse_body
+from ._auth import AuthService
+from ._config import Config
+from ._errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    RateLimited,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from ._ratelimit import RateLimiter
+from ._store import ClientRecord
+from ._tokens import Claims
+
+log = logging.getLogger("relayd.http")
+
+
+class Readiness(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+@define
+class Services:
+    """What the routes use. The daemon builds it; tests may build it too."""
+
+    config: Config
+    auth: AuthService
+    readiness: Readiness = Readiness.STARTING
+    register_limiter: RateLimiter = field(init=False)
+    auth_limiter: RateLimiter = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        http = self.config.http
+        self.register_limiter = RateLimiter(
+            rate=http.register_per_minute / 60, burst=http.register_burst
+        )
+        self.auth_limiter = RateLimiter(rate=http.auth_per_minute / 60, burst=http.auth_burst)
+
+
+def _error_response(error: ApiError) -> Response:
+    response = jsonify(error.to_json())
+    response.status_code = error.status
+    response.headers.update(error.headers)
+    return response
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+}
+
+
+def _source() -> str | None:
+    return request.remote_addr
+
+
+async def _json_body() -> dict[str, Any]:
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(
+            "send the body as JSON with Content-Type: application/json",
+            details={"content_type": request.mimetype or None},
+        )
+    raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON", code="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    return doc
+
+
+def _bearer_token() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized(
+            "send an access token as Authorization: Bearer <token>",
+            code="missing_token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return token.strip()
+
+
+def _client_json(client: ClientRecord) -> dict[str, Any]:
+    return {"uuid": client.uuid, "name": client.name, "created_at": client.created_at}
+
+
+def create_app(services: Services) -> QuartTrio:
+    """Build the Quart-Trio app serving relayd's REST API with ``services``."""
+    app = QuartTrio("relayd", static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = services.config.http.max_body_bytes
+    app.config["BODY_TIMEOUT"] = services.config.http.request_timeout
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    auth = services.auth
+
+    async def authenticated() -> Claims:
+        return await auth.authenticate(_bearer_token())
+
+    async def admin() -> Claims:
+        claims = await authenticated()
+        if not claims.is_admin:
+            raise Forbidden("this needs an admin token", code="admin_required")
+        return claims
+
+    @app.errorhandler(ApiError)
+    async def api_error(error: ApiError) -> Response:
+        return _error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = _HTTP_CODES.get(status, "http_error")
+        message = error.description or error.name
+        api = ApiError(message, code=code)
+        api.status = status
+        return _error_response(api)
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        log.error("unhandled error serving %s %s", request.method, request.path, exc_info=error)
+        api = ApiError("internal error; see the server log", code="internal_error")
+        api.status = 500
+        return _error_response(api)
+
+    @app.before_request
+    async def rate_limit() -> None:
+        if request.path == "/register":
+            limiter = services.register_limiter
+        elif request.path.startswith("/auth/"):
+            limiter = services.auth_limiter
+        else:
+            return
+        wait = limiter.acquire(_source() or "-", trio.current_time())
+        if wait > 0:
+            raise RateLimited(wait)
+
+    @app.get("/")
+    async def index() -> dict[str, Any]:
+        return {"service": "relayd", "version": __version__}
+
+    @app.get("/health/live")
+    async def live() -> dict[str, Any]:
+        return {"status": "live"}
+
+    @app.get("/health/ready")
+    async def ready() -> Response:
+        state = services.readiness
+        if state is Readiness.READY:
+            return jsonify({"status": state.value})
+        body = {"status": state.value}
+        body.update(ApiError(f"relayd is {state.value}", code=state.value).to_json())
+        response = jsonify(body)
+        response.status_code = 503
+        return response
+
+    @app.post("/register")
+    async def register() -> dict[str, Any]:
+        body = parse_body(await _json_body(), RegisterRequest)
+        if services.config.auth.registration == "closed":
+            try:
+                await admin()
+            except ApiError as exc:
+                raise Forbidden(
+                    "registration is closed: only an admin token may register clients",
+                    code="registration_closed",
+                    details={"reason": exc.code},
+                ) from None
+        result = await auth.register(body.name.strip(), body.uuid, source=_source())
+        return {
+            **_client_json(result.client),
+            "client_secret": result.client_secret,
+            **result.tokens.to_json(auth.now),
+        }
+
+    @app.post("/auth/token")
+    async def token() -> dict[str, Any]:
+        body = parse_body(await _json_body(), LoginRequest)
+        pair = await auth.login(body.uuid, body.client_secret, source=_source())
+        return {"uuid": body.uuid, **pair.to_json(auth.now)}
+
+    @app.post("/auth/refresh")
+    async def refresh() -> dict[str, Any]:
+        body = parse_body(await _json_body(), RefreshRequest)
+        pair = await auth.refresh(body.refresh_token, source=_source())
+        return {"uuid": pair.access.claims.sub, **pair.to_json(auth.now)}
+
+    @app.post("/auth/revoke")
+    async def revoke() -> dict[str, Any]:
+        body = parse_body(await _json_body(), RevokeRequest)
+        if body.refresh_token is not None:
+            await auth.logout(body.refresh_token, source=_source())
+        else:
+            assert body.access_token is not None
+            claims = auth.codec.verify(body.access_token, use="access")
+            await auth.revoke_token(claims, actor=claims.sub, source=_source())
+        return {"revoked": True}
+
+    @app.get("/clients")
+    async def list_clients() -> dict[str, Any]:
+        await authenticated()
+        clients = await auth.list_clients()
+        return {
+            "count": len(clients),
+            "clients": {c.uuid: c.name for c in clients},
+            "items": [_client_json(c) for c in clients],
+        }
+
+    @app.get("/clients/<client_uuid>")
+    async def get_client(client_uuid: str) -> dict[str, Any]:
+        await authenticated()
+        return _client_json(await auth.get_client(client_uuid.lower()))
+
+    @app.delete("/clients/<client_uuid>")
+    async def delete_client(client_uuid: str) -> dict[str, Any]:
+        claims = await authenticated()
+        client_uuid = client_uuid.lower()
+        if claims.sub != client_uuid and not claims.is_admin:
+            raise Forbidden("a client may delete only itself", code="not_yours")
+        await auth.delete_client(client_uuid, actor=claims.sub, source=_source())
+        return {"deleted": client_uuid}
+
+    @app.post("/admin/clients/<client_uuid>/revoke")
+    async def revoke_client(client_uuid: str) -> dict[str, Any]:
+        claims = await admin()
+        client_uuid = client_uuid.lower()
+        await auth.revoke_client(client_uuid, actor=claims.sub, source=_source())
+        return {"revoked": client_uuid}
+
+    return app

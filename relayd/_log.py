@@ -1,0 +1,92 @@
+"""Logging: one line per event on stderr, human-readable or JSON, with structured fields.
+
+Call sites pass structured data as ``extra={"fields": {...}}`` (or use :func:`audit`); the
+formatter appends them as ``key=value`` (text) or as JSON members. The id of the connection or
+request being served travels in a context variable, so every line logged while serving it
+carries it without threading it through every call.
+
+Tokens and secrets are never passed to a logger; a test greps the logs to keep it so.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+AUDIT_LOGGER = "relayd.audit"
+
+conn_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("relayd_conn_id", default=None)
+
+_audit_log = logging.getLogger(AUDIT_LOGGER)
+
+
+def audit(event: str, **fields: Any) -> None:
+    """Record a security-relevant event: who (client, actor), from where (source), what."""
+    _audit_log.info(event, extra={"fields": {k: v for k, v in fields.items() if v is not None}})
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    cid = conn_id.get()
+    if cid is not None:
+        fields["conn"] = cid
+    extra = getattr(record, "fields", None)
+    if isinstance(extra, dict):
+        fields.update(extra)
+    return fields
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + (
+        f".{int(record.msecs):03d}Z"
+    )
+
+
+def _text_value(value: Any) -> str:
+    text = str(value)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [_timestamp(record), record.levelname, f"{record.name}:", record.getMessage()]
+        parts.extend(f"{k}={_text_value(v)}" for k, v in _fields(record).items())
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        doc.update(_fields(record))
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure(level: str, fmt: str) -> None:
+    """Send relayd's logs (and hypercorn's errors) to stderr in ``fmt`` at ``level``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())

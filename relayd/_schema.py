@@ -1,0 +1,51 @@
+"""The store's schema, as an append-only list of migrations.
+
+Migration ``i`` (1-based) takes the schema from ``user_version = i - 1`` to ``i``. Never edit a
+migration that has shipped: add a new one. The store applies missing migrations at start, each
+in its own transaction, and refuses to open a database whose version is newer than this list.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: clients, refresh-token families, revoked access tokens.
+    """
+    CREATE TABLE clients (
+        uuid TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        -- scrypt hash of the client secret; empty once the client is deleted.
+        secret_hash TEXT NOT NULL,
+        roles TEXT NOT NULL,               -- space-separated, e.g. 'client' or 'client admin'
+        created_at REAL NOT NULL,
+        -- Access and refresh tokens issued before this instant are refused ("revoke all").
+        tokens_valid_after REAL NOT NULL,
+        -- A deleted client keeps its row as a tombstone so its UUID is never issued again.
+        deleted_at REAL
+    ) WITHOUT ROWID;
+
+    -- One row per login: each refresh rotates current_jti; presenting an older jti of the
+    -- family is reuse, which revokes the family (OAuth 2.0 Security BCP, refresh rotation).
+    CREATE TABLE refresh_families (
+        family TEXT PRIMARY KEY,
+        client_uuid TEXT NOT NULL REFERENCES clients(uuid) ON DELETE CASCADE,
+        current_jti TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        rotated_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        revoked_at REAL,
+        revoked_reason TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX refresh_families_by_client ON refresh_families (client_uuid);
+
+    -- Single access tokens revoked by jti (operator tokens have no client to revoke).
+    -- Rows are useless after expires_at and are purged.
+    CREATE TABLE revoked_tokens (
+        jti TEXT PRIMARY KEY,
+        subject TEXT NOT NULL,
+        revoked_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,371 @@
+"""The embedded SQLite store.
+
+Theory of operation:
+
+* One ``sqlite3`` connection, in WAL mode, opened in autocommit mode so that every transaction
+  is explicit (``BEGIN IMMEDIATE`` ... ``COMMIT``).
+* Every statement runs off the event loop through :meth:`Store._run`, which hands a plain
+  function to the store's *executor*, one call at a time (a capacity limiter of one): there is
+  exactly one writer, and no two threads ever use the connection at once. The default executor
+  is ``trio.to_thread.run_sync``; tests that assert virtual time pass :func:`inline_executor` so
+  the fake clock cannot jump while SQLite works. The SQL is the same either way.
+* A call that has started is not abandoned when its caller is cancelled: it runs to its
+  ``COMMIT`` or ``ROLLBACK``, so a cancelled request never leaves half a transaction behind.
+* An ``await`` on a write returns only after the write is committed; with
+  ``synchronous = full`` that commit is on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import trio
+from attrs import frozen
+
+from ._errors import SchemaTooNewError, StoreError
+from ._schema import MIGRATIONS, SCHEMA_VERSION
+
+T = TypeVar("T")
+Executor = Callable[..., Awaitable[Any]]
+
+
+async def inline_executor(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` on the event loop thread. For tests under a fake clock."""
+    await trio.lowlevel.checkpoint()
+    return fn(*args)
+
+
+async def thread_executor(fn: Callable[..., T], *args: Any) -> T:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` if the body raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+@frozen
+class ClientRecord:
+    uuid: str
+    name: str
+    secret_hash: str
+    roles: tuple[str, ...]
+    created_at: float
+    tokens_valid_after: float
+    deleted_at: float | None = None
+
+
+@frozen
+class FamilyRecord:
+    family: str
+    client_uuid: str
+    current_jti: str
+    expires_at: float
+    revoked_at: float | None
+
+
+RotateOutcome = Literal["rotated", "reused", "revoked", "unknown"]
+
+
+def _client(row: sqlite3.Row) -> ClientRecord:
+    return ClientRecord(
+        uuid=row["uuid"],
+        name=row["name"],
+        secret_hash=row["secret_hash"],
+        roles=tuple(row["roles"].split()),
+        created_at=row["created_at"],
+        tokens_valid_after=row["tokens_valid_after"],
+        deleted_at=row["deleted_at"],
+    )
+
+
+def _migrate(db: sqlite3.Connection, path: str) -> int:
+    version: int = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNewError(
+            f"{path}: schema version {version} is newer than this relayd understands "
+            f"({SCHEMA_VERSION}); run a newer relayd, or restore the backup taken before the "
+            "upgrade"
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        try:
+            db.executescript(
+                f"BEGIN IMMEDIATE;\n{MIGRATIONS[target - 1]};\nPRAGMA user_version = {target};\n"
+                "COMMIT;"
+            )
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreError(f"{path}: migration to schema version {target} failed: {exc}") from exc
+    return version
+
+
+def _connect(path: str, synchronous: str) -> sqlite3.Connection:
+    if path != ":memory:":
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created 0600 before SQLite touches it: it holds secret hashes and messages.
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open the store: {exc}") from exc
+    try:
+        db.row_factory = sqlite3.Row
+        if path != ":memory:":
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"{path}: cannot switch the store to WAL mode (got {mode})")
+        db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        db.execute("PRAGMA foreign_keys = ON")
+        # The admin CLI and `relayd backup` may hold the database briefly.
+        db.execute("PRAGMA busy_timeout = 5000")
+        _migrate(db, path)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise StoreError(f"{path}: not a usable SQLite database: {exc}") from exc
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+class Store:
+    """relayd's durable state. Open it with :meth:`Store.open`."""
+
+    def __init__(self, db: sqlite3.Connection, path: str, executor: Executor) -> None:
+        self._db = db
+        self.path = path
+        self._executor = executor
+        # One call at a time: the connection has exactly one user, the writer.
+        self._limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, path: str, *, synchronous: str = "full", executor: Executor = thread_executor
+    ) -> AsyncIterator[Store]:
+        """Open (creating and migrating as needed) and close the store.
+
+        Raises:
+            SchemaTooNewError: the database was written by a newer relayd.
+            StoreError: the file cannot be opened, is not SQLite, or a migration failed.
+        """
+        db = await executor(_connect, path, synchronous)
+        store = cls(db, path, executor)
+        try:
+            yield store
+        finally:
+            with trio.CancelScope(shield=True):
+                # Closing waits for a call in flight; the limiter bounds it to that one call.
+                with trio.move_on_after(30):
+                    async with store._limiter:
+                        await executor(db.close)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._limiter:
+            result: T = await self._executor(fn, self._db)
+            return result
+
+    async def schema_version(self) -> int:
+        return await self._run(lambda db: int(db.execute("PRAGMA user_version").fetchone()[0]))
+
+    # --- clients --------------------------------------------------------------------------------
+
+    async def insert_client(self, client: ClientRecord) -> bool:
+        """Insert a new client; ``False`` if its UUID was ever registered (even if deleted)."""
+
+        def insert(db: sqlite3.Connection) -> bool:
+            try:
+                with transaction(db):
+                    db.execute(
+                        "INSERT INTO clients (uuid, name, secret_hash, roles, created_at,"
+                        " tokens_valid_after) VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            client.uuid,
+                            client.name,
+                            client.secret_hash,
+                            " ".join(client.roles),
+                            client.created_at,
+                            client.tokens_valid_after,
+                        ),
+                    )
+            except sqlite3.IntegrityError:
+                return False
+            return True
+
+        return await self._run(insert)
+
+    async def get_client(self, uuid: str) -> ClientRecord | None:
+        """The client with this UUID, tombstones included (check ``deleted_at``)."""
+
+        def query(db: sqlite3.Connection) -> ClientRecord | None:
+            row = db.execute("SELECT * FROM clients WHERE uuid = ?", (uuid,)).fetchone()
+            return None if row is None else _client(row)
+
+        return await self._run(query)
+
+    async def list_clients(self) -> list[ClientRecord]:
+        """Every live client, oldest first."""
+
+        def query(db: sqlite3.Connection) -> list[ClientRecord]:
+            rows = db.execute(
+                "SELECT * FROM clients WHERE deleted_at IS NULL ORDER BY created_at, uuid"
+            )
+            return [_client(row) for row in rows]
+
+        return await self._run(query)
+
+    async def revoke_client_tokens(self, uuid: str, at: float) -> bool:
+        """Refuse every token issued to the client before ``at``; end its refresh families."""
+
+        def update(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                cursor = db.execute(
+                    "UPDATE clients SET tokens_valid_after = max(tokens_valid_after, ?)"
+                    " WHERE uuid = ? AND deleted_at IS NULL",
+                    (at, uuid),
+                )
+                db.execute(
+                    "UPDATE refresh_families SET revoked_at = ?, revoked_reason = 'client_revoked'"
+                    " WHERE client_uuid = ? AND revoked_at IS NULL",
+                    (at, uuid),
+                )
+            return cursor.rowcount == 1
+
+        return await self._run(update)
+
+    async def delete_client(self, uuid: str, at: float) -> bool:
+        """Turn the client into a tombstone: no secret, no tokens, no families."""
+
+        def update(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                cursor = db.execute(
+                    "UPDATE clients SET deleted_at = ?, secret_hash = '', tokens_valid_after = ?"
+                    " WHERE uuid = ? AND deleted_at IS NULL",
+                    (at, at, uuid),
+                )
+                db.execute("DELETE FROM refresh_families WHERE client_uuid = ?", (uuid,))
+            return cursor.rowcount == 1
+
+        return await self._run(update)
+
+    # --- refresh families -------------------------------------------------------------------
+
+    async def create_family(
+        self, family: str, client_uuid: str, jti: str, at: float, expires_at: float
+    ) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            with transaction(db):
+                db.execute(
+                    "INSERT INTO refresh_families (family, client_uuid, current_jti, created_at,"
+                    " rotated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (family, client_uuid, jti, at, at, expires_at),
+                )
+
+        await self._run(insert)
+
+    async def rotate_family(
+        self, family: str, presented_jti: str, new_jti: str, at: float, expires_at: float
+    ) -> RotateOutcome:
+        """Rotate ``family`` from ``presented_jti`` to ``new_jti``, atomically.
+
+        Returns ``"rotated"`` on success. If ``presented_jti`` is not the family's current one,
+        the token was already rotated, so it is being *reused*: the family is revoked and
+        ``"reused"`` returned. ``"revoked"``: the family was revoked before; ``"unknown"``: no
+        such family (its client was deleted).
+        """
+
+        def update(db: sqlite3.Connection) -> RotateOutcome:
+            with transaction(db):
+                row = db.execute(
+                    "SELECT current_jti, revoked_at FROM refresh_families WHERE family = ?",
+                    (family,),
+                ).fetchone()
+                if row is None:
+                    return "unknown"
+                if row["revoked_at"] is not None:
+                    return "revoked"
+                if row["current_jti"] != presented_jti:
+                    db.execute(
+                        "UPDATE refresh_families SET revoked_at = ?, revoked_reason = 'reused'"
+                        " WHERE family = ?",
+                        (at, family),
+                    )
+                    return "reused"
+                db.execute(
+                    "UPDATE refresh_families SET current_jti = ?, rotated_at = ?, expires_at = ?"
+                    " WHERE family = ?",
+                    (new_jti, at, expires_at, family),
+                )
+                return "rotated"
+
+        return await self._run(update)
+
+    async def revoke_family(self, family: str, at: float, reason: str) -> bool:
+        """Revoke one refresh family; ``False`` if it does not exist or was already revoked."""
+
+        def update(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                cursor = db.execute(
+                    "UPDATE refresh_families SET revoked_at = ?, revoked_reason = ?"
+                    " WHERE family = ? AND revoked_at IS NULL",
+                    (at, reason, family),
+                )
+            return cursor.rowcount == 1
+
+        return await self._run(update)
+
+    async def get_family(self, family: str) -> FamilyRecord | None:
+        def query(db: sqlite3.Connection) -> FamilyRecord | None:
+            row = db.execute(
+                "SELECT family, client_uuid, current_jti, expires_at, revoked_at"
+                " FROM refresh_families WHERE family = ?",
+                (family,),
+            ).fetchone()
+            return None if row is None else FamilyRecord(*row)
+
+        return await self._run(query)
+
+    # --- revoked access tokens --------------------------------------------------------------
+
+    async def revoke_token(self, jti: str, subject: str, at: float, expires_at: float) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            with transaction(db):
+                db.execute(
+                    "INSERT OR IGNORE INTO revoked_tokens (jti, subject, revoked_at, expires_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (jti, subject, at, expires_at),
+                )
+
+        await self._run(insert)
+
+    async def revoked_token_ids(self, now: float) -> set[str]:
+        """The jtis of revoked tokens that have not expired yet; purges the expired ones."""
+
+        def query(db: sqlite3.Connection) -> set[str]:
+            with transaction(db):
+                db.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (now,))
+                return {row[0] for row in db.execute("SELECT jti FROM revoked_tokens")}
+
+        return await self._run(query)
+
+    async def purge_expired_families(self, now: float) -> int:
+        def delete(db: sqlite3.Connection) -> int:
+            with transaction(db):
+                return db.execute(
+                    "DELETE FROM refresh_families WHERE expires_at < ?", (now,)
+                ).rowcount
+
+        return await self._run(delete)

@@ -1,0 +1,169 @@
+"""Test support: configs, a running daemon, and a small HTTP client.
+
+The HTTP client is built on h11 (already installed with hypercorn) so that tests control the
+bytes on the wire: malformed bodies, ``Connection`` headers, raw sockets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import h11
+import trio
+
+from relayd import Addresses, Config, Daemon
+from relayd._config import structure
+from relayd._store import Executor, thread_executor
+
+# Only for tests; long enough for HS256 (32 bytes minimum).
+TEST_SECRET = "test-signing-secret-for-relayd-tests-only-0123456789"
+TEST_ENV = {"RELAYD_SECRET": TEST_SECRET}
+# I/O in tests never waits longer than this for anything.
+IO_DEADLINE = 10.0
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def make_config(tmp_path: Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """A config for tests: a free loopback port, a volatile store, a cheap KDF."""
+    base: dict[str, Any] = {
+        "state_dir": str(tmp_path / "state"),
+        "http": {"listen": "127.0.0.1:0"},
+        "store": {"path": ":memory:"},
+        "auth": {"kdf_cost": 1024},
+    }
+    return structure(_merge(base, overrides or {}), "<test config>")
+
+
+@attrs.frozen
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error_code(self) -> str:
+        code: str = self.json()["error"]["code"]
+        return code
+
+
+class HttpClient:
+    """One request per connection, ``Connection: close``, bounded by ``IO_DEADLINE``."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        token: str | None = None,
+    ) -> HttpResponse:
+        all_headers = {"Host": f"{self.host}:{self.port}", "Connection": "close"}
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            all_headers["Content-Type"] = "application/json"
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        all_headers.update(headers or {})
+        if body is not None:
+            all_headers["Content-Length"] = str(len(body))
+        with trio.fail_after(IO_DEADLINE):
+            stream = await trio.open_tcp_stream(self.host, self.port)
+            async with stream:
+                return await _exchange(stream, method, path, all_headers, body)
+
+    async def get(self, path: str, **kwargs: Any) -> HttpResponse:
+        return await self.request("GET", path, **kwargs)
+
+    async def post(self, path: str, json_body: Any = None, **kwargs: Any) -> HttpResponse:
+        return await self.request("POST", path, json_body=json_body, **kwargs)
+
+    async def delete(self, path: str, **kwargs: Any) -> HttpResponse:
+        return await self.request("DELETE", path, **kwargs)
+
+    async def register(self, name: str = "alice", uuid: str | None = None) -> dict[str, Any]:
+        """Register a client and return the 200 body (fails the test on any other status)."""
+        body: dict[str, Any] = {"name": name}
+        if uuid is not None:
+            body["uuid"] = uuid
+        response = await self.post("/register", body)
+        assert response.status == 200, response
+        doc: dict[str, Any] = response.json()
+        return doc
+
+
+async def _exchange(
+    stream: trio.SocketStream,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+) -> HttpResponse:
+    conn = h11.Connection(our_role=h11.CLIENT)
+    data = conn.send(h11.Request(method=method, target=path, headers=list(headers.items())))
+    if body:
+        data += conn.send(h11.Data(data=body))
+    data += conn.send(h11.EndOfMessage())
+    try:
+        await stream.send_all(data)
+    except trio.BrokenResourceError:
+        pass  # the server may answer (413) and close before reading everything
+    status = 0
+    response_headers: dict[str, str] = {}
+    chunks: list[bytes] = []
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            response_headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
+    return HttpResponse(status, response_headers, b"".join(chunks))
+
+
+@attrs.define
+class RunningRelayd:
+    daemon: Daemon
+    addresses: Addresses
+
+    @property
+    def http(self) -> HttpClient:
+        return HttpClient(*self.addresses.http)
+
+
+async def start_relayd(
+    nursery: trio.Nursery,
+    config: Config,
+    *,
+    environ: Mapping[str, str] = TEST_ENV,
+    store_executor: Executor = thread_executor,
+) -> RunningRelayd:
+    """Start the daemon in ``nursery`` and return once it is ready."""
+    daemon = Daemon(config, environ=environ, store_executor=store_executor)
+    addresses: Addresses = await nursery.start(daemon.run)
+    return RunningRelayd(daemon, addresses)
