@@ -26,7 +26,7 @@ from ._config import AuthConfig, Config
 from ._errors import ConfigError, Conflict, NotFound, TokenError, Unauthorized
 from ._log import audit
 from ._store import ClientRecord, Store
-from ._tokens import MIN_SECRET_BYTES, Claims, IssuedToken, TokenCodec
+from ._tokens import Claims, IssuedToken, TokenCodec, check_secret
 
 log = logging.getLogger("relayd.auth")
 
@@ -45,7 +45,8 @@ def load_signing_secret(
     ``generate=False`` and nothing found, the secret is ``None``.
 
     Raises:
-        ConfigError: a configured secret is shorter than 32 bytes or its file is unreadable.
+        ConfigError: a configured secret is shorter than 32 bytes, is a PEM or SSH key, or its
+            file is unreadable.
     """
     if environ.get("RELAYD_SECRET"):
         secret = environ["RELAYD_SECRET"].encode("utf-8")
@@ -82,8 +83,10 @@ def load_signing_secret(
                 path,
             )
             origin = str(path)
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(f"{origin}: the signing secret must be at least {MIN_SECRET_BYTES} bytes")
+    try:
+        check_secret(secret)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
     return secret, origin
 
 
@@ -102,9 +105,9 @@ class TokenPair:
             "access_token": self.access.token,
             "refresh_token": self.refresh.token,
             "token_type": "bearer",
-            "expires_in": int(self.access.claims.exp - now),
+            "expires_in": round(self.access.claims.exp - now),
             "expires_at": self.access.claims.exp,
-            "refresh_expires_in": int(self.refresh.claims.exp - now),
+            "refresh_expires_in": round(self.refresh.claims.exp - now),
             "refresh_expires_at": self.refresh.claims.exp,
         }
 
@@ -131,9 +134,23 @@ class AuthService:
     def now(self) -> float:
         return self.codec.clock()
 
+    def _revocation_horizon(self) -> float:
+        # The codec accepts a token until exp + leeway: its revocation must last as long.
+        return self.now - self.codec.leeway
+
     async def load(self) -> None:
         """Load revocation state from the store. Call once before serving."""
-        self._revoked_jtis = await self._store.revoked_token_ids(self.now)
+        self._revoked_jtis = await self._store.revoked_token_ids(self._revocation_horizon())
+
+    async def purge(self) -> int:
+        """Forget what can no longer matter: expired refresh families and revocations of
+        expired tokens. Returns the number of families purged."""
+        families = await self._store.purge_expired_families(self.now)
+        before = set(self._revoked_jtis)
+        live = await self._store.revoked_token_ids(self._revocation_horizon())
+        # Keep revocations made while the store was queried.
+        self._revoked_jtis = (self._revoked_jtis - before) | (before & live)
+        return families
 
     async def _hash(self, secret: str) -> str:
         return await trio.to_thread.run_sync(
@@ -171,15 +188,14 @@ class AuthService:
         client_uuid = uuid or str(uuid_module.uuid4())
         client_secret = _kdf.new_client_secret()
         secret_hash = await self._hash(client_secret)
-        now = self.now
         client = ClientRecord(
             uuid=client_uuid,
             name=name,
             secret_hash=secret_hash,
             roles=CLIENT_ROLES,
-            created_at=now,
+            created_at=self.now,
             # Tokens from any earlier holder of this UUID can never become valid again.
-            tokens_valid_after=now,
+            tokens_valid_after=self.now,
         )
         if not await self._store.insert_client(client):
             audit("register_conflict", client=client_uuid, source=source)

@@ -112,7 +112,7 @@ class Daemon:
                     )
                 )
                 addresses = Addresses(http=http)
-                nursery.start_soon(self._housekeeping, store)
+                nursery.start_soon(self._housekeeping, auth)
                 services.readiness = Readiness.READY
                 log.info("relayd ready", extra={"fields": {"http": addresses.http_url}})
                 task_status.started(addresses)
@@ -126,7 +126,9 @@ class Daemon:
                 nursery.cancel_scope.deadline = trio.current_time() + config.drain_timeout + 5
         log.info("relayd stopped")
 
-    async def _housekeeping(self, store: Store, *, interval: float = HOUSEKEEPING_INTERVAL) -> None:
+    async def _housekeeping(
+        self, auth: AuthService, *, interval: float = HOUSEKEEPING_INTERVAL
+    ) -> None:
         """Purge what can no longer matter: expired refresh families and revoked jtis.
 
         Returns as soon as a stop is requested: it has nothing to finish.
@@ -136,8 +138,6 @@ class Daemon:
                 await self._stop_requested.wait()
             if self._stop_requested.is_set():
                 return
-            now = self._clock()
-            purged = await store.purge_expired_families(now)
-            await store.revoked_token_ids(now)
+            purged = await auth.purge()
             if purged:
                 log.info("purged expired refresh families", extra={"fields": {"count": purged}})

@@ -58,6 +58,18 @@ class IssuedToken:
     claims: Claims
 
 
+def check_secret(secret: bytes) -> None:
+    """Raise ``ValueError`` unless ``secret`` can sign relayd's tokens."""
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"the signing secret must be at least {MIN_SECRET_BYTES} bytes")
+    try:
+        jwt.get_algorithm_by_name(ALGORITHM).prepare_key(secret)
+    except jwt.InvalidKeyError:
+        # PyJWT refuses PEM and SSH keys as HMAC secrets (key confusion): say so up front,
+        # not on every issue and verify.
+        raise ValueError("the signing secret must not be a PEM or SSH key") from None
+
+
 class TokenCodec:
     """Issues and verifies relayd's tokens with one HS256 secret."""
 
@@ -70,8 +82,7 @@ class TokenCodec:
         leeway: float,
         clock: Callable[[], float],
     ) -> None:
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ValueError(f"the signing secret must be at least {MIN_SECRET_BYTES} bytes")
+        check_secret(secret)
         self._secret = secret
         self.issuer = issuer
         self.audience = audience
@@ -87,13 +98,15 @@ class TokenCodec:
         ttl: float,
         family: str | None = None,
     ) -> IssuedToken:
-        now = round(self.clock(), 3)
+        # Full float precision (JSON round-trips it exactly): a "valid after" instant taken
+        # before issuing is never after the iat of the token issued next.
+        now = self.clock()
         claims = Claims(
             sub=sub,
             jti=secrets.token_urlsafe(16),
             iat=now,
             nbf=now,
-            exp=round(now + ttl, 3),
+            exp=now + ttl,
             roles=roles,
             token_use=token_use,
             family=family,
