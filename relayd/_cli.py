@@ -115,10 +115,19 @@ def _cmd_token_mint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be positive")
+MAX_OPERATOR_TOKEN_TTL = 366 * 86_400.0
+
+
+def _token_ttl(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= MAX_OPERATOR_TOKEN_TTL:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_OPERATOR_TOKEN_TTL:.0f}"
+            " (366 days)"
+        )
     return value
 
 
@@ -151,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--role", action="append", choices=["admin"], help="role (default admin)")
     mint.add_argument("--name", default="admin", help="operator name, for the audit log")
     mint.add_argument(
-        "--ttl", type=_positive_float, default=3600.0, help="lifetime in seconds (default 3600)"
+        "--ttl", type=_token_ttl, default=3600.0, help="lifetime in seconds (default 3600)"
     )
     mint.set_defaults(func=_cmd_token_mint)
     return parser

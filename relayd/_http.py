@@ -141,7 +141,11 @@ def create_app(services: Services) -> QuartTrio:
         message = error.description or error.name
         api = ApiError(message, code=code)
         api.status = status
-        return _error_response(api)
+        response = _error_response(api)
+        for name, value in error.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value  # e.g. Allow on 405
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:

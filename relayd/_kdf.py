@@ -57,6 +57,6 @@ def verify_secret(secret: str, stored: str) -> bool:
             return False
         expected = _unb64(digest)
         actual = _scrypt(secret, _unb64(salt), int(n), int(r), int(p))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         return False
     return hmac.compare_digest(actual, expected)
