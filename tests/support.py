@@ -6,6 +6,7 @@ bytes on the wire: malformed bodies, ``Connection`` headers, raw sockets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -125,10 +126,9 @@ async def _exchange(
     if body:
         data += conn.send(h11.Data(data=body))
     data += conn.send(h11.EndOfMessage())
-    try:
+    # The server may answer (413) and close before reading everything.
+    with contextlib.suppress(trio.BrokenResourceError):
         await stream.send_all(data)
-    except trio.BrokenResourceError:
-        pass  # the server may answer (413) and close before reading everything
     status = 0
     response_headers: dict[str, str] = {}
     chunks: list[bytes] = []

@@ -1,0 +1,177 @@
+"""relayd's HTTP port ends connections when it should.
+
+quart-trio cancels a request's nursery as soon as the response is sent, and hypercorn closes
+the socket (``Connection: close``) or arms the keep-alive idle timer inside that very send; see
+``relayd/_asgi.py``. If that work is cancelled, connections stay open until the client leaves.
+These tests hold a raw TCP connection and wait for the server's EOF, under a deadline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h11
+import pytest
+import trio
+
+from .support import HttpResponse, RunningRelayd, make_config, start_relayd
+
+# Every wait for the server in this file is bounded by this.
+DEADLINE = 5.0
+KEEP_ALIVE = 0.5
+
+
+class RawConnection:
+    """One TCP connection; requests are encoded and responses parsed with h11."""
+
+    def __init__(self, stream: trio.SocketStream, host: str, port: int) -> None:
+        self.stream = stream
+        self.host = f"{host}:{port}"
+        self._conn = h11.Connection(our_role=h11.CLIENT)
+        self._pending: list[h11.Request] = []
+
+    def _request(self, method: str, path: str, close: bool) -> h11.Request:
+        headers = [("Host", self.host)]
+        if close:
+            headers.append(("Connection", "close"))
+        return h11.Request(method=method, target=path, headers=headers)
+
+    @staticmethod
+    def encode(request: h11.Request) -> bytes:
+        conn = h11.Connection(our_role=h11.CLIENT)
+        return conn.send(request) + conn.send(h11.EndOfMessage())
+
+    async def send(self, *requests: tuple[str, str, bool]) -> None:
+        """Send ``(method, path, close)`` requests back to back, without waiting."""
+        data = b"".join(self.encode(self._request(*r)) for r in requests)
+        await self.stream.send_all(data)
+        self._pending.extend(self._request(*r) for r in requests)
+
+    async def read_response(self) -> HttpResponse:
+        """The next response, complete; fails if the connection ends before it does."""
+        if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
+            self._conn.start_next_cycle()
+        # Tell the parser which request this response answers (its bytes were sent already).
+        request = self._pending.pop(0)
+        self._conn.send(request)
+        self._conn.send(h11.EndOfMessage())
+        status = 0
+        headers: dict[str, str] = {}
+        chunks: list[bytes] = []
+        while True:
+            event = self._conn.next_event()
+            if event is h11.NEED_DATA:
+                self._conn.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return HttpResponse(status, headers, b"".join(chunks))
+            else:
+                raise AssertionError(f"the connection ended before a full response: {event!r}")
+
+    async def expect_eof(self) -> None:
+        """Wait until the server closes the connection; no more bytes may come first."""
+        assert not self._conn.trailing_data[0], "the server sent bytes nobody asked for"
+        data = await self.stream.receive_some(65536)
+        assert data == b"", f"expected EOF, got {bytes(data)!r}"
+
+
+async def connect(relayd: RunningRelayd) -> RawConnection:
+    host, port = relayd.addresses.http
+    stream = await trio.open_tcp_stream(host, port)
+    return RawConnection(stream, host, port)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/health/live", 200),
+        ("GET", "/health/ready", 200),
+        ("GET", "/no-such-route", 404),
+        ("DELETE", "/health/live", 405),
+        ("GET", "/clients", 401),
+    ],
+)
+async def test_connection_close_is_honoured(
+    relayd: RunningRelayd, method: str, path: str, status: int
+) -> None:
+    with trio.fail_after(DEADLINE):
+        connection = await connect(relayd)
+        async with connection.stream:
+            await connection.send((method, path, True))
+            response = await connection.read_response()
+            assert response.status == status, response
+            assert response.headers.get("connection") == "close", response
+            await connection.expect_eof()
+
+
+async def test_idle_keep_alive_connection_is_closed_after_the_timeout(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, {"http": {"keep_alive_timeout": KEEP_ALIVE}})
+    relayd = await start_relayd(nursery, config)
+    with trio.fail_after(DEADLINE):
+        connection = await connect(relayd)
+        async with connection.stream:
+            await connection.send(("GET", "/health/live", False))
+            response = await connection.read_response()
+            answered = trio.current_time()
+            assert response.status == 200, response
+            assert response.json() == {"status": "live"}
+            assert "close" not in response.headers.get("connection", "").lower(), response
+            await connection.expect_eof()
+            closed = trio.current_time()
+    # Kept open while idle for the keep-alive timeout, not cut short; the deadline bounds it.
+    assert closed - answered >= KEEP_ALIVE - 0.1
+
+
+async def test_keep_alive_connection_serves_requests_one_after_another(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, {"http": {"keep_alive_timeout": KEEP_ALIVE}})
+    relayd = await start_relayd(nursery, config)
+    with trio.fail_after(DEADLINE):
+        connection = await connect(relayd)
+        async with connection.stream:
+            for path in ("/health/live", "/health/ready", "/health/live"):
+                await connection.send(("GET", path, False))
+                assert (await connection.read_response()).status == 200
+            await connection.expect_eof()
+
+
+async def test_pipelined_requests_are_all_answered(relayd: RunningRelayd) -> None:
+    with trio.fail_after(DEADLINE):
+        connection = await connect(relayd)
+        async with connection.stream:
+            await connection.send(
+                ("GET", "/health/live", False),
+                ("GET", "/health/ready", False),
+                ("GET", "/no-such-route", True),
+            )
+            first = await connection.read_response()
+            second = await connection.read_response()
+            third = await connection.read_response()
+            assert (first.status, first.json()) == (200, {"status": "live"})
+            assert (second.status, second.json()) == (200, {"status": "ready"})
+            assert third.status == 404
+            assert third.json()["error"]["code"] == "not_found"
+            # The last one asked to close.
+            await connection.expect_eof()
+
+
+async def test_stop_closes_idle_keep_alive_connections_at_once(tmp_path: Path) -> None:
+    """An idle keep-alive connection neither outlives a stop nor holds the drain up."""
+    config = make_config(tmp_path, {"drain_timeout": 30.0, "http": {"keep_alive_timeout": 60.0}})
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as inner:
+            relayd = await start_relayd(inner, config)
+            connection = await connect(relayd)
+            async with connection.stream:
+                await connection.send(("GET", "/health/live", False))
+                assert (await connection.read_response()).status == 200
+                relayd.daemon.stop()
+                await connection.expect_eof()
+        # The inner nursery is done: Daemon.run returned, well before drain_timeout.

@@ -1,0 +1,391 @@
+"""The SQLite store: migrations, file safety, clients, refresh families, revocations.
+
+Most tests run twice: on ``:memory:`` with ``inline_executor`` and on a file in ``tmp_path``
+with the default (thread) executor, so the same SQL is checked both ways.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from relayd._errors import SchemaTooNewError, StoreError
+from relayd._schema import SCHEMA_VERSION
+from relayd._store import ClientRecord, Executor, Store, inline_executor, thread_executor
+
+from .support import IO_DEADLINE
+
+UUID_A = "0b6f3b0e-1c1e-4c39-9a59-3f0f8f0c0a01"
+UUID_B = "0b6f3b0e-1c1e-4c39-9a59-3f0f8f0c0a02"
+
+
+@attrs.frozen
+class Target:
+    """Where and how a test opens its store."""
+
+    path: str
+    executor: Executor
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[Store]:
+        async with Store.open(self.path, executor=self.executor) as store:
+            yield store
+
+
+@pytest.fixture(params=["memory-inline", "file-thread"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+    if request.param == "memory-inline":
+        return Target(":memory:", inline_executor)
+    return Target(str(tmp_path / "relayd.sqlite3"), thread_executor)
+
+
+def client(uuid: str = UUID_A, *, at: float = 100.0, name: str = "alice") -> ClientRecord:
+    return ClientRecord(
+        uuid=uuid,
+        name=name,
+        secret_hash="scrypt$1024$8$1$c2FsdA$ZGlnZXN0",
+        roles=("client",),
+        created_at=at,
+        tokens_valid_after=at,
+    )
+
+
+def user_version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        version: int = db.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        db.close()
+    return version
+
+
+def set_user_version(path: Path, version: int) -> None:
+    db = sqlite3.connect(path)
+    try:
+        db.execute(f"PRAGMA user_version = {version}")
+        db.commit()
+    finally:
+        db.close()
+
+
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def tables(path: Path) -> set[str]:
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    finally:
+        db.close()
+    return {name for (name,) in rows}
+
+
+# --- opening, migrations, file safety ----------------------------------------------------------
+
+
+async def test_migrations_bring_an_empty_store_to_the_schema_version(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.schema_version() == SCHEMA_VERSION
+            assert await store.list_clients() == []
+    if target.path != ":memory:":
+        assert user_version(Path(target.path)) == SCHEMA_VERSION
+        assert {"clients", "refresh_families", "revoked_tokens"} <= tables(Path(target.path))
+
+
+async def test_migrating_an_empty_file_sets_user_version(tmp_path: Path) -> None:
+    path = tmp_path / "empty.sqlite3"
+    path.touch()
+    assert user_version(path) == 0
+    with trio.fail_after(IO_DEADLINE):
+        async with Store.open(str(path)) as store:
+            assert await store.schema_version() == SCHEMA_VERSION
+    assert user_version(path) == SCHEMA_VERSION
+
+
+async def test_reopening_is_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "relayd.sqlite3"
+    with trio.fail_after(IO_DEADLINE):
+        async with Store.open(str(path)) as store:
+            assert await store.insert_client(client())
+        for _ in range(2):
+            async with Store.open(str(path)) as store:
+                assert await store.schema_version() == SCHEMA_VERSION
+                assert await store.get_client(UUID_A) == client()
+                assert [c.uuid for c in await store.list_clients()] == [UUID_A]
+    assert user_version(path) == SCHEMA_VERSION
+
+
+async def test_newer_schema_is_refused_with_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "from-the-future.sqlite3"
+    set_user_version(path, SCHEMA_VERSION + 1)
+    with trio.fail_after(IO_DEADLINE), pytest.raises(SchemaTooNewError) as exc_info:
+        async with Store.open(str(path)):
+            pytest.fail("the store opened")  # pragma: no cover
+    message = str(exc_info.value)
+    assert str(path) in message
+    assert str(SCHEMA_VERSION + 1) in message
+    # Nothing was migrated or otherwise written.
+    assert user_version(path) == SCHEMA_VERSION + 1
+    assert tables(path) == set()
+
+
+async def test_newer_schema_is_refused_inline_too(tmp_path: Path) -> None:
+    path = tmp_path / "newer.sqlite3"
+    set_user_version(path, SCHEMA_VERSION + 7)
+    with trio.fail_after(IO_DEADLINE), pytest.raises(SchemaTooNewError, match="newer"):
+        async with Store.open(str(path), executor=inline_executor):
+            pytest.fail("the store opened")  # pragma: no cover
+
+
+async def test_non_sqlite_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"this is not a SQLite database, just some text.\n" * 100)
+    with trio.fail_after(IO_DEADLINE), pytest.raises(StoreError) as exc_info:
+        async with Store.open(str(path)):
+            pytest.fail("the store opened")  # pragma: no cover
+    assert not isinstance(exc_info.value, SchemaTooNewError)
+    assert str(path) in str(exc_info.value)
+
+
+async def test_store_file_is_created_0600_in_a_0700_directory(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "nested" / "relayd.sqlite3"
+    with trio.fail_after(IO_DEADLINE):
+        async with Store.open(str(path)) as store:
+            assert await store.insert_client(client())
+            # The WAL file exists while the store is open; it must not be wider either.
+            assert file_mode(Path(f"{path}-wal")) == 0o600
+    assert file_mode(path) == 0o600
+    assert file_mode(path.parent) == 0o700
+
+
+async def test_file_store_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "relayd.sqlite3"
+    with trio.fail_after(IO_DEADLINE):
+        async with Store.open(str(path)):
+            pass
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+
+
+# --- clients -------------------------------------------------------------------------------
+
+
+async def test_insert_and_get_client(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.get_client(UUID_A) is None
+            record = attrs.evolve(client(), roles=("client", "admin"))
+            assert await store.insert_client(record)
+            assert await store.get_client(UUID_A) == record
+
+
+async def test_duplicate_uuid_is_refused(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client(name="alice"))
+            assert not await store.insert_client(client(name="mallory", at=200.0))
+            found = await store.get_client(UUID_A)
+            assert found is not None
+            assert found.name == "alice"
+
+
+async def test_deleted_uuid_stays_taken(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client())
+            assert await store.delete_client(UUID_A, 150.0)
+            assert not await store.insert_client(client(name="mallory", at=200.0))
+            tombstone = await store.get_client(UUID_A)
+            assert tombstone is not None
+            assert tombstone.deleted_at == 150.0
+            assert tombstone.secret_hash == ""
+            assert tombstone.tokens_valid_after == 150.0
+            assert tombstone.name == "alice"
+            assert await store.list_clients() == []
+            # Deleting twice, or deleting nobody, changes nothing.
+            assert not await store.delete_client(UUID_A, 160.0)
+            assert not await store.delete_client(UUID_B, 160.0)
+
+
+async def test_list_clients_oldest_first(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client(UUID_B, at=1.0, name="bob"))
+            assert await store.insert_client(client(UUID_A, at=2.0, name="alice"))
+            assert [c.name for c in await store.list_clients()] == ["bob", "alice"]
+
+
+# --- refresh families ------------------------------------------------------------------------
+
+
+async def test_rotate_family_outcomes(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client())
+            await store.create_family("fam", UUID_A, "jti-1", 100.0, 1000.0)
+
+            assert await store.rotate_family("fam", "jti-1", "jti-2", 110.0, 1110.0) == "rotated"
+            family = await store.get_family("fam")
+            assert family is not None
+            assert (family.current_jti, family.expires_at, family.revoked_at) == (
+                "jti-2",
+                1110.0,
+                None,
+            )
+
+            assert await store.rotate_family("fam", "jti-2", "jti-3", 120.0, 1120.0) == "rotated"
+            assert await store.rotate_family("nope", "jti-3", "jti-4", 120.0, 1120.0) == "unknown"
+
+
+async def test_reuse_revokes_the_family(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client())
+            await store.create_family("fam", UUID_A, "jti-1", 100.0, 1000.0)
+            assert await store.rotate_family("fam", "jti-1", "jti-2", 110.0, 1110.0) == "rotated"
+
+            # jti-1 was already rotated: presenting it again is reuse.
+            assert await store.rotate_family("fam", "jti-1", "jti-x", 120.0, 1120.0) == "reused"
+            family = await store.get_family("fam")
+            assert family is not None
+            assert family.revoked_at == 120.0
+            assert family.current_jti == "jti-2"
+            # The current token of the family is dead too.
+            assert await store.rotate_family("fam", "jti-2", "jti-y", 130.0, 1130.0) == "revoked"
+            assert await store.rotate_family("fam", "jti-1", "jti-z", 130.0, 1130.0) == "revoked"
+
+
+async def test_revoke_family(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client())
+            await store.create_family("fam", UUID_A, "jti-1", 100.0, 1000.0)
+            assert await store.revoke_family("fam", 105.0, "logout")
+            assert not await store.revoke_family("fam", 106.0, "logout")
+            assert not await store.revoke_family("nope", 106.0, "logout")
+            family = await store.get_family("fam")
+            assert family is not None
+            assert family.revoked_at == 105.0
+            assert await store.rotate_family("fam", "jti-1", "jti-2", 110.0, 1110.0) == "revoked"
+
+
+async def test_deleting_a_client_removes_its_families(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client())
+            await store.create_family("fam", UUID_A, "jti-1", 100.0, 1000.0)
+            assert await store.delete_client(UUID_A, 150.0)
+            assert await store.get_family("fam") is None
+            assert await store.rotate_family("fam", "jti-1", "jti-2", 160.0, 1160.0) == "unknown"
+
+
+async def test_family_needs_an_existing_client(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            with pytest.raises(sqlite3.IntegrityError):
+                await store.create_family("fam", UUID_A, "jti-1", 100.0, 1000.0)
+            assert await store.get_family("fam") is None
+
+
+async def test_revoke_client_tokens(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client(UUID_A, at=100.0))
+            assert await store.insert_client(client(UUID_B, at=100.0))
+            await store.create_family("fa1", UUID_A, "a1", 100.0, 1000.0)
+            await store.create_family("fa2", UUID_A, "a2", 100.0, 1000.0)
+            await store.create_family("fb1", UUID_B, "b1", 100.0, 1000.0)
+
+            assert await store.revoke_client_tokens(UUID_A, 150.0)
+            found = await store.get_client(UUID_A)
+            assert found is not None
+            assert found.tokens_valid_after == 150.0
+            for name in ("fa1", "fa2"):
+                family = await store.get_family(name)
+                assert family is not None
+                assert family.revoked_at == 150.0
+            assert await store.rotate_family("fa1", "a1", "a1'", 160.0, 1160.0) == "revoked"
+            # The other client is untouched.
+            other = await store.get_client(UUID_B)
+            assert other is not None
+            assert other.tokens_valid_after == 100.0
+            assert await store.rotate_family("fb1", "b1", "b1'", 160.0, 1160.0) == "rotated"
+
+
+async def test_revoke_client_tokens_never_moves_backwards(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client(at=100.0))
+            assert await store.revoke_client_tokens(UUID_A, 150.0)
+            assert await store.revoke_client_tokens(UUID_A, 120.0)
+            found = await store.get_client(UUID_A)
+            assert found is not None
+            assert found.tokens_valid_after == 150.0
+
+
+async def test_revoke_client_tokens_of_unknown_or_deleted_client(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert not await store.revoke_client_tokens(UUID_A, 150.0)
+            assert await store.insert_client(client())
+            assert await store.delete_client(UUID_A, 160.0)
+            assert not await store.revoke_client_tokens(UUID_A, 170.0)
+            found = await store.get_client(UUID_A)
+            assert found is not None
+            assert found.tokens_valid_after == 160.0
+
+
+async def test_purge_expired_families(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client())
+            await store.create_family("old", UUID_A, "j1", 0.0, 100.0)
+            await store.create_family("edge", UUID_A, "j2", 0.0, 150.0)
+            await store.create_family("new", UUID_A, "j3", 0.0, 200.0)
+            assert await store.purge_expired_families(150.0) == 1
+            assert await store.get_family("old") is None
+            assert await store.get_family("edge") is not None
+            assert await store.get_family("new") is not None
+            assert await store.purge_expired_families(150.0) == 0
+            assert await store.purge_expired_families(1000.0) == 2
+            assert await store.get_family("new") is None
+
+
+# --- revoked access tokens ---------------------------------------------------------------------
+
+
+async def test_revoked_token_ids_purges_expired(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            await store.revoke_token("j-old", "operator:ops", 10.0, 100.0)
+            await store.revoke_token("j-edge", UUID_A, 10.0, 150.0)
+            await store.revoke_token("j-new", UUID_A, 10.0, 200.0)
+            # Revoking twice is harmless.
+            await store.revoke_token("j-new", UUID_A, 20.0, 200.0)
+
+            assert await store.revoked_token_ids(50.0) == {"j-old", "j-edge", "j-new"}
+            assert await store.revoked_token_ids(150.0) == {"j-edge", "j-new"}
+            # "j-old" is gone for good: asking about an earlier instant does not bring it back.
+            assert await store.revoked_token_ids(0.0) == {"j-edge", "j-new"}
+            assert await store.revoked_token_ids(1000.0) == set()
+
+
+async def test_revoked_tokens_survive_reopening(tmp_path: Path) -> None:
+    path = str(tmp_path / "relayd.sqlite3")
+    with trio.fail_after(IO_DEADLINE):
+        async with Store.open(path) as store:
+            await store.revoke_token("j1", UUID_A, 10.0, 100.0)
+        async with Store.open(path) as store:
+            assert await store.revoked_token_ids(50.0) == {"j1"}
