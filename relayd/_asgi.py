@@ -23,7 +23,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from ._config import HttpConfig, parse_address
+from ._config import Config, parse_address
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -92,16 +92,23 @@ class Dispatcher:
             await self.http_app(scope, receive, send)
 
 
-def hypercorn_config(http: HttpConfig, *, graceful_timeout: float) -> HypercornConfig:
-    config = HypercornConfig()
-    config.bind = [http.listen]
-    config.keep_alive_timeout = http.keep_alive_timeout
-    config.graceful_timeout = graceful_timeout
-    config.read_timeout = http.request_timeout  # type: ignore[assignment]  # float works
-    config.accesslog = None
-    config.errorlog = logging.getLogger("relayd.hypercorn")
-    config.include_server_header = False
-    return config
+def hypercorn_config(config: Config, *, graceful_timeout: float) -> HypercornConfig:
+    http = config.http
+    ws = config.websocket
+    hypercorn = HypercornConfig()
+    hypercorn.bind = [http.listen]
+    hypercorn.keep_alive_timeout = http.keep_alive_timeout
+    hypercorn.graceful_timeout = graceful_timeout
+    # The longest silence tolerated on any connection: a request's pauses, or a WebSocket
+    # peer's. Clients that ignore relayd's JSON pings still answer the WebSocket pings
+    # hypercorn sends every heartbeat_interval, which keeps them under this limit.
+    hypercorn.read_timeout = max(http.request_timeout, ws.heartbeat_timeout)  # type: ignore[assignment]
+    hypercorn.websocket_ping_interval = ws.heartbeat_interval
+    hypercorn.websocket_max_message_size = ws.max_frame_bytes
+    hypercorn.accesslog = None
+    hypercorn.errorlog = logging.getLogger("relayd.hypercorn")
+    hypercorn.include_server_header = False
+    return hypercorn
 
 
 async def serve_http(

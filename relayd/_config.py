@@ -128,6 +128,77 @@ class AuthConfig:
 
 
 @frozen(kw_only=True)
+class WebsocketConfig:
+    """WebSocket sessions: limits, timers and the optional dedicated listener."""
+
+    path: str = "/ws"
+    """Path of the WebSocket endpoint on the main HTTP port."""
+    listen: str = field(default="", validator=_optional_address)
+    """``host:port`` of a dedicated WebSocket listener (faster than the main port); empty: off."""
+    max_frame_bytes: int = field(default=65_536, validator=_positive)
+    """Largest inbound frame; a larger one closes the socket with 1009."""
+    auth_timeout: float = field(default=10.0, validator=_positive)
+    """Seconds a new socket has to authenticate before it is closed with 4001."""
+    heartbeat_interval: float = field(default=20.0, validator=_positive)
+    """Seconds between pings relayd sends to each client."""
+    heartbeat_timeout: float = field(default=60.0, validator=_positive)
+    """A client silent (no frame, no pong) this long is closed with 4002."""
+    write_timeout: float = field(default=10.0, validator=_positive)
+    """A client whose socket accepts no data this long is closed with 4008 (slow consumer)."""
+    token_warning: float = field(default=60.0, validator=_non_negative)
+    """Seconds before its access token expires that a client is told to refresh it."""
+    max_connections: int = field(default=10_000, validator=_positive)
+    """Open WebSocket connections allowed in total; more are closed with 4029."""
+    max_connections_per_ip: int = field(default=1_000, validator=_positive)
+    """Open WebSocket connections allowed per source IP; more are closed with 4029."""
+    max_pending_auth: int = field(default=1_000, validator=_positive)
+    """Connections allowed to be waiting for authentication at once; more are closed (4029)."""
+    outbound_buffer: int = field(default=256, validator=_positive)
+    """Frames queued to one client's socket at most; beyond, deliveries wait in its mailbox."""
+    messages_per_second: float = field(default=500.0, validator=_positive)
+    """Sustained messages a client may send per second."""
+    message_burst: int = field(default=1_000, validator=_positive)
+    """Messages a client may send at once before messages_per_second applies."""
+    max_strikes: int = field(default=20, validator=_positive)
+    """Refused frames (rate-limited or invalid) a client may send in a row, one forgiven per
+    second, before it is closed with 4029."""
+
+
+@frozen(kw_only=True)
+class RelayConfig:
+    """Delivery: acknowledgements, redelivery, queues, expiry, deduplication."""
+
+    ack_timeout: float = field(default=10.0, validator=_positive)
+    """Seconds a recipient has to acknowledge an ``acknowledge: true`` message."""
+    max_attempts: int = field(default=5, validator=_positive)
+    """Deliveries of an unacknowledged message before the sender is told it failed."""
+    backoff_initial: float = field(default=1.0, validator=_non_negative)
+    """Delay before the first redelivery; it doubles with each attempt."""
+    backoff_max: float = field(default=60.0, validator=_non_negative)
+    """Longest delay between redeliveries."""
+    mailbox_size: int = field(default=128, validator=_positive)
+    """Messages held in memory per online recipient; more wait in the store."""
+    inflight_window: int = field(default=64, validator=_positive)
+    """Unacknowledged deliveries per recipient at once; more wait in its mailbox."""
+    default_ttl: float = field(default=86_400.0, validator=_positive)
+    """Lifetime of a message that gives no ``ttl``; when it passes, the message expires."""
+    max_ttl: float = field(default=604_800.0, validator=_positive)
+    """Longest ``ttl`` a message may ask for; longer ones are cut to this."""
+    max_queued_per_recipient: int = field(default=10_000, validator=_positive)
+    """Undelivered messages the store holds per recipient; more are refused (queue_full)."""
+    dedupe_window: float = field(default=600.0, validator=_non_negative)
+    """Seconds during which a re-sent (from, msgid) is recognised and not delivered twice."""
+    dedupe_max_entries: int = field(default=100_000, validator=_positive)
+    """Messages remembered in memory for deduplication at most."""
+    max_pending_commit: int = field(default=4_096, validator=_positive)
+    """Messages accepted but not yet committed; while more, relayd stops reading senders."""
+    commit_max_batch: int = field(default=512, validator=_positive)
+    """Most operations written in one group commit."""
+    sweep_interval: float = field(default=30.0, validator=_positive)
+    """Seconds between sweeps for expired messages in the store."""
+
+
+@frozen(kw_only=True)
 class StoreConfig:
     """The embedded SQLite store."""
 
@@ -157,6 +228,8 @@ class Config:
     drain_timeout: float = field(default=10.0, validator=_positive)
     """On SIGTERM/SIGINT, seconds given to open connections to finish before they are cut."""
     http: HttpConfig = field(factory=HttpConfig)
+    websocket: WebsocketConfig = field(factory=WebsocketConfig)
+    relay: RelayConfig = field(factory=RelayConfig)
     auth: AuthConfig = field(factory=AuthConfig)
     store: StoreConfig = field(factory=StoreConfig)
     log: LogConfig = field(factory=LogConfig)

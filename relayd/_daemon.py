@@ -22,6 +22,8 @@ from ._auth import AuthService, load_signing_secret
 from ._config import Config
 from ._errors import ConfigError
 from ._http import Readiness, Services, create_app
+from ._relay.hub import Hub
+from ._relay.listeners import asgi_websocket_app, serve_dedicated
 from ._store import Executor, Store, thread_executor
 from ._tokens import TokenCodec
 
@@ -35,11 +37,23 @@ class Addresses:
     """Where a running daemon listens."""
 
     http: tuple[str, int]
+    websocket: tuple[str, int] | None = None
 
     @property
     def http_url(self) -> str:
-        host, port = self.http
-        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+        return _url("http", self.http)
+
+    @property
+    def websocket_url(self) -> str:
+        """The dedicated WebSocket listener, else ``/ws`` on the HTTP port."""
+        if self.websocket is None:
+            return _url("ws", self.http) + "/ws"
+        return _url("ws", self.websocket) + "/ws"
+
+
+def _url(scheme: str, address: tuple[str, int]) -> str:
+    host, port = address
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 class Daemon:
@@ -63,6 +77,7 @@ class Daemon:
         self._store_executor = store_executor
         self._stop_requested = trio.Event()
         self.services: Services | None = None
+        self.hub: Hub | None = None
 
     def stop(self) -> None:
         """Begin a graceful shutdown. Safe to call more than once, or before ``run``."""
@@ -99,32 +114,57 @@ class Daemon:
             )
             auth = AuthService(store, codec, config.auth)
             await auth.load()
-            services = self.services = Services(config, auth)
-            app = Dispatcher(create_app(services))
+            hub = self.hub = Hub(config, store, auth, clock=self._clock)
+            services = self.services = Services(config, auth, relay=hub)
+            app = Dispatcher(
+                create_app(services),
+                websocket_app=asgi_websocket_app(hub),
+                websocket_path=config.websocket.path,
+            )
             http_shutdown = trio.Event()
             async with trio.open_nursery() as nursery:
+                await nursery.start(hub.run)
                 http = await nursery.start(
                     partial(
                         serve_http,
                         app,
-                        hypercorn_config(config.http, graceful_timeout=config.drain_timeout),
+                        hypercorn_config(config, graceful_timeout=config.drain_timeout),
                         shutdown=http_shutdown,
                     )
                 )
-                addresses = Addresses(http=http)
+                dedicated = trio.CancelScope()
+                websocket = None
+                if config.websocket.listen:
+                    websocket = await nursery.start(self._serve_dedicated, hub, dedicated)
+                addresses = Addresses(http=http, websocket=websocket)
                 nursery.start_soon(self._housekeeping, auth)
                 services.readiness = Readiness.READY
-                log.info("relayd ready", extra={"fields": {"http": addresses.http_url}})
+                log.info(
+                    "relayd ready",
+                    extra={"fields": {"http": addresses.http_url, "ws": addresses.websocket_url}},
+                )
                 task_status.started(addresses)
 
                 await self._stop_requested.wait()
+                deadline = trio.current_time() + config.drain_timeout
                 log.info("draining", extra={"fields": {"deadline_s": config.drain_timeout}})
                 services.readiness = Readiness.DRAINING
+                dedicated.cancel()
                 http_shutdown.set()
-                # The HTTP server gives connections drain_timeout, then cancels them; this
-                # deadline only backs that up should a connection ignore cancellation.
-                nursery.cancel_scope.deadline = trio.current_time() + config.drain_timeout + 5
+                await hub.shutdown(deadline)
+                # Backstop: nothing outlives the drain deadline by more than a moment.
+                nursery.cancel_scope.deadline = deadline + 1
         log.info("relayd stopped")
+
+    async def _serve_dedicated(
+        self,
+        hub: Hub,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with scope:
+            await serve_dedicated(hub, self.config.websocket, task_status=task_status)
 
     async def _housekeeping(
         self, auth: AuthService, *, interval: float = HOUSEKEEPING_INTERVAL

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from attrs import define, field
@@ -38,6 +38,14 @@ from ._tokens import Claims
 log = logging.getLogger("relayd.http")
 
 
+class Relay(Protocol):
+    """What the REST API needs from the relay."""
+
+    def online(self, client: str) -> bool: ...
+
+    def revoke(self, client: str, *, reason: str = "revoked") -> None: ...
+
+
 class Readiness(enum.Enum):
     STARTING = "starting"
     READY = "ready"
@@ -50,6 +58,7 @@ class Services:
 
     config: Config
     auth: AuthService
+    relay: Relay | None = None
     readiness: Readiness = Readiness.STARTING
     register_limiter: RateLimiter = field(init=False)
     auth_limiter: RateLimiter = field(init=False)
@@ -109,8 +118,15 @@ def _bearer_token() -> str:
     return token.strip()
 
 
-def _client_json(client: ClientRecord) -> dict[str, Any]:
-    return {"uuid": client.uuid, "name": client.name, "created_at": client.created_at}
+def _client_json(client: ClientRecord, relay: Relay | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "uuid": client.uuid,
+        "name": client.name,
+        "created_at": client.created_at,
+    }
+    if relay is not None:
+        doc["online"] = relay.online(client.uuid)
+    return doc
 
 
 def create_app(services: Services) -> QuartTrio:
@@ -234,13 +250,13 @@ def create_app(services: Services) -> QuartTrio:
         return {
             "count": len(clients),
             "clients": {c.uuid: c.name for c in clients},
-            "items": [_client_json(c) for c in clients],
+            "items": [_client_json(c, services.relay) for c in clients],
         }
 
     @app.get("/clients/<client_uuid>")
     async def get_client(client_uuid: str) -> dict[str, Any]:
         await authenticated()
-        return _client_json(await auth.get_client(client_uuid.lower()))
+        return _client_json(await auth.get_client(client_uuid.lower()), services.relay)
 
     @app.delete("/clients/<client_uuid>")
     async def delete_client(client_uuid: str) -> dict[str, Any]:
@@ -249,6 +265,8 @@ def create_app(services: Services) -> QuartTrio:
         if claims.sub != client_uuid and not claims.is_admin:
             raise Forbidden("a client may delete only itself", code="not_yours")
         await auth.delete_client(client_uuid, actor=claims.sub, source=_source())
+        if services.relay is not None:
+            services.relay.revoke(client_uuid, reason="deleted")
         return {"deleted": client_uuid}
 
     @app.post("/admin/clients/<client_uuid>/revoke")
@@ -256,6 +274,8 @@ def create_app(services: Services) -> QuartTrio:
         claims = await admin()
         client_uuid = client_uuid.lower()
         await auth.revoke_client(client_uuid, actor=claims.sub, source=_source())
+        if services.relay is not None:
+            services.relay.revoke(client_uuid, reason="revoked")
         return {"revoked": client_uuid}
 
     return app

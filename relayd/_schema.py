@@ -46,6 +46,32 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 2: the durable message queue. A row lives from acceptance until its final status is
+    # known and told (or no longer worth keeping); see relayd/_relay/records.py.
+    """
+    CREATE TABLE messages (
+        -- AUTOINCREMENT: a seq is never reused, so "seq > cursor" finds exactly what is new.
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        sender TEXT NOT NULL,
+        msgid TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        high INTEGER NOT NULL,
+        acknowledge INTEGER NOT NULL,
+        fields TEXT NOT NULL,              -- the 13 fields as JSON; emptied once final
+        accepted_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        status TEXT,                       -- NULL while queued, else the final status
+        reason TEXT NOT NULL DEFAULT '',
+        finished_at REAL,
+        receipt_pending INTEGER NOT NULL DEFAULT 0,  -- final status not yet told to the sender
+        UNIQUE (sender, msgid)             -- deduplication of re-sent messages
+    );
+    CREATE INDEX messages_queued ON messages (recipient, seq) WHERE status IS NULL;
+    CREATE INDEX messages_expiring ON messages (expires_at) WHERE status IS NULL;
+    CREATE INDEX messages_receipts ON messages (sender, seq) WHERE receipt_pending = 1;
+    CREATE INDEX messages_finished ON messages (finished_at) WHERE status IS NOT NULL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

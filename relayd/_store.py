@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -28,6 +28,23 @@ import trio
 from attrs import frozen
 
 from ._errors import SchemaTooNewError, StoreError
+from ._relay.records import (
+    Duplicate,
+    FindExpired,
+    Finish,
+    Insert,
+    Inserted,
+    LoadQueue,
+    LoadReceipts,
+    Purge,
+    Refused,
+    SetAttempts,
+    SetReceiptPending,
+    Status,
+    StoredMessage,
+    StoredReceipt,
+    StoreOp,
+)
 from ._schema import MIGRATIONS, SCHEMA_VERSION
 
 T = TypeVar("T")
@@ -369,3 +386,168 @@ class Store:
                 ).rowcount
 
         return await self._run(delete)
+
+    # --- the message queue ------------------------------------------------------------------
+
+    async def execute(self, ops: Sequence[StoreOp], *, max_queued: int) -> list[Any]:
+        """Run ``ops`` in order, in one transaction (a group commit); return their results.
+
+        Each operation sees the effects of those before it. Results, aligned with ``ops``:
+        an :data:`InsertOutcome` for an ``Insert``, a list of rows for a read, ``None`` for
+        other writes. When this returns, the writes are committed.
+
+        Raises:
+            StoreError: the transaction failed and was rolled back; nothing was written.
+        """
+
+        def run(db: sqlite3.Connection) -> list[Any]:
+            try:
+                with transaction(db):
+                    return [_apply(db, op, max_queued) for op in ops]
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: writing messages failed: {exc}") from exc
+
+        return await self._run(run)
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Undelivered messages per recipient."""
+
+        def query(db: sqlite3.Connection) -> dict[str, int]:
+            rows = db.execute(
+                "SELECT recipient, COUNT(*) FROM messages WHERE status IS NULL GROUP BY recipient"
+            )
+            return {row[0]: row[1] for row in rows}
+
+        return await self._run(query)
+
+
+_MESSAGE_COLUMNS = (
+    "seq, sender, recipient, msgid, high, acknowledge, fields, accepted_at, expires_at, attempts"
+)
+
+
+def _stored(row: sqlite3.Row) -> StoredMessage:
+    return StoredMessage(
+        seq=row["seq"],
+        sender=row["sender"],
+        recipient=row["recipient"],
+        msgid=row["msgid"],
+        high=bool(row["high"]),
+        acknowledge=bool(row["acknowledge"]),
+        fields=row["fields"],
+        accepted_at=row["accepted_at"],
+        expires_at=row["expires_at"],
+        attempts=row["attempts"],
+    )
+
+
+def _insert(db: sqlite3.Connection, op: Insert, max_queued: int) -> Any:
+    values = (
+        op.sender,
+        op.msgid,
+        op.recipient,
+        int(op.high),
+        int(op.acknowledge),
+        op.fields,
+        op.accepted_at,
+        op.expires_at,
+        op.attempts,
+        None if op.status is None else op.status.value,
+        op.reason,
+        None if op.status is None else op.accepted_at,
+        int(op.receipt_pending),
+    )
+    columns = (
+        "INSERT INTO messages (sender, msgid, recipient, high, acknowledge, fields, accepted_at,"
+        " expires_at, attempts, status, reason, finished_at, receipt_pending)"
+    )
+    if op.status is not None:  # only a receipt to keep: no queue to check
+        row = db.execute(
+            f"{columns} VALUES ({', '.join('?' * 13)})"
+            " ON CONFLICT (sender, msgid) DO NOTHING RETURNING seq",
+            values,
+        ).fetchone()
+    else:
+        row = db.execute(
+            f"{columns} SELECT {', '.join('?' * 13)}"
+            " WHERE EXISTS (SELECT 1 FROM clients WHERE uuid = ? AND deleted_at IS NULL)"
+            " AND (SELECT COUNT(*) FROM (SELECT 1 FROM messages"
+            "      WHERE recipient = ? AND status IS NULL LIMIT ?)) < ?"
+            " ON CONFLICT (sender, msgid) DO NOTHING RETURNING seq",
+            (*values, op.recipient, op.recipient, max_queued, max_queued),
+        ).fetchone()
+    if row is not None:
+        return Inserted(row[0])
+    existing = db.execute(
+        "SELECT seq, status FROM messages WHERE sender = ? AND msgid = ?", (op.sender, op.msgid)
+    ).fetchone()
+    if existing is not None:
+        status = existing["status"]
+        return Duplicate(existing["seq"], None if status is None else Status(status))
+    known = db.execute(
+        "SELECT 1 FROM clients WHERE uuid = ? AND deleted_at IS NULL", (op.recipient,)
+    ).fetchone()
+    return Refused("queue_full" if known else "unknown_recipient")
+
+
+def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int) -> Any:
+    if isinstance(op, Insert):
+        return _insert(db, op, max_queued)
+    if isinstance(op, Finish):
+        db.execute(
+            "UPDATE messages SET status = ?, finished_at = ?, receipt_pending = ?, reason = ?,"
+            " fields = '' WHERE seq = ? AND status IS NULL",
+            (op.status.value, op.finished_at, int(op.receipt_pending), op.reason, op.seq),
+        )
+        return None
+    if isinstance(op, SetAttempts):
+        db.execute(
+            "UPDATE messages SET attempts = ? WHERE seq = ? AND status IS NULL",
+            (op.attempts, op.seq),
+        )
+        return None
+    if isinstance(op, SetReceiptPending):
+        db.executemany(
+            "UPDATE messages SET receipt_pending = ? WHERE seq = ? AND status IS NOT NULL",
+            [(int(op.pending), seq) for seq in op.seqs],
+        )
+        return None
+    if isinstance(op, LoadQueue):
+        rows = db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            " WHERE recipient = ? AND status IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+            (op.recipient, op.after, op.limit),
+        )
+        return [_stored(row) for row in rows]
+    if isinstance(op, LoadReceipts):
+        rows = db.execute(
+            "SELECT seq, msgid, recipient, status, finished_at, reason FROM messages"
+            " WHERE sender = ? AND receipt_pending = 1 ORDER BY seq LIMIT ?",
+            (op.sender, op.limit),
+        )
+        return [
+            StoredReceipt(
+                row["seq"],
+                row["msgid"],
+                row["recipient"],
+                Status(row["status"]),
+                row["finished_at"],
+                row["reason"],
+            )
+            for row in rows
+        ]
+    if isinstance(op, FindExpired):
+        rows = db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            " WHERE status IS NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+            (op.now, op.limit),
+        )
+        return [_stored(row) for row in rows]
+    if isinstance(op, Purge):
+        db.execute(
+            "DELETE FROM messages WHERE status IS NOT NULL AND"
+            " ((receipt_pending = 0 AND finished_at < ?) OR finished_at < ?)",
+            (op.finished_before, op.receipts_before),
+        )
+        return None
+    raise TypeError(f"not a store operation: {op!r}")

@@ -54,7 +54,7 @@ REGISTER_KEYS = {
     "refresh_expires_at",
 }
 TOKEN_KEYS = REGISTER_KEYS - {"name", "created_at", "client_secret"}
-CLIENT_KEYS = {"uuid", "name", "created_at"}
+CLIENT_KEYS = {"uuid", "name", "created_at", "online"}
 SOME_UUID = "6b2b6c3e-6f5c-4a5b-9d1a-1f6e3c2a9b10"
 
 
@@ -390,8 +390,8 @@ async def test_clients_lists_every_client(relayd: RunningRelayd) -> None:
     assert doc["count"] == 2
     assert doc["clients"] == {alice["uuid"]: "alice", bob["uuid"]: "bob"}
     assert doc["items"] == [
-        {"uuid": alice["uuid"], "name": "alice", "created_at": alice["created_at"]},
-        {"uuid": bob["uuid"], "name": "bob", "created_at": bob["created_at"]},
+        {"uuid": alice["uuid"], "name": "alice", "created_at": alice["created_at"], "online": False},
+        {"uuid": bob["uuid"], "name": "bob", "created_at": bob["created_at"], "online": False},
     ]
 
 
@@ -400,7 +400,7 @@ async def test_get_one_client(relayd: RunningRelayd) -> None:
     bob = await relayd.http.register("bob")
     for path_uuid in (SOME_UUID, SOME_UUID.upper()):
         doc = assert_ok(await relayd.http.get(f"/clients/{path_uuid}", token=bob["access_token"]))
-        assert doc == {"uuid": SOME_UUID, "name": "alice", "created_at": alice["created_at"]}
+        assert doc == {"uuid": SOME_UUID, "name": "alice", "created_at": alice["created_at"], "online": False}
 
 
 @pytest.mark.parametrize("missing", [str(uuid_module.UUID(int=1)), "not-a-uuid"])

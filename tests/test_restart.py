@@ -93,6 +93,7 @@ async def test_clients_and_tokens_survive_a_restart(tmp_path: Path) -> None:
             "uuid": alice["uuid"],
             "name": "alice",
             "created_at": alice["created_at"],
+            "online": False,
         }
         # The secret still logs in.
         login = ok(

@@ -1,0 +1,1190 @@
+"""The relay core: sessions, routing, mailboxes, acks, redelivery, expiry and receipts, as a
+sans-I/O state machine.
+
+It takes events — a socket opened, a frame received, frames written, a store operation done,
+time passed — and answers with actions — send this frame, close that socket, verify this
+token, run these store operations — which :meth:`RelayCore.take_actions` hands to the driver
+(``relayd._relay.hub``). It never does I/O, never reads a clock and never imports trio: every
+event carries ``now``, and every timer is data (:meth:`next_deadline`, :meth:`tick`).
+
+Rules that hold between any two events:
+
+1. A session is PENDING until a token is verified; while PENDING only an ``auth`` frame is
+   read and nothing is delivered. At most one session per client is ACTIVE: a newer one
+   replaces the older, which is closed with 4009; ``_active[client]`` names only the newest.
+2. Every accepted message is in exactly one place: *staged* (waiting for its commit, or behind
+   an earlier message to the same recipient that is), *stored* only (the recipient is offline
+   or has a backlog), in its recipient's *mailbox*, *sent* (handed to the recipient's socket,
+   write unconfirmed), *unacked* (written, awaiting an ack or a redelivery), or *done*.
+3. Staging is FIFO per recipient, and so is each mailbox priority. Hence first deliveries from
+   one sender to one recipient keep send order, except that ``priority: "high"`` overtakes
+   normal messages waiting in the recipient's mailbox.
+4. A durable message's first receipt follows its commit. A message is durable when the sender
+   asks for an ack, when the recipient is offline, or when the recipient's mailbox is full or
+   backlogged; otherwise (``acknowledge: false`` to a connected recipient with room) it goes
+   straight to the mailbox and its only receipt, ``delivered``, follows the socket write.
+5. Memory is bounded: per recipient ``mailbox_size`` ready messages and ``inflight_window``
+   unacked ones; per session ``outbound_buffer`` frames; ``max_pending_commit`` messages
+   awaiting a commit (beyond it the driver stops reading senders); ``dedupe_max_entries``
+   remembered message ids. Everything else waits in the store.
+6. The store is told every state change of a durable message, in the order the core decided
+   it; the core never lets the store decide (expiry candidates are read, then decided here).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import json
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable
+from typing import Any
+
+from attrs import define, field, frozen
+
+from relayd._config import RelayConfig, WebsocketConfig
+from relayd._ratelimit import RateLimiter
+
+from . import frames as F
+from .frames import CloseCode, ProtocolError
+from .records import (
+    FINAL,
+    Duplicate,
+    FindExpired,
+    Finish,
+    Insert,
+    Inserted,
+    LoadQueue,
+    LoadReceipts,
+    Purge,
+    Refused,
+    SetAttempts,
+    SetReceiptPending,
+    Status,
+    StoredMessage,
+    StoredReceipt,
+    StoreOp,
+)
+
+# --- actions ------------------------------------------------------------------------------------
+
+
+@frozen
+class Send:
+    """Queue ``text`` on session ``sid``'s socket; report ``ref`` back through ``written``."""
+
+    sid: int
+    text: str
+    ref: Ref | None = None
+
+
+@frozen
+class Close:
+    """Close session ``sid``: after the frames queued before it, or at once if ``abort``."""
+
+    sid: int
+    code: int
+    reason: str
+    abort: bool = False
+
+
+@frozen
+class Authenticate:
+    """Verify ``token`` for session ``sid``; answer ``authenticated`` or ``auth_failed``."""
+
+    sid: int
+    token: str
+    refresh: bool
+
+
+@frozen
+class Ping:
+    """Send session ``sid`` a heartbeat ping (its transport decides how)."""
+
+    sid: int
+
+
+Action = Send | Close | Authenticate | Ping | StoreOp
+
+
+@frozen
+class Identity:
+    """Who a verified token speaks for."""
+
+    client: str
+    name: str
+    issued_at: float
+    expires_at: float
+
+
+# --- state --------------------------------------------------------------------------------------
+
+
+class Phase(enum.Enum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    CLOSING = "closing"
+
+
+class Where(enum.Enum):
+    STAGED = "staged"
+    STORED = "stored"
+    MAILBOX = "mailbox"
+    SENT = "sent"
+    UNACKED = "unacked"
+    BACKOFF = "backoff"
+    DONE = "done"
+
+
+@define(eq=False)
+class Session:
+    sid: int
+    remote: str
+    opened_at: float
+    last_seen: float
+    pong_observable: bool
+    phase: Phase = Phase.PENDING
+    client: str | None = None
+    expires_at: float = 0.0
+    authenticating: bool = False
+    heartbeat_enforced: bool = False
+    queued: int = 0  # frames handed to the socket, not yet written
+    token_gen: int = 0
+    last_ping: float = 0.0
+
+
+@define(eq=False)
+class Message:
+    sender: str
+    recipient: str
+    msgid: str
+    high: bool
+    acknowledge: bool
+    fields: dict[str, Any]
+    accepted_at: float
+    expires_at: float
+    durable: bool
+    seq: int | None = None
+    attempts: int = 0
+    where: Where = Where.STAGED
+    status: Status | None = None  # the last status its sender was told
+    committed: bool = False
+    resumed: bool = False
+    sid: int | None = None  # the session it was last sent on
+    gen: int = 0  # bumped on every move, so stale timers are ignored
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.sender, self.msgid)
+
+    def fields_json(self) -> str:
+        return json.dumps(self.fields, separators=(",", ":"), ensure_ascii=False)
+
+
+@frozen
+class ReceiptRef:
+    """A written receipt; if it was never written, the store must owe it again."""
+
+    seq: int
+
+
+Ref = Message | ReceiptRef
+
+
+@define(eq=False)
+class Recipient:
+    """Delivery state of a connected client."""
+
+    client: str
+    session: Session
+    high: deque[Message] = field(factory=deque)
+    normal: deque[Message] = field(factory=deque)
+    unacked: dict[str, Message] = field(factory=dict)  # by msgid
+    backlog: bool = True  # the store may hold queued messages not in memory
+    cursor: int = 0  # highest seq brought into memory
+    loading: LoadQueue | None = None
+    stored_since: int = 0  # messages sent to the store while loading: keeps `backlog` honest
+    load_mark: int = 0
+    paused: bool = False  # a replaced session has not reported its unsent frames yet
+
+    def mailbox_len(self) -> int:
+        return len(self.high) + len(self.normal)
+
+
+class TimerKind(enum.Enum):
+    AUTH = 1
+    HEARTBEAT = 2
+    TOKEN_WARN = 3
+    TOKEN_EXPIRE = 4
+    ACK = 5
+    BACKOFF = 6
+    SWEEP = 7
+
+
+# --- the core -----------------------------------------------------------------------------------
+
+
+class RelayCore:
+    """See the module docstring. All methods are synchronous and cheap; none blocks."""
+
+    RECEIPT_PAGE = 256
+    SWEEP_PAGE = 1000
+
+    def __init__(
+        self, relay: RelayConfig, websocket: WebsocketConfig, *, now: float, boot_time: float
+    ) -> None:
+        self.relay = relay
+        self.ws = websocket
+        self.boot_time = boot_time
+        self.draining = False
+        self._actions: list[Action] = []
+        self._sessions: dict[int, Session] = {}
+        self._active: dict[str, Session] = {}
+        self._recipients: dict[str, Recipient] = {}
+        self._staging: dict[str, deque[Message]] = {}
+        self._by_seq: dict[int, Message] = {}
+        self._recent: OrderedDict[tuple[str, str], tuple[float, Message | Status]] = OrderedDict()
+        self._per_ip: Counter[str] = Counter()
+        self._pending_auth = 0
+        self._revoked: dict[str, float] = {}
+        self.pending_commit = 0
+        self._timers: list[tuple[float, int, TimerKind, Any, int]] = []
+        self._timer_seq = itertools.count()
+        self._send_limiter = RateLimiter(
+            rate=websocket.messages_per_second, burst=websocket.message_burst
+        )
+        self._strikes = RateLimiter(rate=1.0, burst=websocket.max_strikes)
+        self._at(now + relay.sweep_interval, TimerKind.SWEEP, None, 0)
+
+    # --- outputs ---------------------------------------------------------------------------
+
+    def take_actions(self) -> list[Action]:
+        """The actions decided since the last call, in order."""
+        actions, self._actions = self._actions, []
+        return actions
+
+    @property
+    def accepting(self) -> bool:
+        """False while too many messages await a commit: stop reading senders until True."""
+        return self.pending_commit < self.relay.max_pending_commit
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def online(self, client: str) -> bool:
+        session = self._active.get(client)
+        return session is not None and session.phase is Phase.ACTIVE
+
+    def stats(self) -> dict[str, int]:
+        """Gauges for metrics."""
+        mailbox = sum(r.mailbox_len() for r in self._recipients.values())
+        unacked = sum(len(r.unacked) for r in self._recipients.values())
+        return {
+            "sessions": len(self._sessions),
+            "sessions_pending": self._pending_auth,
+            "sessions_active": len(self._active),
+            "mailbox": mailbox,
+            "unacked": unacked,
+            "staged": sum(len(q) for q in self._staging.values()),
+            "pending_commit": self.pending_commit,
+            "dedupe_entries": len(self._recent),
+        }
+
+    # --- timers ----------------------------------------------------------------------------
+
+    def _at(self, deadline: float, kind: TimerKind, target: Any, gen: int) -> None:
+        heapq.heappush(self._timers, (deadline, next(self._timer_seq), kind, target, gen))
+
+    def next_deadline(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def tick(self, now: float) -> None:
+        """Fire every timer due at ``now``."""
+        while self._timers and self._timers[0][0] <= now:
+            _, _, kind, target, gen = heapq.heappop(self._timers)
+            if kind is TimerKind.ACK:
+                self._ack_timeout(target, gen, now)
+            elif kind is TimerKind.BACKOFF:
+                self._backoff_done(target, gen, now)
+            elif kind is TimerKind.HEARTBEAT:
+                self._heartbeat(target, now)
+            elif kind is TimerKind.AUTH:
+                self._auth_timeout(target, now)
+            elif kind is TimerKind.TOKEN_WARN:
+                self._token_warn(target, gen, now)
+            elif kind is TimerKind.TOKEN_EXPIRE:
+                self._token_expire(target, gen, now)
+            elif kind is TimerKind.SWEEP:
+                self._sweep(now)
+
+    # --- frames out ------------------------------------------------------------------------
+
+    def _send(self, session: Session, text: str, ref: Ref | None = None) -> None:
+        if session.phase is Phase.CLOSING:
+            return
+        if session.queued >= self.ws.outbound_buffer:
+            # Not even control frames fit: the socket has stopped draining.
+            self._close(session, CloseCode.SLOW_CONSUMER, "not reading", abort=True)
+            return
+        session.queued += 1
+        self._actions.append(Send(session.sid, text, ref))
+
+    def _error(
+        self,
+        session: Session,
+        code: str,
+        message: str,
+        now: float,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        self._send(session, F.error_frame(code, message, now, details=details))
+
+    def _close(self, session: Session, code: int, reason: str, *, abort: bool = False) -> None:
+        if session.phase is Phase.CLOSING:
+            return
+        if session.phase is Phase.PENDING:
+            self._pending_auth -= 1
+        session.phase = Phase.CLOSING
+        self._actions.append(Close(session.sid, code, reason, abort))
+
+    def _strike(self, session: Session, now: float) -> None:
+        """Count a refused frame; too many in a row closes the session (4029)."""
+        if self._strikes.acquire(str(session.sid), now) > 0:
+            self._error(session, F.RATE_LIMITED, "too many refused frames", now)
+            self._close(session, CloseCode.TRY_LATER, "too many refused frames")
+
+    # --- sessions --------------------------------------------------------------------------
+
+    def open(
+        self,
+        sid: int,
+        remote: str,
+        now: float,
+        *,
+        token: str | None = None,
+        pong_observable: bool = False,
+    ) -> None:
+        """A socket was accepted. ``token``: one offered in the URL, a header or a subprotocol."""
+        session = Session(sid, remote, now, now, pong_observable)
+        session.heartbeat_enforced = pong_observable
+        self._sessions[sid] = session
+        self._per_ip[remote] += 1
+        self._pending_auth += 1
+        ws = self.ws
+        if self.draining:
+            self._error(session, F.SHUTTING_DOWN, "relayd is shutting down", now)
+            self._close(session, CloseCode.GOING_AWAY, "server shutting down")
+            return
+        if (
+            len(self._sessions) > ws.max_connections
+            or self._per_ip[remote] > ws.max_connections_per_ip
+            or self._pending_auth > ws.max_pending_auth
+        ):
+            self._error(session, F.TOO_MANY_CONNECTIONS, "too many connections", now)
+            self._close(session, CloseCode.TRY_LATER, "too many connections")
+            return
+        self._at(now + ws.auth_timeout, TimerKind.AUTH, session, 0)
+        if token is not None:
+            session.authenticating = True
+            self._actions.append(Authenticate(sid, token, refresh=False))
+
+    def authenticated(self, sid: int, who: Identity, now: float, *, refresh: bool) -> None:
+        """A token offered by session ``sid`` verified as ``who``."""
+        session = self._sessions.get(sid)
+        if session is None or session.phase is Phase.CLOSING:
+            return
+        session.authenticating = False
+        if who.issued_at < self._revoked.get(who.client, float("-inf")):
+            self.auth_failed(sid, "token_revoked", "the token was revoked", now, refresh=refresh)
+            return
+        if refresh:
+            if who.client != session.client:
+                self._error(session, "token_invalid", "the token belongs to another client", now)
+                self._close(session, CloseCode.AUTH_FAILED, "token_invalid")
+                return
+            session.expires_at = who.expires_at
+            self._arm_token_timers(session, now)
+            self._send(
+                session,
+                F.encode(
+                    {"type": "token_refreshed", "expires_at": who.expires_at, "timestamp": now}
+                ),
+            )
+            return
+        if session.phase is not Phase.PENDING:
+            return
+        self._pending_auth -= 1
+        session.phase = Phase.ACTIVE
+        session.client = who.client
+        session.expires_at = who.expires_at
+        session.last_seen = session.last_ping = now
+        previous = self._active.get(who.client)
+        self._active[who.client] = session
+        self._send(
+            session,
+            F.encode(
+                {
+                    "type": "connection",
+                    "message": "Connected successfully",
+                    "uuid": who.client,
+                    "name": who.name,
+                    "timestamp": now,
+                    "protocol": "relayd.v1",
+                    "token_expires_at": who.expires_at,
+                    "heartbeat_interval": self.ws.heartbeat_interval,
+                }
+            ),
+        )
+        self._arm_token_timers(session, now)
+        self._at(now + self.ws.heartbeat_interval, TimerKind.HEARTBEAT, session, 0)
+        recipient = self._recipients.get(who.client)
+        if previous is not None and recipient is not None:
+            # The old socket's unsent frames come back in `closed`; deliver after them.
+            self._close(previous, CloseCode.REPLACED, "replaced by a newer connection", abort=True)
+            recipient.session = session
+            recipient.paused = True
+        else:
+            if previous is not None:
+                self._close(previous, CloseCode.REPLACED, "replaced by a newer connection")
+            recipient = self._recipients[who.client] = Recipient(who.client, session)
+            self._load(recipient)
+        self._actions.append(LoadReceipts(who.client, self.RECEIPT_PAGE))
+        self._drain_staging(who.client, now)
+
+    def auth_failed(self, sid: int, code: str, message: str, now: float, *, refresh: bool) -> None:
+        """A token offered by session ``sid`` was refused (``code`` as in the REST API)."""
+        session = self._sessions.get(sid)
+        if session is None or session.phase is Phase.CLOSING:
+            return
+        session.authenticating = False
+        self._error(session, code, message, now)
+        if not refresh:
+            self._close(session, CloseCode.AUTH_FAILED, code)
+
+    def _arm_token_timers(self, session: Session, now: float) -> None:
+        session.token_gen += 1
+        warn_at = session.expires_at - self.ws.token_warning
+        if self.ws.token_warning > 0 and warn_at > now:
+            self._at(warn_at, TimerKind.TOKEN_WARN, session, session.token_gen)
+        self._at(session.expires_at, TimerKind.TOKEN_EXPIRE, session, session.token_gen)
+
+    def _token_warn(self, session: Session, gen: int, now: float) -> None:
+        if session.token_gen != gen or session.phase is not Phase.ACTIVE:
+            return
+        frame = {
+            "type": "token_expiring",
+            "expires_at": session.expires_at,
+            "expires_in": session.expires_at - now,
+            "timestamp": now,
+        }
+        self._send(session, F.encode(frame))
+
+    def _token_expire(self, session: Session, gen: int, now: float) -> None:
+        if session.token_gen != gen or session.phase is not Phase.ACTIVE:
+            return
+        self._error(
+            session, "token_expired", "the access token expired; reconnect with a new one", now
+        )
+        self._close(session, CloseCode.AUTH_FAILED, "token_expired")
+
+    def _auth_timeout(self, session: Session, now: float) -> None:
+        if session.phase is Phase.PENDING and self._sessions.get(session.sid) is session:
+            self._error(session, F.NOT_AUTHENTICATED, "no valid token in time", now)
+            self._close(session, CloseCode.AUTH_FAILED, "authentication timed out")
+
+    def _heartbeat(self, session: Session, now: float) -> None:
+        if session.phase is not Phase.ACTIVE or self._sessions.get(session.sid) is not session:
+            return
+        ws = self.ws
+        silent_until = session.last_seen + ws.heartbeat_timeout
+        if session.heartbeat_enforced and now >= silent_until:
+            self._close(session, CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", abort=True)
+            return
+        if now >= session.last_ping + ws.heartbeat_interval:
+            session.last_ping = now
+            self._actions.append(Ping(session.sid))
+        next_at = session.last_ping + ws.heartbeat_interval
+        if session.heartbeat_enforced:
+            next_at = min(next_at, max(silent_until, now))
+        self._at(next_at, TimerKind.HEARTBEAT, session, 0)
+
+    def pong(self, sid: int, now: float) -> None:
+        """The transport saw a pong (or any sign of life below the frame level)."""
+        session = self._sessions.get(sid)
+        if session is not None:
+            session.last_seen = now
+
+    def revoke(self, client: str, now: float, *, reason: str = "revoked") -> None:
+        """The client's tokens were revoked (or it was deleted): close its session with 4003."""
+        self._revoked[client] = now
+        session = self._active.get(client)
+        if session is not None and session.phase is Phase.ACTIVE:
+            self._error(session, "token_revoked", f"this client was {reason}", now)
+            self._close(session, CloseCode.REVOKED, reason)
+
+    def drain(self, now: float) -> None:
+        """Shutdown: tell every session, then close it with 1001 once its frames are written."""
+        self.draining = True
+        for session in list(self._sessions.values()):
+            if session.phase is Phase.ACTIVE:
+                notice = {
+                    "type": "shutdown",
+                    "message": "relayd is shutting down",
+                    "timestamp": now,
+                }
+                self._send(session, F.encode(notice))
+            self._close(session, CloseCode.GOING_AWAY, "server shutting down")
+
+    def closed(
+        self,
+        sid: int,
+        now: float,
+        *,
+        unsent: Iterable[Ref] = (),
+        interrupted: Iterable[Ref] = (),
+    ) -> None:
+        """Session ``sid`` is gone. ``unsent``: frames never written, in queue order;
+        ``interrupted``: frames whose write was cut off (they may or may not have arrived)."""
+        session = self._sessions.pop(sid, None)
+        if session is None:
+            return
+        self._per_ip[session.remote] -= 1
+        if self._per_ip[session.remote] <= 0:
+            del self._per_ip[session.remote]
+        if session.phase is Phase.PENDING:
+            self._pending_auth -= 1
+        session.phase = Phase.CLOSING
+        owed: list[int] = []
+        returned: list[Message] = []
+        for ref in unsent:
+            if isinstance(ref, ReceiptRef):
+                owed.append(ref.seq)
+            elif ref.where is Where.SENT and ref.sid == sid:
+                ref.attempts -= 1  # never written: not an attempt
+                returned.append(ref)
+        for ref in interrupted:
+            if isinstance(ref, ReceiptRef):
+                owed.append(ref.seq)
+            elif ref.where is Where.SENT and ref.sid == sid:
+                if ref.acknowledge:
+                    returned.append(ref)
+                else:  # at most once: it may have arrived, so it is not sent again
+                    self._finish(ref, Status.FAILED, now, reason="connection_lost")
+        if owed:
+            self._actions.append(SetReceiptPending(tuple(owed), pending=True))
+        client = session.client
+        if client is None or self._active.get(client) is not session:
+            recipient = self._recipients.get(client) if client else None
+            if recipient is not None and recipient.session is not session:
+                # Replaced: what the old socket did not finish goes first on the new one.
+                self._requeue(recipient, sid, returned)
+                recipient.paused = False
+                self._pump(recipient, now)
+            return
+        del self._active[client]
+        recipient = self._recipients.pop(client, None)
+        if recipient is not None:
+            self._requeue(recipient, sid, returned)
+            self._unload(recipient, now)
+
+    def _requeue(self, recipient: Recipient, sid: int, returned: list[Message]) -> None:
+        """Put messages sent on ``sid`` but not acknowledged back at the head of the mailbox."""
+        unacked = [m for m in recipient.unacked.values() if m.sid == sid and m not in returned]
+        again = sorted(unacked, key=lambda m: (m.seq or 0, m.accepted_at)) + returned
+        for message in reversed(again):
+            recipient.unacked.pop(message.msgid, None)
+            message.gen += 1
+            message.where = Where.MAILBOX
+            (recipient.high if message.high else recipient.normal).appendleft(message)
+
+    def _unload(self, recipient: Recipient, now: float) -> None:
+        """The client went offline: durable messages stay in the store, the rest go there.
+
+        The at-most-once messages that were waiting in memory are stored now, ahead of any
+        message still staged for the client (they were accepted before those).
+        """
+        to_store: list[Message] = []
+        for message in [*recipient.unacked.values(), *recipient.high, *recipient.normal]:
+            message.gen += 1
+            if message.durable:
+                if message.attempts and message.seq is not None:
+                    self._actions.append(SetAttempts(message.seq, message.attempts))
+                self._forget(message)
+            else:
+                message.durable = True
+                to_store.append(message)
+        recipient.unacked.clear()
+        recipient.high.clear()
+        recipient.normal.clear()
+        if to_store:
+            queue = self._staging.setdefault(recipient.client, deque())
+            queue.extendleft(reversed(to_store))
+            for message in to_store:
+                message.where = Where.STAGED
+                self.pending_commit += 1
+                self._actions.append(self._insert_op(message))
+
+    def _forget(self, message: Message) -> None:
+        """The message leaves memory; the store keeps it."""
+        message.where = Where.STORED
+        if message.seq is not None:
+            self._by_seq.pop(message.seq, None)
+
+    # --- frames in -------------------------------------------------------------------------
+
+    def receive(self, sid: int, data: str | bytes, now: float) -> None:
+        """Session ``sid`` sent a frame."""
+        session = self._sessions.get(sid)
+        if session is None or session.phase is Phase.CLOSING:
+            return
+        session.last_seen = now
+        if isinstance(data, bytes):
+            self._error(session, F.BINARY_UNSUPPORTED, "binary frames are not supported", now)
+            self._strike(session, now)
+            return
+        try:
+            doc = F.decode(data)
+            kind = doc.get("type")
+            if session.phase is Phase.PENDING:
+                self._receive_pending(session, doc, kind, now)
+            elif kind is None or kind == "message":
+                self._receive_message(session, doc, now)
+            elif kind == "ack":
+                self._receive_ack(session, doc, now)
+            elif kind in ("refresh", "refresh_token"):
+                token = doc.get("token")
+                if not isinstance(token, str) or not token:
+                    raise ProtocolError(
+                        F.INVALID_MESSAGE_FORMAT, "token: must be a string", field="token"
+                    )
+                self._actions.append(Authenticate(sid, token, refresh=True))
+            elif kind == "ping":
+                self._send(session, F.encode({"type": "pong", "timestamp": now}))
+            elif kind == "pong":
+                session.heartbeat_enforced = True
+            elif kind == "auth":
+                raise ProtocolError(F.ALREADY_AUTHENTICATED, "this connection is authenticated")
+            else:
+                raise ProtocolError(
+                    F.UNKNOWN_TYPE, f"unknown frame type {str(kind)[:64]!r}", field="type"
+                )
+        except ProtocolError as exc:
+            self._error(session, exc.code, exc.message, now, exc.details)
+            self._strike(session, now)
+
+    def _receive_pending(
+        self, session: Session, doc: dict[str, Any], kind: Any, now: float
+    ) -> None:
+        token = doc.get("token")
+        if kind != "auth" or session.authenticating:
+            self._error(session, F.NOT_AUTHENTICATED, "authenticate first", now)
+            self._close(session, CloseCode.AUTH_FAILED, "not authenticated")
+        elif not isinstance(token, str) or not token:
+            self._error(session, "missing_token", "token: must be a non-empty string", now)
+            self._close(session, CloseCode.AUTH_FAILED, "missing_token")
+        else:
+            session.authenticating = True
+            self._actions.append(Authenticate(session.sid, token, refresh=False))
+
+    def _receive_message(self, session: Session, doc: dict[str, Any], now: float) -> None:
+        assert session.client is not None
+        sender = session.client
+        envelope = F.parse_envelope(doc)
+        if envelope.sender is not None and envelope.sender != sender:
+            raise ProtocolError(
+                F.MESSAGE_SENDER_MISMATCH, "from: is not the authenticated client", field="from"
+            )
+        wait = self._send_limiter.acquire(sender, now)
+        if wait > 0:
+            raise _RateLimited(wait)
+        msgid = envelope.msgid or F.new_msgid()
+        known = self._recent.get((sender, msgid))
+        if known is not None:
+            value = known[1]
+            status = value.status if isinstance(value, Message) else value
+            self._send_receipt_frame(
+                session, "delivery_status", msgid, envelope.to, status, now, duplicate=True
+            )
+            return
+        ttl = min(envelope.ttl or self.relay.default_ttl, self.relay.max_ttl)
+        recipient = self._recipients.get(envelope.to)
+        direct = (
+            not envelope.acknowledge
+            and recipient is not None
+            and recipient.session.phase is Phase.ACTIVE
+            and not recipient.backlog
+            and recipient.mailbox_len() + len(self._staging.get(envelope.to, ()))
+            < self.relay.mailbox_size
+        )
+        message = Message(
+            sender=sender,
+            recipient=envelope.to,
+            msgid=msgid,
+            high=envelope.priority == "high",
+            acknowledge=envelope.acknowledge,
+            fields=envelope.fields(sender, msgid, now),
+            accepted_at=now,
+            expires_at=now + ttl,
+            durable=not direct,
+        )
+        self._remember(message, now)
+        self._stage(message, front=False)
+        self._drain_staging(message.recipient, now)
+
+    def _receive_ack(self, session: Session, doc: dict[str, Any], now: float) -> None:
+        assert session.client is not None
+        msgid = doc.get("msgid")
+        if not isinstance(msgid, str) or not msgid:
+            raise ProtocolError(
+                F.INVALID_ACK, "msgid: must be the msgid of a received message", field="msgid"
+            )
+        recipient = self._recipients.get(session.client)
+        message = recipient.unacked.get(msgid) if recipient is not None else None
+        if recipient is None or message is None or message.sid != session.sid:
+            self._send(
+                session,
+                F.encode(
+                    {"type": "ack_received", "msgid": msgid, "status": "unknown", "timestamp": now}
+                ),
+            )
+            return
+        del recipient.unacked[msgid]
+        self._finish(message, Status.ACKNOWLEDGED, now)
+        self._send(
+            session,
+            F.encode(
+                {"type": "ack_received", "msgid": msgid, "status": "acknowledged", "timestamp": now}
+            ),
+        )
+        self._pump(recipient, now)
+
+    # --- acceptance and routing ------------------------------------------------------------
+
+    def _remember(self, message: Message, now: float) -> None:
+        """Keep the message id for deduplication, within the window and the entry bound."""
+        recent = self._recent
+        recent[message.key] = (now, message)
+        horizon = now - self.relay.dedupe_window
+        while recent and (
+            len(recent) > self.relay.dedupe_max_entries or next(iter(recent.values()))[0] < horizon
+        ):
+            recent.popitem(last=False)
+
+    def _stage(self, message: Message, *, front: bool) -> None:
+        queue = self._staging.setdefault(message.recipient, deque())
+        if front:
+            queue.appendleft(message)
+        else:
+            queue.append(message)
+        message.where = Where.STAGED
+        if message.durable and not message.committed:
+            self.pending_commit += 1
+            self._actions.append(self._insert_op(message))
+
+    def _insert_op(self, message: Message) -> Insert:
+        return Insert(
+            ref=message,
+            sender=message.sender,
+            recipient=message.recipient,
+            msgid=message.msgid,
+            high=message.high,
+            acknowledge=message.acknowledge,
+            fields=message.fields_json(),
+            accepted_at=message.accepted_at,
+            expires_at=message.expires_at,
+            attempts=message.attempts,
+        )
+
+    def _drain_staging(self, client: str, now: float) -> None:
+        """Route staged messages for ``client`` in order, up to the first not yet ready."""
+        queue = self._staging.get(client)
+        while queue:
+            head = queue[0]
+            if head.durable and not head.committed:
+                return
+            queue.popleft()
+            if not self._route(head, now):
+                return
+        self._staging.pop(client, None)
+
+    def _route(self, message: Message, now: float) -> bool:
+        """Send a ready message on its way. False if it had to go back to staging."""
+        recipient = self._recipients.get(message.recipient)
+        if now >= message.expires_at:
+            self._finish(message, Status.EXPIRED, now)
+            return True
+        online = recipient is not None and recipient.session.phase is Phase.ACTIVE
+        # Cursor rule: a queued message at or below the cursor is never left in the store
+        # alone, since loading only looks above the cursor.
+        below_cursor = (
+            recipient is not None and message.seq is not None and message.seq <= recipient.cursor
+        )
+        has_room = (
+            recipient is not None
+            and not recipient.backlog
+            and recipient.mailbox_len() < self.relay.mailbox_size
+        )
+        if online and recipient is not None and (has_room or below_cursor):
+            if message.seq is not None:
+                self._by_seq[message.seq] = message
+                recipient.cursor = max(recipient.cursor, message.seq)
+            message.where = Where.MAILBOX
+            (recipient.high if message.high else recipient.normal).append(message)
+            if message.acknowledge:
+                self._tell(message, Status.PENDING_ACK, now)
+            self._pump(recipient, now)
+            return True
+        if not message.durable:
+            # Conditions changed while it waited: it must be stored after all.
+            message.durable = True
+            self._stage(message, front=True)
+            return False
+        self._forget(message)
+        if recipient is not None:
+            recipient.backlog = True
+            recipient.stored_since += 1
+        self._tell(message, Status.QUEUED if online else Status.QUEUED_OFFLINE, now)
+        return True
+
+    # --- delivery --------------------------------------------------------------------------
+
+    def _pump(self, recipient: Recipient, now: float) -> None:
+        """Move messages from the mailbox to the socket while the window and buffer allow."""
+        session = recipient.session
+        if recipient.paused or session.phase is not Phase.ACTIVE:
+            return
+        window = self.relay.inflight_window
+        # Deliveries leave a quarter of the socket's buffer to receipts and control frames.
+        room = max(1, self.ws.outbound_buffer - max(1, self.ws.outbound_buffer // 4))
+        while recipient.high or recipient.normal:
+            if session.queued >= room or len(recipient.unacked) >= window:
+                break
+            queue = recipient.high or recipient.normal
+            message = queue[0]
+            if message.acknowledge and message.msgid in recipient.unacked:
+                break  # same msgid still unacked: wait, so acks stay unambiguous
+            queue.popleft()
+            if now >= message.expires_at:
+                self._finish(message, Status.EXPIRED, now)
+                continue
+            message.attempts += 1
+            message.gen += 1
+            message.where = Where.SENT
+            message.sid = session.sid
+            if message.acknowledge:
+                recipient.unacked[message.msgid] = message
+            redelivered = message.attempts > 1 or message.resumed
+            text = F.delivery_frame(
+                message.fields, attempt=message.attempts, redelivered=redelivered
+            )
+            self._send(session, text, message)
+        if (
+            recipient.backlog
+            and recipient.loading is None
+            and recipient.mailbox_len() <= self.relay.mailbox_size // 2
+        ):
+            self._load(recipient)
+
+    def _load(self, recipient: Recipient) -> None:
+        op = LoadQueue(
+            recipient.client, recipient.cursor, self.relay.mailbox_size - recipient.mailbox_len()
+        )
+        recipient.loading = op
+        recipient.load_mark = recipient.stored_since
+        self._actions.append(op)
+
+    def written(self, sid: int, count: int, refs: Iterable[Ref], now: float) -> None:
+        """``count`` frames queued on ``sid`` were written; ``refs`` are theirs that had one."""
+        session = self._sessions.get(sid)
+        if session is None:
+            return
+        session.queued -= count
+        recipient = self._recipients.get(session.client) if session.client else None
+        for ref in refs:
+            if not isinstance(ref, Message) or ref.where is not Where.SENT or ref.sid != sid:
+                continue
+            if ref.acknowledge:
+                ref.where = Where.UNACKED
+                self._at(now + self.relay.ack_timeout, TimerKind.ACK, ref, ref.gen)
+            else:
+                self._finish(ref, Status.DELIVERED, now)
+        if recipient is not None and recipient.session is session:
+            self._pump(recipient, now)
+
+    def _ack_timeout(self, message: Message, gen: int, now: float) -> None:
+        if message.gen != gen or message.where is not Where.UNACKED:
+            return
+        recipient = self._recipients.get(message.recipient)
+        if message.attempts >= self.relay.max_attempts or now >= message.expires_at:
+            if recipient is not None:
+                recipient.unacked.pop(message.msgid, None)
+            expired = now >= message.expires_at
+            self._finish(
+                message,
+                Status.EXPIRED if expired else Status.FAILED,
+                now,
+                reason="" if expired else "not_acknowledged",
+            )
+            if recipient is not None:
+                self._pump(recipient, now)
+            return
+        message.where = Where.BACKOFF
+        delay = min(
+            self.relay.backoff_initial * 2 ** (message.attempts - 1), self.relay.backoff_max
+        )
+        self._at(now + delay, TimerKind.BACKOFF, message, message.gen)
+
+    def _backoff_done(self, message: Message, gen: int, now: float) -> None:
+        if message.gen != gen or message.where is not Where.BACKOFF:
+            return
+        recipient = self._recipients.get(message.recipient)
+        if recipient is None:
+            return
+        del recipient.unacked[message.msgid]
+        message.where = Where.MAILBOX
+        (recipient.high if message.high else recipient.normal).appendleft(message)
+        self._pump(recipient, now)
+
+    # --- outcomes and receipts -------------------------------------------------------------
+
+    def _finish(self, message: Message, status: Status, now: float, *, reason: str = "") -> None:
+        """The message reached its final ``status``: record it and tell its sender."""
+        message.where = Where.DONE
+        message.gen += 1
+        if message.seq is not None:
+            self._by_seq.pop(message.seq, None)
+        if message.key in self._recent:
+            self._recent[message.key] = (self._recent[message.key][0], status)
+        self._tell(message, status, now, reason=reason)
+
+    def _tell(self, message: Message, status: Status, now: float, *, reason: str = "") -> None:
+        """Tell the sender ``status``. A final status is stored if the sender is offline."""
+        first = message.status is None
+        message.status = status
+        sender = self._active.get(message.sender)
+        online = sender is not None and sender.phase is Phase.ACTIVE
+        if status in FINAL:
+            if message.seq is not None:
+                self._actions.append(Finish(message.seq, status, now, not online, reason))
+            elif not online:
+                # Delivered before being stored, to a sender that has left: keep its receipt.
+                self._actions.append(
+                    Insert(
+                        ref=None,
+                        sender=message.sender,
+                        recipient=message.recipient,
+                        msgid=message.msgid,
+                        high=message.high,
+                        acknowledge=message.acknowledge,
+                        fields="",
+                        accepted_at=now,
+                        expires_at=message.expires_at,
+                        status=status,
+                        receipt_pending=True,
+                        reason=reason,
+                    )
+                )
+        if online and sender is not None:
+            kind = "delivery_status" if first else "delivery_update"
+            ref = ReceiptRef(message.seq) if status in FINAL and message.seq is not None else None
+            self._send_receipt_frame(
+                sender, kind, message.msgid, message.recipient, status, now, reason=reason, ref=ref
+            )
+
+    def _send_receipt_frame(
+        self,
+        session: Session,
+        kind: str,
+        msgid: str,
+        recipient: str,
+        status: Status | None,
+        now: float,
+        *,
+        reason: str = "",
+        duplicate: bool = False,
+        ref: Ref | None = None,
+    ) -> None:
+        value = status.value if status is not None else "accepted"
+        frame: dict[str, Any] = {
+            "type": kind,
+            "msgid": msgid,
+            "to": recipient,
+            "status": value,
+            "timestamp": now,
+            "message": _STATUS_TEXT.get(value, value),
+        }
+        if reason:
+            frame["reason"] = reason
+        if duplicate:
+            frame["duplicate"] = True
+        self._send(session, F.encode(frame), ref)
+
+    # --- store results ---------------------------------------------------------------------
+
+    def store_done(self, ops: list[StoreOp], results: list[Any], now: float) -> None:
+        """The store ran ``ops`` (in order); ``results`` are theirs."""
+        touched: set[str] = set()
+        for op, result in zip(ops, results, strict=True):
+            if isinstance(op, Insert) and isinstance(op.ref, Message):
+                self._inserted(op.ref, result, now)
+                touched.add(op.recipient)
+            elif isinstance(op, LoadQueue):
+                self._loaded(op, result, now)
+            elif isinstance(op, LoadReceipts):
+                self._receipts_loaded(op, result, now)
+            elif isinstance(op, FindExpired):
+                self._expired_found(result, now)
+        for client in touched:
+            self._drain_staging(client, now)
+
+    def _inserted(self, message: Message, outcome: Any, now: float) -> None:
+        self.pending_commit -= 1
+        if isinstance(outcome, Inserted):
+            message.seq = outcome.seq
+            message.committed = True
+            if message.where is Where.STAGED:
+                self._by_seq[outcome.seq] = message
+            return
+        # Refused: it is not accepted after all; take it out of staging and say why.
+        queue = self._staging.get(message.recipient)
+        if queue is not None and message in queue:
+            queue.remove(message)
+        message.where = Where.DONE
+        sender = self._active.get(message.sender)
+        if isinstance(outcome, Duplicate):
+            self._recent[message.key] = (now, outcome.status or Status.QUEUED)
+            if sender is not None:
+                self._send_receipt_frame(
+                    sender,
+                    "delivery_status",
+                    message.msgid,
+                    message.recipient,
+                    outcome.status or Status.QUEUED,
+                    now,
+                    duplicate=True,
+                )
+            return
+        self._recent.pop(message.key, None)
+        if sender is not None and isinstance(outcome, Refused):
+            text = (
+                "no such recipient"
+                if outcome.code == F.UNKNOWN_RECIPIENT
+                else "the recipient's queue is full"
+            )
+            self._error(
+                sender, outcome.code, text, now, {"msgid": message.msgid, "to": message.recipient}
+            )
+
+    def _message_from_row(self, row: StoredMessage) -> Message:
+        known = self._recent.get((row.sender, row.msgid))
+        fields = json.loads(row.fields)
+        message = Message(
+            sender=row.sender,
+            recipient=row.recipient,
+            msgid=row.msgid,
+            high=row.high,
+            acknowledge=row.acknowledge,
+            fields=fields,
+            accepted_at=row.accepted_at,
+            expires_at=row.expires_at,
+            durable=True,
+            seq=row.seq,
+            attempts=row.attempts,
+            committed=True,
+            resumed=row.accepted_at < self.boot_time,
+        )
+        # Its sender was told something when it was stored; later receipts are updates.
+        message.status = Status.QUEUED
+        if known is not None and isinstance(known[1], Message):
+            message.status = known[1].status or Status.QUEUED
+            self._recent[message.key] = (known[0], message)
+        return message
+
+    def _loaded(self, op: LoadQueue, rows: list[StoredMessage], now: float) -> None:
+        recipient = self._recipients.get(op.recipient)
+        if recipient is None or recipient.loading is not op:
+            return  # the client left, or came back, since
+        recipient.loading = None
+        for row in rows:
+            recipient.cursor = max(recipient.cursor, row.seq)
+            if row.seq in self._by_seq:
+                continue
+            message = self._message_from_row(row)
+            self._by_seq[row.seq] = message
+            message.where = Where.MAILBOX
+            (recipient.high if message.high else recipient.normal).append(message)
+        if len(rows) < op.limit and recipient.stored_since == recipient.load_mark:
+            recipient.backlog = False
+        self._pump(recipient, now)
+        self._drain_staging(op.recipient, now)
+
+    def _receipts_loaded(self, op: LoadReceipts, rows: list[StoredReceipt], now: float) -> None:
+        session = self._active.get(op.sender)
+        if session is None or session.phase is not Phase.ACTIVE or not rows:
+            return
+        for row in rows:
+            self._send_receipt_frame(
+                session,
+                "delivery_update",
+                row.msgid,
+                row.recipient,
+                row.status,
+                now,
+                reason=row.reason,
+                ref=ReceiptRef(row.seq),
+            )
+        self._actions.append(SetReceiptPending(tuple(r.seq for r in rows), pending=False))
+        if len(rows) == op.limit:
+            self._actions.append(LoadReceipts(op.sender, self.RECEIPT_PAGE))
+
+    def _sweep(self, now: float) -> None:
+        self._actions.append(FindExpired(now, self.SWEEP_PAGE))
+        self._actions.append(
+            Purge(
+                finished_before=now - self.relay.dedupe_window,
+                receipts_before=now - self.relay.max_ttl,
+            )
+        )
+        self._at(now + self.relay.sweep_interval, TimerKind.SWEEP, None, 0)
+
+    def _expired_found(self, rows: list[StoredMessage], now: float) -> None:
+        for row in rows:
+            message = self._by_seq.get(row.seq)
+            if message is None:
+                message = self._message_from_row(row)
+            else:
+                recipient = self._recipients.get(message.recipient)
+                queues = [self._staging.get(message.recipient, deque())]
+                if recipient is not None:
+                    if recipient.unacked.get(message.msgid) is message:
+                        del recipient.unacked[message.msgid]
+                    queues += [recipient.high, recipient.normal]
+                for queue in queues:
+                    if message in queue:
+                        queue.remove(message)
+            self._finish(message, Status.EXPIRED, now)
+        if len(rows) == self.SWEEP_PAGE:
+            self._actions.append(FindExpired(now, self.SWEEP_PAGE))
+
+
+class _RateLimited(ProtocolError):
+    def __init__(self, wait: float) -> None:
+        super().__init__(
+            F.RATE_LIMITED,
+            f"too many messages; retry in {wait:.3f} s",
+            details={"retry_after": round(wait, 3)},
+        )
+
+
+_STATUS_TEXT = {
+    "queued_offline": "recipient offline; stored for delivery",
+    "queued": "stored; the recipient has a backlog",
+    "pending_ack": "accepted; awaiting the recipient's acknowledgement",
+    "delivered": "delivered to the recipient",
+    "acknowledged": "acknowledged by the recipient",
+    "failed": "not delivered",
+    "expired": "expired before delivery",
+    "accepted": "accepted",
+}

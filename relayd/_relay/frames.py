@@ -1,0 +1,229 @@
+"""The WebSocket wire protocol: inbound frames parsed and checked, outbound frames encoded.
+
+Every frame is one JSON object in a text frame. Inbound, a frame without ``type`` (or with
+``"type": "message"``) is a direct message: the seed system's 13-field envelope, read leniently
+(only ``to`` is required; the rest default) but type-checked strictly, each problem naming its
+field. Outbound, a delivered message always carries all 13 fields. ``docs/protocol.md`` is the
+reference for every frame here; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid
+from typing import Any
+
+import cattrs
+from attrs import field, frozen
+
+from relayd._api import ClientUuid, canonical_uuid
+from relayd._structure import field_error, iter_errors, strict_converter, strict_scalar
+
+MAX_MSGID_CHARS = 128
+MAX_SHORT_FIELD_CHARS = 256
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes relayd uses; docs/protocol.md says what a client should do."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # relayd is shutting down
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    AUTH_FAILED = 4001  # missing, bad, expired or revoked token; or not authenticated in time
+    HEARTBEAT_TIMEOUT = 4002
+    REVOKED = 4003  # the client was revoked or deleted
+    SLOW_CONSUMER = 4008  # the socket did not drain within write_timeout
+    REPLACED = 4009  # a newer connection for the same client took over
+    TRY_LATER = 4029  # connection limits, or persistent abuse
+
+
+class ProtocolError(Exception):
+    """An inbound frame relayd cannot act on: answered with an error frame, socket kept open.
+
+    ``code`` is the error frame's ``error.code``; ``field`` names the offending field, if any.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details: dict[str, Any] = dict(details or {})
+        if field is not None:
+            self.details["field"] = field
+
+
+# Error codes. The capitalised ones are the seed system's, kept for its clients; the others
+# are relayd's and shared with the REST API's vocabulary.
+INVALID_MESSAGE_FORMAT = "INVALID_MESSAGE_FORMAT"
+MESSAGE_SENDER_MISMATCH = "MESSAGE_SENDER_MISMATCH"
+INVALID_ACK = "INVALID_ACK"
+UNKNOWN_RECIPIENT = "unknown_recipient"
+UNKNOWN_TYPE = "unknown_type"
+BINARY_UNSUPPORTED = "binary_unsupported"
+RATE_LIMITED = "rate_limited"
+QUEUE_FULL = "queue_full"
+NOT_AUTHENTICATED = "not_authenticated"
+ALREADY_AUTHENTICATED = "already_authenticated"
+TOO_MANY_CONNECTIONS = "too_many_connections"
+SHUTTING_DOWN = "shutting_down"
+
+_RECOVERY = {
+    INVALID_MESSAGE_FORMAT: "fix the named field and send the message again",
+    MESSAGE_SENDER_MISMATCH: "omit 'from' or set it to your own client uuid",
+    INVALID_ACK: "send {'type': 'ack', 'msgid': <the msgid you received>}",
+    UNKNOWN_RECIPIENT: "check the recipient's uuid in GET /clients",
+    UNKNOWN_TYPE: "see docs/protocol.md for the frame types",
+    BINARY_UNSUPPORTED: "send JSON in text frames",
+    RATE_LIMITED: "wait details.retry_after seconds, then send the message again",
+    QUEUE_FULL: "the recipient has too many undelivered messages; retry later",
+    NOT_AUTHENTICATED: "authenticate first",
+    ALREADY_AUTHENTICATED: "to change tokens, send {'type': 'refresh', 'token': ...}",
+    TOO_MANY_CONNECTIONS: "reconnect later, with backoff",
+    SHUTTING_DOWN: "reconnect later, with backoff",
+}
+
+
+def _short(limit: int) -> Any:
+    def check(_: object, attribute: Any, value: str) -> None:
+        if len(value) > limit:
+            raise field_error(attribute, f"must be at most {limit} characters")
+
+    return check
+
+
+def new_msgid() -> str:
+    return str(uuid.uuid4())
+
+
+def _check_msgid(_: object, attribute: Any, value: str | None) -> None:
+    if value is not None and (not value or len(value) > MAX_MSGID_CHARS):
+        raise field_error(attribute, f"must be 1 to {MAX_MSGID_CHARS} characters")
+
+
+def _check_ttl(_: object, attribute: Any, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise field_error(attribute, "must be a positive number of seconds")
+
+
+@frozen(kw_only=True)
+class Envelope:
+    """A direct message as a client sends it. Field names follow the seed system."""
+
+    to: ClientUuid
+    sender: ClientUuid | None = None  # "from" on the wire
+    timestamp: float | None = None
+    priority: str = field(default="normal", validator=_short(32))
+    subject: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    msgid: str | None = field(default=None, validator=_check_msgid)  # None: relayd makes one
+    acknowledge: bool = False
+    content: str = ""
+    action: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    event: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    status: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    conversation_id: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    msgno: int = 0
+    ttl: float | None = field(default=None, validator=_check_ttl)
+
+    def fields(self, sender: str, msgid: str, now: float) -> dict[str, Any]:
+        """The 13 fields as delivered: ``from`` is the authenticated sender."""
+        return {
+            "to": self.to,
+            "from": sender,
+            "timestamp": now if self.timestamp is None else self.timestamp,
+            "priority": self.priority,
+            "subject": self.subject,
+            "msgid": msgid,
+            "acknowledge": self.acknowledge,
+            "content": self.content,
+            "action": self.action,
+            "event": self.event,
+            "status": self.status,
+            "conversation_id": self.conversation_id,
+            "msgno": self.msgno,
+        }
+
+
+_converter = strict_converter(forbid_extra_keys=False)
+_converter.register_structure_hook(
+    ClientUuid, lambda value, _: canonical_uuid(strict_scalar(value, str))
+)
+
+
+def _reject_huge_int(value: Any, _: type[Any]) -> int:
+    number: int = strict_scalar(value, int)
+    if not -(2**63) <= number < 2**63:
+        raise ValueError("must fit in 64 bits")
+    return number
+
+
+_converter.register_structure_hook(int, _reject_huge_int)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode(data: str) -> dict[str, Any]:
+    """Parse one inbound text frame into a JSON object (``NaN`` and ``Infinity`` refused).
+
+    Raises:
+        ProtocolError: ``INVALID_MESSAGE_FORMAT`` if it is not a JSON object.
+    """
+    try:
+        doc = json.loads(data, parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        raise ProtocolError(INVALID_MESSAGE_FORMAT, "the frame is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError(INVALID_MESSAGE_FORMAT, "the frame must be a JSON object")
+    return doc
+
+
+def parse_envelope(doc: dict[str, Any]) -> Envelope:
+    """Read a direct message leniently: only ``to`` is required.
+
+    Raises:
+        ProtocolError: ``INVALID_MESSAGE_FORMAT`` naming the first bad field.
+    """
+    data = dict(doc)
+    if "from" in data:
+        data["sender"] = data.pop("from")
+    for optional in ("timestamp", "ttl", "msgid"):
+        if data.get(optional) is None:
+            data.pop(optional, None)
+    try:
+        return _converter.structure(data, Envelope)
+    except cattrs.BaseValidationError as exc:
+        path, leaf = next(iter_errors(exc))
+        name = {"sender": "from"}.get(path, path) or "message"
+        reason = "is required" if isinstance(leaf, KeyError) else str(leaf)
+        raise ProtocolError(INVALID_MESSAGE_FORMAT, f"{name}: {reason}", field=name) from None
+
+
+def encode(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def error_frame(
+    code: str, message: str, now: float, *, details: dict[str, Any] | None = None
+) -> str:
+    return encode(
+        {
+            "type": "error",
+            "error": {"code": code, "message": message, "details": details or {}},
+            "recovery": _RECOVERY.get(code, ""),
+            "timestamp": now,
+        }
+    )
+
+
+def delivery_frame(fields: dict[str, Any], *, attempt: int, redelivered: bool) -> str:
+    return encode({"type": "message", **fields, "attempt": attempt, "redelivered": redelivered})

@@ -1,0 +1,390 @@
+"""The hub: the Trio driver of the relay core.
+
+The core (``core.py``) decides; the hub does the I/O it asks for. The hub owns:
+
+* one **timer task** that sleeps until the core's next deadline and calls ``tick``;
+* one **store task** that runs the core's store operations in order, as many as are waiting
+  (up to ``commit_max_batch``) in each transaction — a group commit — and hands the results
+  back;
+* per socket (:meth:`Hub.serve`, run in the task of whichever listener accepted it), a nursery
+  with a **reader** (frames → core) and a **writer** that drains the socket's bounded
+  **outbound memory channel** (core → frames). The core never puts more frames in that channel
+  than it holds (it counts them), so a full channel is a bug, not a policy.
+
+Backpressure: a recipient's deliveries stop at its in-flight window and its outbound buffer
+(the rest waits in its mailbox, then in the store); a writer stuck longer than
+``write_timeout`` gets its socket closed with 4008; while too many messages await a commit,
+readers stop reading, so senders feel the store's pace through TCP.
+
+Shutdown (:meth:`Hub.shutdown`) is layered, with deadlines: every session is told and closed
+with 1001 after its queued frames; sessions still open at the grace deadline are cut; what
+they leave behind is flushed to the store; then the hub's tasks stop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from attrs import define, field, frozen
+
+from relayd._auth import AuthService
+from relayd._config import Config
+from relayd._errors import ApiError, TokenError
+from relayd._log import audit, conn_id
+from relayd._store import Store
+
+from .core import Authenticate, Close, Identity, Ping, Ref, RelayCore, Send
+from .frames import CloseCode
+from .records import StoreOp
+from .transport import Transport, TransportClosed, abort_after
+
+log = logging.getLogger("relayd.relay")
+
+# Seconds a close frame may take to go out before the socket is just dropped.
+CLOSE_TIMEOUT = 2.0
+# Frames a writer takes from its channel per round (one core call per round).
+WRITE_BATCH = 64
+
+
+@frozen
+class _Outgoing:
+    text: str
+    ref: Ref | None
+
+
+@frozen
+class _CloseItem:
+    code: int
+    reason: str
+
+
+@define(eq=False)
+class _Handle:
+    """A socket being served: what the hub needs to reach it."""
+
+    sid: int
+    transport: Transport
+    outbound: trio.MemorySendChannel[_Outgoing | _CloseItem]
+    scope: trio.CancelScope = field(factory=trio.CancelScope)
+    nursery: trio.Nursery | None = None
+    close_request: tuple[int, str] | None = None
+    batch: list[_Outgoing] = field(factory=list)  # being written
+    sent: int = 0  # of `batch`, written so far
+    pinging: bool = False
+
+
+class Hub:
+    """Runs a :class:`RelayCore` for the daemon. Start :meth:`run` in a nursery first."""
+
+    def __init__(
+        self, config: Config, store: Store, auth: AuthService, *, clock: Callable[[], float]
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.auth = auth
+        self.clock = clock
+        now = clock()
+        self.core = RelayCore(config.relay, config.websocket, now=now, boot_time=now)
+        self._sids = itertools.count(1)
+        self._handles: dict[int, _Handle] = {}
+        self._store_queue: deque[StoreOp] = deque()
+        self._store_busy = False
+        self._store_wakeup = trio.Event()
+        self._timer_wakeup = trio.Event()
+        self._sleeping_until = math.inf
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.closing = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the timer and store tasks until :meth:`shutdown` completes (or cancellation)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self._store_loop)
+            task_status.started()
+        self._nursery = None
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """Where the dedicated listener spawns its connection handlers."""
+        assert self._nursery is not None, "the hub is not running"
+        return self._nursery
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            await self._changed.wait()
+
+    async def shutdown(self, deadline: float) -> None:
+        """Drain by ``deadline`` (Trio time): notice and 1001 to every session, cut the
+        stragglers, flush the store, stop. The last quarter (at most 2 s) of the time left is
+        kept for cutting and flushing."""
+        self.closing = True
+        reserve = min(2.0, max(0.0, deadline - trio.current_time()) / 4)
+        self.core.drain(self.clock())
+        self._apply()
+        log.info("draining sessions", extra={"fields": {"sessions": len(self._handles)}})
+        with trio.move_on_at(deadline - reserve):
+            await self._until(lambda: not self._handles)
+        if self._handles:
+            log.warning("cutting sessions", extra={"fields": {"sessions": len(self._handles)}})
+            for handle in list(self._handles.values()):
+                self._cut(handle, CloseCode.GOING_AWAY, "server shutting down")
+        with trio.move_on_at(deadline):
+            await self._until(lambda: not self._handles)
+            await self._until(lambda: not self._store_queue and not self._store_busy)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # --- dispatching the core's actions ----------------------------------------------------
+
+    def _apply(self) -> None:
+        """Carry out what the core decided. Call after every call into the core."""
+        core = self.core
+        for action in core.take_actions():
+            if isinstance(action, Send):
+                handle = self._handles.get(action.sid)
+                if handle is not None:
+                    try:
+                        handle.outbound.send_nowait(_Outgoing(action.text, action.ref))
+                    except (trio.WouldBlock, trio.ClosedResourceError):
+                        log.error(
+                            "outbound channel full: closing", extra={"fields": {"sid": action.sid}}
+                        )
+                        self._cut(handle, CloseCode.INTERNAL_ERROR, "internal error")
+            elif isinstance(action, Close):
+                handle = self._handles.get(action.sid)
+                if handle is None:
+                    continue
+                if action.abort:
+                    self._cut(handle, action.code, action.reason)
+                else:
+                    try:
+                        handle.outbound.send_nowait(_CloseItem(action.code, action.reason))
+                    except (trio.WouldBlock, trio.ClosedResourceError):
+                        self._cut(handle, action.code, action.reason)
+            elif isinstance(action, Authenticate):
+                if self._nursery is not None:
+                    self._nursery.start_soon(
+                        self._authenticate, action.sid, action.token, action.refresh
+                    )
+            elif isinstance(action, Ping):
+                handle = self._handles.get(action.sid)
+                if handle is not None and handle.nursery is not None and not handle.pinging:
+                    handle.pinging = True
+                    handle.nursery.start_soon(self._ping, handle)
+            else:
+                self._store_queue.append(action)
+                self._store_wakeup.set()
+        deadline = core.next_deadline()
+        if deadline is not None and deadline < self._sleeping_until:
+            self._timer_wakeup.set()
+
+    def _cut(self, handle: _Handle, code: int, reason: str) -> None:
+        """End a session now; its close frame is attempted on the way out."""
+        if handle.close_request is None:
+            handle.close_request = (code, reason)
+        handle.scope.cancel()
+
+    # --- timers and the store ---------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        core = self.core
+        while True:
+            deadline = core.next_deadline()
+            self._timer_wakeup = trio.Event()
+            if deadline is None:
+                self._sleeping_until = math.inf
+                await self._timer_wakeup.wait()
+            else:
+                self._sleeping_until = deadline
+                with trio.move_on_at(trio.current_time() + (deadline - self.clock())):
+                    await self._timer_wakeup.wait()
+            self._sleeping_until = -math.inf  # awake: no wakeups needed
+            core.tick(self.clock())
+            self._apply()
+
+    async def _store_loop(self) -> None:
+        max_batch = self.config.relay.commit_max_batch
+        max_queued = self.config.relay.max_queued_per_recipient
+        while True:
+            while not self._store_queue:
+                self._store_wakeup = trio.Event()
+                await self._store_wakeup.wait()
+            ops: list[StoreOp] = []
+            while self._store_queue and len(ops) < max_batch:
+                ops.append(self._store_queue.popleft())
+            self._store_busy = True
+            results = await self.store.execute(ops, max_queued=max_queued)
+            self._store_busy = False
+            self.core.store_done(ops, results, self.clock())
+            self._apply()
+            self._signal()
+
+    # --- authentication ----------------------------------------------------------------------
+
+    async def _authenticate(self, sid: int, token: str, refresh: bool) -> None:
+        handle = self._handles.get(sid)
+        remote = handle.transport.remote if handle is not None else None
+        try:
+            claims = await self.auth.authenticate(token)
+            if claims.is_operator:
+                raise TokenError("token_invalid", "operator tokens cannot open relay sessions")
+            client = await self.auth.get_client(claims.sub)
+        except ApiError as exc:
+            audit("ws_auth_failed", source=remote, reason=exc.code, refresh=refresh or None)
+            self.core.auth_failed(sid, exc.code, exc.message, self.clock(), refresh=refresh)
+        else:
+            who = Identity(client.uuid, client.name, claims.iat, claims.exp)
+            self.core.authenticated(sid, who, self.clock(), refresh=refresh)
+        self._apply()
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def revoke(self, client: str, *, reason: str = "revoked") -> None:
+        """Close the client's live session with 4003: its tokens were revoked, or it was deleted."""
+        self.core.revoke(client, self.clock(), reason=reason)
+        self._apply()
+
+    def online(self, client: str) -> bool:
+        return self.core.online(client)
+
+    async def serve(self, transport: Transport) -> None:
+        """Serve one accepted socket until it closes. Runs in the listener's task for it."""
+        sid = next(self._sids)
+        token = conn_id.set(f"ws{sid}")
+        capacity = self.config.websocket.outbound_buffer + 1  # + the close
+        outbound, queued = trio.open_memory_channel[_Outgoing | _CloseItem](capacity)
+        handle = _Handle(sid, transport, outbound)
+        self._handles[sid] = handle
+        try:
+            with handle.scope:
+                async with trio.open_nursery() as nursery:
+                    handle.nursery = nursery
+                    self.core.open(
+                        sid,
+                        transport.remote,
+                        self.clock(),
+                        token=transport.token,
+                        pong_observable=transport.pong_observable,
+                    )
+                    self._apply()
+                    nursery.start_soon(self._writer, handle, queued)
+                    await self._reader(handle)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._finish(handle, queued)
+            if handle.close_request is not None:
+                code, reason = handle.close_request
+                with trio.CancelScope(shield=True):
+                    await abort_after(CLOSE_TIMEOUT, transport, code, reason)
+            conn_id.reset(token)
+
+    def _finish(
+        self, handle: _Handle, queued: trio.MemoryReceiveChannel[_Outgoing | _CloseItem]
+    ) -> None:
+        """Tell the core what became of the frames the session had been given."""
+        now = self.clock()
+        done = handle.batch[: handle.sent]
+        if done:
+            self.core.written(
+                handle.sid, len(done), [o.ref for o in done if o.ref is not None], now
+            )
+        interrupted = [
+            o.ref for o in handle.batch[handle.sent : handle.sent + 1] if o.ref is not None
+        ]
+        unsent = [o.ref for o in handle.batch[handle.sent + 1 :] if o.ref is not None]
+        while True:
+            try:
+                item = queued.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if isinstance(item, _Outgoing) and item.ref is not None:
+                unsent.append(item.ref)
+        handle.outbound.close()
+        queued.close()
+        del self._handles[handle.sid]
+        self.core.closed(handle.sid, now, unsent=unsent, interrupted=interrupted)
+        self._apply()
+        self._signal()
+
+    async def _reader(self, handle: _Handle) -> None:
+        core = self.core
+        transport = handle.transport
+        while True:
+            while not core.accepting:
+                await self._changed.wait()  # the store task signals each commit
+            try:
+                data = await transport.receive()
+            except TransportClosed:
+                return
+            core.receive(handle.sid, data, self.clock())
+            self._apply()
+
+    async def _writer(
+        self, handle: _Handle, queued: trio.MemoryReceiveChannel[_Outgoing | _CloseItem]
+    ) -> None:
+        transport = handle.transport
+        write_timeout = self.config.websocket.write_timeout
+        while True:
+            item = await queued.receive()
+            items: list[_Outgoing | _CloseItem] = [item]
+            while len(items) < WRITE_BATCH and not isinstance(items[-1], _CloseItem):
+                try:
+                    items.append(queued.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            close: _CloseItem | None = None
+            last = items[-1]
+            if isinstance(last, _CloseItem):
+                close = last
+                items.pop()
+            batch: list[_Outgoing] = [o for o in items if isinstance(o, _Outgoing)]
+            handle.batch = batch
+            handle.sent = 0
+            with trio.move_on_after(write_timeout) as timer:
+                try:
+                    for outgoing in batch:
+                        await transport.send_many((outgoing.text,))
+                        handle.sent += 1
+                except TransportClosed:
+                    handle.scope.cancel()
+                    return
+            if timer.cancelled_caught:
+                log.info("slow consumer: closing", extra={"fields": {"sid": handle.sid}})
+                self._cut(handle, CloseCode.SLOW_CONSUMER, "write timeout")
+                return
+            handle.batch = []
+            self.core.written(
+                handle.sid, len(batch), [o.ref for o in batch if o.ref is not None], self.clock()
+            )
+            self._apply()
+            if close is not None:
+                self._cut(handle, close.code, close.reason)
+                return
+
+    async def _ping(self, handle: _Handle) -> None:
+        try:
+            await handle.transport.ping()
+        except TransportClosed:
+            return
+        finally:
+            handle.pinging = False
+        self.core.pong(handle.sid, self.clock())
+        self._apply()
+
+
+def stats(hub: Hub) -> dict[str, Any]:
+    return {**hub.core.stats(), "store_queue": len(hub._store_queue)}

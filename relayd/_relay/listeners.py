@@ -1,0 +1,85 @@
+"""Where sockets come from: ``/ws`` on the main port (ASGI) and the dedicated listener.
+
+Each accepts the WebSocket handshake — selecting ``relayd.v1`` if offered, never the token —
+and hands the socket to :meth:`Hub.serve`, which authenticates it before reading anything.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import trio
+import trio_websocket
+
+from relayd._config import WebsocketConfig, parse_address
+
+from .hub import CLOSE_TIMEOUT, Hub
+from .transport import (
+    AsgiTransport,
+    TrioWebsocketTransport,
+    read_handshake,
+    remote_host,
+    split_target,
+)
+
+
+def asgi_websocket_app(hub: Hub) -> Any:
+    """The ASGI app for websocket scopes on the main port."""
+
+    async def websocket_app(scope: Any, receive: Any, send: Any) -> None:
+        event = await receive()
+        if event["type"] != "websocket.connect":
+            return
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        handshake = read_handshake(
+            scope["query_string"].decode("latin-1"), headers, scope.get("subprotocols") or []
+        )
+        await send({"type": "websocket.accept", "subprotocol": handshake.subprotocol})
+        remote = (scope.get("client") or ("-", 0))[0]
+        await hub.serve(AsgiTransport(receive, send, remote=remote, token=handshake.token))
+
+    return websocket_app
+
+
+async def serve_dedicated(
+    hub: Hub,
+    config: WebsocketConfig,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``config.listen`` with trio-websocket until cancelled.
+
+    Connection handlers run in the hub's nursery, so cancelling this (shutdown) only stops
+    accepting: open sessions are drained by the hub like any other.
+    """
+    host, port = parse_address(config.listen)
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        path, query = split_target(request.path)
+        if path != config.path:
+            await request.reject(404, body=b'{"error": {"code": "not_found"}}')
+            return
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
+        handshake = read_handshake(query, headers, request.proposed_subprotocols)
+        connection = await request.accept(subprotocol=handshake.subprotocol)
+        transport = TrioWebsocketTransport(
+            connection, remote=remote_host(request.remote), token=handshake.token
+        )
+        await hub.serve(transport)
+
+    async with trio.open_nursery() as nursery:
+        server: trio_websocket.WebSocketServer = await nursery.start(
+            partial(
+                trio_websocket.serve_websocket,
+                handler,
+                host,
+                port,
+                None,
+                handler_nursery=hub.nursery,
+                max_message_size=config.max_frame_bytes,
+                connect_timeout=config.auth_timeout,
+                disconnect_timeout=CLOSE_TIMEOUT,
+            )
+        )
+        task_status.started((host, server.port))

@@ -1,0 +1,177 @@
+"""Messages as the store keeps them, and the store operations the relay core asks for.
+
+The core never touches the store: it emits these operations as data, the hub runs them in
+order (consecutive ones in one transaction: a group commit), and the results come back to the
+core in the same order. An operation sees the effect of every operation before it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from attrs import frozen
+
+
+class Status(enum.StrEnum):
+    """A message's status as its sender is told it (``delivery_status`` and ``delivery_update``)."""
+
+    QUEUED_OFFLINE = "queued_offline"  # stored durably; the recipient is offline
+    QUEUED = "queued"  # stored durably; the recipient is online but has a backlog
+    PENDING_ACK = "pending_ack"  # stored durably; being delivered, awaiting the recipient's ack
+    DELIVERED = "delivered"  # written to the recipient's socket (acknowledge: false)
+    ACKNOWLEDGED = "acknowledged"  # the recipient acknowledged it
+    FAILED = "failed"  # not acknowledged after max_attempts deliveries, or lost in delivery
+    EXPIRED = "expired"  # its ttl passed before it could be delivered or acknowledged
+
+
+FINAL = frozenset({Status.DELIVERED, Status.ACKNOWLEDGED, Status.FAILED, Status.EXPIRED})
+
+
+@frozen
+class StoredMessage:
+    """A queued message as loaded from the store."""
+
+    seq: int
+    sender: str
+    recipient: str
+    msgid: str
+    high: bool
+    acknowledge: bool
+    fields: str  # the 13 fields, JSON
+    accepted_at: float
+    expires_at: float
+    attempts: int
+
+
+@frozen
+class StoredReceipt:
+    """A final status its sender has not been told yet."""
+
+    seq: int
+    msgid: str
+    recipient: str
+    status: Status
+    finished_at: float
+    reason: str
+
+
+# --- write operations ---------------------------------------------------------------------------
+
+
+@frozen
+class Insert:
+    """Store a message: queued, or (``status`` final) only its receipt for an offline sender.
+
+    Refused as a duplicate if ``(sender, msgid)`` is already stored, as ``unknown_recipient``
+    if no live client has the recipient's uuid, and as ``queue_full`` past ``max_queued``.
+    """
+
+    ref: Any  # the core's object, handed back with the outcome
+    sender: str
+    recipient: str
+    msgid: str
+    high: bool
+    acknowledge: bool
+    fields: str
+    accepted_at: float
+    expires_at: float
+    attempts: int = 0
+    status: Status | None = None  # None: queued
+    receipt_pending: bool = False
+    reason: str = ""
+
+
+@frozen
+class Finish:
+    """Give a queued message its final status; ``receipt_pending`` if the sender is offline."""
+
+    seq: int
+    status: Status
+    finished_at: float
+    receipt_pending: bool
+    reason: str = ""
+
+
+@frozen
+class SetAttempts:
+    """Record how often a queued message was delivered (kept when it leaves memory)."""
+
+    seq: int
+    attempts: int
+
+
+@frozen
+class SetReceiptPending:
+    """Mark receipts as told (``pending=False``) or as still owed (``pending=True``)."""
+
+    seqs: tuple[int, ...]
+    pending: bool
+
+
+# --- read operations ----------------------------------------------------------------------------
+
+
+@frozen
+class LoadQueue:
+    """Queued messages for ``recipient`` with ``seq > after``, oldest first, at most ``limit``."""
+
+    recipient: str
+    after: int
+    limit: int
+
+
+@frozen
+class LoadReceipts:
+    """Receipts owed to ``sender``, oldest first, at most ``limit``."""
+
+    sender: str
+    limit: int
+
+
+@frozen
+class FindExpired:
+    """Queued messages whose ``expires_at`` is at or before ``now``, at most ``limit``."""
+
+    now: float
+    limit: int
+
+
+@frozen
+class Purge:
+    """Forget finished messages older than ``finished_before`` whose receipts were told,
+    and receipts older than ``receipts_before`` that nobody came for."""
+
+    finished_before: float
+    receipts_before: float
+
+
+StoreOp = (
+    Insert
+    | Finish
+    | SetAttempts
+    | SetReceiptPending
+    | LoadQueue
+    | LoadReceipts
+    | FindExpired
+    | Purge
+)
+
+
+@frozen
+class Inserted:
+    seq: int
+
+
+@frozen
+class Duplicate:
+    seq: int
+    status: Status | None  # None: still queued
+
+
+@frozen
+class Refused:
+    code: str  # unknown_recipient or queue_full
+
+
+InsertOutcome = Inserted | Duplicate | Refused

@@ -1,0 +1,195 @@
+"""What a session needs from the socket that carries it, and the two sockets relayd offers.
+
+A session never knows which transport carried it: the hub drives any :class:`Transport`.
+Two exist:
+
+* :class:`AsgiTransport` — ``/ws`` on the main HTTP port, straight from hypercorn's ASGI
+  websocket scope (no Quart machinery in between). ASGI cannot send pings nor report pongs,
+  so heartbeats on this transport are JSON frames (``{"type": "ping"}``).
+* :class:`TrioWebsocketTransport` — the optional dedicated listener (``[websocket] listen``),
+  on trio-websocket's server. Heartbeats are WebSocket pings; their pongs count as liveness.
+
+Both authenticate *before* any frame is read: the token offered in the handshake (``?token=``,
+``Authorization: Bearer``, or a ``bearer.<token>`` entry in ``Sec-WebSocket-Protocol``) is
+extracted here; otherwise the client must send an ``auth`` frame first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+import trio
+import trio_websocket
+from attrs import frozen
+
+log = logging.getLogger("relayd.ws")
+
+SUBPROTOCOL = "relayd.v1"
+BEARER_PREFIX = "bearer."
+
+
+class TransportClosed(Exception):
+    """The peer (or the network) closed the socket."""
+
+    def __init__(self, code: int | None, reason: str | None = None) -> None:
+        super().__init__(f"closed ({code}): {reason or ''}")
+        self.code = code
+        self.reason = reason
+
+
+class Transport(Protocol):
+    remote: str
+    token: str | None
+    pong_observable: bool
+
+    async def receive(self) -> str | bytes:
+        """The next frame. Raises :class:`TransportClosed` when the socket is gone."""
+        ...
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        """Write text frames in order. Cancelling it may leave one frame half-written."""
+        ...
+
+    async def ping(self) -> None:
+        """Send a protocol ping and return when its pong arrives (``pong_observable`` only)."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send a close frame (best effort: the peer may be gone)."""
+        ...
+
+
+@frozen
+class Handshake:
+    """What the client offered: a token (if any) and the subprotocol relayd selects."""
+
+    token: str | None
+    subprotocol: str | None
+
+
+def read_handshake(
+    query: str, headers: Iterable[tuple[str, str]], subprotocols: Sequence[str]
+) -> Handshake:
+    """Find the client's token: ``?token=``, ``Authorization: Bearer``, a ``bearer.`` subprotocol.
+
+    The token itself is never selected as the subprotocol (it would be echoed in the
+    response): relayd selects ``relayd.v1`` when offered, and browsers must offer it next to
+    the ``bearer.<token>`` entry.
+    """
+    token: str | None = None
+    values = parse_qs(query, keep_blank_values=False).get("token")
+    if values:
+        token = values[0]
+    if token is None:
+        for name, value in headers:
+            if name.lower() == "authorization":
+                scheme, _, credentials = value.partition(" ")
+                if scheme.lower() == "bearer" and credentials.strip():
+                    token = credentials.strip()
+                    break
+    if token is None:
+        for entry in subprotocols:
+            if entry.startswith(BEARER_PREFIX) and len(entry) > len(BEARER_PREFIX):
+                token = entry[len(BEARER_PREFIX) :]
+                break
+    return Handshake(token, SUBPROTOCOL if SUBPROTOCOL in subprotocols else None)
+
+
+# --- ASGI (main port) ---------------------------------------------------------------------------
+
+
+class AsgiTransport:
+    pong_observable = False
+
+    def __init__(self, receive: Any, send: Any, *, remote: str, token: str | None) -> None:
+        self._receive = receive
+        self._send = send
+        self.remote = remote
+        self.token = token
+        self._closed = False
+
+    async def receive(self) -> str | bytes:
+        event = await self._receive()
+        if event["type"] == "websocket.receive":
+            text = event.get("text")
+            if text is not None:
+                return str(text)
+            return bytes(event.get("bytes") or b"")
+        self._closed = True
+        raise TransportClosed(event.get("code"), event.get("reason"))
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            await self._send({"type": "websocket.send", "text": text})
+
+    async def ping(self) -> None:  # pragma: no cover - the core never asks this transport
+        raise NotImplementedError("ASGI cannot ping; the core sends ping frames instead")
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+# --- trio-websocket (dedicated listener) --------------------------------------------------------
+
+
+class TrioWebsocketTransport:
+    pong_observable = True
+
+    def __init__(
+        self, connection: trio_websocket.WebSocketConnection, *, remote: str, token: str | None
+    ) -> None:
+        self._ws = connection
+        self.remote = remote
+        self.token = token
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self._ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            reason = exc.reason
+            raise TransportClosed(
+                getattr(reason, "code", None), getattr(reason, "reason", None)
+            ) from None
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        try:
+            for text in texts:
+                await self._ws.send_message(text)
+        except trio_websocket.ConnectionClosed as exc:
+            raise TransportClosed(None, str(exc)) from None
+
+    async def ping(self) -> None:
+        try:
+            await self._ws.ping(os.urandom(8))
+        except trio_websocket.ConnectionClosed as exc:
+            raise TransportClosed(None, str(exc)) from None
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._ws.aclose(code, reason)
+
+
+def remote_host(remote: object) -> str:
+    """The IP address of a trio-websocket ``Endpoint`` (or whatever else it gives)."""
+    address = getattr(remote, "address", None)
+    return str(address) if address is not None else str(remote)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    parts = urlsplit(target)
+    return parts.path, parts.query
+
+
+async def abort_after(seconds: float, transport: Transport, code: int, reason: str) -> None:
+    """Close ``transport`` with ``code``, giving up after ``seconds`` (the peer may not read)."""
+    with (
+        trio.move_on_after(seconds),
+        contextlib.suppress(TransportClosed, trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await transport.close(code, reason)
