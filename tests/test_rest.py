@@ -390,7 +390,12 @@ async def test_clients_lists_every_client(relayd: RunningRelayd) -> None:
     assert doc["count"] == 2
     assert doc["clients"] == {alice["uuid"]: "alice", bob["uuid"]: "bob"}
     assert doc["items"] == [
-        {"uuid": alice["uuid"], "name": "alice", "created_at": alice["created_at"], "online": False},
+        {
+            "uuid": alice["uuid"],
+            "name": "alice",
+            "created_at": alice["created_at"],
+            "online": False,
+        },
         {"uuid": bob["uuid"], "name": "bob", "created_at": bob["created_at"], "online": False},
     ]
 
@@ -400,7 +405,12 @@ async def test_get_one_client(relayd: RunningRelayd) -> None:
     bob = await relayd.http.register("bob")
     for path_uuid in (SOME_UUID, SOME_UUID.upper()):
         doc = assert_ok(await relayd.http.get(f"/clients/{path_uuid}", token=bob["access_token"]))
-        assert doc == {"uuid": SOME_UUID, "name": "alice", "created_at": alice["created_at"], "online": False}
+        assert doc == {
+            "uuid": SOME_UUID,
+            "name": "alice",
+            "created_at": alice["created_at"],
+            "online": False,
+        }
 
 
 @pytest.mark.parametrize("missing", [str(uuid_module.UUID(int=1)), "not-a-uuid"])

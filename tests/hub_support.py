@@ -1,0 +1,207 @@
+"""The relay hub on fake sockets, for tests under Trio's fake clock.
+
+:class:`Peer` is a :class:`relayd._relay.transport.Transport` whose other end is the test: it
+sends frames in, reads frames out, can stop reading (writes block, as on a socket whose peer
+does not drain it), stop answering pings, or vanish. :func:`start_hub` runs a real
+:class:`~relayd._relay.hub.Hub` on a real in-memory store with the store calls made inline, and
+an :class:`AuthService` whose clock is ``EPOCH + trio.current_time()``: under
+``autojump_clock`` every timer fires at an exact virtual instant.
+
+Clients are inserted straight into the store and their tokens minted by the codec, so that no
+KDF runs in a worker thread (the fake clock could jump while it did).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid as uuid_module
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from relayd._auth import CLIENT_ROLES, AuthService
+from relayd._config import Config, structure
+from relayd._relay.hub import Hub
+from relayd._relay.transport import TransportClosed
+from relayd._store import ClientRecord, Store, inline_executor
+from relayd._tokens import TokenCodec
+
+from .support import TEST_SECRET, _merge
+
+EPOCH = 1_700_000_000.0
+# No wait in these tests is longer than this in virtual time.
+VIRTUAL_DEADLINE = 3600.0
+
+
+def virtual_clock() -> float:
+    return EPOCH + trio.current_time()
+
+
+class Peer:
+    """One fake socket, seen from the client's side."""
+
+    def __init__(self, *, token: str | None, remote: str, pong_observable: bool) -> None:
+        self.token = token
+        self.remote = remote
+        self.pong_observable = pong_observable
+        self._inbound_send, self._inbound = trio.open_memory_channel[str | bytes | None](64)
+        self.frames: list[dict[str, Any]] = []  # written by relayd, not read by the test yet
+        self._arrived = trio.Event()
+        self.reading = trio.Event()  # while unset, relayd's writes block
+        self.reading.set()
+        self.answer_pings = True
+        self.pings = 0
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.closed = trio.Event()
+
+    # --- the Transport side (relayd calls these) -------------------------------------------
+
+    async def receive(self) -> str | bytes:
+        if self.closed.is_set():
+            raise TransportClosed(self.close_code)
+        item = await self._inbound.receive()
+        if item is None:
+            raise TransportClosed(1006, "peer vanished")
+        return item
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            await self.reading.wait()
+            if self.closed.is_set():
+                raise TransportClosed(self.close_code)
+            self.frames.append(json.loads(text))
+            self._arrived.set()
+            self._arrived = trio.Event()
+
+    async def ping(self) -> None:
+        self.pings += 1
+        if not self.answer_pings:
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self.closed.is_set():
+            self.close_code = code
+            self.close_reason = reason
+            self.closed.set()
+            self._arrived.set()
+        await trio.lowlevel.checkpoint()
+
+    # --- the test's side --------------------------------------------------------------------
+
+    async def send(self, frame: Mapping[str, Any] | str | bytes) -> None:
+        data = json.dumps(frame) if isinstance(frame, Mapping) else frame
+        await self._inbound_send.send(data)
+
+    def vanish(self) -> None:
+        """The network drops the connection: relayd's next read fails."""
+        self._inbound_send.send_nowait(None)
+
+    async def next(self) -> dict[str, Any]:
+        """The next frame relayd wrote. Fails if relayd closes the socket first."""
+        with trio.fail_after(VIRTUAL_DEADLINE):
+            while not self.frames:
+                if self.closed.is_set():
+                    raise AssertionError(f"closed ({self.close_code}) while waiting for a frame")
+                await self._arrived.wait()
+        return self.frames.pop(0)
+
+    async def next_of(self, kind: str) -> dict[str, Any]:
+        """The next frame of type ``kind``; frames of other types before it are dropped."""
+        while True:
+            frame = await self.next()
+            if frame.get("type") == kind:
+                return frame
+
+    async def wait_closed(self) -> int | None:
+        with trio.fail_after(VIRTUAL_DEADLINE):
+            await self.closed.wait()
+        return self.close_code
+
+
+@attrs.frozen
+class TestClient:
+    uuid: str
+    name: str
+    token: str
+
+
+@attrs.define
+class HubEnv:
+    hub: Hub
+    store: Store
+    auth: AuthService
+    config: Config
+    nursery: trio.Nursery
+
+    async def client(self, name: str) -> TestClient:
+        uuid = str(uuid_module.uuid4())
+        now = self.auth.now
+        record = ClientRecord(uuid, name, "", CLIENT_ROLES, now, now)
+        assert await self.store.insert_client(record)
+        return TestClient(uuid, name, self.token(uuid))
+
+    def token(self, uuid: str, *, ttl: float | None = None) -> str:
+        issued = self.auth.codec.issue(
+            sub=uuid,
+            token_use="access",
+            roles=CLIENT_ROLES,
+            ttl=self.config.auth.access_ttl if ttl is None else ttl,
+        )
+        return issued.token
+
+    def open(
+        self, token: str | None = None, *, remote: str = "10.0.0.1", pong: bool = False
+    ) -> Peer:
+        """A socket accepted by a listener, served by the hub from now on."""
+        peer = Peer(token=token, remote=remote, pong_observable=pong)
+        self.nursery.start_soon(self.hub.serve, peer)
+        return peer
+
+    async def connect(self, client: TestClient, *, pong: bool = False) -> Peer:
+        """Open and authenticate a socket for ``client``; return once its welcome arrived."""
+        peer = self.open(client.token, pong=pong)
+        welcome = await peer.next()
+        assert welcome["type"] == "connection", welcome
+        return peer
+
+
+def hub_config(overrides: Mapping[str, Any] | None = None) -> Config:
+    base: dict[str, Any] = {"store": {"path": ":memory:"}, "auth": {"kdf_cost": 1024}}
+    return structure(_merge(base, overrides or {}), "<hub test config>")
+
+
+@asynccontextmanager
+async def running_hub(
+    overrides: Mapping[str, Any] | None = None, *, store: Store | None = None
+) -> AsyncIterator[HubEnv]:
+    """A hub (and its store) for the body of the ``async with``; shut down on exit."""
+    config = hub_config(overrides)
+    async with _store(store) as opened, trio.open_nursery() as nursery:
+        codec = TokenCodec(
+            TEST_SECRET.encode(),
+            issuer=config.auth.issuer,
+            audience=config.auth.audience,
+            leeway=config.auth.leeway,
+            clock=virtual_clock,
+        )
+        auth = AuthService(opened, codec, config.auth)
+        await auth.load()
+        hub = Hub(config, opened, auth, clock=virtual_clock)
+        await nursery.start(hub.run)
+        env = HubEnv(hub, opened, auth, config, nursery)
+        yield env
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _store(store: Store | None) -> AsyncIterator[Store]:
+    if store is not None:
+        yield store
+        return
+    async with Store.open(":memory:", executor=inline_executor) as opened:
+        yield opened

@@ -1,0 +1,298 @@
+"""A fake link for the sans-I/O relay core: the core, a real SQLite store, and sockets as lists.
+
+:class:`CoreHarness` plays the hub's part synchronously, with time as a plain number the test
+moves: it carries out the core's actions (frames land in a per-session outbox, store
+operations run against a real in-memory SQLite store in one transaction, as the hub's group
+commit does, tokens are checked against a table the test fills) and feeds the results back.
+Nothing is written to a "socket" until the test says so (:meth:`CoreHarness.flush`), so tests
+can hold writes back to model a slow consumer, or cut a session with frames still unwritten.
+
+Typical use::
+
+    h = CoreHarness()
+    alice = h.client("alice")
+    bob = h.client("bob")
+    a = h.connect(alice)          # authenticated; welcome frame read
+    b = h.connect(bob)
+    h.send(a, {"to": bob.uuid, "content": "hi", "acknowledge": True})
+    [message] = h.messages(b)     # delivered frames only
+    h.send(b, {"type": "ack", "msgid": message["msgid"]})
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid as uuid_module
+from collections import defaultdict
+from typing import Any
+
+import attrs
+
+from relayd._config import RelayConfig, WebsocketConfig
+from relayd._relay import records
+from relayd._relay.core import (
+    Authenticate,
+    Close,
+    Identity,
+    Ping,
+    Ref,
+    RelayCore,
+    Send,
+)
+from relayd._store import _apply, _connect, transaction
+
+T0 = 1_000_000.0  # the harness's epoch: `now` starts here
+
+
+@attrs.frozen
+class Client:
+    uuid: str
+    name: str
+    token: str
+
+
+@attrs.define
+class SessionLog:
+    """What one fake socket saw."""
+
+    sid: int
+    outbox: list[tuple[str, Ref | None]] = attrs.Factory(list)  # queued, not yet written
+    written: list[dict[str, Any]] = attrs.Factory(list)  # frames the peer has, unread
+    closed: tuple[int, str] | None = None  # the close the core asked for
+    aborted: bool = False
+    pings: int = 0
+    gone: bool = False  # the harness told the core it closed
+
+
+class CoreHarness:
+    """The relay core driven synchronously. See the module docstring."""
+
+    def __init__(
+        self,
+        relay: RelayConfig | None = None,
+        websocket: WebsocketConfig | None = None,
+        *,
+        db: sqlite3.Connection | None = None,
+        now: float = T0,
+        auto_store: bool = True,
+        auto_flush: bool = True,
+    ) -> None:
+        self.relay = relay or RelayConfig()
+        self.ws = websocket or WebsocketConfig()
+        self.now = now
+        self.db = db if db is not None else _connect(":memory:", "full")
+        self.core = RelayCore(self.relay, self.ws, now=now, boot_time=now)
+        self.tokens: dict[str, Identity] = {}
+        self.sessions: dict[int, SessionLog] = {}
+        self.pending_store: list[records.StoreOp] = []
+        self.pending_auth: list[Authenticate] = []
+        self.auto_store = auto_store
+        self.auto_flush = auto_flush
+        self.auto_auth = True
+        self.commits = 0
+        self._next_sid = 1
+        self.log: dict[int, list[dict[str, Any]]] = defaultdict(list)  # every frame written
+
+    # --- clients ------------------------------------------------------------------------------
+
+    def client(self, name: str, *, ttl: float = 900.0) -> Client:
+        """Register a client in the store and give it a token valid for ``ttl``."""
+        client_uuid = str(uuid_module.uuid4())
+        with transaction(self.db):
+            self.db.execute(
+                "INSERT INTO clients (uuid, name, secret_hash, roles, created_at,"
+                " tokens_valid_after) VALUES (?, ?, '', 'client', ?, ?)",
+                (client_uuid, name, self.now, self.now),
+            )
+        return Client(client_uuid, name, self.token_for(client_uuid, name, ttl=ttl))
+
+    def token_for(self, client_uuid: str, name: str, *, ttl: float = 900.0) -> str:
+        token = f"token-{len(self.tokens)}-{name}"
+        self.tokens[token] = Identity(client_uuid, name, self.now, self.now + ttl)
+        return token
+
+    # --- driving the core ---------------------------------------------------------------------
+
+    def open(
+        self, *, remote: str = "10.0.0.1", token: str | None = None, pong: bool = False
+    ) -> int:
+        sid = self._next_sid
+        self._next_sid += 1
+        self.sessions[sid] = SessionLog(sid)
+        self.core.open(sid, remote, self.now, token=token, pong_observable=pong)
+        self.run()
+        return sid
+
+    def connect(self, client: Client, **kwargs: Any) -> int:
+        """Open and authenticate a session for ``client``; check and drop its welcome frame."""
+        sid = self.open(token=client.token, **kwargs)
+        welcome = self.read(sid)
+        assert welcome[0]["type"] == "connection", welcome
+        self.sessions[sid].written[:0] = welcome[1:]
+        return sid
+
+    def send(self, sid: int, frame: dict[str, Any] | str | bytes) -> None:
+        data = json.dumps(frame) if isinstance(frame, dict) else frame
+        self.core.receive(sid, data, self.now)
+        self.run()
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward, firing every timer due on the way, in order."""
+        target = self.now + seconds
+        while True:
+            deadline = self.core.next_deadline()
+            if deadline is None or deadline > target:
+                break
+            self.now = max(self.now, deadline)
+            self.core.tick(self.now)
+            self.run()
+        self.now = target
+        self.core.tick(self.now)
+        self.run()
+
+    def disconnect(self, sid: int, *, interrupted: int = 0) -> None:
+        """The socket went away. Its outbox was never written, except that the first
+        ``interrupted`` frames were being written when it broke."""
+        log = self.sessions[sid]
+        refs = [ref for _, ref in log.outbox]
+        cut = [r for r in refs[:interrupted] if r is not None]
+        unsent = [r for r in refs[interrupted:] if r is not None]
+        log.outbox.clear()
+        log.gone = True
+        self.core.closed(sid, self.now, unsent=unsent, interrupted=cut)
+        self.run()
+
+    def flush(self, sid: int | None = None) -> None:
+        """Write every queued frame of ``sid`` (or of every session) and report it written."""
+        for log in [self.sessions[sid]] if sid is not None else list(self.sessions.values()):
+            if log.gone or not log.outbox:
+                continue
+            batch, log.outbox = log.outbox, []
+            for text, _ in batch:
+                doc = json.loads(text)
+                log.written.append(doc)
+                self.log[log.sid].append(doc)
+            self.core.written(log.sid, len(batch), [r for _, r in batch if r is not None], self.now)
+            self._carry_out()
+            self._finish_closes()
+
+    def run(self) -> None:
+        """Carry out actions until the core is quiet (store ops too, if ``auto_store``)."""
+        while True:
+            progressed = self._carry_out()
+            if self.auto_store and self.pending_store:
+                self.commit()
+                progressed = True
+            if self.auto_auth and self.pending_auth:
+                self.resolve_auth()
+                progressed = True
+            if self.auto_flush:
+                before = sum(len(s.outbox) for s in self.sessions.values())
+                if before:
+                    self.flush()
+                    progressed = True
+            self._finish_closes()
+            if not progressed and not self._has_work():
+                return
+
+    def _has_work(self) -> bool:
+        return bool(
+            (self.auto_store and self.pending_store)
+            or (self.auto_auth and self.pending_auth)
+            or (self.auto_flush and any(s.outbox for s in self.sessions.values() if not s.gone))
+        )
+
+    def _carry_out(self) -> bool:
+        actions = self.core.take_actions()
+        for action in actions:
+            if isinstance(action, Send):
+                log = self.sessions[action.sid]
+                assert not log.gone, f"frame for closed session {action.sid}: {action.text}"
+                log.outbox.append((action.text, action.ref))
+            elif isinstance(action, Close):
+                log = self.sessions[action.sid]
+                log.closed = (action.code, action.reason)
+                log.aborted = action.abort
+            elif isinstance(action, Authenticate):
+                self.pending_auth.append(action)
+            elif isinstance(action, Ping):
+                self.sessions[action.sid].pings += 1
+            else:
+                self.pending_store.append(action)
+        return bool(actions)
+
+    def _finish_closes(self) -> None:
+        """A session the core closed goes away: at once if aborted, else once its frames are
+        written (as the hub's writer does)."""
+        for log in list(self.sessions.values()):
+            if log.closed is None or log.gone:
+                continue
+            if log.aborted or (not log.outbox and self.auto_flush):
+                self.disconnect(log.sid)
+
+    def commit(self) -> list[Any]:
+        """Run the pending store operations in one transaction and report the results."""
+        ops, self.pending_store = self.pending_store, []
+        with transaction(self.db):
+            results = [_apply(self.db, op, self.relay.max_queued_per_recipient) for op in ops]
+        self.commits += 1
+        self.core.store_done(ops, results, self.now)
+        self._carry_out()
+        return results
+
+    def resolve_auth(self) -> None:
+        pending, self.pending_auth = self.pending_auth, []
+        for action in pending:
+            who = self.tokens.get(action.token)
+            if who is None:
+                self.core.auth_failed(
+                    action.sid, "token_invalid", "bad token", self.now, refresh=action.refresh
+                )
+            elif self.now > who.expires_at:
+                self.core.auth_failed(
+                    action.sid, "token_expired", "expired", self.now, refresh=action.refresh
+                )
+            else:
+                self.core.authenticated(action.sid, who, self.now, refresh=action.refresh)
+            self._carry_out()
+
+    # --- reading what the peers got ---------------------------------------------------------
+
+    def read(self, sid: int) -> list[dict[str, Any]]:
+        """Every frame written to ``sid`` since the last read."""
+        log = self.sessions[sid]
+        frames, log.written = log.written, []
+        return frames
+
+    def messages(self, sid: int) -> list[dict[str, Any]]:
+        """The delivered messages among the frames written to ``sid`` since the last read;
+        the other frames are kept for :meth:`read`."""
+        log = self.sessions[sid]
+        delivered = [f for f in log.written if f.get("type") == "message"]
+        log.written = [f for f in log.written if f.get("type") != "message"]
+        return delivered
+
+    def receipts(self, sid: int) -> list[tuple[str, str, str]]:
+        """``(type, msgid, status)`` of the receipts written to ``sid`` since the last read."""
+        log = self.sessions[sid]
+        kinds = ("delivery_status", "delivery_update")
+        found = [(f["type"], f["msgid"], f["status"]) for f in log.written if f["type"] in kinds]
+        log.written = [f for f in log.written if f["type"] not in kinds]
+        return found
+
+    def stored(self, where: str = "1", *args: Any) -> list[sqlite3.Row]:
+        return list(self.db.execute(f"SELECT * FROM messages WHERE {where} ORDER BY seq", args))
+
+    def restart(self) -> CoreHarness:
+        """A new core on the same store, as after a crash: sessions and memory are gone."""
+        other = CoreHarness(
+            self.relay,
+            self.ws,
+            db=self.db,
+            now=self.now,
+            auto_store=self.auto_store,
+            auto_flush=self.auto_flush,
+        )
+        other.tokens = dict(self.tokens)
+        return other

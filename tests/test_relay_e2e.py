@@ -1,0 +1,264 @@
+"""The relay end to end: a real daemon on a loopback port, trio-websocket clients.
+
+Every test runs on both transports: ``/ws`` on the main HTTP port (relayd's ASGI handler under
+hypercorn) and the dedicated trio-websocket listener. A session must not know which one
+carried it, so both pass the same suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+
+from relayd._relay.frames import CloseCode
+
+from .support import RunningRelayd, make_config, start_relayd
+from .ws_support import WsClient, ws_connect
+
+TRANSPORTS = ["main", "dedicated"]
+
+
+async def start(
+    nursery: trio.Nursery, tmp_path: Path, transport: str, **sections: dict[str, Any]
+) -> RunningRelayd:
+    overrides: dict[str, Any] = dict(sections)
+    if transport == "dedicated":
+        overrides.setdefault("websocket", {})["listen"] = "127.0.0.1:0"
+    relayd = await start_relayd(nursery, make_config(tmp_path, overrides))
+    assert (relayd.addresses.websocket is None) == (transport == "main")
+    return relayd
+
+
+@pytest.fixture(params=TRANSPORTS)
+async def relayd(request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path) -> Any:
+    return await start(nursery, tmp_path, request.param)
+
+
+async def welcome(client: WsClient, uuid: str) -> dict[str, Any]:
+    frame = await client.next()
+    assert frame["type"] == "connection", frame
+    assert frame["uuid"] == uuid
+    return frame
+
+
+SEED_FIELDS = {
+    "to",
+    "from",
+    "timestamp",
+    "priority",
+    "subject",
+    "msgid",
+    "acknowledge",
+    "content",
+    "action",
+    "event",
+    "status",
+    "conversation_id",
+    "msgno",
+}
+
+
+async def test_two_clients_exchange_acknowledged_messages(relayd: RunningRelayd) -> None:
+    alice = await relayd.http.register("alice")
+    bob = await relayd.http.register("bob")
+    async with (
+        ws_connect(relayd, alice["access_token"]) as a,
+        ws_connect(relayd, bob["access_token"]) as b,
+    ):
+        await welcome(a, alice["uuid"])
+        await welcome(b, bob["uuid"])
+        sent = {
+            "to": bob["uuid"],
+            "from": alice["uuid"],
+            "timestamp": 1795000000.5,
+            "priority": "normal",
+            "subject": "greeting",
+            "msgid": "c0ffee00-0000-4000-8000-000000000001",
+            "acknowledge": True,
+            "content": "hello bob",
+            "action": "say",
+            "event": "chat",
+            "status": "sent",
+            "conversation_id": "conv-1",
+            "msgno": 1,
+        }
+        await a.send(sent)
+        got = await b.next()
+        assert got["type"] == "message"
+        assert {k: got[k] for k in SEED_FIELDS} == sent
+        assert (got["attempt"], got["redelivered"]) == (1, False)
+        status = await a.next()
+        assert (status["type"], status["msgid"], status["status"]) == (
+            "delivery_status",
+            sent["msgid"],
+            "pending_ack",
+        )
+        await b.send({"type": "ack", "msgid": sent["msgid"], "from": bob["uuid"]})
+        assert (await b.next())["type"] == "ack_received"
+        update = await a.next()
+        assert (update["type"], update["status"]) == ("delivery_update", "acknowledged")
+
+        # And the other way, fire-and-forget, msgid chosen by relayd.
+        await b.send({"to": alice["uuid"], "content": "hi alice"})
+        got = await a.next()
+        assert (got["from"], got["content"], got["acknowledge"]) == (bob["uuid"], "hi alice", False)
+        status = await b.next()
+        assert (status["status"], status["msgid"]) == ("delivered", got["msgid"])
+
+
+async def test_offline_recipient_gets_its_queue_after_the_welcome(relayd: RunningRelayd) -> None:
+    alice = await relayd.http.register("alice")
+    bob = await relayd.http.register("bob")
+    async with ws_connect(relayd, alice["access_token"]) as a:
+        await welcome(a, alice["uuid"])
+        for i in range(5):
+            await a.send({"to": bob["uuid"], "msgid": f"m{i}", "acknowledge": i % 2 == 0})
+            assert (await a.next())["status"] == "queued_offline"
+        async with ws_connect(relayd, bob["access_token"]) as b:
+            await welcome(b, bob["uuid"])  # first, before anything queued
+            got = [await b.next() for _ in range(5)]
+            assert [m["msgid"] for m in got] == [f"m{i}" for i in range(5)]
+            for m in got:
+                if m["acknowledge"]:
+                    await b.send({"type": "ack", "msgid": m["msgid"]})
+            updates: dict[str, str] = {}
+            while len(updates) < 5:
+                frame = await a.next()
+                updates[frame["msgid"]] = frame["status"]
+            assert updates == {
+                "m0": "acknowledged",
+                "m1": "delivered",
+                "m2": "acknowledged",
+                "m3": "delivered",
+                "m4": "acknowledged",
+            }
+
+
+@pytest.mark.parametrize("how", ["query", "header", "subprotocol", "frame"])
+async def test_every_way_of_presenting_the_token(relayd: RunningRelayd, how: str) -> None:
+    alice = await relayd.http.register("alice")
+    async with ws_connect(relayd, alice["access_token"], how=how) as a:
+        await welcome(a, alice["uuid"])
+        # The token is never echoed back as the selected subprotocol.
+        assert a.subprotocol == ("relayd.v1" if how == "subprotocol" else None)
+
+
+@pytest.mark.parametrize("how", ["query", "frame"])
+async def test_bad_token_gets_an_error_frame_then_4001(relayd: RunningRelayd, how: str) -> None:
+    alice = await relayd.http.register("alice")
+    async with ws_connect(relayd, alice["access_token"] + "x", how=how) as a:
+        error = await a.next()
+        assert (error["type"], error["error"]["code"]) == ("error", "token_invalid")
+        assert await a.closed() == CloseCode.AUTH_FAILED
+
+
+async def test_messages_before_authentication_are_refused_4001(relayd: RunningRelayd) -> None:
+    alice = await relayd.http.register("alice")
+    bob = await relayd.http.register("bob")
+    async with ws_connect(relayd) as anonymous:
+        await anonymous.send({"to": bob["uuid"], "content": "sneaky", "from": alice["uuid"]})
+        error = await anonymous.next()
+        assert error["error"]["code"] == "not_authenticated"
+        assert await anonymous.closed() == CloseCode.AUTH_FAILED
+    async with ws_connect(relayd, bob["access_token"]) as b:
+        await welcome(b, bob["uuid"])
+        with trio.move_on_after(0.2):
+            frame = await b.next()
+            raise AssertionError(f"nothing should have been delivered: {frame}")
+
+
+async def test_a_new_connection_replaces_the_old_one(relayd: RunningRelayd) -> None:
+    alice = await relayd.http.register("alice")
+    bob = await relayd.http.register("bob")
+    async with ws_connect(relayd, alice["access_token"]) as a:
+        await welcome(a, alice["uuid"])
+        async with ws_connect(relayd, bob["access_token"]) as old:
+            await welcome(old, bob["uuid"])
+            async with ws_connect(relayd, bob["access_token"]) as new:
+                await welcome(new, bob["uuid"])
+                assert await old.closed() == CloseCode.REPLACED
+                # The old socket is gone; the new one is still the one that is reachable.
+                await a.send({"to": bob["uuid"], "msgid": "after", "acknowledge": True})
+                got = await new.next()
+                assert got["msgid"] == "after"
+                listed = await relayd.http.get(
+                    f"/clients/{bob['uuid']}", token=alice["access_token"]
+                )
+                assert listed.json()["online"] is True
+
+
+async def test_error_frames_keep_the_socket_open(relayd: RunningRelayd) -> None:
+    alice = await relayd.http.register("alice")
+    bob = await relayd.http.register("bob")
+    async with ws_connect(relayd, alice["access_token"]) as a:
+        await welcome(a, alice["uuid"])
+        await a.send({"to": bob["uuid"], "from": bob["uuid"], "content": "impersonation"})
+        assert (await a.next())["error"]["code"] == "MESSAGE_SENDER_MISMATCH"
+        await a.send({"to": "not-a-uuid"})
+        error = await a.next()
+        assert (error["error"]["code"], error["error"]["details"]["field"]) == (
+            "INVALID_MESSAGE_FORMAT",
+            "to",
+        )
+        await a.send({"to": "00000000-0000-4000-8000-000000000000", "acknowledge": True})
+        assert (await a.next())["error"]["code"] == "unknown_recipient"
+        await a.send("not json")
+        assert (await a.next())["error"]["code"] == "INVALID_MESSAGE_FORMAT"
+        await a.send({"to": bob["uuid"], "msgid": "still-open"})
+        assert (await a.next())["status"] == "queued_offline"
+
+
+async def test_revoked_client_is_closed_4003(relayd: RunningRelayd) -> None:
+    alice = await relayd.http.register("alice")
+    admin = relayd.daemon.services
+    assert admin is not None
+    token = admin.auth.mint_operator_token("test", ("admin",), ttl=60.0).token
+    async with ws_connect(relayd, alice["access_token"]) as a:
+        await welcome(a, alice["uuid"])
+        response = await relayd.http.post(f"/admin/clients/{alice['uuid']}/revoke", token=token)
+        assert response.status == 200
+        assert (await a.next())["error"]["code"] == "token_revoked"
+        assert await a.closed() == CloseCode.REVOKED
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_too_many_connections_from_one_address_get_4029(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    relayd = await start(nursery, tmp_path, transport, websocket={"max_connections_per_ip": 2})
+    alice = await relayd.http.register("alice")
+    async with ws_connect(relayd) as first, ws_connect(relayd) as second:
+        async with ws_connect(relayd, alice["access_token"]) as third:
+            error = await third.next()
+            assert error["error"]["code"] == "too_many_connections"
+            assert await third.closed() == CloseCode.TRY_LATER
+        del first, second
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_shutdown_tells_sessions_and_closes_them_1001(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    relayd = await start(nursery, tmp_path, transport)
+    alice = await relayd.http.register("alice")
+    async with ws_connect(relayd, alice["access_token"]) as a:
+        await welcome(a, alice["uuid"])
+        relayd.daemon.stop()
+        notice = await a.next()
+        assert notice["type"] == "shutdown"
+        assert await a.closed() == CloseCode.GOING_AWAY
+
+
+async def test_oversized_frame_closes_1009(relayd: RunningRelayd) -> None:
+    alice = await relayd.http.register("alice")
+    async with ws_connect(relayd, alice["access_token"]) as a:
+        await welcome(a, alice["uuid"])
+        big = {"to": alice["uuid"], "content": "x" * 70_000}
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            await a.send(big)
+        assert await a.closed() == CloseCode.MESSAGE_TOO_BIG

@@ -1,0 +1,320 @@
+"""The relay's timers, end to end through the Trio hub, at exact instants of virtual time.
+
+Every test runs the real hub (relayd/_relay/hub.py) and core on a real in-memory store, with
+sockets replaced by :class:`~tests.hub_support.Peer` and Trio's fake clock jumping from one
+deadline to the next: ``trio.current_time()`` when a frame arrives is the instant relayd sent
+it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+
+from relayd._relay.frames import CloseCode
+
+from .hub_support import EPOCH, running_hub
+
+MockClock = trio.testing.MockClock
+
+
+def message(to: str, msgid: str, **fields: Any) -> dict[str, Any]:
+    return {"to": to, "msgid": msgid, "content": f"content of {msgid}", **fields}
+
+
+# --- acknowledgements and redelivery -------------------------------------------------------------
+
+
+async def test_unacked_message_is_redelivered_with_backoff_then_failed(
+    autojump_clock: MockClock,
+) -> None:
+    relay = {"ack_timeout": 10.0, "backoff_initial": 1.0, "max_attempts": 3}
+    async with running_hub({"relay": relay}) as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b = await env.connect(alice), await env.connect(bob)
+        t0 = trio.current_time()
+        await a.send(message(bob.uuid, "m1", acknowledge=True))
+
+        first = await b.next_of("message")
+        assert (first["attempt"], first["redelivered"]) == (1, False)
+        assert trio.current_time() == t0
+        assert (await a.next())["status"] == "pending_ack"
+
+        # Attempt 2: after the ack timeout (10 s) and the first backoff (1 s).
+        second = await b.next_of("message")
+        assert (second["attempt"], second["redelivered"]) == (2, True)
+        assert trio.current_time() == t0 + 11.0
+        # Attempt 3: another ack timeout, and the backoff doubled (2 s).
+        third = await b.next_of("message")
+        assert (third["attempt"], third["redelivered"]) == (3, True)
+        assert trio.current_time() == t0 + 23.0
+        # No ack after max_attempts deliveries: the sender is told it failed.
+        update = await a.next()
+        assert (update["type"], update["status"], update["msgid"]) == (
+            "delivery_update",
+            "failed",
+            "m1",
+        )
+        assert trio.current_time() == t0 + 33.0
+        assert b.frames == []
+
+
+async def test_ack_stops_redelivery(autojump_clock: MockClock) -> None:
+    async with running_hub({"relay": {"ack_timeout": 10.0}}) as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b = await env.connect(alice), await env.connect(bob)
+        await a.send(message(bob.uuid, "m1", acknowledge=True))
+        assert (await b.next_of("message"))["attempt"] == 1
+        assert (await a.next())["status"] == "pending_ack"
+        await trio.sleep(9.5)
+        t = trio.current_time()
+        await b.send({"type": "ack", "msgid": "m1"})
+        assert (await b.next()) == {
+            "type": "ack_received",
+            "msgid": "m1",
+            "status": "acknowledged",
+            "timestamp": EPOCH + t,
+        }
+        update = await a.next()
+        assert (update["status"], trio.current_time()) == ("acknowledged", t)
+        await trio.sleep(600)
+        assert b.frames == []
+
+
+async def test_message_expires_while_waiting_for_its_ack(autojump_clock: MockClock) -> None:
+    relay = {"ack_timeout": 10.0, "backoff_initial": 1.0, "max_attempts": 5}
+    async with running_hub({"relay": relay}) as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b = await env.connect(alice), await env.connect(bob)
+        t0 = trio.current_time()
+        await a.send(message(bob.uuid, "m1", acknowledge=True, ttl=15.0))
+        await b.next_of("message")
+        assert (await b.next_of("message"))["attempt"] == 2  # at t0 + 11
+        # The second ack timeout (t0 + 21) falls after the ttl (t0 + 15): expired, not retried.
+        assert (await a.next())["status"] == "pending_ack"
+        update = await a.next()
+        assert (update["status"], trio.current_time()) == ("expired", t0 + 21.0)
+
+
+async def test_queued_message_expires_at_the_first_sweep_after_its_ttl(
+    autojump_clock: MockClock,
+) -> None:
+    async with running_hub({"relay": {"sweep_interval": 30.0}}) as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a = await env.connect(alice)
+        t0 = trio.current_time()
+        assert t0 < 30.0
+        await a.send(message(bob.uuid, "m1", ttl=5.0))
+        assert (await a.next())["status"] == "queued_offline"
+        update = await a.next()
+        # The store is swept every 30 s from the hub's start (t = 0).
+        assert (update["type"], update["status"]) == ("delivery_update", "expired")
+        assert trio.current_time() == 30.0
+        b = await env.connect(bob)
+        await trio.sleep(60)
+        assert b.frames == []
+
+
+# --- authentication and tokens -------------------------------------------------------------------
+
+
+async def test_socket_without_a_token_is_closed_at_the_auth_timeout(
+    autojump_clock: MockClock,
+) -> None:
+    async with running_hub({"websocket": {"auth_timeout": 10.0}}) as env:
+        t0 = trio.current_time()
+        peer = env.open()
+        assert await peer.wait_closed() == CloseCode.AUTH_FAILED
+        assert trio.current_time() == t0 + 10.0
+        error = await peer.next() if peer.frames else None
+        assert error is not None
+        assert error["error"]["code"] == "not_authenticated"
+
+
+async def test_auth_frame_authenticates(autojump_clock: MockClock) -> None:
+    async with running_hub() as env:
+        alice = await env.client("alice")
+        peer = env.open()
+        await trio.sleep(3)
+        await peer.send({"type": "auth", "token": alice.token})
+        welcome = await peer.next()
+        assert (welcome["type"], welcome["uuid"]) == ("connection", alice.uuid)
+        await trio.sleep(60)
+        assert not peer.closed.is_set()
+
+
+async def test_token_expiry_warns_then_closes(autojump_clock: MockClock) -> None:
+    async with running_hub({"websocket": {"token_warning": 60.0}}) as env:
+        alice = await env.client("alice")
+        t0 = trio.current_time()
+        peer = env.open(env.token(alice.uuid, ttl=300.0))
+        welcome = await peer.next()
+        assert welcome["token_expires_at"] == EPOCH + t0 + 300.0
+        warning = await peer.next()
+        assert warning["type"] == "token_expiring"
+        assert trio.current_time() == t0 + 240.0
+        assert warning["expires_at"] == EPOCH + t0 + 300.0
+        error = await peer.next()
+        assert error["error"]["code"] == "token_expired"
+        assert await peer.wait_closed() == CloseCode.AUTH_FAILED
+        assert trio.current_time() == t0 + 300.0
+
+
+async def test_refresh_on_the_socket_moves_the_expiry(autojump_clock: MockClock) -> None:
+    async with running_hub({"websocket": {"token_warning": 60.0}}) as env:
+        alice = await env.client("alice")
+        t0 = trio.current_time()
+        peer = env.open(env.token(alice.uuid, ttl=300.0))
+        await peer.next()
+        assert (await peer.next())["type"] == "token_expiring"
+        fresh = env.token(alice.uuid, ttl=300.0)  # at t0 + 240: valid until t0 + 540
+        await peer.send({"type": "refresh", "token": fresh})
+        confirmed = await peer.next()
+        assert confirmed["type"] == "token_refreshed"
+        assert confirmed["expires_at"] == EPOCH + t0 + 540.0
+        assert (await peer.next())["type"] == "token_expiring"
+        assert trio.current_time() == t0 + 480.0
+        assert await peer.wait_closed() == CloseCode.AUTH_FAILED
+        assert trio.current_time() == t0 + 540.0
+
+
+async def test_refresh_with_another_clients_token_closes_4001(autojump_clock: MockClock) -> None:
+    async with running_hub() as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        peer = await env.connect(alice)
+        await peer.send({"type": "refresh", "token": bob.token})
+        assert (await peer.next())["error"]["code"] == "token_invalid"
+        assert await peer.wait_closed() == CloseCode.AUTH_FAILED
+
+
+async def test_revoking_a_client_closes_its_session_4003_at_once(
+    autojump_clock: MockClock,
+) -> None:
+    async with running_hub() as env:
+        alice = await env.client("alice")
+        peer = await env.connect(alice)
+        await trio.sleep(1)  # a revocation refuses tokens issued before it
+        t = trio.current_time()
+        await env.auth.revoke_client(alice.uuid, actor="operator:test", source=None)
+        env.hub.revoke(alice.uuid)
+        assert (await peer.next())["error"]["code"] == "token_revoked"
+        assert await peer.wait_closed() == CloseCode.REVOKED
+        assert trio.current_time() == t
+        # The revoked token cannot open a new session.
+        again = env.open(alice.token)
+        assert (await again.next())["error"]["code"] == "token_revoked"
+        assert await again.wait_closed() == CloseCode.AUTH_FAILED
+
+
+# --- heartbeats ---------------------------------------------------------------------------------
+
+
+async def test_silent_peer_is_closed_4002_at_the_heartbeat_timeout(
+    autojump_clock: MockClock,
+) -> None:
+    ws = {"heartbeat_interval": 20.0, "heartbeat_timeout": 60.0}
+    async with running_hub({"websocket": ws}) as env:
+        alice = await env.client("alice")
+        peer = env.open(alice.token, pong=True)
+        peer.answer_pings = False
+        t0 = trio.current_time()
+        await peer.next()
+        assert await peer.wait_closed() == CloseCode.HEARTBEAT_TIMEOUT
+        assert trio.current_time() == t0 + 60.0
+        assert peer.pings == 1  # the ping at t0 + 20 was never answered
+
+
+async def test_peer_answering_pings_stays_connected(autojump_clock: MockClock) -> None:
+    ws = {"heartbeat_interval": 20.0, "heartbeat_timeout": 60.0}
+    async with running_hub({"websocket": ws}) as env:
+        alice = await env.client("alice")
+        peer = await env.connect(alice, pong=True)
+        await trio.sleep(210.0)
+        assert not peer.closed.is_set()
+        assert peer.pings == 10
+
+
+async def test_any_frame_counts_as_a_sign_of_life(autojump_clock: MockClock) -> None:
+    ws = {"heartbeat_interval": 20.0, "heartbeat_timeout": 60.0}
+    async with running_hub({"websocket": ws}) as env:
+        alice = await env.client("alice")
+        peer = env.open(alice.token, pong=True)
+        peer.answer_pings = False
+        await peer.next()
+        await trio.sleep(50.0)
+        t = trio.current_time()
+        await peer.send({"type": "ping"})
+        assert (await peer.next())["type"] == "pong"
+        assert await peer.wait_closed() == CloseCode.HEARTBEAT_TIMEOUT
+        assert trio.current_time() == t + 60.0
+
+
+# --- slow consumers -----------------------------------------------------------------------------
+
+
+async def test_socket_that_stops_draining_is_closed_4008_after_write_timeout(
+    autojump_clock: MockClock,
+) -> None:
+    async with running_hub({"websocket": {"write_timeout": 10.0}}) as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b = await env.connect(alice), await env.connect(bob)
+        b.reading = trio.Event()  # bob's socket stops draining
+        t0 = trio.current_time()
+        await a.send(message(bob.uuid, "m1", acknowledge=True))
+        assert await b.wait_closed() == CloseCode.SLOW_CONSUMER
+        assert trio.current_time() == t0 + 10.0
+        # Alice was never held up: her receipt came at once.
+        assert (await a.next())["status"] == "pending_ack"
+        # Bob gets the message when he comes back. Its write was cut off midway, so it may
+        # have arrived: it counts as an attempt and comes back marked as a redelivery.
+        b2 = await env.connect(bob)
+        again = await b2.next_of("message")
+        assert (again["msgid"], again["attempt"], again["redelivered"]) == ("m1", 2, True)
+
+
+async def test_a_slow_recipient_does_not_hold_up_other_pairs(autojump_clock: MockClock) -> None:
+    async with running_hub({"websocket": {"write_timeout": 10.0}}) as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        carol, dave = await env.client("carol"), await env.client("dave")
+        a, b = await env.connect(alice), await env.connect(bob)
+        c, d = await env.connect(carol), await env.connect(dave)
+        b.reading = trio.Event()
+        t0 = trio.current_time()
+        for i in range(20):
+            await a.send(message(bob.uuid, f"to-bob-{i}", acknowledge=True))
+        for i in range(20):
+            await c.send(message(dave.uuid, f"to-dave-{i}", acknowledge=True))
+            got = await d.next_of("message")
+            assert got["msgid"] == f"to-dave-{i}"
+            await d.send({"type": "ack", "msgid": got["msgid"]})
+        assert trio.current_time() == t0
+        assert not d.closed.is_set()
+
+
+# --- shutdown -----------------------------------------------------------------------------------
+
+
+async def test_shutdown_notifies_closes_1001_and_cuts_stragglers_by_the_deadline(
+    autojump_clock: MockClock,
+) -> None:
+    async with running_hub() as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b = await env.connect(alice), await env.connect(bob)
+        await a.send(message(bob.uuid, "m1", acknowledge=True))
+        assert (await b.next_of("message"))["msgid"] == "m1"
+        assert (await a.next())["status"] == "pending_ack"
+        b.reading = trio.Event()  # bob stops draining: his shutdown notice cannot be written
+        t0 = trio.current_time()
+        await env.hub.shutdown(t0 + 10.0)
+        # Alice read everything: notice, then 1001, at once.
+        assert (await a.next())["type"] == "shutdown"
+        assert a.close_code == CloseCode.GOING_AWAY
+        # Bob was cut when the grace period ran out: the deadline less its last quarter
+        # (at most 2 s), kept for cutting and flushing.
+        assert b.close_code == CloseCode.GOING_AWAY
+        assert trio.current_time() == t0 + 8.0
+        # m1 was never acknowledged: it is still queued in the store for the next start.
+        queued = await env.store.queue_depths()
+        assert queued == {bob.uuid: 1}
