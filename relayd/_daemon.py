@@ -114,7 +114,7 @@ class Daemon:
             )
             auth = AuthService(store, codec, config.auth)
             await auth.load()
-            hub = self.hub = Hub(config, store, auth, clock=self._clock)
+            hub = self.hub = await Hub.open(config, store, auth, clock=self._clock)
             services = self.services = Services(config, auth, relay=hub)
             app = Dispatcher(
                 create_app(services),

@@ -50,7 +50,9 @@ MIGRATIONS: tuple[str, ...] = (
     # known and told (or no longer worth keeping); see relayd/_relay/records.py.
     """
     CREATE TABLE messages (
-        -- AUTOINCREMENT: a seq is never reused, so "seq > cursor" finds exactly what is new.
+        -- Allocated by the relay when it accepts the message, so seq order is send order.
+        -- AUTOINCREMENT keeps the high-water mark in sqlite_sequence even when the newest
+        -- rows are purged: a restarted relay continues above it and never reuses a seq.
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         sender TEXT NOT NULL,
         msgid TEXT NOT NULL,

@@ -21,6 +21,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -37,6 +38,7 @@ from ._relay.records import (
     LoadQueue,
     LoadReceipts,
     Purge,
+    RecentMessage,
     Refused,
     SetAttempts,
     SetReceiptPending,
@@ -409,6 +411,15 @@ class Store:
 
         return await self._run(run)
 
+    async def last_message_seq(self) -> int:
+        """The highest message seq ever stored (0 if none): the relay allocates above it."""
+        return await self._run(last_message_seq)
+
+    async def recent_messages(self, since: float, limit: int) -> list[RecentMessage]:
+        """Messages accepted at or after ``since``, newest ``limit`` of them, oldest first:
+        what deduplication must remember across a restart."""
+        return await self._run(partial(recent_messages, since=since, limit=limit))
+
     async def queue_depths(self) -> dict[str, int]:
         """Undelivered messages per recipient."""
 
@@ -419,6 +430,23 @@ class Store:
             return {row[0]: row[1] for row in rows}
 
         return await self._run(query)
+
+
+def last_message_seq(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def recent_messages(db: sqlite3.Connection, *, since: float, limit: int) -> list[RecentMessage]:
+    rows = db.execute(
+        "SELECT sender, msgid, accepted_at, status FROM messages WHERE accepted_at >= ?"
+        " ORDER BY seq DESC LIMIT ?",
+        (since, limit),
+    ).fetchall()
+    return [
+        RecentMessage(r[0], r[1], r[2], None if r[3] is None else Status(r[3]))
+        for r in reversed(rows)
+    ]
 
 
 _MESSAGE_COLUMNS = (
@@ -443,6 +471,7 @@ def _stored(row: sqlite3.Row) -> StoredMessage:
 
 def _insert(db: sqlite3.Connection, op: Insert, max_queued: int) -> Any:
     values = (
+        op.seq,
         op.sender,
         op.msgid,
         op.recipient,
@@ -458,18 +487,18 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int) -> Any:
         int(op.receipt_pending),
     )
     columns = (
-        "INSERT INTO messages (sender, msgid, recipient, high, acknowledge, fields, accepted_at,"
-        " expires_at, attempts, status, reason, finished_at, receipt_pending)"
+        "INSERT INTO messages (seq, sender, msgid, recipient, high, acknowledge, fields,"
+        " accepted_at, expires_at, attempts, status, reason, finished_at, receipt_pending)"
     )
     if op.status is not None:  # only a receipt to keep: no queue to check
         row = db.execute(
-            f"{columns} VALUES ({', '.join('?' * 13)})"
+            f"{columns} VALUES ({', '.join('?' * 14)})"
             " ON CONFLICT (sender, msgid) DO NOTHING RETURNING seq",
             values,
         ).fetchone()
     else:
         row = db.execute(
-            f"{columns} SELECT {', '.join('?' * 13)}"
+            f"{columns} SELECT {', '.join('?' * 14)}"
             " WHERE EXISTS (SELECT 1 FROM clients WHERE uuid = ? AND deleted_at IS NULL)"
             " AND (SELECT COUNT(*) FROM (SELECT 1 FROM messages"
             "      WHERE recipient = ? AND status IS NULL LIMIT ?)) < ?"
@@ -522,8 +551,8 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int) -> Any:
     if isinstance(op, LoadReceipts):
         rows = db.execute(
             "SELECT seq, msgid, recipient, status, finished_at, reason FROM messages"
-            " WHERE sender = ? AND receipt_pending = 1 ORDER BY seq LIMIT ?",
-            (op.sender, op.limit),
+            " WHERE sender = ? AND receipt_pending = 1 AND seq > ? ORDER BY seq LIMIT ?",
+            (op.sender, op.after, op.limit),
         )
         return [
             StoredReceipt(

@@ -191,7 +191,7 @@ async def running_hub(
         )
         auth = AuthService(opened, codec, config.auth)
         await auth.load()
-        hub = Hub(config, opened, auth, clock=virtual_clock)
+        hub = await Hub.open(config, opened, auth, clock=virtual_clock)
         await nursery.start(hub.run)
         env = HubEnv(hub, opened, auth, config, nursery)
         yield env

@@ -40,7 +40,7 @@ from relayd._relay.core import (
     RelayCore,
     Send,
 )
-from relayd._store import _apply, _connect, transaction
+from relayd._store import _apply, _connect, last_message_seq, recent_messages, transaction
 
 T0 = 1_000_000.0  # the harness's epoch: `now` starts here
 
@@ -82,7 +82,16 @@ class CoreHarness:
         self.ws = websocket or WebsocketConfig()
         self.now = now
         self.db = db if db is not None else _connect(":memory:", "full")
-        self.core = RelayCore(self.relay, self.ws, now=now, boot_time=now)
+        self.core = RelayCore(
+            self.relay,
+            self.ws,
+            now=now,
+            boot_time=now,
+            last_seq=last_message_seq(self.db),
+            recent=recent_messages(
+                self.db, since=now - self.relay.dedupe_window, limit=self.relay.dedupe_max_entries
+            ),
+        )
         self.tokens: dict[str, Identity] = {}
         self.sessions: dict[int, SessionLog] = {}
         self.pending_store: list[records.StoreOp] = []

@@ -506,11 +506,6 @@ def test_stored_receipt_left_unwritten_on_a_closing_socket_is_owed_again() -> No
     assert h.receipts(a) == [("delivery_update", "m1", "delivered")]
 
 
-@pytest.mark.xfail(
-    reason="bug: a final receipt is marked told in the store (Finish receipt_pending=False, "
-    "SetReceiptPending(False)) when queued, not when written: a crash before the write loses it",
-    strict=True,
-)
 @pytest.mark.parametrize("sender_was", ["online", "offline"])
 def test_final_receipt_queued_but_not_written_before_a_crash_is_told_after_it(
     sender_was: str,
@@ -540,11 +535,6 @@ def test_final_receipt_queued_but_not_written_before_a_crash_is_told_after_it(
     assert h2.receipts(a2) == [("delivery_update", "m1", "acknowledged")]
 
 
-@pytest.mark.xfail(
-    reason="bug: _receipts_loaded queues a whole page of owed receipts at once: past "
-    "outbound_buffer the sender is cut 4008 and the dropped receipts are still marked told",
-    strict=True,
-)
 def test_more_owed_receipts_than_the_outbound_buffer_holds_are_all_told() -> None:
     """A sender owed more receipts than its socket buffer holds: they are told as the socket
     drains, none is lost, and a socket that drains is not cut as a slow consumer (4008)."""
@@ -569,11 +559,6 @@ def test_more_owed_receipts_than_the_outbound_buffer_holds_are_all_told() -> Non
     assert h.stored("receipt_pending = 1") == []
 
 
-@pytest.mark.xfail(
-    reason="bug: _receipts_loaded sends every LoadReceipts result to the sender's current "
-    "session, so a load issued for an earlier session duplicates the newer one's receipts",
-    strict=True,
-)
 def test_owed_receipts_are_told_once_when_the_sender_reconnects_before_they_were_loaded() -> None:
     h = CoreHarness()
     alice, bob = h.client("alice"), h.client("bob")
@@ -592,11 +577,6 @@ def test_owed_receipts_are_told_once_when_the_sender_reconnects_before_they_were
     assert h.receipts(a) == [("delivery_update", "m1", "delivered")]
 
 
-@pytest.mark.xfail(
-    reason="bug: an in-memory message's delivered receipt is lost if the sender's socket "
-    "closes before writing it (Send ref is None, so closed() cannot owe it)",
-    strict=True,
-)
 def test_delivered_receipt_of_an_in_memory_message_left_unwritten_is_owed_again() -> None:
     """As above, for a message that never needed the store: the ``delivered`` receipt was
     queued while the sender was online, but its socket closed before writing it."""
@@ -784,11 +764,6 @@ def test_resent_msgid_after_a_crash_is_caught_by_the_store() -> None:
     assert contents(h2.messages(c2)) == ["q"]
 
 
-@pytest.mark.xfail(
-    reason="bug: an acknowledge:false message delivered straight from memory leaves no trace "
-    "in the store, so re-sent after a restart (within dedupe_window) it is delivered twice",
-    strict=True,
-)
 def test_resent_msgid_of_an_in_memory_message_after_a_crash_is_not_delivered_twice() -> None:
     h = CoreHarness()
     alice, bob = h.client("alice"), h.client("bob")
@@ -894,11 +869,6 @@ def test_high_priority_overtakes_normal_messages_waiting_in_the_mailbox() -> Non
 # --- 7b. ordering when in-memory messages must be stored ------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="bug: _unload stores unwritten acknowledge:false messages with new seqs, behind "
-    "acknowledge:true messages sent after them, so the reload reverses their order",
-    strict=True,
-)
 def test_order_survives_the_recipient_dropping_with_unwritten_deliveries() -> None:
     h = CoreHarness(auto_flush=False)
     alice, bob = h.client("alice"), h.client("bob")
@@ -914,11 +884,6 @@ def test_order_survives_the_recipient_dropping_with_unwritten_deliveries() -> No
     assert contents(of_type(h.read(b), "message")) == ["0", "1"]
 
 
-@pytest.mark.xfail(
-    reason="bug: _route re-stages an in-memory message whose recipient left before the "
-    "commit of an earlier one; its fresh Insert gets a seq behind later messages",
-    strict=True,
-)
 def test_order_survives_the_recipient_leaving_while_earlier_messages_await_their_commit() -> None:
     h = CoreHarness(auto_store=False)
     alice, bob = h.client("alice"), h.client("bob")
@@ -1146,11 +1111,6 @@ def test_replaced_sockets_unacked_and_unwritten_messages_go_first_on_the_new_one
     }
 
 
-@pytest.mark.xfail(
-    reason="bug: a receipt the replaced socket never wrote is owed again in the store "
-    "(closed()), but not told to the client's live newer session until it reconnects",
-    strict=True,
-)
 def test_receipt_left_unwritten_on_a_replaced_socket_is_told_on_the_new_one() -> None:
     h = CoreHarness()
     alice, bob = h.client("alice"), h.client("bob")
@@ -1170,11 +1130,6 @@ def test_receipt_left_unwritten_on_a_replaced_socket_is_told_on_the_new_one() ->
     assert h.receipts(a2) == [("delivery_update", "m1", "acknowledged")]
 
 
-@pytest.mark.xfail(
-    reason="bug: closed() of a replaced socket drops its unwritten acknowledge:false "
-    "messages when the newer session has already gone (no recipient): lost, no receipt",
-    strict=True,
-)
 def test_unwritten_message_of_a_replaced_socket_that_closes_last_is_not_lost() -> None:
     h = LateCloseHarness(auto_flush=False)
     alice, bob = h.client("alice"), h.client("bob")
@@ -1246,11 +1201,6 @@ def test_session_without_token_sending_anything_but_auth_first_is_closed_4001(
     assert not h.core.online(alice.uuid)
 
 
-@pytest.mark.xfail(
-    reason="bug: receive() answers a non-JSON or binary frame from an unauthenticated "
-    "session with an error frame but leaves it open (decode/binary checks precede PENDING)",
-    strict=True,
-)
 @pytest.mark.parametrize("data", ["{not json", b"\x00binary"])
 def test_session_without_token_sending_a_non_json_frame_first_is_closed_4001(
     data: str | bytes,
@@ -1310,12 +1260,6 @@ def test_bad_or_expired_token_is_refused_before_anything_is_read_or_delivered() 
     assert [(r["msgid"], r["status"]) for r in h.stored()] == [("queued", None)]
 
 
-@pytest.mark.xfail(
-    reason="bug: a frame that arrives while the handshake token is still being verified "
-    "closes the session 4001 (_receive_pending) though transport.py promises to "
-    "authenticate before reading any frame; seed clients that send at once are cut",
-    strict=True,
-)
 def test_frame_pipelined_behind_a_valid_handshake_token_is_read_after_verification() -> None:
     h = CoreHarness()
     alice, bob = h.client("alice"), h.client("bob")

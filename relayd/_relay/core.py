@@ -41,6 +41,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any
 
+import attrs
 from attrs import define, field, frozen
 
 from relayd._config import RelayConfig, WebsocketConfig
@@ -58,6 +59,7 @@ from .records import (
     LoadQueue,
     LoadReceipts,
     Purge,
+    RecentMessage,
     Refused,
     SetAttempts,
     SetReceiptPending,
@@ -152,6 +154,10 @@ class Session:
     queued: int = 0  # frames handed to the socket, not yet written
     token_gen: int = 0
     last_ping: float = 0.0
+    held: list[str | bytes] = field(factory=list)  # frames read while a token was checked
+    receipts: LoadReceipts | None = None  # the owed receipts being loaded, if any
+    receipt_cursor: int = 0  # highest seq of an owed receipt loaded
+    receipts_more: bool = False  # the store may owe more than was loaded
 
 
 @define(eq=False)
@@ -165,7 +171,7 @@ class Message:
     accepted_at: float
     expires_at: float
     durable: bool
-    seq: int | None = None
+    seq: int  # allocated at acceptance: the order of first deliveries
     attempts: int = 0
     where: Where = Where.STAGED
     status: Status | None = None  # the last status its sender was told
@@ -184,9 +190,15 @@ class Message:
 
 @frozen
 class ReceiptRef:
-    """A written receipt; if it was never written, the store must owe it again."""
+    """A final receipt handed to the sender's socket.
+
+    A stored message's row says the receipt is owed (``receipt_pending``) until the frame is
+    written. A message never stored (delivered straight from memory) gets its row only now:
+    ``owed``, inserted as told once the frame is written, as owed if it is not.
+    """
 
     seq: int
+    owed: Insert | None = None
 
 
 Ref = Message | ReceiptRef
@@ -212,6 +224,10 @@ class Recipient:
         return len(self.high) + len(self.normal)
 
 
+# Frames a client may send behind its token while relayd checks it; more closes 4001.
+MAX_HELD_FRAMES = 16
+
+
 class TimerKind(enum.Enum):
     AUTH = 1
     HEARTBEAT = 2
@@ -228,12 +244,20 @@ class TimerKind(enum.Enum):
 class RelayCore:
     """See the module docstring. All methods are synchronous and cheap; none blocks."""
 
-    RECEIPT_PAGE = 256
     SWEEP_PAGE = 1000
 
     def __init__(
-        self, relay: RelayConfig, websocket: WebsocketConfig, *, now: float, boot_time: float
+        self,
+        relay: RelayConfig,
+        websocket: WebsocketConfig,
+        *,
+        now: float,
+        boot_time: float,
+        last_seq: int = 0,
+        recent: Iterable[RecentMessage] = (),
     ) -> None:
+        """``last_seq``: the highest message seq the store ever held; new ones go above.
+        ``recent``: the store's messages within the dedupe window, oldest first."""
         self.relay = relay
         self.ws = websocket
         self.boot_time = boot_time
@@ -251,6 +275,12 @@ class RelayCore:
         self.pending_commit = 0
         self._timers: list[tuple[float, int, TimerKind, Any, int]] = []
         self._timer_seq = itertools.count()
+        self._seqs = itertools.count(last_seq + 1)
+        for known in recent:
+            self._recent[(known.sender, known.msgid)] = (
+                known.accepted_at,
+                known.status or Status.QUEUED,
+            )
         self._send_limiter = RateLimiter(
             rate=websocket.messages_per_second, burst=websocket.message_burst
         )
@@ -450,8 +480,11 @@ class RelayCore:
                 self._close(previous, CloseCode.REPLACED, "replaced by a newer connection")
             recipient = self._recipients[who.client] = Recipient(who.client, session)
             self._load(recipient)
-        self._actions.append(LoadReceipts(who.client, self.RECEIPT_PAGE))
+        self._load_receipts(session)
         self._drain_staging(who.client, now)
+        held, session.held = session.held, []
+        for data in held:
+            self.receive(sid, data, now)
 
     def auth_failed(self, sid: int, code: str, message: str, now: float, *, refresh: bool) -> None:
         """A token offered by session ``sid`` was refused (``code`` as in the REST API)."""
@@ -459,6 +492,7 @@ class RelayCore:
         if session is None or session.phase is Phase.CLOSING:
             return
         session.authenticating = False
+        session.held.clear()
         self._error(session, code, message, now)
         if not refresh:
             self._close(session, CloseCode.AUTH_FAILED, code)
@@ -556,70 +590,81 @@ class RelayCore:
         if session.phase is Phase.PENDING:
             self._pending_auth -= 1
         session.phase = Phase.CLOSING
-        owed: list[int] = []
         returned: list[Message] = []
         for ref in unsent:
             if isinstance(ref, ReceiptRef):
-                owed.append(ref.seq)
+                self._owe(ref)
             elif ref.where is Where.SENT and ref.sid == sid:
                 ref.attempts -= 1  # never written: not an attempt
                 returned.append(ref)
         for ref in interrupted:
             if isinstance(ref, ReceiptRef):
-                owed.append(ref.seq)
+                self._owe(ref)  # it may have arrived: receipts are told at least once
             elif ref.where is Where.SENT and ref.sid == sid:
                 if ref.acknowledge:
                     returned.append(ref)
                 else:  # at most once: it may have arrived, so it is not sent again
                     self._finish(ref, Status.FAILED, now, reason="connection_lost")
-        if owed:
-            self._actions.append(SetReceiptPending(tuple(owed), pending=True))
         client = session.client
-        if client is None or self._active.get(client) is not session:
-            recipient = self._recipients.get(client) if client else None
-            if recipient is not None and recipient.session is not session:
-                # Replaced: what the old socket did not finish goes first on the new one.
-                self._requeue(recipient, sid, returned)
-                recipient.paused = False
-                self._pump(recipient, now)
+        if client is None:
             return
-        del self._active[client]
-        recipient = self._recipients.pop(client, None)
-        if recipient is not None:
+        recipient = self._recipients.get(client)
+        if self._active.get(client) is session:
+            del self._active[client]
+            if recipient is not None:
+                del self._recipients[client]
+                self._requeue(recipient, sid, returned)
+                self._unload(recipient)
+        elif recipient is not None:
+            # Replaced: what the old socket did not finish goes first on the new one.
             self._requeue(recipient, sid, returned)
-            self._unload(recipient, now)
+            recipient.paused = False
+            self._pump(recipient, now)
+        else:
+            # Replaced, and its successor has gone too: what it did not finish is stored.
+            self._park(client, returned)
+
+    def _owe(self, ref: ReceiptRef) -> None:
+        """A final receipt was not (surely) written: keep it owed in the store."""
+        if ref.owed is not None:
+            self._actions.append(ref.owed)
+        # A stored message's row says the receipt is owed until its frame is written.
 
     def _requeue(self, recipient: Recipient, sid: int, returned: list[Message]) -> None:
         """Put messages sent on ``sid`` but not acknowledged back at the head of the mailbox."""
         unacked = [m for m in recipient.unacked.values() if m.sid == sid and m not in returned]
-        again = sorted(unacked, key=lambda m: (m.seq or 0, m.accepted_at)) + returned
+        again = sorted(unacked, key=lambda m: m.seq) + returned
         for message in reversed(again):
             recipient.unacked.pop(message.msgid, None)
             message.gen += 1
             message.where = Where.MAILBOX
             (recipient.high if message.high else recipient.normal).appendleft(message)
 
-    def _unload(self, recipient: Recipient, now: float) -> None:
-        """The client went offline: durable messages stay in the store, the rest go there.
+    def _unload(self, recipient: Recipient) -> None:
+        """The client went offline: its messages leave memory for the store."""
+        self._park(
+            recipient.client, [*recipient.unacked.values(), *recipient.high, *recipient.normal]
+        )
+        recipient.unacked.clear()
+        recipient.high.clear()
+        recipient.normal.clear()
 
-        The at-most-once messages that were waiting in memory are stored now, ahead of any
-        message still staged for the client (they were accepted before those).
+    def _park(self, client: str, messages: list[Message]) -> None:
+        """``messages`` for ``client`` leave memory: durable ones stay in the store, the rest
+        are stored now. Their seqs, allocated at acceptance, keep them in send order there.
         """
         to_store: list[Message] = []
-        for message in [*recipient.unacked.values(), *recipient.high, *recipient.normal]:
+        for message in messages:
             message.gen += 1
             if message.durable:
-                if message.attempts and message.seq is not None:
+                if message.attempts:
                     self._actions.append(SetAttempts(message.seq, message.attempts))
                 self._forget(message)
             else:
                 message.durable = True
                 to_store.append(message)
-        recipient.unacked.clear()
-        recipient.high.clear()
-        recipient.normal.clear()
         if to_store:
-            queue = self._staging.setdefault(recipient.client, deque())
+            queue = self._staging.setdefault(client, deque())
             queue.extendleft(reversed(to_store))
             for message in to_store:
                 message.where = Where.STAGED
@@ -629,8 +674,7 @@ class RelayCore:
     def _forget(self, message: Message) -> None:
         """The message leaves memory; the store keeps it."""
         message.where = Where.STORED
-        if message.seq is not None:
-            self._by_seq.pop(message.seq, None)
+        self._by_seq.pop(message.seq, None)
 
     # --- frames in -------------------------------------------------------------------------
 
@@ -640,6 +684,9 @@ class RelayCore:
         if session is None or session.phase is Phase.CLOSING:
             return
         session.last_seen = now
+        if session.phase is Phase.PENDING:
+            self._receive_pending(session, data, now)
+            return
         if isinstance(data, bytes):
             self._error(session, F.BINARY_UNSUPPORTED, "binary frames are not supported", now)
             self._strike(session, now)
@@ -647,9 +694,7 @@ class RelayCore:
         try:
             doc = F.decode(data)
             kind = doc.get("type")
-            if session.phase is Phase.PENDING:
-                self._receive_pending(session, doc, kind, now)
-            elif kind is None or kind == "message":
+            if kind is None or kind == "message":
                 self._receive_message(session, doc, now)
             elif kind == "ack":
                 self._receive_ack(session, doc, now)
@@ -674,11 +719,23 @@ class RelayCore:
             self._error(session, exc.code, exc.message, now, exc.details)
             self._strike(session, now)
 
-    def _receive_pending(
-        self, session: Session, doc: dict[str, Any], kind: Any, now: float
-    ) -> None:
-        token = doc.get("token")
-        if kind != "auth" or session.authenticating:
+    def _receive_pending(self, session: Session, data: str | bytes, now: float) -> None:
+        """Before authentication only an ``auth`` frame is read; anything else closes 4001."""
+        if session.authenticating:
+            # A client may send right behind the token it offered: those frames are read
+            # once the token is verified (and dropped if it is not).
+            if len(session.held) < MAX_HELD_FRAMES:
+                session.held.append(data)
+                return
+            self._error(session, F.NOT_AUTHENTICATED, "too many frames before authentication", now)
+            self._close(session, CloseCode.AUTH_FAILED, "not authenticated")
+            return
+        try:
+            doc = F.decode(data) if isinstance(data, str) else None
+        except ProtocolError:
+            doc = None
+        token = doc.get("token") if doc is not None else None
+        if doc is None or doc.get("type") != "auth":
             self._error(session, F.NOT_AUTHENTICATED, "authenticate first", now)
             self._close(session, CloseCode.AUTH_FAILED, "not authenticated")
         elif not isinstance(token, str) or not token:
@@ -728,6 +785,7 @@ class RelayCore:
             accepted_at=now,
             expires_at=now + ttl,
             durable=not direct,
+            seq=next(self._seqs),
         )
         self._remember(message, now)
         self._stage(message, front=False)
@@ -786,6 +844,7 @@ class RelayCore:
     def _insert_op(self, message: Message) -> Insert:
         return Insert(
             ref=message,
+            seq=message.seq,
             sender=message.sender,
             recipient=message.recipient,
             msgid=message.msgid,
@@ -819,7 +878,7 @@ class RelayCore:
         # Cursor rule: a queued message at or below the cursor is never left in the store
         # alone, since loading only looks above the cursor.
         below_cursor = (
-            recipient is not None and message.seq is not None and message.seq <= recipient.cursor
+            recipient is not None and message.committed and message.seq <= recipient.cursor
         )
         has_room = (
             recipient is not None
@@ -827,7 +886,7 @@ class RelayCore:
             and recipient.mailbox_len() < self.relay.mailbox_size
         )
         if online and recipient is not None and (has_room or below_cursor):
-            if message.seq is not None:
+            if message.committed:
                 self._by_seq[message.seq] = message
                 recipient.cursor = max(recipient.cursor, message.seq)
             message.where = Where.MAILBOX
@@ -902,14 +961,30 @@ class RelayCore:
             return
         session.queued -= count
         recipient = self._recipients.get(session.client) if session.client else None
+        told: list[int] = []
         for ref in refs:
-            if not isinstance(ref, Message) or ref.where is not Where.SENT or ref.sid != sid:
+            if isinstance(ref, ReceiptRef):
+                if ref.owed is None:
+                    told.append(ref.seq)
+                else:  # keep a trace, for deduplication across a restart
+                    self._actions.append(attrs.evolve(ref.owed, receipt_pending=False))
+                continue
+            if ref.where is not Where.SENT or ref.sid != sid:
                 continue
             if ref.acknowledge:
                 ref.where = Where.UNACKED
                 self._at(now + self.relay.ack_timeout, TimerKind.ACK, ref, ref.gen)
             else:
                 self._finish(ref, Status.DELIVERED, now)
+        if told:
+            self._actions.append(SetReceiptPending(tuple(told), pending=False))
+        if (
+            session.receipts_more
+            and session.receipts is None
+            and session.queued <= self._receipt_page
+            and session.phase is Phase.ACTIVE
+        ):
+            self._load_receipts(session)
         if recipient is not None and recipient.session is session:
             self._pump(recipient, now)
 
@@ -953,8 +1028,7 @@ class RelayCore:
         """The message reached its final ``status``: record it and tell its sender."""
         message.where = Where.DONE
         message.gen += 1
-        if message.seq is not None:
-            self._by_seq.pop(message.seq, None)
+        self._by_seq.pop(message.seq, None)
         if message.key in self._recent:
             self._recent[message.key] = (self._recent[message.key][0], status)
         self._tell(message, status, now, reason=reason)
@@ -965,30 +1039,33 @@ class RelayCore:
         message.status = status
         sender = self._active.get(message.sender)
         online = sender is not None and sender.phase is Phase.ACTIVE
+        ref: ReceiptRef | None = None
         if status in FINAL:
-            if message.seq is not None:
-                self._actions.append(Finish(message.seq, status, now, not online, reason))
-            elif not online:
-                # Delivered before being stored, to a sender that has left: keep its receipt.
-                self._actions.append(
-                    Insert(
-                        ref=None,
-                        sender=message.sender,
-                        recipient=message.recipient,
-                        msgid=message.msgid,
-                        high=message.high,
-                        acknowledge=message.acknowledge,
-                        fields="",
-                        accepted_at=now,
-                        expires_at=message.expires_at,
-                        status=status,
-                        receipt_pending=True,
-                        reason=reason,
-                    )
+            # The receipt is owed until its frame is written (see ReceiptRef).
+            if message.committed:
+                self._actions.append(Finish(message.seq, status, now, True, reason))
+                ref = ReceiptRef(message.seq)
+            else:
+                owed = Insert(
+                    ref=None,
+                    seq=message.seq,
+                    sender=message.sender,
+                    recipient=message.recipient,
+                    msgid=message.msgid,
+                    high=message.high,
+                    acknowledge=message.acknowledge,
+                    fields="",
+                    accepted_at=message.accepted_at,
+                    expires_at=message.expires_at,
+                    status=status,
+                    receipt_pending=True,
+                    reason=reason,
                 )
+                if not online:
+                    self._actions.append(owed)
+                ref = ReceiptRef(message.seq, owed)
         if online and sender is not None:
             kind = "delivery_status" if first else "delivery_update"
-            ref = ReceiptRef(message.seq) if status in FINAL and message.seq is not None else None
             self._send_receipt_frame(
                 sender, kind, message.msgid, message.recipient, status, now, reason=reason, ref=ref
             )
@@ -1042,7 +1119,6 @@ class RelayCore:
     def _inserted(self, message: Message, outcome: Any, now: float) -> None:
         self.pending_commit -= 1
         if isinstance(outcome, Inserted):
-            message.seq = outcome.seq
             message.committed = True
             if message.where is Where.STAGED:
                 self._by_seq[outcome.seq] = message
@@ -1097,8 +1173,9 @@ class RelayCore:
         )
         # Its sender was told something when it was stored; later receipts are updates.
         message.status = Status.QUEUED
-        if known is not None and isinstance(known[1], Message):
-            message.status = known[1].status or Status.QUEUED
+        if known is not None:
+            told = known[1].status if isinstance(known[1], Message) else known[1]
+            message.status = told or Status.QUEUED
             self._recent[message.key] = (known[0], message)
         return message
 
@@ -1120,11 +1197,29 @@ class RelayCore:
         self._pump(recipient, now)
         self._drain_staging(op.recipient, now)
 
+    def _load_receipts(self, session: Session) -> None:
+        """Load the next page of receipts owed to the session's client: a page fits in a
+        quarter of its outbound buffer, and the next is loaded once that has drained."""
+        assert session.client is not None
+        op = LoadReceipts(session.client, session.receipt_cursor, self._receipt_page)
+        session.receipts = op
+        session.receipts_more = False
+        self._actions.append(op)
+
+    @property
+    def _receipt_page(self) -> int:
+        return max(1, self.ws.outbound_buffer // 4)
+
     def _receipts_loaded(self, op: LoadReceipts, rows: list[StoredReceipt], now: float) -> None:
         session = self._active.get(op.sender)
-        if session is None or session.phase is not Phase.ACTIVE or not rows:
+        if session is None or session.receipts is not op:
+            return  # the client left, or came back, since
+        session.receipts = None
+        if session.phase is not Phase.ACTIVE:
             return
+        session.receipts_more = len(rows) == op.limit
         for row in rows:
+            session.receipt_cursor = max(session.receipt_cursor, row.seq)
             self._send_receipt_frame(
                 session,
                 "delivery_update",
@@ -1135,11 +1230,12 @@ class RelayCore:
                 reason=row.reason,
                 ref=ReceiptRef(row.seq),
             )
-        self._actions.append(SetReceiptPending(tuple(r.seq for r in rows), pending=False))
-        if len(rows) == op.limit:
-            self._actions.append(LoadReceipts(op.sender, self.RECEIPT_PAGE))
 
     def _sweep(self, now: float) -> None:
+        # A revocation is remembered only to refuse tokens whose check was in flight when it
+        # happened; the store refuses them from then on.
+        horizon = now - self.relay.sweep_interval
+        self._revoked = {c: at for c, at in self._revoked.items() if at >= horizon}
         self._actions.append(FindExpired(now, self.SWEEP_PAGE))
         self._actions.append(
             Purge(

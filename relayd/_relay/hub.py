@@ -80,17 +80,23 @@ class _Handle:
 
 
 class Hub:
-    """Runs a :class:`RelayCore` for the daemon. Start :meth:`run` in a nursery first."""
+    """Runs a :class:`RelayCore` for the daemon. Make one with :meth:`open`, then start
+    :meth:`run` in a nursery."""
 
     def __init__(
-        self, config: Config, store: Store, auth: AuthService, *, clock: Callable[[], float]
+        self,
+        config: Config,
+        store: Store,
+        auth: AuthService,
+        core: RelayCore,
+        *,
+        clock: Callable[[], float],
     ) -> None:
         self.config = config
         self.store = store
         self.auth = auth
         self.clock = clock
-        now = clock()
-        self.core = RelayCore(config.relay, config.websocket, now=now, boot_time=now)
+        self.core = core
         self._sids = itertools.count(1)
         self._handles: dict[int, _Handle] = {}
         self._store_queue: deque[StoreOp] = deque()
@@ -101,6 +107,24 @@ class Hub:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.closing = False
+
+    @classmethod
+    async def open(
+        cls, config: Config, store: Store, auth: AuthService, *, clock: Callable[[], float]
+    ) -> Hub:
+        """A hub resuming from what ``store`` holds: message seqs continue above the highest
+        ever stored, and deduplication remembers the messages of the last dedupe window."""
+        now = clock()
+        relay = config.relay
+        core = RelayCore(
+            relay,
+            config.websocket,
+            now=now,
+            boot_time=now,
+            last_seq=await store.last_message_seq(),
+            recent=await store.recent_messages(now - relay.dedupe_window, relay.dedupe_max_entries),
+        )
+        return cls(config, store, auth, core, clock=clock)
 
     # --- lifecycle -------------------------------------------------------------------------
 

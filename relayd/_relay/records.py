@@ -56,6 +56,16 @@ class StoredReceipt:
     reason: str
 
 
+@frozen
+class RecentMessage:
+    """A message deduplication remembers: its key, when it was accepted, its status."""
+
+    sender: str
+    msgid: str
+    accepted_at: float
+    status: Status | None  # None: still queued
+
+
 # --- write operations ---------------------------------------------------------------------------
 
 
@@ -68,6 +78,7 @@ class Insert:
     """
 
     ref: Any  # the core's object, handed back with the outcome
+    seq: int  # allocated by the core at acceptance: the order of first deliveries
     sender: str
     recipient: str
     msgid: str
@@ -112,20 +123,27 @@ class SetReceiptPending:
 # --- read operations ----------------------------------------------------------------------------
 
 
-@frozen
+@frozen(eq=False)
 class LoadQueue:
-    """Queued messages for ``recipient`` with ``seq > after``, oldest first, at most ``limit``."""
+    """Queued messages for ``recipient`` with ``seq > after``, oldest first, at most ``limit``.
+
+    Compared by identity: the core matches a result to the request it made.
+    """
 
     recipient: str
     after: int
     limit: int
 
 
-@frozen
+@frozen(eq=False)
 class LoadReceipts:
-    """Receipts owed to ``sender``, oldest first, at most ``limit``."""
+    """Receipts owed to ``sender`` with ``seq > after``, oldest first, at most ``limit``.
+
+    Compared by identity: the core matches a result to the request it made.
+    """
 
     sender: str
+    after: int
     limit: int
 
 
