@@ -78,11 +78,26 @@ class Dispatcher:
         self.websocket_app = websocket_app
         self.websocket_path = websocket_path
         self.finish_timeout = finish_timeout
+        self._requests = 0  # HTTP requests being answered
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no HTTP request is being answered."""
+        await self._idle.wait()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self.http_app(scope, receive, _finishing(send, self.finish_timeout))
+            if self._requests == 0:
+                self._idle = trio.Event()
+            self._requests += 1
+            try:
+                await self.http_app(scope, receive, _finishing(send, self.finish_timeout))
+            finally:
+                self._requests -= 1
+                if self._requests == 0:
+                    self._idle.set()
         elif kind == "websocket":
             if self.websocket_app is not None and scope["path"] == self.websocket_path:
                 await self.websocket_app(scope, receive, send)

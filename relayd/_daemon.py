@@ -2,8 +2,10 @@
 
 Start-up is in order: the signing secret, the store (migrated), the services, then the
 listeners; ``task_status.started`` reports the bound addresses only when every listener is up.
-Shutdown is the reverse and bounded: readiness turns 503, the listeners stop accepting and
-give open connections ``drain_timeout`` seconds, then the store closes.
+Shutdown is the reverse and bounded by ``drain_timeout``: readiness turns 503 and the
+listeners stop accepting; the hub tells every session and closes it with 1001 once its
+queued frames are written, cutting those that lag as the deadline nears, and flushes the
+store; in-flight HTTP requests finish; then what is left is cancelled and the store closes.
 """
 
 from __future__ import annotations
@@ -152,8 +154,12 @@ class Daemon:
                 dedicated.cancel()
                 http_shutdown.set()
                 await hub.shutdown(deadline)
-                # Backstop: nothing outlives the drain deadline by more than a moment.
-                nursery.cancel_scope.deadline = deadline + 1
+                with trio.move_on_at(deadline):
+                    await app.wait_idle()
+                # Every session and request is done, or out of time. What hypercorn still
+                # holds is idle: connections closing, and the ping timers of closed
+                # websockets, which would keep it waiting up to heartbeat_interval each.
+                nursery.cancel_scope.cancel()
         log.info("relayd stopped")
 
     async def _serve_dedicated(

@@ -155,14 +155,16 @@ class HubEnv:
         return issued.token
 
     def open(
-        self, token: str | None = None, *, remote: str = "10.0.0.1", pong: bool = False
+        self, token: str | None = None, *, remote: str = "10.0.0.1", pong: bool = True
     ) -> Peer:
-        """A socket accepted by a listener, served by the hub from now on."""
+        """A socket accepted by a listener, served by the hub from now on. ``pong``: its
+        transport sends protocol pings and sees their pongs (as the dedicated listener's);
+        without, relayd sends JSON ping frames instead (as on the main port)."""
         peer = Peer(token=token, remote=remote, pong_observable=pong)
         self.nursery.start_soon(self.hub.serve, peer)
         return peer
 
-    async def connect(self, client: TestClient, *, pong: bool = False) -> Peer:
+    async def connect(self, client: TestClient, *, pong: bool = True) -> Peer:
         """Open and authenticate a socket for ``client``; return once its welcome arrived."""
         peer = self.open(client.token, pong=pong)
         welcome = await peer.next()

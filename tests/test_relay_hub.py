@@ -318,3 +318,23 @@ async def test_shutdown_notifies_closes_1001_and_cuts_stragglers_by_the_deadline
         # m1 was never acknowledged: it is still queued in the store for the next start.
         queued = await env.store.queue_depths()
         assert queued == {bob.uuid: 1}
+
+
+async def test_transport_without_pings_gets_json_pings_and_may_opt_in_to_the_timeout(
+    autojump_clock: MockClock,
+) -> None:
+    ws = {"heartbeat_interval": 20.0, "heartbeat_timeout": 60.0}
+    async with running_hub({"websocket": ws}) as env:
+        alice = await env.client("alice")
+        t0 = trio.current_time()
+        peer = await env.connect(alice, pong=False)
+        ping = await peer.next()
+        assert (ping["type"], trio.current_time()) == ("ping", t0 + 20.0)
+        # A client that never answers is left to the server's protocol pings...
+        await trio.sleep(100.0)
+        assert not peer.closed.is_set()
+        # ...one that answers a JSON ping is held to heartbeat_timeout from then on.
+        t1 = trio.current_time()
+        await peer.send({"type": "pong"})
+        assert await peer.wait_closed() == CloseCode.HEARTBEAT_TIMEOUT
+        assert trio.current_time() == t1 + 60.0

@@ -76,17 +76,25 @@ async def ws_connect(
             headers.append(("Authorization", f"Bearer {token}"))
         elif how == "subprotocol":
             offered += ["relayd.v1", f"bearer.{token}"]
+    async with connect_url(url, subprotocols=offered, headers=headers) as client:
+        if token is not None and how == "frame":
+            await client.send({"type": "auth", "token": token})
+        yield client
+
+
+@asynccontextmanager
+async def connect_url(
+    url: str, *, subprotocols: Sequence[str] = (), headers: Sequence[tuple[str, str]] = ()
+) -> AsyncIterator[WsClient]:
+    """A trio-websocket client socket to ``url``."""
     async with trio_websocket.open_websocket_url(
         url,
-        subprotocols=offered,
+        subprotocols=subprotocols,
         extra_headers=[(k.encode(), v.encode()) for k, v in headers],
         connect_timeout=IO_DEADLINE,
         disconnect_timeout=IO_DEADLINE,
     ) as connection:
-        client = WsClient(connection)
-        if token is not None and how == "frame":
-            await client.send({"type": "auth", "token": token})
-        yield client
+        yield WsClient(connection)
     # trio-websocket's client waits for the server's TCP close after a close handshake the
     # server started, and leaks its socket (a ResourceWarning) when its nursery is cancelled
     # first. Closing an already closed stream is a no-op.

@@ -538,7 +538,10 @@ class RelayCore:
             return
         if now >= session.last_ping + ws.heartbeat_interval:
             session.last_ping = now
-            self._actions.append(Ping(session.sid))
+            if session.pong_observable:
+                self._actions.append(Ping(session.sid))
+            else:  # the transport cannot ping: a JSON ping, which a client may answer
+                self._send(session, F.encode({"type": "ping", "timestamp": now}))
         next_at = session.last_ping + ws.heartbeat_interval
         if session.heartbeat_enforced:
             next_at = min(next_at, max(silent_until, now))

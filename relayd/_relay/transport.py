@@ -4,8 +4,10 @@ A session never knows which transport carried it: the hub drives any :class:`Tra
 Two exist:
 
 * :class:`AsgiTransport` — ``/ws`` on the main HTTP port, straight from hypercorn's ASGI
-  websocket scope (no Quart machinery in between). ASGI cannot send pings nor report pongs,
-  so heartbeats on this transport are JSON frames (``{"type": "ping"}``).
+  websocket scope (no Quart machinery in between). ASGI can neither send pings nor report
+  pongs: hypercorn sends the protocol pings (every ``heartbeat_interval``) and drops a peer
+  silent past its read timeout; relayd adds JSON ``{"type": "ping"}`` frames, and enforces
+  ``heartbeat_timeout`` itself for clients that answer them with ``{"type": "pong"}``.
 * :class:`TrioWebsocketTransport` — the optional dedicated listener (``[websocket] listen``),
   on trio-websocket's server. Heartbeats are WebSocket pings; their pongs count as liveness.
 

@@ -1,0 +1,87 @@
+"""Shutdown of the whole daemon, step by step, in virtual time.
+
+The daemon runs under ``autojump_clock`` with its store called inline and its token clock on
+virtual time; clients are inserted straight into the store (no KDF thread, during which the
+fake clock could jump). The test records when each step of the drain is seen and asserts
+their order and the virtual time they take.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from relayd import Addresses, Daemon
+from relayd._auth import CLIENT_ROLES
+from relayd._http import Readiness
+from relayd._relay.frames import CloseCode
+from relayd._store import ClientRecord, inline_executor
+
+from .hub_support import virtual_clock
+from .support import TEST_ENV, HttpClient, RunningRelayd, make_config
+from .ws_support import ws_connect
+
+
+async def test_drain_order_and_virtual_time(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, {"drain_timeout": 10.0})
+    daemon = Daemon(config, environ=TEST_ENV, clock=virtual_clock, store_executor=inline_executor)
+    steps: list[tuple[str, float]] = []
+
+    def step(name: str) -> None:
+        steps.append((name, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+
+        async def run(*, task_status: trio.TaskStatus[Addresses]) -> None:
+            await daemon.run(task_status=task_status)
+            step("run returned")
+
+        addresses: Addresses = await nursery.start(run)
+        relayd = RunningRelayd(daemon, addresses)
+        services = daemon.services
+        assert services is not None
+        auth = services.auth
+        now = auth.now
+        await auth._store.insert_client(
+            ClientRecord(
+                "7e57c11e-0000-4000-8000-000000000001", "alice", "", CLIENT_ROLES, now, now
+            )
+        )
+        token = auth.codec.issue(
+            sub="7e57c11e-0000-4000-8000-000000000001",
+            token_use="access",
+            roles=CLIENT_ROLES,
+            ttl=900.0,
+        ).token
+
+        async with ws_connect(relayd, token) as alice:
+            assert (await alice.next())["type"] == "connection"
+            assert (await relayd.http.get("/health/ready")).status == 200
+            t0 = trio.current_time()
+            daemon.stop()
+            notice = await alice.next()
+            assert notice["type"] == "shutdown"
+            if services.readiness is Readiness.DRAINING:
+                step("readiness draining")  # already, when the notice arrived
+            step("shutdown notice")
+            assert await alice.closed() == CloseCode.GOING_AWAY
+            step("closed 1001")
+            # The listener is gone: no new connection is accepted.
+            try:
+                await HttpClient(*addresses.http).get("/health/live")
+            except OSError:
+                step("new connections refused")
+    assert [name for name, _ in steps] == [
+        "readiness draining",
+        "shutdown notice",
+        "closed 1001",
+        "new connections refused",
+        "run returned",
+    ]
+    # Nothing was in flight and nobody lagged: the drain took no virtual time at all, far
+    # inside drain_timeout.
+    assert all(at == t0 for _, at in steps), steps
