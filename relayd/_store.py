@@ -406,7 +406,7 @@ class Store:
             try:
                 with transaction(db):
                     return [_apply(db, op, max_queued) for op in ops]
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, ValueError) as exc:
                 raise StoreError(f"{self.path}: writing messages failed: {exc}") from exc
 
         return await self._run(run)

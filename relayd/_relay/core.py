@@ -687,6 +687,11 @@ class RelayCore:
         if session is None or session.phase is Phase.CLOSING:
             return
         session.last_seen = now
+        limit = self.ws.max_frame_bytes
+        # The socket libraries count characters; a character is at most 4 bytes.
+        if len(data) > limit // 4 and isinstance(data, str) and len(data.encode()) > limit:
+            self._close(session, CloseCode.MESSAGE_TOO_BIG, "frame too big", abort=True)
+            return
         if session.phase is Phase.PENDING:
             self._receive_pending(session, data, now)
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import uuid
 from typing import Any
 
@@ -110,8 +111,14 @@ def _check_msgid(_: object, attribute: Any, value: str | None) -> None:
 
 
 def _check_ttl(_: object, attribute: Any, value: float | None) -> None:
-    if value is not None and not value > 0:
+    if value is not None and not 0 < value < math.inf:
         raise field_error(attribute, "must be a positive number of seconds")
+
+
+def _check_finite(_: object, attribute: Any, value: float | None) -> None:
+    # 1e400 parses as infinity, which JSON cannot carry on to the recipient.
+    if value is not None and not math.isfinite(value):
+        raise field_error(attribute, "must be a finite number")
 
 
 @frozen(kw_only=True)
@@ -120,7 +127,7 @@ class Envelope:
 
     to: ClientUuid
     sender: ClientUuid | None = None  # "from" on the wire
-    timestamp: float | None = None
+    timestamp: float | None = field(default=None, validator=_check_finite)
     priority: str = field(default="normal", validator=_short(32))
     subject: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
     msgid: str | None = field(default=None, validator=_check_msgid)  # None: relayd makes one
@@ -184,7 +191,26 @@ def decode(data: str) -> dict[str, Any]:
         raise ProtocolError(INVALID_MESSAGE_FORMAT, "the frame is not valid JSON") from None
     if not isinstance(doc, dict):
         raise ProtocolError(INVALID_MESSAGE_FORMAT, "the frame must be a JSON object")
+    # A \ud800-style escape decodes to a lone surrogate, which no UTF-8 encoder (the
+    # store's, the sockets') accepts: refuse it at the door. Only a frame with an escape can
+    # hold one.
+    if "\\u" in data:
+        for key, value in doc.items():
+            if not _encodable(key) or not _encodable(value):
+                raise ProtocolError(
+                    INVALID_MESSAGE_FORMAT,
+                    f"{key[:64]!r}: holds a lone surrogate (a \\ud800-\\udfff escape)",
+                    field=key if _encodable(key) else None,
+                )
     return doc
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
 
 
 def parse_envelope(doc: dict[str, Any]) -> Envelope:

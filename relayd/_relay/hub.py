@@ -308,12 +308,20 @@ class Hub:
                     nursery.start_soon(self._writer, handle, queued)
                     await self._reader(handle)
                     nursery.cancel_scope.cancel()
+        except Exception:
+            # A bug, or a transport failing in a way it should not: it ends this session
+            # only, never the listener or the other sessions.
+            log.exception("session failed", extra={"fields": {"sid": sid}})
+            handle.close_request = (CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             self._finish(handle, queued)
             if handle.close_request is not None:
                 code, reason = handle.close_request
                 with trio.CancelScope(shield=True):
                     await abort_after(CLOSE_TIMEOUT, transport, code, reason)
+            # Only now is the socket done with: the drain waits for this.
+            del self._handles[sid]
+            self._signal()
             conn_id.reset(token)
 
     def _finish(
@@ -339,10 +347,8 @@ class Hub:
                 unsent.append(item.ref)
         handle.outbound.close()
         queued.close()
-        del self._handles[handle.sid]
         self.core.closed(handle.sid, now, unsent=unsent, interrupted=interrupted)
         self._apply()
-        self._signal()
 
     async def _reader(self, handle: _Handle) -> None:
         core = self.core

@@ -133,9 +133,15 @@ class AsgiTransport:
         raise NotImplementedError("ASGI cannot ping; the core sends ping frames instead")
 
     async def close(self, code: int, reason: str) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        """Send the close frame, then wait for the client's (bounded by the caller): dropping
+        the connection at once would make the client's reply fail, and some clients then
+        discard the frames they read just before the close."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        while (await self._receive())["type"] != "websocket.disconnect":
+            pass
 
 
 # --- trio-websocket (dedicated listener) --------------------------------------------------------
