@@ -371,13 +371,20 @@ LATE_BODY = b'{"name": "late"}'
 async def start_unfinished_request(client: HttpClient) -> trio.SocketStream:
     """Open a connection and send a request whose body is not finished: it is in flight, and
     the drain must wait for it. (A request whose *headers* are unfinished is not waited for:
-    the server drops it as soon as the drain starts.)"""
+    the server drops it as soon as the drain starts.) ``Expect: 100-continue`` tells when the
+    server has taken the request up: it answers 100 once the request is handed to the app."""
     stream = await trio.open_tcp_stream(client.host, client.port)
     head = (
         b"POST /register HTTP/1.1\r\nHost: relayd\r\nContent-Type: application/json\r\n"
-        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(LATE_BODY)
+        b"Connection: close\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+        % len(LATE_BODY)
     )
-    await stream.send_all(head + LATE_BODY[:5])
+    await stream.send_all(head)
+    interim = b""
+    while not interim.endswith(b"\r\n\r\n"):
+        interim += await stream.receive_some(1)
+    assert interim.startswith(b"HTTP/1.1 100 "), interim
+    await stream.send_all(LATE_BODY[:5])
     return stream
 
 
