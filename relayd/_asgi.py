@@ -107,11 +107,41 @@ class Dispatcher:
             await self.http_app(scope, receive, send)
 
 
-def hypercorn_config(config: Config, *, graceful_timeout: float) -> HypercornConfig:
+def metrics_app(render: Callable[[], Awaitable[bytes]], content_type: str) -> ASGIApp:
+    """An ASGI app answering ``GET /metrics`` and nothing else (the metrics listener)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                event = await receive()
+                kind = event["type"].removeprefix("lifespan.")
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/metrics" and scope["method"] in ("GET", "HEAD"):
+            status, headers, body = 200, [(b"content-type", content_type.encode())], await render()
+        else:
+            status = 404
+            headers = [(b"content-type", b"application/json")]
+            body = (
+                b'{"error": {"code": "not_found", "message": "only /metrics here", "details": {}}}'
+            )
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def hypercorn_config(
+    config: Config, *, graceful_timeout: float, bind: str | None = None
+) -> HypercornConfig:
+    """Hypercorn's settings for the HTTP port (or, with ``bind``, another listener)."""
     http = config.http
     ws = config.websocket
     hypercorn = HypercornConfig()
-    hypercorn.bind = [http.listen]
+    hypercorn.bind = [bind or http.listen]
     hypercorn.keep_alive_timeout = http.keep_alive_timeout
     hypercorn.graceful_timeout = graceful_timeout
     # The longest silence tolerated on any connection: a request's pauses, or a WebSocket

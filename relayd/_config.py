@@ -199,6 +199,15 @@ class RelayConfig:
 
 
 @frozen(kw_only=True)
+class MetricsConfig:
+    """The Prometheus endpoint."""
+
+    listen: str = field(default="", validator=_optional_address)
+    """``host:port`` serving ``GET /metrics`` alone, so it need not face clients; empty:
+    ``/metrics`` is served on the HTTP port."""
+
+
+@frozen(kw_only=True)
 class StoreConfig:
     """The embedded SQLite store."""
 
@@ -232,6 +241,7 @@ class Config:
     relay: RelayConfig = field(factory=RelayConfig)
     auth: AuthConfig = field(factory=AuthConfig)
     store: StoreConfig = field(factory=StoreConfig)
+    metrics: MetricsConfig = field(factory=MetricsConfig)
     log: LogConfig = field(factory=LogConfig)
 
     @property

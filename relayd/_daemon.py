@@ -19,14 +19,16 @@ from functools import partial
 import trio
 from attrs import frozen
 
-from ._asgi import Dispatcher, hypercorn_config, serve_http
+from ._asgi import Dispatcher, hypercorn_config, metrics_app, serve_http
 from ._auth import AuthService, load_signing_secret
 from ._config import Config
 from ._errors import ConfigError
 from ._http import Readiness, Services, create_app
+from ._metrics import CONTENT_TYPE, HttpStats, Metrics
 from ._relay.hub import Hub
 from ._relay.listeners import asgi_websocket_app, serve_dedicated
 from ._store import Executor, Store, thread_executor
+from ._systemd import Notifier
 from ._tokens import TokenCodec
 
 log = logging.getLogger("relayd")
@@ -40,6 +42,7 @@ class Addresses:
 
     http: tuple[str, int]
     websocket: tuple[str, int] | None = None
+    metrics: tuple[str, int] | None = None
 
     @property
     def http_url(self) -> str:
@@ -78,6 +81,7 @@ class Daemon:
         self._clock = clock
         self._store_executor = store_executor
         self._stop_requested = trio.Event()
+        self._notifier = Notifier(self._environ)
         self.services: Services | None = None
         self.hub: Hub | None = None
 
@@ -117,7 +121,20 @@ class Daemon:
             auth = AuthService(store, codec, config.auth)
             await auth.load()
             hub = self.hub = await Hub.open(config, store, auth, clock=self._clock)
-            services = self.services = Services(config, auth, relay=hub)
+            http_stats = HttpStats()
+            metrics = Metrics(
+                hub.core,
+                http_stats,
+                stored=store.queued_total,
+                store_ops=lambda: hub.store_backlog,
+            )
+            services = self.services = Services(
+                config,
+                auth,
+                relay=hub,
+                metrics=None if config.metrics.listen else metrics,
+                stats=http_stats,
+            )
             app = Dispatcher(
                 create_app(services),
                 websocket_app=asgi_websocket_app(hub),
@@ -126,30 +143,46 @@ class Daemon:
             http_shutdown = trio.Event()
             async with trio.open_nursery() as nursery:
                 await nursery.start(hub.run)
+                graceful = config.drain_timeout
                 http = await nursery.start(
                     partial(
                         serve_http,
                         app,
-                        hypercorn_config(config, graceful_timeout=config.drain_timeout),
+                        hypercorn_config(config, graceful_timeout=graceful),
                         shutdown=http_shutdown,
                     )
                 )
+                metrics_address = None
+                if config.metrics.listen:
+                    metrics_address = await nursery.start(
+                        partial(
+                            serve_http,
+                            metrics_app(metrics.render, CONTENT_TYPE),
+                            hypercorn_config(
+                                config, graceful_timeout=graceful, bind=config.metrics.listen
+                            ),
+                            shutdown=http_shutdown,
+                        )
+                    )
                 dedicated = trio.CancelScope()
                 websocket = None
                 if config.websocket.listen:
                     websocket = await nursery.start(self._serve_dedicated, hub, dedicated)
-                addresses = Addresses(http=http, websocket=websocket)
+                addresses = Addresses(http=http, websocket=websocket, metrics=metrics_address)
                 nursery.start_soon(self._housekeeping, auth)
+                nursery.start_soon(self._notifier.watchdog)
                 services.readiness = Readiness.READY
                 log.info(
                     "relayd ready",
                     extra={"fields": {"http": addresses.http_url, "ws": addresses.websocket_url}},
                 )
+                self._notifier.ready(f"serving on {addresses.http_url}")
                 task_status.started(addresses)
 
                 await self._stop_requested.wait()
                 deadline = trio.current_time() + config.drain_timeout
                 log.info("draining", extra={"fields": {"deadline_s": config.drain_timeout}})
+                self._notifier.stopping("draining")
                 services.readiness = Readiness.DRAINING
                 dedicated.cancel()
                 http_shutdown.set()

@@ -31,6 +31,7 @@ from ._errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from ._metrics import CONTENT_TYPE, HttpStats, Metrics
 from ._ratelimit import RateLimiter
 from ._store import ClientRecord
 from ._tokens import Claims
@@ -59,6 +60,8 @@ class Services:
     config: Config
     auth: AuthService
     relay: Relay | None = None
+    metrics: Metrics | None = None  # GET /metrics, when served on this port
+    stats: HttpStats = field(factory=HttpStats)
     readiness: Readiness = Readiness.STARTING
     register_limiter: RateLimiter = field(init=False)
     auth_limiter: RateLimiter = field(init=False)
@@ -148,7 +151,15 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
+        if error.status == 401:
+            services.stats.auth_failures[error.code] += 1
         return _error_response(error)
+
+    @app.after_request
+    async def count(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        services.stats.requests[(route, request.method, response.status_code)] += 1
+        return response
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
@@ -185,6 +196,13 @@ def create_app(services: Services) -> QuartTrio:
     @app.get("/")
     async def index() -> dict[str, Any]:
         return {"service": "relayd", "version": __version__}
+
+    if services.metrics is not None:
+        metrics = services.metrics
+
+        @app.get("/metrics")
+        async def prometheus() -> Response:
+            return Response(await metrics.render(), content_type=CONTENT_TYPE)
 
     @app.get("/health/live")
     async def live() -> dict[str, Any]:

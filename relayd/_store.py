@@ -420,6 +420,14 @@ class Store:
         what deduplication must remember across a restart."""
         return await self._run(partial(recent_messages, since=since, limit=limit))
 
+    async def queued_total(self) -> int:
+        """Undelivered messages in the store."""
+        return await self._run(
+            lambda db: int(
+                db.execute("SELECT COUNT(*) FROM messages WHERE status IS NULL").fetchone()[0]
+            )
+        )
+
     async def queue_depths(self) -> dict[str, int]:
         """Undelivered messages per recipient."""
 

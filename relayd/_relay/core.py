@@ -68,6 +68,7 @@ from .records import (
     StoredReceipt,
     StoreOp,
 )
+from .stats import RelayStats
 
 # --- actions ------------------------------------------------------------------------------------
 
@@ -178,6 +179,7 @@ class Message:
     committed: bool = False
     resumed: bool = False
     sid: int | None = None  # the session it was last sent on
+    written_at: float = 0.0  # when it was last written to the recipient's socket
     gen: int = 0  # bumped on every move, so stale timers are ignored
 
     @property
@@ -262,6 +264,7 @@ class RelayCore:
         self.ws = websocket
         self.boot_time = boot_time
         self.draining = False
+        self.metrics = RelayStats()
         self._actions: list[Action] = []
         self._sessions: dict[int, Session] = {}
         self._active: dict[str, Session] = {}
@@ -369,6 +372,7 @@ class RelayCore:
         now: float,
         details: dict[str, Any] | None = None,
     ) -> None:
+        self.metrics.events[f"error:{code}"] += 1
         self._send(session, F.error_frame(code, message, now, details=details))
 
     def _close(self, session: Session, code: int, reason: str, *, abort: bool = False) -> None:
@@ -795,6 +799,7 @@ class RelayCore:
             durable=not direct,
             seq=next(self._seqs),
         )
+        self.metrics.events["accepted"] += 1
         self._remember(message, now)
         self._stage(message, front=False)
         self._drain_staging(message.recipient, now)
@@ -817,6 +822,7 @@ class RelayCore:
             )
             return
         del recipient.unacked[msgid]
+        self.metrics.ack_latency.observe(now - message.written_at)
         self._finish(message, Status.ACKNOWLEDGED, now)
         self._send(
             session,
@@ -943,6 +949,8 @@ class RelayCore:
             if message.acknowledge:
                 recipient.unacked[message.msgid] = message
             redelivered = message.attempts > 1 or message.resumed
+            if redelivered:
+                self.metrics.events["redelivered"] += 1
             text = F.delivery_frame(
                 message.fields, attempt=message.attempts, redelivered=redelivered
             )
@@ -968,6 +976,7 @@ class RelayCore:
         if session is None:
             return
         session.queued -= count
+        self.metrics.frames_out += count
         recipient = self._recipients.get(session.client) if session.client else None
         told: list[int] = []
         for ref in refs:
@@ -979,8 +988,11 @@ class RelayCore:
                 continue
             if ref.where is not Where.SENT or ref.sid != sid:
                 continue
+            if ref.attempts == 1 and not ref.resumed:
+                self.metrics.delivery_latency.observe(now - ref.accepted_at)
             if ref.acknowledge:
                 ref.where = Where.UNACKED
+                ref.written_at = now
                 self._at(now + self.relay.ack_timeout, TimerKind.ACK, ref, ref.gen)
             else:
                 self._finish(ref, Status.DELIVERED, now)
@@ -1034,6 +1046,7 @@ class RelayCore:
 
     def _finish(self, message: Message, status: Status, now: float, *, reason: str = "") -> None:
         """The message reached its final ``status``: record it and tell its sender."""
+        self.metrics.events[status.value] += 1
         message.where = Where.DONE
         message.gen += 1
         self._by_seq.pop(message.seq, None)
@@ -1104,6 +1117,7 @@ class RelayCore:
             frame["reason"] = reason
         if duplicate:
             frame["duplicate"] = True
+            self.metrics.events["duplicate"] += 1
         self._send(session, F.encode(frame), ref)
 
     # --- store results ---------------------------------------------------------------------

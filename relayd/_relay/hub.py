@@ -26,9 +26,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import trio
 from attrs import define, field, frozen
@@ -251,7 +251,9 @@ class Hub:
             while self._store_queue and len(ops) < max_batch:
                 ops.append(self._store_queue.popleft())
             self._store_busy = True
+            started = time.perf_counter()
             results = await self.store.execute(ops, max_queued=max_queued)
+            self.core.metrics.commit_latency.observe(time.perf_counter() - started)
             self._store_busy = False
             self.core.store_done(ops, results, self.clock())
             self._apply()
@@ -269,6 +271,7 @@ class Hub:
             client = await self.auth.get_client(claims.sub)
         except ApiError as exc:
             audit("ws_auth_failed", source=remote, reason=exc.code, refresh=refresh or None)
+            self.core.metrics.events[f"auth_failed:{exc.code}"] += 1
             self.core.auth_failed(sid, exc.code, exc.message, self.clock(), refresh=refresh)
         else:
             who = Identity(client.uuid, client.name, claims.iat, claims.exp)
@@ -284,6 +287,11 @@ class Hub:
 
     def online(self, client: str) -> bool:
         return self.core.online(client)
+
+    @property
+    def store_backlog(self) -> int:
+        """Store operations waiting for the next group commit."""
+        return len(self._store_queue)
 
     async def serve(self, transport: Transport) -> None:
         """Serve one accepted socket until it closes. Runs in the listener's task for it."""
@@ -358,6 +366,7 @@ class Hub:
                 await self._changed.wait()  # the store task signals each commit
             try:
                 data = await transport.receive()
+                core.metrics.frames_in += 1
             except TransportClosed:
                 return
             core.receive(handle.sid, data, self.clock())
@@ -414,7 +423,3 @@ class Hub:
             handle.pinging = False
         self.core.pong(handle.sid, self.clock())
         self._apply()
-
-
-def stats(hub: Hub) -> dict[str, Any]:
-    return {**hub.core.stats(), "store_queue": len(hub._store_queue)}
