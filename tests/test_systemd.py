@@ -8,6 +8,10 @@ pings land at exact virtual instants.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +83,67 @@ def test_a_vanished_notify_socket_is_logged_not_fatal(
     with caplog.at_level(logging.WARNING, logger="relayd"):
         notifier.ready("serving")  # no listener: a warning, no exception
     assert "cannot notify systemd" in caplog.text
+
+
+UNIT = Path(__file__).parent.parent / "contrib" / "relayd.service"
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+async def test_relayd_started_as_the_unit_starts_it_reports_ready_then_stopping(
+    tmp_path: Path,
+) -> None:
+    """``relayd serve`` with the unit's environment (state directory, the secret as a
+    credential, the watchdog) and a notify socket, as systemd runs it under Type=notify."""
+    unit = unit_settings()
+    assert unit["Type"] == ["notify"]
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "signing-secret").write_text(TEST_ENV["RELAYD_SECRET"])
+    state = tmp_path / "state"
+    environ = dict(
+        entry.replace("%d", str(credentials)).split("=", 1) for entry in unit["Environment"]
+    )
+    environ["RELAYD_STATE_DIR"] = str(state)  # the unit's StateDirectory, here
+    watchdog_sec = float(unit["WatchdogSec"][0].removesuffix("s"))
+    exec_start = unit["ExecStart"][0].split()
+    assert exec_start[1:3] == ["serve", "--config"]
+    config = tmp_path / "relayd.toml"
+    config.write_text('[http]\nlisten = "127.0.0.1:0"\n[auth]\nkdf_cost = 1024\n')
+    address = str(tmp_path / "notify.sock")
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+    await sock.bind(address)
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        **environ,
+        "NOTIFY_SOCKET": address,
+        "WATCHDOG_USEC": str(int(watchdog_sec * 1e6)),
+    }
+    with sock, trio.fail_after(30):
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "relayd", "serve", "--config", str(config)],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            messages = [(await sock.recv(4096)).decode().split("\n") for _ in range(2)]
+            ready = next(m for m in messages if m[0] == "READY=1")
+            assert ready[1].startswith("STATUS=serving on http://127.0.0.1:")
+            assert ["WATCHDOG=1"] in messages
+            assert (state / "relayd.sqlite3").exists()
+            process.send_signal(signal.SIGTERM)
+            while (message := (await sock.recv(4096)).decode().split("\n")) == ["WATCHDOG=1"]:
+                pass
+            assert message == ["STOPPING=1", "STATUS=draining"]
+            assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
