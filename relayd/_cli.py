@@ -38,18 +38,26 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _serve_until_signalled(daemon: Daemon) -> int:
-    """Run the daemon; the first SIGINT/SIGTERM drains it, a second one stops it at once."""
+async def _serve_until_signalled(daemon: Daemon, config_path: str | None) -> int:
+    """Run the daemon; the first SIGINT/SIGTERM drains it, a second one stops it at once;
+    SIGHUP re-reads the config and applies what can change without a restart."""
     forced = False
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 nonlocal forced
                 count = 0
                 async for signum in signals:
-                    count += 1
                     name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP received: reloading the config")
+                        try:
+                            daemon.reload(load_config(config_path))
+                        except ConfigError as exc:
+                            log.error("reload refused, the running config stays: %s", exc)
+                        continue
+                    count += 1
                     if count == 1:
                         log.info("%s received: draining (send it again to stop at once)", name)
                         daemon.stop()
@@ -68,7 +76,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging(config.log.level, config.log.format)
     try:
-        return trio.run(_serve_until_signalled, Daemon(config))
+        return trio.run(_serve_until_signalled, Daemon(config), args.config)
     except BaseException as exc:
         leaf = _leaf(exc)
         if isinstance(leaf, ConfigError):

@@ -395,6 +395,64 @@ def load_config(
     return structure(overridden, source)
 
 
+# Keys a reload (SIGHUP) applies to the running daemon; a change to any other key is logged
+# as needing a restart.
+RELOADABLE = frozenset(
+    {
+        "log.level",
+        "log.format",
+        "auth.registration",
+        "http.register_per_minute",
+        "http.register_burst",
+        "http.auth_per_minute",
+        "http.auth_burst",
+        "websocket.max_connections",
+        "websocket.max_connections_per_ip",
+        "websocket.max_pending_auth",
+        "websocket.messages_per_second",
+        "websocket.message_burst",
+        "websocket.max_strikes",
+        "websocket.auth_timeout",
+        "websocket.write_timeout",
+        "websocket.token_warning",
+        "relay.ack_timeout",
+        "relay.max_attempts",
+        "relay.backoff_initial",
+        "relay.backoff_max",
+        "relay.default_ttl",
+        "relay.max_ttl",
+        "relay.max_queued_per_recipient",
+    }
+)
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    before, after = unstructure(old), unstructure(new)
+    keys = []
+    for name, value in after.items():
+        if isinstance(value, dict):
+            keys += [f"{name}.{k}" for k, v in value.items() if before[name][k] != v]
+        elif before[name] != value:
+            keys.append(name)
+    return keys
+
+
+def with_keys(base: Config, source: Config, keys: list[str]) -> Config:
+    """``base`` with the values of ``keys`` taken from ``source``."""
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        if name:
+            sections.setdefault(section, {})[name] = getattr(getattr(source, section), name)
+        else:
+            top[section] = getattr(source, section)
+    for section, values in sections.items():
+        top[section] = attrs.evolve(getattr(base, section), **values)
+    return attrs.evolve(base, **top)
+
+
 def unstructure(config: Config) -> dict[str, Any]:
     result: dict[str, Any] = _converter.unstructure(config)
     return result

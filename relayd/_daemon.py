@@ -21,9 +21,10 @@ from attrs import frozen
 
 from ._asgi import Dispatcher, hypercorn_config, metrics_app, serve_http
 from ._auth import AuthService, load_signing_secret
-from ._config import Config
+from ._config import RELOADABLE, Config, changed_keys, with_keys
 from ._errors import ConfigError
 from ._http import Readiness, Services, create_app
+from ._log import configure as configure_logging
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
 from ._relay.hub import Hub
 from ._relay.listeners import asgi_websocket_app, serve_dedicated
@@ -88,6 +89,28 @@ class Daemon:
     def stop(self) -> None:
         """Begin a graceful shutdown. Safe to call more than once, or before ``run``."""
         self._stop_requested.set()
+
+    def reload(self, new: Config) -> tuple[list[str], list[str]]:
+        """Apply what can change safely from ``new`` (see ``RELOADABLE``) to the running
+        daemon; return the keys applied and the changed keys that need a restart."""
+        changed = changed_keys(self.config, new)
+        applied = [key for key in changed if key in RELOADABLE]
+        restart = [key for key in changed if key not in RELOADABLE]
+        self._notifier.reloading()
+        config = self.config = with_keys(self.config, new, applied)
+        configure_logging(config.log.level, config.log.format)
+        if self.services is not None:
+            self.services.reconfigure(config)
+        if self.hub is not None:
+            self.hub.core.reconfigure(config.relay, config.websocket)
+        log.info(
+            "config reloaded",
+            extra={"fields": {"applied": ",".join(applied), "needs_restart": ",".join(restart)}},
+        )
+        if restart:
+            log.warning("these changes need a restart to apply: %s", ", ".join(restart))
+        self._notifier.ready("reloaded")
+        return applied, restart
 
     async def run(
         self, *, task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED

@@ -73,6 +73,15 @@ class Services:
         )
         self.auth_limiter = RateLimiter(rate=http.auth_per_minute / 60, burst=http.auth_burst)
 
+    def reconfigure(self, config: Config) -> None:
+        """New settings (a reload): the routes read ``config`` from their next request on."""
+        self.config = config
+        http = config.http
+        self.register_limiter.reconfigure(
+            rate=http.register_per_minute / 60, burst=http.register_burst
+        )
+        self.auth_limiter.reconfigure(rate=http.auth_per_minute / 60, burst=http.auth_burst)
+
 
 def _error_response(error: ApiError) -> Response:
     response = jsonify(error.to_json())

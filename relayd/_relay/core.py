@@ -290,6 +290,15 @@ class RelayCore:
         self._strikes = RateLimiter(rate=1.0, burst=websocket.max_strikes)
         self._at(now + relay.sweep_interval, TimerKind.SWEEP, None, 0)
 
+    def reconfigure(self, relay: RelayConfig, websocket: WebsocketConfig) -> None:
+        """New settings (a reload): limits and timers apply from the next decision on."""
+        self.relay = relay
+        self.ws = websocket
+        self._send_limiter.reconfigure(
+            rate=websocket.messages_per_second, burst=websocket.message_burst
+        )
+        self._strikes.reconfigure(rate=1.0, burst=websocket.max_strikes)
+
     # --- outputs ---------------------------------------------------------------------------
 
     def take_actions(self) -> list[Action]:

@@ -275,6 +275,7 @@ class Hub:
             self.core.auth_failed(sid, exc.code, exc.message, self.clock(), refresh=refresh)
         else:
             who = Identity(client.uuid, client.name, claims.iat, claims.exp)
+            log.debug("authenticated", extra={"fields": {"sid": sid, "client": client.uuid}})
             self.core.authenticated(sid, who, self.clock(), refresh=refresh)
         self._apply()
 
@@ -301,6 +302,7 @@ class Hub:
         outbound, queued = trio.open_memory_channel[_Outgoing | _CloseItem](capacity)
         handle = _Handle(sid, transport, outbound)
         self._handles[sid] = handle
+        log.debug("socket opened", extra={"fields": {"remote": transport.remote}})
         try:
             with handle.scope:
                 async with trio.open_nursery() as nursery:
@@ -329,6 +331,7 @@ class Hub:
                     await abort_after(CLOSE_TIMEOUT, transport, code, reason)
             # Only now is the socket done with: the drain waits for this.
             del self._handles[sid]
+            log.debug("socket closed", extra={"fields": {"close": handle.close_request}})
             self._signal()
             conn_id.reset(token)
 
