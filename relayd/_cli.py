@@ -13,11 +13,13 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
 from . import __version__
-from ._auth import load_signing_secret
+from ._admin import Admin, backup, print_clients
+from ._auth import load_signing_secret, normalize_uuid
 from ._config import Config, load_config, to_toml
 from ._daemon import Daemon
 from ._errors import ConfigError, RelaydError
@@ -123,6 +125,45 @@ def _cmd_token_mint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_admin(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configure_logging("warning", config.log.format)
+    admin = Admin(config, _codec(config), args.url)
+    if args.admin_command == "clients":
+        print_clients(admin.clients(), admin.offline)
+    elif args.admin_command == "queues":
+        queues = admin.queues()
+        for client, depth in sorted(queues.items(), key=lambda item: -item[1]):
+            print(f"{client}  {depth}")
+        if not queues:
+            print("no messages waiting", file=sys.stderr)
+    elif args.admin_command == "revoke":
+        admin.revoke(args.uuid)
+        print(f"revoked every token of {args.uuid}", file=sys.stderr)
+    elif args.admin_command == "delete":
+        admin.delete(args.uuid)
+        print(f"deleted {args.uuid}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    counts = backup(config, Path(args.path))
+    print(
+        f"relayd: backed up {config.store_path} to {args.path}: {counts['clients']} clients, "
+        f"{counts['queued_messages']} queued messages. Keep the signing secret with it.",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _uuid(text: str) -> str:
+    try:
+        return normalize_uuid(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
+
+
 MAX_OPERATOR_TOKEN_TTL = 366 * 86_400.0
 
 
@@ -171,6 +212,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--ttl", type=_token_ttl, default=3600.0, help="lifetime in seconds (default 3600)"
     )
     mint.set_defaults(func=_cmd_token_mint)
+
+    admin = commands.add_parser(
+        "admin", help="clients and queues, through the running daemon or its store"
+    )
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    for name, text in [
+        ("clients", "list clients with their online state and queued messages"),
+        ("queues", "queued messages per client"),
+        ("revoke", "revoke every token of a client (closes its session, 4003)"),
+        ("delete", "delete a client (its uuid stays taken)"),
+    ]:
+        action = with_config(admin_commands.add_parser(name, help=text))
+        action.add_argument(
+            "--url", help="the daemon's HTTP address (default: from http.listen in the config)"
+        )
+        if name in ("revoke", "delete"):
+            action.add_argument("uuid", type=_uuid, help="the client's uuid")
+        action.set_defaults(func=_cmd_admin)
+
+    backup_parser = with_config(
+        commands.add_parser("backup", help="copy the store to PATH (safe while running)")
+    )
+    backup_parser.add_argument("path", metavar="PATH", help="the file to write (must not exist)")
+    backup_parser.set_defaults(func=_cmd_backup)
     return parser
 
 

@@ -46,6 +46,8 @@ class Relay(Protocol):
 
     def revoke(self, client: str, *, reason: str = "revoked") -> None: ...
 
+    async def queue_depths(self) -> dict[str, int]: ...
+
 
 class Readiness(enum.Enum):
     STARTING = "starting"
@@ -304,5 +306,18 @@ def create_app(services: Services) -> QuartTrio:
         if services.relay is not None:
             services.relay.revoke(client_uuid, reason="revoked")
         return {"revoked": client_uuid}
+
+    @app.get("/admin/clients")
+    async def admin_clients() -> dict[str, Any]:
+        await admin()
+        clients = await auth.list_clients()
+        queued = await services.relay.queue_depths() if services.relay is not None else {}
+        return {
+            "count": len(clients),
+            "items": [
+                {**_client_json(c, services.relay), "queued": queued.get(c.uuid, 0)}
+                for c in clients
+            ],
+        }
 
     return app

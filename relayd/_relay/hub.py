@@ -289,6 +289,10 @@ class Hub:
     def online(self, client: str) -> bool:
         return self.core.online(client)
 
+    async def queue_depths(self) -> dict[str, int]:
+        """Undelivered messages in the store, per recipient."""
+        return await self.store.queue_depths()
+
     @property
     def store_backlog(self) -> int:
         """Store operations waiting for the next group commit."""

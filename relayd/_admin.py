@@ -1,0 +1,190 @@
+"""``relayd admin`` and ``relayd backup``: operating relayd without reading its source.
+
+``relayd admin`` talks to the running daemon's admin API (``http.listen`` from the config, or
+``--url``) with a short-lived admin token it mints itself from the configured signing secret,
+so the daemon's view (who is online, sessions closed on revocation) is used. When nothing
+answers there, the daemon is taken to be stopped and the store is used directly: the same
+changes, made in the same transactions, without the live part.
+
+``relayd backup PATH`` copies the store with SQLite's online backup API: a consistent
+snapshot, safe while the daemon runs (WAL readers do not block the writer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._config import Config
+from ._errors import RelaydError, StoreError
+from ._log import audit
+from ._store import Store
+from ._tokens import TokenCodec
+
+ADMIN_TOKEN_TTL = 60.0
+HTTP_TIMEOUT = 10.0
+
+
+class AdminError(RelaydError):
+    """An admin command could not be carried out; the message says why."""
+
+
+class DaemonDown(Exception):
+    """Nothing answers at the daemon's address."""
+
+
+def _url(config: Config, explicit: str | None) -> str:
+    if explicit:
+        return explicit.rstrip("/")
+    host, _, port = config.http.listen.rpartition(":")
+    if host in ("0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
+class Admin:
+    """One admin session: the daemon's API if it answers, else the store."""
+
+    def __init__(self, config: Config, codec: TokenCodec, url: str | None) -> None:
+        self.config = config
+        self.codec = codec
+        self.base = _url(config, url)
+        self.offline = False
+
+    # --- the daemon's API ---------------------------------------------------------------------
+
+    def _call(self, method: str, path: str) -> dict[str, Any]:
+        token = self.codec.issue(
+            sub="operator:relayd-admin", token_use="access", roles=("admin",), ttl=ADMIN_TOKEN_TTL
+        ).token
+        request = urllib.request.Request(
+            self.base + path, method=method, headers={"Authorization": f"Bearer {token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+                doc: dict[str, Any] = json.load(response)
+                return doc
+        except urllib.error.HTTPError as exc:
+            try:
+                error = json.load(exc)["error"]
+                message = f"{error['code']}: {error['message']}"
+            except (ValueError, KeyError, TypeError):
+                message = str(exc)
+            raise AdminError(f"{method} {path}: {exc.code} {message}") from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ConnectionRefusedError):
+                raise DaemonDown from None
+            raise AdminError(f"{self.base}: {exc.reason}") from None
+
+    def _live(self, method: str, path: str) -> dict[str, Any] | None:
+        try:
+            return self._call(method, path)
+        except DaemonDown:
+            self.offline = True
+            return None
+
+    # --- the store, when the daemon is stopped ------------------------------------------------
+
+    def _store(self, operation: str, *args: Any) -> Any:
+        path = self.config.store_path
+        if path == ":memory:":
+            raise AdminError("the daemon is not running and its store is :memory:")
+        if not Path(path).exists():
+            raise AdminError(f"the daemon is not running and there is no store at {path}")
+
+        async def run() -> Any:
+            async with Store.open(path, synchronous=self.config.store.synchronous) as store:
+                return await getattr(store, operation)(*args)
+
+        return trio.run(run)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    def clients(self) -> list[dict[str, Any]]:
+        live = self._live("GET", "/admin/clients")
+        if live is not None:
+            items: list[dict[str, Any]] = live["items"]
+            return items
+        records = self._store("list_clients")
+        depths = self._store("queue_depths")
+        return [
+            {
+                "uuid": c.uuid,
+                "name": c.name,
+                "created_at": c.created_at,
+                "online": None,
+                "queued": depths.get(c.uuid, 0),
+            }
+            for c in records
+        ]
+
+    def queues(self) -> dict[str, int]:
+        return {c["uuid"]: c["queued"] for c in self.clients() if c["queued"]}
+
+    def revoke(self, client: str) -> None:
+        if self._live("POST", f"/admin/clients/{client}/revoke") is not None:
+            return
+        if not self._store("revoke_client_tokens", client, time.time()):
+            raise AdminError(f"no client {client}")
+        audit("client_revoked", client=client, actor="operator:relayd-admin", source="store")
+
+    def delete(self, client: str) -> None:
+        if self._live("DELETE", f"/clients/{client}") is not None:
+            return
+        if not self._store("delete_client", client, time.time()):
+            raise AdminError(f"no client {client}")
+        audit("client_deleted", client=client, actor="operator:relayd-admin", source="store")
+
+
+def print_clients(clients: list[dict[str, Any]], offline: bool) -> None:
+    print(f"{'uuid':36}  {'online':6}  {'queued':>6}  name")
+    for client in clients:
+        online = "-" if client["online"] is None else ("yes" if client["online"] else "no")
+        print(f"{client['uuid']:36}  {online:6}  {client['queued']:>6}  {client['name']}")
+    if offline:
+        print("(relayd is not running: read from the store; online state unknown)", file=sys.stderr)
+
+
+def backup(config: Config, target: Path) -> dict[str, int]:
+    """Copy the store to ``target`` (which must not exist) with SQLite's online backup.
+
+    Raises:
+        AdminError: no file store, or ``target`` exists or cannot be written.
+        StoreError: the copy failed.
+    """
+    source = config.store_path
+    if source == ":memory:":
+        raise AdminError("the store is :memory:; there is nothing on disk to back up")
+    if not Path(source).exists():
+        raise AdminError(f"no store at {source}")
+    if target.exists():
+        raise AdminError(f"{target} exists; relayd backup does not overwrite")
+    try:
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        raise AdminError(f"cannot create {target}: {exc.strerror}") from None
+    os.close(fd)
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        dst = sqlite3.connect(target)
+        try:
+            src.execute("PRAGMA busy_timeout = 5000")
+            src.backup(dst)
+            clients = dst.execute("SELECT COUNT(*) FROM clients WHERE deleted_at IS NULL")
+            queued = dst.execute("SELECT COUNT(*) FROM messages WHERE status IS NULL")
+            return {"clients": clients.fetchone()[0], "queued_messages": queued.fetchone()[0]}
+        finally:
+            dst.close()
+            src.close()
+    except sqlite3.Error as exc:
+        target.unlink(missing_ok=True)
+        raise StoreError(f"backup of {source} failed: {exc}") from exc

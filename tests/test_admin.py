@@ -1,0 +1,134 @@
+"""``relayd admin`` (through the running daemon, or its store when stopped) and
+``relayd backup`` (a store a fresh relayd starts from, clients and queued messages intact)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from relayd import Config
+from relayd._relay.frames import CloseCode
+
+from .support import TEST_ENV, HttpClient, RunningRelayd, make_config, start_relayd
+from .ws_support import ws_connect
+
+DEADLINE = 30.0
+
+
+def file_config(state: Path, **sections: Any) -> Config:
+    return make_config(
+        state.parent, {"state_dir": str(state), "store": {"path": "relayd.sqlite3"}, **sections}
+    )
+
+
+def config_file(tmp_path: Path, state: Path, listen: str) -> Path:
+    path = tmp_path / "cli.toml"
+    path.write_text(
+        f'state_dir = "{state}"\n[http]\nlisten = "{listen}"\n'
+        '[store]\npath = "relayd.sqlite3"\n[auth]\nkdf_cost = 1024\n'
+    )
+    return path
+
+
+async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {"PATH": os.environ.get("PATH", ""), **TEST_ENV}
+    with trio.fail_after(DEADLINE):
+        return await trio.run_process(
+            [sys.executable, "-m", "relayd", *args],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
+async def queue_for(relayd: RunningRelayd, sender: dict[str, Any], to: str, count: int) -> None:
+    async with ws_connect(relayd, sender["access_token"]) as socket:
+        await socket.next()
+        for i in range(count):
+            await socket.send({"to": to, "msgid": f"m{i}", "acknowledge": True, "content": str(i)})
+            assert (await socket.next())["status"] == "queued_offline"
+
+
+async def test_admin_through_the_daemon_then_through_the_store(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    async with trio.open_nursery() as nursery:
+        relayd = await start_relayd(nursery, file_config(state))
+        host, port = relayd.addresses.http
+        config = config_file(tmp_path, state, f"{host}:{port}")
+        alice = await relayd.http.register("alice")
+        bob = await relayd.http.register("bob")
+        await queue_for(relayd, alice, bob["uuid"], 3)
+        async with ws_connect(relayd, alice["access_token"]) as socket:
+            await socket.next()
+            listed = await cli("admin", "clients", "--config", str(config))
+            assert listed.returncode == 0, listed.stderr
+            rows = {line.split()[0]: line.split() for line in listed.stdout.decode().splitlines()}
+            assert rows[alice["uuid"]][1:] == ["yes", "0", "alice"]
+            assert rows[bob["uuid"]][1:] == ["no", "3", "bob"]
+            queues = await cli("admin", "queues", "--config", str(config))
+            assert queues.stdout.decode().split() == [bob["uuid"], "3"]
+            revoked = await cli("admin", "revoke", alice["uuid"], "--config", str(config))
+            assert revoked.returncode == 0, revoked.stderr
+            assert await socket.closed() == CloseCode.REVOKED
+        relayd.daemon.stop()
+
+    # relayd is stopped: the same commands work on the store.
+    listed = await cli("admin", "clients", "--config", str(config))
+    assert listed.returncode == 0, listed.stderr
+    assert b"online state unknown" in listed.stderr
+    assert f"{bob['uuid']}  -            3  bob".encode() in listed.stdout
+    deleted = await cli("admin", "delete", bob["uuid"], "--config", str(config))
+    assert deleted.returncode == 0, deleted.stderr
+    listed = await cli("admin", "clients", "--config", str(config))
+    assert bob["uuid"].encode() not in listed.stdout
+    missing = await cli("admin", "revoke", bob["uuid"], "--config", str(config))
+    assert (missing.returncode, b"no client" in missing.stderr) == (1, True)
+    bad = await cli("admin", "revoke", "not-a-uuid", "--config", str(config))
+    assert bad.returncode == 2
+
+
+async def test_backup_while_running_restores_clients_and_queued_messages(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    target = tmp_path / "backup.sqlite3"
+    async with trio.open_nursery() as nursery:
+        relayd = await start_relayd(nursery, file_config(state))
+        config = config_file(tmp_path, state, "127.0.0.1:0")
+        alice = await relayd.http.register("alice")
+        bob = await relayd.http.register("bob")
+        await queue_for(relayd, alice, bob["uuid"], 3)
+        result = await cli("backup", str(target), "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert b"2 clients, 3 queued messages" in result.stderr
+        assert (target.stat().st_mode & 0o777) == 0o600
+        again = await cli("backup", str(target), "--config", str(config))
+        assert (again.returncode, b"does not overwrite" in again.stderr) == (1, True)
+        relayd.daemon.stop()
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir(mode=0o700)
+    shutil.copy(target, fresh / "relayd.sqlite3")
+    async with trio.open_nursery() as nursery:
+        relayd = await start_relayd(nursery, file_config(fresh))
+        http: HttpClient = relayd.http
+        login = await http.post(
+            "/auth/token", {"uuid": bob["uuid"], "client_secret": bob["client_secret"]}
+        )
+        assert login.status == 200, login
+        async with ws_connect(relayd, login.json()["access_token"]) as socket:
+            assert (await socket.next())["type"] == "connection"
+            got = [await socket.next() for _ in range(3)]
+            assert [(m["msgid"], m["from"]) for m in got] == [
+                (f"m{i}", alice["uuid"]) for i in range(3)
+            ]
+        listed = await http.get("/clients", token=login.json()["access_token"])
+        assert set(listed.json()["clients"]) == {alice["uuid"], bob["uuid"]}
+        relayd.daemon.stop()
