@@ -376,8 +376,7 @@ async def start_unfinished_request(client: HttpClient) -> trio.SocketStream:
     stream = await trio.open_tcp_stream(client.host, client.port)
     head = (
         b"POST /register HTTP/1.1\r\nHost: relayd\r\nContent-Type: application/json\r\n"
-        b"Connection: close\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
-        % len(LATE_BODY)
+        b"Connection: close\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(LATE_BODY)
     )
     await stream.send_all(head)
     interim = b""

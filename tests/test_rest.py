@@ -583,7 +583,7 @@ async def test_readiness_reports_503_unless_ready(relayd: RunningRelayd, state: 
         ("POST", "/nope"),
         ("GET", "/register/extra"),
         ("GET", "/clients/a/b"),
-        ("POST", "/admin/clients"),
+        ("POST", "/admin/nope"),
         ("GET", "/ws"),
     ],
 )
