@@ -153,6 +153,9 @@ def hypercorn_config(
     hypercorn.accesslog = None
     hypercorn.errorlog = logging.getLogger("relayd.hypercorn")
     hypercorn.include_server_header = False
+    if config.tls.enabled:
+        hypercorn.certfile = config.tls.cert_file
+        hypercorn.keyfile = config.tls.key_file
     return hypercorn
 
 

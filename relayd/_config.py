@@ -32,7 +32,7 @@ from attrs import field, frozen
 from cattrs.errors import ForbiddenExtraKeysError
 
 from ._errors import ConfigError
-from ._structure import field_error, iter_errors, strict_converter
+from ._structure import FieldError, field_error, iter_errors, strict_converter
 
 ENV_PREFIX = "RELAYD_"
 # Environment variables with the prefix that are not config keys.
@@ -199,6 +199,25 @@ class RelayConfig:
 
 
 @frozen(kw_only=True)
+class TlsConfig:
+    """TLS on relayd's own listeners (or terminate it in a proxy: contrib/nginx)."""
+
+    cert_file: str = ""
+    """PEM certificate chain for the HTTP port, the dedicated WebSocket listener and the metrics
+    listener; empty: plain HTTP and WebSocket."""
+    key_file: str = ""
+    """PEM private key for ``cert_file``."""
+
+    def __attrs_post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise FieldError("key_file" if self.cert_file else "cert_file", "give both or neither")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@frozen(kw_only=True)
 class MetricsConfig:
     """The Prometheus endpoint."""
 
@@ -242,6 +261,7 @@ class Config:
     auth: AuthConfig = field(factory=AuthConfig)
     store: StoreConfig = field(factory=StoreConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
+    tls: TlsConfig = field(factory=TlsConfig)
     log: LogConfig = field(factory=LogConfig)
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -21,7 +22,7 @@ from attrs import frozen
 
 from ._asgi import Dispatcher, hypercorn_config, metrics_app, serve_http
 from ._auth import AuthService, load_signing_secret
-from ._config import RELOADABLE, Config, changed_keys, with_keys
+from ._config import RELOADABLE, Config, TlsConfig, changed_keys, with_keys
 from ._errors import ConfigError
 from ._http import Readiness, Services, create_app
 from ._log import configure as configure_logging
@@ -44,17 +45,35 @@ class Addresses:
     http: tuple[str, int]
     websocket: tuple[str, int] | None = None
     metrics: tuple[str, int] | None = None
+    tls: bool = False
 
     @property
     def http_url(self) -> str:
-        return _url("http", self.http)
+        return _url("https" if self.tls else "http", self.http)
 
     @property
     def websocket_url(self) -> str:
         """The dedicated WebSocket listener, else ``/ws`` on the HTTP port."""
-        if self.websocket is None:
-            return _url("ws", self.http) + "/ws"
-        return _url("ws", self.websocket) + "/ws"
+        scheme = "wss" if self.tls else "ws"
+        return _url(scheme, self.websocket or self.http) + "/ws"
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """The server side of TLS, or ``None`` when it is off.
+
+    Raises:
+        ConfigError: the certificate or key cannot be loaded.
+    """
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"tls: cannot load {tls.cert_file} / {tls.key_file}: {exc.strerror or exc}"
+        ) from None
+    return context
 
 
 def _url(scheme: str, address: tuple[str, int]) -> str:
@@ -128,6 +147,7 @@ class Daemon:
             raise ConfigError(
                 f"state_dir: cannot create {config.state_dir}: {exc.strerror}"
             ) from None
+        server_ssl_context(config.tls)  # a bad certificate or key stops relayd here
         secret, origin = load_signing_secret(config, self._environ)
         assert secret is not None
         log.info("signing secret loaded", extra={"fields": {"from": origin}})
@@ -191,7 +211,9 @@ class Daemon:
                 websocket = None
                 if config.websocket.listen:
                     websocket = await nursery.start(self._serve_dedicated, hub, dedicated)
-                addresses = Addresses(http=http, websocket=websocket, metrics=metrics_address)
+                addresses = Addresses(
+                    http=http, websocket=websocket, metrics=metrics_address, tls=config.tls.enabled
+                )
                 nursery.start_soon(self._housekeeping, auth)
                 nursery.start_soon(self._notifier.watchdog)
                 services.readiness = Readiness.READY
@@ -226,7 +248,12 @@ class Daemon:
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         with scope:
-            await serve_dedicated(hub, self.config.websocket, task_status=task_status)
+            await serve_dedicated(
+                hub,
+                self.config.websocket,
+                ssl_context=server_ssl_context(self.config.tls),
+                task_status=task_status,
+            )
 
     async def _housekeeping(
         self, auth: AuthService, *, interval: float = HOUSEKEEPING_INTERVAL

@@ -115,7 +115,7 @@ class HttpClient:
 
 
 async def _exchange(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     method: str,
     path: str,
     headers: Mapping[str, str],
@@ -135,7 +135,7 @@ async def _exchange(
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
         elif isinstance(event, h11.Response):
             status = event.status_code
             response_headers = {k.decode().lower(): v.decode() for k, v in event.headers}

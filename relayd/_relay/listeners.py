@@ -6,6 +6,7 @@ and hands the socket to :meth:`Hub.serve`, which authenticates it before reading
 
 from __future__ import annotations
 
+import ssl
 from functools import partial
 from typing import Any
 
@@ -46,6 +47,7 @@ async def serve_dedicated(
     hub: Hub,
     config: WebsocketConfig,
     *,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``config.listen`` with trio-websocket until cancelled.
@@ -75,7 +77,7 @@ async def serve_dedicated(
                 handler,
                 host,
                 port,
-                None,
+                ssl_context,
                 handler_nursery=hub.nursery,
                 max_message_size=config.max_frame_bytes,
                 connect_timeout=config.auth_timeout,
