@@ -14,6 +14,7 @@ that completes a response runs shielded, bounded by a deadline.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
@@ -24,6 +25,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from ._config import Config, parse_address
+from ._log import conn_id
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -79,6 +81,7 @@ class Dispatcher:
         self.websocket_path = websocket_path
         self.finish_timeout = finish_timeout
         self._requests = 0  # HTTP requests being answered
+        self._ids = itertools.count(1)
         self._idle = trio.Event()
         self._idle.set()
 
@@ -92,9 +95,12 @@ class Dispatcher:
             if self._requests == 0:
                 self._idle = trio.Event()
             self._requests += 1
+            # Every line logged while answering carries the request's id.
+            token = conn_id.set(f"http{next(self._ids)}")
             try:
                 await self.http_app(scope, receive, _finishing(send, self.finish_timeout))
             finally:
+                conn_id.reset(token)
                 self._requests -= 1
                 if self._requests == 0:
                     self._idle.set()

@@ -29,9 +29,28 @@ def audit(event: str, **fields: Any) -> None:
     _audit_log.info(event, extra={"fields": {k: v for k, v in fields.items() if v is not None}})
 
 
+def _stamp_connection() -> None:
+    """Records take the connection id when they are made, not when (or where) they are
+    formatted: a handler may format later, in another context."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "relayd_conn", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        record.relayd_conn = conn_id.get()
+        return record
+
+    factory.relayd_conn = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+_stamp_connection()
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    cid = conn_id.get()
+    cid = getattr(record, "relayd_conn", None)
     if cid is not None:
         fields["conn"] = cid
     extra = getattr(record, "fields", None)
@@ -90,3 +109,15 @@ def configure(level: str, fmt: str) -> None:
 
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
+    quiet_libraries()
+
+
+# Libraries whose debug lines would carry what relayd never logs: trio-websocket logs every
+# event it receives, the handshake's request target (?token=...) and message text included.
+QUIET_LOGGERS = ("trio-websocket",)
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries in ``QUIET_LOGGERS`` at WARNING, whatever relayd's own level."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

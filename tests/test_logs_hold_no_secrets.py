@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from relayd._log import AUDIT_LOGGER, JsonFormatter, TextFormatter
+from relayd._log import AUDIT_LOGGER, JsonFormatter, TextFormatter, quiet_libraries
 
 from .support import TEST_SECRET, RunningRelayd
+from .ws_support import ws_connect
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +25,7 @@ def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
     Autouse fixtures are set up first, so the daemon's start-up is captured as well.
     """
     caplog.set_level(logging.DEBUG)
+    quiet_libraries()  # as relayd's logging set-up does
 
 
 def all_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -141,3 +143,26 @@ async def test_audit_log_records_the_client_life(
         assert doc["msg"] == record.getMessage()
         assert doc["client"] == client
         assert doc["source"] == "127.0.0.1"
+
+
+async def test_websocket_logs_hold_no_tokens_and_audit_refusals(
+    relayd: RunningRelayd, caplog: pytest.LogCaptureFixture
+) -> None:
+    registered = await relayd.http.register("alice")
+    secrets = [TEST_SECRET, *secrets_of(registered)]
+    async with ws_connect(relayd, registered["access_token"]) as socket:
+        assert (await socket.next())["type"] == "connection"
+    bad = registered["access_token"][:-4] + "AAAA"
+    async with ws_connect(relayd, bad) as socket:
+        assert (await socket.next())["error"]["code"] == "token_invalid"
+    records = all_records(caplog)
+    text = formatted(records)
+    for secret in [*secrets, bad, bad.rsplit(".", 1)[1]]:
+        assert secret not in text
+    refused = [r for r in records if r.name == AUDIT_LOGGER and r.getMessage() == "ws_auth_failed"]
+    assert len(refused) == 1
+    fields = getattr(refused[0], "fields", {})
+    assert (fields["source"], fields["reason"]) == ("127.0.0.1", "token_invalid")
+    # Lines logged while serving a socket or a request carry its id.
+    assert "conn=ws1" in text
+    assert "conn=http1" in text
