@@ -10,6 +10,12 @@ work that follows the last body chunk — closing the socket after ``Connection:
 arming the keep-alive idle timer — inside that very ``send``. Cancelled there, that work never
 happens: connections stay open until the client leaves and shutdown waits on them. So the send
 that completes a response runs shielded, bounded by a deadline.
+
+And a trap of hypercorn's Trio worker itself: it writes every byte inside a shielded
+``send_all`` with no deadline. A peer that keeps its connection open but stops reading blocks
+that write forever: nothing can cancel it, so relayd's ``write_timeout`` never fires and
+shutdown never ends. relayd runs hypercorn with a ``TCPServer`` whose shielded write is
+bounded by ``websocket.write_timeout``; past it the connection is closed.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import Any
 
+import hypercorn.trio.run
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 
 from ._config import Config, parse_address
 from ._log import conn_id
@@ -38,6 +47,35 @@ log = logging.getLogger("relayd.http")
 
 # The completing send writes at most one buffer to a socket hypercorn already owns.
 FINISH_TIMEOUT = 10.0
+
+
+class _BoundedWriteTCPServer(TCPServer):
+    """hypercorn's ``TCPServer``, with its shielded write bounded (see the module docstring)."""
+
+    async def protocol_send(self, event: Event) -> None:
+        timeout: float | None = getattr(self.config, "relayd_write_timeout", None)
+        if not isinstance(event, RawData) or timeout is None:
+            await super().protocol_send(event)
+            return
+        stalled = False
+        async with self.send_lock:
+            try:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(timeout) as deadline:
+                        await self.stream.send_all(event.data)
+                    if deadline.cancelled_caught:
+                        stalled = True  # the peer stopped reading; a frame is half-written
+                        await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                stalled = True
+        if stalled:
+            await self.protocol.handle(Closed())
+
+
+if getattr(hypercorn.trio.run, "TCPServer", None) is TCPServer:
+    setattr(hypercorn.trio.run, "TCPServer", _BoundedWriteTCPServer)  # noqa: B010
+else:  # pragma: no cover - a hypercorn that moved it: say so rather than fail silently
+    log.warning("cannot bound hypercorn's socket writes: write_timeout holds on /ws only partly")
 
 
 def _finishing(send: Send, timeout: float) -> Send:
@@ -159,6 +197,7 @@ def hypercorn_config(
     hypercorn.accesslog = None
     hypercorn.errorlog = logging.getLogger("relayd.hypercorn")
     hypercorn.include_server_header = False
+    hypercorn.relayd_write_timeout = ws.write_timeout  # type: ignore[attr-defined]
     if config.tls.enabled:
         hypercorn.certfile = config.tls.cert_file
         hypercorn.keyfile = config.tls.key_file

@@ -8,6 +8,8 @@ metric is listed, with what it means, in docs/operations.md.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,6 +27,7 @@ from ._relay.core import RelayCore
 from ._relay.stats import Histogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STORE_COUNT_INTERVAL = 5.0
 
 MESSAGE_EVENTS = (
     "accepted",
@@ -178,11 +181,16 @@ class Metrics:
         store_ops: Callable[[], int],
     ) -> None:
         self._stored_count = 0
+        self._counted_at = -math.inf
         self._count_stored = stored
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(core, http, lambda: self._stored_count, store_ops))
 
     async def render(self) -> bytes:
-        """The exposition; the count of stored messages is taken fresh for it."""
-        self._stored_count = await self._count_stored()
+        """The exposition. Counting the stored messages takes the store's one connection, so
+        it is done at most every ``STORE_COUNT_INTERVAL`` seconds, however often it is scraped."""
+        now = time.monotonic()
+        if now - self._counted_at >= STORE_COUNT_INTERVAL:
+            self._counted_at = now
+            self._stored_count = await self._count_stored()
         return generate_latest(self.registry)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid as uuid_module
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -68,14 +68,13 @@ class Peer:
             raise TransportClosed(1006, "peer vanished")
         return item
 
-    async def send_many(self, texts: Sequence[str]) -> None:
-        for text in texts:
-            await self.reading.wait()
-            if self.closed.is_set():
-                raise TransportClosed(self.close_code)
-            self.frames.append(json.loads(text))
-            self._arrived.set()
-            self._arrived = trio.Event()
+    async def send(self, text: str) -> None:
+        await self.reading.wait()
+        if self.closed.is_set():
+            raise TransportClosed(self.close_code)
+        self.frames.append(json.loads(text))
+        self._arrived.set()
+        self._arrived = trio.Event()
 
     async def ping(self) -> None:
         self.pings += 1
@@ -93,7 +92,8 @@ class Peer:
 
     # --- the test's side --------------------------------------------------------------------
 
-    async def send(self, frame: Mapping[str, Any] | str | bytes) -> None:
+    async def say(self, frame: Mapping[str, Any] | str | bytes) -> None:
+        """Send ``frame`` to relayd, as the client."""
         data = json.dumps(frame) if isinstance(frame, Mapping) else frame
         await self._inbound_send.send(data)
 

@@ -160,16 +160,28 @@ class CoreHarness:
         self.core.tick(self.now)
         self.run()
 
-    def disconnect(self, sid: int, *, interrupted: int = 0) -> None:
-        """The socket went away. Its outbox was never written, except that the first
-        ``interrupted`` frames were being written when it broke."""
+    def disconnect(self, sid: int, *, written: int = 0, interrupted: int = 0) -> None:
+        """The socket went away. The first ``written`` frames of its outbox were written as it
+        went (and never reported), the next ``interrupted`` were being written when it broke,
+        the rest never were: what the hub tells the core when a socket ends mid-batch."""
         log = self.sessions[sid]
-        refs = [ref for _, ref in log.outbox]
+        done = log.outbox[:written]
+        for text, _ in done:
+            doc = json.loads(text)
+            log.written.append(doc)
+            self.log[sid].append(doc)
+        refs = [ref for _, ref in log.outbox[written:]]
         cut = [r for r in refs[:interrupted] if r is not None]
         unsent = [r for r in refs[interrupted:] if r is not None]
         log.outbox.clear()
         log.gone = True
-        self.core.closed(sid, self.now, unsent=unsent, interrupted=cut)
+        self.core.closed(
+            sid,
+            self.now,
+            written=(len(done), [r for _, r in done if r is not None]),
+            unsent=unsent,
+            interrupted=cut,
+        )
         self.run()
 
     def flush(self, sid: int | None = None) -> None:

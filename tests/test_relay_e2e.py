@@ -7,7 +7,11 @@ carried it, so both pass the same suite.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import os
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +21,14 @@ import trio_websocket
 
 from relayd._relay.frames import CloseCode
 
-from .support import RunningRelayd, make_config, start_relayd
+from .support import IO_DEADLINE, RunningRelayd, make_config, start_relayd
 from .ws_support import WsClient, ws_connect
 
 TRANSPORTS = ["main", "dedicated"]
 
 
 async def start(
-    nursery: trio.Nursery, tmp_path: Path, transport: str, **sections: dict[str, Any]
+    nursery: trio.Nursery, tmp_path: Path, transport: str, **sections: Any
 ) -> RunningRelayd:
     overrides: dict[str, Any] = dict(sections)
     if transport == "dedicated":
@@ -262,3 +266,58 @@ async def test_oversized_frame_closes_1009(relayd: RunningRelayd) -> None:
         with contextlib.suppress(trio_websocket.ConnectionClosed):
             await a.send(big)
         assert await a.closed() == CloseCode.MESSAGE_TOO_BIG
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_recipient_that_stops_reading_is_dropped_and_shutdown_is_not_held(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    """Bob's client stops reading its socket (but stays connected): once nothing can be
+    written to it for write_timeout, relayd drops it, on either transport (on the main port
+    hypercorn's own writes must be bounded too), and Alice is never held up."""
+    relayd = await start(
+        nursery, tmp_path, transport, websocket={"write_timeout": 1.0}, drain_timeout=5.0
+    )
+    alice = await relayd.http.register("alice")
+    bob = await relayd.http.register("bob")
+    async with (
+        ws_connect(relayd, alice["access_token"]) as a,
+        ws_connect(relayd, bob["access_token"], message_queue_size=0) as b,
+    ):
+        await welcome(a, alice["uuid"])
+        await welcome(b, bob["uuid"])
+        big = "x" * 60_000
+        for i in range(200):  # 12 MB: more than the loopback buffers hold
+            await a.send({"to": bob["uuid"], "msgid": f"m{i}", "content": big})
+        hub = relayd.daemon.hub
+        assert hub is not None
+        with trio.fail_after(10):  # the hub signals every session's end
+            await hub._until(lambda: not hub.online(bob["uuid"]))
+        with trio.fail_after(6):  # drain_timeout, and a margin
+            relayd.daemon.stop()
+            await a.closed()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_peers_that_vanish_during_the_handshake_do_not_take_relayd_down(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    """Handshakes cut off by a TCP reset (on the right path and a wrong one) end those
+    connections only."""
+    relayd = await start(nursery, tmp_path, transport)
+    host, port = relayd.addresses.websocket or relayd.addresses.http
+    for path in ("/ws", "/nope") * 10:
+        sock = trio.socket.socket()
+        with sock, trio.fail_after(IO_DEADLINE):
+            await sock.connect((host, port))
+            key = base64.b64encode(os.urandom(16)).decode()
+            await sock.send(
+                f"GET {path} HTTP/1.1\r\nHost: relayd\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            # Close with a reset, not a FIN: SO_LINGER with a zero timeout.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    alice = await relayd.http.register("alice")
+    async with ws_connect(relayd, alice["access_token"]) as a:
+        await welcome(a, alice["uuid"])

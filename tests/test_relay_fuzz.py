@@ -712,10 +712,13 @@ class Session:
             if token == self.me.token:
                 assert [f["type"] for f in replies] == ["token_refreshed"], replies
                 return None
-            assert len(errors) == 1, replies
             assert errors[0].startswith("token_"), replies
-            # Another client's valid token: an auth rule closes the session.
-            return CloseCode.AUTH_FAILED if token in {c.token for c in self.peers} else None
+            if token in {c.token for c in self.peers}:
+                # Another client's valid token: an auth rule closes the session.
+                assert len(errors) == 1, replies
+                return CloseCode.AUTH_FAILED
+            # A refused token is a refused frame like any other.
+            return self._strike(replies)
         if kind == "ping":
             assert of_type(replies, "pong"), replies
             return None

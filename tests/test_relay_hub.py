@@ -35,7 +35,7 @@ async def test_unacked_message_is_redelivered_with_backoff_then_failed(
         alice, bob = await env.client("alice"), await env.client("bob")
         a, b = await env.connect(alice), await env.connect(bob)
         t0 = trio.current_time()
-        await a.send(message(bob.uuid, "m1", acknowledge=True))
+        await a.say(message(bob.uuid, "m1", acknowledge=True))
 
         first = await b.next_of("message")
         assert (first["attempt"], first["redelivered"]) == (1, False)
@@ -65,12 +65,12 @@ async def test_ack_stops_redelivery(autojump_clock: MockClock) -> None:
     async with running_hub({"relay": {"ack_timeout": 10.0}}) as env:
         alice, bob = await env.client("alice"), await env.client("bob")
         a, b = await env.connect(alice), await env.connect(bob)
-        await a.send(message(bob.uuid, "m1", acknowledge=True))
+        await a.say(message(bob.uuid, "m1", acknowledge=True))
         assert (await b.next_of("message"))["attempt"] == 1
         assert (await a.next())["status"] == "pending_ack"
         await trio.sleep(9.5)
         t = trio.current_time()
-        await b.send({"type": "ack", "msgid": "m1"})
+        await b.say({"type": "ack", "msgid": "m1"})
         assert (await b.next()) == {
             "type": "ack_received",
             "msgid": "m1",
@@ -89,7 +89,7 @@ async def test_message_expires_while_waiting_for_its_ack(autojump_clock: MockClo
         alice, bob = await env.client("alice"), await env.client("bob")
         a, b = await env.connect(alice), await env.connect(bob)
         t0 = trio.current_time()
-        await a.send(message(bob.uuid, "m1", acknowledge=True, ttl=15.0))
+        await a.say(message(bob.uuid, "m1", acknowledge=True, ttl=15.0))
         await b.next_of("message")
         assert (await b.next_of("message"))["attempt"] == 2  # at t0 + 11
         # The second ack timeout (t0 + 21) falls after the ttl (t0 + 15): expired, not retried.
@@ -106,7 +106,7 @@ async def test_queued_message_expires_at_the_first_sweep_after_its_ttl(
         a = await env.connect(alice)
         t0 = trio.current_time()
         assert t0 < 30.0
-        await a.send(message(bob.uuid, "m1", ttl=5.0))
+        await a.say(message(bob.uuid, "m1", ttl=5.0))
         assert (await a.next())["status"] == "queued_offline"
         update = await a.next()
         # The store is swept every 30 s from the hub's start (t = 0).
@@ -138,7 +138,7 @@ async def test_auth_frame_authenticates(autojump_clock: MockClock) -> None:
         alice = await env.client("alice")
         peer = env.open()
         await trio.sleep(3)
-        await peer.send({"type": "auth", "token": alice.token})
+        await peer.say({"type": "auth", "token": alice.token})
         welcome = await peer.next()
         assert (welcome["type"], welcome["uuid"]) == ("connection", alice.uuid)
         await trio.sleep(60)
@@ -170,7 +170,7 @@ async def test_refresh_on_the_socket_moves_the_expiry(autojump_clock: MockClock)
         await peer.next()
         assert (await peer.next())["type"] == "token_expiring"
         fresh = env.token(alice.uuid, ttl=300.0)  # at t0 + 240: valid until t0 + 540
-        await peer.send({"type": "refresh", "token": fresh})
+        await peer.say({"type": "refresh", "token": fresh})
         confirmed = await peer.next()
         assert confirmed["type"] == "token_refreshed"
         assert confirmed["expires_at"] == EPOCH + t0 + 540.0
@@ -184,7 +184,7 @@ async def test_refresh_with_another_clients_token_closes_4001(autojump_clock: Mo
     async with running_hub() as env:
         alice, bob = await env.client("alice"), await env.client("bob")
         peer = await env.connect(alice)
-        await peer.send({"type": "refresh", "token": bob.token})
+        await peer.say({"type": "refresh", "token": bob.token})
         assert (await peer.next())["error"]["code"] == "token_invalid"
         assert await peer.wait_closed() == CloseCode.AUTH_FAILED
 
@@ -245,7 +245,7 @@ async def test_any_frame_counts_as_a_sign_of_life(autojump_clock: MockClock) -> 
         await peer.next()
         await trio.sleep(50.0)
         t = trio.current_time()
-        await peer.send({"type": "ping"})
+        await peer.say({"type": "ping"})
         assert (await peer.next())["type"] == "pong"
         assert await peer.wait_closed() == CloseCode.HEARTBEAT_TIMEOUT
         assert trio.current_time() == t + 60.0
@@ -262,7 +262,7 @@ async def test_socket_that_stops_draining_is_closed_4008_after_write_timeout(
         a, b = await env.connect(alice), await env.connect(bob)
         b.reading = trio.Event()  # bob's socket stops draining
         t0 = trio.current_time()
-        await a.send(message(bob.uuid, "m1", acknowledge=True))
+        await a.say(message(bob.uuid, "m1", acknowledge=True))
         assert await b.wait_closed() == CloseCode.SLOW_CONSUMER
         assert trio.current_time() == t0 + 10.0
         # Alice was never held up: her receipt came at once.
@@ -283,12 +283,12 @@ async def test_a_slow_recipient_does_not_hold_up_other_pairs(autojump_clock: Moc
         b.reading = trio.Event()
         t0 = trio.current_time()
         for i in range(20):
-            await a.send(message(bob.uuid, f"to-bob-{i}", acknowledge=True))
+            await a.say(message(bob.uuid, f"to-bob-{i}", acknowledge=True))
         for i in range(20):
-            await c.send(message(dave.uuid, f"to-dave-{i}", acknowledge=True))
+            await c.say(message(dave.uuid, f"to-dave-{i}", acknowledge=True))
             got = await d.next_of("message")
             assert got["msgid"] == f"to-dave-{i}"
-            await d.send({"type": "ack", "msgid": got["msgid"]})
+            await d.say({"type": "ack", "msgid": got["msgid"]})
         assert trio.current_time() == t0
         assert not d.closed.is_set()
 
@@ -302,7 +302,7 @@ async def test_shutdown_notifies_closes_1001_and_cuts_stragglers_by_the_deadline
     async with running_hub() as env:
         alice, bob = await env.client("alice"), await env.client("bob")
         a, b = await env.connect(alice), await env.connect(bob)
-        await a.send(message(bob.uuid, "m1", acknowledge=True))
+        await a.say(message(bob.uuid, "m1", acknowledge=True))
         assert (await b.next_of("message"))["msgid"] == "m1"
         assert (await a.next())["status"] == "pending_ack"
         b.reading = trio.Event()  # bob stops draining: his shutdown notice cannot be written
@@ -335,6 +335,6 @@ async def test_transport_without_pings_gets_json_pings_and_may_opt_in_to_the_tim
         assert not peer.closed.is_set()
         # ...one that answers a JSON ping is held to heartbeat_timeout from then on.
         t1 = trio.current_time()
-        await peer.send({"type": "pong"})
+        await peer.say({"type": "pong"})
         assert await peer.wait_closed() == CloseCode.HEARTBEAT_TIMEOUT
         assert trio.current_time() == t1 + 60.0

@@ -62,6 +62,7 @@ async def ws_connect(
     *,
     how: str = "query",
     subprotocols: Sequence[str] = (),
+    message_queue_size: int = 1,
 ) -> AsyncIterator[WsClient]:
     """A socket to relayd, offering ``token`` the way ``how`` says: ``query`` (``?token=``),
     ``header`` (``Authorization: Bearer``), ``subprotocol`` (``bearer.<token>``, with
@@ -76,7 +77,9 @@ async def ws_connect(
             headers.append(("Authorization", f"Bearer {token}"))
         elif how == "subprotocol":
             offered += ["relayd.v1", f"bearer.{token}"]
-    async with connect_url(url, subprotocols=offered, headers=headers) as client:
+    async with connect_url(
+        url, subprotocols=offered, headers=headers, message_queue_size=message_queue_size
+    ) as client:
         if token is not None and how == "frame":
             await client.send({"type": "auth", "token": token})
         yield client
@@ -84,12 +87,18 @@ async def ws_connect(
 
 @asynccontextmanager
 async def connect_url(
-    url: str, *, subprotocols: Sequence[str] = (), headers: Sequence[tuple[str, str]] = ()
+    url: str,
+    *,
+    subprotocols: Sequence[str] = (),
+    headers: Sequence[tuple[str, str]] = (),
+    message_queue_size: int = 1,
 ) -> AsyncIterator[WsClient]:
-    """A trio-websocket client socket to ``url``."""
+    """A trio-websocket client socket to ``url``. With ``message_queue_size=0`` it stops
+    reading its socket as soon as one message waits unread."""
     async with trio_websocket.open_websocket_url(
         url,
         subprotocols=subprotocols,
+        message_queue_size=message_queue_size,
         extra_headers=[(k.encode(), v.encode()) for k, v in headers],
         connect_timeout=IO_DEADLINE,
         disconnect_timeout=IO_DEADLINE,

@@ -153,7 +153,8 @@ class Session:
     authenticating: bool = False
     heartbeat_enforced: bool = False
     queued: int = 0  # frames handed to the socket, not yet written
-    token_gen: int = 0
+    token_timer: float | None = None  # when the pending token timer fires, if one is
+    warned_for: float = 0.0  # the expiry the client was last warned about
     last_ping: float = 0.0
     held: list[str | bytes] = field(factory=list)  # frames read while a token was checked
     receipts: LoadReceipts | None = None  # the owed receipts being loaded, if any
@@ -233,8 +234,7 @@ MAX_HELD_FRAMES = 16
 class TimerKind(enum.Enum):
     AUTH = 1
     HEARTBEAT = 2
-    TOKEN_WARN = 3
-    TOKEN_EXPIRE = 4
+    TOKEN = 3
     ACK = 5
     BACKOFF = 6
     SWEEP = 7
@@ -271,7 +271,10 @@ class RelayCore:
         self._recipients: dict[str, Recipient] = {}
         self._staging: dict[str, deque[Message]] = {}
         self._by_seq: dict[int, Message] = {}
-        self._recent: OrderedDict[tuple[str, str], tuple[float, Message | Status]] = OrderedDict()
+        # (sender, msgid) -> (accepted at, the last status its sender was told; None: none yet)
+        self._recent: OrderedDict[tuple[str, str], tuple[float, Status | None]] = OrderedDict()
+        # Messages accepted from each client whose first receipt is not sent yet.
+        self._awaiting: Counter[str] = Counter()
         self._per_ip: Counter[str] = Counter()
         self._pending_auth = 0
         self._revoked: dict[str, float] = {}
@@ -279,6 +282,8 @@ class RelayCore:
         self._timers: list[tuple[float, int, TimerKind, Any, int]] = []
         self._timer_seq = itertools.count()
         self._seqs = itertools.count(last_seq + 1)
+        self._reads_in_flight = 0
+        self._finished_while_reading: set[int] = set()
         for known in recent:
             self._recent[(known.sender, known.msgid)] = (
                 known.accepted_at,
@@ -354,10 +359,8 @@ class RelayCore:
                 self._heartbeat(target, now)
             elif kind is TimerKind.AUTH:
                 self._auth_timeout(target, now)
-            elif kind is TimerKind.TOKEN_WARN:
-                self._token_warn(target, gen, now)
-            elif kind is TimerKind.TOKEN_EXPIRE:
-                self._token_expire(target, gen, now)
+            elif kind is TimerKind.TOKEN:
+                self._token_timer(target, gen, now)
             elif kind is TimerKind.SWEEP:
                 self._sweep(now)
 
@@ -365,9 +368,13 @@ class RelayCore:
 
     def _send(self, session: Session, text: str, ref: Ref | None = None) -> None:
         if session.phase is Phase.CLOSING:
+            if isinstance(ref, ReceiptRef):
+                self._owe(ref)
             return
         if session.queued >= self.ws.outbound_buffer:
             # Not even control frames fit: the socket has stopped draining.
+            if isinstance(ref, ReceiptRef):
+                self._owe(ref)
             self._close(session, CloseCode.SLOW_CONSUMER, "not reading", abort=True)
             return
         session.queued += 1
@@ -428,7 +435,7 @@ class RelayCore:
             self._error(session, F.TOO_MANY_CONNECTIONS, "too many connections", now)
             self._close(session, CloseCode.TRY_LATER, "too many connections")
             return
-        self._at(now + ws.auth_timeout, TimerKind.AUTH, session, 0)
+        self._at(now + ws.auth_timeout, TimerKind.AUTH, sid, 0)
         if token is not None:
             session.authenticating = True
             self._actions.append(Authenticate(sid, token, refresh=False))
@@ -481,7 +488,7 @@ class RelayCore:
             ),
         )
         self._arm_token_timers(session, now)
-        self._at(now + self.ws.heartbeat_interval, TimerKind.HEARTBEAT, session, 0)
+        self._at(now + self.ws.heartbeat_interval, TimerKind.HEARTBEAT, session.sid, 0)
         recipient = self._recipients.get(who.client)
         if previous is not None and recipient is not None:
             # The old socket's unsent frames come back in `closed`; deliver after them.
@@ -507,42 +514,64 @@ class RelayCore:
         session.authenticating = False
         session.held.clear()
         self._error(session, code, message, now)
-        if not refresh:
+        if refresh:
+            self._strike(session, now)
+        else:
             self._close(session, CloseCode.AUTH_FAILED, code)
 
     def _arm_token_timers(self, session: Session, now: float) -> None:
-        session.token_gen += 1
+        """Make sure a timer fires by the session's next token event (the warning, then the
+        expiry). One pending timer per session: a refresh that moves the expiry later leaves
+        it in place, and it re-arms itself when it fires."""
+        due = self._next_token_event(session, now)
+        if session.token_timer is None or due < session.token_timer:
+            session.token_timer = due
+            self._at(due, TimerKind.TOKEN, session.sid, 0)
+
+    def _next_token_event(self, session: Session, now: float) -> float:
         warn_at = session.expires_at - self.ws.token_warning
-        if self.ws.token_warning > 0 and warn_at > now:
-            self._at(warn_at, TimerKind.TOKEN_WARN, session, session.token_gen)
-        self._at(session.expires_at, TimerKind.TOKEN_EXPIRE, session, session.token_gen)
+        warned = session.warned_for == session.expires_at
+        if self.ws.token_warning > 0 and not warned and warn_at > now:
+            return warn_at
+        return session.expires_at
 
-    def _token_warn(self, session: Session, gen: int, now: float) -> None:
-        if session.token_gen != gen or session.phase is not Phase.ACTIVE:
+    def _token_timer(self, sid: int, _: int, now: float) -> None:
+        session = self._sessions.get(sid)
+        if session is None or session.phase is not Phase.ACTIVE:
             return
-        frame = {
-            "type": "token_expiring",
-            "expires_at": session.expires_at,
-            "expires_in": session.expires_at - now,
-            "timestamp": now,
-        }
-        self._send(session, F.encode(frame))
-
-    def _token_expire(self, session: Session, gen: int, now: float) -> None:
-        if session.token_gen != gen or session.phase is not Phase.ACTIVE:
+        if session.token_timer is not None and now < session.token_timer:
+            return  # a stale entry: an earlier timer took its place
+        session.token_timer = None
+        if now >= session.expires_at:
+            self._error(
+                session, "token_expired", "the access token expired; reconnect with a new one", now
+            )
+            self._close(session, CloseCode.AUTH_FAILED, "token_expired")
             return
-        self._error(
-            session, "token_expired", "the access token expired; reconnect with a new one", now
-        )
-        self._close(session, CloseCode.AUTH_FAILED, "token_expired")
+        if (
+            self.ws.token_warning > 0
+            and session.warned_for != session.expires_at
+            and now >= session.expires_at - self.ws.token_warning
+        ):
+            session.warned_for = session.expires_at
+            frame = {
+                "type": "token_expiring",
+                "expires_at": session.expires_at,
+                "expires_in": session.expires_at - now,
+                "timestamp": now,
+            }
+            self._send(session, F.encode(frame))
+        self._arm_token_timers(session, now)
 
-    def _auth_timeout(self, session: Session, now: float) -> None:
-        if session.phase is Phase.PENDING and self._sessions.get(session.sid) is session:
+    def _auth_timeout(self, sid: int, now: float) -> None:
+        session = self._sessions.get(sid)
+        if session is not None and session.phase is Phase.PENDING:
             self._error(session, F.NOT_AUTHENTICATED, "no valid token in time", now)
             self._close(session, CloseCode.AUTH_FAILED, "authentication timed out")
 
-    def _heartbeat(self, session: Session, now: float) -> None:
-        if session.phase is not Phase.ACTIVE or self._sessions.get(session.sid) is not session:
+    def _heartbeat(self, sid: int, now: float) -> None:
+        session = self._sessions.get(sid)
+        if session is None or session.phase is not Phase.ACTIVE:
             return
         ws = self.ws
         silent_until = session.last_seen + ws.heartbeat_timeout
@@ -558,7 +587,7 @@ class RelayCore:
         next_at = session.last_ping + ws.heartbeat_interval
         if session.heartbeat_enforced:
             next_at = min(next_at, max(silent_until, now))
-        self._at(next_at, TimerKind.HEARTBEAT, session, 0)
+        self._at(next_at, TimerKind.HEARTBEAT, session.sid, 0)
 
     def pong(self, sid: int, now: float) -> None:
         """The transport saw a pong (or any sign of life below the frame level)."""
@@ -592,20 +621,24 @@ class RelayCore:
         sid: int,
         now: float,
         *,
+        written: tuple[int, Iterable[Ref]] = (0, ()),
         unsent: Iterable[Ref] = (),
         interrupted: Iterable[Ref] = (),
     ) -> None:
-        """Session ``sid`` is gone. ``unsent``: frames never written, in queue order;
+        """Session ``sid`` is gone. ``written``: the count and refs of frames written since
+        the last :meth:`written`; ``unsent``: frames never written, in queue order;
         ``interrupted``: frames whose write was cut off (they may or may not have arrived)."""
-        session = self._sessions.pop(sid, None)
+        session = self._sessions.get(sid)
         if session is None:
             return
+        if session.phase is Phase.PENDING:
+            self._pending_auth -= 1
+        session.phase = Phase.CLOSING  # nothing more is queued on it from here
+        self._account_written(session, written[0], written[1], now)
+        del self._sessions[sid]
         self._per_ip[session.remote] -= 1
         if self._per_ip[session.remote] <= 0:
             del self._per_ip[session.remote]
-        if session.phase is Phase.PENDING:
-            self._pending_auth -= 1
-        session.phase = Phase.CLOSING
         returned: list[Message] = []
         for ref in unsent:
             if isinstance(ref, ReceiptRef):
@@ -725,6 +758,17 @@ class RelayCore:
                     raise ProtocolError(
                         F.INVALID_MESSAGE_FORMAT, "token: must be a string", field="token"
                     )
+                # Checking a token costs the store a read: refreshes count against the
+                # message rate, and one at a time.
+                assert session.client is not None
+                wait = self._send_limiter.acquire(session.client, now)
+                if wait > 0:
+                    raise _RateLimited(wait)
+                if session.authenticating:
+                    raise ProtocolError(
+                        F.REFRESH_IN_PROGRESS, "a refresh is being checked; wait for its answer"
+                    )
+                session.authenticating = True
                 self._actions.append(Authenticate(sid, token, refresh=True))
             elif kind == "ping":
                 self._send(session, F.encode({"type": "pong", "timestamp": now}))
@@ -780,10 +824,8 @@ class RelayCore:
         msgid = envelope.msgid or F.new_msgid()
         known = self._recent.get((sender, msgid))
         if known is not None:
-            value = known[1]
-            status = value.status if isinstance(value, Message) else value
             self._send_receipt_frame(
-                session, "delivery_status", msgid, envelope.to, status, now, duplicate=True
+                session, "delivery_status", msgid, envelope.to, known[1], now, duplicate=True
             )
             return
         ttl = min(envelope.ttl or self.relay.default_ttl, self.relay.max_ttl)
@@ -809,6 +851,7 @@ class RelayCore:
             seq=next(self._seqs),
         )
         self.metrics.events["accepted"] += 1
+        self._awaiting[sender] += 1
         self._remember(message, now)
         self._stage(message, front=False)
         self._drain_staging(message.recipient, now)
@@ -831,7 +874,8 @@ class RelayCore:
             )
             return
         del recipient.unacked[msgid]
-        self.metrics.ack_latency.observe(now - message.written_at)
+        if message.written_at:  # an ack may come before relayd hears the write completed
+            self.metrics.ack_latency.observe(now - message.written_at)
         self._finish(message, Status.ACKNOWLEDGED, now)
         self._send(
             session,
@@ -846,7 +890,7 @@ class RelayCore:
     def _remember(self, message: Message, now: float) -> None:
         """Keep the message id for deduplication, within the window and the entry bound."""
         recent = self._recent
-        recent[message.key] = (now, message)
+        recent[message.key] = (now, None)
         horizon = now - self.relay.dedupe_window
         while recent and (
             len(recent) > self.relay.dedupe_max_entries or next(iter(recent.values()))[0] < horizon
@@ -938,8 +982,9 @@ class RelayCore:
         if recipient.paused or session.phase is not Phase.ACTIVE:
             return
         window = self.relay.inflight_window
-        # Deliveries leave a quarter of the socket's buffer to receipts and control frames.
-        room = max(1, self.ws.outbound_buffer - max(1, self.ws.outbound_buffer // 4))
+        # Deliveries take at most half of the socket's buffer; receipts and control frames
+        # have the rest (see readable).
+        room = max(1, self.ws.outbound_buffer // 2)
         while recipient.high or recipient.normal:
             if session.queued >= room or len(recipient.unacked) >= window:
                 break
@@ -977,16 +1022,32 @@ class RelayCore:
         )
         recipient.loading = op
         recipient.load_mark = recipient.stored_since
-        self._actions.append(op)
+        self._read(op)
 
     def written(self, sid: int, count: int, refs: Iterable[Ref], now: float) -> None:
         """``count`` frames queued on ``sid`` were written; ``refs`` are theirs that had one."""
         session = self._sessions.get(sid)
         if session is None:
             return
+        self._account_written(session, count, refs, now)
+        if (
+            session.receipts_more
+            and session.receipts is None
+            and session.queued <= self._receipt_page
+            and session.phase is Phase.ACTIVE
+        ):
+            self._load_receipts(session)
+        recipient = self._recipients.get(session.client) if session.client else None
+        if recipient is not None and recipient.session is session:
+            self._pump(recipient, now)
+
+    def _account_written(
+        self, session: Session, count: int, refs: Iterable[Ref], now: float
+    ) -> None:
+        """What a write completes: deliveries become unacked or delivered, receipts told."""
+        sid = session.sid
         session.queued -= count
         self.metrics.frames_out += count
-        recipient = self._recipients.get(session.client) if session.client else None
         told: list[int] = []
         for ref in refs:
             if isinstance(ref, ReceiptRef):
@@ -1007,15 +1068,6 @@ class RelayCore:
                 self._finish(ref, Status.DELIVERED, now)
         if told:
             self._actions.append(SetReceiptPending(tuple(told), pending=False))
-        if (
-            session.receipts_more
-            and session.receipts is None
-            and session.queued <= self._receipt_page
-            and session.phase is Phase.ACTIVE
-        ):
-            self._load_receipts(session)
-        if recipient is not None and recipient.session is session:
-            self._pump(recipient, now)
 
     def _ack_timeout(self, message: Message, gen: int, now: float) -> None:
         if message.gen != gen or message.where is not Where.UNACKED:
@@ -1056,17 +1108,22 @@ class RelayCore:
     def _finish(self, message: Message, status: Status, now: float, *, reason: str = "") -> None:
         """The message reached its final ``status``: record it and tell its sender."""
         self.metrics.events[status.value] += 1
+        if self._reads_in_flight:
+            self._finished_while_reading.add(message.seq)
         message.where = Where.DONE
         message.gen += 1
         self._by_seq.pop(message.seq, None)
-        if message.key in self._recent:
-            self._recent[message.key] = (self._recent[message.key][0], status)
         self._tell(message, status, now, reason=reason)
 
     def _tell(self, message: Message, status: Status, now: float, *, reason: str = "") -> None:
         """Tell the sender ``status``. A final status is stored if the sender is offline."""
         first = message.status is None
         message.status = status
+        if first:
+            self._told_first(message)
+        known = self._recent.get(message.key)
+        if known is not None:
+            self._recent[message.key] = (known[0], status)
         sender = self._active.get(message.sender)
         online = sender is not None and sender.phase is Phase.ACTIVE
         ref: ReceiptRef | None = None
@@ -1127,6 +1184,13 @@ class RelayCore:
         if duplicate:
             frame["duplicate"] = True
             self.metrics.events["duplicate"] += 1
+        if isinstance(ref, ReceiptRef) and session.queued >= self._receipt_room:
+            # A burst of final receipts (a group commit, a sweep) would crowd the socket: the
+            # rest stay owed in the store and are loaded as it drains.
+            self._owe(ref)
+            session.receipts_more = True
+            session.receipt_cursor = min(session.receipt_cursor, ref.seq - 1)
+            return
         self._send(session, F.encode(frame), ref)
 
     # --- store results ---------------------------------------------------------------------
@@ -1140,10 +1204,12 @@ class RelayCore:
                 touched.add(op.recipient)
             elif isinstance(op, LoadQueue):
                 self._loaded(op, result, now)
+                self._read_done()
             elif isinstance(op, LoadReceipts):
                 self._receipts_loaded(op, result, now)
             elif isinstance(op, FindExpired):
                 self._expired_found(result, now)
+                self._read_done()
         for client in touched:
             self._drain_staging(client, now)
 
@@ -1154,10 +1220,17 @@ class RelayCore:
             if message.where is Where.STAGED:
                 self._by_seq[outcome.seq] = message
             return
-        # Refused: it is not accepted after all; take it out of staging and say why.
+        # Refused: take it out of staging and say why.
         queue = self._staging.get(message.recipient)
         if queue is not None and message in queue:
             queue.remove(message)
+        if message.status is not None:
+            # Its sender was told it was on its way (delivered straight from memory, then
+            # parked when its recipient left): it fails, with a receipt, not in silence.
+            code = outcome.code if isinstance(outcome, Refused) else "duplicate"
+            self._finish(message, Status.FAILED, now, reason=code)
+            return
+        self._told_first(message)
         message.where = Where.DONE
         sender = self._active.get(message.sender)
         if isinstance(outcome, Duplicate):
@@ -1184,6 +1257,14 @@ class RelayCore:
                 sender, outcome.code, text, now, {"msgid": message.msgid, "to": message.recipient}
             )
 
+    def _told_first(self, message: Message) -> None:
+        """The sender got its first answer about ``message`` (a receipt or an error)."""
+        count = self._awaiting[message.sender] - 1
+        if count > 0:
+            self._awaiting[message.sender] = count
+        else:
+            del self._awaiting[message.sender]
+
     def _message_from_row(self, row: StoredMessage) -> Message:
         known = self._recent.get((row.sender, row.msgid))
         fields = json.loads(row.fields)
@@ -1204,10 +1285,8 @@ class RelayCore:
         )
         # Its sender was told something when it was stored; later receipts are updates.
         message.status = Status.QUEUED
-        if known is not None:
-            told = known[1].status if isinstance(known[1], Message) else known[1]
-            message.status = told or Status.QUEUED
-            self._recent[message.key] = (known[0], message)
+        if known is not None and known[1] is not None:
+            message.status = known[1]
         return message
 
     def _loaded(self, op: LoadQueue, rows: list[StoredMessage], now: float) -> None:
@@ -1217,7 +1296,7 @@ class RelayCore:
         recipient.loading = None
         for row in rows:
             recipient.cursor = max(recipient.cursor, row.seq)
-            if row.seq in self._by_seq:
+            if row.seq in self._by_seq or row.seq in self._finished_while_reading:
                 continue
             message = self._message_from_row(row)
             self._by_seq[row.seq] = message
@@ -1240,6 +1319,22 @@ class RelayCore:
     @property
     def _receipt_page(self) -> int:
         return max(1, self.ws.outbound_buffer // 4)
+
+    @property
+    def _receipt_room(self) -> int:
+        """Final receipts are sent while fewer frames than this wait on the socket."""
+        return max(1, self.ws.outbound_buffer * 3 // 4)
+
+    def readable(self, sid: int) -> bool:
+        """Whether to read the next frame of ``sid``. Not while its socket is half full, nor
+        while a quarter of its buffer's worth of its messages await their first receipt:
+        what a client sends can never make more frames for it than its socket holds."""
+        session = self._sessions.get(sid)
+        if session is None:
+            return True  # read on: the transport will report the close
+        buffer = self.ws.outbound_buffer
+        waiting = self._awaiting.get(session.client, 0) if session.client else 0
+        return session.queued < max(1, buffer // 2) and waiting < max(1, buffer // 4)
 
     def _receipts_loaded(self, op: LoadReceipts, rows: list[StoredReceipt], now: float) -> None:
         session = self._active.get(op.sender)
@@ -1267,7 +1362,7 @@ class RelayCore:
         # happened; the store refuses them from then on.
         horizon = now - self.relay.sweep_interval
         self._revoked = {c: at for c, at in self._revoked.items() if at >= horizon}
-        self._actions.append(FindExpired(now, self.SWEEP_PAGE))
+        self._read(FindExpired(now, self.SWEEP_PAGE))
         self._actions.append(
             Purge(
                 finished_before=now - self.relay.dedupe_window,
@@ -1276,8 +1371,21 @@ class RelayCore:
         )
         self._at(now + self.relay.sweep_interval, TimerKind.SWEEP, None, 0)
 
+    def _read(self, op: LoadQueue | FindExpired) -> None:
+        """Ask the store for queued messages. Until the answer comes, messages finished here
+        are remembered: the answer may still show them queued."""
+        self._reads_in_flight += 1
+        self._actions.append(op)
+
+    def _read_done(self) -> None:
+        self._reads_in_flight -= 1
+        if not self._reads_in_flight:
+            self._finished_while_reading.clear()
+
     def _expired_found(self, rows: list[StoredMessage], now: float) -> None:
         for row in rows:
+            if row.seq in self._finished_while_reading:
+                continue  # acknowledged (or otherwise finished) since the sweep looked
             message = self._by_seq.get(row.seq)
             if message is None:
                 message = self._message_from_row(row)
@@ -1293,7 +1401,7 @@ class RelayCore:
                         queue.remove(message)
             self._finish(message, Status.EXPIRED, now)
         if len(rows) == self.SWEEP_PAGE:
-            self._actions.append(FindExpired(now, self.SWEEP_PAGE))
+            self._read(FindExpired(now, self.SWEEP_PAGE))
 
 
 class _RateLimited(ProtocolError):

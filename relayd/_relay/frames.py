@@ -74,6 +74,7 @@ RATE_LIMITED = "rate_limited"
 QUEUE_FULL = "queue_full"
 NOT_AUTHENTICATED = "not_authenticated"
 ALREADY_AUTHENTICATED = "already_authenticated"
+REFRESH_IN_PROGRESS = "refresh_in_progress"
 TOO_MANY_CONNECTIONS = "too_many_connections"
 SHUTTING_DOWN = "shutting_down"
 
@@ -88,6 +89,7 @@ _RECOVERY = {
     QUEUE_FULL: "the recipient has too many undelivered messages; retry later",
     NOT_AUTHENTICATED: "authenticate first",
     ALREADY_AUTHENTICATED: "to change tokens, send {'type': 'refresh', 'token': ...}",
+    REFRESH_IN_PROGRESS: "wait for token_refreshed (or an error) before refreshing again",
     TOO_MANY_CONNECTIONS: "reconnect later, with backoff",
     SHUTTING_DOWN: "reconnect later, with backoff",
 }

@@ -208,7 +208,10 @@ class Hub:
                 handle = self._handles.get(action.sid)
                 if handle is not None and handle.nursery is not None and not handle.pinging:
                     handle.pinging = True
-                    handle.nursery.start_soon(self._ping, handle)
+                    try:
+                        handle.nursery.start_soon(self._ping, handle)
+                    except RuntimeError:  # the session's nursery closed: it is ending anyway
+                        handle.pinging = False
             else:
                 self._store_queue.append(action)
                 self._store_wakeup.set()
@@ -240,10 +243,15 @@ class Hub:
             core.tick(self.clock())
             self._apply()
 
+    @property
+    def _accepting(self) -> bool:
+        """False while the store lags: too many messages, or operations, wait for it."""
+        return self.core.accepting and len(self._store_queue) < self.core.relay.max_pending_commit
+
     async def _store_loop(self) -> None:
-        max_batch = self.config.relay.commit_max_batch
-        max_queued = self.config.relay.max_queued_per_recipient
         while True:
+            max_batch = self.core.relay.commit_max_batch
+            max_queued = self.core.relay.max_queued_per_recipient
             while not self._store_queue:
                 self._store_wakeup = trio.Event()
                 await self._store_wakeup.wait()
@@ -328,6 +336,7 @@ class Hub:
             log.exception("session failed", extra={"fields": {"sid": sid}})
             handle.close_request = (CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            handle.nursery = None  # closed: nothing more may start in it (see _apply)
             self._finish(handle, queued)
             if handle.close_request is not None:
                 code, reason = handle.close_request
@@ -345,10 +354,7 @@ class Hub:
         """Tell the core what became of the frames the session had been given."""
         now = self.clock()
         done = handle.batch[: handle.sent]
-        if done:
-            self.core.written(
-                handle.sid, len(done), [o.ref for o in done if o.ref is not None], now
-            )
+        written = (len(done), [o.ref for o in done if o.ref is not None])
         interrupted = [
             o.ref for o in handle.batch[handle.sent : handle.sent + 1] if o.ref is not None
         ]
@@ -362,15 +368,17 @@ class Hub:
                 unsent.append(item.ref)
         handle.outbound.close()
         queued.close()
-        self.core.closed(handle.sid, now, unsent=unsent, interrupted=interrupted)
+        self.core.closed(handle.sid, now, written=written, unsent=unsent, interrupted=interrupted)
         self._apply()
 
     async def _reader(self, handle: _Handle) -> None:
         core = self.core
         transport = handle.transport
         while True:
-            while not core.accepting:
-                await self._changed.wait()  # the store task signals each commit
+            # Backpressure: while the store lags, or this socket has a full queue of frames
+            # for its client, stop reading. Commits and writes signal _changed.
+            while not (self._accepting and core.readable(handle.sid)):
+                await self._changed.wait()
             try:
                 data = await transport.receive()
                 core.metrics.frames_in += 1
@@ -383,7 +391,6 @@ class Hub:
         self, handle: _Handle, queued: trio.MemoryReceiveChannel[_Outgoing | _CloseItem]
     ) -> None:
         transport = handle.transport
-        write_timeout = self.config.websocket.write_timeout
         while True:
             item = await queued.receive()
             items: list[_Outgoing | _CloseItem] = [item]
@@ -400,11 +407,15 @@ class Hub:
             batch: list[_Outgoing] = [o for o in items if isinstance(o, _Outgoing)]
             handle.batch = batch
             handle.sent = 0
+            # A socket that accepts no data for write_timeout is a slow consumer: the
+            # deadline moves on with every frame written.
+            write_timeout = self.core.ws.write_timeout
             with trio.move_on_after(write_timeout) as timer:
                 try:
                     for outgoing in batch:
-                        await transport.send_many((outgoing.text,))
+                        await transport.send(outgoing.text)
                         handle.sent += 1
+                        timer.deadline = trio.current_time() + write_timeout
                 except TransportClosed:
                     handle.scope.cancel()
                     return
@@ -417,6 +428,7 @@ class Hub:
                 handle.sid, len(batch), [o.ref for o in batch if o.ref is not None], self.clock()
             )
             self._apply()
+            self._signal()  # a reader waiting for this socket to drain may go on
             if close is not None:
                 self._cut(handle, close.code, close.reason)
                 return

@@ -6,6 +6,7 @@ and hands the socket to :meth:`Hub.serve`, which authenticates it before reading
 
 from __future__ import annotations
 
+import logging
 import ssl
 from functools import partial
 from typing import Any
@@ -23,6 +24,8 @@ from .transport import (
     remote_host,
     split_target,
 )
+
+log = logging.getLogger("relayd.ws")
 
 
 def asgi_websocket_app(hub: Hub) -> Any:
@@ -58,6 +61,19 @@ async def serve_dedicated(
     host, port = parse_address(config.listen)
 
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        # Handlers run in the hub's nursery: nothing a peer does may escape from here.
+        try:
+            await handshake_then_serve(request)
+        except (
+            trio_websocket.ConnectionClosed,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ):
+            pass  # the peer left during the handshake
+        except Exception:
+            log.exception("dedicated listener: handshake failed")
+
+    async def handshake_then_serve(request: trio_websocket.WebSocketRequest) -> None:
         path, query = split_target(request.path)
         if path != config.path:
             await request.reject(404, body=b'{"error": {"code": "not_found"}}')

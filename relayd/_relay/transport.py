@@ -53,8 +53,12 @@ class Transport(Protocol):
         """The next frame. Raises :class:`TransportClosed` when the socket is gone."""
         ...
 
-    async def send_many(self, texts: Sequence[str]) -> None:
-        """Write text frames in order. Cancelling it may leave one frame half-written."""
+    async def send(self, text: str) -> None:
+        """Write one text frame. Cancelling it may leave the frame half-written.
+
+        Raises:
+            TransportClosed: the socket is gone (the frame may or may not have gone out).
+        """
         ...
 
     async def ping(self) -> None:
@@ -125,9 +129,13 @@ class AsgiTransport:
         self._closed = True
         raise TransportClosed(event.get("code"), event.get("reason"))
 
-    async def send_many(self, texts: Sequence[str]) -> None:
-        for text in texts:
-            await self._send({"type": "websocket.send", "text": text})
+    async def send(self, text: str) -> None:
+        if self._closed:
+            raise TransportClosed(None, "disconnected")
+        await self._send({"type": "websocket.send", "text": text})
+        # hypercorn drops a send silently once the peer has gone; the reader sees that first.
+        if self._closed:
+            raise TransportClosed(None, "disconnected")
 
     async def ping(self) -> None:  # pragma: no cover - the core never asks this transport
         raise NotImplementedError("ASGI cannot ping; the core sends ping frames instead")
@@ -166,10 +174,9 @@ class TrioWebsocketTransport:
                 getattr(reason, "code", None), getattr(reason, "reason", None)
             ) from None
 
-    async def send_many(self, texts: Sequence[str]) -> None:
+    async def send(self, text: str) -> None:
         try:
-            for text in texts:
-                await self._ws.send_message(text)
+            await self._ws.send_message(text)
         except trio_websocket.ConnectionClosed as exc:
             raise TransportClosed(None, str(exc)) from None
 
