@@ -73,6 +73,27 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_expiring ON messages (expires_at) WHERE status IS NULL;
     CREATE INDEX messages_receipts ON messages (sender, seq) WHERE receipt_pending = 1;
     CREATE INDEX messages_finished ON messages (finished_at) WHERE status IS NOT NULL;
+
+    -- Undelivered messages per recipient, kept by triggers in the same transaction as the
+    -- messages themselves: the queue_full check is one lookup, not a count of the queue.
+    CREATE TABLE queue_counts (
+        recipient TEXT PRIMARY KEY,
+        queued INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TRIGGER queue_counts_insert AFTER INSERT ON messages WHEN NEW.status IS NULL
+    BEGIN
+        INSERT INTO queue_counts (recipient, queued) VALUES (NEW.recipient, 1)
+        ON CONFLICT (recipient) DO UPDATE SET queued = queued + 1;
+    END;
+    CREATE TRIGGER queue_counts_finish AFTER UPDATE OF status ON messages
+    WHEN OLD.status IS NULL AND NEW.status IS NOT NULL
+    BEGIN
+        UPDATE queue_counts SET queued = queued - 1 WHERE recipient = OLD.recipient;
+    END;
+    CREATE TRIGGER queue_counts_delete AFTER DELETE ON messages WHEN OLD.status IS NULL
+    BEGIN
+        UPDATE queue_counts SET queued = queued - 1 WHERE recipient = OLD.recipient;
+    END;
     """,
 )
 

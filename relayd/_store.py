@@ -424,7 +424,7 @@ class Store:
         """Undelivered messages in the store."""
         return await self._run(
             lambda db: int(
-                db.execute("SELECT COUNT(*) FROM messages WHERE status IS NULL").fetchone()[0]
+                db.execute("SELECT coalesce(sum(queued), 0) FROM queue_counts").fetchone()[0]
             )
         )
 
@@ -432,9 +432,7 @@ class Store:
         """Undelivered messages per recipient."""
 
         def query(db: sqlite3.Connection) -> dict[str, int]:
-            rows = db.execute(
-                "SELECT recipient, COUNT(*) FROM messages WHERE status IS NULL GROUP BY recipient"
-            )
+            rows = db.execute("SELECT recipient, queued FROM queue_counts WHERE queued > 0")
             return {row[0]: row[1] for row in rows}
 
         return await self._run(query)
@@ -508,10 +506,9 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int) -> Any:
         row = db.execute(
             f"{columns} SELECT {', '.join('?' * 14)}"
             " WHERE EXISTS (SELECT 1 FROM clients WHERE uuid = ? AND deleted_at IS NULL)"
-            " AND (SELECT COUNT(*) FROM (SELECT 1 FROM messages"
-            "      WHERE recipient = ? AND status IS NULL LIMIT ?)) < ?"
+            " AND coalesce((SELECT queued FROM queue_counts WHERE recipient = ?), 0) < ?"
             " ON CONFLICT (sender, msgid) DO NOTHING RETURNING seq",
-            (*values, op.recipient, op.recipient, max_queued, max_queued),
+            (*values, op.recipient, op.recipient, max_queued),
         ).fetchone()
     if row is not None:
         return Inserted(row[0])

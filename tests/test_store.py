@@ -17,6 +17,15 @@ import pytest
 import trio
 
 from relayd._errors import SchemaTooNewError, StoreError
+from relayd._relay.records import (
+    Duplicate,
+    Finish,
+    Insert,
+    Inserted,
+    Purge,
+    Refused,
+    Status,
+)
 from relayd._schema import SCHEMA_VERSION
 from relayd._store import ClientRecord, Executor, Store, inline_executor, thread_executor
 
@@ -389,3 +398,33 @@ async def test_revoked_tokens_survive_reopening(tmp_path: Path) -> None:
             await store.revoke_token("j1", UUID_A, 10.0, 100.0)
         async with Store.open(path) as store:
             assert await store.revoked_token_ids(50.0) == {"j1"}
+
+
+# --- the message queue --------------------------------------------------------------------------
+
+
+def queued(seq: int, recipient: str = UUID_B, sender: str = UUID_A) -> Insert:
+    return Insert(None, seq, sender, recipient, f"m{seq}", False, True, "{}", 1.0, 1e9)
+
+
+async def test_queue_counts_follow_inserts_finishes_and_purges(target: Target) -> None:
+    async with target.open() as store:
+        await store.insert_client(client(UUID_A))
+        await store.insert_client(client(UUID_B, name="bob"))
+        outcomes = await store.execute([queued(s) for s in range(1, 5)], max_queued=3)
+        assert [type(o) for o in outcomes] == [Inserted, Inserted, Inserted, Refused]
+        assert outcomes[3] == Refused("queue_full")
+        assert await store.queue_depths() == {UUID_B: 3}
+        assert await store.queued_total() == 3
+        await store.execute([Finish(1, Status.ACKNOWLEDGED, 2.0, False)], max_queued=3)
+        assert await store.queue_depths() == {UUID_B: 2}
+        # Room again: the fourth goes in, and a duplicate is not counted twice.
+        outcomes = await store.execute([queued(4), queued(2)], max_queued=3)
+        assert [type(o) for o in outcomes] == [Inserted, Duplicate]
+        assert await store.queued_total() == 3
+        await store.execute([Purge(finished_before=3.0, receipts_before=3.0)], max_queued=3)
+        assert await store.queue_depths() == {UUID_B: 3}
+        # A message to nobody is refused as such, whatever the counts.
+        assert await store.execute([queued(9, recipient="nobody")], max_queued=3) == [
+            Refused("unknown_recipient")
+        ]
