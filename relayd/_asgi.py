@@ -60,12 +60,13 @@ class _BoundedWriteTCPServer(TCPServer):
         stalled = False
         async with self.send_lock:
             try:
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(timeout) as deadline:
-                        await self.stream.send_all(event.data)
-                    if deadline.cancelled_caught:
-                        stalled = True  # the peer stopped reading; a frame is half-written
-                        await self.stream.aclose()
+                # One scope, shielded from outside cancellation and bounded by its deadline.
+                deadline = trio.current_time() + timeout
+                with trio.CancelScope(shield=True, deadline=deadline) as scope:
+                    await self.stream.send_all(event.data)
+                if scope.cancelled_caught:
+                    stalled = True  # the peer stopped reading; a frame is half-written
+                    await self.stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 stalled = True
         if stalled:
