@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid as uuid_module
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -67,6 +67,12 @@ class Peer:
         if item is None:
             raise TransportClosed(1006, "peer vanished")
         return item
+
+    coalesces = False
+
+    async def send_frames(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            await self.send(text)
 
     async def send(self, text: str) -> None:
         await self.reading.wait()

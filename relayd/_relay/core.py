@@ -36,7 +36,6 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
-import json
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any
@@ -169,7 +168,7 @@ class Message:
     msgid: str
     high: bool
     acknowledge: bool
-    fields: dict[str, Any]
+    fields: str  # the 13 fields as delivered, JSON: encoded once, stored and sent as is
     accepted_at: float
     expires_at: float
     durable: bool
@@ -187,8 +186,6 @@ class Message:
     def key(self) -> tuple[str, str]:
         return (self.sender, self.msgid)
 
-    def fields_json(self) -> str:
-        return json.dumps(self.fields, separators=(",", ":"), ensure_ascii=False)
 
 
 @frozen
@@ -844,7 +841,7 @@ class RelayCore:
             msgid=msgid,
             high=envelope.priority == "high",
             acknowledge=envelope.acknowledge,
-            fields=envelope.fields(sender, msgid, now),
+            fields=F.encode(envelope.fields(sender, msgid, now)),
             accepted_at=now,
             expires_at=now + ttl,
             durable=not direct,
@@ -917,7 +914,7 @@ class RelayCore:
             msgid=message.msgid,
             high=message.high,
             acknowledge=message.acknowledge,
-            fields=message.fields_json(),
+            fields=message.fields,
             accepted_at=message.accepted_at,
             expires_at=message.expires_at,
             attempts=message.attempts,
@@ -1267,14 +1264,13 @@ class RelayCore:
 
     def _message_from_row(self, row: StoredMessage) -> Message:
         known = self._recent.get((row.sender, row.msgid))
-        fields = json.loads(row.fields)
         message = Message(
             sender=row.sender,
             recipient=row.recipient,
             msgid=row.msgid,
             high=row.high,
             acknowledge=row.acknowledge,
-            fields=fields,
+            fields=row.fields,
             accepted_at=row.accepted_at,
             expires_at=row.expires_at,
             durable=True,

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 from attrs import define, field, frozen
@@ -50,6 +50,28 @@ log = logging.getLogger("relayd.relay")
 CLOSE_TIMEOUT = 2.0
 # Frames a writer takes from its channel per round (one core call per round).
 WRITE_BATCH = 64
+# Bytes written to a socket at once, at most, where frames are coalesced: past write_timeout
+# without completing a write, a socket counts as not draining, so a write must stay small.
+WRITE_CHUNK_BYTES = 128 * 1024
+
+
+def _chunks(batch: list[_Outgoing], *, coalesce: bool) -> Iterator[list[_Outgoing]]:
+    """``batch`` in chunks for one write each: single frames, or frames up to
+    ``WRITE_CHUNK_BYTES`` (counted in characters, a lower bound on bytes)."""
+    if not coalesce:
+        for outgoing in batch:
+            yield [outgoing]
+        return
+    chunk: list[_Outgoing] = []
+    size = 0
+    for outgoing in batch:
+        if chunk and size + len(outgoing.text) > WRITE_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(outgoing)
+        size += len(outgoing.text)
+    if chunk:
+        yield chunk
 
 
 @frozen
@@ -76,6 +98,7 @@ class _Handle:
     close_request: tuple[int, str] | None = None
     batch: list[_Outgoing] = field(factory=list)  # being written
     sent: int = 0  # of `batch`, written so far
+    chunk: int = 1  # of `batch`, after `sent`, in the write under way
     pinging: bool = False
 
 
@@ -355,10 +378,9 @@ class Hub:
         now = self.clock()
         done = handle.batch[: handle.sent]
         written = (len(done), [o.ref for o in done if o.ref is not None])
-        interrupted = [
-            o.ref for o in handle.batch[handle.sent : handle.sent + 1] if o.ref is not None
-        ]
-        unsent = [o.ref for o in handle.batch[handle.sent + 1 :] if o.ref is not None]
+        cut = handle.sent + handle.chunk  # the frames being written when it ended
+        interrupted = [o.ref for o in handle.batch[handle.sent : cut] if o.ref is not None]
+        unsent = [o.ref for o in handle.batch[cut:] if o.ref is not None]
         while True:
             try:
                 item = queued.receive_nowait()
@@ -412,9 +434,10 @@ class Hub:
             write_timeout = self.core.ws.write_timeout
             with trio.move_on_after(write_timeout) as timer:
                 try:
-                    for outgoing in batch:
-                        await transport.send(outgoing.text)
-                        handle.sent += 1
+                    for chunk in _chunks(batch, coalesce=transport.coalesces):
+                        handle.chunk = len(chunk)
+                        await transport.send_frames([o.text for o in chunk])
+                        handle.sent += len(chunk)
                         timer.deadline = trio.current_time() + write_timeout
                 except TransportClosed:
                     handle.scope.cancel()

@@ -28,6 +28,8 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 import trio_websocket
 from attrs import frozen
+from wsproto.events import TextMessage
+from wsproto.utilities import LocalProtocolError
 
 log = logging.getLogger("relayd.ws")
 
@@ -48,6 +50,7 @@ class Transport(Protocol):
     remote: str
     token: str | None
     pong_observable: bool
+    coalesces: bool  # send_frames writes several frames at once
 
     async def receive(self) -> str | bytes:
         """The next frame. Raises :class:`TransportClosed` when the socket is gone."""
@@ -58,6 +61,15 @@ class Transport(Protocol):
 
         Raises:
             TransportClosed: the socket is gone (the frame may or may not have gone out).
+        """
+        ...
+
+    async def send_frames(self, texts: Sequence[str]) -> None:
+        """Write text frames in order, in as few socket writes as the transport can. If it
+        raises or is cancelled, each of them may or may not have arrived.
+
+        Raises:
+            TransportClosed: the socket is gone.
         """
         ...
 
@@ -111,6 +123,7 @@ def read_handshake(
 
 class AsgiTransport:
     pong_observable = False
+    coalesces = False  # ASGI sends one frame per message
 
     def __init__(self, receive: Any, send: Any, *, remote: str, token: str | None) -> None:
         self._receive = receive
@@ -137,6 +150,10 @@ class AsgiTransport:
         if self._closed:
             raise TransportClosed(None, "disconnected")
 
+    async def send_frames(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            await self.send(text)
+
     async def ping(self) -> None:  # pragma: no cover - the core never asks this transport
         raise NotImplementedError("ASGI cannot ping; the core sends ping frames instead")
 
@@ -155,13 +172,30 @@ class AsgiTransport:
 # --- trio-websocket (dedicated listener) --------------------------------------------------------
 
 
+_TRIO_WEBSOCKET_INTERNALS = (
+    "_wsproto",
+    "_stream",
+    "_stream_lock",
+    "_close_reason",
+    "_abort_web_socket",
+)
+
+
 class TrioWebsocketTransport:
+    """trio-websocket's connection. Batches of frames are serialised with the connection's
+    wsproto state and written with one ``send_all``: one system call and one trip through
+    Trio's socket machinery for a whole batch, where ``send_message`` takes one per frame.
+    That uses trio-websocket's private attributes (checked at start: ``coalesces`` is false
+    if they are not there, and frames then go one by one)."""
+
     pong_observable = True
+    coalesces = True
 
     def __init__(
         self, connection: trio_websocket.WebSocketConnection, *, remote: str, token: str | None
     ) -> None:
         self._ws = connection
+        self.coalesces = all(hasattr(connection, name) for name in _TRIO_WEBSOCKET_INTERNALS)
         self.remote = remote
         self.token = token
 
@@ -173,6 +207,25 @@ class TrioWebsocketTransport:
             raise TransportClosed(
                 getattr(reason, "code", None), getattr(reason, "reason", None)
             ) from None
+
+    async def send_frames(self, texts: Sequence[str]) -> None:
+        ws = self._ws
+        if not self.coalesces:
+            for text in texts:
+                await self.send(text)
+            return
+        if ws._close_reason is not None:
+            raise TransportClosed(ws._close_reason.code, ws._close_reason.reason)
+        try:
+            data = b"".join(ws._wsproto.send(TextMessage(data=text)) for text in texts)
+        except LocalProtocolError as exc:  # the connection is closing
+            raise TransportClosed(None, str(exc)) from None
+        async with ws._stream_lock:
+            try:
+                await ws._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await ws._abort_web_socket()
+                raise TransportClosed(None, "connection lost") from None
 
     async def send(self, text: str) -> None:
         try:
