@@ -25,6 +25,23 @@ TEST_SECRET = "test-signing-secret-for-relayd-tests-only-0123456789"
 TEST_ENV = {"RELAYD_SECRET": TEST_SECRET}
 # I/O in tests never waits longer than this for anything.
 IO_DEADLINE = 10.0
+# The 13 fields of the seed system's messages (shared/reference/seed-protocol.md), in order:
+# what every delivered message carries.
+SEED_FIELDS = (
+    "to",
+    "from",
+    "timestamp",
+    "priority",
+    "subject",
+    "msgid",
+    "acknowledge",
+    "content",
+    "action",
+    "event",
+    "status",
+    "conversation_id",
+    "msgno",
+)
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,24 +20,11 @@ from relayd._relay.frames import CloseCode
 from relayd._relay.records import LoadReceipts
 
 from .relay_harness import T0, CoreHarness
+from .support import SEED_FIELDS
 
 EPS = 2.0**-10
 
-THIRTEEN = (
-    "to",
-    "from",
-    "timestamp",
-    "priority",
-    "subject",
-    "msgid",
-    "acknowledge",
-    "content",
-    "action",
-    "event",
-    "status",
-    "conversation_id",
-    "msgno",
-)
+THIRTEEN = SEED_FIELDS
 
 Frame = dict[str, Any]
 

@@ -21,7 +21,7 @@ import trio_websocket
 
 from relayd._relay.frames import CloseCode
 
-from .support import IO_DEADLINE, RunningRelayd, make_config, start_relayd
+from .support import IO_DEADLINE, SEED_FIELDS, RunningRelayd, make_config, start_relayd
 from .ws_support import WsClient, ws_connect
 
 TRANSPORTS = ["main", "dedicated"]
@@ -48,23 +48,6 @@ async def welcome(client: WsClient, uuid: str) -> dict[str, Any]:
     assert frame["type"] == "connection", frame
     assert frame["uuid"] == uuid
     return frame
-
-
-SEED_FIELDS = {
-    "to",
-    "from",
-    "timestamp",
-    "priority",
-    "subject",
-    "msgid",
-    "acknowledge",
-    "content",
-    "action",
-    "event",
-    "status",
-    "conversation_id",
-    "msgno",
-}
 
 
 async def test_two_clients_exchange_acknowledged_messages(relayd: RunningRelayd) -> None:

@@ -51,7 +51,7 @@ from relayd._relay import frames as F
 from relayd._relay.frames import CloseCode
 
 from .relay_harness import Client, CoreHarness
-from .support import IO_DEADLINE, RunningRelayd, make_config, start_relayd
+from .support import IO_DEADLINE, SEED_FIELDS, RunningRelayd, make_config, start_relayd
 
 # Bounded so that the whole file runs in about ten seconds (drawing the examples costs more
 # than running them).
@@ -78,21 +78,7 @@ OUTBOUND_TYPES = frozenset(
         "shutdown",
     }
 )
-ENVELOPE_FIELDS = (
-    "to",
-    "from",
-    "timestamp",
-    "priority",
-    "subject",
-    "msgid",
-    "acknowledge",
-    "content",
-    "action",
-    "event",
-    "status",
-    "conversation_id",
-    "msgno",
-)
+ENVELOPE_FIELDS = SEED_FIELDS
 SHORT_TEXT_FIELDS = ("subject", "action", "event", "status", "conversation_id")
 # Refused frames that count as strikes (the store's unknown_recipient/queue_full do not).
 STRIKE_CODES = frozenset(

@@ -36,7 +36,7 @@ from relayd._relay import frames as F
 from relayd._relay.frames import CloseCode
 
 from .relay_harness import CoreHarness
-from .support import IO_DEADLINE, RunningRelayd, make_config, start_relayd
+from .support import IO_DEADLINE, SEED_FIELDS, RunningRelayd, make_config, start_relayd
 
 # Every blocking call of the client gives up by itself after this long; the test stops
 # waiting for it after IO_DEADLINE in any case.
@@ -45,21 +45,7 @@ T = TypeVar("T")
 
 # What a seed client never acks (seed-protocol.md, "A client auto-acks ...").
 SEED_NO_ACK_TYPES = ("ack", "ack_received", "delivery_update")
-THIRTEEN_FIELDS = (
-    "to",
-    "from",
-    "timestamp",
-    "priority",
-    "subject",
-    "msgid",
-    "acknowledge",
-    "content",
-    "action",
-    "event",
-    "status",
-    "conversation_id",
-    "msgno",
-)
+THIRTEEN_FIELDS = SEED_FIELDS
 
 
 def seed_would_ack(frame: dict[str, Any]) -> bool:

@@ -187,7 +187,6 @@ class Message:
         return (self.sender, self.msgid)
 
 
-
 @frozen
 class ReceiptRef:
     """A final receipt handed to the sender's socket.
@@ -905,19 +904,21 @@ class RelayCore:
             self.pending_commit += 1
             self._actions.append(self._insert_op(message))
 
-    def _insert_op(self, message: Message) -> Insert:
+    def _insert_op(self, message: Message, **final: Any) -> Insert:
+        """Store ``message``: queued, or with ``final`` (status, reason...) only its receipt."""
         return Insert(
-            ref=message,
+            ref=None if final else message,
             seq=message.seq,
             sender=message.sender,
             recipient=message.recipient,
             msgid=message.msgid,
             high=message.high,
             acknowledge=message.acknowledge,
-            fields=message.fields,
+            fields="" if final else message.fields,
             accepted_at=message.accepted_at,
             expires_at=message.expires_at,
             attempts=message.attempts,
+            **final,
         )
 
     def _drain_staging(self, client: str, now: float) -> None:
@@ -1130,21 +1131,7 @@ class RelayCore:
                 self._actions.append(Finish(message.seq, status, now, True, reason))
                 ref = ReceiptRef(message.seq)
             else:
-                owed = Insert(
-                    ref=None,
-                    seq=message.seq,
-                    sender=message.sender,
-                    recipient=message.recipient,
-                    msgid=message.msgid,
-                    high=message.high,
-                    acknowledge=message.acknowledge,
-                    fields="",
-                    accepted_at=message.accepted_at,
-                    expires_at=message.expires_at,
-                    status=status,
-                    receipt_pending=True,
-                    reason=reason,
-                )
+                owed = self._insert_op(message, status=status, receipt_pending=True, reason=reason)
                 if not online:
                     self._actions.append(owed)
                 ref = ReceiptRef(message.seq, owed)
