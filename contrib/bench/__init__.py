@@ -1,0 +1,1 @@
+"""relayd's benchmark harness (see README.md): ``python -m contrib.bench SCENARIO``."""
