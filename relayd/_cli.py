@@ -7,6 +7,7 @@ Exit codes: 0 after a clean stop, 1 on a runtime failure or a forced stop (secon
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -31,6 +32,14 @@ log = logging.getLogger("relayd")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+# CPython's collector defaults (700, 10, 10) are tuned for short scripts. relayd keeps ~200 live
+# objects per open socket, and every object that outlives two young collections (a read
+# waiting for its next frame does) is promoted and, once enough are, forces a full collection:
+# at 6,000 idle sockets, 1.2 million objects scanned several times a minute, 41 s of 80 s of
+# CPU. A larger first generation lets short-lived objects die young; full collections become
+# rare. Cyclic garbage still goes within 50,000 allocations.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -77,6 +86,7 @@ async def _serve_until_signalled(daemon: Daemon, config_path: str | None) -> int
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging(config.log.level, config.log.format)
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         return trio.run(_serve_until_signalled, Daemon(config), args.config)
     except BaseException as exc:
