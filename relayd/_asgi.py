@@ -15,13 +15,17 @@ And a trap of hypercorn's Trio worker itself: it writes every byte inside a shie
 ``send_all`` with no deadline. A peer that keeps its connection open but stops reading blocks
 that write forever: nothing can cancel it, so relayd's ``write_timeout`` never fires and
 shutdown never ends. relayd runs hypercorn with a ``TCPServer`` whose shielded write is
-bounded by ``websocket.write_timeout``; past it the connection is closed.
+bounded by ``websocket.write_timeout``; past it the connection is closed. A write asked for
+by a task that is already cancelled (shutdown past its deadline: hypercorn then still sends a
+1011 close to every open WebSocket) is dropped and the connection closed: at 10,000 sockets
+those writes alone would take seconds the drain deadline does not have.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import Any
@@ -58,6 +62,11 @@ class _BoundedWriteTCPServer(TCPServer):
             await super().protocol_send(event)
             return
         stalled = False
+        if trio.current_effective_deadline() == -math.inf:
+            # Cancelled (shielded writes, like a response's last chunk, never are): the
+            # connection is being torn down, and what is left unwritten stays so.
+            await self.stream.aclose()
+            return
         async with self.send_lock:
             try:
                 # One scope, shielded from outside cancellation and bounded by its deadline.

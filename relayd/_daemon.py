@@ -225,7 +225,8 @@ class Daemon:
                 task_status.started(addresses)
 
                 await self._stop_requested.wait()
-                deadline = trio.current_time() + config.drain_timeout
+                draining_since = trio.current_time()
+                deadline = draining_since + config.drain_timeout
                 log.info("draining", extra={"fields": {"deadline_s": config.drain_timeout}})
                 self._notifier.stopping("draining")
                 services.readiness = Readiness.DRAINING
@@ -238,7 +239,8 @@ class Daemon:
                 # holds is idle: connections closing, and the ping timers of closed
                 # websockets, which would keep it waiting up to heartbeat_interval each.
                 nursery.cancel_scope.cancel()
-        log.info("relayd stopped")
+            drain_s = round(trio.current_time() - draining_since, 3)
+        log.info("relayd stopped", extra={"fields": {"drain_s": drain_s}})
 
     async def _serve_dedicated(
         self,

@@ -57,6 +57,8 @@ class Peer:
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.closed = trio.Event()
+        self.close_hangs = False  # the close handshake never completes: no reply comes
+        self.served = trio.Event()  # the hub is done with this socket
 
     # --- the Transport side (relayd calls these) -------------------------------------------
 
@@ -94,6 +96,8 @@ class Peer:
             self.close_reason = reason
             self.closed.set()
             self._arrived.set()
+        if self.close_hangs:
+            await trio.sleep_forever()
         await trio.lowlevel.checkpoint()
 
     # --- the test's side --------------------------------------------------------------------
@@ -167,8 +171,12 @@ class HubEnv:
         transport sends protocol pings and sees their pongs (as the dedicated listener's);
         without, relayd sends JSON ping frames instead (as on the main port)."""
         peer = Peer(token=token, remote=remote, pong_observable=pong)
-        self.nursery.start_soon(self.hub.serve, peer)
+        self.nursery.start_soon(self._serve, peer)
         return peer
+
+    async def _serve(self, peer: Peer) -> None:
+        await self.hub.serve(peer)
+        peer.served.set()
 
     async def connect(self, client: TestClient, *, pong: bool = True) -> Peer:
         """Open and authenticate a socket for ``client``; return once its welcome arrived."""

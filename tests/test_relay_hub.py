@@ -320,6 +320,21 @@ async def test_shutdown_notifies_closes_1001_and_cuts_stragglers_by_the_deadline
         assert queued == {bob.uuid: 1}
 
 
+async def test_shutdown_deadline_ends_close_handshakes_still_waiting_for_a_reply(
+    autojump_clock: MockClock,
+) -> None:
+    async with running_hub() as env:
+        alice = await env.client("alice")
+        a = await env.connect(alice)
+        a.close_hangs = True  # relayd's 1001 is written; the client's reply never comes
+        t0 = trio.current_time()
+        await env.hub.shutdown(t0 + 1.0)  # sooner than a close handshake's own 2 s bound
+        assert a.close_code == CloseCode.GOING_AWAY
+        assert trio.current_time() == t0 + 1.0
+        await a.served.wait()
+        assert trio.current_time() == t0 + 1.0
+
+
 async def test_transport_without_pings_gets_json_pings_and_may_opt_in_to_the_timeout(
     autojump_clock: MockClock,
 ) -> None:

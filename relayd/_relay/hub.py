@@ -96,6 +96,8 @@ class _Handle:
     scope: trio.CancelScope = field(factory=trio.CancelScope)
     nursery: trio.Nursery | None = None
     close_request: tuple[int, str] | None = None
+    # The close handshake on the way out runs shielded; shutdown's deadline cancels it.
+    closing: trio.CancelScope = field(factory=lambda: trio.CancelScope(shield=True))
     batch: list[_Outgoing] = field(factory=list)  # being written
     sent: int = 0  # of `batch`, written so far
     chunk: int = 1  # of `batch`, after `sent`, in the write under way
@@ -130,6 +132,7 @@ class Hub:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.closing = False
+        self._stopped = False  # shutdown's deadline has passed
 
     @classmethod
     async def open(
@@ -192,6 +195,10 @@ class Hub:
         with trio.move_on_at(deadline):
             await self._until(lambda: not self._handles)
             await self._until(lambda: not self._store_queue and not self._store_busy)
+        # Out of time: the close handshakes still under way end here, unfinished.
+        self._stopped = True
+        for handle in self._handles.values():
+            handle.closing.cancel()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -363,7 +370,9 @@ class Hub:
             self._finish(handle, queued)
             if handle.close_request is not None:
                 code, reason = handle.close_request
-                with trio.CancelScope(shield=True):
+                with handle.closing:
+                    if self._stopped:
+                        handle.closing.cancel()
                     await abort_after(CLOSE_TIMEOUT, transport, code, reason)
             # Only now is the socket done with: the drain waits for this.
             del self._handles[sid]
