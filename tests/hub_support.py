@@ -169,7 +169,7 @@ class HubEnv:
     ) -> Peer:
         """A socket accepted by a listener, served by the hub from now on. ``pong``: its
         transport sends protocol pings and sees their pongs (as the dedicated listener's);
-        without, relayd sends JSON ping frames instead (as on the main port)."""
+        without, it cannot ping at all (as on the main port, where hypercorn pings)."""
         peer = Peer(token=token, remote=remote, pong_observable=pong)
         self.nursery.start_soon(self._serve, peer)
         return peer

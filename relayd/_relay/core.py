@@ -150,7 +150,6 @@ class Session:
     client: str | None = None
     expires_at: float = 0.0
     authenticating: bool = False
-    heartbeat_enforced: bool = False
     queued: int = 0  # frames handed to the socket, not yet written
     token_timer: float | None = None  # when the pending token timer fires, if one is
     warned_for: float = 0.0  # the expiry the client was last warned about
@@ -414,7 +413,6 @@ class RelayCore:
     ) -> None:
         """A socket was accepted. ``token``: one offered in the URL, a header or a subprotocol."""
         session = Session(sid, remote, now, now, pong_observable)
-        session.heartbeat_enforced = pong_observable
         self._sessions[sid] = session
         self._per_ip[remote] += 1
         self._pending_auth += 1
@@ -484,7 +482,9 @@ class RelayCore:
             ),
         )
         self._arm_token_timers(session, now)
-        self._at(now + self.ws.heartbeat_interval, TimerKind.HEARTBEAT, session.sid, 0)
+        if session.pong_observable:
+            # Otherwise the server under the transport pings and drops a silent peer.
+            self._at(now + self.ws.heartbeat_interval, TimerKind.HEARTBEAT, session.sid, 0)
         recipient = self._recipients.get(who.client)
         if previous is not None and recipient is not None:
             # The old socket's unsent frames come back in `closed`; deliver after them.
@@ -571,18 +571,13 @@ class RelayCore:
             return
         ws = self.ws
         silent_until = session.last_seen + ws.heartbeat_timeout
-        if session.heartbeat_enforced and now >= silent_until:
+        if now >= silent_until:
             self._close(session, CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", abort=True)
             return
         if now >= session.last_ping + ws.heartbeat_interval:
             session.last_ping = now
-            if session.pong_observable:
-                self._actions.append(Ping(session.sid))
-            else:  # the transport cannot ping: a JSON ping, which a client may answer
-                self._send(session, F.encode({"type": "ping", "timestamp": now}))
-        next_at = session.last_ping + ws.heartbeat_interval
-        if session.heartbeat_enforced:
-            next_at = min(next_at, max(silent_until, now))
+            self._actions.append(Ping(session.sid))
+        next_at = min(session.last_ping + ws.heartbeat_interval, silent_until)
         self._at(next_at, TimerKind.HEARTBEAT, session.sid, 0)
 
     def pong(self, sid: int, now: float) -> None:
@@ -769,7 +764,7 @@ class RelayCore:
             elif kind == "ping":
                 self._send(session, F.encode({"type": "pong", "timestamp": now}))
             elif kind == "pong":
-                session.heartbeat_enforced = True
+                pass  # answers JSON pings that relayd no longer sends: accepted, ignored
             elif kind == "auth":
                 raise ProtocolError(F.ALREADY_AUTHENTICATED, "this connection is authenticated")
             else:

@@ -6,8 +6,7 @@ Two exist:
 * :class:`AsgiTransport` — ``/ws`` on the main HTTP port, straight from hypercorn's ASGI
   websocket scope (no Quart machinery in between). ASGI can neither send pings nor report
   pongs: hypercorn sends the protocol pings (every ``heartbeat_interval``) and drops a peer
-  silent past its read timeout; relayd adds JSON ``{"type": "ping"}`` frames, and enforces
-  ``heartbeat_timeout`` itself for clients that answer them with ``{"type": "pong"}``.
+  silent past its read timeout (``heartbeat_timeout``); relayd's own heartbeat stays off.
 * :class:`TrioWebsocketTransport` — the optional dedicated listener (``[websocket] listen``),
   on trio-websocket's server. Heartbeats are WebSocket pings; their pongs count as liveness.
 
@@ -155,7 +154,7 @@ class AsgiTransport:
             await self.send(text)
 
     async def ping(self) -> None:  # pragma: no cover - the core never asks this transport
-        raise NotImplementedError("ASGI cannot ping; the core sends ping frames instead")
+        raise NotImplementedError("ASGI cannot ping; hypercorn pings this socket")
 
     async def close(self, code: int, reason: str) -> None:
         """Send the close frame, then wait for the client's (bounded by the caller): dropping
