@@ -1475,12 +1475,14 @@ def test_message_rate_limit_answers_rate_limited_with_retry_after() -> None:
         h.send(a, {"to": bob.uuid, "content": str(i)})
     error = the_error(h.read(a))
     assert error["code"] == "rate_limited"
-    assert error["details"]["retry_after"] == 1.0
+    assert error["details"] == {"retry_after": 1.0, "to": bob.uuid}
     assert contents(h.messages(b)) == ["0", "1"]
     assert closed_code(h, a) is None
     advance_to(h, T0 + 1.0 - EPS)
-    h.send(a, {"to": bob.uuid, "content": "too soon"})
-    assert the_error(h.read(a))["code"] == "rate_limited"
+    h.send(a, {"to": bob.uuid, "content": "too soon", "msgid": "m-soon"})
+    error = the_error(h.read(a))
+    assert error["code"] == "rate_limited"
+    assert (error["details"]["msgid"], error["details"]["to"]) == ("m-soon", bob.uuid)
     advance_to(h, T0 + 1.0)
     h.send(a, {"to": bob.uuid, "content": "now"})
     assert contents(h.messages(b)) == ["now"]

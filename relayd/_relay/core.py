@@ -811,7 +811,7 @@ class RelayCore:
             )
         wait = self._send_limiter.acquire(sender, now)
         if wait > 0:
-            raise _RateLimited(wait)
+            raise _RateLimited(wait, msgid=envelope.msgid, to=envelope.to)
         msgid = envelope.msgid or F.new_msgid()
         known = self._recent.get((sender, msgid))
         if known is not None:
@@ -1383,11 +1383,12 @@ class RelayCore:
 
 
 class _RateLimited(ProtocolError):
-    def __init__(self, wait: float) -> None:
+    def __init__(self, wait: float, **refused: str | None) -> None:
+        """``refused``: ``msgid`` and ``to`` of a refused message, so a client can tell which."""
+        details: dict[str, Any] = {"retry_after": round(wait, 3)}
+        details.update((key, value) for key, value in refused.items() if value is not None)
         super().__init__(
-            F.RATE_LIMITED,
-            f"too many messages; retry in {wait:.3f} s",
-            details={"retry_after": round(wait, 3)},
+            F.RATE_LIMITED, f"too many messages; retry in {wait:.3f} s", details=details
         )
 
 
