@@ -1383,10 +1383,13 @@ class RelayCore:
 
 
 class _RateLimited(ProtocolError):
-    def __init__(self, wait: float, **refused: str | None) -> None:
-        """``refused``: ``msgid`` and ``to`` of a refused message, so a client can tell which."""
+    def __init__(self, wait: float, *, msgid: str | None = None, to: str | None = None) -> None:
+        """``msgid`` and ``to``: a refused message's, so that its sender can tell which."""
         details: dict[str, Any] = {"retry_after": round(wait, 3)}
-        details.update((key, value) for key, value in refused.items() if value is not None)
+        if to is not None:
+            details["to"] = to
+        if msgid is not None:
+            details["msgid"] = msgid
         super().__init__(
             F.RATE_LIMITED, f"too many messages; retry in {wait:.3f} s", details=details
         )
