@@ -2,8 +2,13 @@
 
 The :class:`AuthService` is the only place that decides whether a token is good: the signature
 and claims (:class:`~relayd._tokens.TokenCodec`), then the state only the store knows: the
-client still exists, the token was issued after the client's last "revoke all", the jti was
-not revoked, and for refresh tokens that the presented token is its family's newest one.
+client still exists, the token was issued after the client's last "revoke all", its login
+(refresh family) was not revoked, the jti was not revoked, and for refresh tokens that the
+presented token is its family's newest one.
+
+Every revocation is also announced, as a :class:`Revocation`, to the subscribers (the relay),
+which close the live sessions that use a revoked token at once: a revocation never waits for
+an access token to expire.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import secrets
 import stat
 import uuid as uuid_module
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -113,6 +118,17 @@ class TokenPair:
 
 
 @frozen
+class Revocation:
+    """Tokens of ``client`` that are refused from now on: all of them, those of one login
+    (``family``), or one access token (``token_id``, its jti)."""
+
+    client: str
+    reason: str  # revoked, deleted, logged_out, refresh_reused, token_revoked
+    family: str | None = None
+    token_id: str | None = None
+
+
+@frozen
 class Registration:
     client: ClientRecord
     client_secret: str
@@ -125,6 +141,7 @@ class AuthService:
         self.codec = codec
         self.config = config
         self._revoked_jtis: set[str] = set()
+        self._subscribers: list[Callable[[Revocation], None]] = []
         # scrypt holds ~16 MiB and a core for tens of ms: two at a time at most.
         self._kdf_limiter = trio.CapacityLimiter(2)
         # Compared against when the client does not exist, so a miss costs as much as a hit.
@@ -133,6 +150,14 @@ class AuthService:
     @property
     def now(self) -> float:
         return self.codec.clock()
+
+    def subscribe(self, subscriber: Callable[[Revocation], None]) -> None:
+        """Call ``subscriber`` with every revocation, once it is committed to the store."""
+        self._subscribers.append(subscriber)
+
+    def _announce(self, revocation: Revocation) -> None:
+        for subscriber in self._subscribers:
+            subscriber(revocation)
 
     def _revocation_horizon(self) -> float:
         # The codec accepts a token until exp + leeway: its revocation must last as long.
@@ -166,7 +191,11 @@ class AuthService:
         new_family = family is None
         family = family or secrets.token_urlsafe(16)
         access = self.codec.issue(
-            sub=client.uuid, token_use="access", roles=client.roles, ttl=self.config.access_ttl
+            sub=client.uuid,
+            token_use="access",
+            roles=client.roles,
+            ttl=self.config.access_ttl,
+            family=family,
         )
         refresh = self.codec.issue(
             sub=client.uuid,
@@ -224,11 +253,13 @@ class AuthService:
     # --- refresh and logout -----------------------------------------------------------------
 
     async def _live_client(self, claims: Claims) -> ClientRecord:
-        client = await self._store.get_client(claims.sub)
+        client, login_live = await self._store.token_holder(claims.sub, claims.family)
         if client is None or client.deleted_at is not None:
             raise TokenError("token_revoked", "the token's client no longer exists")
         if claims.iat < client.tokens_valid_after:
             raise TokenError("token_revoked", "the token was revoked")
+        if not login_live:
+            raise TokenError("token_revoked", "the token's login was revoked")
         return client
 
     async def refresh(self, refresh_token: str, *, source: str | None) -> TokenPair:
@@ -250,6 +281,7 @@ class AuthService:
         )
         if outcome == "reused":
             audit("refresh_reuse_detected", client=client.uuid, source=source, family=claims.family)
+            self._announce(Revocation(client.uuid, "refresh_reused", family=claims.family))
             raise TokenError(
                 "refresh_reused",
                 "this refresh token was already used; every token of its login is now revoked",
@@ -265,6 +297,8 @@ class AuthService:
         assert claims.family is not None
         revoked = await self._store.revoke_family(claims.family, self.now, "logout")
         audit("refresh_revoked", client=claims.sub, source=source, family=claims.family)
+        if revoked:
+            self._announce(Revocation(claims.sub, "logged_out", family=claims.family))
         return revoked
 
     # --- access tokens ----------------------------------------------------------------------
@@ -291,6 +325,7 @@ class AuthService:
         await self._store.revoke_token(claims.jti, claims.sub, self.now, claims.exp)
         self._revoked_jtis.add(claims.jti)
         audit("token_revoked", client=claims.sub, actor=actor, source=source)
+        self._announce(Revocation(claims.sub, "token_revoked", token_id=claims.jti))
 
     # --- clients ----------------------------------------------------------------------------
 
@@ -308,9 +343,11 @@ class AuthService:
         if not await self._store.revoke_client_tokens(client_uuid, self.now):
             raise NotFound(f"no client {client_uuid}", code="unknown_client")
         audit("client_revoked", client=client_uuid, actor=actor, source=source)
+        self._announce(Revocation(client_uuid, "revoked"))
 
     async def delete_client(self, client_uuid: str, *, actor: str, source: str | None) -> None:
         """Delete a client. Its UUID stays taken, so nobody can register it and get its mail."""
         if not await self._store.delete_client(client_uuid, self.now):
             raise NotFound(f"no client {client_uuid}", code="unknown_client")
         audit("client_deleted", client=client_uuid, actor=actor, source=source)
+        self._announce(Revocation(client_uuid, "deleted"))

@@ -44,8 +44,6 @@ class Relay(Protocol):
 
     def online(self, client: str) -> bool: ...
 
-    def revoke(self, client: str, *, reason: str = "revoked") -> None: ...
-
     async def queue_depths(self) -> dict[str, int]: ...
 
 
@@ -294,8 +292,6 @@ def create_app(services: Services) -> QuartTrio:
         if claims.sub != client_uuid and not claims.is_admin:
             raise Forbidden("a client may delete only itself", code="not_yours")
         await auth.delete_client(client_uuid, actor=claims.sub, source=_source())
-        if services.relay is not None:
-            services.relay.revoke(client_uuid, reason="deleted")
         return {"deleted": client_uuid}
 
     @app.post("/admin/clients/<client_uuid>/revoke")
@@ -303,8 +299,6 @@ def create_app(services: Services) -> QuartTrio:
         claims = await admin()
         client_uuid = client_uuid.lower()
         await auth.revoke_client(client_uuid, actor=claims.sub, source=_source())
-        if services.relay is not None:
-            services.relay.revoke(client_uuid, reason="revoked")
         return {"revoked": client_uuid}
 
     @app.get("/admin/clients")

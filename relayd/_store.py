@@ -235,6 +235,26 @@ class Store:
 
         return await self._run(query)
 
+    async def token_holder(
+        self, uuid: str, family: str | None
+    ) -> tuple[ClientRecord | None, bool]:
+        """The client with this UUID (tombstones included), and whether ``family`` is one of its
+        logins that is still live (``True`` when ``family`` is ``None``): one read for the
+        state an access token depends on."""
+
+        def query(db: sqlite3.Connection) -> tuple[ClientRecord | None, bool]:
+            row = db.execute("SELECT * FROM clients WHERE uuid = ?", (uuid,)).fetchone()
+            if row is None or family is None:
+                return (None if row is None else _client(row)), True
+            live = db.execute(
+                "SELECT 1 FROM refresh_families"
+                " WHERE family = ? AND client_uuid = ? AND revoked_at IS NULL",
+                (family, uuid),
+            ).fetchone()
+            return _client(row), live is not None
+
+        return await self._run(query)
+
     async def list_clients(self) -> list[ClientRecord]:
         """Every live client, oldest first."""
 

@@ -2,9 +2,11 @@
 
 Every token is HS256-signed and carries ``iss``, ``aud``, ``sub`` (the client UUID, or
 ``operator:<name>`` for operator tokens), ``jti``, ``iat``, ``nbf``, ``exp``, ``roles`` and
-``token_use`` (``access`` or ``refresh``); refresh tokens also carry ``fam``, their rotation
-family. Times are fractional epoch seconds so that a revocation at instant *t* refuses exactly
-the tokens issued before *t*.
+``token_use`` (``access`` or ``refresh``). Tokens of a client login also carry ``fam``, the
+login's refresh family: required on refresh tokens; on access tokens it lets revoking a login
+(log out, refresh-token reuse) refuse the access tokens issued for it too. Times are
+fractional epoch seconds so that a revocation at instant *t* refuses exactly the tokens issued
+before *t*.
 
 Verification accepts exactly one algorithm (no ``none``, no key confusion with asymmetric
 algorithms), requires every claim, checks issuer and audience, and checks the times itself

@@ -155,6 +155,14 @@ class HubEnv:
         assert await self.store.insert_client(record)
         return TestClient(uuid, name, self.token(uuid))
 
+    async def register(self, name: str) -> tuple[TestClient, str]:
+        """Register a client through the auth service: the client, with the access token of
+        its first login, and that login's refresh token."""
+        registered = await self.auth.register(name, None, source=None)
+        tokens = registered.tokens
+        client = TestClient(registered.client.uuid, name, tokens.access.token)
+        return client, tokens.refresh.token
+
     def token(self, uuid: str, *, ttl: float | None = None) -> str:
         issued = self.auth.codec.issue(
             sub=uuid,

@@ -116,9 +116,13 @@ class CoreHarness:
             )
         return Client(client_uuid, name, self.token_for(client_uuid, name, ttl=ttl))
 
-    def token_for(self, client_uuid: str, name: str, *, ttl: float = 900.0) -> str:
+    def token_for(
+        self, client_uuid: str, name: str, *, ttl: float = 900.0, login: str | None = None
+    ) -> str:
+        """A token for the client, issued now; ``login``: the refresh family it belongs to.
+        The token's text is also its jti."""
         token = f"token-{len(self.tokens)}-{name}"
-        self.tokens[token] = Identity(client_uuid, name, self.now, self.now + ttl)
+        self.tokens[token] = Identity(client_uuid, name, self.now, self.now + ttl, token, login)
         return token
 
     # --- driving the core ---------------------------------------------------------------------

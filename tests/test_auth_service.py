@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from relayd._auth import AuthService, Registration
+from relayd._auth import AuthService, Registration, Revocation
 from relayd._config import AuthConfig
 from relayd._errors import Conflict, NotFound, TokenError, Unauthorized
 from relayd._store import Store, inline_executor
@@ -223,9 +223,14 @@ async def test_refresh_rotation_and_reuse_detection(
     assert await refresh_code(auth, first.refresh.token) == "refresh_reused"
     assert await refresh_code(auth, third.refresh.token) == "token_revoked"
     assert await refresh_code(auth, second.refresh.token) == "token_revoked"
+    # Every access token of the family, older and newer, is refused too.
+    for pair in (first, second, third):
+        assert pair.access.claims.family == first.refresh.claims.family
+        assert await authenticate_code(auth, pair.access.token) == "token_revoked"
     # A new login is unaffected.
     pair = await auth.login(UUID, registration.client_secret, source=None)
     assert (await auth.refresh(pair.refresh.token, source=None)).refresh.claims.sub == UUID
+    assert (await auth.authenticate(pair.access.token)).sub == UUID
 
 
 async def test_refresh_twice_with_the_same_token(
@@ -250,6 +255,7 @@ async def test_logout_revokes_the_family(
     # Already revoked: False, and still refused.
     assert not await auth.logout(rotated.refresh.token, source=None)
     assert await refresh_code(auth, registration.tokens.refresh.token) == "token_revoked"
+    assert await authenticate_code(auth, rotated.access.token) == "token_revoked"
 
 
 async def test_logout_leaves_other_logins_alone(
@@ -259,6 +265,38 @@ async def test_logout_leaves_other_logins_alone(
     other = await auth.login(UUID, registration.client_secret, source=None)
     assert await auth.logout(registration.tokens.refresh.token, source=None)
     assert (await auth.refresh(other.refresh.token, source=None)).access.claims.sub == UUID
+
+
+async def test_every_revocation_is_announced_after_it_is_stored(
+    autojump_clock: trio.testing.MockClock, auth: AuthService, store: Store
+) -> None:
+    heard: list[Revocation] = []
+    auth.subscribe(heard.append)
+    registration = await register(auth)
+    family = registration.tokens.refresh.claims.family
+    await trio.sleep(1)
+    rotated = await auth.refresh(registration.tokens.refresh.token, source=None)
+    assert heard == []
+    assert await refresh_code(auth, registration.tokens.refresh.token) == "refresh_reused"
+    assert heard == [Revocation(UUID, "refresh_reused", family=family)]
+    stored = await store.get_family(family or "")
+    assert stored is not None and stored.revoked_at is not None
+
+    other = await auth.login(UUID, registration.client_secret, source=None)
+    assert await auth.logout(other.refresh.token, source=None)
+    assert not await auth.logout(other.refresh.token, source=None)  # already: said once
+    access = await auth.login(UUID, registration.client_secret, source=None)
+    claims = await auth.authenticate(access.access.token)
+    await auth.revoke_token(claims, actor=UUID, source=None)
+    await auth.revoke_client(UUID, actor="operator:test", source=None)
+    await auth.delete_client(UUID, actor="operator:test", source=None)
+    assert heard[1:] == [
+        Revocation(UUID, "logged_out", family=other.refresh.claims.family),
+        Revocation(UUID, "token_revoked", token_id=claims.jti),
+        Revocation(UUID, "revoked"),
+        Revocation(UUID, "deleted"),
+    ]
+    assert rotated.access.claims.family == family
 
 
 # --- revoke and delete --------------------------------------------------------------------------

@@ -1365,6 +1365,64 @@ def test_revoke_sends_an_error_and_closes_4003_and_old_tokens_stay_refused() -> 
     assert h.read(b2)[0]["type"] == "connection"
 
 
+def test_revoking_a_login_closes_only_the_session_running_on_one_of_its_tokens() -> None:
+    h = CoreHarness()
+    alice, bob = h.client("alice"), h.client("bob")
+    a = h.connect(alice)
+    b = h.open(token=h.token_for(bob.uuid, "bob", login="login-b1"))
+    assert h.read(b)[0]["type"] == "connection"
+    h.core.revoke(bob.uuid, h.now, login="login-b2", reason="logged_out")
+    h.core.revoke(alice.uuid, h.now, login="login-b1", reason="logged_out")
+    h.run()
+    assert closed_code(h, b) is None and closed_code(h, a) is None
+    h.core.revoke(bob.uuid, h.now, login="login-b1", reason="refresh_reused")
+    h.run()
+    error = the_error(h.read(b))
+    assert error["code"] == "token_revoked"
+    assert error["details"] == {"reason": "refresh_reused"}
+    assert closed_code(h, b) == CloseCode.REVOKED
+    assert closed_code(h, a) is None
+
+
+def test_revoking_an_access_token_closes_the_session_running_on_it_not_on_its_successor() -> None:
+    h = CoreHarness()
+    bob = h.client("bob")
+    first = h.token_for(bob.uuid, "bob", login="login-b")
+    b = h.open(token=first)
+    assert h.read(b)[0]["type"] == "connection"
+    h.advance(1)
+    second = h.token_for(bob.uuid, "bob", login="login-b")
+    h.send(b, {"type": "refresh", "token": second})
+    assert h.read(b)[0]["type"] == "token_refreshed"
+    h.core.revoke(bob.uuid, h.now, token_id=first, reason="token_revoked")
+    h.run()
+    assert closed_code(h, b) is None  # it runs on the second token now
+    h.core.revoke(bob.uuid, h.now, token_id=second, reason="token_revoked")
+    h.run()
+    assert the_error(h.read(b))["details"] == {"reason": "token_revoked"}
+    assert closed_code(h, b) == CloseCode.REVOKED
+
+
+@pytest.mark.parametrize("revoked", ["login", "token"])
+def test_a_token_revoked_while_its_check_is_in_flight_does_not_open_a_session(
+    revoked: str,
+) -> None:
+    h = CoreHarness()
+    bob = h.client("bob")
+    token = h.token_for(bob.uuid, "bob", login="login-b")
+    h.auto_auth = False
+    b = h.open(token=token)  # the store said yes; the answer is on its way
+    if revoked == "login":
+        h.core.revoke(bob.uuid, h.now, login="login-b", reason="logged_out")
+    else:
+        h.core.revoke(bob.uuid, h.now, token_id=token, reason="token_revoked")
+    h.resolve_auth()
+    h.run()
+    assert the_error(h.read(b))["code"] == "token_revoked"
+    assert closed_code(h, b) == CloseCode.AUTH_FAILED
+    assert not h.core.online(bob.uuid)
+
+
 # --- 11. heartbeats -------------------------------------------------------------------------------
 
 

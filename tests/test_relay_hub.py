@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
+from relayd._errors import TokenError
 from relayd._relay.frames import CloseCode
 
 from .hub_support import EPOCH, running_hub
@@ -198,7 +200,6 @@ async def test_revoking_a_client_closes_its_session_4003_at_once(
         await trio.sleep(1)  # a revocation refuses tokens issued before it
         t = trio.current_time()
         await env.auth.revoke_client(alice.uuid, actor="operator:test", source=None)
-        env.hub.revoke(alice.uuid)
         assert (await peer.next())["error"]["code"] == "token_revoked"
         assert await peer.wait_closed() == CloseCode.REVOKED
         assert trio.current_time() == t
@@ -206,6 +207,22 @@ async def test_revoking_a_client_closes_its_session_4003_at_once(
         again = env.open(alice.token)
         assert (await again.next())["error"]["code"] == "token_revoked"
         assert await again.wait_closed() == CloseCode.AUTH_FAILED
+
+
+async def test_refresh_reuse_closes_the_login_s_session_4003_at_once(
+    autojump_clock: MockClock,
+) -> None:
+    async with running_hub() as env:
+        carol, spent = await env.register("carol")
+        peer = await env.connect(carol)
+        await trio.sleep(1)
+        await env.auth.refresh(spent, source=None)
+        t = trio.current_time()
+        with pytest.raises(TokenError, match="already used"):
+            await env.auth.refresh(spent, source=None)
+        assert (await peer.next())["error"]["details"] == {"reason": "refresh_reused"}
+        assert await peer.wait_closed() == CloseCode.REVOKED
+        assert trio.current_time() == t
 
 
 # --- heartbeats ---------------------------------------------------------------------------------

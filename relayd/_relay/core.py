@@ -112,12 +112,14 @@ Action = Send | Close | Authenticate | Ping | StoreOp
 
 @frozen
 class Identity:
-    """Who a verified token speaks for."""
+    """Who a verified token speaks for, and which token it is."""
 
     client: str
     name: str
     issued_at: float
     expires_at: float
+    token_id: str = ""  # the token's jti
+    login: str | None = None  # the token's refresh family, if it was issued for a login
 
 
 # --- state --------------------------------------------------------------------------------------
@@ -148,6 +150,8 @@ class Session:
     pong_observable: bool
     phase: Phase = Phase.PENDING
     client: str | None = None
+    token_id: str = ""  # the jti of the token the session runs on now
+    login: str | None = None  # that token's refresh family
     expires_at: float = 0.0
     authenticating: bool = False
     queued: int = 0  # frames handed to the socket, not yet written
@@ -272,7 +276,10 @@ class RelayCore:
         self._awaiting: Counter[str] = Counter()
         self._per_ip: Counter[str] = Counter()
         self._pending_auth = 0
-        self._revoked: dict[str, float] = {}
+        # Recent revocations, to refuse tokens whose check was in flight when they happened:
+        # ("client", uuid) -> when (tokens issued before it), ("login", family) and
+        # ("token", jti) -> when.
+        self._revoked: dict[tuple[str, str], float] = {}
         self.pending_commit = 0
         self._timers: list[tuple[float, int, TimerKind, Any, int]] = []
         self._timer_seq = itertools.count()
@@ -440,7 +447,7 @@ class RelayCore:
         if session is None or session.phase is Phase.CLOSING:
             return
         session.authenticating = False
-        if who.issued_at < self._revoked.get(who.client, float("-inf")):
+        if self._was_revoked(who):
             self.auth_failed(sid, "token_revoked", "the token was revoked", now, refresh=refresh)
             return
         if refresh:
@@ -449,6 +456,7 @@ class RelayCore:
                 self._close(session, CloseCode.AUTH_FAILED, "token_invalid")
                 return
             session.expires_at = who.expires_at
+            session.token_id, session.login = who.token_id, who.login
             self._arm_token_timers(session, now)
             self._send(
                 session,
@@ -462,6 +470,7 @@ class RelayCore:
         self._pending_auth -= 1
         session.phase = Phase.ACTIVE
         session.client = who.client
+        session.token_id, session.login = who.token_id, who.login
         session.expires_at = who.expires_at
         session.last_seen = session.last_ping = now
         previous = self._active.get(who.client)
@@ -586,13 +595,43 @@ class RelayCore:
         if session is not None:
             session.last_seen = now
 
-    def revoke(self, client: str, now: float, *, reason: str = "revoked") -> None:
-        """The client's tokens were revoked (or it was deleted): close its session with 4003."""
-        self._revoked[client] = now
+    def revoke(
+        self,
+        client: str,
+        now: float,
+        *,
+        login: str | None = None,
+        token_id: str | None = None,
+        reason: str = "revoked",
+    ) -> None:
+        """Tokens were revoked: all of ``client``'s (it was revoked or deleted), those of one
+        ``login`` (its refresh family), or one access token (``token_id``). The client's
+        session is closed with 4003 at once if it runs on a revoked token."""
+        if login is not None:
+            key = ("login", login)
+        elif token_id is not None:
+            key = ("token", token_id)
+        else:
+            key = ("client", client)
+        self._revoked[key] = now
         session = self._active.get(client)
-        if session is not None and session.phase is Phase.ACTIVE:
-            self._error(session, "token_revoked", f"this client was {reason}", now)
-            self._close(session, CloseCode.REVOKED, reason)
+        if session is None or session.phase is not Phase.ACTIVE:
+            return
+        if (login is not None and session.login != login) or (
+            token_id is not None and session.token_id != token_id
+        ):
+            return
+        text = _REVOKED_TEXT.get(reason, "the session's token was revoked")
+        self._error(session, "token_revoked", text, now, {"reason": reason})
+        self._close(session, CloseCode.REVOKED, reason)
+
+    def _was_revoked(self, who: Identity) -> bool:
+        revoked = self._revoked
+        if who.issued_at < revoked.get(("client", who.client), float("-inf")):
+            return True
+        if who.login is not None and ("login", who.login) in revoked:
+            return True
+        return ("token", who.token_id) in revoked
 
     def drain(self, now: float) -> None:
         """Shutdown: tell every session, then close it with 1001 once its frames are written."""
@@ -1339,7 +1378,7 @@ class RelayCore:
         # A revocation is remembered only to refuse tokens whose check was in flight when it
         # happened; the store refuses them from then on.
         horizon = now - self.relay.sweep_interval
-        self._revoked = {c: at for c, at in self._revoked.items() if at >= horizon}
+        self._revoked = {key: at for key, at in self._revoked.items() if at >= horizon}
         self._read(FindExpired(now, self.SWEEP_PAGE))
         self._actions.append(
             Purge(
@@ -1394,6 +1433,15 @@ class _RateLimited(ProtocolError):
             F.RATE_LIMITED, f"too many messages; retry in {wait:.3f} s", details=details
         )
 
+
+_REVOKED_TEXT = {
+    "revoked": "this client's tokens were revoked",
+    "deleted": "this client was deleted",
+    "logged_out": "this session's login was logged out",
+    "refresh_reused": "a spent refresh token of this login was presented again: every token of "
+    "the login is revoked",
+    "token_revoked": "this session's access token was revoked",
+}
 
 _STATUS_TEXT = {
     "queued_offline": "recipient offline; stored for delivery",

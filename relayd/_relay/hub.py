@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 import trio
 from attrs import define, field, frozen
 
-from relayd._auth import AuthService
+from relayd._auth import AuthService, Revocation
 from relayd._config import Config
 from relayd._errors import ApiError, TokenError
 from relayd._log import audit, conn_id
@@ -133,6 +133,7 @@ class Hub:
         self._nursery: trio.Nursery | None = None
         self.closing = False
         self._stopped = False  # shutdown's deadline has passed
+        auth.subscribe(self.revoked)
 
     @classmethod
     async def open(
@@ -312,16 +313,25 @@ class Hub:
             self.core.metrics.events[f"auth_failed:{exc.code}"] += 1
             self.core.auth_failed(sid, exc.code, exc.message, self.clock(), refresh=refresh)
         else:
-            who = Identity(client.uuid, client.name, claims.iat, claims.exp)
+            who = Identity(
+                client.uuid, client.name, claims.iat, claims.exp, claims.jti, claims.family
+            )
             log.debug("authenticated", extra={"fields": {"sid": sid, "client": client.uuid}})
             self.core.authenticated(sid, who, self.clock(), refresh=refresh)
         self._apply()
 
     # --- sessions ----------------------------------------------------------------------------
 
-    def revoke(self, client: str, *, reason: str = "revoked") -> None:
-        """Close the client's live session with 4003: its tokens were revoked, or it was deleted."""
-        self.core.revoke(client, self.clock(), reason=reason)
+    def revoked(self, revocation: Revocation) -> None:
+        """Tokens were revoked (see :class:`Revocation`): a session running on one of them is
+        closed with 4003 at once."""
+        self.core.revoke(
+            revocation.client,
+            self.clock(),
+            login=revocation.family,
+            token_id=revocation.token_id,
+            reason=revocation.reason,
+        )
         self._apply()
 
     def online(self, client: str) -> bool:
