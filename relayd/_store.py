@@ -235,9 +235,7 @@ class Store:
 
         return await self._run(query)
 
-    async def token_holder(
-        self, uuid: str, family: str | None
-    ) -> tuple[ClientRecord | None, bool]:
+    async def token_holder(self, uuid: str, family: str | None) -> tuple[ClientRecord | None, bool]:
         """The client with this UUID (tombstones included), and whether ``family`` is one of its
         logins that is still live (``True`` when ``family`` is ``None``): one read for the
         state an access token depends on."""

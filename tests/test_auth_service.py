@@ -280,7 +280,8 @@ async def test_every_revocation_is_announced_after_it_is_stored(
     assert await refresh_code(auth, registration.tokens.refresh.token) == "refresh_reused"
     assert heard == [Revocation(UUID, "refresh_reused", family=family)]
     stored = await store.get_family(family or "")
-    assert stored is not None and stored.revoked_at is not None
+    assert stored is not None
+    assert stored.revoked_at is not None
 
     other = await auth.login(UUID, registration.client_secret, source=None)
     assert await auth.logout(other.refresh.token, source=None)

@@ -76,7 +76,8 @@ async def test_refresh_reuse_refuses_every_access_token_of_the_login_and_closes_
     async with ws_connect(relayd, first_access) as session:
         await welcomed(session)
         reuse = await http.post("/auth/refresh", {"refresh_token": spent})
-        assert reuse.status == 401 and reuse.error_code == "refresh_reused"
+        assert reuse.status == 401
+        assert reuse.error_code == "refresh_reused"
         await revoked_and_closed(session, "refresh_reused")
     # Older and newer access tokens of the login: refused on REST and on the socket.
     for access in (first_access, second["access_token"]):
@@ -84,7 +85,8 @@ async def test_refresh_reuse_refuses_every_access_token_of_the_login_and_closes_
         await refused_at_connect(relayd, access)
     # And the newest refresh token too: the whole login is gone.
     again = await http.post("/auth/refresh", {"refresh_token": second["refresh_token"]})
-    assert again.status == 401 and again.error_code == "token_revoked"
+    assert again.status == 401
+    assert again.error_code == "token_revoked"
 
 
 async def test_another_login_of_the_same_client_is_untouched(relayd: RunningRelayd) -> None:
