@@ -148,11 +148,16 @@ class WebsocketConfig:
     token_warning: float = field(default=60.0, validator=_non_negative)
     """Seconds before its access token expires that a client is told to refresh it."""
     max_connections: int = field(default=10_000, validator=_positive)
-    """Open WebSocket connections allowed in total; more are closed with 4029."""
+    """WebSocket connections that offered a token allowed in total; more are closed (4029)."""
     max_connections_per_ip: int = field(default=1_000, validator=_positive)
-    """Open WebSocket connections allowed per source IP; more are closed with 4029."""
+    """WebSocket connections that offered a token allowed per source IP; more are closed
+    (4029)."""
     max_pending_auth: int = field(default=1_000, validator=_positive)
-    """Connections allowed to be waiting for authentication at once; more are closed (4029)."""
+    """Connections with no token yet (waiting for an ``auth`` frame) allowed at once; past it,
+    the oldest of them is closed (4029) to make room."""
+    max_pending_auth_per_ip: int = field(default=16, validator=_positive)
+    """Connections with no token yet allowed per source IP; past it, the oldest of that
+    address's is closed (4029) to make room."""
     outbound_buffer: int = field(default=256, validator=_positive)
     """Frames queued to one client's socket at most; beyond, deliveries wait in its mailbox."""
     messages_per_second: float = field(default=500.0, validator=_positive)
@@ -429,6 +434,7 @@ RELOADABLE = frozenset(
         "websocket.max_connections",
         "websocket.max_connections_per_ip",
         "websocket.max_pending_auth",
+        "websocket.max_pending_auth_per_ip",
         "websocket.messages_per_second",
         "websocket.message_burst",
         "websocket.max_strikes",

@@ -1486,15 +1486,21 @@ def test_session_whose_transport_cannot_ping_gets_no_heartbeat_from_relayd() -> 
 # --- 12. limits -----------------------------------------------------------------------------------
 
 
-def test_max_connections_refuses_with_too_many_connections_and_4029() -> None:
+def test_max_connections_counts_sockets_that_offered_a_token_and_refuses_past_it() -> None:
     h = CoreHarness(websocket=ws_config(max_connections=2))
-    alice = h.client("alice")
+    alice, bob = h.client("alice"), h.client("bob")
     first = h.connect(alice)
-    h.open()
+    waiting = h.open()  # no token yet: not counted
+    h.connect(bob)
     third = h.open(token=alice.token)
     assert the_error(h.read(third))["code"] == "too_many_connections"
     assert closed_code(h, third) == CloseCode.TRY_LATER
     assert closed_code(h, first) is None
+    assert closed_code(h, waiting) is None
+    # Offering a token in an auth frame is when the waiting socket is counted.
+    h.send(waiting, {"type": "auth", "token": alice.token})
+    assert the_error(h.read(waiting))["code"] == "too_many_connections"
+    assert closed_code(h, waiting) == CloseCode.TRY_LATER
     h.disconnect(first)
     assert h.read(h.open(token=alice.token))[0]["type"] == "connection"
 
@@ -1510,20 +1516,49 @@ def test_max_connections_per_ip_refuses_with_4029() -> None:
     assert h.core.online(bob.uuid)
 
 
-def test_max_pending_auth_refuses_with_4029_and_authenticated_sessions_do_not_count() -> None:
-    h = CoreHarness(websocket=ws_config(max_pending_auth=1))
+def test_past_max_pending_auth_the_oldest_waiting_socket_makes_room() -> None:
+    h = CoreHarness(websocket=ws_config(max_pending_auth=2, max_pending_auth_per_ip=10))
     alice = h.client("alice")
-    h.connect(alice)
-    waiting = h.open()
-    refused = h.open()
-    assert the_error(h.read(refused))["code"] == "too_many_connections"
-    assert closed_code(h, refused) == CloseCode.TRY_LATER
-    assert closed_code(h, waiting) is None
-    h.send(waiting, {"type": "auth", "token": h.token_for(alice.uuid, "alice")})
-    assert h.read(waiting)[0]["type"] == "connection"
-    room_again = h.open()
-    assert h.read(room_again) == []
-    assert closed_code(h, room_again) is None
+    oldest, middle = h.open(remote="10.0.0.1"), h.open(remote="10.0.0.2")
+    newest = h.open(remote="10.0.0.3")
+    assert the_error(h.read(oldest))["code"] == "too_many_connections"
+    assert closed_code(h, oldest) == CloseCode.TRY_LATER
+    assert closed_code(h, middle) is None
+    assert closed_code(h, newest) is None
+    # A token in the handshake never waits, so it never competes with waiting sockets.
+    h.connect(alice, remote="10.0.0.3")
+    assert h.core.online(alice.uuid)
+    h.send(newest, {"type": "auth", "token": h.token_for(alice.uuid, "alice")})
+    assert h.read(newest)[0]["type"] == "connection"
+    assert closed_code(h, middle) is None
+
+
+def test_past_max_pending_auth_per_ip_the_address_s_oldest_waiting_socket_makes_room() -> None:
+    h = CoreHarness(websocket=ws_config(max_pending_auth_per_ip=2))
+    first, second = h.open(remote="10.0.0.7"), h.open(remote="10.0.0.7")
+    elsewhere = h.open(remote="10.0.0.8")
+    third = h.open(remote="10.0.0.7")
+    assert the_error(h.read(first))["code"] == "too_many_connections"
+    assert closed_code(h, first) == CloseCode.TRY_LATER
+    for sid in (second, third, elsewhere):
+        assert closed_code(h, sid) is None
+    # A waiting socket that leaves frees its place: no one else is closed.
+    h.disconnect(second)
+    fourth = h.open(remote="10.0.0.7")
+    assert closed_code(h, third) is None
+    assert closed_code(h, fourth) is None
+
+
+def test_a_thousand_silent_sockets_from_one_address_do_not_lock_out_a_token_holder() -> None:
+    h = CoreHarness()
+    alice, bob = h.client("alice"), h.client("bob")
+    silent = [h.open(remote="10.0.0.9") for _ in range(1000)]
+    still_waiting = [sid for sid in silent if closed_code(h, sid) is None]
+    assert still_waiting == silent[-h.ws.max_pending_auth_per_ip :]
+    a = h.connect(alice, remote="10.0.0.9")
+    b = h.connect(bob, remote="10.0.0.9")
+    h.send(a, {"to": bob.uuid, "content": "still here"})
+    assert [m["content"] for m in h.messages(b)] == ["still here"]
 
 
 def test_message_rate_limit_answers_rate_limited_with_retry_after() -> None:

@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 import trio
 import trio_websocket
+import wsproto.events
 
 from relayd._relay.frames import CloseCode
 
 from .support import IO_DEADLINE, SEED_FIELDS, RunningRelayd, make_config, start_relayd
-from .ws_support import WsClient, ws_connect
+from .ws_support import RawSocket, WsClient, ws_connect
 
 TRANSPORTS = ["main", "dedicated"]
 
@@ -218,13 +219,52 @@ async def test_too_many_connections_from_one_address_get_4029(
     nursery: trio.Nursery, tmp_path: Path, transport: str
 ) -> None:
     relayd = await start(nursery, tmp_path, transport, websocket={"max_connections_per_ip": 2})
-    alice = await relayd.http.register("alice")
-    async with ws_connect(relayd) as first, ws_connect(relayd) as second:
-        async with ws_connect(relayd, alice["access_token"]) as third:
+    alice, bob, carol = [await relayd.http.register(name) for name in ("alice", "bob", "carol")]
+    async with (
+        ws_connect(relayd, alice["access_token"]) as first,
+        ws_connect(relayd, bob["access_token"]) as second,
+    ):
+        await welcome(first, alice["uuid"])
+        await welcome(second, bob["uuid"])
+        async with ws_connect(relayd, carol["access_token"]) as third:
             error = await third.next()
             assert error["error"]["code"] == "too_many_connections"
             assert await third.closed() == CloseCode.TRY_LATER
-        del first, second
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_thousand_silent_sockets_do_not_lock_out_a_client_with_a_token(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    """Sockets that never authenticate only ever push each other out: the oldest of an
+    address's waiting sockets is closed (4029) when it has too many, and a client that offers a
+    token is never refused because of them."""
+    relayd = await start(nursery, tmp_path, transport)
+    alice, bob = [await relayd.http.register(name) for name in ("alice", "bob")]
+    host, port = relayd.addresses.websocket or relayd.addresses.http
+    per_ip = relayd.daemon.config.websocket.max_pending_auth_per_ip
+    silent: list[RawSocket] = []
+    try:
+        for _ in range(1000):
+            silent.append(await RawSocket.open(host, port))
+        # The socket opened per_ip after one is what pushed it out: once it has its 4029,
+        # relayd has seen all 1000.
+        pushed_out_last = silent[-per_ip - 1]
+        assert isinstance(await pushed_out_last.event(), wsproto.events.AcceptConnection)
+        assert isinstance(await pushed_out_last.event(), wsproto.events.TextMessage)
+        assert await pushed_out_last.close_code() == CloseCode.TRY_LATER
+        async with (
+            ws_connect(relayd, alice["access_token"]) as a,
+            ws_connect(relayd, bob["access_token"]) as b,
+        ):
+            await welcome(a, alice["uuid"])
+            await welcome(b, bob["uuid"])
+            await a.send({"to": bob["uuid"], "content": "still here"})
+            assert (await b.next_of("message"))["content"] == "still here"
+        assert await silent[0].close_code() == CloseCode.TRY_LATER
+    finally:
+        for raw in silent:
+            await raw.stream.aclose()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -154,6 +154,7 @@ class Session:
     login: str | None = None  # that token's refresh family
     expires_at: float = 0.0
     authenticating: bool = False
+    admitted: bool = False  # counted against the connection limits (see open)
     queued: int = 0  # frames handed to the socket, not yet written
     token_timer: float | None = None  # when the pending token timer fires, if one is
     warned_for: float = 0.0  # the expiry the client was last warned about
@@ -274,7 +275,12 @@ class RelayCore:
         self._recent: OrderedDict[tuple[str, str], tuple[float, Status | None]] = OrderedDict()
         # Messages accepted from each client whose first receipt is not sent yet.
         self._awaiting: Counter[str] = Counter()
+        # Admitted sockets (see open), in total and per source address.
+        self._admitted = 0
         self._per_ip: Counter[str] = Counter()
+        # Sockets with no token yet, oldest first, in all and per source address.
+        self._waiting: dict[int, Session] = {}
+        self._waiting_per_ip: dict[str, dict[int, Session]] = {}
         self._pending_auth = 0
         # Recent revocations, to refuse tokens whose check was in flight when they happened:
         # ("client", uuid) -> when (tokens issued before it), ("login", family) and
@@ -398,6 +404,7 @@ class RelayCore:
             return
         if session.phase is Phase.PENDING:
             self._pending_auth -= 1
+            self._unwait(session)
         session.phase = Phase.CLOSING
         self._actions.append(Close(session.sid, code, reason, abort))
 
@@ -418,28 +425,66 @@ class RelayCore:
         token: str | None = None,
         pong_observable: bool = False,
     ) -> None:
-        """A socket was accepted. ``token``: one offered in the URL, a header or a subprotocol."""
+        """A socket was accepted. ``token``: one offered in the URL, a header or a subprotocol.
+
+        Connection limits: a socket is *admitted* — counted against ``max_connections`` and
+        ``max_connections_per_ip``, or refused with 4029 — as soon as it offers a token, in the
+        handshake or in an ``auth`` frame. Until then it *waits*, against limits of its own:
+        past ``max_pending_auth_per_ip`` waiting sockets from one address, or
+        ``max_pending_auth`` in all, the oldest waiting one is closed (4029) to make room. So
+        sockets that never authenticate cannot lock out a client that presents a token.
+        """
         session = Session(sid, remote, now, now, pong_observable)
         self._sessions[sid] = session
-        self._per_ip[remote] += 1
         self._pending_auth += 1
-        ws = self.ws
         if self.draining:
             self._error(session, F.SHUTTING_DOWN, "relayd is shutting down", now)
             self._close(session, CloseCode.GOING_AWAY, "server shutting down")
             return
-        if (
-            len(self._sessions) > ws.max_connections
-            or self._per_ip[remote] > ws.max_connections_per_ip
-            or self._pending_auth > ws.max_pending_auth
+        self._at(now + self.ws.auth_timeout, TimerKind.AUTH, sid, 0)
+        if token is None:
+            self._wait(session, now)
+        else:
+            self._verify(session, token, now)
+
+    def _wait(self, session: Session, now: float) -> None:
+        """Let a socket wait for its ``auth`` frame, closing the oldest waiting one if this
+        one takes the last place, from its address or in all."""
+        mine = self._waiting_per_ip.setdefault(session.remote, {})
+        mine[session.sid] = session
+        self._waiting[session.sid] = session
+        for waiting, limit in (
+            (mine, self.ws.max_pending_auth_per_ip),
+            (self._waiting, self.ws.max_pending_auth),
+        ):
+            if len(waiting) > limit:
+                oldest = next(iter(waiting.values()))
+                self._error(oldest, F.TOO_MANY_CONNECTIONS, "too many unauthenticated sockets", now)
+                self._close(oldest, CloseCode.TRY_LATER, "too many unauthenticated sockets")
+
+    def _unwait(self, session: Session) -> None:
+        if self._waiting.pop(session.sid, None) is None:
+            return
+        mine = self._waiting_per_ip[session.remote]
+        del mine[session.sid]
+        if not mine:
+            del self._waiting_per_ip[session.remote]
+
+    def _verify(self, session: Session, token: str, now: float) -> None:
+        """Admit the socket (or refuse it, 4029) and have its token checked."""
+        self._unwait(session)
+        ws = self.ws
+        if self._admitted >= ws.max_connections or (
+            self._per_ip[session.remote] >= ws.max_connections_per_ip
         ):
             self._error(session, F.TOO_MANY_CONNECTIONS, "too many connections", now)
             self._close(session, CloseCode.TRY_LATER, "too many connections")
             return
-        self._at(now + ws.auth_timeout, TimerKind.AUTH, sid, 0)
-        if token is not None:
-            session.authenticating = True
-            self._actions.append(Authenticate(sid, token, refresh=False))
+        session.admitted = True
+        self._admitted += 1
+        self._per_ip[session.remote] += 1
+        session.authenticating = True
+        self._actions.append(Authenticate(session.sid, token, refresh=False))
 
     def authenticated(self, sid: int, who: Identity, now: float, *, refresh: bool) -> None:
         """A token offered by session ``sid`` verified as ``who``."""
@@ -663,12 +708,15 @@ class RelayCore:
             return
         if session.phase is Phase.PENDING:
             self._pending_auth -= 1
+            self._unwait(session)
         session.phase = Phase.CLOSING  # nothing more is queued on it from here
         self._account_written(session, written[0], written[1], now)
         del self._sessions[sid]
-        self._per_ip[session.remote] -= 1
-        if self._per_ip[session.remote] <= 0:
-            del self._per_ip[session.remote]
+        if session.admitted:
+            self._admitted -= 1
+            self._per_ip[session.remote] -= 1
+            if self._per_ip[session.remote] <= 0:
+                del self._per_ip[session.remote]
         returned: list[Message] = []
         for ref in unsent:
             if isinstance(ref, ReceiptRef):
@@ -837,8 +885,7 @@ class RelayCore:
             self._error(session, "missing_token", "token: must be a non-empty string", now)
             self._close(session, CloseCode.AUTH_FAILED, "missing_token")
         else:
-            session.authenticating = True
-            self._actions.append(Authenticate(session.sid, token, refresh=False))
+            self._verify(session, token, now)
 
     def _receive_message(self, session: Session, doc: dict[str, Any], now: float) -> None:
         assert session.client is not None
