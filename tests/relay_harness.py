@@ -86,7 +86,6 @@ class CoreHarness:
             self.relay,
             self.ws,
             now=now,
-            boot_time=now,
             last_seq=last_message_seq(self.db),
             recent=recent_messages(
                 self.db, since=now - self.relay.dedupe_window, limit=self.relay.dedupe_max_entries
@@ -100,6 +99,7 @@ class CoreHarness:
         self.auto_flush = auto_flush
         self.auto_auth = True
         self.commits = 0
+        self.executed: list[records.StoreOp] = []  # every store operation run, in order
         self._next_sid = 1
         self.log: dict[int, list[dict[str, Any]]] = defaultdict(list)  # every frame written
 
@@ -262,6 +262,7 @@ class CoreHarness:
         with transaction(self.db):
             results = [_apply(self.db, op, self.relay.max_queued_per_recipient) for op in ops]
         self.commits += 1
+        self.executed += ops
         self.core.store_done(ops, results, self.now)
         self._carry_out()
         return results

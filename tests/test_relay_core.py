@@ -600,13 +600,70 @@ def test_unacked_messages_survive_a_crash_and_are_redelivered_marked_redelivered
     b2 = h2.connect(bob)
     again = h2.messages(b2)
     assert contents(again) == ["1", "2", "3"]
-    assert all(m["redelivered"] is True for m in again)
+    assert all((m["attempt"], m["redelivered"]) == (2, True) for m in again)
     assert {k: again[0][k] for k in THIRTEEN}["from"] == alice.uuid
     ack_all(h2, b2, again)
     assert h2.receipts(a2) == [("delivery_update", f"m{i}", "acknowledged") for i in (1, 2, 3)]
     assert [r["status"] for r in h2.stored()] == ["acknowledged"] * 4
     h2.advance(600)
     assert h2.messages(b2) == []
+
+
+def first_delivery(frames: list[Frame]) -> tuple[int, bool]:
+    [message] = frames
+    return message["attempt"], message["redelivered"]
+
+
+def test_a_message_queued_for_an_offline_recipient_is_a_first_delivery_after_a_crash() -> None:
+    h = CoreHarness()
+    alice, bob = h.client("alice"), h.client("bob")
+    a = h.connect(alice)
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "content": "x", "acknowledge": True})
+    h2 = h.restart()
+    b2 = h2.connect(bob)
+    assert first_delivery(h2.messages(b2)) == (1, False)
+
+
+def test_a_message_delivered_from_the_store_is_flagged_after_a_crash() -> None:
+    h = CoreHarness()
+    alice, bob = h.client("alice"), h.client("bob")
+    a = h.connect(alice)
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "content": "x", "acknowledge": True})
+    b = h.connect(bob)
+    assert first_delivery(h.messages(b)) == (1, False)
+    h2 = h.restart()  # before bob acked: it may have arrived
+    b2 = h2.connect(bob)
+    assert first_delivery(h2.messages(b2)) == (2, True)
+
+
+def test_a_message_whose_recipient_left_before_its_commit_is_a_first_delivery_after_a_crash() -> (
+    None
+):
+    h = CoreHarness()
+    alice, bob = h.client("alice"), h.client("bob")
+    a, b = h.connect(alice), h.connect(bob)
+    h.auto_store = False
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "content": "x", "acknowledge": True})
+    h.disconnect(b)  # while its commit is under way
+    h.auto_store = True
+    h.run()
+    assert h.receipts(a) == [("delivery_status", "m1", "queued_offline")]
+    h2 = h.restart()
+    b2 = h2.connect(bob)
+    assert first_delivery(h2.messages(b2)) == (1, False)
+
+
+def test_a_message_delivered_at_once_costs_one_write_to_store_and_one_to_finish() -> None:
+    h = CoreHarness()
+    alice, bob = h.client("alice"), h.client("bob")
+    a, b = h.connect(alice), h.connect(bob)
+    h.executed.clear()
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "content": "x", "acknowledge": True})
+    assert first_delivery(h.messages(b)) == (1, False)
+    [row] = h.stored()
+    assert row["attempts"] == 1  # recorded with the message: it goes out as it is stored
+    h.send(b, {"type": "ack", "msgid": "m1"})
+    assert [type(op).__name__ for op in h.executed] == ["Insert", "Finish", "SetReceiptPending"]
 
 
 def test_nothing_receipted_is_lost_and_nothing_final_is_delivered_again_after_a_crash() -> None:

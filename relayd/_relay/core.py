@@ -178,10 +178,13 @@ class Message:
     durable: bool
     seq: int  # allocated at acceptance: the order of first deliveries
     attempts: int = 0
+    # The attempts its store row says, ahead of or equal to ``attempts`` once it is sent: a
+    # message loaded from the store was delivered before (redelivered) exactly when its row
+    # says so.
+    recorded_attempts: int = 0
     where: Where = Where.STAGED
     status: Status | None = None  # the last status its sender was told
     committed: bool = False
-    resumed: bool = False
     sid: int | None = None  # the session it was last sent on
     written_at: float = 0.0  # when it was last written to the recipient's socket
     gen: int = 0  # bumped on every move, so stale timers are ignored
@@ -254,7 +257,6 @@ class RelayCore:
         websocket: WebsocketConfig,
         *,
         now: float,
-        boot_time: float,
         last_seq: int = 0,
         recent: Iterable[RecentMessage] = (),
     ) -> None:
@@ -262,7 +264,6 @@ class RelayCore:
         ``recent``: the store's messages within the dedupe window, oldest first."""
         self.relay = relay
         self.ws = websocket
-        self.boot_time = boot_time
         self.draining = False
         self.metrics = RelayStats()
         self._actions: list[Action] = []
@@ -784,11 +785,10 @@ class RelayCore:
         for message in messages:
             message.gen += 1
             if message.durable:
-                if message.attempts:
-                    self._actions.append(SetAttempts(message.seq, message.attempts))
+                self._record_attempts(message)
                 self._forget(message)
             else:
-                message.durable = True
+                message.durable = True  # never sent, so never an attempt: see closed()
                 to_store.append(message)
         if to_store:
             queue = self._staging.setdefault(client, deque())
@@ -797,6 +797,12 @@ class RelayCore:
                 message.where = Where.STAGED
                 self.pending_commit += 1
                 self._actions.append(self._insert_op(message))
+
+    def _record_attempts(self, message: Message) -> None:
+        """Bring the store's attempt count of a stored message up to date."""
+        if message.attempts != message.recorded_attempts:
+            message.recorded_attempts = message.attempts
+            self._actions.append(SetAttempts(message.seq, message.attempts))
 
     def _forget(self, message: Message) -> None:
         """The message leaves memory; the store keeps it."""
@@ -907,14 +913,14 @@ class RelayCore:
             return
         ttl = min(envelope.ttl or self.relay.default_ttl, self.relay.max_ttl)
         recipient = self._recipients.get(envelope.to)
-        direct = (
-            not envelope.acknowledge
-            and recipient is not None
+        waiting = len(self._staging.get(envelope.to, ()))
+        has_room = (
+            recipient is not None
             and recipient.session.phase is Phase.ACTIVE
             and not recipient.backlog
-            and recipient.mailbox_len() + len(self._staging.get(envelope.to, ()))
-            < self.relay.mailbox_size
+            and recipient.mailbox_len() + waiting < self.relay.mailbox_size
         )
+        direct = has_room and not envelope.acknowledge
         message = Message(
             sender=sender,
             recipient=envelope.to,
@@ -927,6 +933,17 @@ class RelayCore:
             durable=not direct,
             seq=next(self._seqs),
         )
+        if (
+            not direct
+            and has_room
+            and recipient is not None
+            and not (recipient.mailbox_len() or waiting or recipient.paused)
+            and len(recipient.unacked) < self.relay.inflight_window
+        ):
+            # It goes out as soon as it is stored: its row says so from the start, which
+            # spares a write per message. Should it wait after all, the row is corrected when it
+            # leaves memory; only a crash in between flags a first delivery as a redelivery.
+            message.recorded_attempts = 1
         self.metrics.events["accepted"] += 1
         self._awaiting[sender] += 1
         self._remember(message, now)
@@ -998,7 +1015,7 @@ class RelayCore:
             fields="" if final else message.fields,
             accepted_at=message.accepted_at,
             expires_at=message.expires_at,
-            attempts=message.attempts,
+            attempts=message.recorded_attempts,
             **final,
         )
 
@@ -1046,6 +1063,7 @@ class RelayCore:
             message.durable = True
             self._stage(message, front=True)
             return False
+        self._record_attempts(message)
         self._forget(message)
         if recipient is not None:
             recipient.backlog = True
@@ -1076,12 +1094,14 @@ class RelayCore:
                 self._finish(message, Status.EXPIRED, now)
                 continue
             message.attempts += 1
+            if message.durable and message.attempts > message.recorded_attempts:
+                self._record_attempts(message)  # before it may arrive: see Message
             message.gen += 1
             message.where = Where.SENT
             message.sid = session.sid
             if message.acknowledge:
                 recipient.unacked[message.msgid] = message
-            redelivered = message.attempts > 1 or message.resumed
+            redelivered = message.attempts > 1
             if redelivered:
                 self.metrics.events["redelivered"] += 1
             text = F.delivery_frame(
@@ -1137,7 +1157,7 @@ class RelayCore:
                 continue
             if ref.where is not Where.SENT or ref.sid != sid:
                 continue
-            if ref.attempts == 1 and not ref.resumed:
+            if ref.attempts == 1:
                 self.metrics.delivery_latency.observe(now - ref.accepted_at)
             if ref.acknowledge:
                 ref.where = Where.UNACKED
@@ -1344,8 +1364,8 @@ class RelayCore:
             durable=True,
             seq=row.seq,
             attempts=row.attempts,
+            recorded_attempts=row.attempts,
             committed=True,
-            resumed=row.accepted_at < self.boot_time,
         )
         # Its sender was told something when it was stored; later receipts are updates.
         message.status = Status.QUEUED

@@ -147,7 +147,6 @@ class Hub:
             relay,
             config.websocket,
             now=now,
-            boot_time=now,
             last_seq=await store.last_message_seq(),
             recent=await store.recent_messages(now - relay.dedupe_window, relay.dedupe_max_entries),
         )
