@@ -160,6 +160,9 @@ class WebsocketConfig:
     address's is closed (4029) to make room."""
     outbound_buffer: int = field(default=256, validator=_positive)
     """Frames queued to one client's socket at most; beyond, deliveries wait in its mailbox."""
+    read_ahead_bytes: int = field(default=1_048_576, validator=_positive)
+    """Bytes of a client's messages held in memory until their first receipt (mostly: until
+    they are stored); while more, relayd stops reading the client's socket."""
     messages_per_second: float = field(default=500.0, validator=_positive)
     """Sustained messages a client may send per second."""
     message_burst: int = field(default=1_000, validator=_positive)
@@ -183,6 +186,9 @@ class RelayConfig:
     """Longest delay between redeliveries."""
     mailbox_size: int = field(default=128, validator=_positive)
     """Messages held in memory per online recipient; more wait in the store."""
+    mailbox_bytes: int = field(default=1_048_576, validator=_positive)
+    """Bytes of messages held in memory per online recipient (its mailbox, and its deliveries
+    not yet written or acknowledged); more wait in the store."""
     inflight_window: int = field(default=64, validator=_positive)
     """Unacknowledged deliveries per recipient at once; more wait in its mailbox."""
     default_ttl: float = field(default=86_400.0, validator=_positive)

@@ -10,6 +10,7 @@ store; in-flight HTTP requests finish; then what is left is cancelled and the st
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import ssl
@@ -36,6 +37,22 @@ from ._tokens import TokenCodec
 log = logging.getLogger("relayd")
 
 HOUSEKEEPING_INTERVAL = 3600.0
+# glibc keeps freed memory for reuse rather than give it back: after a burst (big messages,
+# slow consumers), RSS would stay at its peak. Every so often it is asked to give back what it
+# can (~a millisecond, in a worker thread).
+MEMORY_TRIM_INTERVAL = 30.0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or ``None`` on another C library."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+MALLOC_TRIM = _malloc_trim()
 
 
 @frozen
@@ -215,6 +232,7 @@ class Daemon:
                     http=http, websocket=websocket, metrics=metrics_address, tls=config.tls.enabled
                 )
                 nursery.start_soon(self._housekeeping, auth)
+                nursery.start_soon(self._return_memory)
                 nursery.start_soon(self._notifier.watchdog)
                 services.readiness = Readiness.READY
                 log.info(
@@ -256,6 +274,24 @@ class Daemon:
                 ssl_context=server_ssl_context(self.config.tls),
                 task_status=task_status,
             )
+
+    async def _return_memory(
+        self,
+        *,
+        interval: float = MEMORY_TRIM_INTERVAL,
+        trim: Callable[[int], int] | None = MALLOC_TRIM,
+        executor: Executor = thread_executor,
+    ) -> None:
+        """Give freed memory back to the system every ``interval`` seconds (glibc only), off
+        the event loop. Returns as soon as a stop is requested."""
+        if trim is None:
+            return
+        while True:
+            with trio.move_on_after(interval):
+                await self._stop_requested.wait()
+            if self._stop_requested.is_set():
+                return
+            await executor(trim, 0)
 
     async def _housekeeping(
         self, auth: AuthService, *, interval: float = HOUSEKEEPING_INTERVAL

@@ -116,6 +116,16 @@ class _Collector(Collector):
             "Store operations waiting for the next group commit.",
             value=self.store_ops(),
         )
+        held = GaugeMetricFamily(
+            "relayd_message_memory_bytes",
+            "Bytes of messages held in memory: for online recipients (bounded per recipient by"
+            " relay.mailbox_bytes), and from senders until their first receipt (bounded per"
+            " sender by websocket.read_ahead_bytes).",
+            labels=["for"],
+        )
+        held.add_metric(["recipients"], gauges["held_bytes"])
+        held.add_metric(["senders"], gauges["awaiting_bytes"])
+        yield held
         yield GaugeMetricFamily(
             "relayd_dedupe_entries",
             "Message ids remembered for deduplication.",

@@ -38,6 +38,7 @@ from ._relay.records import (
     LoadQueue,
     LoadReceipts,
     Purge,
+    QueuePage,
     RecentMessage,
     Refused,
     SetAttempts,
@@ -46,6 +47,7 @@ from ._relay.records import (
     StoredMessage,
     StoredReceipt,
     StoreOp,
+    size_of,
 )
 from ._schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -542,6 +544,23 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int) -> Any:
     return Refused("queue_full" if known else "unknown_recipient")
 
 
+def _load_queue(db: sqlite3.Connection, op: LoadQueue) -> QueuePage:
+    cursor = db.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+        " WHERE recipient = ? AND status IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+        (op.recipient, op.after, op.limit + 1),
+    )
+    rows: list[StoredMessage] = []
+    total = 0
+    for row in cursor:
+        size = size_of(row["fields"])
+        if len(rows) == op.limit or (rows and total + size > op.max_bytes):
+            return QueuePage(rows, more=True)
+        rows.append(_stored(row))
+        total += size
+    return QueuePage(rows, more=False)
+
+
 def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int) -> Any:
     if isinstance(op, Insert):
         return _insert(db, op, max_queued)
@@ -565,12 +584,7 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int) -> Any:
         )
         return None
     if isinstance(op, LoadQueue):
-        rows = db.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-            " WHERE recipient = ? AND status IS NULL AND seq > ? ORDER BY seq LIMIT ?",
-            (op.recipient, op.after, op.limit),
-        )
-        return [_stored(row) for row in rows]
+        return _load_queue(db, op)
     if isinstance(op, LoadReceipts):
         rows = db.execute(
             "SELECT seq, msgid, recipient, status, finished_at, reason FROM messages"

@@ -8,13 +8,17 @@ their order and the virtual time they take.
 
 from __future__ import annotations
 
+import platform
+from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
 from relayd import Addresses, Daemon
 from relayd._auth import CLIENT_ROLES
+from relayd._daemon import MALLOC_TRIM
 from relayd._http import Readiness
 from relayd._relay.frames import CloseCode
 from relayd._store import ClientRecord, inline_executor
@@ -85,3 +89,31 @@ async def test_drain_order_and_virtual_time(
     # Nothing was in flight and nobody lagged: the drain took no virtual time at all, far
     # inside drain_timeout.
     assert all(at == t0 for _, at in steps), steps
+
+
+async def test_freed_memory_is_given_back_every_interval_until_a_stop(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    calls: list[float] = []
+
+    def trim(pad: int) -> int:
+        assert pad == 0
+        calls.append(trio.current_time())
+        return 1
+
+    daemon = Daemon(make_config(tmp_path), environ=TEST_ENV)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            partial(daemon._return_memory, interval=30.0, trim=trim, executor=inline_executor)
+        )
+        await trio.sleep(95)
+        daemon.stop()
+    assert calls == [30.0, 60.0, 90.0]
+    assert trio.current_time() == 95
+
+
+def test_glibc_s_malloc_trim_is_found_and_callable() -> None:
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's; relayd does without it elsewhere")
+    assert MALLOC_TRIM is not None
+    assert MALLOC_TRIM(0) in (0, 1)

@@ -17,7 +17,7 @@ import pytest
 
 from relayd._config import RelayConfig, WebsocketConfig
 from relayd._relay.frames import CloseCode
-from relayd._relay.records import LoadReceipts
+from relayd._relay.records import LoadQueue, LoadReceipts
 
 from .relay_harness import T0, CoreHarness
 from .support import SEED_FIELDS
@@ -78,6 +78,8 @@ def assert_quiet(h: CoreHarness) -> None:
     assert stats["unacked"] == 0, stats
     assert stats["staged"] == 0, stats
     assert stats["pending_commit"] == 0, stats
+    assert stats["held_bytes"] == 0, stats
+    assert stats["awaiting_bytes"] == 0, stats
 
 
 def accepting(h: CoreHarness) -> bool:
@@ -579,6 +581,33 @@ def test_delivered_receipt_of_an_in_memory_message_left_unwritten_is_owed_again(
     h.disconnect(a)
     a = h.open(token=alice.token)
     h.flush(a)
+    assert h.receipts(a) == [("delivery_update", "m1", "delivered")]
+
+
+def test_a_stored_unacknowledged_message_whose_recipient_leaves_before_its_write_is_receipted() -> (
+    None
+):
+    """acknowledge:false, stored because its recipient was still loading its queue, then in
+    its mailbox when the recipient left: the sender is told queued_offline then, and
+    delivered later; nothing of it stays counted against the sender."""
+    h = CoreHarness()
+    alice, bob = h.client("alice"), h.client("bob")
+    a = h.connect(alice)
+    h.auto_store = False
+    b = h.open(token=bob.token)  # its queue is loading: a backlog, for now
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "content": "x"})
+    h.auto_flush = False
+    h.auto_store = True
+    h.run()
+    assert h.sessions[b].outbox  # in its mailbox and on its socket, not yet written
+    h.disconnect(b)
+    h.flush(a)
+    assert h.receipts(a) == [("delivery_status", "m1", "queued_offline")]
+    assert h.core.readable(a)
+    assert h.core.stats()["awaiting_bytes"] == 0
+    h.auto_flush = True
+    b = h.connect(bob)
+    assert contents(h.messages(b)) == ["x"]
     assert h.receipts(a) == [("delivery_update", "m1", "delivered")]
 
 
@@ -1748,6 +1777,84 @@ def test_recipient_that_never_reads_holds_bounded_memory_and_gets_all_once_in_or
         (f"m{i}", "acknowledged" if i % 2 == 0 else "delivered") for i in range(n)
     )
     assert h.stored("status IS NULL") == []
+
+
+BIG = "x" * 60_000  # a big message's content: each takes ~60 KB in memory
+
+
+def test_a_recipient_that_never_reads_holds_at_most_mailbox_bytes_of_big_messages() -> None:
+    relay = relay_config(mailbox_bytes=256 * 1024)
+    ws = ws_config(messages_per_second=100_000.0, message_burst=100_000)
+    h = CoreHarness(relay, ws, auto_flush=False)
+    alice, bob = h.client("alice"), h.client("bob")
+    a, b = h.open(token=alice.token), h.open(token=bob.token)
+    h.flush()
+    h.read(a), h.read(b)
+    n = 40
+    peak = 0
+    for i in range(n):
+        content = f"{i}:{BIG}"
+        h.send(a, {"to": bob.uuid, "msgid": f"m{i}", "content": content, "acknowledge": i % 2 == 1})
+        h.flush(a)
+        held = h.core.stats()["held_bytes"]
+        outbox = sum(len(text) for text, _ in h.sessions[b].outbox)
+        assert outbox <= held  # a frame on its way is a copy of a message held
+        peak = max(peak, held)
+    one = len(BIG) + 1000
+    assert relay.mailbox_bytes - one < peak <= relay.mailbox_bytes + one
+    assert len(h.stored("status IS NULL")) >= n - peak // len(BIG)
+    # Once it reads, everything arrives, in order, once.
+    h.auto_flush = True
+    h.run()
+    seen: list[int] = []
+    while got := h.messages(b):
+        seen += [int(m["content"].partition(":")[0]) for m in got]
+        ack_all(h, b, got)
+    assert seen == list(range(n))
+    assert h.core.stats()["held_bytes"] == 0
+
+
+def test_a_queue_loaded_from_the_store_stops_at_mailbox_bytes() -> None:
+    relay = relay_config(mailbox_bytes=256 * 1024)
+    h = CoreHarness(relay)
+    alice, bob = h.client("alice"), h.client("bob")
+    a = h.connect(alice)
+    for i in range(20):
+        h.send(a, {"to": bob.uuid, "msgid": f"m{i}", "content": f"{i}:{BIG}", "acknowledge": True})
+    h.auto_flush = False
+    b = h.open(token=bob.token)
+    one = len(BIG) + 1000
+    assert relay.mailbox_bytes - one < h.core.stats()["held_bytes"] <= relay.mailbox_bytes
+    loads = [op for op in h.executed if isinstance(op, LoadQueue)]
+    assert loads[-1].max_bytes == relay.mailbox_bytes
+    h.auto_flush = True
+    h.run()
+    got: list[Frame] = []
+    while batch := h.messages(b):
+        got += batch
+        ack_all(h, b, batch)
+    assert [int(m["content"].partition(":")[0]) for m in got] == list(range(20))
+
+
+def test_a_client_is_not_read_while_read_ahead_bytes_of_its_messages_await_their_commit() -> None:
+    """A hoarder: big messages to itself, never reading. Until their first receipt (here:
+    until they are stored) they are held in memory; past read_ahead_bytes of them, relayd
+    reads no more from it."""
+    ws = ws_config(read_ahead_bytes=200 * 1024)
+    h = CoreHarness(websocket=ws, auto_store=False, auto_flush=False)
+    alice = h.client("alice")
+    a = h.open(token=alice.token)
+    h.flush()
+    h.read(a)
+    sent = 0
+    while h.core.readable(a):
+        h.send(a, {"to": alice.uuid, "msgid": f"m{sent}", "content": BIG, "acknowledge": True})
+        sent += 1
+    assert sent == -(-ws.read_ahead_bytes // len(BIG))  # the first past the limit stops it
+    assert h.core.stats()["awaiting_bytes"] >= ws.read_ahead_bytes
+    h.commit()
+    assert h.core.readable(a)
+    assert h.core.stats()["awaiting_bytes"] == 0
 
 
 def test_outbound_buffer_overflow_closes_4008_and_nothing_queued_on_it_is_lost() -> None:

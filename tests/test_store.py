@@ -22,9 +22,12 @@ from relayd._relay.records import (
     Finish,
     Insert,
     Inserted,
+    LoadQueue,
     Purge,
+    QueuePage,
     Refused,
     Status,
+    size_of,
 )
 from relayd._schema import SCHEMA_VERSION
 from relayd._store import ClientRecord, Executor, Store, inline_executor, thread_executor
@@ -428,3 +431,32 @@ async def test_queue_counts_follow_inserts_finishes_and_purges(target: Target) -
         assert await store.execute([queued(9, recipient="nobody")], max_queued=3) == [
             Refused("unknown_recipient")
         ]
+
+
+async def test_a_queue_page_stops_at_its_limit_or_its_bytes_and_says_whether_more_wait(
+    target: Target,
+) -> None:
+    fields = ['{"content": "%s"}' % ("x" * n) for n in (100, 100, 5000, 100)]
+    sizes = [size_of(f) for f in fields]
+    async with target.open() as store:
+        await store.insert_client(client(UUID_A))
+        await store.insert_client(client(UUID_B, name="bob"))
+        inserts = [attrs.evolve(queued(seq), fields=f) for seq, f in enumerate(fields, 1)]
+        await store.execute(inserts, max_queued=100)
+
+        async def page(limit: int, max_bytes: int, after: int = 0) -> tuple[list[int], bool]:
+            [result] = await store.execute(
+                [LoadQueue(UUID_B, after, limit, max_bytes)], max_queued=1
+            )
+            assert isinstance(result, QueuePage)
+            return [row.seq for row in result.rows], result.more
+
+        everything = sum(sizes)
+        assert await page(4, everything) == ([1, 2, 3, 4], False)
+        assert await page(3, everything) == ([1, 2, 3], True)
+        assert await page(2, everything, after=2) == ([3, 4], False)
+        # Bytes: the rows that fit, and never fewer than one.
+        assert await page(4, sizes[0] + sizes[1]) == ([1, 2], True)
+        assert await page(4, sizes[0] + sizes[1] + sizes[2] - 1) == ([1, 2], True)
+        assert await page(4, 1, after=2) == ([3], True)
+        assert await page(4, 1, after=3) == ([4], False)

@@ -83,6 +83,12 @@ SCENARIOS: dict[str, tuple[type[Any], dict[str, Any], Runner, str]] = {
         lambda a: S.drain(_build(S.DrainParams, a)),
         "6. drain: SIGTERM under load, restart, zero loss",
     ),
+    "hoard": (
+        S.HoardParams,
+        {},
+        lambda a: S.hoard(_build(S.HoardParams, a)),
+        "7. hoarders: clients sending big messages to themselves, never reading",
+    ),
 }
 
 

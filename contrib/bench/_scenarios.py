@@ -4,8 +4,10 @@ against it from generator processes, stops it, and returns one result row."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ._harness import Sampler, Worker, kill_all, start_workers
@@ -630,3 +632,108 @@ async def drain(p: DrainParams) -> dict[str, Any]:
         "daemon_log": log,
         "ok": _clean(integrity) and exit_code == 0,
     }
+
+
+# --- hoarders --------------------------------------------------------------------------------
+
+
+def _count_lines(path: Path, needle: str) -> int:
+    with path.open(errors="replace") as fh:
+        return sum(needle in line for line in fh)
+
+
+@dataclass
+class HoardParams:
+    clients: int = 10
+    messages: int = 200
+    content_size: int = 60_000
+    ack: bool = False
+    store: str = "file"
+    transport: str = "main"
+    write_timeout: float = 5.0
+    settle: float = 60.0
+    # Seconds to watch RSS after the drop: past one of relayd's memory trims (every 30 s).
+    after: float = 35.0
+
+
+async def hoard(p: HoardParams) -> dict[str, Any]:
+    """Clients that send big messages to themselves and never read: what each pins in the
+    daemon (RSS over the run) until relayd drops it as a slow consumer, and after."""
+    from ._worker import open_ws  # the generator's client, here in the harness process
+
+    settings = relay_settings(
+        store=p.store,
+        transport=p.transport,
+        extra={"websocket": {"write_timeout": p.write_timeout}},
+    )
+    raise_nofile()
+    daemon = await Relayd.start(settings)
+    try:
+        creds, _ = await register_many(daemon.http_url, p.clients, prefix="hoarder")
+        sampler = Sampler(daemon.cpu, daemon.rss, every=0.25)
+        t0 = time.monotonic()
+        periodic = asyncio.create_task(sampler.periodic(t0))
+        await asyncio.sleep(0.5)
+        rss_start = daemon.rss()
+        conns = []
+        for cred in creds:
+            conn = await open_ws(daemon.ws_url, cred.token, lambda _: None, rcvbuf=4096)
+            assert conn.transport is not None
+            conn.transport.pause_reading()  # never reads again
+            conns.append((cred, conn))
+        padding = "x" * p.content_size
+        for i in range(p.messages):
+            for cred, conn in conns:
+                frame = {
+                    "to": cred.uuid,
+                    "msgid": f"h{i}",
+                    "content": padding,
+                    "acknowledge": p.ack,
+                }
+                conn.send_text(json.dumps(frame))
+            await asyncio.sleep(0)
+        sent_s = time.monotonic() - t0
+        # A client that never reads may never notice its socket was dropped: ask relayd.
+        scraper = MetricsScraper(daemon.http_url)
+        all_dropped = False
+        try:
+            while time.monotonic() < t0 + sent_s + p.settle:
+                gauges = await scraper.scrape()
+                if gauges.get("connections") == 0:
+                    all_dropped = True
+                    break
+                await asyncio.sleep(0.25)
+        finally:
+            scraper.close()
+        dropped_s = time.monotonic() - t0
+        closes = {"slow_consumer_lines": _count_lines(daemon.log_path, "slow consumer")}
+        await asyncio.sleep(p.after)
+        rss_after = daemon.rss()
+        periodic.cancel()
+        for _, conn in conns:
+            conn.abort()
+        stop_s = await daemon.stop()
+        log = daemon.log_summary()
+    finally:
+        await daemon.cleanup()
+    rss = [k for _, k in sampler.series]
+    peak = max(rss) if rss else 0
+    result: dict[str, Any] = {
+        "scenario": "hoard",
+        "label": f"hoard {'ack' if p.ack else 'noack'} {p.store} {p.transport} N={p.clients}",
+        "params": asdict(p),
+        "offered_mib_per_client": round(p.messages * p.content_size / 2**20, 1),
+        "rss_mib_start": round(rss_start / 1024, 1),
+        "rss_mib_peak": round(peak / 1024, 1),
+        "rss_mib_after": round(rss_after / 1024, 1),
+        "peak_mib_per_client": round((peak - rss_start) / 1024 / p.clients, 2),
+        "after_mib_per_client": round((rss_after - rss_start) / 1024 / p.clients, 2),
+        "sent_s": round(sent_s, 2),
+        "dropped_s": round(dropped_s, 2),
+        "closes": closes,
+        "rss_series": [[t, round(k / 1024, 1)] for t, k in sampler.series[::4]],
+        "daemon_stop_s": round(stop_s, 3),
+        "daemon_log": log,
+    }
+    result["ok"] = all_dropped and "died" not in log
+    return result

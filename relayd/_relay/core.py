@@ -58,6 +58,7 @@ from .records import (
     LoadQueue,
     LoadReceipts,
     Purge,
+    QueuePage,
     RecentMessage,
     Refused,
     SetAttempts,
@@ -66,6 +67,7 @@ from .records import (
     StoredMessage,
     StoredReceipt,
     StoreOp,
+    size_of,
 )
 from .stats import RelayStats
 
@@ -185,6 +187,7 @@ class Message:
     where: Where = Where.STAGED
     status: Status | None = None  # the last status its sender was told
     committed: bool = False
+    holder: Recipient | None = None  # whose memory counts it (see Recipient.held_bytes)
     sid: int | None = None  # the session it was last sent on
     written_at: float = 0.0  # when it was last written to the recipient's socket
     gen: int = 0  # bumped on every move, so stale timers are ignored
@@ -192,6 +195,10 @@ class Message:
     @property
     def key(self) -> tuple[str, str]:
         return (self.sender, self.msgid)
+
+    @property
+    def size(self) -> int:
+        return size_of(self.fields)
 
 
 @frozen
@@ -225,6 +232,9 @@ class Recipient:
     stored_since: int = 0  # messages sent to the store while loading: keeps `backlog` honest
     load_mark: int = 0
     paused: bool = False  # a replaced session has not reported its unsent frames yet
+    # Bytes of the messages held in memory for it: in its mailbox, sent or unacked. Bounded by
+    # relay.mailbox_bytes (plus one message); a sent message's frame is a copy of its text.
+    held_bytes: int = 0
 
     def mailbox_len(self) -> int:
         return len(self.high) + len(self.normal)
@@ -274,8 +284,10 @@ class RelayCore:
         self._by_seq: dict[int, Message] = {}
         # (sender, msgid) -> (accepted at, the last status its sender was told; None: none yet)
         self._recent: OrderedDict[tuple[str, str], tuple[float, Status | None]] = OrderedDict()
-        # Messages accepted from each client whose first receipt is not sent yet.
+        # Messages accepted from each client whose first receipt is not sent yet, and their
+        # bytes.
         self._awaiting: Counter[str] = Counter()
+        self._awaiting_bytes: Counter[str] = Counter()
         # Admitted sockets (see open), in total and per source address.
         self._admitted = 0
         self._per_ip: Counter[str] = Counter()
@@ -346,6 +358,8 @@ class RelayCore:
             "staged": sum(len(q) for q in self._staging.values()),
             "pending_commit": self.pending_commit,
             "dedupe_entries": len(self._recent),
+            "held_bytes": sum(r.held_bytes for r in self._recipients.values()),
+            "awaiting_bytes": sum(self._awaiting_bytes.values()),
         }
 
     # --- timers ----------------------------------------------------------------------------
@@ -742,7 +756,7 @@ class RelayCore:
             if recipient is not None:
                 del self._recipients[client]
                 self._requeue(recipient, sid, returned)
-                self._unload(recipient)
+                self._unload(recipient, now)
         elif recipient is not None:
             # Replaced: what the old socket did not finish goes first on the new one.
             self._requeue(recipient, sid, returned)
@@ -750,7 +764,7 @@ class RelayCore:
             self._pump(recipient, now)
         else:
             # Replaced, and its successor has gone too: what it did not finish is stored.
-            self._park(client, returned)
+            self._park(client, returned, now)
 
     def _owe(self, ref: ReceiptRef) -> None:
         """A final receipt was not (surely) written: keep it owed in the store."""
@@ -768,25 +782,34 @@ class RelayCore:
             message.where = Where.MAILBOX
             (recipient.high if message.high else recipient.normal).appendleft(message)
 
-    def _unload(self, recipient: Recipient) -> None:
+    def _unload(self, recipient: Recipient, now: float) -> None:
         """The client went offline: its messages leave memory for the store."""
         self._park(
-            recipient.client, [*recipient.unacked.values(), *recipient.high, *recipient.normal]
+            recipient.client,
+            [*recipient.unacked.values(), *recipient.high, *recipient.normal],
+            now,
         )
         recipient.unacked.clear()
         recipient.high.clear()
         recipient.normal.clear()
 
-    def _park(self, client: str, messages: list[Message]) -> None:
-        """``messages`` for ``client`` leave memory: durable ones stay in the store, the rest
-        are stored now. Their seqs, allocated at acceptance, keep them in send order there.
+    def _park(self, client: str, messages: list[Message], now: float) -> None:
+        """``messages`` for the offline ``client`` leave memory: durable ones stay in the
+        store, the rest are stored now. Their seqs, allocated at acceptance, keep them in send
+        order there.
         """
         to_store: list[Message] = []
         for message in messages:
             message.gen += 1
+            self._release(message)
             if message.durable:
                 self._record_attempts(message)
                 self._forget(message)
+                if message.status is None:
+                    # An acknowledge:false message waits for its only receipt, delivered; it
+                    # will not come soon. (A message loaded later from the store is taken to
+                    # have been told it was queued.)
+                    self._tell(message, Status.QUEUED_OFFLINE, now)
             else:
                 message.durable = True  # never sent, so never an attempt: see closed()
                 to_store.append(message)
@@ -808,6 +831,28 @@ class RelayCore:
         """The message leaves memory; the store keeps it."""
         message.where = Where.STORED
         self._by_seq.pop(message.seq, None)
+        self._release(message)
+
+    def _hold(self, recipient: Recipient, message: Message) -> None:
+        """``message`` is in ``recipient``'s memory now (see Recipient.held_bytes)."""
+        if message.holder is not recipient:
+            self._release(message)
+            message.holder = recipient
+            recipient.held_bytes += message.size
+
+    def _release(self, message: Message) -> None:
+        holder, message.holder = message.holder, None
+        if holder is not None:
+            holder.held_bytes -= message.size
+
+    def _has_room(self, recipient: Recipient, waiting: int = 0) -> bool:
+        """Whether a new message for ``recipient`` may join its mailbox (``waiting``: others
+        staged ahead of it)."""
+        return (
+            not recipient.backlog
+            and recipient.mailbox_len() + waiting < self.relay.mailbox_size
+            and recipient.held_bytes < self.relay.mailbox_bytes
+        )
 
     # --- frames in -------------------------------------------------------------------------
 
@@ -917,8 +962,7 @@ class RelayCore:
         has_room = (
             recipient is not None
             and recipient.session.phase is Phase.ACTIVE
-            and not recipient.backlog
-            and recipient.mailbox_len() + waiting < self.relay.mailbox_size
+            and self._has_room(recipient, waiting)
         )
         direct = has_room and not envelope.acknowledge
         message = Message(
@@ -946,6 +990,7 @@ class RelayCore:
             message.recorded_attempts = 1
         self.metrics.events["accepted"] += 1
         self._awaiting[sender] += 1
+        self._awaiting_bytes[sender] += message.size
         self._remember(message, now)
         self._stage(message, front=False)
         self._drain_staging(message.recipient, now)
@@ -1043,15 +1088,12 @@ class RelayCore:
         below_cursor = (
             recipient is not None and message.committed and message.seq <= recipient.cursor
         )
-        has_room = (
-            recipient is not None
-            and not recipient.backlog
-            and recipient.mailbox_len() < self.relay.mailbox_size
-        )
+        has_room = recipient is not None and self._has_room(recipient)
         if online and recipient is not None and (has_room or below_cursor):
             if message.committed:
                 self._by_seq[message.seq] = message
                 recipient.cursor = max(recipient.cursor, message.seq)
+            self._hold(recipient, message)
             message.where = Where.MAILBOX
             (recipient.high if message.high else recipient.normal).append(message)
             if message.acknowledge:
@@ -1112,12 +1154,16 @@ class RelayCore:
             recipient.backlog
             and recipient.loading is None
             and recipient.mailbox_len() <= self.relay.mailbox_size // 2
+            and recipient.held_bytes <= self.relay.mailbox_bytes // 2
         ):
             self._load(recipient)
 
     def _load(self, recipient: Recipient) -> None:
         op = LoadQueue(
-            recipient.client, recipient.cursor, self.relay.mailbox_size - recipient.mailbox_len()
+            recipient.client,
+            recipient.cursor,
+            self.relay.mailbox_size - recipient.mailbox_len(),
+            max(1, self.relay.mailbox_bytes - recipient.held_bytes),
         )
         recipient.loading = op
         recipient.load_mark = recipient.stored_since
@@ -1212,6 +1258,7 @@ class RelayCore:
         message.where = Where.DONE
         message.gen += 1
         self._by_seq.pop(message.seq, None)
+        self._release(message)
         self._tell(message, status, now, reason=reason)
 
     def _tell(self, message: Message, status: Status, now: float, *, reason: str = "") -> None:
@@ -1347,8 +1394,10 @@ class RelayCore:
         count = self._awaiting[message.sender] - 1
         if count > 0:
             self._awaiting[message.sender] = count
+            self._awaiting_bytes[message.sender] -= message.size
         else:
             del self._awaiting[message.sender]
+            del self._awaiting_bytes[message.sender]
 
     def _message_from_row(self, row: StoredMessage) -> Message:
         known = self._recent.get((row.sender, row.msgid))
@@ -1373,20 +1422,21 @@ class RelayCore:
             message.status = known[1]
         return message
 
-    def _loaded(self, op: LoadQueue, rows: list[StoredMessage], now: float) -> None:
+    def _loaded(self, op: LoadQueue, page: QueuePage, now: float) -> None:
         recipient = self._recipients.get(op.recipient)
         if recipient is None or recipient.loading is not op:
             return  # the client left, or came back, since
         recipient.loading = None
-        for row in rows:
+        for row in page.rows:
             recipient.cursor = max(recipient.cursor, row.seq)
             if row.seq in self._by_seq or row.seq in self._finished_while_reading:
                 continue
             message = self._message_from_row(row)
             self._by_seq[row.seq] = message
+            self._hold(recipient, message)
             message.where = Where.MAILBOX
             (recipient.high if message.high else recipient.normal).append(message)
-        if len(rows) < op.limit and recipient.stored_since == recipient.load_mark:
+        if not page.more and recipient.stored_since == recipient.load_mark:
             recipient.backlog = False
         self._pump(recipient, now)
         self._drain_staging(op.recipient, now)
@@ -1411,14 +1461,18 @@ class RelayCore:
 
     def readable(self, sid: int) -> bool:
         """Whether to read the next frame of ``sid``. Not while its socket is half full, nor
-        while a quarter of its buffer's worth of its messages await their first receipt:
-        what a client sends can never make more frames for it than its socket holds."""
+        while a quarter of its buffer's worth of its messages (or ``read_ahead_bytes`` of
+        them) await their first receipt: what a client sends can never make more frames for it
+        than its socket holds, nor hold more than that much memory before it is stored."""
         session = self._sessions.get(sid)
         if session is None:
             return True  # read on: the transport will report the close
         buffer = self.ws.outbound_buffer
-        waiting = self._awaiting.get(session.client, 0) if session.client else 0
-        return session.queued < max(1, buffer // 2) and waiting < max(1, buffer // 4)
+        if session.queued >= max(1, buffer // 2) or session.client is None:
+            return session.queued < max(1, buffer // 2)
+        return self._awaiting.get(session.client, 0) < max(1, buffer // 4) and (
+            self._awaiting_bytes.get(session.client, 0) < self.ws.read_ahead_bytes
+        )
 
     def _receipts_loaded(self, op: LoadReceipts, rows: list[StoredReceipt], now: float) -> None:
         session = self._active.get(op.sender)

@@ -8,6 +8,7 @@ core in the same order. An operation sees the effect of every operation before i
 from __future__ import annotations
 
 import enum
+import sys
 from typing import Any
 
 from attrs import frozen
@@ -125,7 +126,9 @@ class SetReceiptPending:
 
 @frozen(eq=False)
 class LoadQueue:
-    """Queued messages for ``recipient`` with ``seq > after``, oldest first, at most ``limit``.
+    """Queued messages for ``recipient`` with ``seq > after``, oldest first: at most ``limit``
+    of them, and no more than fit in ``max_bytes`` (by :func:`size_of` their fields; the first
+    one always comes). The answer is a :class:`QueuePage`.
 
     Compared by identity: the core matches a result to the request it made.
     """
@@ -133,6 +136,20 @@ class LoadQueue:
     recipient: str
     after: int
     limit: int
+    max_bytes: int
+
+
+@frozen
+class QueuePage:
+    """What a :class:`LoadQueue` found: ``more`` if it stopped at a limit before the end."""
+
+    rows: list[StoredMessage]
+    more: bool
+
+
+def size_of(text: str) -> int:
+    """The memory a message's text takes, in bytes: what relayd's byte limits count."""
+    return sys.getsizeof(text)
 
 
 @frozen(eq=False)
