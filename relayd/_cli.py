@@ -138,21 +138,21 @@ def _cmd_token_mint(args: argparse.Namespace) -> int:
 def _cmd_admin(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging("warning", config.log.format)
-    admin = Admin(config, _codec(config), args.url)
-    if args.admin_command == "clients":
-        print_clients(admin.clients(), admin.offline)
-    elif args.admin_command == "queues":
-        queues = admin.queues()
-        for client, depth in sorted(queues.items(), key=lambda item: -item[1]):
-            print(f"{client}  {depth}")
-        if not queues:
-            print("no messages waiting", file=sys.stderr)
-    elif args.admin_command == "revoke":
-        admin.revoke(args.uuid)
-        print(f"revoked every token of {args.uuid}", file=sys.stderr)
-    elif args.admin_command == "delete":
-        admin.delete(args.uuid)
-        print(f"deleted {args.uuid}", file=sys.stderr)
+    with Admin(config, _codec(config), args.url) as admin:
+        if args.admin_command == "clients":
+            print_clients(admin.clients(), admin.offline)
+        elif args.admin_command == "queues":
+            queues = admin.queues()
+            for client, depth in sorted(queues.items(), key=lambda item: -item[1]):
+                print(f"{client}  {depth}")
+            if not queues:
+                print("no messages waiting", file=sys.stderr)
+        elif args.admin_command == "revoke":
+            admin.revoke(args.uuid)
+            print(f"revoked every token of {args.uuid}", file=sys.stderr)
+        elif args.admin_command == "delete":
+            admin.delete(args.uuid)
+            print(f"deleted {args.uuid}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -462,3 +463,33 @@ async def test_generated_secret_is_written_once_and_reused(tmp_path: Path) -> No
     token = result.stdout.decode().strip()
     claims = codec_for(secret, load_config(config_path, environ={})).verify(token, use="access")
     assert claims.sub == "operator:admin"
+
+
+# --- the state directory's lock -----------------------------------------------------------------
+
+
+async def test_a_second_serve_on_the_same_state_dir_exits_1_naming_the_first_until_it_dies(
+    tmp_path: Path,
+) -> None:
+    """The second daemon refuses; after ``kill -9`` of the first (no clean release), the kernel
+    has dropped its lock and a new daemon starts."""
+    config_path = write_config(tmp_path)
+    env = clean_env(RELAYD_SECRET=SECRET)
+    with trio.fail_after(DEADLINE):
+        async with serving(tmp_path, config_path, env) as first:
+            await first.wait_ready()
+            second = await run_cli(tmp_path, "serve", "--config", str(config_path), env=env)
+            stderr = second.stderr.decode()
+            assert second.returncode == 1, stderr
+            holder = f"relayd serve (pid {first.process.pid} on {socket.gethostname()}, started "
+            assert f"{tmp_path / 'state'} is in use by {holder}" in stderr, stderr
+            assert str(tmp_path / "state" / "relayd.lock") in stderr
+            assert "Traceback" not in stderr
+
+            first.process.send_signal(signal.SIGKILL)
+            assert await first.exit_code() == -signal.SIGKILL
+        async with serving(tmp_path, config_path, env) as third:
+            client = await third.wait_ready()
+            assert (await client.get("/health/ready")).status == 200
+            third.process.send_signal(signal.SIGTERM)
+            assert await third.exit_code() == 0, third.stderr
