@@ -264,6 +264,7 @@ class Daemon:
                 hub,
                 self.config.websocket,
                 ssl_context=server_ssl_context(self.config.tls),
+                backlog=self.config.http.backlog,
                 task_status=task_status,
             )
 
