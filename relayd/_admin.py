@@ -3,8 +3,11 @@
 ``relayd admin`` talks to the running daemon's admin API (``http.listen`` from the config, or
 ``--url``) with a short-lived admin token it mints itself from the configured signing secret,
 so the daemon's view (who is online, sessions closed on revocation) is used. When nothing
-answers there, the daemon is taken to be stopped and the store is used directly: the same
-changes, made in the same transactions, without the live part.
+answers there, the state directory's lock (``relayd.lock``, see ``_lock.py``) decides: if a
+``relayd serve`` holds it, the daemon runs but listens elsewhere (or is starting or stopping)
+and the command is refused, naming it; else the command takes the lock, so that no daemon can
+start under it, and uses the store directly: the same changes, made in the same transactions,
+without the live part.
 
 ``relayd backup PATH`` copies the store with SQLite's online backup API: a consistent
 snapshot, safe while the daemon runs (WAL readers do not block the writer).
@@ -20,12 +23,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import trio
 
 from ._config import Config
 from ._errors import RelaydError, StoreError
+from ._lock import StateDirLocked, StateLock
 from ._log import audit
 from ._store import Store
 from ._tokens import TokenCodec
@@ -52,13 +57,35 @@ def _url(config: Config, explicit: str | None) -> str:
 
 
 class Admin:
-    """One admin session: the daemon's API if it answers, else the store."""
+    """One admin session: the daemon's API if it answers, else the store.
+
+    Use it as a context manager: once the store is used, the state directory's lock is held
+    until the session ends.
+    """
 
     def __init__(self, config: Config, codec: TokenCodec, url: str | None) -> None:
         self.config = config
         self.codec = codec
         self.base = _url(config, url)
         self.offline = False
+        self._lock: StateLock | None = None
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the state directory's lock, if this session took it."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # --- the daemon's API ---------------------------------------------------------------------
 
@@ -86,11 +113,28 @@ class Admin:
             raise AdminError(f"{self.base}: {exc.reason}") from None
 
     def _live(self, method: str, path: str) -> dict[str, Any] | None:
+        if self.offline:
+            return None
         try:
             return self._call(method, path)
         except DaemonDown:
-            self.offline = True
+            self._take_over()
             return None
+
+    def _take_over(self) -> None:
+        """Nothing answers at the daemon's address: make sure no daemon works on the state
+        directory, and keep it so while the store is used (the lock, held until ``close``).
+
+        Raises:
+            AdminError: a daemon holds the state directory; the message names it.
+        """
+        state = self.config.state_path
+        if state.is_dir():  # else there is no daemon and no store: _store says so
+            try:
+                self._lock = StateLock.acquire(state, command="admin")
+            except StateDirLocked as exc:
+                raise AdminError(_held(self.base, exc)) from None
+        self.offline = True
 
     # --- the store, when the daemon is stopped ------------------------------------------------
 
@@ -143,6 +187,16 @@ class Admin:
         if not self._store("delete_client", client, time.time()):
             raise AdminError(f"no client {client}")
         audit("client_deleted", client=client, actor="operator:relayd-admin", source="store")
+
+
+def _held(base: str, exc: StateDirLocked) -> str:
+    if exc.holder is None or exc.holder.command != "serve":
+        who = exc.holder.describe() if exc.holder else "another process"
+        return f"{who} is working on the store ({exc.path} is locked); try again"
+    return (
+        f"nothing answers at {base}, but {exc.holder.describe()} holds {exc.path}: the daemon"
+        " runs (or is starting or stopping) and listens elsewhere; pass --url with its address"
+    )
 
 
 def print_clients(clients: list[dict[str, Any]], offline: bool) -> None:

@@ -197,6 +197,7 @@ def hypercorn_config(
     hypercorn = HypercornConfig()
     hypercorn.bind = [bind or http.listen]
     hypercorn.keep_alive_timeout = http.keep_alive_timeout
+    hypercorn.backlog = http.backlog
     hypercorn.graceful_timeout = graceful_timeout
     # The longest silence tolerated on any connection: a request's pauses, or a WebSocket
     # peer's. Clients that ignore relayd's JSON pings still answer the WebSocket pings

@@ -1,7 +1,10 @@
 """The ``relayd`` command.
 
-Exit codes: 0 after a clean stop, 1 on a runtime failure or a forced stop (second signal),
-2 on a usage or configuration error.
+Exit codes: 0 after a clean stop, 1 on a runtime failure (another relayd holds the state
+directory, the store cannot be opened...) or a forced stop (second signal), 2 on a usage or
+configuration error, 141 (128 + SIGPIPE, what a shell reports for a command killed by
+SIGPIPE) when stdout's reader leaves before the output is written (``relayd admin clients |
+head``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,25 @@ log = logging.getLogger("relayd")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
+
+HELP_EPILOG = """\
+state directory (state_dir):
+  relayd.sqlite3  the store (store.path)
+  signing-secret  the signing secret relayd generates if none is configured
+  relayd.lock     held (flock) by the running `relayd serve`, which writes its pid, host and
+                  start time in it; a second relayd on the same state_dir refuses to start and
+                  names the holder. The kernel releases the lock on any exit, kill -9
+                  included: a lock file left after a crash is harmless. `relayd admin` works
+                  on the store only when it can take the lock (the daemon is stopped).
+
+listen backlog:
+  http.backlog (default 4096) connections wait to be accepted on each listener; the kernel
+  caps it at net.core.somaxconn.
+
+exit codes: 0 ok, 1 runtime failure or forced stop, 2 usage or configuration error,
+141 stdout closed before the output was written (| head).
+"""
 
 # CPython's collector defaults (700, 10, 10) are tuned for short scripts. relayd keeps ~200 live
 # objects per open socket, and every object that outlives two young collections (a read
@@ -138,21 +160,21 @@ def _cmd_token_mint(args: argparse.Namespace) -> int:
 def _cmd_admin(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging("warning", config.log.format)
-    admin = Admin(config, _codec(config), args.url)
-    if args.admin_command == "clients":
-        print_clients(admin.clients(), admin.offline)
-    elif args.admin_command == "queues":
-        queues = admin.queues()
-        for client, depth in sorted(queues.items(), key=lambda item: -item[1]):
-            print(f"{client}  {depth}")
-        if not queues:
-            print("no messages waiting", file=sys.stderr)
-    elif args.admin_command == "revoke":
-        admin.revoke(args.uuid)
-        print(f"revoked every token of {args.uuid}", file=sys.stderr)
-    elif args.admin_command == "delete":
-        admin.delete(args.uuid)
-        print(f"deleted {args.uuid}", file=sys.stderr)
+    with Admin(config, _codec(config), args.url) as admin:
+        if args.admin_command == "clients":
+            print_clients(admin.clients(), admin.offline)
+        elif args.admin_command == "queues":
+            queues = admin.queues()
+            for client, depth in sorted(queues.items(), key=lambda item: -item[1]):
+                print(f"{client}  {depth}")
+            if not queues:
+                print("no messages waiting", file=sys.stderr)
+        elif args.admin_command == "revoke":
+            admin.revoke(args.uuid)
+            print(f"revoked every token of {args.uuid}", file=sys.stderr)
+        elif args.admin_command == "delete":
+            admin.delete(args.uuid)
+            print(f"deleted {args.uuid}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -192,7 +214,10 @@ def _token_ttl(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="relayd", description="A self-hosted message relay over WebSockets."
+        prog="relayd",
+        description="A self-hosted message relay over WebSockets.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"relayd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -205,7 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return sub
 
-    serve = with_config(commands.add_parser("serve", help="run the daemon"))
+    serve = with_config(
+        commands.add_parser(
+            "serve",
+            help="run the daemon",
+            description="Run the daemon. It holds STATE_DIR/relayd.lock while it runs: a second"
+            " relayd on the same state_dir refuses to start, naming this one.",
+        )
+    )
     serve.set_defaults(func=_cmd_serve)
 
     check = with_config(
@@ -250,6 +282,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # What is still buffered is written here, where a closed stdout can be caught,
+            # rather than at exit, where Python could only print a traceback.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """stdout's reader has left (``relayd admin clients | head``): drop the rest quietly, as a
+    command killed by SIGPIPE would. stdout now points at /dev/null, so that the flush at
+    exit cannot fail again (the recipe of Python's ``signal`` documentation)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_STDOUT_CLOSED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

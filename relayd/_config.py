@@ -78,6 +78,11 @@ def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float) -> N
         raise field_error(attribute, f"must be zero or a positive finite number, not {value!r}")
 
 
+def _backlog(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 1 <= value <= 65_535:
+        raise field_error(attribute, f"must be from 1 to 65535, not {value!r}")
+
+
 def _power_of_two(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if value < 2 or value & (value - 1):
         raise field_error(attribute, f"must be a power of two, not {value!r}")
@@ -103,6 +108,11 @@ class HttpConfig:
     """Sustained ``/auth/*`` request rate allowed per source IP."""
     auth_burst: int = field(default=20, validator=_positive)
     """``/auth/*`` requests a source IP may make at once before the rate applies."""
+    backlog: int = field(default=4_096, validator=_backlog)
+    """Connections each listener (this port, ``metrics.listen``, ``websocket.listen``) holds
+    waiting to be accepted; beyond it, a connecting client's SYN is dropped and it retries a
+    second or more later. The kernel caps it at ``net.core.somaxconn`` (4096 by default on
+    Linux 5.4 and later)."""
 
 
 @frozen(kw_only=True)

@@ -26,6 +26,7 @@ from ._auth import AuthService, load_signing_secret
 from ._config import RELOADABLE, Config, TlsConfig, changed_keys, with_keys
 from ._errors import ConfigError
 from ._http import Readiness, Services, create_app
+from ._lock import StateLock
 from ._log import configure as configure_logging
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
 from ._relay.hub import Hub
@@ -153,7 +154,11 @@ class Daemon:
     ) -> None:
         """Run until :meth:`stop` is called, then drain and return.
 
+        The state directory's lock (``state_dir/relayd.lock``) is held from before anything in
+        it is read or written until the store is closed, and released on any exit.
+
         Raises:
+            StateDirLocked: another relayd holds the state directory; the error names it.
             ConfigError: the state directory or the signing secret is unusable.
             StoreError: the store cannot be opened or migrated.
         """
@@ -164,6 +169,11 @@ class Daemon:
             raise ConfigError(
                 f"state_dir: cannot create {config.state_dir}: {exc.strerror}"
             ) from None
+        with StateLock.acquire(config.state_path, command="serve"):
+            await self._run_locked(task_status)
+
+    async def _run_locked(self, task_status: trio.TaskStatus[Addresses]) -> None:
+        config = self.config
         server_ssl_context(config.tls)  # a bad certificate or key stops relayd here
         secret, origin = load_signing_secret(config, self._environ)
         assert secret is not None
@@ -272,6 +282,7 @@ class Daemon:
                 hub,
                 self.config.websocket,
                 ssl_context=server_ssl_context(self.config.tls),
+                backlog=self.config.http.backlog,
                 task_status=task_status,
             )
 

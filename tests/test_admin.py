@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -131,4 +132,31 @@ async def test_backup_while_running_restores_clients_and_queued_messages(
             ]
         listed = await http.get("/clients", token=login.json()["access_token"])
         assert set(listed.json()["clients"]) == {alice["uuid"], bob["uuid"]}
+        relayd.daemon.stop()
+
+
+async def test_admin_leaves_the_store_alone_while_the_daemon_runs_out_of_reach(
+    tmp_path: Path,
+) -> None:
+    """Nothing answers at the address in the config, yet the daemon runs (it listens
+    elsewhere): the command must not write to the store under it, and says why."""
+    state = tmp_path / "state"
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        elsewhere = probe.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        relayd = await start_relayd(nursery, file_config(state))
+        alice = await relayd.http.register("alice")
+        config = config_file(tmp_path, state, f"127.0.0.1:{elsewhere}")
+        deleted = await cli("admin", "delete", alice["uuid"], "--config", str(config))
+        stderr = deleted.stderr.decode()
+        assert deleted.returncode == 1, stderr
+        assert f"nothing answers at http://127.0.0.1:{elsewhere}, but relayd serve (pid" in stderr
+        assert f"(pid {os.getpid()} on {socket.gethostname()}, started " in stderr
+        assert "pass --url" in stderr
+        # Alice was not deleted behind the daemon's back.
+        login = await relayd.http.post(
+            "/auth/token", {"uuid": alice["uuid"], "client_secret": alice["client_secret"]}
+        )
+        assert login.status == 200, login
         relayd.daemon.stop()

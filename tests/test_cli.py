@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import trio
 
 from relayd import Config, TokenError, load_config
 from relayd._config import structure
+from relayd._store import Store
 from relayd._tokens import TokenCodec
 
 from .support import HttpClient
@@ -462,3 +464,87 @@ async def test_generated_secret_is_written_once_and_reused(tmp_path: Path) -> No
     token = result.stdout.decode().strip()
     claims = codec_for(secret, load_config(config_path, environ={})).verify(token, use="access")
     assert claims.sub == "operator:admin"
+
+
+# --- the state directory's lock -----------------------------------------------------------------
+
+
+async def test_a_second_serve_on_the_same_state_dir_exits_1_naming_the_first_until_it_dies(
+    tmp_path: Path,
+) -> None:
+    """The second daemon refuses; after ``kill -9`` of the first (no clean release), the kernel
+    has dropped its lock and a new daemon starts."""
+    config_path = write_config(tmp_path)
+    env = clean_env(RELAYD_SECRET=SECRET)
+    with trio.fail_after(DEADLINE):
+        async with serving(tmp_path, config_path, env) as first:
+            await first.wait_ready()
+            second = await run_cli(tmp_path, "serve", "--config", str(config_path), env=env)
+            stderr = second.stderr.decode()
+            assert second.returncode == 1, stderr
+            holder = f"relayd serve (pid {first.process.pid} on {socket.gethostname()}, started "
+            assert f"{tmp_path / 'state'} is in use by {holder}" in stderr, stderr
+            assert str(tmp_path / "state" / "relayd.lock") in stderr
+            assert "Traceback" not in stderr
+
+            first.process.send_signal(signal.SIGKILL)
+            assert await first.exit_code() == -signal.SIGKILL
+        async with serving(tmp_path, config_path, env) as third:
+            client = await third.wait_ready()
+            assert (await client.get("/health/ready")).status == 200
+            third.process.send_signal(signal.SIGTERM)
+            assert await third.exit_code() == 0, third.stderr
+
+
+# --- a closed stdout ----------------------------------------------------------------------------
+
+
+async def run_with_stdout_closed(
+    tmp_path: Path, *args: str, env: Mapping[str, str]
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``relayd ARGS`` with stdout a pipe whose reader has already left, as in
+    ``relayd admin clients | head`` once ``head`` has exited: every write to it fails (EPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        with trio.fail_after(DEADLINE):
+            return await trio.run_process(
+                relayd_command(*args),
+                cwd=tmp_path,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                capture_stderr=True,
+                check=False,
+            )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize(
+    "command", [["check-config"], ["token", "mint"], ["admin", "clients"]], ids=" ".join
+)
+async def test_a_closed_stdout_ends_the_command_quietly_with_141(
+    tmp_path: Path, command: list[str], buffered: bool
+) -> None:
+    """Buffered (Python's default for a pipe), the write that fails is the last flush;
+    unbuffered (``PYTHONUNBUFFERED``), it is the first print."""
+    with socket.socket() as probe:  # a loopback port nothing listens on: no daemon answers
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{probe.getsockname()[1]}"
+    config_path = write_config(
+        tmp_path, {"http": {"listen": nowhere}, "store": {"path": "relayd.sqlite3"}}
+    )
+    (tmp_path / "state").mkdir(mode=0o700)
+    async with Store.open(str(tmp_path / "state" / "relayd.sqlite3"), synchronous="full"):
+        pass  # a stopped daemon's store, for `relayd admin clients` to list
+    env = clean_env(RELAYD_SECRET=SECRET)
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    result = await run_with_stdout_closed(tmp_path, *command, "--config", str(config_path), env=env)
+    stderr = result.stderr.decode()
+    assert result.returncode == 128 + signal.SIGPIPE, stderr
+    for noise in ("Traceback", "BrokenPipeError", "Exception ignored"):
+        assert noise not in stderr, stderr

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-from functools import partial
 from typing import Any
 
 import trio
@@ -51,9 +50,11 @@ async def serve_dedicated(
     config: WebsocketConfig,
     *,
     ssl_context: ssl.SSLContext | None = None,
+    backlog: int,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``config.listen`` with trio-websocket until cancelled.
+    """Serve ``config.listen`` with trio-websocket until cancelled, ``backlog`` connections
+    waiting to be accepted at most.
 
     Connection handlers run in the hub's nursery, so cancelling this (shutdown) only stops
     accepting: open sessions are drained by the hub like any other.
@@ -86,18 +87,23 @@ async def serve_dedicated(
         )
         await hub.serve(transport)
 
-    async with trio.open_nursery() as nursery:
-        server: trio_websocket.WebSocketServer = await nursery.start(
-            partial(
-                trio_websocket.serve_websocket,
-                handler,
-                host,
-                port,
-                ssl_context,
-                handler_nursery=hub.nursery,
-                max_message_size=config.max_frame_bytes,
-                connect_timeout=config.auth_timeout,
-                disconnect_timeout=CLOSE_TIMEOUT,
-            )
+    # trio_websocket.serve_websocket opens its listeners with Trio's default backlog; these
+    # are the same listeners, with relayd's.
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
+    if ssl_context is None:
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    else:
+        listeners = await trio.open_ssl_over_tcp_listeners(
+            port, ssl_context, host=host, https_compatible=True, backlog=backlog
         )
+    server = trio_websocket.WebSocketServer(
+        handler,
+        listeners,
+        handler_nursery=hub.nursery,
+        max_message_size=config.max_frame_bytes,
+        connect_timeout=config.auth_timeout,
+        disconnect_timeout=CLOSE_TIMEOUT,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
         task_status.started((host, server.port))
