@@ -19,6 +19,12 @@ bounded by ``websocket.write_timeout``; past it the connection is closed. A writ
 by a task that is already cancelled (shutdown past its deadline: hypercorn then still sends a
 1011 close to every open WebSocket) is dropped and the connection closed: at 10,000 sockets
 those writes alone would take seconds the drain deadline does not have.
+
+And WebSockets are served by a ``WSStream`` that answers a frame breaking RFC 6455 with the
+close frame the RFC asks for (1002, or 1007 for text that is not UTF-8) where hypercorn's
+drops the connection without one. Both replace hypercorn's classes when serving starts
+(:func:`install_hypercorn_hooks`), each only if the internals it builds on are still there;
+otherwise relayd runs on hypercorn's own, with a warning.
 """
 
 from __future__ import annotations
@@ -30,12 +36,20 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import Any
 
+import hypercorn.protocol.h2
+import hypercorn.protocol.h11
 import hypercorn.trio.run
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Ping
+from wsproto.events import Message as WsMessage
+from wsproto.frame_protocol import CloseReason
 
 from ._config import Config, parse_address
 from ._log import conn_id
@@ -54,38 +68,111 @@ FINISH_TIMEOUT = 10.0
 
 
 class _BoundedWriteTCPServer(TCPServer):
-    """hypercorn's ``TCPServer``, with its shielded write bounded (see the module docstring)."""
+    """hypercorn's ``TCPServer``, with its shielded write bounded (see the module docstring).
+    Installed by :func:`install_hypercorn_hooks`."""
 
     async def protocol_send(self, event: Event) -> None:
         timeout: float | None = getattr(self.config, "relayd_write_timeout", None)
         if not isinstance(event, RawData) or timeout is None:
             await super().protocol_send(event)
             return
-        stalled = False
         if trio.current_effective_deadline() == -math.inf:
             # Cancelled (shielded writes, like a response's last chunk, never are): the
             # connection is being torn down, and what is left unwritten stays so.
             await self.stream.aclose()
             return
+        gone = False
         async with self.send_lock:
             try:
-                # One scope, shielded from outside cancellation and bounded by its deadline.
-                deadline = trio.current_time() + timeout
-                with trio.CancelScope(shield=True, deadline=deadline) as scope:
-                    await self.stream.send_all(event.data)
-                if scope.cancelled_caught:
-                    stalled = True  # the peer stopped reading; a frame is half-written
-                    await self.stream.aclose()
+                gone = await self._send_bounded(event.data, seconds=timeout)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                stalled = True
-        if stalled:
+                gone = True
+        if gone:
             await self.protocol.handle(Closed())
 
+    async def _send_bounded(self, data: bytes, *, seconds: float) -> bool:
+        """Write ``data``; past ``seconds`` the connection is closed. Return whether it was."""
+        # One scope, shielded from outside cancellation and bounded by its deadline.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + seconds) as scope:
+            await self.stream.send_all(data)
+        if scope.cancelled_caught:
+            await self.stream.aclose()  # the peer stopped reading; a frame is half-written
+        return scope.cancelled_caught
 
-if getattr(hypercorn.trio.run, "TCPServer", None) is TCPServer:
-    setattr(hypercorn.trio.run, "TCPServer", _BoundedWriteTCPServer)  # noqa: B010
-else:  # pragma: no cover - a hypercorn that moved it: say so rather than fail silently
-    log.warning("cannot bound hypercorn's socket writes: write_timeout holds on /ws only partly")
+
+class _RelaydWSStream(WSStream):
+    """hypercorn's ``WSStream``, giving a frame that breaks RFC 6455 the close frame the RFC
+    asks for (1002, or 1007 for text that is not UTF-8) before the connection closes, where
+    hypercorn just drops it. Installed by :func:`install_hypercorn_hooks`."""
+
+    async def _handle_events(self) -> None:
+        # hypercorn 0.18's loop, with the first branch added. wsproto reports a frame that
+        # broke the protocol as a CloseConnection event with its code while the connection is
+        # still OPEN (a close frame from the peer moves it to REMOTE_CLOSING first).
+        for event in self.connection.events():
+            if isinstance(event, CloseConnection) and self.connection.state is ConnectionState.OPEN:
+                await self._send_wsproto_event(CloseConnection(event.code, event.reason))
+                await self.send(StreamClosed(stream_id=self.stream_id))
+                break
+            if isinstance(event, WsMessage):
+                try:
+                    self.buffer.extend(event)
+                except FrameTooLargeError:
+                    await self._send_wsproto_event(
+                        CloseConnection(code=CloseReason.MESSAGE_TOO_BIG)
+                    )
+                    break
+                if event.message_finished:
+                    assert self.app_put is not None
+                    await self.app_put(self.buffer.to_message())
+                    self.buffer.clear()
+            elif isinstance(event, Ping):
+                await self._send_wsproto_event(event.response())
+            elif isinstance(event, CloseConnection):
+                if self.connection.state == ConnectionState.REMOTE_CLOSING:
+                    await self._send_wsproto_event(event.response())
+                await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+# What each hook needs of hypercorn's internals (their names), checked before it is installed.
+_TCP_SERVER_INTERNALS = ("protocol_send",)
+_WS_STREAM_INTERNALS = ("app_send", "_handle_events", "_send_wsproto_event")
+_installed: set[str] = set()
+
+
+def install_hypercorn_hooks() -> None:
+    """Have hypercorn serve connections with relayd's ``TCPServer`` and WebSockets with its
+    ``WSStream``. Called whenever serving starts; each hook is installed once. A hypercorn
+    whose internals moved keeps its own classes, with a warning saying what is lost."""
+    if "tcp_server" not in _installed:
+        if _install([hypercorn.trio.run], TCPServer, _BoundedWriteTCPServer, _TCP_SERVER_INTERNALS):
+            _installed.add("tcp_server")
+        else:
+            log.warning("cannot hook hypercorn's TCPServer: write_timeout holds on /ws only partly")
+    if "ws_stream" not in _installed:
+        modules = [hypercorn.protocol.h11, hypercorn.protocol.h2]
+        if _install(modules, WSStream, _RelaydWSStream, _WS_STREAM_INTERNALS):
+            _installed.add("ws_stream")
+        else:
+            log.warning(
+                "cannot hook hypercorn's WSStream: on the REST port, frames that break the "
+                "WebSocket protocol get no close frame"
+            )
+
+
+def _install(
+    modules: list[Any], original: type, replacement: type, internals: tuple[str, ...]
+) -> bool:
+    """Make ``modules`` use ``replacement`` wherever they use ``original``, if they all do and
+    ``original`` still has the ``internals`` that ``replacement`` builds on."""
+    name = original.__name__
+    if not all(getattr(module, name, None) in (original, replacement) for module in modules):
+        return False
+    if not all(hasattr(original, attribute) for attribute in internals):
+        return False
+    for module in modules:
+        setattr(module, name, replacement)
+    return True
 
 
 def _finishing(send: Send, timeout: float) -> Send:
@@ -189,7 +276,10 @@ def metrics_app(render: Callable[[], Awaitable[bytes]], content_type: str) -> AS
 
 
 def hypercorn_config(
-    config: Config, *, graceful_timeout: float, bind: str | None = None
+    config: Config,
+    *,
+    graceful_timeout: float,
+    bind: str | None = None,
 ) -> HypercornConfig:
     """Hypercorn's settings for the HTTP port (or, with ``bind``, another listener)."""
     http = config.http
@@ -225,7 +315,7 @@ async def serve_http(
 
     Reports the bound ``(host, port)`` through ``task_status`` once listening.
     """
-
+    install_hypercorn_hooks()
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             partial(serve, app, config, shutdown_trigger=shutdown.wait)

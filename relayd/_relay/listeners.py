@@ -6,13 +6,16 @@ and hands the socket to :meth:`Hub.serve`, which authenticates it before reading
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
-from functools import partial
 from typing import Any
 
 import trio
 import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from relayd._config import WebsocketConfig, parse_address
 
@@ -44,6 +47,90 @@ def asgi_websocket_app(hub: Hub) -> Any:
         await hub.serve(AsgiTransport(receive, send, remote=remote, token=handshake.token))
 
     return websocket_app
+
+
+class _AnsweringConnection(trio_websocket.WebSocketConnection):
+    """trio-websocket's connection, answering a frame that breaks RFC 6455 with the close frame
+    the RFC asks for (1002, or 1007 for text that is not UTF-8) before the TCP close.
+
+    wsproto reports such a frame as a ``CloseConnection`` event with its code while the
+    connection is still OPEN (a close frame from the peer moves it to REMOTE_CLOSING first);
+    trio-websocket only answers the latter, and drops the former without a word.
+    """
+
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        if self._wsproto.state is ConnectionState.OPEN:
+            with (
+                trio.move_on_after(CLOSE_TIMEOUT),
+                contextlib.suppress(trio_websocket.ConnectionClosed),
+            ):
+                await self._send(CloseConnection(event.code, event.reason))
+        await super()._handle_close_connection_event(event)
+
+
+class _AnsweringServer(trio_websocket.WebSocketServer):
+    """trio-websocket's server, serving each socket with an :class:`_AnsweringConnection`."""
+
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        # trio-websocket 0.12's, but for the connection's class.
+        async with trio.open_nursery() as nursery:
+            connection = _AnsweringConnection(
+                stream,
+                WSConnection(ConnectionType.SERVER),
+                message_queue_size=self._message_queue_size,
+                max_message_size=self._max_message_size,
+                receive_buffer_size=self._receive_buffer_size,
+            )
+            nursery.start_soon(connection._reader_task)
+            with trio.move_on_after(self._connect_timeout) as connect_scope:
+                request = await connection._get_request()
+            if connect_scope.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                await stream.aclose()
+                return
+            try:
+                await self._handler(request)
+            finally:
+                with trio.move_on_after(self._disconnect_timeout):
+                    await connection.aclose()
+
+
+# What the two classes above need of trio-websocket's internals, checked at start.
+_SERVER_INTERNALS = (
+    "_handle_connection",
+    "_handler",
+    "_message_queue_size",
+    "_max_message_size",
+    "_receive_buffer_size",
+    "_connect_timeout",
+    "_disconnect_timeout",
+)
+_CONNECTION_INTERNALS = ("_handle_close_connection_event", "_reader_task", "_get_request", "_send")
+
+
+def _server_class(probe: trio_websocket.WebSocketServer) -> type[trio_websocket.WebSocketServer]:
+    """:class:`_AnsweringServer` if this trio-websocket has what it builds on (``probe`` is a
+    server of trio-websocket's own class), else trio-websocket's, with a warning."""
+    if all(hasattr(probe, name) for name in _SERVER_INTERNALS) and all(
+        hasattr(trio_websocket.WebSocketConnection, name) for name in _CONNECTION_INTERNALS
+    ):
+        return _AnsweringServer
+    log.warning(
+        "cannot hook trio-websocket's server: on the dedicated listener, frames that break "
+        "the WebSocket protocol get no close frame"
+    )
+    return trio_websocket.WebSocketServer
+
+
+async def _open_listeners(
+    host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]:
+    """The listening sockets, as ``trio_websocket.serve_websocket`` opens them."""
+    if ssl_context is None:
+        return await trio.open_tcp_listeners(port, host=host)
+    return await trio.open_ssl_over_tcp_listeners(
+        port, ssl_context, host=host, https_compatible=True
+    )
 
 
 async def serve_dedicated(
@@ -86,18 +173,15 @@ async def serve_dedicated(
         )
         await hub.serve(transport)
 
+    listeners = await _open_listeners(host, port, ssl_context)
+    settings: dict[str, Any] = {
+        "handler_nursery": hub.nursery,
+        "max_message_size": config.max_frame_bytes,
+        "connect_timeout": config.auth_timeout,
+        "disconnect_timeout": CLOSE_TIMEOUT,
+    }
+    server_class = _server_class(trio_websocket.WebSocketServer(handler, listeners, **settings))
+    server = server_class(handler, listeners, **settings)
     async with trio.open_nursery() as nursery:
-        server: trio_websocket.WebSocketServer = await nursery.start(
-            partial(
-                trio_websocket.serve_websocket,
-                handler,
-                host,
-                port,
-                ssl_context,
-                handler_nursery=hub.nursery,
-                max_message_size=config.max_frame_bytes,
-                connect_timeout=config.auth_timeout,
-                disconnect_timeout=CLOSE_TIMEOUT,
-            )
-        )
+        await nursery.start(server.run)
         task_status.started((host, server.port))
