@@ -20,6 +20,10 @@ by a task that is already cancelled (shutdown past its deadline: hypercorn then 
 1011 close to every open WebSocket) is dropped and the connection closed: at 10,000 sockets
 those writes alone would take seconds the drain deadline does not have.
 
+That ``TCPServer`` also picks the read timeout per connection, where hypercorn has one for
+all: ``websocket.heartbeat_timeout`` once a connection carries a WebSocket (a pong is a read),
+``http.request_timeout`` otherwise.
+
 And WebSockets are served by a ``WSStream`` that answers a frame breaking RFC 6455 with the
 close frame the RFC asks for (1002, or 1007 for text that is not UTF-8) where hypercorn's
 drops the connection without one. Both replace hypercorn's classes when serving starts
@@ -43,9 +47,11 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
 from hypercorn.trio import serve
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Ping
 from wsproto.events import Message as WsMessage
@@ -68,8 +74,8 @@ FINISH_TIMEOUT = 10.0
 
 
 class _BoundedWriteTCPServer(TCPServer):
-    """hypercorn's ``TCPServer``, with its shielded write bounded (see the module docstring).
-    Installed by :func:`install_hypercorn_hooks`."""
+    """hypercorn's ``TCPServer``, with its shielded write bounded and its read timeout chosen
+    per connection (see the module docstring). Installed by :func:`install_hypercorn_hooks`."""
 
     async def protocol_send(self, event: Event) -> None:
         timeout: float | None = getattr(self.config, "relayd_write_timeout", None)
@@ -98,6 +104,40 @@ class _BoundedWriteTCPServer(TCPServer):
         if scope.cancelled_caught:
             await self.stream.aclose()  # the peer stopped reading; a frame is half-written
         return scope.cancelled_caught
+
+    async def _read_data(self) -> None:
+        # hypercorn 0.18's loop, with the read timeout chosen per read: a WebSocket peer may
+        # be silent for heartbeat_timeout (hypercorn's pings get answered, and a pong is a
+        # read), an HTTP client for request_timeout.
+        while True:
+            try:
+                with trio.fail_after(self._read_timeout()):
+                    data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            else:
+                await self.protocol.handle(RawData(bytes(data)))
+                if data == b"":
+                    break
+        await self.protocol.handle(Closed())
+
+    def _read_timeout(self) -> float:
+        timeouts: tuple[float, float] | None = getattr(self.config, "relayd_read_timeouts", None)
+        if timeouts is None:
+            return float(self.config.read_timeout or math.inf)
+        http, websocket = timeouts
+        return websocket if _carries_websocket(self) else http
+
+
+def _carries_websocket(server: TCPServer) -> bool:
+    """Whether the connection was upgraded to a WebSocket (HTTP/1.1), or carries one (h2)."""
+    protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+    if isinstance(protocol, H11Protocol):
+        return isinstance(getattr(protocol, "stream", None), WSStream)
+    if isinstance(protocol, H2Protocol):
+        streams = getattr(protocol, "streams", {})
+        return any(isinstance(stream, WSStream) for stream in streams.values())
+    return False
 
 
 class _RelaydWSStream(WSStream):
@@ -135,7 +175,7 @@ class _RelaydWSStream(WSStream):
 
 
 # What each hook needs of hypercorn's internals (their names), checked before it is installed.
-_TCP_SERVER_INTERNALS = ("protocol_send",)
+_TCP_SERVER_INTERNALS = ("protocol_send", "_read_data")
 _WS_STREAM_INTERNALS = ("app_send", "_handle_events", "_send_wsproto_event")
 _installed: set[str] = set()
 
@@ -288,10 +328,12 @@ def hypercorn_config(
     hypercorn.bind = [bind or http.listen]
     hypercorn.keep_alive_timeout = http.keep_alive_timeout
     hypercorn.graceful_timeout = graceful_timeout
-    # The longest silence tolerated on any connection: a request's pauses, or a WebSocket
-    # peer's. Clients that ignore relayd's JSON pings still answer the WebSocket pings
-    # hypercorn sends every heartbeat_interval, which keeps them under this limit.
+    # The silence tolerated on a connection: a request's pauses (request_timeout), or a
+    # WebSocket peer's (heartbeat_timeout: clients that ignore relayd's JSON pings still
+    # answer the WebSocket pings hypercorn sends every heartbeat_interval). relayd's
+    # TCPServer picks one per connection; hypercorn's own has one for all: the longer.
     hypercorn.read_timeout = max(http.request_timeout, ws.heartbeat_timeout)  # type: ignore[assignment]
+    hypercorn.relayd_read_timeouts = (http.request_timeout, ws.heartbeat_timeout)  # type: ignore[attr-defined]
     hypercorn.websocket_ping_interval = ws.heartbeat_interval
     hypercorn.websocket_max_message_size = ws.max_frame_bytes
     hypercorn.accesslog = None

@@ -6,8 +6,8 @@ Two exist:
 * :class:`AsgiTransport` — ``/ws`` on the main HTTP port, straight from hypercorn's ASGI
   websocket scope (no Quart machinery in between). ASGI can neither send pings nor report
   pongs: hypercorn sends the protocol pings (every ``heartbeat_interval``) and drops a peer
-  silent past its read timeout (at least ``heartbeat_timeout``); relayd's own heartbeat
-  stays off.
+  silent for ``heartbeat_timeout`` (relayd's ``TCPServer`` in ``relayd/_asgi.py`` sets that
+  read timeout); relayd's own heartbeat stays off.
 * :class:`TrioWebsocketTransport` — the optional dedicated listener (``[websocket] listen``),
   on trio-websocket's server. Heartbeats are WebSocket pings; their pongs count as liveness.
 
