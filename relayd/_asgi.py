@@ -36,6 +36,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import struct
+from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import Any
@@ -59,6 +61,7 @@ from wsproto.frame_protocol import CloseReason
 
 from ._config import Config, parse_address
 from ._log import conn_id
+from ._relay.frames import CloseCode
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -71,6 +74,16 @@ log = logging.getLogger("relayd.http")
 
 # The completing send writes at most one buffer to a socket hypercorn already owns.
 FINISH_TIMEOUT = 10.0
+# Seconds a WebSocket write past write_timeout has to finish its frame, so that a close frame
+# (4008) can follow it; as long as the relay gives a close frame to go out (hub.CLOSE_TIMEOUT).
+SLOW_CONSUMER_GRACE = 2.0
+_SLOW_CONSUMER_REASON = b"write timeout"
+# A server's close frame (FIN, opcode 8, unmasked): 4008 and its reason.
+_SLOW_CONSUMER_CLOSE = (
+    bytes([0x88, 2 + len(_SLOW_CONSUMER_REASON)])
+    + struct.pack("!H", CloseCode.SLOW_CONSUMER)
+    + _SLOW_CONSUMER_REASON
+)
 
 
 class _BoundedWriteTCPServer(TCPServer):
@@ -97,13 +110,37 @@ class _BoundedWriteTCPServer(TCPServer):
             await self.protocol.handle(Closed())
 
     async def _send_bounded(self, data: bytes, *, seconds: float) -> bool:
-        """Write ``data``; past ``seconds`` the connection is closed. Return whether it was."""
+        """Write ``data``; past ``seconds`` the peer is a slow consumer and the connection is
+        closed. Return whether it was.
+
+        A WebSocket's write then gets ``SLOW_CONSUMER_GRACE`` more to finish its frame: if the
+        peer reads again by then, a 4008 close frame follows the whole frame (a close frame
+        after half a frame would be garbage to it), given as long again to go out; else the
+        peer sees the connection drop. Either way the drop is logged and counted.
+        """
+        websocket = _carries_websocket(self)
+        started = trio.current_time()
+        grace = SLOW_CONSUMER_GRACE if websocket else 0.0
         # One scope, shielded from outside cancellation and bounded by its deadline.
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + seconds) as scope:
+        with trio.CancelScope(shield=True, deadline=started + seconds + grace) as scope:
             await self.stream.send_all(data)
-        if scope.cancelled_caught:
-            await self.stream.aclose()  # the peer stopped reading; a frame is half-written
-        return scope.cancelled_caught
+        if trio.current_time() <= started + seconds and not scope.cancelled_caught:
+            return False
+        if websocket:
+            whole = not scope.cancelled_caught
+            _count_slow_consumer(self.config, "rest_port_write")
+            log.info(
+                "slow consumer: closing",
+                extra={"fields": {"detected_by": "rest_port_write", "close_frame": whole}},
+            )
+            if whole:
+                with trio.CancelScope(shield=True) as closing:
+                    closing.deadline = trio.current_time() + SLOW_CONSUMER_GRACE
+                    await self.stream.send_all(_SLOW_CONSUMER_CLOSE)
+        else:
+            log.debug("HTTP client not reading its response: closing")
+        await self.stream.aclose()
+        return True
 
     async def _read_data(self) -> None:
         # hypercorn 0.18's loop, with the read timeout chosen per read: a WebSocket peer may
@@ -140,10 +177,33 @@ def _carries_websocket(server: TCPServer) -> bool:
     return False
 
 
+def _count_slow_consumer(config: HypercornConfig, where: str) -> None:
+    counts: Counter[str] | None = getattr(config, "relayd_slow_consumer_drops", None)
+    if counts is not None:
+        counts[where] += 1
+
+
+class _WebsocketGone(OSError):
+    """A message sent on a WebSocket that is closed, or that closed while it was written (the
+    ASGI spec's ``OSError`` for a send on a closed connection)."""
+
+
 class _RelaydWSStream(WSStream):
-    """hypercorn's ``WSStream``, giving a frame that breaks RFC 6455 the close frame the RFC
-    asks for (1002, or 1007 for text that is not UTF-8) before the connection closes, where
-    hypercorn just drops it. Installed by :func:`install_hypercorn_hooks`."""
+    """hypercorn's ``WSStream`` with two repairs. Installed by :func:`install_hypercorn_hooks`.
+
+    * A frame that breaks RFC 6455 gets the close frame the RFC asks for (1002, or 1007 for
+      text that is not UTF-8) before the connection closes; hypercorn just drops it.
+    * A message sent once the connection is gone raises :class:`_WebsocketGone`; hypercorn
+      drops it silently, and the relay would count it as written.
+    """
+
+    async def app_send(self, message: Any) -> None:
+        sending = message is not None and message["type"] == "websocket.send"
+        if sending and self.closed:
+            raise _WebsocketGone("the WebSocket is closed")
+        await super().app_send(message)
+        if sending and self.closed:  # the socket was dropped while the message was written
+            raise _WebsocketGone("the WebSocket closed while the message was written")
 
     async def _handle_events(self) -> None:
         # hypercorn 0.18's loop, with the first branch added. wsproto reports a frame that
@@ -213,6 +273,13 @@ def _install(
     for module in modules:
         setattr(module, name, replacement)
     return True
+
+
+def writes_bounded() -> bool:
+    """Whether hypercorn's socket writes are bounded by ``write_timeout`` (relayd's
+    ``TCPServer`` is installed): slow consumers on the REST port are caught, logged and
+    counted there, and the WebSocket messages of a connection it dropped fail to send."""
+    return "tcp_server" in _installed and "ws_stream" in _installed
 
 
 def _finishing(send: Send, timeout: float) -> Send:
@@ -320,8 +387,13 @@ def hypercorn_config(
     *,
     graceful_timeout: float,
     bind: str | None = None,
+    slow_consumer_drops: Counter[str] | None = None,
 ) -> HypercornConfig:
-    """Hypercorn's settings for the HTTP port (or, with ``bind``, another listener)."""
+    """Hypercorn's settings for the HTTP port (or, with ``bind``, another listener).
+
+    ``slow_consumer_drops`` counts the WebSockets dropped because a socket write stalled
+    (under ``rest_port_write``).
+    """
     http = config.http
     ws = config.websocket
     hypercorn = HypercornConfig()
@@ -340,10 +412,17 @@ def hypercorn_config(
     hypercorn.errorlog = logging.getLogger("relayd.hypercorn")
     hypercorn.include_server_header = False
     hypercorn.relayd_write_timeout = ws.write_timeout  # type: ignore[attr-defined]
+    hypercorn.relayd_slow_consumer_drops = slow_consumer_drops  # type: ignore[attr-defined]
     if config.tls.enabled:
         hypercorn.certfile = config.tls.cert_file
         hypercorn.keyfile = config.tls.key_file
     return hypercorn
+
+
+def set_write_timeout(config: HypercornConfig, seconds: float) -> None:
+    """Bound the socket writes of the connections ``config`` serves by ``seconds`` from now on
+    (``websocket.write_timeout``, reloaded)."""
+    config.relayd_write_timeout = seconds  # type: ignore[attr-defined]
 
 
 async def serve_http(

@@ -146,7 +146,8 @@ class WebsocketConfig:
     """A client silent (no frame, no pong) this long is closed with 4002 (dropped, on the REST
     port)."""
     write_timeout: float = field(default=10.0, validator=_positive)
-    """A client whose socket accepts no data this long is closed with 4008 (slow consumer)."""
+    """A client whose socket accepts no data this long is dropped as a slow consumer (with a
+    4008 close frame if it reads again within 2 s)."""
     token_warning: float = field(default=60.0, validator=_non_negative)
     """Seconds before its access token expires that a client is told to refresh it."""
     max_connections: int = field(default=10_000, validator=_positive)

@@ -100,13 +100,17 @@ class RawWebSocket:
         return self._events.pop(0)
 
     async def next_json(self) -> dict[str, Any]:
-        """The next text frame, as JSON (pings skipped)."""
+        """The next text message, as JSON (pings skipped)."""
+        parts: list[str] = []
         while True:
             event = await self.next_event()
             if isinstance(event, TextMessage):
-                doc: dict[str, Any] = json.loads(event.data)
-                return doc
-            assert isinstance(event, Ping), event
+                parts.append(event.data)  # wsproto hands a large frame over in pieces
+                if event.message_finished:
+                    doc: dict[str, Any] = json.loads("".join(parts))
+                    return doc
+            else:
+                assert isinstance(event, Ping), event
 
     async def close_code(self) -> int:
         """Read until relayd's close frame; return its code. Frames before it are skipped."""
@@ -125,6 +129,16 @@ class RawWebSocket:
     async def answer_close(self) -> None:
         """Answer relayd's close frame, as a client library would."""
         await self.send_raw(frame(OP_CLOSE, b""))
+
+    async def events_until_eof(self) -> list[Event]:
+        """Every event relayd's bytes make from here until the connection ends (a large
+        frame comes in pieces; one cut off by the end has no ``message_finished`` piece)."""
+        events, self._events = self._events, []
+        with trio.fail_after(IO_DEADLINE):
+            while data := await self.stream.receive_some(65536):
+                self.ws.receive_data(data)
+                events.extend(self.ws.events())
+        return events
 
     async def eof(self) -> None:
         """Read (and drop) whatever comes until the connection ends."""

@@ -18,6 +18,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
 from relayd._config import WebsocketConfig, parse_address
+from relayd._log import conn_id
 
 from .hub import CLOSE_TIMEOUT, Hub
 from .transport import (
@@ -31,8 +32,9 @@ from .transport import (
 log = logging.getLogger("relayd.ws")
 
 
-def asgi_websocket_app(hub: Hub) -> Any:
-    """The ASGI app for websocket scopes on the main port."""
+def asgi_websocket_app(hub: Hub, *, bounded_writes: bool = False) -> Any:
+    """The ASGI app for websocket scopes on the main port. ``bounded_writes``: hypercorn's
+    writes are bounded by write_timeout, and its slow consumers handled, by relayd's hooks."""
 
     async def websocket_app(scope: Any, receive: Any, send: Any) -> None:
         event = await receive()
@@ -42,9 +44,22 @@ def asgi_websocket_app(hub: Hub) -> Any:
         handshake = read_handshake(
             scope["query_string"].decode("latin-1"), headers, scope.get("subprotocols") or []
         )
-        await send({"type": "websocket.accept", "subprotocol": handshake.subprotocol})
-        remote = (scope.get("client") or ("-", 0))[0]
-        await hub.serve(AsgiTransport(receive, send, remote=remote, token=handshake.token))
+        sid = hub.new_sid()
+        # Before the accept: the pinger hypercorn starts with it logs under this id too.
+        token = conn_id.set(f"ws{sid}")
+        try:
+            await send({"type": "websocket.accept", "subprotocol": handshake.subprotocol})
+            remote = (scope.get("client") or ("-", 0))[0]
+            transport = AsgiTransport(
+                receive,
+                send,
+                remote=remote,
+                token=handshake.token,
+                bounded_writes=bounded_writes,
+            )
+            await hub.serve(transport, sid=sid)
+        finally:
+            conn_id.reset(token)
 
     return websocket_app
 
