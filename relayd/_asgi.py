@@ -127,13 +127,13 @@ class _BoundedWriteTCPServer(TCPServer):
         if trio.current_time() <= started + seconds and not scope.cancelled_caught:
             return False
         if websocket:
-            whole = not scope.cancelled_caught
+            close_frame = not scope.cancelled_caught and _open_http11_websocket(self)
             _count_slow_consumer(self.config, "rest_port_write")
             log.info(
                 "slow consumer: closing",
-                extra={"fields": {"detected_by": "rest_port_write", "close_frame": whole}},
+                extra={"fields": {"detected_by": "rest_port_write", "close_frame": close_frame}},
             )
-            if whole:
+            if close_frame:
                 with trio.CancelScope(shield=True) as closing:
                     closing.deadline = trio.current_time() + SLOW_CONSUMER_GRACE
                     await self.stream.send_all(_SLOW_CONSUMER_CLOSE)
@@ -175,6 +175,16 @@ def _carries_websocket(server: TCPServer) -> bool:
         streams = getattr(protocol, "streams", {})
         return any(isinstance(stream, WSStream) for stream in streams.values())
     return False
+
+
+def _open_http11_websocket(server: TCPServer) -> bool:
+    """Whether the connection is an HTTP/1.1 one upgraded to a WebSocket that neither side
+    has begun to close: a close frame may then be written to the socket as it is (on h2, a
+    WebSocket is framed in h2 frames)."""
+    protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+    stream = getattr(protocol, "stream", None) if isinstance(protocol, H11Protocol) else None
+    connection = getattr(stream, "connection", None) if isinstance(stream, WSStream) else None
+    return getattr(connection, "state", None) is ConnectionState.OPEN
 
 
 def _count_slow_consumer(config: HypercornConfig, where: str) -> None:

@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import json
 import logging
+import types
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
 import trio
 import trio.testing
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.ws_stream import WSStream
+from wsproto import ConnectionType
+from wsproto.connection import Connection
 from wsproto.events import CloseConnection, Ping, TextMessage
 
+from relayd._asgi import _SLOW_CONSUMER_CLOSE, _BoundedWriteTCPServer
 from relayd._log import conn_id
 from relayd._relay.frames import CloseCode
 from relayd._relay.hub import CLOSE_TIMEOUT
@@ -225,3 +233,73 @@ async def test_the_rest_ports_pinger_starts_under_its_connections_id(
         await app(scope, receive, send)
         assert sent == [("websocket.accept", "ws1")]
         assert conn_id.get() is None
+
+
+class SlowStream:
+    """A socket whose peer reads again ``stall`` seconds after a write begins."""
+
+    def __init__(self, *, stall: float) -> None:
+        self.stall = stall
+        self.written: list[bytes] = []
+        self.closed = False
+
+    async def send_all(self, data: bytes) -> None:
+        await trio.sleep(self.stall)
+        self.stall = 0.0
+        self.written.append(bytes(data))
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def websocket(*, accepted: bool = True) -> WSStream:
+    stream = object.__new__(WSStream)
+    if accepted:
+        stream.connection = Connection(ConnectionType.SERVER)
+    return stream
+
+
+def h11_carrying(stream: WSStream) -> H11Protocol:
+    protocol = object.__new__(H11Protocol)
+    protocol.stream = stream
+    return protocol
+
+
+def h2_carrying(stream: WSStream) -> H2Protocol:
+    protocol = object.__new__(H2Protocol)
+    protocol.streams = {1: stream}
+    return protocol
+
+
+def closing(stream: WSStream) -> WSStream:
+    stream.connection.send(CloseConnection(1001))
+    return stream
+
+
+@pytest.mark.parametrize(
+    ("protocol", "close_frame"),
+    [
+        pytest.param(lambda: h11_carrying(websocket()), True, id="HTTP/1.1 WebSocket"),
+        pytest.param(lambda: h11_carrying(websocket(accepted=False)), False, id="handshake"),
+        pytest.param(lambda: h11_carrying(closing(websocket())), False, id="closing"),
+        pytest.param(lambda: h2_carrying(websocket()), False, id="h2 WebSocket"),
+    ],
+)
+async def test_the_rest_ports_writer_adds_a_raw_4008_only_to_an_open_http11_websocket(
+    autojump_clock: trio.testing.MockClock, protocol: Any, close_frame: bool
+) -> None:
+    """A write that ends past write_timeout, within the grace, is a slow consumer: counted,
+    and the connection closed. The 4008 frame is raw bytes: right behind a whole frame of a
+    WebSocket upgraded from HTTP/1.1, garbage inside an h2 connection (RFC 8441), before the
+    accept, or after a close frame already sent."""
+    server = object.__new__(_BoundedWriteTCPServer)
+    drops: Counter[str] = Counter()
+    server.config = cast(Any, types.SimpleNamespace(relayd_slow_consumer_drops=drops))
+    stream = SlowStream(stall=1.5)
+    server.stream = cast(Any, stream)
+    server.protocol = cast(Any, types.SimpleNamespace(protocol=protocol()))
+    assert await server._send_bounded(b"frame", seconds=1.0)
+    assert stream.written == ([b"frame", _SLOW_CONSUMER_CLOSE] if close_frame else [b"frame"])
+    assert stream.closed
+    assert drops == {"rest_port_write": 1}
+    assert trio.current_time() == 1.5
