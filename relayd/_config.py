@@ -99,7 +99,8 @@ class HttpConfig:
     keep_alive_timeout: float = field(default=5.0, validator=_positive)
     """Seconds an idle keep-alive connection is kept before relayd closes it."""
     request_timeout: float = field(default=30.0, validator=_positive)
-    """Seconds a client may take to send a request before the connection is dropped."""
+    """Seconds a client may take to send a request before the connection is dropped (HTTP
+    requests only: a WebSocket on this port is held to ``websocket.heartbeat_timeout``)."""
     register_per_minute: float = field(default=10.0, validator=_positive)
     """Sustained ``POST /register`` rate allowed per source IP."""
     register_burst: int = field(default=10, validator=_positive)
@@ -152,9 +153,11 @@ class WebsocketConfig:
     heartbeat_interval: float = field(default=20.0, validator=_positive)
     """Seconds between pings relayd sends to each client."""
     heartbeat_timeout: float = field(default=60.0, validator=_positive)
-    """A client silent (no frame, no pong) this long is closed with 4002."""
+    """A client silent (no frame, no pong) this long is closed with 4002 (dropped, on the REST
+    port)."""
     write_timeout: float = field(default=10.0, validator=_positive)
-    """A client whose socket accepts no data this long is closed with 4008 (slow consumer)."""
+    """A client whose socket accepts no data this long is dropped as a slow consumer (with a
+    4008 close frame if it reads again within 2 s)."""
     token_warning: float = field(default=60.0, validator=_non_negative)
     """Seconds before its access token expires that a client is told to refresh it."""
     max_connections: int = field(default=10_000, validator=_positive)

@@ -20,8 +20,17 @@ from functools import partial
 
 import trio
 from attrs import frozen
+from hypercorn.config import Config as HypercornConfig
 
-from ._asgi import Dispatcher, hypercorn_config, metrics_app, serve_http
+from ._asgi import (
+    Dispatcher,
+    hypercorn_config,
+    install_hypercorn_hooks,
+    metrics_app,
+    serve_http,
+    set_write_timeout,
+    writes_bounded,
+)
 from ._auth import AuthService, load_signing_secret
 from ._config import RELOADABLE, Config, TlsConfig, changed_keys, with_keys
 from ._errors import ConfigError
@@ -122,6 +131,7 @@ class Daemon:
         self._notifier = Notifier(self._environ)
         self.services: Services | None = None
         self.hub: Hub | None = None
+        self._http_config: HypercornConfig | None = None
 
     def stop(self) -> None:
         """Begin a graceful shutdown. Safe to call more than once, or before ``run``."""
@@ -140,6 +150,8 @@ class Daemon:
             self.services.reconfigure(config)
         if self.hub is not None:
             self.hub.core.reconfigure(config.relay, config.websocket)
+        if self._http_config is not None:
+            set_write_timeout(self._http_config, config.websocket.write_timeout)
         log.info(
             "config reloaded",
             extra={"fields": {"applied": ",".join(applied), "needs_restart": ",".join(restart)}},
@@ -205,22 +217,24 @@ class Daemon:
                 metrics=None if config.metrics.listen else metrics,
                 stats=http_stats,
             )
+            # Hooked into hypercorn here, before serving: the app needs to know whether they hold.
+            install_hypercorn_hooks()
             app = Dispatcher(
                 create_app(services),
-                websocket_app=asgi_websocket_app(hub),
+                websocket_app=asgi_websocket_app(hub, bounded_writes=writes_bounded()),
                 websocket_path=config.websocket.path,
             )
             http_shutdown = trio.Event()
             async with trio.open_nursery() as nursery:
                 await nursery.start(hub.run)
                 graceful = config.drain_timeout
+                self._http_config = hypercorn_config(
+                    config,
+                    graceful_timeout=graceful,
+                    slow_consumer_drops=hub.core.metrics.slow_consumer_drops,
+                )
                 http = await nursery.start(
-                    partial(
-                        serve_http,
-                        app,
-                        hypercorn_config(config, graceful_timeout=graceful),
-                        shutdown=http_shutdown,
-                    )
+                    partial(serve_http, app, self._http_config, shutdown=http_shutdown)
                 )
                 metrics_address = None
                 if config.metrics.listen:

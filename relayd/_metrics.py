@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ._relay.core import RelayCore
-from ._relay.stats import Histogram
+from ._relay.stats import SLOW_CONSUMER_DETECTORS, Histogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STORE_COUNT_INTERVAL = 5.0
@@ -160,6 +160,15 @@ class _Collector(Collector):
             if key.startswith(prefix):
                 auth.add_metric(["ws", key.removeprefix(prefix)], count)
         yield auth
+
+        drops = CounterMetricFamily(
+            "relayd_slow_consumer_drops",
+            "WebSocket connections dropped as slow consumers, by where that was found.",
+            labels=["where"],
+        )
+        for where in SLOW_CONSUMER_DETECTORS:
+            drops.add_metric([where], metrics.slow_consumer_drops[where])
+        yield drops
 
         errors = CounterMetricFamily(
             "relayd_error_frames", "Error frames sent to clients, by code.", labels=["code"]

@@ -71,6 +71,7 @@ class Peer:
         return item
 
     coalesces = False
+    bounded_writes = False  # the hub's write timer bounds its writes
 
     async def send_frames(self, texts: Sequence[str]) -> None:
         for text in texts:

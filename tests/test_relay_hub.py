@@ -8,14 +8,17 @@ it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+from relayd._auth import Revocation
 from relayd._errors import TokenError
 from relayd._relay.frames import CloseCode
+from relayd._relay.hub import CLOSE_TIMEOUT
 
 from .hub_support import EPOCH, running_hub
 
@@ -271,17 +274,31 @@ async def test_any_frame_counts_as_a_sign_of_life(autojump_clock: MockClock) -> 
 # --- slow consumers -----------------------------------------------------------------------------
 
 
-async def test_socket_that_stops_draining_is_closed_4008_after_write_timeout(
-    autojump_clock: MockClock,
+def slow_consumer_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str | None, Any]]:
+    """``(connection id, detected_by)`` of each "slow consumer" line logged (at info)."""
+    return [
+        (getattr(r, "relayd_conn", None), getattr(r, "fields", {}).get("detected_by"))
+        for r in caplog.records
+        if r.getMessage() == "slow consumer: closing"
+    ]
+
+
+async def test_socket_that_stops_draining_is_closed_4008_after_write_timeout_and_the_grace(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The write under way at write_timeout gets CLOSE_TIMEOUT more to end (so that the close
+    frame can follow whole frames); one that does not is cut off. Logged and counted once."""
+    caplog.set_level(logging.INFO, logger="relayd.relay")
     async with running_hub({"websocket": {"write_timeout": 10.0}}) as env:
         alice, bob = await env.client("alice"), await env.client("bob")
-        a, b = await env.connect(alice), await env.connect(bob)
+        a, b = await env.connect(alice), await env.connect(bob)  # sockets ws1, ws2
         b.reading = trio.Event()  # bob's socket stops draining
         t0 = trio.current_time()
         await a.say(message(bob.uuid, "m1", acknowledge=True))
         assert await b.wait_closed() == CloseCode.SLOW_CONSUMER
-        assert trio.current_time() == t0 + 10.0
+        assert trio.current_time() == t0 + 10.0 + CLOSE_TIMEOUT
+        assert env.hub.core.metrics.slow_consumer_drops == {"write_timeout": 1}
+        assert slow_consumer_lines(caplog) == [("ws2", "write_timeout")]
         # Alice was never held up: her receipt came at once.
         assert (await a.next())["status"] == "pending_ack"
         # Bob gets the message when he comes back. Its write was cut off midway, so it may
@@ -289,6 +306,65 @@ async def test_socket_that_stops_draining_is_closed_4008_after_write_timeout(
         b2 = await env.connect(bob)
         again = await b2.next_of("message")
         assert (again["msgid"], again["attempt"], again["redelivered"]) == ("m1", 2, True)
+
+
+async def test_a_consumer_that_reads_again_within_the_grace_gets_the_frame_then_4008(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relayd.relay")
+    async with running_hub({"websocket": {"write_timeout": 10.0}}) as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b = await env.connect(alice), await env.connect(bob)
+        b.reading = trio.Event()
+        t0 = trio.current_time()
+        await a.say(message(bob.uuid, "m1", acknowledge=True))
+        await trio.sleep_until(t0 + 11.0)  # past write_timeout, within the grace
+        b.reading.set()
+        got = await b.next()
+        assert (got["type"], got["msgid"]) == ("message", "m1")
+        assert await b.wait_closed() == CloseCode.SLOW_CONSUMER
+        assert trio.current_time() == t0 + 11.0
+        assert env.hub.core.metrics.slow_consumer_drops == {"write_timeout": 1}
+        assert slow_consumer_lines(caplog) == [("ws2", "write_timeout")]
+
+
+async def test_a_transport_that_bounds_its_own_writes_is_left_to_catch_its_slow_consumer(
+    autojump_clock: MockClock,
+) -> None:
+    """The REST port's writes are bounded (and their slow consumers logged, counted and
+    closed) below the hub: its own timer stays off, so that one drop counts once."""
+    async with running_hub({"websocket": {"write_timeout": 10.0}}) as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b = await env.connect(alice), await env.connect(bob)
+        b.bounded_writes = True
+        b.reading = trio.Event()
+        await a.say(message(bob.uuid, "m1"))
+        with trio.move_on_after(1000.0):
+            await b.closed.wait()
+        assert not b.closed.is_set()
+        assert not env.hub.core.metrics.slow_consumer_drops
+        b.vanish()  # as the transport does once it drops the connection
+
+
+async def test_an_outbound_buffer_that_overflows_is_a_slow_consumer_logged_and_counted(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With one frame of outbound buffer and a delivery stuck in it, the error frame of a
+    revocation does not fit: the core closes the socket (4008) and the hub logs and counts
+    it, under the revoked session's id although the revocation came from elsewhere."""
+    caplog.set_level(logging.INFO, logger="relayd.relay")
+    config = {"websocket": {"outbound_buffer": 1, "write_timeout": 600.0}}
+    async with running_hub(config) as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b = await env.connect(alice), await env.connect(bob)
+        b.reading = trio.Event()
+        await a.say(message(bob.uuid, "m1"))
+        # Once m1 waits in it, bob's one-frame buffer is full (and his socket not read).
+        await env.hub._until(lambda: not env.hub.core.readable(2))
+        env.hub.revoked(Revocation(bob.uuid, "revoked"))
+        assert await b.wait_closed() == CloseCode.SLOW_CONSUMER
+        assert env.hub.core.metrics.slow_consumer_drops == {"outbound_buffer": 1}
+        assert slow_consumer_lines(caplog) == [("ws2", "outbound_buffer")]
 
 
 async def test_a_slow_recipient_does_not_hold_up_other_pairs(autojump_clock: MockClock) -> None:

@@ -30,6 +30,8 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001  # relayd is shutting down
+    PROTOCOL_ERROR = 1002  # a frame broke RFC 6455 (reserved bits or opcodes, unmasked, ...)
+    INVALID_PAYLOAD = 1007  # a text frame (or a close reason) that is not UTF-8
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     AUTH_FAILED = 4001  # missing, bad, expired or revoked token; or not authenticated in time

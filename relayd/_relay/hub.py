@@ -13,8 +13,10 @@ The core (``core.py``) decides; the hub does the I/O it asks for. The hub owns:
 
 Backpressure: a recipient's deliveries stop at its in-flight window and its outbound buffer
 (the rest waits in its mailbox, then in the store); a writer stuck longer than
-``write_timeout`` gets its socket closed with 4008; while too many messages await a commit,
-readers stop reading, so senders feel the store's pace through TCP.
+``write_timeout`` gets its socket closed with 4008 (see :meth:`Hub._write`), as does a socket
+whose outbound buffer overflows (the core's call); each such slow consumer is logged and
+counted; while too many messages await a commit, readers stop reading, so senders feel the
+store's pace through TCP.
 
 Shutdown (:meth:`Hub.shutdown`) is layered, with deadlines: every session is told and closed
 with 1001 after its queued frames; sessions still open at the grace deadline are cut; what
@@ -222,6 +224,10 @@ class Hub:
                 handle = self._handles.get(action.sid)
                 if handle is None:
                     continue
+                if action.code == CloseCode.SLOW_CONSUMER:
+                    # The core's only 4008: not even a control frame fits in the socket's
+                    # outbound buffer (the writer's own 4008 does not come this way).
+                    self._slow_consumer(action.sid, "outbound_buffer")
                 if action.abort:
                     self._cut(handle, action.code, action.reason)
                 else:
@@ -248,6 +254,15 @@ class Hub:
         deadline = core.next_deadline()
         if deadline is not None and deadline < self._sleeping_until:
             self._timer_wakeup.set()
+
+    def _slow_consumer(self, sid: int, where: str) -> None:
+        """Log and count a socket dropped as a slow consumer (``where``: what caught it)."""
+        self.core.metrics.slow_consumer_drops[where] += 1
+        token = conn_id.set(f"ws{sid}")  # the line names the socket, whichever task logs it
+        try:
+            log.info("slow consumer: closing", extra={"fields": {"detected_by": where}})
+        finally:
+            conn_id.reset(token)
 
     def _cut(self, handle: _Handle, code: int, reason: str) -> None:
         """End a session now; its close frame is attempted on the way out."""
@@ -345,9 +360,15 @@ class Hub:
         """Store operations waiting for the next group commit."""
         return len(self._store_queue)
 
-    async def serve(self, transport: Transport) -> None:
-        """Serve one accepted socket until it closes. Runs in the listener's task for it."""
-        sid = next(self._sids)
+    def new_sid(self) -> int:
+        """An id for a socket about to be served (see :meth:`serve`)."""
+        return next(self._sids)
+
+    async def serve(self, transport: Transport, *, sid: int | None = None) -> None:
+        """Serve one accepted socket until it closes. Runs in the listener's task for it.
+        ``sid``: the socket's id, if the listener took one from :meth:`new_sid` already."""
+        if sid is None:
+            sid = self.new_sid()
         token = conn_id.set(f"ws{sid}")
         capacity = self.config.websocket.outbound_buffer + 1  # + the close
         outbound, queued = trio.open_memory_channel[_Outgoing | _CloseItem](capacity)
@@ -430,7 +451,6 @@ class Hub:
     async def _writer(
         self, handle: _Handle, queued: trio.MemoryReceiveChannel[_Outgoing | _CloseItem]
     ) -> None:
-        transport = handle.transport
         while True:
             item = await queued.receive()
             items: list[_Outgoing | _CloseItem] = [item]
@@ -447,21 +467,13 @@ class Hub:
             batch: list[_Outgoing] = [o for o in items if isinstance(o, _Outgoing)]
             handle.batch = batch
             handle.sent = 0
-            # A socket that accepts no data for write_timeout is a slow consumer: the
-            # deadline moves on with every frame written.
-            write_timeout = self.core.ws.write_timeout
-            with trio.move_on_after(write_timeout) as timer:
-                try:
-                    for chunk in _chunks(batch, coalesce=transport.coalesces):
-                        handle.chunk = len(chunk)
-                        await transport.send_frames([o.text for o in chunk])
-                        handle.sent += len(chunk)
-                        timer.deadline = trio.current_time() + write_timeout
-                except TransportClosed:
-                    handle.scope.cancel()
-                    return
-            if timer.cancelled_caught:
-                log.info("slow consumer: closing", extra={"fields": {"sid": handle.sid}})
+            try:
+                on_time = await self._write(handle, batch)
+            except TransportClosed:
+                handle.scope.cancel()
+                return
+            if not on_time:
+                self._slow_consumer(handle.sid, "write_timeout")
                 self._cut(handle, CloseCode.SLOW_CONSUMER, "write timeout")
                 return
             handle.batch = []
@@ -473,6 +485,34 @@ class Hub:
             if close is not None:
                 self._cut(handle, close.code, close.reason)
                 return
+
+    async def _write(self, handle: _Handle, batch: list[_Outgoing]) -> bool:
+        """Write ``batch`` chunk by chunk; return False if the socket is a slow consumer.
+
+        A chunk still being written ``write_timeout`` after it began (the deadline moves on
+        with every chunk) makes the socket a slow consumer. It then gets ``CLOSE_TIMEOUT``
+        more to end, so that the 4008 close frame can follow whole frames; a chunk that does
+        not end by then is cut off, and the transport drops the connection instead of writing
+        a close frame into the middle of a frame. A transport that bounds its own writes
+        (``bounded_writes``) catches slow consumers itself, and this never returns False.
+
+        Raises:
+            TransportClosed: the socket is gone.
+        """
+        transport = handle.transport
+        limit = math.inf if transport.bounded_writes else self.core.ws.write_timeout
+        for chunk in _chunks(batch, coalesce=transport.coalesces):
+            handle.chunk = len(chunk)
+            due = trio.current_time() + limit
+            with trio.move_on_at(due + CLOSE_TIMEOUT) as grace:
+                await transport.send_frames([o.text for o in chunk])
+            if grace.cancelled_caught:
+                return False
+            handle.sent += len(chunk)
+            handle.chunk = 0
+            if trio.current_time() > due:
+                return False
+        return True
 
     async def _ping(self, handle: _Handle) -> None:
         try:

@@ -6,14 +6,19 @@ and hands the socket to :meth:`Hub.serve`, which authenticates it before reading
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from typing import Any
 
 import trio
 import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from relayd._config import WebsocketConfig, parse_address
+from relayd._log import conn_id
 
 from .hub import CLOSE_TIMEOUT, Hub
 from .transport import (
@@ -27,8 +32,9 @@ from .transport import (
 log = logging.getLogger("relayd.ws")
 
 
-def asgi_websocket_app(hub: Hub) -> Any:
-    """The ASGI app for websocket scopes on the main port."""
+def asgi_websocket_app(hub: Hub, *, bounded_writes: bool = False) -> Any:
+    """The ASGI app for websocket scopes on the main port. ``bounded_writes``: hypercorn's
+    writes are bounded by write_timeout, and its slow consumers handled, by relayd's hooks."""
 
     async def websocket_app(scope: Any, receive: Any, send: Any) -> None:
         event = await receive()
@@ -38,11 +44,109 @@ def asgi_websocket_app(hub: Hub) -> Any:
         handshake = read_handshake(
             scope["query_string"].decode("latin-1"), headers, scope.get("subprotocols") or []
         )
-        await send({"type": "websocket.accept", "subprotocol": handshake.subprotocol})
-        remote = (scope.get("client") or ("-", 0))[0]
-        await hub.serve(AsgiTransport(receive, send, remote=remote, token=handshake.token))
+        sid = hub.new_sid()
+        # Before the accept: the pinger hypercorn starts with it logs under this id too.
+        token = conn_id.set(f"ws{sid}")
+        try:
+            await send({"type": "websocket.accept", "subprotocol": handshake.subprotocol})
+            remote = (scope.get("client") or ("-", 0))[0]
+            transport = AsgiTransport(
+                receive,
+                send,
+                remote=remote,
+                token=handshake.token,
+                bounded_writes=bounded_writes,
+            )
+            await hub.serve(transport, sid=sid)
+        finally:
+            conn_id.reset(token)
 
     return websocket_app
+
+
+class _AnsweringConnection(trio_websocket.WebSocketConnection):
+    """trio-websocket's connection, answering a frame that breaks RFC 6455 with the close frame
+    the RFC asks for (1002, or 1007 for text that is not UTF-8) before the TCP close.
+
+    wsproto reports such a frame as a ``CloseConnection`` event with its code while the
+    connection is still OPEN (a close frame from the peer moves it to REMOTE_CLOSING first);
+    trio-websocket only answers the latter, and drops the former without a word.
+    """
+
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        if self._wsproto.state is ConnectionState.OPEN:
+            with (
+                trio.move_on_after(CLOSE_TIMEOUT),
+                contextlib.suppress(trio_websocket.ConnectionClosed),
+            ):
+                await self._send(CloseConnection(event.code, event.reason))
+        await super()._handle_close_connection_event(event)
+
+
+class _AnsweringServer(trio_websocket.WebSocketServer):
+    """trio-websocket's server, serving each socket with an :class:`_AnsweringConnection`."""
+
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        # trio-websocket 0.12's, but for the connection's class.
+        async with trio.open_nursery() as nursery:
+            connection = _AnsweringConnection(
+                stream,
+                WSConnection(ConnectionType.SERVER),
+                message_queue_size=self._message_queue_size,
+                max_message_size=self._max_message_size,
+                receive_buffer_size=self._receive_buffer_size,
+            )
+            nursery.start_soon(connection._reader_task)
+            with trio.move_on_after(self._connect_timeout) as connect_scope:
+                request = await connection._get_request()
+            if connect_scope.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                await stream.aclose()
+                return
+            try:
+                await self._handler(request)
+            finally:
+                with trio.move_on_after(self._disconnect_timeout):
+                    await connection.aclose()
+
+
+# What the two classes above need of trio-websocket's internals, checked at start.
+_SERVER_INTERNALS = (
+    "_handle_connection",
+    "_handler",
+    "_message_queue_size",
+    "_max_message_size",
+    "_receive_buffer_size",
+    "_connect_timeout",
+    "_disconnect_timeout",
+)
+_CONNECTION_INTERNALS = ("_handle_close_connection_event", "_reader_task", "_get_request", "_send")
+
+
+def _server_class(probe: trio_websocket.WebSocketServer) -> type[trio_websocket.WebSocketServer]:
+    """:class:`_AnsweringServer` if this trio-websocket has what it builds on (``probe`` is a
+    server of trio-websocket's own class), else trio-websocket's, with a warning."""
+    if all(hasattr(probe, name) for name in _SERVER_INTERNALS) and all(
+        hasattr(trio_websocket.WebSocketConnection, name) for name in _CONNECTION_INTERNALS
+    ):
+        return _AnsweringServer
+    log.warning(
+        "cannot hook trio-websocket's server: on the dedicated listener, frames that break "
+        "the WebSocket protocol get no close frame"
+    )
+    return trio_websocket.WebSocketServer
+
+
+async def _open_listeners(
+    host: str, port: int, ssl_context: ssl.SSLContext | None, backlog: int
+) -> list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]:
+    """The listening sockets, as ``trio_websocket.serve_websocket`` opens them, but with
+    relayd's backlog rather than Trio's default."""
+    if ssl_context is None:
+        return await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    return await trio.open_ssl_over_tcp_listeners(
+        port, ssl_context, host=host, https_compatible=True, backlog=backlog
+    )
 
 
 async def serve_dedicated(
@@ -87,23 +191,15 @@ async def serve_dedicated(
         )
         await hub.serve(transport)
 
-    # trio_websocket.serve_websocket opens its listeners with Trio's default backlog; these
-    # are the same listeners, with relayd's.
-    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
-    if ssl_context is None:
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
-    else:
-        listeners = await trio.open_ssl_over_tcp_listeners(
-            port, ssl_context, host=host, https_compatible=True, backlog=backlog
-        )
-    server = trio_websocket.WebSocketServer(
-        handler,
-        listeners,
-        handler_nursery=hub.nursery,
-        max_message_size=config.max_frame_bytes,
-        connect_timeout=config.auth_timeout,
-        disconnect_timeout=CLOSE_TIMEOUT,
-    )
+    listeners = await _open_listeners(host, port, ssl_context, backlog)
+    settings: dict[str, Any] = {
+        "handler_nursery": hub.nursery,
+        "max_message_size": config.max_frame_bytes,
+        "connect_timeout": config.auth_timeout,
+        "disconnect_timeout": CLOSE_TIMEOUT,
+    }
+    server_class = _server_class(trio_websocket.WebSocketServer(handler, listeners, **settings))
+    server = server_class(handler, listeners, **settings)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         task_status.started((host, server.port))

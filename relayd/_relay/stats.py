@@ -53,11 +53,19 @@ class Histogram:
         return out
 
 
+# Where a slow consumer can be caught: the hub's writer (a write past websocket.write_timeout),
+# the core (not even a control frame fits in the socket's outbound buffer), or relayd's
+# hypercorn TCPServer (a socket write on the REST port past write_timeout).
+SLOW_CONSUMER_DETECTORS = ("write_timeout", "outbound_buffer", "rest_port_write")
+
+
 class RelayStats:
     """What the relay counts. ``events`` keys are documented in docs/operations.md."""
 
     def __init__(self) -> None:
         self.events: Counter[str] = Counter()
+        # Sockets dropped as slow consumers, by where that was found (SLOW_CONSUMER_DETECTORS).
+        self.slow_consumer_drops: Counter[str] = Counter()
         self.frames_in = 0
         self.frames_out = 0
         self.delivery_latency = Histogram()  # acceptance to the first write to the recipient

@@ -6,8 +6,8 @@ Two exist:
 * :class:`AsgiTransport` — ``/ws`` on the main HTTP port, straight from hypercorn's ASGI
   websocket scope (no Quart machinery in between). ASGI can neither send pings nor report
   pongs: hypercorn sends the protocol pings (every ``heartbeat_interval``) and drops a peer
-  silent past its read timeout (at least ``heartbeat_timeout``); relayd's own heartbeat
-  stays off.
+  silent for ``heartbeat_timeout`` (relayd's ``TCPServer`` in ``relayd/_asgi.py`` sets that
+  read timeout); relayd's own heartbeat stays off.
 * :class:`TrioWebsocketTransport` — the optional dedicated listener (``[websocket] listen``),
   on trio-websocket's server. Heartbeats are WebSocket pings; their pongs count as liveness.
 
@@ -51,6 +51,9 @@ class Transport(Protocol):
     token: str | None
     pong_observable: bool
     coalesces: bool  # send_frames writes several frames at once
+    # Every write is bounded by write_timeout below the transport, which also logs, counts and
+    # closes a slow consumer: the hub's own write timer stays off.
+    bounded_writes: bool
 
     async def receive(self) -> str | bytes:
         """The next frame. Raises :class:`TransportClosed` when the socket is gone."""
@@ -78,7 +81,8 @@ class Transport(Protocol):
         ...
 
     async def close(self, code: int, reason: str) -> None:
-        """Send a close frame (best effort: the peer may be gone)."""
+        """Send a close frame (best effort: the peer may be gone). If a write was cut off,
+        and may have left a frame half-written, drop the connection without one instead."""
         ...
 
 
@@ -122,14 +126,27 @@ def read_handshake(
 
 
 class AsgiTransport:
+    """A websocket scope of hypercorn's. Its writes are shielded from cancellation: a frame is
+    never cut off, and with relayd's hypercorn hooks (``bounded_writes``, see
+    ``relayd/_asgi.py``) each is bounded by write_timeout, its slow consumer handled there."""
+
     pong_observable = False
     coalesces = False  # ASGI sends one frame per message
 
-    def __init__(self, receive: Any, send: Any, *, remote: str, token: str | None) -> None:
+    def __init__(
+        self,
+        receive: Any,
+        send: Any,
+        *,
+        remote: str,
+        token: str | None,
+        bounded_writes: bool = False,
+    ) -> None:
         self._receive = receive
         self._send = send
         self.remote = remote
         self.token = token
+        self.bounded_writes = bounded_writes
         self._closed = False
 
     async def receive(self) -> str | bytes:
@@ -145,8 +162,14 @@ class AsgiTransport:
     async def send(self, text: str) -> None:
         if self._closed:
             raise TransportClosed(None, "disconnected")
-        await self._send({"type": "websocket.send", "text": text})
-        # hypercorn drops a send silently once the peer has gone; the reader sees that first.
+        try:
+            await self._send({"type": "websocket.send", "text": text})
+        except OSError:
+            # relayd's hypercorn hook: the connection was gone, or dropped during the write
+            # (a slow consumer). Without the hook, hypercorn drops such a send silently and
+            # the reader is the first to know.
+            self._closed = True
+            raise TransportClosed(None, "disconnected") from None
         if self._closed:
             raise TransportClosed(None, "disconnected")
 
@@ -186,10 +209,16 @@ class TrioWebsocketTransport:
     wsproto state and written with one ``send_all``: one system call and one trip through
     Trio's socket machinery for a whole batch, where ``send_message`` takes one per frame.
     That uses trio-websocket's private attributes (checked at start: ``coalesces`` is false
-    if they are not there, and frames then go one by one)."""
+    if they are not there, and frames then go one by one).
+
+    A batch's write cancelled midway (the hub's write timer, or a session cut) may leave a
+    frame half-written: a close frame written after it would land inside that frame, garbage
+    to the client. :meth:`close` then drops the connection instead (the client sees 1006).
+    (trio-websocket's own writes, of single frames and pings, are small and not tracked.)"""
 
     pong_observable = True
     coalesces = True
+    bounded_writes = False  # the hub's write timer bounds them
 
     def __init__(
         self, connection: trio_websocket.WebSocketConnection, *, remote: str, token: str | None
@@ -198,6 +227,7 @@ class TrioWebsocketTransport:
         self.coalesces = all(hasattr(connection, name) for name in _TRIO_WEBSOCKET_INTERNALS)
         self.remote = remote
         self.token = token
+        self._cut_off = False  # a write was cancelled before it ended
 
     async def receive(self) -> str | bytes:
         try:
@@ -222,7 +252,9 @@ class TrioWebsocketTransport:
             raise TransportClosed(None, str(exc)) from None
         async with ws._stream_lock:
             try:
+                self._cut_off = True
                 await ws._stream.send_all(data)
+                self._cut_off = False
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await ws._abort_web_socket()
                 raise TransportClosed(None, "connection lost") from None
@@ -240,6 +272,11 @@ class TrioWebsocketTransport:
             raise TransportClosed(None, str(exc)) from None
 
     async def close(self, code: int, reason: str) -> None:
+        if self._cut_off:
+            # Closing the stream makes trio-websocket's own closing (once the handler
+            # returns) find the connection gone, instead of writing a close frame.
+            await self._ws._stream.aclose()
+            return
         await self._ws.aclose(code, reason)
 
 
