@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import trio
 import trio_websocket
-import wsproto.events
 
 from relayd._relay.frames import CloseCode
 
+from .raw_ws import RawWebSocket
 from .support import IO_DEADLINE, SEED_FIELDS, RunningRelayd, make_config, start_relayd
-from .ws_support import RawSocket, WsClient, ws_connect
+from .ws_support import WsClient, ws_connect
 
 TRANSPORTS = ["main", "dedicated"]
 
@@ -243,15 +243,14 @@ async def test_a_thousand_silent_sockets_do_not_lock_out_a_client_with_a_token(
     alice, bob = [await relayd.http.register(name) for name in ("alice", "bob")]
     host, port = relayd.addresses.websocket or relayd.addresses.http
     per_ip = relayd.daemon.config.websocket.max_pending_auth_per_ip
-    silent: list[RawSocket] = []
+    silent: list[RawWebSocket] = []
     try:
         for _ in range(1000):
-            silent.append(await RawSocket.open(host, port))
+            silent.append(await RawWebSocket.connect((host, port), "/ws"))
         # The socket opened per_ip after one is what pushed it out: once it has its 4029,
         # relayd has seen all 1000.
         pushed_out_last = silent[-per_ip - 1]
-        assert isinstance(await pushed_out_last.event(), wsproto.events.AcceptConnection)
-        assert isinstance(await pushed_out_last.event(), wsproto.events.TextMessage)
+        assert (await pushed_out_last.next_json())["error"]["code"] == "too_many_connections"
         assert await pushed_out_last.close_code() == CloseCode.TRY_LATER
         async with (
             ws_connect(relayd, alice["access_token"]) as a,
@@ -264,7 +263,7 @@ async def test_a_thousand_silent_sockets_do_not_lock_out_a_client_with_a_token(
         assert await silent[0].close_code() == CloseCode.TRY_LATER
     finally:
         for raw in silent:
-            await raw.stream.aclose()
+            await raw.aclose()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -9,8 +9,6 @@ from typing import Any
 
 import trio
 import trio_websocket
-import wsproto
-import wsproto.events
 
 from .support import IO_DEADLINE, RunningRelayd
 
@@ -110,41 +108,3 @@ async def connect_url(
     # server started, and leaks its socket (a ResourceWarning) when its nursery is cancelled
     # first. Closing an already closed stream is a no-op.
     await connection._stream.aclose()
-
-
-class RawSocket:
-    """A WebSocket client on a bare TCP stream, driven by wsproto: it reads only when asked,
-    never answers a close or a ping on its own, and costs one socket and no task."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-
-    @classmethod
-    async def open(cls, host: str, port: int, path: str = "/ws") -> RawSocket:
-        """Connect and send the upgrade request (the answer is read with :meth:`event`)."""
-        with trio.fail_after(IO_DEADLINE):
-            stream = await trio.open_tcp_stream(host, port)
-            raw = cls(stream)
-            await stream.send_all(raw.ws.send(wsproto.events.Request(host=host, target=path)))
-        return raw
-
-    async def event(self) -> wsproto.events.Event:
-        """The next event relayd's bytes make: the handshake's answer, a frame, the close.
-        Pings (hypercorn sends them on the main port) are skipped, unanswered."""
-        with trio.fail_after(IO_DEADLINE):
-            while True:
-                for event in self.ws.events():
-                    if not isinstance(event, wsproto.events.Ping):
-                        return event
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    raise AssertionError("relayd dropped the connection without a close frame")
-                self.ws.receive_data(data)
-
-    async def close_code(self) -> int:
-        """Read until relayd's close frame; return its code."""
-        while True:
-            event = await self.event()
-            if isinstance(event, wsproto.events.CloseConnection):
-                return event.code
