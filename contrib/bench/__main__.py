@@ -83,6 +83,12 @@ SCENARIOS: dict[str, tuple[type[Any], dict[str, Any], Runner, str]] = {
         lambda a: S.drain(_build(S.DrainParams, a)),
         "6. drain: SIGTERM under load, restart, zero loss",
     ),
+    "openloop": (
+        S.OpenLoopParams,
+        {},
+        lambda a: S.openloop(_build(S.OpenLoopParams, a)),
+        "8. open-loop latency: a fixed offered rate, latency from when each message was due",
+    ),
     "hoard": (
         S.HoardParams,
         {},

@@ -204,6 +204,72 @@ async def direct(p: RelayParams, *, name: str = "direct") -> dict[str, Any]:
     }
 
 
+# --- open loop --------------------------------------------------------------------------------
+
+
+@dataclass
+class OpenLoopParams:
+    pairs: int = 5
+    ack: bool = True
+    store: str = "file"
+    transport: str = "dedicated"
+    capacity: float = 0.0  # msgs/s; 0: measured first, closed loop (25 pairs, W = 10)
+    loads: str = "0.2,0.5"  # fractions of the capacity offered
+    seconds: float = 10.0
+    warmup: float = 2.0
+    content_size: int = 256
+
+
+async def openloop(p: OpenLoopParams) -> dict[str, Any]:
+    """A fixed offered rate (fractions of the capacity), spread over N pairs, each message
+    stamped with the time it was due: latency percentiles that show queueing, which a closed
+    loop (the sender waits for its receipts) hides."""
+    capacity = p.capacity
+    if capacity <= 0:
+        closed = await direct(
+            RelayParams(
+                pairs=25,
+                window=10,
+                ack=p.ack,
+                store=p.store,
+                transport=p.transport,
+                content_size=p.content_size,
+            )
+        )
+        capacity = float(closed["msgs_per_s"])
+    settings = relay_settings(store=p.store, transport=p.transport)
+    runs: list[dict[str, Any]] = []
+    clean = True
+    for load in (float(x) for x in p.loads.split(",")):
+        rate = load * capacity / p.pairs
+        session = await relay_session(
+            settings,
+            [{"rate": rate} for _ in range(p.pairs)],
+            {"window": 1, "ack": p.ack, "content_size": p.content_size},
+            procs=1,
+            offsets=[p.warmup, p.warmup + p.seconds],
+            stop_offset=p.warmup + p.seconds,
+        )
+        integrity = _integrity(session.merged)
+        clean = clean and _clean(integrity) and "died" not in session.log
+        runs.append(
+            {
+                "load": load,
+                "offered_msgs_per_s": round(load * capacity, 1),
+                **_relay_metrics(session, "main", 0, 1, p.seconds),
+                "integrity_ok": _clean(integrity),
+            }
+        )
+    return {
+        "scenario": "openloop",
+        "label": f"openloop {'ack' if p.ack else 'noack'} {p.store} {p.transport} N={p.pairs}",
+        "params": asdict(p),
+        "capacity_msgs_per_s": capacity,
+        "runs": runs,
+        "ok": clean,
+    }
+
+
 # --- the ceiling -----------------------------------------------------------------------------
 
 

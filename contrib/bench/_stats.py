@@ -22,6 +22,7 @@ def latency_summary(latencies_us: Iterable[int]) -> dict[str, float]:
         "p50_ms": round(percentile(values, 50) / 1000, 3),
         "p90_ms": round(percentile(values, 90) / 1000, 3),
         "p99_ms": round(percentile(values, 99) / 1000, 3),
+        "p999_ms": round(percentile(values, 99.9) / 1000, 3),
         "max_ms": round(values[-1] / 1000, 3) if values else 0.0,
         "samples": len(values),
     }

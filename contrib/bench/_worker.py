@@ -413,12 +413,14 @@ class Pair:
         self.started_ns = time.monotonic_ns()
         self.pump()
 
-    def _send_next(self, now_ns: int) -> bool:
+    def _send_next(self, stamp_ns: int) -> bool:
+        """Send the next message, stamped with ``stamp_ns``: when it went out (closed loop) or
+        was due (open loop). Latencies are measured from the stamp."""
         seq = self.next_seq
-        if not self.sender.send(self.frame(seq, now_ns)):
+        if not self.sender.send(self.frame(seq, stamp_ns)):
             return False
         self.next_seq += 1
-        self.sent[seq] = now_ns
+        self.sent[seq] = stamp_ns
         self.outstanding += 1
         return True
 
@@ -435,10 +437,12 @@ class Pair:
                 if not self._send_next(now_ns):
                     return
             return
-        # Open loop: everything due by now, then a timer for the next one.
+        # Open loop: everything due by now, then a timer for the next one. A message carries
+        # the time it was due, not the time it went out: a generator (or a relay) that falls
+        # behind shows in the latencies instead of hiding in a lower rate.
         interval_ns = 1e9 / self.rate
-        while self.started_ns + (self.next_seq - 1) * interval_ns <= now_ns:
-            if not self._send_next(now_ns):
+        while (due_ns := self.started_ns + int((self.next_seq - 1) * interval_ns)) <= now_ns:
+            if not self._send_next(due_ns):
                 return
         if self.timer is None or self.timer.cancelled():
             delay = (self.started_ns + (self.next_seq - 1) * interval_ns - now_ns) / 1e9
