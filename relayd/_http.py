@@ -9,7 +9,6 @@ services it is built with.
 from __future__ import annotations
 
 import enum
-import json
 import logging
 from typing import Any, Protocol
 
@@ -20,12 +19,18 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from ._api import LoginRequest, RefreshRequest, RegisterRequest, RevokeRequest, parse_body
+from ._api import (
+    LoginRequest,
+    RefreshRequest,
+    RegisterRequest,
+    RevokeRequest,
+    parse_body,
+    parse_json_object,
+)
 from ._auth import AuthService
 from ._config import Config
 from ._errors import (
     ApiError,
-    BadRequest,
     Forbidden,
     RateLimited,
     Unauthorized,
@@ -111,13 +116,7 @@ async def _json_body() -> dict[str, Any]:
             details={"content_type": request.mimetype or None},
         )
     raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the body is not valid JSON", code="invalid_json") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("the body must be a JSON object", code="invalid_json")
-    return doc
+    return parse_json_object(raw)
 
 
 def _bearer_token() -> str:

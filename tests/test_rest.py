@@ -15,6 +15,7 @@ keeps that one bug out of every other test; the tests named ``..._on_the_wall_cl
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid as uuid_module
 from collections.abc import Callable, Mapping, Sequence
@@ -644,6 +645,83 @@ async def test_malformed_json_is_400(relayd: RunningRelayd, body: bytes) -> None
         "/register", body=body, headers={"Content-Type": "application/json"}
     )
     assert_error(response, 400, "invalid_json")
+
+
+# Nested past the parser's recursion limit (the daemon's stack adds to the depth), and each
+# within the default max_body_bytes.
+TOO_DEEP = [
+    b"[" * 984 + b"]" * 984,
+    b"[" * 30_000 + b"]" * 30_000,
+    b'{"name": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+    b'{"a": ' * 5_000 + b"1" + b"}" * 5_000,
+]
+POST_ROUTES = ["/register", "/auth/token", "/auth/refresh", "/auth/revoke"]
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+async def test_deeply_nested_json_is_400(
+    relayd: RunningRelayd, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    for body in TOO_DEEP:
+        response = await relayd.http.post(
+            path, body=body, headers={"Content-Type": "application/json"}
+        )
+        assert_error(response, 400, "invalid_json")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/register", "name"),
+        ("/register", "uuid"),
+        ("/auth/token", "uuid"),
+        ("/auth/token", "client_secret"),
+        ("/auth/refresh", "refresh_token"),
+        ("/auth/revoke", "refresh_token"),
+        ("/auth/revoke", "access_token"),
+    ],
+)
+async def test_a_lone_surrogate_is_422_naming_the_field(
+    relayd: RunningRelayd, path: str, field: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``"\\ud800"`` is valid JSON text but no Unicode string: refused before any service
+    (the store, the token codec) would fail to encode it."""
+    for value in ('"\\ud800"', '"a\\udfffb"', '"\\udc00\\ud800"', '["\\ud800"]'):
+        body = f'{{"{field}": {value}}}'.encode()
+        response = await relayd.http.post(
+            path, body=body, headers={"Content-Type": "application/json"}
+        )
+        error = assert_error(response, 422, "validation_error")
+        assert error["details"] == {"field": field}, body
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"\\ud800": "alice", "name": "alice"}',  # a key
+        b'{"name": "\xed\xa0\x80"}',  # a surrogate encoded in the bytes (CESU-8)
+        b'{"name": "alice", "pad": NaN}',
+        b'{"name": "alice", "pad": -Infinity}',
+    ],
+)
+async def test_json_that_is_no_unicode_or_no_json_is_400(
+    relayd: RunningRelayd, body: bytes
+) -> None:
+    response = await relayd.http.post(
+        "/register", body=body, headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, 400, "invalid_json")
+
+
+async def test_escaped_surrogate_pairs_are_text(relayd: RunningRelayd) -> None:
+    """The legitimate neighbours of a lone surrogate: a pair escaped, and astral text raw."""
+    body = '{"name": "\\ud83d\\ude00 \U0001f600"}'.encode()
+    response = await relayd.http.post(
+        "/register", body=body, headers={"Content-Type": "application/json"}
+    )
+    assert assert_ok(response)["name"] == "\U0001f600 \U0001f600"
 
 
 @pytest.mark.parametrize("doc", [[], [{"name": "alice"}], "alice", 42, None, True])
