@@ -103,6 +103,11 @@ class HttpConfig:
     """Sustained ``/auth/*`` request rate allowed per source IP."""
     auth_burst: int = field(default=20, validator=_positive)
     """``/auth/*`` requests a source IP may make at once before the rate applies."""
+    api_per_minute: float = field(default=300.0, validator=_positive)
+    """Sustained rate of requests with an access token (``/clients``, ``/admin/*``...) allowed
+    per client (the token's ``sub``)."""
+    api_burst: int = field(default=60, validator=_positive)
+    """Requests with an access token a client may make at once before the rate applies."""
 
 
 @frozen(kw_only=True)
@@ -426,6 +431,8 @@ RELOADABLE = frozenset(
         "http.register_burst",
         "http.auth_per_minute",
         "http.auth_burst",
+        "http.api_per_minute",
+        "http.api_burst",
         "websocket.max_connections",
         "websocket.max_connections_per_ip",
         "websocket.max_pending_auth",

@@ -72,6 +72,7 @@ class Services:
     readiness: Readiness = Readiness.STARTING
     register_limiter: RateLimiter = field(init=False)
     auth_limiter: RateLimiter = field(init=False)
+    api_limiter: RateLimiter = field(init=False)  # keyed by the token's sub
 
     def __attrs_post_init__(self) -> None:
         http = self.config.http
@@ -79,6 +80,7 @@ class Services:
             rate=http.register_per_minute / 60, burst=http.register_burst
         )
         self.auth_limiter = RateLimiter(rate=http.auth_per_minute / 60, burst=http.auth_burst)
+        self.api_limiter = RateLimiter(rate=http.api_per_minute / 60, burst=http.api_burst)
 
     def reconfigure(self, config: Config) -> None:
         """New settings (a reload): the routes read ``config`` from their next request on."""
@@ -88,6 +90,7 @@ class Services:
             rate=http.register_per_minute / 60, burst=http.register_burst
         )
         self.auth_limiter.reconfigure(rate=http.auth_per_minute / 60, burst=http.auth_burst)
+        self.api_limiter.reconfigure(rate=http.api_per_minute / 60, burst=http.api_burst)
 
 
 def _error_response(error: ApiError) -> Response:
@@ -151,7 +154,17 @@ def create_app(services: Services) -> QuartTrio:
     auth = services.auth
 
     async def authenticated() -> Claims:
-        return await auth.authenticate(_bearer_token())
+        """The request's token, checked, and one request taken from its client's allowance.
+
+        Raises:
+            Unauthorized: no token, or a token refused.
+            RateLimited: the client (``sub``) is over ``http.api_per_minute``.
+        """
+        claims = await auth.authenticate(_bearer_token())
+        wait = services.api_limiter.acquire(claims.sub, trio.current_time())
+        if wait > 0:
+            raise RateLimited(wait)
+        return claims
 
     async def admin() -> Claims:
         claims = await authenticated()
@@ -235,6 +248,8 @@ def create_app(services: Services) -> QuartTrio:
         if services.config.auth.registration == "closed":
             try:
                 await admin()
+            except RateLimited:
+                raise
             except ApiError as exc:
                 raise Forbidden(
                     "registration is closed: only an admin token may register clients",

@@ -853,6 +853,44 @@ async def test_auth_is_rate_limited_apart_from_register(
     await http.register("bob")
 
 
+async def test_authenticated_routes_are_rate_limited_per_client(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    overrides = {"http": {"api_burst": 3, "api_per_minute": 1}}
+    relayd = await start_daemon(nursery, tmp_path, overrides)
+    http = relayd.http
+    alice = await http.register("alice")
+    bob = await http.register("bob")
+    for _ in range(3):
+        await assert_token_works(http, alice["access_token"])
+    seconds = assert_rate_limited(await http.get("/clients", token=alice["access_token"]))
+    assert 50 <= seconds <= 60
+    # One bucket for every route that takes a token, and for every token of the client.
+    one = f"/clients/{bob['uuid']}"
+    assert_rate_limited(await http.get(one, token=alice["access_token"]))
+    fresh = await login(http, alice["uuid"], alice["client_secret"])
+    assert_rate_limited(await http.get("/clients", token=fresh["access_token"]))
+    # Another client, from the same address, has its own bucket.
+    await assert_token_works(http, bob["access_token"])
+    assert_ok(await http.get(one, token=bob["access_token"]))
+
+
+async def test_the_api_limit_holds_for_admin_routes_and_closed_registration(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    overrides = {
+        "http": {"api_burst": 2, "api_per_minute": 1},
+        "auth": {"registration": "closed"},
+    }
+    relayd = await start_daemon(nursery, tmp_path, overrides)
+    admin = admin_token(relayd)
+    assert_ok(await relayd.http.get("/admin/clients", token=admin))
+    assert_ok(await relayd.http.post("/register", {"name": "alice"}, token=admin))
+    # Over the limit, an admin registering is told to wait, not that registration is closed.
+    assert_rate_limited(await relayd.http.post("/register", {"name": "bob"}, token=admin))
+    assert_rate_limited(await relayd.http.get("/admin/clients", token=admin))
+
+
 # --- the iat rounding bug -----------------------------------------------------------------------
 
 
