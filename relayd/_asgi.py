@@ -38,6 +38,7 @@ from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
 from ._config import Config, parse_address
+from ._hypercorn import RelaydConfig, missing_hooks
 from ._log import conn_id
 
 Scope = MutableMapping[str, Any]
@@ -194,7 +195,7 @@ def hypercorn_config(
     """Hypercorn's settings for the HTTP port (or, with ``bind``, another listener)."""
     http = config.http
     ws = config.websocket
-    hypercorn = HypercornConfig()
+    hypercorn = RelaydConfig()
     hypercorn.bind = [bind or http.listen]
     hypercorn.keep_alive_timeout = http.keep_alive_timeout
     hypercorn.graceful_timeout = graceful_timeout
@@ -225,7 +226,8 @@ async def serve_http(
 
     Reports the bound ``(host, port)`` through ``task_status`` once listening.
     """
-
+    for missing in missing_hooks():
+        log.warning("hypercorn changed (%s): some answers may lack relayd's headers", missing)
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             partial(serve, app, config, shutdown_trigger=shutdown.wait)

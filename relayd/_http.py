@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import trio
 from attrs import define, field
 from quart import Response, jsonify, request
+from quart_cors import cors
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -108,6 +110,34 @@ _HTTP_CODES = {
 }
 
 
+class _CorsOrigins:
+    """``http.cors_origins`` as quart-cors reads it: afresh on every request, so that a reload
+    applies at once."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._services.config.http.cors_origins)
+
+
+def _enable_cors(app: QuartTrio, services: Services) -> None:
+    """Answer preflights and add ``Access-Control-*`` headers for ``http.cors_origins``.
+
+    Tokens travel in ``Authorization``, never in cookies: credentials stay off, so a page
+    reads only what it asked for with a token it was given.
+    """
+    app.config["QUART_CORS_ALLOW_ORIGIN"] = _CorsOrigins(services)
+    cors(
+        app,
+        allow_credentials=False,
+        allow_headers=["Authorization", "Content-Type"],
+        allow_methods=["GET", "HEAD", "POST", "DELETE"],
+        expose_headers=["Retry-After", "WWW-Authenticate"],
+        max_age=600,
+    )
+
+
 def _source() -> str | None:
     return request.remote_addr
 
@@ -151,6 +181,7 @@ def create_app(services: Services) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = services.config.http.max_body_bytes
     app.config["BODY_TIMEOUT"] = services.config.http.request_timeout
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    _enable_cors(app, services)
     auth = services.auth
 
     async def authenticated() -> Claims:
@@ -206,6 +237,8 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.before_request
     async def rate_limit() -> None:
+        if request.method == "OPTIONS":
+            return  # a preflight: no credentials, no work
         if request.path == "/register":
             limiter = services.register_limiter
         elif request.path.startswith("/auth/"):
