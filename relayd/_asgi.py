@@ -38,7 +38,7 @@ from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
 from ._config import Config, parse_address
-from ._hypercorn import RelaydConfig, missing_hooks
+from ._hypercorn import ProtocolHooks, RelaydConfig, missing_hooks
 from ._log import conn_id
 
 Scope = MutableMapping[str, Any]
@@ -54,8 +54,9 @@ log = logging.getLogger("relayd.http")
 FINISH_TIMEOUT = 10.0
 
 
-class _BoundedWriteTCPServer(TCPServer):
-    """hypercorn's ``TCPServer``, with its shielded write bounded (see the module docstring)."""
+class _BoundedWriteTCPServer(ProtocolHooks, TCPServer):
+    """hypercorn's ``TCPServer``, with its shielded write bounded (see the module docstring),
+    and relayd's HTTP/1.1 hooks (``relayd/_hypercorn.py``)."""
 
     async def protocol_send(self, event: Event) -> None:
         timeout: float | None = getattr(self.config, "relayd_write_timeout", None)
@@ -227,7 +228,7 @@ async def serve_http(
     Reports the bound ``(host, port)`` through ``task_status`` once listening.
     """
     for missing in missing_hooks():
-        log.warning("hypercorn changed (%s): some answers may lack relayd's headers", missing)
+        log.warning("hypercorn changed (%s): relayd's HTTP/1.1 fixes are off", missing)
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             partial(serve, app, config, shutdown_trigger=shutdown.wait)
