@@ -210,6 +210,16 @@ def create_app(services: Services) -> QuartTrio:
         return _error_response(error)
 
     @app.after_request
+    async def preflight_has_no_content(response: Response) -> Response:
+        # Quart answers OPTIONS with an empty text/html 200; every body relayd sends is JSON,
+        # so an answer without one says 204 and names no type (nor, RFC 9110, a length).
+        if request.method == "OPTIONS" and response.status_code == 200:
+            response.status_code = 204
+            del response.headers["Content-Type"]
+            del response.headers["Content-Length"]
+        return response
+
+    @app.after_request
     async def count(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         services.stats.requests[(route, request.method, response.status_code)] += 1

@@ -1,8 +1,9 @@
 """relayd's HTTP/1.1 on hypercorn: what hypercorn itself answers, and how it ends connections.
 
-Three defects of hypercorn's own behaviour are mended here, each in a subclass relayd passes to
-hypercorn (never a patch of hypercorn's modules); :func:`missing_hooks` checks at start that
-hypercorn still calls them, and the daemon logs a warning if not.
+Three defects of hypercorn's own behaviour are mended here, in subclasses: an ``H11Protocol``
+that relayd's ``TCPServer`` (installed by ``relayd/_asgi.py``) swaps in for hypercorn's, and a
+mixin for that ``TCPServer``. :func:`missing_hooks` checks at start that hypercorn still
+calls them, and the daemon logs a warning naming what it lost if not.
 
 * **Framing errors get JSON.** When h11 cannot parse a request (a bad chunk size, conflicting
   ``Content-Length`` headers, a head over ``h11_max_incomplete_size``, a ``Transfer-Encoding``

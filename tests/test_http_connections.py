@@ -13,8 +13,12 @@ import logging
 from pathlib import Path
 
 import h11
+import hypercorn.trio.run
 import pytest
 import trio
+from hypercorn.trio.tcp_server import TCPServer
+
+from relayd._hypercorn import missing_hooks
 
 from .support import HttpResponse, RunningRelayd, make_config, start_relayd
 from .test_rest import assert_error
@@ -339,3 +343,14 @@ async def test_framing_errors_are_answered_with_json(
             assert response.headers.get("connection") == "close", response
             assert response.headers.get("x-content-type-options") == "nosniff", response
             assert await stream.receive_some(65536) == b""
+
+
+def test_relayds_hypercorn_hooks_are_in_place() -> None:
+    """relayd's fixes ride on hypercorn internals: an upgrade that moves them fails here (and
+    makes the daemon warn at start), rather than silently losing the fixes."""
+    assert missing_hooks() == []
+
+
+def test_a_hypercorn_that_lost_a_hook_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", TCPServer)
+    assert missing_hooks() == ["hypercorn.trio.run.TCPServer is not relayd's"]
