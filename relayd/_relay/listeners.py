@@ -21,6 +21,7 @@ import trio_websocket
 
 from relayd._browser import security_headers
 from relayd._config import WebsocketConfig, parse_address
+from relayd._errors import Forbidden, NotFound
 
 from .hub import CLOSE_TIMEOUT, Hub
 from .transport import (
@@ -33,9 +34,7 @@ from .transport import (
 
 log = logging.getLogger("relayd.ws")
 
-_NOT_FOUND = (
-    b'{"error": {"code": "not_found", "message": "no WebSocket endpoint here", "details": {}}}'
-)
+_NOT_FOUND = json.dumps(NotFound("no WebSocket endpoint here").to_json()).encode()
 # An Origin this long is cut in the 403's details: the header's length is the peer's choice.
 MAX_ORIGIN_ECHO = 256
 
@@ -54,13 +53,12 @@ def refused_origin(headers: Iterable[tuple[str, str]], allowed: Iterable[str]) -
 
 def origin_refusal(origin: str) -> bytes:
     """The JSON body of the 403 answering a handshake from ``origin``."""
-    error = {
-        "code": "origin_not_allowed",
-        "message": "a web page from this origin may not open a WebSocket here "
-        "(websocket.allowed_origins)",
-        "details": {"origin": origin[:MAX_ORIGIN_ECHO]},
-    }
-    return json.dumps({"error": error}).encode()
+    error = Forbidden(
+        "a web page from this origin may not open a WebSocket here (websocket.allowed_origins)",
+        code="origin_not_allowed",
+        details={"origin": origin[:MAX_ORIGIN_ECHO]},
+    )
+    return json.dumps(error.to_json()).encode()
 
 
 def asgi_websocket_app(hub: Hub) -> Any:
