@@ -1,12 +1,19 @@
 """Request bodies of the REST API, as attrs classes structured by a strict cattrs converter.
 
-Unknown keys are ignored (clients written for the seed system may send more than relayd
-reads), but every key relayd reads is type-checked without coercion, and the first problem is
-reported as a :class:`~relayd._errors.ValidationError` naming the field.
+A body is read in two steps, the same for every route. :func:`parse_json_object` turns the
+bytes into a JSON object, or refuses them with a 400 (``invalid_json``): not UTF-8, not JSON
+(``NaN`` and ``Infinity`` included), nested too deeply for the parser, or not an object; and
+with a 422 naming the field when a string holds a lone surrogate (``"\\ud800"`` is valid JSON
+text but no Unicode string: no UTF-8 encoder, the store's or a socket's, accepts it).
+:func:`parse_body` then structures the object: unknown keys are ignored (clients written for
+the seed system may send more than relayd reads), but every key relayd reads is type-checked
+without coercion, and the first problem is reported as a
+:class:`~relayd._errors.ValidationError` naming the field.
 """
 
 from __future__ import annotations
 
+import json
 import uuid as uuid_module
 from typing import Any, NewType, TypeVar
 
@@ -14,7 +21,7 @@ import attrs
 import cattrs
 from attrs import field, frozen
 
-from ._errors import ValidationError
+from ._errors import BadRequest, ValidationError
 from ._structure import FieldError, field_error, iter_errors, strict_converter, strict_scalar
 
 T = TypeVar("T")
@@ -108,3 +115,64 @@ def parse_body(doc: dict[str, Any], cls: type[T]) -> T:
     except cattrs.BaseValidationError as exc:
         path, leaf = next(iter_errors(exc))
         raise ValidationError(*_problem(path, leaf)) from None
+
+
+def encodable(value: Any) -> bool:
+    """Whether every string in a parsed JSON value (keys included) encodes as UTF-8.
+
+    Iterative, so that a deeply nested value is walked as surely as a flat one.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object.
+
+    Raises:
+        BadRequest: ``invalid_json``: not UTF-8, not JSON, nested too deeply, not an object,
+            or a key holding a lone surrogate.
+        ValidationError: a field's value holds a lone surrogate.
+    """
+    try:
+        # RFC 8259 section 8.1: UTF-8. Decoded here, strictly: json.loads on bytes would
+        # decode with "surrogatepass" and let an encoded surrogate through.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8", code="invalid_json") from None
+    try:
+        doc = json.loads(text, parse_constant=_no_constants)
+    except ValueError:
+        raise BadRequest("the body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply", code="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    # From strictly decoded UTF-8, only a \u escape can make a lone surrogate.
+    if "\\u" in text:
+        for key, value in doc.items():
+            if not encodable(key):
+                raise BadRequest(
+                    "a key holds a lone surrogate (a \\ud800-\\udfff escape)", code="invalid_json"
+                )
+            if not encodable(value):
+                raise ValidationError(
+                    key, "must not hold a lone surrogate (a \\ud800-\\udfff escape)"
+                )
+    return doc

@@ -60,6 +60,7 @@ from wsproto.events import Message as WsMessage
 from wsproto.frame_protocol import CloseReason
 
 from ._config import Config, parse_address
+from ._hypercorn import ProtocolHooks, RelaydConfig, missing_hooks
 from ._log import conn_id
 from ._relay.frames import CloseCode
 
@@ -86,9 +87,10 @@ _SLOW_CONSUMER_CLOSE = (
 )
 
 
-class _BoundedWriteTCPServer(TCPServer):
+class _BoundedWriteTCPServer(ProtocolHooks, TCPServer):
     """hypercorn's ``TCPServer``, with its shielded write bounded and its read timeout chosen
-    per connection (see the module docstring). Installed by :func:`install_hypercorn_hooks`."""
+    per connection (see the module docstring), and relayd's HTTP/1.1 hooks
+    (``relayd/_hypercorn.py``). Installed by :func:`install_hypercorn_hooks`."""
 
     async def protocol_send(self, event: Event) -> None:
         timeout: float | None = getattr(self.config, "relayd_write_timeout", None)
@@ -406,7 +408,7 @@ def hypercorn_config(
     """
     http = config.http
     ws = config.websocket
-    hypercorn = HypercornConfig()
+    hypercorn = RelaydConfig()
     hypercorn.bind = [bind or http.listen]
     hypercorn.keep_alive_timeout = http.keep_alive_timeout
     hypercorn.backlog = http.backlog
@@ -448,6 +450,8 @@ async def serve_http(
     Reports the bound ``(host, port)`` through ``task_status`` once listening.
     """
     install_hypercorn_hooks()
+    for missing in missing_hooks():
+        log.warning("hypercorn changed (%s): relayd's HTTP/1.1 fixes are off", missing)
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             partial(serve, app, config, shutdown_trigger=shutdown.wait)

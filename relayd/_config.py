@@ -25,6 +25,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -32,7 +33,7 @@ from attrs import field, frozen
 from cattrs.errors import ForbiddenExtraKeysError
 
 from ._errors import ConfigError
-from ._structure import FieldError, field_error, iter_errors, strict_converter
+from ._structure import FieldError, field_error, iter_errors, strict_converter, strict_scalar
 
 ENV_PREFIX = "RELAYD_"
 # Environment variables with the prefix that are not config keys.
@@ -42,6 +43,8 @@ RegistrationPolicy = Literal["open", "closed"]
 Synchronous = Literal["full", "normal"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+# Browser origins (``https://app.example.com``), or ``"*"`` for any.
+Origins = tuple[str, ...]
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -83,6 +86,33 @@ def _backlog(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
         raise field_error(attribute, f"must be from 1 to 65535, not {value!r}")
 
 
+def _origins(_: object, attribute: attrs.Attribute[Any], value: Origins) -> None:
+    for origin in value:
+        if origin == "*":
+            continue
+        problem = _origin_problem(origin)
+        if problem:
+            raise field_error(attribute, f"{origin!r} {problem}")
+
+
+def _origin_problem(origin: str) -> str | None:
+    """Why ``origin`` can never equal an ``Origin`` header a browser sends, or ``None``."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return 'is not an origin (scheme://host[:port], or "*")'
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return 'is not an origin (http(s)://host[:port], or "*")'
+    if parts.path or parts.query or parts.fragment or "@" in parts.netloc or origin.endswith("/"):
+        return "is not an origin: no path, query, user or trailing slash"
+    if origin != origin.lower():
+        return "must be lowercase, as browsers send it"
+    if port == {"http": 80, "https": 443}[parts.scheme]:
+        return "names the default port, which browsers leave out"
+    return None
+
+
 def _power_of_two(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if value < 2 or value & (value - 1):
         raise field_error(attribute, f"must be a power of two, not {value!r}")
@@ -114,6 +144,13 @@ class HttpConfig:
     waiting to be accepted; beyond it, a connecting client's SYN is dropped and it retries a
     second or more later. The kernel caps it at ``net.core.somaxconn`` (4096 by default on
     Linux 5.4 and later)."""
+    api_per_minute: float = field(default=300.0, validator=_positive)
+    """Sustained rate of requests with an access token (``/clients``, ``/admin/*``...) allowed
+    per client (the token's ``sub``)."""
+    api_burst: int = field(default=60, validator=_positive)
+    """Requests with an access token a client may make at once before the rate applies."""
+    cors_origins: Origins = field(default=(), validator=_origins)
+    """Browser origins whose pages may read REST responses (CORS); ``"*"``: any; empty: none."""
 
 
 @frozen(kw_only=True)
@@ -146,6 +183,9 @@ class WebsocketConfig:
     """Path of the WebSocket endpoint on the main HTTP port."""
     listen: str = field(default="", validator=_optional_address)
     """``host:port`` of a dedicated WebSocket listener (faster than the main port); empty: off."""
+    allowed_origins: Origins = field(default=(), validator=_origins)
+    """Browser origins whose pages may open a WebSocket (others get 403); ``"*"``: any. A
+    handshake without an ``Origin`` header (not from a browser) is always allowed."""
     max_frame_bytes: int = field(default=65_536, validator=_positive)
     """Largest inbound frame; a larger one closes the socket with 1009."""
     auth_timeout: float = field(default=10.0, validator=_positive)
@@ -306,6 +346,16 @@ class Config:
 _converter = strict_converter(forbid_extra_keys=True)
 
 
+def _structure_origins(value: Any, _: Any) -> Origins:
+    # cattrs would take a string as a sequence of one-character origins.
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"must be a list of strings, not {type(value).__name__}")
+    return tuple(strict_scalar(item, str) for item in value)
+
+
+_converter.register_structure_hook_func(lambda kind: kind == Origins, _structure_origins)
+
+
 def _describe(path: str, exc: BaseException) -> list[str]:
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [a.name for a in attrs.fields(exc.cl)]
@@ -350,6 +400,8 @@ def _parse_env_value(raw: str, kind: Any, var: str) -> Any:
         return raw
     if kind is str:
         return raw
+    if kind == Origins:
+        return _parse_env_list(raw, var)
     if kind is bool:
         lowered = raw.strip().lower()
         if lowered in {"1", "true", "yes", "on"}:
@@ -365,6 +417,19 @@ def _parse_env_value(raw: str, kind: Any, var: str) -> Any:
     except ValueError:
         raise ConfigError(f"{var}: expected {kind.__name__}, got {raw!r}") from None
     raise ConfigError(f"{var}: this key cannot be set from the environment")
+
+
+def _parse_env_list(raw: str, var: str) -> list[Any]:
+    """A JSON array (``["https://a.example"]``) or a comma-separated list (``a,b``)."""
+    if raw.lstrip().startswith("["):
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise ConfigError(f"{var}: expected a JSON array, got {raw!r}") from None
+        if not isinstance(value, list):
+            raise ConfigError(f"{var}: expected a JSON array, got {raw!r}")
+        return value
+    return [item.strip() for item in raw.split(",") if item.strip()]
 
 
 def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -450,6 +515,10 @@ RELOADABLE = frozenset(
         "http.register_burst",
         "http.auth_per_minute",
         "http.auth_burst",
+        "http.api_per_minute",
+        "http.api_burst",
+        "http.cors_origins",
+        "websocket.allowed_origins",
         "websocket.max_connections",
         "websocket.max_connections_per_ip",
         "websocket.max_pending_auth",
@@ -509,6 +578,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     return repr(value)
 
 

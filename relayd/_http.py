@@ -9,23 +9,30 @@ services it is built with.
 from __future__ import annotations
 
 import enum
-import json
 import logging
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import trio
 from attrs import define, field
 from quart import Response, jsonify, request
+from quart_cors import cors
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from ._api import LoginRequest, RefreshRequest, RegisterRequest, RevokeRequest, parse_body
+from ._api import (
+    LoginRequest,
+    RefreshRequest,
+    RegisterRequest,
+    RevokeRequest,
+    parse_body,
+    parse_json_object,
+)
 from ._auth import AuthService
 from ._config import Config
 from ._errors import (
     ApiError,
-    BadRequest,
     Forbidden,
     RateLimited,
     Unauthorized,
@@ -65,6 +72,7 @@ class Services:
     readiness: Readiness = Readiness.STARTING
     register_limiter: RateLimiter = field(init=False)
     auth_limiter: RateLimiter = field(init=False)
+    api_limiter: RateLimiter = field(init=False)  # keyed by the token's sub
 
     def __attrs_post_init__(self) -> None:
         http = self.config.http
@@ -72,6 +80,7 @@ class Services:
             rate=http.register_per_minute / 60, burst=http.register_burst
         )
         self.auth_limiter = RateLimiter(rate=http.auth_per_minute / 60, burst=http.auth_burst)
+        self.api_limiter = RateLimiter(rate=http.api_per_minute / 60, burst=http.api_burst)
 
     def reconfigure(self, config: Config) -> None:
         """New settings (a reload): the routes read ``config`` from their next request on."""
@@ -81,6 +90,7 @@ class Services:
             rate=http.register_per_minute / 60, burst=http.register_burst
         )
         self.auth_limiter.reconfigure(rate=http.auth_per_minute / 60, burst=http.auth_burst)
+        self.api_limiter.reconfigure(rate=http.api_per_minute / 60, burst=http.api_burst)
 
 
 def _error_response(error: ApiError) -> Response:
@@ -98,6 +108,34 @@ _HTTP_CODES = {
 }
 
 
+class _CorsOrigins:
+    """``http.cors_origins`` as quart-cors reads it: afresh on every request, so that a reload
+    applies at once."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._services.config.http.cors_origins)
+
+
+def _enable_cors(app: QuartTrio, services: Services) -> None:
+    """Answer preflights and add ``Access-Control-*`` headers for ``http.cors_origins``.
+
+    Tokens travel in ``Authorization``, never in cookies: credentials stay off, so a page
+    reads only what it asked for with a token it was given.
+    """
+    app.config["QUART_CORS_ALLOW_ORIGIN"] = _CorsOrigins(services)
+    cors(
+        app,
+        allow_credentials=False,
+        allow_headers=["Authorization", "Content-Type"],
+        allow_methods=["GET", "HEAD", "POST", "DELETE"],
+        expose_headers=["Retry-After", "WWW-Authenticate"],
+        max_age=600,
+    )
+
+
 def _source() -> str | None:
     return request.remote_addr
 
@@ -109,13 +147,7 @@ async def _json_body() -> dict[str, Any]:
             details={"content_type": request.mimetype or None},
         )
     raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the body is not valid JSON", code="invalid_json") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("the body must be a JSON object", code="invalid_json")
-    return doc
+    return parse_json_object(raw)
 
 
 def _bearer_token() -> str:
@@ -147,10 +179,21 @@ def create_app(services: Services) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = services.config.http.max_body_bytes
     app.config["BODY_TIMEOUT"] = services.config.http.request_timeout
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    _enable_cors(app, services)
     auth = services.auth
 
     async def authenticated() -> Claims:
-        return await auth.authenticate(_bearer_token())
+        """The request's token, checked, and one request taken from its client's allowance.
+
+        Raises:
+            Unauthorized: no token, or a token refused.
+            RateLimited: the client (``sub``) is over ``http.api_per_minute``.
+        """
+        claims = await auth.authenticate(_bearer_token())
+        wait = services.api_limiter.acquire(claims.sub, trio.current_time())
+        if wait > 0:
+            raise RateLimited(wait)
+        return claims
 
     async def admin() -> Claims:
         claims = await authenticated()
@@ -163,6 +206,16 @@ def create_app(services: Services) -> QuartTrio:
         if error.status == 401:
             services.stats.auth_failures[error.code] += 1
         return _error_response(error)
+
+    @app.after_request
+    async def preflight_has_no_content(response: Response) -> Response:
+        # Quart answers OPTIONS with an empty text/html 200; every body relayd sends is JSON,
+        # so an answer without one says 204 and names no type (nor, RFC 9110, a length).
+        if request.method == "OPTIONS" and response.status_code == 200:
+            response.status_code = 204
+            del response.headers["Content-Type"]
+            del response.headers["Content-Length"]
+        return response
 
     @app.after_request
     async def count(response: Response) -> Response:
@@ -192,6 +245,8 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.before_request
     async def rate_limit() -> None:
+        if request.method == "OPTIONS":
+            return  # a preflight: no credentials, no work
         if request.path == "/register":
             limiter = services.register_limiter
         elif request.path.startswith("/auth/"):
@@ -234,6 +289,8 @@ def create_app(services: Services) -> QuartTrio:
         if services.config.auth.registration == "closed":
             try:
                 await admin()
+            except RateLimited:
+                raise
             except ApiError as exc:
                 raise Forbidden(
                     "registration is closed: only an admin token may register clients",

@@ -183,6 +183,17 @@ def test_shipped_config_documents_key(section: str, key: str) -> None:
         ('[http]\nlisten = "127.0.0.1:65536"\n', "http.listen", "no valid port"),
         ('[http]\nlisten = "127.0.0.1:http"\n', "http.listen", "no valid port"),
         ('[http]\nlisten = "127.0.0.1:-1"\n', "http.listen", "no valid port"),
+        # origins: a list of what browsers send in Origin, or "*"
+        ('[http]\ncors_origins = "https://a.example"\n', "http.cors_origins", "must be a list"),
+        ("[websocket]\nallowed_origins = [1]\n", "websocket.allowed_origins", "must be a string"),
+        ('[websocket]\nallowed_origins = ["a.example"]\n', "websocket.allowed_origins", "origin"),
+        ('[http]\ncors_origins = ["ftp://a.example"]\n', "http.cors_origins", "not an origin"),
+        ('[http]\ncors_origins = ["https://a.example/"]\n', "http.cors_origins", "trailing"),
+        ('[http]\ncors_origins = ["https://a.example/app"]\n', "http.cors_origins", "no path"),
+        ('[http]\ncors_origins = ["https://A.example"]\n', "http.cors_origins", "lowercase"),
+        ('[http]\ncors_origins = ["https://a.example:443"]\n', "http.cors_origins", "default"),
+        ('[http]\ncors_origins = ["null"]\n', "http.cors_origins", "not an origin"),
+        ('[http]\ncors_origins = ["https://a.example:x"]\n', "http.cors_origins", "origin"),
         # a section that is not a table
         ("http = 5\n", "http", "must be a table"),
         ('auth = "x"\n', "auth", "must be a table"),
@@ -192,6 +203,46 @@ def test_error_names_file_and_key(tmp_path: Path, text: str, key: str, fragment:
     path = write(tmp_path, text)
     message = config_error(path)
     assert f"{path}: {key}:" in message
+    assert fragment in message
+
+
+def test_origins_are_read_from_the_file(tmp_path: Path) -> None:
+    origins = '["https://app.example.com", "http://localhost:3000", "*"]'
+    path = write(tmp_path, f"[http]\ncors_origins = {origins}\n[websocket]\nallowed_origins = []\n")
+    config = load_config(path, environ={})
+    assert config.http.cors_origins == ("https://app.example.com", "http://localhost:3000", "*")
+    assert config.websocket.allowed_origins == ()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            "https://a.example, http://localhost:3000",
+            ("https://a.example", "http://localhost:3000"),
+        ),
+        ('["https://a.example", "*"]', ("https://a.example", "*")),
+        ("", ()),
+        ("[]", ()),
+    ],
+)
+def test_env_sets_a_list_as_json_or_commas(
+    tmp_path: Path, raw: str, expected: tuple[str, ...]
+) -> None:
+    environ = {"RELAYD_WEBSOCKET__ALLOWED_ORIGINS": raw}
+    assert load_config(write(tmp_path, ""), environ=environ).websocket.allowed_origins == expected
+
+
+@pytest.mark.parametrize("raw", ["[not json", '["a.example"'])
+def test_env_list_that_is_no_json_names_the_variable(tmp_path: Path, raw: str) -> None:
+    message = config_error(write(tmp_path, ""), {"RELAYD_HTTP__CORS_ORIGINS": raw})
+    assert message.startswith("RELAYD_HTTP__CORS_ORIGINS: expected a JSON array")
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [("[1]", "must be a string"), ("x", "not an origin")])
+def test_env_list_of_bad_items_names_the_key(tmp_path: Path, raw: str, fragment: str) -> None:
+    message = config_error(write(tmp_path, ""), {"RELAYD_HTTP__CORS_ORIGINS": raw})
+    assert "(with RELAYD_* overrides): http.cors_origins: " in message
     assert fragment in message
 
 
@@ -301,7 +352,12 @@ def test_every_key_can_be_set_from_the_environment(section: str, key: str) -> No
     """relayd.toml promises it; the default, written as a string, must parse back to itself."""
     default = getattr(getattr(Config(), section) if section else Config(), key)
     var = f"RELAYD_{section.upper()}__{key.upper()}" if section else f"RELAYD_{key.upper()}"
-    raw = str(default).lower() if isinstance(default, bool) else str(default)
+    if isinstance(default, bool):
+        raw = str(default).lower()
+    elif isinstance(default, tuple):
+        raw = ",".join(default)
+    else:
+        raw = str(default)
     assert load_config(SHIPPED_CONFIG, environ={var: raw}) == Config()
 
 
@@ -372,8 +428,9 @@ def test_without_any_file_the_cwd_relayd_toml_is_read(
         {"RELAYD_STATE_DIR": "/srv/relayd\twith a tab"},
         # A control character must be escaped, or the printed config is not TOML.
         {"RELAYD_AUTH__ISSUER": "line one\nline two"},
+        {"RELAYD_HTTP__CORS_ORIGINS": "https://a.example,http://[::1]:8080,*"},
     ],
-    ids=["defaults", "backslash-quote-unicode", "tab", "newline"],
+    ids=["defaults", "backslash-quote-unicode", "tab", "newline", "a list"],
 )
 def test_to_toml_round_trips(environ: dict[str, str]) -> None:
     config = load_config(None, environ={"RELAYD_CONFIG": str(SHIPPED_CONFIG), **environ})

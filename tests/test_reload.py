@@ -81,3 +81,17 @@ async def test_sighup_reloads_the_log_level(tmp_path: Path) -> None:
             assert "log.level" in refused
             serve.process.send_signal(signal.SIGTERM)
             assert await serve.exit_code() == 0
+
+
+async def test_reload_applies_the_api_limit_at_once(nursery: trio.Nursery, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    relayd = await start_relayd(nursery, config)
+    alice = await relayd.http.register("alice")
+    assert (await relayd.http.get("/clients", token=alice["access_token"])).status == 200
+    strict = attrs.evolve(config, http=attrs.evolve(config.http, api_burst=1, api_per_minute=1))
+    applied, restart = relayd.daemon.reload(strict)
+    assert (applied, restart) == (["http.api_per_minute", "http.api_burst"], [])
+    # The bucket holds at most the new burst: one request, then 429.
+    assert (await relayd.http.get("/clients", token=alice["access_token"])).status == 200
+    limited = await relayd.http.get("/clients", token=alice["access_token"])
+    assert (limited.status, limited.error_code) == (429, "rate_limited")

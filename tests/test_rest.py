@@ -15,6 +15,7 @@ keeps that one bug out of every other test; the tests named ``..._on_the_wall_cl
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid as uuid_module
 from collections.abc import Callable, Mapping, Sequence
@@ -646,6 +647,83 @@ async def test_malformed_json_is_400(relayd: RunningRelayd, body: bytes) -> None
     assert_error(response, 400, "invalid_json")
 
 
+# Nested past the parser's recursion limit (the daemon's stack adds to the depth), and each
+# within the default max_body_bytes.
+TOO_DEEP = [
+    b"[" * 984 + b"]" * 984,
+    b"[" * 30_000 + b"]" * 30_000,
+    b'{"name": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+    b'{"a": ' * 5_000 + b"1" + b"}" * 5_000,
+]
+POST_ROUTES = ["/register", "/auth/token", "/auth/refresh", "/auth/revoke"]
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+async def test_deeply_nested_json_is_400(
+    relayd: RunningRelayd, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    for body in TOO_DEEP:
+        response = await relayd.http.post(
+            path, body=body, headers={"Content-Type": "application/json"}
+        )
+        assert_error(response, 400, "invalid_json")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/register", "name"),
+        ("/register", "uuid"),
+        ("/auth/token", "uuid"),
+        ("/auth/token", "client_secret"),
+        ("/auth/refresh", "refresh_token"),
+        ("/auth/revoke", "refresh_token"),
+        ("/auth/revoke", "access_token"),
+    ],
+)
+async def test_a_lone_surrogate_is_422_naming_the_field(
+    relayd: RunningRelayd, path: str, field: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``"\\ud800"`` is valid JSON text but no Unicode string: refused before any service
+    (the store, the token codec) would fail to encode it."""
+    for value in ('"\\ud800"', '"a\\udfffb"', '"\\udc00\\ud800"', '["\\ud800"]'):
+        body = f'{{"{field}": {value}}}'.encode()
+        response = await relayd.http.post(
+            path, body=body, headers={"Content-Type": "application/json"}
+        )
+        error = assert_error(response, 422, "validation_error")
+        assert error["details"] == {"field": field}, body
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"\\ud800": "alice", "name": "alice"}',  # a key
+        b'{"name": "\xed\xa0\x80"}',  # a surrogate encoded in the bytes (CESU-8)
+        b'{"name": "alice", "pad": NaN}',
+        b'{"name": "alice", "pad": -Infinity}',
+    ],
+)
+async def test_json_that_is_no_unicode_or_no_json_is_400(
+    relayd: RunningRelayd, body: bytes
+) -> None:
+    response = await relayd.http.post(
+        "/register", body=body, headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, 400, "invalid_json")
+
+
+async def test_escaped_surrogate_pairs_are_text(relayd: RunningRelayd) -> None:
+    """The legitimate neighbours of a lone surrogate: a pair escaped, and astral text raw."""
+    body = '{"name": "\\ud83d\\ude00 \U0001f600"}'.encode()
+    response = await relayd.http.post(
+        "/register", body=body, headers={"Content-Type": "application/json"}
+    )
+    assert assert_ok(response)["name"] == "\U0001f600 \U0001f600"
+
+
 @pytest.mark.parametrize("doc", [[], [{"name": "alice"}], "alice", 42, None, True])
 async def test_a_body_that_is_not_an_object_is_400(relayd: RunningRelayd, doc: Any) -> None:
     response = await relayd.http.post(
@@ -773,6 +851,44 @@ async def test_auth_is_rate_limited_apart_from_register(
     assert_rate_limited(await http.post("/auth/revoke", {"refresh_token": "x"}))
     # Registration is still open.
     await http.register("bob")
+
+
+async def test_authenticated_routes_are_rate_limited_per_client(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    overrides = {"http": {"api_burst": 3, "api_per_minute": 1}}
+    relayd = await start_daemon(nursery, tmp_path, overrides)
+    http = relayd.http
+    alice = await http.register("alice")
+    bob = await http.register("bob")
+    for _ in range(3):
+        await assert_token_works(http, alice["access_token"])
+    seconds = assert_rate_limited(await http.get("/clients", token=alice["access_token"]))
+    assert 50 <= seconds <= 60
+    # One bucket for every route that takes a token, and for every token of the client.
+    one = f"/clients/{bob['uuid']}"
+    assert_rate_limited(await http.get(one, token=alice["access_token"]))
+    fresh = await login(http, alice["uuid"], alice["client_secret"])
+    assert_rate_limited(await http.get("/clients", token=fresh["access_token"]))
+    # Another client, from the same address, has its own bucket.
+    await assert_token_works(http, bob["access_token"])
+    assert_ok(await http.get(one, token=bob["access_token"]))
+
+
+async def test_the_api_limit_holds_for_admin_routes_and_closed_registration(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    overrides = {
+        "http": {"api_burst": 2, "api_per_minute": 1},
+        "auth": {"registration": "closed"},
+    }
+    relayd = await start_daemon(nursery, tmp_path, overrides)
+    admin = admin_token(relayd)
+    assert_ok(await relayd.http.get("/admin/clients", token=admin))
+    assert_ok(await relayd.http.post("/register", {"name": "alice"}, token=admin))
+    # Over the limit, an admin registering is told to wait, not that registration is closed.
+    assert_rate_limited(await relayd.http.post("/register", {"name": "bob"}, token=admin))
+    assert_rate_limited(await relayd.http.get("/admin/clients", token=admin))
 
 
 # --- the iat rounding bug -----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from wsproto.connection import Connection
 from wsproto.events import CloseConnection, Ping, TextMessage
 
 from relayd._asgi import _SLOW_CONSUMER_CLOSE, _BoundedWriteTCPServer
+from relayd._hypercorn import RelaydH11Protocol
 from relayd._log import conn_id
 from relayd._relay.frames import CloseCode
 from relayd._relay.hub import CLOSE_TIMEOUT
@@ -264,7 +265,7 @@ def websocket(*, accepted: bool = True) -> WSStream:
 
 
 def h11_carrying(stream: WSStream) -> H11Protocol:
-    protocol = object.__new__(H11Protocol)
+    protocol = object.__new__(RelaydH11Protocol)  # what relayd's TCPServer speaks
     protocol.stream = stream
     return protocol
 

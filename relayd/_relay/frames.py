@@ -18,7 +18,7 @@ from typing import Any
 import cattrs
 from attrs import field, frozen
 
-from relayd._api import ClientUuid, canonical_uuid
+from relayd._api import ClientUuid, canonical_uuid, encodable
 from relayd._structure import field_error, iter_errors, strict_converter, strict_scalar
 
 MAX_MSGID_CHARS = 128
@@ -200,21 +200,13 @@ def decode(data: str) -> dict[str, Any]:
     # hold one.
     if "\\u" in data:
         for key, value in doc.items():
-            if not _encodable(key) or not _encodable(value):
+            if not encodable(key) or not encodable(value):
                 raise ProtocolError(
                     INVALID_MESSAGE_FORMAT,
                     f"{key[:64]!r}: holds a lone surrogate (a \\ud800-\\udfff escape)",
-                    field=key if _encodable(key) else None,
+                    field=key if encodable(key) else None,
                 )
     return doc
-
-
-def _encodable(value: Any) -> bool:
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except (UnicodeEncodeError, RecursionError):
-        return False
-    return True
 
 
 def parse_envelope(doc: dict[str, Any]) -> Envelope:
