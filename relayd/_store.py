@@ -552,13 +552,21 @@ def _load_queue(db: sqlite3.Connection, op: LoadQueue) -> QueuePage:
     )
     rows: list[StoredMessage] = []
     total = 0
-    for row in cursor:
+    more = False
+    for row in cursor.fetchall():
         size = size_of(row["fields"])
         if len(rows) == op.limit or (rows and total + size > op.max_bytes):
-            return QueuePage(rows, more=True)
+            more = True
+            break
         rows.append(_stored(row))
         total += size
-    return QueuePage(rows, more=False)
+    # Loaded for an online recipient, each may be delivered before anything else is written:
+    # its row counts that first attempt now (see the core's Message.recorded_attempts).
+    db.executemany(
+        "UPDATE messages SET attempts = 1 WHERE seq = ? AND attempts = 0",
+        [(row.seq,) for row in rows if row.attempts == 0],
+    )
+    return QueuePage(rows, more=more)
 
 
 def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int) -> Any:

@@ -654,15 +654,44 @@ def test_a_message_queued_for_an_offline_recipient_is_a_first_delivery_after_a_c
 
 
 def test_a_message_delivered_from_the_store_is_flagged_after_a_crash() -> None:
+    """The load that brings it into memory is the commit that counts its attempt: nothing
+    committed after it (here: nothing at all) is needed for the flag."""
     h = CoreHarness()
     alice, bob = h.client("alice"), h.client("bob")
     a = h.connect(alice)
     h.send(a, {"to": bob.uuid, "msgid": "m1", "content": "x", "acknowledge": True})
-    b = h.connect(bob)
+    h.auto_store = False
+    b = h.open(token=bob.token)
+    h.commit()  # the load
+    h.run()
     assert first_delivery(h.messages(b)) == (1, False)
-    h2 = h.restart()  # before bob acked: it may have arrived
+    h2 = h.restart()  # before anything else was committed, before bob acked
+    h2.auto_store = True
     b2 = h2.connect(bob)
     assert first_delivery(h2.messages(b2)) == (2, True)
+
+
+def test_messages_stored_for_an_online_recipient_are_flagged_after_a_crash() -> None:
+    """Stored while their recipient is online, they may go out right after their commit,
+    whatever waits ahead of them: their rows count the attempt from the start."""
+    h = CoreHarness()
+    alice, bob = h.client("alice"), h.client("bob")
+    a, b = h.connect(alice), h.connect(bob)
+    h.auto_store = False
+    for i in range(3):
+        h.send(a, {"to": bob.uuid, "msgid": f"m{i}", "content": str(i), "acknowledge": True})
+    h.commit()  # the three inserts, and nothing after them
+    h.run()
+    assert contents(h.messages(b)) == ["0", "1", "2"]
+    h2 = h.restart()
+    h2.auto_store = True
+    b2 = h2.connect(bob)
+    again = h2.messages(b2)
+    assert [(m["content"], m["attempt"], m["redelivered"]) for m in again] == [
+        ("0", 2, True),
+        ("1", 2, True),
+        ("2", 2, True),
+    ]
 
 
 def test_a_message_whose_recipient_left_before_its_commit_is_a_first_delivery_after_a_crash() -> (

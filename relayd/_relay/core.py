@@ -180,9 +180,11 @@ class Message:
     durable: bool
     seq: int  # allocated at acceptance: the order of first deliveries
     attempts: int = 0
-    # The attempts its store row says, ahead of or equal to ``attempts`` once it is sent: a
-    # message loaded from the store was delivered before (redelivered) exactly when its row
-    # says so.
+    # The attempts its store row counts. A row counts a first attempt before the message can
+    # reach its recipient's socket (it is stored, or loaded, while its recipient is online),
+    # so a crash never hides a delivery: loaded after a restart, the message is a redelivery
+    # exactly when its row counts one. A row that counts an attempt never made is corrected
+    # when the message leaves memory unsent; only a crash leaves it so.
     recorded_attempts: int = 0
     where: Where = Where.STAGED
     status: Status | None = None  # the last status its sender was told
@@ -977,17 +979,6 @@ class RelayCore:
             durable=not direct,
             seq=next(self._seqs),
         )
-        if (
-            not direct
-            and has_room
-            and recipient is not None
-            and not (recipient.mailbox_len() or waiting or recipient.paused)
-            and len(recipient.unacked) < self.relay.inflight_window
-        ):
-            # It goes out as soon as it is stored: its row says so from the start, which
-            # spares a write per message. Should it wait after all, the row is corrected when it
-            # leaves memory; only a crash in between flags a first delivery as a redelivery.
-            message.recorded_attempts = 1
         self.metrics.events["accepted"] += 1
         self._awaiting[sender] += 1
         self._awaiting_bytes[sender] += message.size
@@ -1044,6 +1035,9 @@ class RelayCore:
             queue.append(message)
         message.where = Where.STAGED
         if message.durable and not message.committed:
+            if self.online(message.recipient):
+                # It may go out as soon as it is stored: see Message.recorded_attempts.
+                message.recorded_attempts = message.attempts + 1
             self.pending_commit += 1
             self._actions.append(self._insert_op(message))
 
@@ -1137,7 +1131,7 @@ class RelayCore:
                 continue
             message.attempts += 1
             if message.durable and message.attempts > message.recorded_attempts:
-                self._record_attempts(message)  # before it may arrive: see Message
+                self._record_attempts(message)  # a redelivery's count
             message.gen += 1
             message.where = Where.SENT
             message.sid = session.sid
@@ -1432,6 +1426,8 @@ class RelayCore:
             if row.seq in self._by_seq or row.seq in self._finished_while_reading:
                 continue
             message = self._message_from_row(row)
+            # The load counted a first attempt in the row: see Message.recorded_attempts.
+            message.recorded_attempts = max(row.attempts, 1)
             self._by_seq[row.seq] = message
             self._hold(recipient, message)
             message.where = Where.MAILBOX

@@ -128,7 +128,8 @@ class SetReceiptPending:
 class LoadQueue:
     """Queued messages for ``recipient`` with ``seq > after``, oldest first: at most ``limit``
     of them, and no more than fit in ``max_bytes`` (by :func:`size_of` their fields; the first
-    one always comes). The answer is a :class:`QueuePage`.
+    one always comes). The answer is a :class:`QueuePage`, with each row as it was; rows that
+    counted no attempt count one from then on (the recipient is online: see the core).
 
     Compared by identity: the core matches a result to the request it made.
     """
