@@ -22,19 +22,12 @@ import trio
 from attrs import frozen
 from hypercorn.config import Config as HypercornConfig
 
-from ._asgi import (
-    Dispatcher,
-    hypercorn_config,
-    install_hypercorn_hooks,
-    metrics_app,
-    serve_http,
-    set_write_timeout,
-    writes_bounded,
-)
+from ._asgi import Dispatcher, metrics_app, serve_http
 from ._auth import AuthService, load_signing_secret
 from ._config import RELOADABLE, Config, TlsConfig, changed_keys, with_keys
 from ._errors import ConfigError
 from ._http import Readiness, Services, create_app
+from ._hypercorn import hypercorn_config, install_hooks, set_write_timeout, writes_bounded
 from ._lock import StateLock
 from ._log import configure as configure_logging
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
@@ -218,7 +211,7 @@ class Daemon:
                 stats=http_stats,
             )
             # Hooked into hypercorn here, before serving: the app needs to know whether they hold.
-            install_hypercorn_hooks()
+            install_hooks()
             app = Dispatcher(
                 create_app(services),
                 websocket_app=asgi_websocket_app(hub, bounded_writes=writes_bounded()),

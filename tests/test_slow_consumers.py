@@ -31,8 +31,7 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import CloseConnection, Ping, TextMessage
 
-from relayd._asgi import _SLOW_CONSUMER_CLOSE, _BoundedWriteTCPServer
-from relayd._hypercorn import RelaydH11Protocol
+from relayd._hypercorn import _SLOW_CONSUMER_CLOSE, RelaydH11Protocol, RelaydTCPServer
 from relayd._log import conn_id
 from relayd._relay.frames import CloseCode
 from relayd._relay.hub import CLOSE_TIMEOUT
@@ -297,7 +296,7 @@ async def test_the_rest_ports_writer_adds_a_raw_4008_only_to_an_open_http11_webs
     and the connection closed. The 4008 frame is raw bytes: right behind a whole frame of a
     WebSocket upgraded from HTTP/1.1, garbage inside an h2 connection (RFC 8441), before the
     accept, or after a close frame already sent."""
-    server = object.__new__(_BoundedWriteTCPServer)
+    server = object.__new__(RelaydTCPServer)
     drops: Counter[str] = Counter()
     server.config = cast(Any, types.SimpleNamespace(relayd_slow_consumer_drops=drops))
     stream = SlowStream(stall=1.5)

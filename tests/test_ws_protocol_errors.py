@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio_websocket
 
-from relayd._asgi import _install
+from relayd._hypercorn import _install
 from relayd._relay.frames import CloseCode
 from relayd._relay.listeners import _server_class
 

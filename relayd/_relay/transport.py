@@ -6,7 +6,7 @@ Two exist:
 * :class:`AsgiTransport` — ``/ws`` on the main HTTP port, straight from hypercorn's ASGI
   websocket scope (no Quart machinery in between). ASGI can neither send pings nor report
   pongs: hypercorn sends the protocol pings (every ``heartbeat_interval``) and drops a peer
-  silent for ``heartbeat_timeout`` (relayd's ``TCPServer`` in ``relayd/_asgi.py`` sets that
+  silent for ``heartbeat_timeout`` (relayd's ``TCPServer`` in ``relayd/_hypercorn.py`` sets that
   read timeout); relayd's own heartbeat stays off.
 * :class:`TrioWebsocketTransport` — the optional dedicated listener (``[websocket] listen``),
   on trio-websocket's server. Heartbeats are WebSocket pings; their pongs count as liveness.
@@ -128,7 +128,7 @@ def read_handshake(
 class AsgiTransport:
     """A websocket scope of hypercorn's. Its writes are shielded from cancellation: a frame is
     never cut off, and with relayd's hypercorn hooks (``bounded_writes``, see
-    ``relayd/_asgi.py``) each is bounded by write_timeout, its slow consumer handled there."""
+    ``relayd/_hypercorn.py``) each is bounded by write_timeout, its slow consumer handled there."""
 
     pong_observable = False
     coalesces = False  # ASGI sends one frame per message
