@@ -259,11 +259,29 @@ class Doc:
 
     def text(self, peers: Peers) -> str:
         value = resolve(self.value, peers)
-        if self.style == 1:
-            return json.dumps(value, ensure_ascii=False)
-        if self.style == 2:
-            return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-        return json.dumps(value)
+        return to_json(value, ascii_only=self.style == 0, compact=self.style == 2)
+
+
+def to_json(value: Any, *, ascii_only: bool = True, compact: bool = False) -> str:
+    """``value`` as JSON text a peer can send, as ``json.dumps`` writes it, except that an
+    infinite float is written as ``1e400`` (``-1e400``): JSON has no literal for infinity
+    (``json.dumps``'s ``Infinity`` makes the whole frame invalid), but its grammar allows
+    numbers of any size, and a parser reads one too big for a double as infinity."""
+    if isinstance(value, float) and math.isinf(value):
+        return "1e400" if value > 0 else "-1e400"
+    comma, colon = (",", ":") if compact else (", ", ": ")
+    if isinstance(value, dict):
+        items = (
+            json.dumps(key, ensure_ascii=ascii_only)
+            + colon
+            + to_json(item, ascii_only=ascii_only, compact=compact)
+            for key, item in value.items()
+        )
+        return "{" + comma.join(items) + "}"
+    if isinstance(value, list):
+        elements = (to_json(item, ascii_only=ascii_only, compact=compact) for item in value)
+        return "[" + comma.join(elements) + "]"
+    return json.dumps(value, ensure_ascii=ascii_only)
 
 
 def resolve(value: Any, peers: Peers) -> Any:
