@@ -17,7 +17,7 @@ import pytest
 
 from relayd._config import RelayConfig, WebsocketConfig
 from relayd._relay.frames import CloseCode
-from relayd._relay.records import FindExpired, LoadQueue, LoadReceipts, Purge
+from relayd._relay.records import FindExpired, Insert, LoadQueue, LoadReceipts, Purge
 
 from .relay_harness import T0, CoreHarness
 from .support import SEED_FIELDS
@@ -892,6 +892,37 @@ def test_order_survives_the_recipient_leaving_while_earlier_messages_await_their
     assert contents(of_type(h.read(b), "message")) == ["A", "0", "1"]
 
 
+@pytest.mark.xfail(
+    reason="live bug: _loaded skips a row whose message is still staged (committed in the same"
+    " batch as the load), pumps what it loaded, and only then routes the staged one: it is"
+    " delivered behind later messages",
+    strict=True,
+)
+def test_a_message_parked_when_its_recipient_left_keeps_its_place_on_reconnect() -> None:
+    """The recipient leaves with deliveries unwritten: the acknowledge:false one among them is
+    stored now (its seq keeps its place), and the recipient comes back before that commit."""
+    h = CoreHarness(auto_store=False, auto_flush=False)
+    alice, bob = h.client("alice"), h.client("bob")
+    a, b = h.open(token=alice.token), h.open(token=bob.token)
+    h.commit()
+    h.run()
+    h.flush()
+    h.read(b)
+    for i, acknowledge in enumerate([True, False, True]):
+        msg = {"to": bob.uuid, "msgid": f"m{i}", "content": str(i), "acknowledge": acknowledge}
+        h.send(a, msg)
+    h.commit()
+    h.run()
+    assert len(h.sessions[b].outbox) == 3  # handed to the socket, never written
+    h.disconnect(b)
+    b = h.open(token=bob.token)
+    assert [type(op) for op in h.pending_store] == [Insert, LoadQueue, LoadReceipts]
+    h.commit()  # one batch: m1's insert, then the load that finds all three
+    h.run()
+    h.flush(b)
+    assert contents(of_type(h.read(b), "message")) == ["0", "1", "2"]
+
+
 # --- 8. expiry ------------------------------------------------------------------------------------
 
 
@@ -1130,13 +1161,20 @@ def test_unwritten_message_of_a_replaced_socket_that_closes_last_is_not_lost() -
     h.flush(b2)
     h.disconnect(b2)  # the newer connection leaves first
     h.finally_gone(b1)  # then the old socket reports its unwritten frame
+    # Never written, so not lost and not failed: stored, and its sender told so.
+    h.flush(a)
+    assert h.receipts(a) == [("delivery_status", "m1", "queued_offline")]
+    [row] = h.stored()
+    assert (row["msgid"], row["status"], row["attempts"]) == ("m1", None, 0)
     b3 = h.open(token=bob.token)
     h.flush(b3)
     h.flush(a)
-    delivered = [f for f in h.read(b3) if f["type"] == "message"]
-    told = [(m, s) for _, m, s in h.receipts(a)]
-    # Either delivered later or its sender told it failed: never silently dropped.
-    assert contents(delivered) == ["x"] or ("m1", "failed") in told
+    [delivered] = of_type(h.read(b3), "message")
+    assert (delivered["content"], delivered["attempt"], delivered["redelivered"]) == ("x", 1, False)
+    assert h.receipts(a) == [("delivery_update", "m1", "delivered")]
+    h.run()
+    [row] = h.stored()
+    assert row["status"] == "delivered"
 
 
 # --- 10. authentication ---------------------------------------------------------------------------
@@ -1819,9 +1857,10 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
 
     Mode ``stored``: acknowledge:false is only sent while the recipient is offline, so every
     message is stored. Mode ``mixed``: it is also sent to the connected recipient (held in
-    memory); the walk then steers clear of the faults the xfail tests above pin: the sender's
-    frames are written before it leaves, and the recipient catches up (nothing in memory for
-    it) before it leaves.
+    memory, and stored only if the recipient leaves before it is written); while a live fault
+    stands (pinned by the xfail test
+    test_a_message_parked_when_its_recipient_left_keeps_its_place_on_reconnect), the recipient
+    catches up before it leaves in this mode.
     """
     rng = random.Random(seed)
     relay = relay_config(
@@ -1832,9 +1871,9 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
         mailbox_size=8,
         inflight_window=3,
     )
-    # A buffer roomy enough for every receipt owed: a burst of owed receipts beyond it is a
-    # known fault (pinned above), and the walk's slow consumer is the recipient's business.
-    ws = ws_config(outbound_buffer=512, messages_per_second=1e6, message_burst=1_000_000)
+    # A small buffer: owed receipts and held-back writes overflow it, and must wait in the
+    # store for the socket to drain, not be lost.
+    ws = ws_config(outbound_buffer=16, messages_per_second=1e6, message_burst=1_000_000)
     h = CoreHarness(relay, ws, auto_store=False, auto_flush=False)
     alice, bob = h.client("alice", ttl=1e7), h.client("bob", ttl=1e7)
     a: int | None = None
@@ -1910,15 +1949,8 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
                 h.send(b, {"type": "ack", "msgid": msgid})
             to_ack.clear()
         elif step == "a_up" and a is None:
-            # Two receipt loads in flight for one sender duplicate receipts (pinned above).
-            while any(isinstance(op, LoadReceipts) for op in h.pending_store):
-                h.commit()
-                h.run()
             a = h.open(token=alice.token)
         elif step == "a_down" and a is not None:
-            if mode == "mixed":
-                h.flush(a)
-                h.run()
             collect()
             h.disconnect(a, interrupted=rng.choice([0, 1]))
             a = None
@@ -1926,7 +1958,7 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
             b = h.open(token=bob.token)
         elif step == "b_down" and b is not None:
             if mode == "mixed":
-                catch_up()
+                catch_up()  # the one fence left: see the docstring
             collect()
             h.disconnect(b, interrupted=rng.choice([0, 1]))
             b = None
@@ -1934,15 +1966,6 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
         elif step == "wait":
             h.advance(rng.choice([0.5, 1.0, 3.0, 7.0]))
         elif step == "crash":
-            # Receipts marked told but not yet written are lost in a crash (pinned by an
-            # xfail above): commit and write the sender's frames first.
-            while h.pending_store or (a is not None and h.sessions[a].outbox):
-                if h.pending_store:
-                    h.commit()
-                    h.run()
-                if a is not None:
-                    h.flush(a)
-                    h.run()
             collect()
             h.advance(1.0)
             h = h.restart()
@@ -1960,9 +1983,6 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
     # Everyone comes back and catches up.
     for _ in range(200):
         if a is None or h.sessions[a].gone:
-            while any(isinstance(op, LoadReceipts) for op in h.pending_store):
-                h.commit()
-                h.run()
             a = h.open(token=alice.token)
         if b is None or h.sessions[b].gone:
             b = h.open(token=bob.token)
