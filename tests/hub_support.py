@@ -137,6 +137,11 @@ class Peer:
             await self.closed.wait()
         return self.close_code
 
+    async def wait_served(self) -> None:
+        """Until the hub is done with this socket (and has told the core)."""
+        with trio.fail_after(VIRTUAL_DEADLINE):
+            await self.served.wait()
+
 
 class GatedStore(Store):
     """A store whose message operations (:meth:`execute`) wait while ``gate`` is unset: a

@@ -392,7 +392,7 @@ async def test_frames_still_queued_for_a_socket_that_drops_are_not_lost(
         await a.say(message(bob.uuid, "m2"))
         await trio.testing.wait_all_tasks_blocked()  # m1 and m2 wait in the socket's channel
         b1.vanish()
-        await b1.served.wait()
+        await b1.wait_served()
         b2 = await env.connect(bob)
         assert (await b2.next_of("message"))["msgid"] == "m1"
         assert (await b2.next_of("message"))["msgid"] == "m2"
