@@ -2,9 +2,10 @@
 
 :class:`Peer` is a :class:`relayd._relay.transport.Transport` whose other end is the test: it
 sends frames in, reads frames out, can stop reading (writes block, as on a socket whose peer
-does not drain it), stop answering pings, or vanish. :func:`start_hub` runs a real
-:class:`~relayd._relay.hub.Hub` on a real in-memory store with the store calls made inline, and
-an :class:`AuthService` whose clock is ``EPOCH + trio.current_time()``: under
+does not drain it), read slowly (each frame takes ``write_delay``), stop answering pings, or
+vanish. :func:`start_hub` runs a real :class:`~relayd._relay.hub.Hub` on a real in-memory
+store with the store calls made inline (:class:`GatedStore` can hold them back, as a store
+that lags), and an :class:`AuthService` whose clock is ``EPOCH + trio.current_time()``: under
 ``autojump_clock`` every timer fires at an exact virtual instant.
 
 Clients are inserted straight into the store and their tokens minted by the codec, so that no
@@ -25,6 +26,7 @@ import trio
 from relayd._auth import CLIENT_ROLES, AuthService
 from relayd._config import Config, structure
 from relayd._relay.hub import Hub
+from relayd._relay.records import StoreOp
 from relayd._relay.transport import TransportClosed
 from relayd._store import ClientRecord, Store, inline_executor
 from relayd._tokens import TokenCodec
@@ -53,6 +55,7 @@ class Peer:
         self.reading = trio.Event()  # while unset, relayd's writes block
         self.reading.set()
         self.answer_pings = True
+        self.write_delay = 0.0  # virtual seconds each frame takes to go out: a slow link
         self.pings = 0
         self.close_code: int | None = None
         self.close_reason: str | None = None
@@ -79,6 +82,8 @@ class Peer:
 
     async def send(self, text: str) -> None:
         await self.reading.wait()
+        if self.write_delay:
+            await trio.sleep(self.write_delay)
         if self.closed.is_set():
             raise TransportClosed(self.close_code)
         self.frames.append(json.loads(text))
@@ -132,6 +137,30 @@ class Peer:
         with trio.fail_after(VIRTUAL_DEADLINE):
             await self.closed.wait()
         return self.close_code
+
+    async def wait_served(self) -> None:
+        """Until the hub is done with this socket (and has told the core)."""
+        with trio.fail_after(VIRTUAL_DEADLINE):
+            await self.served.wait()
+
+
+class GatedStore(Store):
+    """A store whose message operations (:meth:`execute`) wait while ``gate`` is unset: a
+    store that lags. The other calls (clients, tokens) go through."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = trio.Event()
+        self.gate.set()
+        self.waiting = 0  # batches held at the gate now
+
+    async def execute(self, ops: Sequence[StoreOp], *, max_queued: int) -> list[Any]:
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+        return await super().execute(ops, max_queued=max_queued)
 
 
 @attrs.frozen
@@ -221,6 +250,14 @@ async def running_hub(
         env = HubEnv(hub, opened, auth, config, nursery)
         yield env
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def gated_store() -> AsyncIterator[GatedStore]:
+    """An in-memory :class:`GatedStore`, gate open, to pass to :func:`running_hub`."""
+    async with GatedStore.open(":memory:", executor=inline_executor) as store:
+        assert isinstance(store, GatedStore)
+        yield store
 
 
 @asynccontextmanager

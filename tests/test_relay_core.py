@@ -17,7 +17,7 @@ import pytest
 
 from relayd._config import RelayConfig, WebsocketConfig
 from relayd._relay.frames import CloseCode
-from relayd._relay.records import LoadQueue, LoadReceipts
+from relayd._relay.records import FindExpired, Insert, LoadQueue, LoadReceipts, Purge
 
 from .relay_harness import T0, CoreHarness
 from .support import SEED_FIELDS
@@ -1007,6 +1007,37 @@ def test_order_survives_the_recipient_leaving_while_earlier_messages_await_their
     assert contents(of_type(h.read(b), "message")) == ["A", "0", "1"]
 
 
+@pytest.mark.xfail(
+    reason="live bug: _loaded skips a row whose message is still staged (committed in the same"
+    " batch as the load), pumps what it loaded, and only then routes the staged one: it is"
+    " delivered behind later messages",
+    strict=True,
+)
+def test_a_message_parked_when_its_recipient_left_keeps_its_place_on_reconnect() -> None:
+    """The recipient leaves with deliveries unwritten: the acknowledge:false one among them is
+    stored now (its seq keeps its place), and the recipient comes back before that commit."""
+    h = CoreHarness(auto_store=False, auto_flush=False)
+    alice, bob = h.client("alice"), h.client("bob")
+    a, b = h.open(token=alice.token), h.open(token=bob.token)
+    h.commit()
+    h.run()
+    h.flush()
+    h.read(b)
+    for i, acknowledge in enumerate([True, False, True]):
+        msg = {"to": bob.uuid, "msgid": f"m{i}", "content": str(i), "acknowledge": acknowledge}
+        h.send(a, msg)
+    h.commit()
+    h.run()
+    assert len(h.sessions[b].outbox) == 3  # handed to the socket, never written
+    h.disconnect(b)
+    b = h.open(token=bob.token)
+    assert [type(op) for op in h.pending_store] == [Insert, LoadQueue, LoadReceipts]
+    h.commit()  # one batch: m1's insert, then the load that finds all three
+    h.run()
+    h.flush(b)
+    assert contents(of_type(h.read(b), "message")) == ["0", "1", "2"]
+
+
 # --- 8. expiry ------------------------------------------------------------------------------------
 
 
@@ -1245,13 +1276,20 @@ def test_unwritten_message_of_a_replaced_socket_that_closes_last_is_not_lost() -
     h.flush(b2)
     h.disconnect(b2)  # the newer connection leaves first
     h.finally_gone(b1)  # then the old socket reports its unwritten frame
+    # Never written, so not lost and not failed: stored, and its sender told so.
+    h.flush(a)
+    assert h.receipts(a) == [("delivery_status", "m1", "queued_offline")]
+    [row] = h.stored()
+    assert (row["msgid"], row["status"], row["attempts"]) == ("m1", None, 0)
     b3 = h.open(token=bob.token)
     h.flush(b3)
     h.flush(a)
-    delivered = [f for f in h.read(b3) if f["type"] == "message"]
-    told = [(m, s) for _, m, s in h.receipts(a)]
-    # Either delivered later or its sender told it failed: never silently dropped.
-    assert contents(delivered) == ["x"] or ("m1", "failed") in told
+    [delivered] = of_type(h.read(b3), "message")
+    assert (delivered["content"], delivered["attempt"], delivered["redelivered"]) == ("x", 1, False)
+    assert h.receipts(a) == [("delivery_update", "m1", "delivered")]
+    h.run()
+    [row] = h.stored()
+    assert row["status"] == "delivered"
 
 
 # --- 10. authentication ---------------------------------------------------------------------------
@@ -2106,9 +2144,10 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
 
     Mode ``stored``: acknowledge:false is only sent while the recipient is offline, so every
     message is stored. Mode ``mixed``: it is also sent to the connected recipient (held in
-    memory); the walk then steers clear of the faults the xfail tests above pin: the sender's
-    frames are written before it leaves, and the recipient catches up (nothing in memory for
-    it) before it leaves.
+    memory, and stored only if the recipient leaves before it is written); while a live fault
+    stands (pinned by the xfail test
+    test_a_message_parked_when_its_recipient_left_keeps_its_place_on_reconnect), the recipient
+    catches up before it leaves in this mode.
     """
     rng = random.Random(seed)
     relay = relay_config(
@@ -2119,9 +2158,9 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
         mailbox_size=8,
         inflight_window=3,
     )
-    # A buffer roomy enough for every receipt owed: a burst of owed receipts beyond it is a
-    # known fault (pinned above), and the walk's slow consumer is the recipient's business.
-    ws = ws_config(outbound_buffer=512, messages_per_second=1e6, message_burst=1_000_000)
+    # A small buffer: owed receipts and held-back writes overflow it, and must wait in the
+    # store for the socket to drain, not be lost.
+    ws = ws_config(outbound_buffer=16, messages_per_second=1e6, message_burst=1_000_000)
     h = CoreHarness(relay, ws, auto_store=False, auto_flush=False)
     alice, bob = h.client("alice", ttl=1e7), h.client("bob", ttl=1e7)
     a: int | None = None
@@ -2197,15 +2236,8 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
                 h.send(b, {"type": "ack", "msgid": msgid})
             to_ack.clear()
         elif step == "a_up" and a is None:
-            # Two receipt loads in flight for one sender duplicate receipts (pinned above).
-            while any(isinstance(op, LoadReceipts) for op in h.pending_store):
-                h.commit()
-                h.run()
             a = h.open(token=alice.token)
         elif step == "a_down" and a is not None:
-            if mode == "mixed":
-                h.flush(a)
-                h.run()
             collect()
             h.disconnect(a, interrupted=rng.choice([0, 1]))
             a = None
@@ -2213,7 +2245,7 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
             b = h.open(token=bob.token)
         elif step == "b_down" and b is not None:
             if mode == "mixed":
-                catch_up()
+                catch_up()  # the one fence left: see the docstring
             collect()
             h.disconnect(b, interrupted=rng.choice([0, 1]))
             b = None
@@ -2221,15 +2253,6 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
         elif step == "wait":
             h.advance(rng.choice([0.5, 1.0, 3.0, 7.0]))
         elif step == "crash":
-            # Receipts marked told but not yet written are lost in a crash (pinned by an
-            # xfail above): commit and write the sender's frames first.
-            while h.pending_store or (a is not None and h.sessions[a].outbox):
-                if h.pending_store:
-                    h.commit()
-                    h.run()
-                if a is not None:
-                    h.flush(a)
-                    h.run()
             collect()
             h.advance(1.0)
             h = h.restart()
@@ -2247,9 +2270,6 @@ def test_random_interleavings_keep_order_lose_nothing_receipted_and_tell_one_fin
     # Everyone comes back and catches up.
     for _ in range(200):
         if a is None or h.sessions[a].gone:
-            while any(isinstance(op, LoadReceipts) for op in h.pending_store):
-                h.commit()
-                h.run()
             a = h.open(token=alice.token)
         if b is None or h.sessions[b].gone:
             b = h.open(token=bob.token)
@@ -2344,3 +2364,164 @@ def test_a_burst_of_first_receipts_never_overflows_a_reading_sender() -> None:
     assert closed_code(h, a) is None
     assert h.receipts(a) == [("delivery_status", f"m{i}", "queued_offline") for i in range(2)]
     assert h.core.readable(a)
+
+
+# --- guards that a one-line break once slipped past -----------------------------------------------
+
+
+def test_message_acknowledged_while_the_sweeps_read_is_in_flight_is_not_then_expired() -> None:
+    """The sweep reads expiry candidates, then decides: a message acknowledged between the
+    read and its answer still shows as queued in the answer, and must stay acknowledged."""
+    h = CoreHarness(relay_config(ack_timeout=60.0, sweep_interval=30.0), auto_store=False)
+    alice, bob = h.client("alice"), h.client("bob")
+    a, b = h.connect(alice), h.connect(bob)
+    h.commit()
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "acknowledge": True, "ttl": 10})
+    h.commit()
+    h.run()
+    assert len(h.messages(b)) == 1
+    advance_to(h, T0 + 30.0)  # the ttl has passed; the sweep's read is issued, not answered
+    assert [type(op) for op in h.pending_store] == [FindExpired, Purge]
+    h.send(b, {"type": "ack", "msgid": "m1"})
+    assert of_type(h.read(b), "ack_received")[0]["status"] == "acknowledged"
+    h.commit()  # the read still finds m1 queued: the ack's Finish runs after it
+    h.run()
+    h.commit()
+    assert h.receipts(a) == [
+        ("delivery_status", "m1", "pending_ack"),
+        ("delivery_update", "m1", "acknowledged"),
+    ]
+    [row] = h.stored()
+    assert row["status"] == "acknowledged"
+
+
+def test_message_expired_by_the_sweep_while_its_recipients_load_is_in_flight_is_not_delivered() -> (
+    None
+):
+    """The sweep expires a queued message while a load for its recipient, issued before the
+    sweep's answer came, still finds it queued: it is expired once, and not delivered."""
+    h = CoreHarness(relay_config(sweep_interval=30.0), auto_store=False)
+    alice, bob = h.client("alice"), h.client("bob")
+    a = h.connect(alice)
+    h.commit()
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "ttl": 10})
+    h.commit()
+    h.run()
+    assert h.receipts(a) == [("delivery_status", "m1", "queued_offline")]
+    advance_to(h, T0 + 30.0)  # the sweep's read is issued ...
+    b = h.open(token=bob.token)  # ... and so is bob's load, behind it
+    assert [type(op) for op in h.pending_store] == [FindExpired, Purge, LoadQueue, LoadReceipts]
+    h.commit()  # one batch: both reads find m1 queued
+    h.run()
+    h.commit()
+    assert h.receipts(a) == [("delivery_update", "m1", "expired")]
+    assert h.messages(b) == []
+    [row] = h.stored()
+    assert row["status"] == "expired"
+
+
+def test_closed_sessions_give_back_their_addresss_connection_slots() -> None:
+    """max_connections_per_ip counts open sockets, not sockets ever opened."""
+    h = CoreHarness(websocket=ws_config(max_connections_per_ip=2))
+    bob, carol = h.client("bob"), h.client("carol")
+    for _ in range(5):
+        h.disconnect(h.connect(bob, remote="10.0.0.7"))
+    h.connect(bob, remote="10.0.0.7")
+    h.connect(carol, remote="10.0.0.7")
+    refused = h.open(token=bob.token, remote="10.0.0.7")
+    assert the_error(h.read(refused))["code"] == "too_many_connections"
+    assert closed_code(h, refused) == CloseCode.TRY_LATER
+
+
+def test_an_ack_timer_armed_on_a_replaced_socket_does_not_fire_for_the_redelivery() -> None:
+    """A redelivery on the newer socket gets a full ack_timeout of its own: the timer armed
+    for the write on the replaced socket is stale."""
+    relay = relay_config(ack_timeout=10.0, backoff_initial=2.0)
+    h = CoreHarness(relay)
+    alice, bob = h.client("alice"), h.client("bob")
+    a, b1 = h.connect(alice), h.connect(bob)
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "acknowledge": True})
+    assert len(h.messages(b1)) == 1  # written at T0: its ack timer is due at T0 + 10
+    advance_to(h, T0 + 5.0)
+    b2 = h.connect(bob)
+    [again] = h.messages(b2)
+    assert (again["attempt"], again["redelivered"]) == (2, True)
+    # Written at T0 + 5: timed out at T0 + 15, then a backoff of 2 * 2.
+    advance_to(h, T0 + 19.0 - EPS)
+    assert h.messages(b2) == []
+    advance_to(h, T0 + 19.0)
+    [third] = h.messages(b2)
+    assert third["attempt"] == 3
+
+
+def test_a_backoff_timer_armed_on_a_replaced_socket_does_not_fire_for_the_next_backoff() -> None:
+    """A message in backoff when its socket is replaced is redelivered on the newer one at
+    once; if that delivery times out too, its backoff is its own, not the stale one's."""
+    relay = relay_config(ack_timeout=10.0, backoff_initial=20.0, backoff_max=100.0)
+    h = CoreHarness(relay)
+    alice, bob = h.client("alice"), h.client("bob")
+    a, b1 = h.connect(alice), h.connect(bob)
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "acknowledge": True})
+    assert len(h.messages(b1)) == 1
+    advance_to(h, T0 + 11.0)  # timed out at T0 + 10: in backoff until T0 + 30
+    assert h.messages(b1) == []
+    b2 = h.connect(bob)
+    [second] = h.messages(b2)
+    assert second["attempt"] == 2
+    # Timed out at T0 + 21, then a backoff of 20 * 2: the stale one due at T0 + 30 is void.
+    advance_to(h, T0 + 61.0 - EPS)
+    assert h.messages(b2) == []
+    advance_to(h, T0 + 61.0)
+    [third] = h.messages(b2)
+    assert third["attempt"] == 3
+
+
+def test_two_senders_messages_with_the_same_msgid_wait_for_each_others_ack() -> None:
+    """An ack names a msgid only: while one delivery of a msgid awaits its ack, another
+    message with the same msgid (from another sender) waits, so the ack is unambiguous."""
+    h = CoreHarness()
+    alice, carol, bob = h.client("alice"), h.client("carol"), h.client("bob")
+    a, c, b = h.connect(alice), h.connect(carol), h.connect(bob)
+    h.send(a, {"to": bob.uuid, "msgid": "same", "content": "alice's", "acknowledge": True})
+    h.send(c, {"to": bob.uuid, "msgid": "same", "content": "carol's", "acknowledge": True})
+    assert contents(h.messages(b)) == ["alice's"]
+    h.send(b, {"type": "ack", "msgid": "same"})
+    assert h.receipts(a)[-1] == ("delivery_update", "same", "acknowledged")
+    assert h.receipts(c) == [("delivery_status", "same", "pending_ack")]
+    assert contents(h.messages(b)) == ["carol's"]
+    h.send(b, {"type": "ack", "msgid": "same"})
+    assert h.receipts(c) == [("delivery_update", "same", "acknowledged")]
+    assert [row["status"] for row in h.stored()] == ["acknowledged", "acknowledged"]
+
+
+def test_unacked_messages_go_to_a_replacing_socket_in_send_order_after_a_redelivery() -> None:
+    """A redelivery re-enters the unacked set behind later messages; when the socket is
+    replaced, what it left unacknowledged goes out again in send order all the same."""
+    relay = relay_config(ack_timeout=10.0, backoff_initial=1.0)
+    h = CoreHarness(relay)
+    alice, bob = h.client("alice"), h.client("bob")
+    a, b1 = h.connect(alice), h.connect(bob)
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "content": "1", "acknowledge": True})
+    advance_to(h, T0 + 5.0)
+    h.send(a, {"to": bob.uuid, "msgid": "m2", "content": "2", "acknowledge": True})
+    assert contents(h.messages(b1)) == ["1", "2"]
+    advance_to(h, T0 + 11.0)  # m1 timed out at T0 + 10, redelivered after its backoff
+    assert [(m["content"], m["attempt"]) for m in h.messages(b1)] == [("1", 2)]
+    b2 = h.connect(bob)
+    assert [(m["content"], m["attempt"]) for m in h.messages(b2)] == [("1", 3), ("2", 2)]
+
+
+def test_a_finished_message_leaves_no_body_in_the_store() -> None:
+    """A final status empties the stored fields: the store keeps what deduplication and owed
+    receipts need, not the content of messages long delivered."""
+    h = CoreHarness()
+    alice, bob = h.client("alice"), h.client("bob")
+    a = h.connect(alice)
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "content": "secret", "acknowledge": True})
+    [row] = h.stored()
+    assert "secret" in row["fields"]
+    b = h.connect(bob)
+    [message] = h.messages(b)
+    h.send(b, {"type": "ack", "msgid": message["msgid"]})
+    [row] = h.stored()
+    assert (row["status"], row["fields"]) == ("acknowledged", "")

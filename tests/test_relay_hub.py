@@ -20,7 +20,7 @@ from relayd._errors import TokenError
 from relayd._relay.frames import CloseCode
 from relayd._relay.hub import CLOSE_TIMEOUT
 
-from .hub_support import EPOCH, running_hub
+from .hub_support import EPOCH, gated_store, running_hub
 
 MockClock = trio.testing.MockClock
 
@@ -438,3 +438,84 @@ async def test_transport_without_pings_is_left_to_the_server_beneath(
         await trio.sleep(600.0)
         assert not peer.closed.is_set()
         assert (peer.pings, peer.frames) == (0, [])
+
+
+# --- guards that a one-line break once slipped past -----------------------------------------------
+
+
+async def test_readers_stop_while_store_operations_pile_up(autojump_clock: MockClock) -> None:
+    """Senders are held back by every operation waiting for the store, not only by messages
+    awaiting their commit: here, the traces of messages delivered straight from memory."""
+    relay = {"max_pending_commit": 4, "sweep_interval": 3600.0}
+    async with gated_store() as store, running_hub({"relay": relay}, store=store) as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b = await env.connect(alice), await env.connect(bob)
+        await trio.testing.wait_all_tasks_blocked()  # bob's queue is loaded
+        store.gate = trio.Event()  # the store lags from here
+        for i in range(12):
+            await a.say(message(bob.uuid, f"m{i}"))
+            await trio.testing.wait_all_tasks_blocked()
+        # Each frame read leaves one operation for the store (its trace, once its receipt is
+        # written); m0's is held at the gate. A reader checks the backlog before it waits for
+        # its next frame, so the frame read after the last check that passed (three waiting)
+        # makes it five.
+        assert store.waiting == 1
+        assert env.hub.store_backlog == 5
+        delivered = [f["msgid"] for f in b.frames if f["type"] == "message"]
+        assert delivered == [f"m{i}" for i in range(6)]  # m6 to m11 stay unread
+        b.frames.clear()
+        store.gate.set()
+        for i in range(6, 12):
+            assert (await b.next_of("message"))["msgid"] == f"m{i}"
+
+
+async def test_frames_still_queued_for_a_socket_that_drops_are_not_lost(
+    autojump_clock: MockClock,
+) -> None:
+    """A socket drops with one frame in its writer's hands and more queued behind it: the
+    one being written may have arrived (at most once: failed), the queued ones did not, and
+    come on the next connection."""
+    async with running_hub() as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b1 = await env.connect(alice), await env.connect(bob)
+        b1.reading = trio.Event()  # bob's writes block
+        await a.say(message(bob.uuid, "m0"))
+        await trio.testing.wait_all_tasks_blocked()  # the writer holds m0
+        await a.say(message(bob.uuid, "m1"))
+        await a.say(message(bob.uuid, "m2"))
+        await trio.testing.wait_all_tasks_blocked()  # m1 and m2 wait in the socket's channel
+        b1.vanish()
+        await b1.wait_served()
+        b2 = await env.connect(bob)
+        assert (await b2.next_of("message"))["msgid"] == "m1"
+        assert (await b2.next_of("message"))["msgid"] == "m2"
+        receipts = [await a.next() for _ in range(5)]
+        assert [(r["type"], r["msgid"], r["status"]) for r in receipts] == [
+            ("delivery_status", "m0", "failed"),
+            ("delivery_status", "m1", "queued_offline"),
+            ("delivery_status", "m2", "queued_offline"),
+            ("delivery_update", "m1", "delivered"),
+            ("delivery_update", "m2", "delivered"),
+        ]
+        assert receipts[0]["reason"] == "connection_lost"
+
+
+async def test_a_slow_socket_that_keeps_draining_is_not_cut(autojump_clock: MockClock) -> None:
+    """write_timeout bounds a write that makes no progress, not a batch: a socket that takes
+    4 s per frame keeps up with a 10 s write_timeout, however many frames a batch holds."""
+    async with running_hub({"websocket": {"write_timeout": 10.0}}) as env:
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b = await env.connect(alice), await env.connect(bob)
+        b.reading = trio.Event()
+        await a.say(message(bob.uuid, "m0"))
+        await trio.testing.wait_all_tasks_blocked()  # the writer holds m0
+        for i in range(1, 6):
+            await a.say(message(bob.uuid, f"m{i}"))
+        await trio.testing.wait_all_tasks_blocked()  # the next batch gathers behind it
+        b.write_delay = 4.0
+        t0 = trio.current_time()
+        b.reading.set()
+        for i in range(6):
+            assert (await b.next_of("message"))["msgid"] == f"m{i}"
+            assert trio.current_time() == t0 + 4.0 * (i + 1)
+        assert not b.closed.is_set()
