@@ -553,19 +553,13 @@ def _load_queue(db: sqlite3.Connection, op: LoadQueue) -> QueuePage:
     rows: list[StoredMessage] = []
     total = 0
     more = False
-    for row in cursor.fetchall():
+    for row in cursor:
         size = size_of(row["fields"])
         if len(rows) == op.limit or (rows and total + size > op.max_bytes):
             more = True
             break
         rows.append(_stored(row))
         total += size
-    # Loaded for an online recipient, each may be delivered before anything else is written:
-    # its row counts that first attempt now (see the core's Message.recorded_attempts).
-    db.executemany(
-        "UPDATE messages SET attempts = 1 WHERE seq = ? AND attempts = 0",
-        [(row.seq,) for row in rows if row.attempts == 0],
-    )
     return QueuePage(rows, more=more)
 
 

@@ -17,7 +17,14 @@ import pytest
 
 from relayd._config import RelayConfig, WebsocketConfig
 from relayd._relay.frames import CloseCode
-from relayd._relay.records import FindExpired, Insert, LoadQueue, LoadReceipts, Purge
+from relayd._relay.records import (
+    FindExpired,
+    Insert,
+    LoadQueue,
+    LoadReceipts,
+    Purge,
+    SetAttempts,
+)
 
 from .relay_harness import T0, CoreHarness
 from .support import SEED_FIELDS
@@ -654,8 +661,8 @@ def test_a_message_queued_for_an_offline_recipient_is_a_first_delivery_after_a_c
 
 
 def test_a_message_delivered_from_the_store_is_flagged_after_a_crash() -> None:
-    """The load that brings it into memory is the commit that counts its attempt: nothing
-    committed after it (here: nothing at all) is needed for the flag."""
+    """Loaded from the store, a message goes out only once its row counts the attempt: a
+    crash right after the write cannot hide the delivery."""
     h = CoreHarness()
     alice, bob = h.client("alice"), h.client("bob")
     a = h.connect(alice)
@@ -664,8 +671,14 @@ def test_a_message_delivered_from_the_store_is_flagged_after_a_crash() -> None:
     b = h.open(token=bob.token)
     h.commit()  # the load
     h.run()
+    assert h.messages(b) == []  # its attempt is being counted
+    [count] = h.pending_store
+    assert isinstance(count, SetAttempts)
+    assert count.attempts == 1
+    h.commit()
+    h.run()
     assert first_delivery(h.messages(b)) == (1, False)
-    h2 = h.restart()  # before anything else was committed, before bob acked
+    h2 = h.restart()  # before bob acked
     h2.auto_store = True
     b2 = h2.connect(bob)
     assert first_delivery(h2.messages(b2)) == (2, True)
@@ -1007,12 +1020,6 @@ def test_order_survives_the_recipient_leaving_while_earlier_messages_await_their
     assert contents(of_type(h.read(b), "message")) == ["A", "0", "1"]
 
 
-@pytest.mark.xfail(
-    reason="live bug: _loaded skips a row whose message is still staged (committed in the same"
-    " batch as the load), pumps what it loaded, and only then routes the staged one: it is"
-    " delivered behind later messages",
-    strict=True,
-)
 def test_a_message_parked_when_its_recipient_left_keeps_its_place_on_reconnect() -> None:
     """The recipient leaves with deliveries unwritten: the acknowledge:false one among them is
     stored now (its seq keeps its place), and the recipient comes back before that commit."""
@@ -1031,8 +1038,12 @@ def test_a_message_parked_when_its_recipient_left_keeps_its_place_on_reconnect()
     assert len(h.sessions[b].outbox) == 3  # handed to the socket, never written
     h.disconnect(b)
     b = h.open(token=bob.token)
-    assert [type(op) for op in h.pending_store] == [Insert, LoadQueue, LoadReceipts]
+    # (m0 and m2 were never written: their rows stop counting an attempt.)
+    kinds = [type(op) for op in h.pending_store]
+    assert kinds == [SetAttempts, SetAttempts, Insert, LoadQueue, LoadReceipts]
     h.commit()  # one batch: m1's insert, then the load that finds all three
+    h.run()
+    h.auto_store = True
     h.run()
     h.flush(b)
     assert contents(of_type(h.read(b), "message")) == ["0", "1", "2"]

@@ -180,12 +180,15 @@ class Message:
     durable: bool
     seq: int  # allocated at acceptance: the order of first deliveries
     attempts: int = 0
-    # The attempts its store row counts. A row counts a first attempt before the message can
-    # reach its recipient's socket (it is stored, or loaded, while its recipient is online),
-    # so a crash never hides a delivery: loaded after a restart, the message is a redelivery
-    # exactly when its row counts one. A row that counts an attempt never made is corrected
-    # when the message leaves memory unsent; only a crash leaves it so.
+    # The attempts its store row counts (or will, once ``recording`` is done). A row counts a
+    # first attempt before the message can reach its recipient's socket, so a crash never
+    # hides a delivery: loaded after a restart, the message is a redelivery exactly when its
+    # row counts one. A message stored while its recipient is online is inserted counting
+    # one; any other waits in its mailbox for that write (see _pump). A row that counts an
+    # attempt never made is corrected when the message leaves memory unsent; only a crash
+    # leaves it so.
     recorded_attempts: int = 0
+    recording: bool = False  # its first attempt is being written: it may not go out yet
     where: Where = Where.STAGED
     status: Status | None = None  # the last status its sender was told
     committed: bool = False
@@ -1125,6 +1128,10 @@ class RelayCore:
             message = queue[0]
             if message.acknowledge and message.msgid in recipient.unacked:
                 break  # same msgid still unacked: wait, so acks stay unambiguous
+            if message.durable and message.recorded_attempts == 0:
+                self._count_first_attempts(recipient)
+            if message.recording:
+                break  # its row does not count this attempt yet: see Message
             queue.popleft()
             if now >= message.expires_at:
                 self._finish(message, Status.EXPIRED, now)
@@ -1151,6 +1158,20 @@ class RelayCore:
             and recipient.held_bytes <= self.relay.mailbox_bytes // 2
         ):
             self._load(recipient)
+
+    def _count_first_attempts(self, recipient: Recipient) -> None:
+        """Have the store count a first attempt for every stored message in the recipient's
+        mailbox that counts none: one write for all, before any of them goes out."""
+        for message in itertools.chain(recipient.high, recipient.normal):
+            if message.durable and message.recorded_attempts == 0:
+                message.recorded_attempts = 1
+                message.recording = True
+                self._actions.append(SetAttempts(message.seq, 1, ref=message))
+
+    def _attempt_counted(self, message: Message, now: float) -> None:
+        message.recording = False
+        if message.holder is not None:
+            self._pump(message.holder, now)
 
     def _load(self, recipient: Recipient) -> None:
         op = LoadQueue(
@@ -1336,6 +1357,8 @@ class RelayCore:
             elif isinstance(op, FindExpired):
                 self._expired_found(result, now)
                 self._read_done()
+            elif isinstance(op, SetAttempts) and isinstance(op.ref, Message):
+                self._attempt_counted(op.ref, now)
         for client in touched:
             self._drain_staging(client, now)
 
@@ -1421,18 +1444,24 @@ class RelayCore:
         if recipient is None or recipient.loading is not op:
             return  # the client left, or came back, since
         recipient.loading = None
+        # A message still staged for the recipient goes before every row after it: the page
+        # stops there, and the rest is loaded once it has been routed (rule 3).
+        staged = self._staging.get(op.recipient)
+        first_staged = min((m.seq for m in staged), default=None) if staged else None
+        more = page.more
         for row in page.rows:
+            if first_staged is not None and row.seq > first_staged:
+                more = True
+                break
             recipient.cursor = max(recipient.cursor, row.seq)
             if row.seq in self._by_seq or row.seq in self._finished_while_reading:
                 continue
             message = self._message_from_row(row)
-            # The load counted a first attempt in the row: see Message.recorded_attempts.
-            message.recorded_attempts = max(row.attempts, 1)
             self._by_seq[row.seq] = message
             self._hold(recipient, message)
             message.where = Where.MAILBOX
             (recipient.high if message.high else recipient.normal).append(message)
-        if not page.more and recipient.stored_since == recipient.load_mark:
+        if not more and recipient.stored_since == recipient.load_mark:
             recipient.backlog = False
         self._pump(recipient, now)
         self._drain_staging(op.recipient, now)

@@ -107,10 +107,13 @@ class Finish:
 
 @frozen
 class SetAttempts:
-    """Record how often a queued message was delivered (kept when it leaves memory)."""
+    """Record how often a queued message was delivered (kept when it leaves memory). With
+    ``ref`` (the core's message), the core waits for this write before the message's frame
+    goes out, and is told when it is done."""
 
     seq: int
     attempts: int
+    ref: Any = None
 
 
 @frozen
@@ -128,8 +131,7 @@ class SetReceiptPending:
 class LoadQueue:
     """Queued messages for ``recipient`` with ``seq > after``, oldest first: at most ``limit``
     of them, and no more than fit in ``max_bytes`` (by :func:`size_of` their fields; the first
-    one always comes). The answer is a :class:`QueuePage`, with each row as it was; rows that
-    counted no attempt count one from then on (the recipient is online: see the core).
+    one always comes). The answer is a :class:`QueuePage`.
 
     Compared by identity: the core matches a result to the request it made.
     """
