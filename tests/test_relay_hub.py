@@ -424,7 +424,7 @@ async def test_shutdown_deadline_ends_close_handshakes_still_waiting_for_a_reply
         await env.hub.shutdown(t0 + 1.0)  # sooner than a close handshake's own 2 s bound
         assert a.close_code == CloseCode.GOING_AWAY
         assert trio.current_time() == t0 + 1.0
-        await a.served.wait()
+        await a.wait_served()
         assert trio.current_time() == t0 + 1.0
 
 
