@@ -43,7 +43,7 @@ from relayd._store import Store
 
 from .core import Authenticate, Close, Identity, Ping, Ref, RelayCore, Send
 from .frames import CloseCode
-from .records import StoreOp
+from .records import Finish, Purge, SetAttempts, SetReceiptPending, StoreOp
 from .transport import Transport, TransportClosed, abort_after
 
 log = logging.getLogger("relayd.relay")
@@ -52,6 +52,12 @@ log = logging.getLogger("relayd.relay")
 CLOSE_TIMEOUT = 2.0
 # Frames a writer takes from its channel per round (one core call per round).
 WRITE_BATCH = 64
+# Store operations nobody waits for (a final status, a receipt marked told, an attempt count,
+# a purge) ride with the next commit someone waits for, or go on their own after this long. At
+# light load that is one commit per message instead of three. A crash loses at most this much
+# of them, which at-least-once delivery covers already: an acknowledged message is delivered
+# again (flagged redelivered), a final receipt told again.
+DEFER_COMMIT = 0.05
 # Bytes written to a socket at once, at most, where frames are coalesced: past write_timeout
 # without completing a write, a socket counts as not draining, so a write must stay small.
 WRITE_CHUNK_BYTES = 128 * 1024
@@ -74,6 +80,14 @@ def _chunks(batch: list[_Outgoing], *, coalesce: bool) -> Iterator[list[_Outgoin
         size += len(outgoing.text)
     if chunk:
         yield chunk
+
+
+def _urgent(op: StoreOp) -> bool:
+    """Whether someone waits for ``op``: a read, a message's acceptance, an owed receipt's
+    record, a first attempt counted before a delivery (see DEFER_COMMIT)."""
+    if isinstance(op, SetAttempts):
+        return op.ref is not None
+    return not isinstance(op, Finish | SetReceiptPending | Purge)
 
 
 @frozen
@@ -129,6 +143,9 @@ class Hub:
         self._store_queue: deque[StoreOp] = deque()
         self._store_busy = False
         self._store_wakeup = trio.Event()
+        self._urgent_queued = 0  # operations in the queue that someone waits for
+        self._store_urgent = trio.Event()
+        self._queued_since = 0.0  # when the queue last went from empty to not
         self._timer_wakeup = trio.Event()
         self._sleeping_until = math.inf
         self._changed = trio.Event()
@@ -184,6 +201,7 @@ class Hub:
         stragglers, flush the store, stop. The last quarter (at most 2 s) of the time left is
         kept for cutting and flushing."""
         self.closing = True
+        self._store_urgent.set()  # nothing waits for a later commit any more
         reserve = min(2.0, max(0.0, deadline - trio.current_time()) / 4)
         self.core.drain(self.clock())
         self._apply()
@@ -249,7 +267,12 @@ class Hub:
                     except RuntimeError:  # the session's nursery closed: it is ending anyway
                         handle.pinging = False
             else:
+                if not self._store_queue:
+                    self._queued_since = trio.current_time()
                 self._store_queue.append(action)
+                if _urgent(action):
+                    self._urgent_queued += 1
+                    self._store_urgent.set()
                 self._store_wakeup.set()
         deadline = core.next_deadline()
         if deadline is not None and deadline < self._sleeping_until:
@@ -300,9 +323,17 @@ class Hub:
             while not self._store_queue:
                 self._store_wakeup = trio.Event()
                 await self._store_wakeup.wait()
+            if not self._urgent_queued and not self.closing:
+                self._store_urgent = trio.Event()
+                with trio.move_on_at(self._queued_since + DEFER_COMMIT):
+                    await self._store_urgent.wait()
             ops: list[StoreOp] = []
             while self._store_queue and len(ops) < max_batch:
-                ops.append(self._store_queue.popleft())
+                op = self._store_queue.popleft()
+                self._urgent_queued -= _urgent(op)
+                ops.append(op)
+            if self._store_queue:
+                self._queued_since = trio.current_time()
             self._store_busy = True
             started = time.perf_counter()
             results = await self.store.execute(ops, max_queued=max_queued)
