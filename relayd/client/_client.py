@@ -114,6 +114,10 @@ class ClientOptions:
     later)."""
     refresh_timeout: float = 10.0
     """How long relayd has to answer an in-band ``refresh`` frame."""
+    refresh_in_band: bool = True
+    """False: never refresh a live session; relayd ends it at expiry (4001) and the client
+    reconnects with a new token. For a relay in front of relayd that does not pass ``refresh``
+    frames on; it costs a reconnect per token lifetime."""
     liveness_factor: float = 3.0
     """A socket silent (not even a ping) for this many heartbeat intervals is dead."""
     inbox_size: int = 256
@@ -296,6 +300,8 @@ class Client:
 
     async def __aenter__(self) -> Self:
         async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self._inbox.close)
+            stack.callback(self._inbox_send.close)
             await self._store.acquire()
             stack.push_async_callback(self._store.release)
             credentials = await self._store.load()
@@ -479,9 +485,9 @@ class Client:
         with anyio.fail_after(timeout):
             try:
                 delivery = await self._inbox.receive()
-            except anyio.EndOfStream:
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
                 self._raise_if_stopped()
-                raise
+                raise SessionEnded("the client was closed") from None
         return delivery.message
 
     async def serve(self, handler: Callable[[Message], Awaitable[None]]) -> None:
@@ -628,7 +634,8 @@ class Client:
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._writer, session)
-                group.start_soon(self._refresher, session)
+                if self.options.refresh_in_band:
+                    group.start_soon(self._refresher, session)
                 code = await self._reader(session)
                 group.cancel_scope.cancel()
             return code
@@ -786,7 +793,7 @@ class MessageStream:
             self._previous = None
         try:
             delivery = await self._client._inbox.receive()
-        except anyio.EndOfStream:
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
             error = self._client.error
             if error is not None and not self._client._closing:
                 raise error from None
