@@ -29,6 +29,8 @@ from ._daemon import Daemon
 from ._errors import ConfigError, RelaydError
 from ._log import configure as configure_logging
 from ._tokens import TokenCodec
+from .client._cli import CLIENT_HELP
+from .client._cli import add_commands as add_client_commands
 
 log = logging.getLogger("relayd")
 
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relayd",
         description="A self-hosted message relay over WebSockets.",
-        epilog=HELP_EPILOG,
+        epilog=HELP_EPILOG + "\n" + CLIENT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"relayd {__version__}")
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backup_parser.add_argument("path", metavar="PATH", help="the file to write (must not exist)")
     backup_parser.set_defaults(func=_cmd_backup)
+    add_client_commands(commands)
     return parser
 
 

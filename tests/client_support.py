@@ -169,7 +169,7 @@ class DaemonProcess:
                 self._group.start_soon(self._drain, self.process.stderr, self._drained)
                 return self.url
 
-    async def stop(self, sig: int = signal.SIGTERM) -> int:
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         """Signal it (SIGTERM: drain, close sessions with 1001; SIGKILL: crash); wait for it to
         exit and return its exit code. Its stderr is read to the end meanwhile."""
         process = self.process

@@ -1,0 +1,270 @@
+"""``relayd register``, ``send``, ``listen`` and ``chat``: the client SDK on the command line.
+
+Pipe-friendly: standard output carries JSON lines only (one object per line, flushed as it is
+written); people's messages go to standard error. A client's identity lives in a credentials
+file, ``<credentials dir>/<name>.json`` (``--as NAME``), written by ``relayd register``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ._client import Client, SendHandle
+from ._credentials import CredentialFile
+from ._errors import (
+    AuthenticationError,
+    ClientError,
+    ConnectTimeout,
+    CredentialsError,
+    HttpError,
+    InvalidMessage,
+    ReceiptTimeout,
+    ServerUnreachable,
+    SessionEnded,
+)
+from ._frames import Message, Receipt
+from ._register import register
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # relayd unreachable, or a timeout
+EXIT_USAGE = 2
+EXIT_CREDENTIALS = 3  # no credentials, or relayd refused them (revoked, deleted, replaced)
+EXIT_NOT_DELIVERED = 4  # send: a message was rejected, failed or expired
+EXIT_INTERRUPTED = 130
+
+CLIENT_HELP = """\
+client commands (JSON lines on stdout, one object per line):
+  relayd register NAME [--url URL]   register a client; keep its identity as NAME
+  relayd send --as NAME TO [TEXT]    send TEXT (or each line of stdin) to TO (uuid or name)
+  relayd listen --as NAME            print each message received, then acknowledge it
+  relayd chat --as NAME PEER         a conversation in the terminal (pip install 'relayd[chat]')
+  Identities live in $XDG_CONFIG_HOME/relayd/clients (or ~/.config/relayd/clients), 0600.
+  Client exit codes: 0 ok, 1 relayd unreachable or timeout, 2 usage, 3 credentials missing or
+  refused (revoked, deleted, replaced by another session), 4 a message was not delivered
+  (rejected, failed, expired), 130 interrupted.
+"""
+
+
+def default_credentials_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "relayd" / "clients"
+
+
+def credential_file(args: argparse.Namespace, name: str) -> CredentialFile:
+    directory = Path(args.credentials_dir) if args.credentials_dir else default_credentials_dir()
+    if not name or "/" in name or name.startswith("."):
+        raise InvalidMessage(f"--as: {name!r} is not a usable identity name")
+    return CredentialFile(directory / f"{name}.json")
+
+
+def emit(doc: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def say(text: str) -> None:
+    print(f"relayd: {text}", file=sys.stderr, flush=True)
+
+
+def receipt_json(receipt: Receipt) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "type": "receipt",
+        "msgid": receipt.msgid,
+        "to": receipt.to,
+        "status": str(receipt.status),
+        "final": receipt.final,
+    }
+    if receipt.reason:
+        doc["reason"] = receipt.reason
+    if receipt.duplicate:
+        doc["duplicate"] = True
+    return doc
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    return dict(message.raw)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+async def _register(args: argparse.Namespace) -> int:
+    store = credential_file(args, args.as_name or args.name)
+    if store.exists():
+        say(f"{store.path} exists: {args.as_name or args.name} is registered already")
+        return EXIT_USAGE
+    credentials = await register(args.url, args.name, store, uuid=args.uuid)
+    emit({"uuid": credentials.uuid, "name": credentials.name, "credentials": str(store.path)})
+    return EXIT_OK
+
+
+async def _send(args: argparse.Namespace) -> int:
+    store = credential_file(args, args.as_name)
+    texts: list[str] = [args.text] if args.text is not None else []
+    async with Client(store) as client:
+        to = await client.resolve(args.to)
+        handles: list[SendHandle] = []
+
+        async def send(text: str) -> None:
+            handles.append(
+                await client.send(to, text, acknowledge=not args.no_ack, timeout=args.timeout)
+            )
+
+        if args.text is not None:
+            await send(texts[0])
+        else:
+            # stdin is read in a thread: lines may come slowly from a pipe.
+            while line := await anyio.to_thread.run_sync(sys.stdin.readline):
+                if line.strip():
+                    await send(line.rstrip("\n"))
+        worst = EXIT_OK
+        for handle in handles:
+            if args.wait == "final":
+                receipt = await handle.result(timeout=args.timeout)
+            else:
+                receipt = await handle.accepted(timeout=args.timeout)
+            emit(receipt_json(receipt))
+            if receipt.final and not receipt.ok:
+                worst = EXIT_NOT_DELIVERED
+    return worst
+
+
+async def _listen(args: argparse.Namespace) -> int:
+    store = credential_file(args, args.as_name)
+
+    def on_receipt(receipt: Receipt, handle: SendHandle | None) -> None:
+        if args.receipts:
+            emit(receipt_json(receipt))
+
+    async with Client(store, on_receipt=on_receipt) as client:
+        with anyio.fail_after(args.timeout) if args.timeout else _no_deadline():
+            count = 0
+            async for message in client.messages():
+                emit(message_json(message))  # acknowledged once printed (next iteration)
+                count += 1
+                if args.count and count >= args.count:
+                    client.ack(message)
+                    break
+    return EXIT_OK
+
+
+class _no_deadline:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+def _chat(args: argparse.Namespace) -> int:
+    try:
+        from .chat import run_chat
+    except ImportError:
+        say("relayd chat needs Textual: pip install 'relayd[chat]'")
+        return EXIT_USAGE
+    return run_chat(credential_file(args, args.as_name), args.peer)
+
+
+def run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Run an async client command; map the SDK's errors to exit codes."""
+    try:
+        code: int = anyio.run(command, args, backend="trio")
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, Exception):
+            return _failure(leaf)
+        raise
+    except Exception as exc:
+        return _failure(exc)
+    return code
+
+
+def _failure(exc: Exception) -> int:
+    say(str(exc) or type(exc).__name__)
+    if isinstance(exc, CredentialsError | AuthenticationError | SessionEnded):
+        return EXIT_CREDENTIALS
+    if isinstance(exc, InvalidMessage):
+        return EXIT_USAGE
+    if isinstance(exc, HttpError) and exc.status in (401, 403):
+        return EXIT_CREDENTIALS
+    if isinstance(
+        exc, ServerUnreachable | ConnectTimeout | ReceiptTimeout | TimeoutError | ClientError
+    ):
+        return EXIT_FAILURE
+    raise exc
+
+
+def add_commands(commands: Any) -> None:
+    """Add the client commands to ``relayd``'s sub-command parser."""
+
+    def common(sub: argparse.ArgumentParser, *, needs_name: bool = True) -> None:
+        if needs_name:
+            sub.add_argument(
+                "--as", dest="as_name", required=True, metavar="NAME", help="the identity to use"
+            )
+        sub.add_argument(
+            "--credentials-dir",
+            metavar="DIR",
+            help="where identities are kept (default: ~/.config/relayd/clients)",
+        )
+
+    register_parser = commands.add_parser(
+        "register", help="register a client and keep its identity (0600)"
+    )
+    register_parser.add_argument("name", help="the client's name in relayd's directory")
+    register_parser.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="relayd's HTTP address"
+    )
+    register_parser.add_argument("--uuid", help="your own uuid for it (default: relayd's)")
+    register_parser.add_argument(
+        "--as", dest="as_name", metavar="NAME", help="identity name to keep it as (default NAME)"
+    )
+    common(register_parser, needs_name=False)
+    register_parser.set_defaults(func=lambda args: run(_register, args))
+
+    send = commands.add_parser(
+        "send", help="send a message (or each line of stdin); print its receipt as JSON"
+    )
+    common(send)
+    send.add_argument("to", help="recipient: a uuid, or the name of one registered client")
+    send.add_argument("text", nargs="?", help="the message (default: one per line of stdin)")
+    send.add_argument(
+        "--no-ack", action="store_true", help="at most once: do not ask for an acknowledgement"
+    )
+    send.add_argument(
+        "--wait",
+        choices=["accepted", "final"],
+        default="accepted",
+        help="accepted (default): until relayd has stored each message; final: until each is"
+        " acknowledged (or delivered, failed, expired)",
+    )
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    send.set_defaults(func=lambda args: run(_send, args))
+
+    listen = commands.add_parser(
+        "listen", help="print each message received as JSON, then acknowledge it"
+    )
+    common(listen)
+    listen.add_argument("--count", type=int, default=0, help="exit after N messages")
+    listen.add_argument("--timeout", type=float, default=0.0, help="exit 1 after S seconds")
+    listen.add_argument(
+        "--receipts", action="store_true", help="print receipts for earlier sends too"
+    )
+    listen.set_defaults(func=lambda args: run(_listen, args))
+
+    chat = commands.add_parser("chat", help="chat with another client in the terminal")
+    common(chat)
+    chat.add_argument("peer", help="a uuid, or the name of one registered client")
+    chat.set_defaults(func=_chat)
