@@ -30,7 +30,7 @@ async def run(
 ) -> subprocess.CompletedProcess[bytes]:
     # Output goes to files, and the process is awaited with open_process: trio.run_process
     # stalled here until its deadline on `send` (see the report), though the command exits.
-    index = len(list(tmp_path.glob("out-*")))
+    index = len(list(tmp_path.glob("out-*")))  # noqa: ASYNC240 (a test-local directory)
     out, err, feed = (tmp_path / f"{kind}-{index}" for kind in ("out", "err", "in"))
     feed.write_bytes(stdin or b"")
     with (
