@@ -6,6 +6,7 @@ their identities in ``tmp_path``. Every wait is for a process's exit, under a de
 
 from __future__ import annotations
 
+import functools
 import json
 import stat
 import subprocess
@@ -25,25 +26,16 @@ def command(tmp_path: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "relayd", *args, "--credentials-dir", str(tmp_path / "ids")]
 
 
-async def run(
-    tmp_path: Path, *args: str, stdin: bytes | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    # Output goes to files, and the process is awaited with open_process: trio.run_process
-    # stalled here until its deadline on `send` (see the report), though the command exits.
-    index = len(list(tmp_path.glob("out-*")))  # noqa: ASYNC240 (a test-local directory)
-    out, err, feed = (tmp_path / f"{kind}-{index}" for kind in ("out", "err", "in"))
-    feed.write_bytes(stdin or b"")
-    with (
-        trio.fail_after(DEADLINE),
-        out.open("wb") as stdout,
-        err.open("wb") as stderr,
-        feed.open("rb") as source,
-    ):
-        process = await trio.lowlevel.open_process(
-            command(tmp_path, *args), stdin=source, stdout=stdout, stderr=stderr
+async def run(tmp_path: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    # trio.run_process kills the command if the deadline passes: none outlives its test.
+    with trio.fail_after(DEADLINE):
+        return await trio.run_process(
+            command(tmp_path, *args),
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
-        code = await process.wait()
-    return subprocess.CompletedProcess(args, code, out.read_bytes(), err.read_bytes())
 
 
 def json_lines(output: bytes) -> list[dict[str, Any]]:
@@ -79,21 +71,26 @@ async def test_send_and_listen_talk_through_relayd_in_json_lines(
     alice = await register(relayd, tmp_path, "alice")
     await register(relayd, tmp_path, "bob")
     with trio.fail_after(DEADLINE):
-        listener = await trio.lowlevel.open_process(
-            command(tmp_path, "listen", "--as", "bob", "--count", "2"),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        # To bob by name; each stdin line a message; waits until each is acknowledged.
-        sent = await run(
-            tmp_path, "send", "--as", "alice", "bob", "--wait", "final", stdin=b"one\ntwo\n"
-        )
-        assert listener.stdout is not None
-        output = b""
-        async for chunk in listener.stdout:
-            output += chunk
-        assert await listener.wait() == 0
+        async with trio.open_nursery() as nursery:
+            # Started in a nursery, the listener is killed if the deadline passes.
+            listen = functools.partial(
+                trio.run_process,
+                command(tmp_path, "listen", "--as", "bob", "--count", "2"),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                check=False,
+            )
+            listener: trio.Process = await nursery.start(listen)
+            # To bob by name; each stdin line a message; waits until each is acknowledged,
+            # the last one by a listener that exits right after acknowledging it.
+            sent = await run(
+                tmp_path, "send", "--as", "alice", "bob", "--wait", "final", stdin=b"one\ntwo\n"
+            )
+            assert listener.stdout is not None
+            output = b""
+            async for chunk in listener.stdout:
+                output += chunk
+            assert await listener.wait() == 0
     assert sent.returncode == 0, sent.stderr
     receipts = json_lines(sent.stdout)
     assert [(r["type"], r["status"], r["final"]) for r in receipts] == [

@@ -146,6 +146,29 @@ async def test_unacknowledged_messages_come_again_flagged_redelivered(
     await run_scenario(backend, scenario_of(scenario))
 
 
+async def test_an_ack_given_just_before_closing_reaches_relayd(
+    nursery: trio.Nursery, tmp_path: Path, backend: str
+) -> None:
+    relayd = await relayd_with(nursery, tmp_path)
+    url = url_of(relayd)
+
+    async def scenario() -> None:
+        alice_store = await registered(url, "alice")
+        bob_store = await registered(url, "bob")
+        async with Client(alice_store) as alice:
+            await alice.wait_connected(timeout=WAIT)
+            handles = [await alice.send(bob_store.credentials.uuid, f"m{i}") for i in range(2)]
+            async with Client(bob_store) as bob:
+                # Handled, acknowledged, and closed at once (as `relayd listen --count`
+                # does with its last message).
+                await take(bob, 2)
+            finals = [await handle.result(timeout=WAIT) for handle in handles]
+        # Bob never came back: both acks reached relayd before his session closed.
+        assert [receipt.status for receipt in finals] == ["acknowledged"] * 2
+
+    await run_scenario(backend, scenario_of(scenario))
+
+
 async def test_a_message_to_no_such_client_is_rejected(
     nursery: trio.Nursery, tmp_path: Path, backend: str
 ) -> None:

@@ -327,14 +327,19 @@ class Client:
         return await stack.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
-        """Close the session (1000) and stop. Handles not yet final stay unresolved:
-        awaiting them raises :class:`SessionEnded`."""
+        """Write the acks already given (within ``write_timeout``), close the session (1000)
+        and stop. Handles not yet final stay unresolved: awaiting them raises
+        :class:`SessionEnded`. Cancelled, it drops the acks not yet written (relayd delivers
+        those messages again) and still closes the connection."""
         await self.__aexit__(None, None, None)
 
     async def _shutdown(self, group: anyio.abc.TaskGroup) -> None:
         self._closing = True
         session = self._session
         if session is not None:
+            # An ack given just before closing (the last message of a `listen --count`)
+            # must not die in the queue, or its sender waits until this client comes back.
+            await self._flush_acks(session)
             await session.ws.close(1000, "client closed")
         group.cancel_scope.cancel()
         self._stopped(SessionEnded("the client was closed"))
@@ -731,6 +736,16 @@ class Client:
         except (Closed, TimeoutError) as exc:
             log.info("session %d: write failed: %s", session.id, exc)
             await session.ws.abort()
+
+    async def _flush_acks(self, session: _Session) -> None:
+        """Write the pending acks (the writer may be writing one: the socket's write lock
+        keeps it ahead of the close frame)."""
+        with anyio.move_on_after(self.options.write_timeout):
+            try:
+                while self._acks:
+                    await self._write(session, ack_frame(self._acks.popleft()))
+            except (Closed, TimeoutError) as exc:
+                log.info("session %d: acks not written before closing: %s", session.id, exc)
 
     async def _write(self, session: _Session, frame: dict[str, Any]) -> None:
         with anyio.fail_after(self.options.write_timeout):
