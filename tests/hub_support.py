@@ -163,6 +163,18 @@ class GatedStore(Store):
         return await super().execute(ops, max_queued=max_queued)
 
 
+class RecordingStore(Store):
+    """A store that records each group commit: when it ran, and the kinds of its operations."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commits: list[tuple[float, list[str]]] = []
+
+    async def execute(self, ops: Sequence[StoreOp], *, max_queued: int) -> list[Any]:
+        self.commits.append((trio.current_time(), [type(op).__name__ for op in ops]))
+        return await super().execute(ops, max_queued=max_queued)
+
+
 @attrs.frozen
 class TestClient:
     uuid: str
