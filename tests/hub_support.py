@@ -49,6 +49,7 @@ class Peer:
         self.token = token
         self.remote = remote
         self.pong_observable = pong_observable
+        self.lean = False
         self._inbound_send, self._inbound = trio.open_memory_channel[str | bytes | None](64)
         self.frames: list[dict[str, Any]] = []  # written by relayd, not read by the test yet
         self._arrived = trio.Event()

@@ -416,6 +416,7 @@ class Hub:
                         self.clock(),
                         token=transport.token,
                         pong_observable=transport.pong_observable,
+                        lean=transport.lean,
                     )
                     self._apply()
                     nursery.start_soon(self._writer, handle, queued)

@@ -100,6 +100,7 @@ def asgi_websocket_app(hub: Hub, *, bounded_writes: bool = False) -> Any:
                 send,
                 remote=remote,
                 token=handshake.token,
+                lean=handshake.lean,
                 bounded_writes=bounded_writes,
             )
             await hub.serve(transport, sid=sid)
@@ -238,7 +239,10 @@ async def serve_dedicated(
         handshake = read_handshake(query, headers, request.proposed_subprotocols)
         connection = await request.accept(subprotocol=handshake.subprotocol)
         transport = TrioWebsocketTransport(
-            connection, remote=remote_host(request.remote), token=handshake.token
+            connection,
+            remote=remote_host(request.remote),
+            token=handshake.token,
+            lean=handshake.lean,
         )
         await hub.serve(transport)
 

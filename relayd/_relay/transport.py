@@ -34,6 +34,9 @@ from wsproto.utilities import LocalProtocolError
 log = logging.getLogger("relayd.ws")
 
 SUBPROTOCOL = "relayd.v1"
+# The same protocol with the lean receipt profile: a sender is told only what it cannot infer
+# (queued, and the final status), never pending_ack; an acker gets no ack_received.
+LEAN_SUBPROTOCOL = "relayd.v1.lean"
 BEARER_PREFIX = "bearer."
 
 
@@ -49,6 +52,7 @@ class TransportClosed(Exception):
 class Transport(Protocol):
     remote: str
     token: str | None
+    lean: bool  # the client chose the lean receipt profile
     pong_observable: bool
     coalesces: bool  # send_frames writes several frames at once
     # Every write is bounded by write_timeout below the transport, which also logs, counts and
@@ -93,6 +97,11 @@ class Handshake:
     token: str | None
     subprotocol: str | None
 
+    @property
+    def lean(self) -> bool:
+        """Whether the client chose the lean receipt profile (docs/protocol.md)."""
+        return self.subprotocol == LEAN_SUBPROTOCOL
+
 
 def read_handshake(
     query: str, headers: Iterable[tuple[str, str]], subprotocols: Sequence[str]
@@ -100,8 +109,8 @@ def read_handshake(
     """Find the client's token: ``?token=``, ``Authorization: Bearer``, a ``bearer.`` subprotocol.
 
     The token itself is never selected as the subprotocol (it would be echoed in the
-    response): relayd selects ``relayd.v1`` when offered, and browsers must offer it next to
-    the ``bearer.<token>`` entry.
+    response): relayd selects ``relayd.v1.lean`` when offered, else ``relayd.v1`` when
+    offered, and browsers must offer one of them next to the ``bearer.<token>`` entry.
     """
     token: str | None = None
     values = parse_qs(query, keep_blank_values=False).get("token")
@@ -119,7 +128,8 @@ def read_handshake(
             if entry.startswith(BEARER_PREFIX) and len(entry) > len(BEARER_PREFIX):
                 token = entry[len(BEARER_PREFIX) :]
                 break
-    return Handshake(token, SUBPROTOCOL if SUBPROTOCOL in subprotocols else None)
+    chosen = next((p for p in (LEAN_SUBPROTOCOL, SUBPROTOCOL) if p in subprotocols), None)
+    return Handshake(token, chosen)
 
 
 # --- ASGI (main port) ---------------------------------------------------------------------------
@@ -140,12 +150,14 @@ class AsgiTransport:
         *,
         remote: str,
         token: str | None,
+        lean: bool = False,
         bounded_writes: bool = False,
     ) -> None:
         self._receive = receive
         self._send = send
         self.remote = remote
         self.token = token
+        self.lean = lean
         self.bounded_writes = bounded_writes
         self._closed = False
 
@@ -221,12 +233,18 @@ class TrioWebsocketTransport:
     bounded_writes = False  # the hub's write timer bounds them
 
     def __init__(
-        self, connection: trio_websocket.WebSocketConnection, *, remote: str, token: str | None
+        self,
+        connection: trio_websocket.WebSocketConnection,
+        *,
+        remote: str,
+        token: str | None,
+        lean: bool = False,
     ) -> None:
         self._ws = connection
         self.coalesces = all(hasattr(connection, name) for name in _TRIO_WEBSOCKET_INTERNALS)
         self.remote = remote
         self.token = token
+        self.lean = lean
         self._cut_off = False  # a write was cancelled before it ended
 
     async def receive(self) -> str | bytes:
