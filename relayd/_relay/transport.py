@@ -8,8 +8,9 @@ Two exist:
   pongs: hypercorn sends the protocol pings (every ``heartbeat_interval``) and drops a peer
   silent for ``heartbeat_timeout`` (relayd's ``TCPServer`` in ``relayd/_hypercorn.py`` sets that
   read timeout); relayd's own heartbeat stays off.
-* :class:`TrioWebsocketTransport` — the optional dedicated listener (``[websocket] listen``),
-  on trio-websocket's server. Heartbeats are WebSocket pings; their pongs count as liveness.
+* :class:`~relayd._relay.wsserver.WebsocketsTransport` — the optional dedicated listener
+  (``[websocket] listen``), relayd's own server on the ``websockets`` sans-I/O protocol.
+  Heartbeats are WebSocket pings; their pongs count as liveness.
 
 Both authenticate *before* any frame is read: the token offered in the handshake (``?token=``,
 ``Authorization: Bearer``, or a ``bearer.<token>`` entry in ``Sec-WebSocket-Protocol``) is
@@ -20,16 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import trio
-import trio_websocket
 from attrs import frozen
-from wsproto.events import TextMessage
-from wsproto.utilities import LocalProtocolError
 
 log = logging.getLogger("relayd.ws")
 
@@ -202,106 +199,6 @@ class AsgiTransport:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
         while (await self._receive())["type"] != "websocket.disconnect":
             pass
-
-
-# --- trio-websocket (dedicated listener) --------------------------------------------------------
-
-
-_TRIO_WEBSOCKET_INTERNALS = (
-    "_wsproto",
-    "_stream",
-    "_stream_lock",
-    "_close_reason",
-    "_abort_web_socket",
-)
-
-
-class TrioWebsocketTransport:
-    """trio-websocket's connection. Batches of frames are serialised with the connection's
-    wsproto state and written with one ``send_all``: one system call and one trip through
-    Trio's socket machinery for a whole batch, where ``send_message`` takes one per frame.
-    That uses trio-websocket's private attributes (checked at start: ``coalesces`` is false
-    if they are not there, and frames then go one by one).
-
-    A batch's write cancelled midway (the hub's write timer, or a session cut) may leave a
-    frame half-written: a close frame written after it would land inside that frame, garbage
-    to the client. :meth:`close` then drops the connection instead (the client sees 1006).
-    (trio-websocket's own writes, of single frames and pings, are small and not tracked.)"""
-
-    pong_observable = True
-    coalesces = True
-    bounded_writes = False  # the hub's write timer bounds them
-
-    def __init__(
-        self,
-        connection: trio_websocket.WebSocketConnection,
-        *,
-        remote: str,
-        token: str | None,
-        lean: bool = False,
-    ) -> None:
-        self._ws = connection
-        self.coalesces = all(hasattr(connection, name) for name in _TRIO_WEBSOCKET_INTERNALS)
-        self.remote = remote
-        self.token = token
-        self.lean = lean
-        self._cut_off = False  # a write was cancelled before it ended
-
-    async def receive(self) -> str | bytes:
-        try:
-            return await self._ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
-            reason = exc.reason
-            raise TransportClosed(
-                getattr(reason, "code", None), getattr(reason, "reason", None)
-            ) from None
-
-    async def send_frames(self, texts: Sequence[str]) -> None:
-        ws = self._ws
-        if not self.coalesces:
-            for text in texts:
-                await self.send(text)
-            return
-        if ws._close_reason is not None:
-            raise TransportClosed(ws._close_reason.code, ws._close_reason.reason)
-        try:
-            data = b"".join(ws._wsproto.send(TextMessage(data=text)) for text in texts)
-        except LocalProtocolError as exc:  # the connection is closing
-            raise TransportClosed(None, str(exc)) from None
-        async with ws._stream_lock:
-            try:
-                self._cut_off = True
-                await ws._stream.send_all(data)
-                self._cut_off = False
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await ws._abort_web_socket()
-                raise TransportClosed(None, "connection lost") from None
-
-    async def send(self, text: str) -> None:
-        try:
-            await self._ws.send_message(text)
-        except trio_websocket.ConnectionClosed as exc:
-            raise TransportClosed(None, str(exc)) from None
-
-    async def ping(self) -> None:
-        try:
-            await self._ws.ping(os.urandom(8))
-        except trio_websocket.ConnectionClosed as exc:
-            raise TransportClosed(None, str(exc)) from None
-
-    async def close(self, code: int, reason: str) -> None:
-        if self._cut_off:
-            # Closing the stream makes trio-websocket's own closing (once the handler
-            # returns) find the connection gone, instead of writing a close frame.
-            await self._ws._stream.aclose()
-            return
-        await self._ws.aclose(code, reason)
-
-
-def remote_host(remote: object) -> str:
-    """The IP address of a trio-websocket ``Endpoint`` (or whatever else it gives)."""
-    address = getattr(remote, "address", None)
-    return str(address) if address is not None else str(remote)
 
 
 def split_target(target: str) -> tuple[str, str]:
