@@ -17,8 +17,9 @@ import trio.testing
 
 from relayd._auth import Revocation
 from relayd._errors import TokenError
+from relayd._relay import hub as hub_module
 from relayd._relay.frames import CloseCode
-from relayd._relay.hub import CLOSE_TIMEOUT, DEFER_COMMIT
+from relayd._relay.hub import CLOSE_TIMEOUT, DEFER_COMMIT, INLINE_OPS
 from relayd._store import inline_executor
 
 from .hub_support import EPOCH, RecordingStore, gated_store, running_hub
@@ -553,3 +554,30 @@ async def test_what_nobody_waits_for_rides_with_the_next_commit_or_goes_after_th
         await a.next_of("delivery_update")
         await trio.sleep(1)
         assert store.commits[2:] == [(t1 + DEFER_COMMIT, ["Finish", "SetReceiptPending"])]
+
+
+async def test_small_group_commits_run_on_the_loop_and_big_ones_in_a_thread(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last commit's real duration decides too: a slow machine must not make this flaky.
+    monkeypatch.setattr(hub_module, "INLINE_SECONDS", 60.0)
+    async with (
+        RecordingStore.open(":memory:", executor=inline_executor) as store,
+        running_hub(store=store) as env,
+    ):
+        assert isinstance(store, RecordingStore)
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a = await env.connect(alice)
+        await trio.sleep(1)
+        store.inline.clear()
+        await a.say(message(bob.uuid, "m0", acknowledge=True))
+        await a.next_of("delivery_status")
+        assert store.inline == [True]
+        store.gate = trio.Event()  # the store lags: a batch grows behind the one held
+        for i in range(1, INLINE_OPS + 3):
+            await a.say(message(bob.uuid, f"m{i}", acknowledge=True))
+        await env.hub._until(lambda: env.hub.store_backlog == INLINE_OPS + 1)
+        store.gate.set()
+        for _ in range(INLINE_OPS + 2):
+            await a.next_of("delivery_status")
+        assert store.inline == [True, True, False]
