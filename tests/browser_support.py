@@ -7,7 +7,7 @@ test needs relayd to do something. Every wait in the browser has Playwright's de
 (``PAGE_TIMEOUT_MS``), and the whole browser part has ``BROWSER_DEADLINE``.
 
 Where Chromium is not installed the tests are skipped, with the reason; with
-``RELAYD_REQUIRE_BROWSER=1`` (set by ``.ci/run``) they fail instead.
+``REQUIRE_BROWSER_TESTS=1`` (set by ``.ci/run``) they fail instead.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ expect.set_options(timeout=PAGE_TIMEOUT_MS)
 
 
 def chromium_path() -> str | None:
-    """The Chromium to drive: ``$RELAYD_CHROMIUM``, else ``chromium`` on the PATH."""
-    path = os.environ.get("RELAYD_CHROMIUM") or shutil.which("chromium")
+    """The Chromium to drive: ``$CHROMIUM_BIN``, else ``chromium`` on the PATH."""
+    path = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium")
     return path if path and os.access(path, os.X_OK) else None
 
 
@@ -55,8 +55,8 @@ def require_chromium() -> str:
     if path is not None:
         return path
     reason = "headless Chromium is not installed (apt-get install chromium); .ci/run installs it"
-    if os.environ.get("RELAYD_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"RELAYD_REQUIRE_BROWSER=1, but {reason}")
+    if os.environ.get("REQUIRE_BROWSER_TESTS") == "1":
+        pytest.fail(f"REQUIRE_BROWSER_TESTS=1, but {reason}")
     pytest.skip(reason)
 
 
