@@ -1,6 +1,7 @@
 """The REST API: a Quart-Trio app.
 
-Every response is JSON. Every error has one shape,
+Every response is JSON (but ``/metrics`` and the browser client's files under ``/app/``, with
+``http.serve_app``). Every error has one shape,
 ``{"error": {"code": ..., "message": ..., "details": {...}}}``, with the status it implies;
 ``docs/protocol.md`` lists the routes and codes. The app holds no state of its own: it calls the
 services it is built with.
