@@ -34,22 +34,25 @@ def app_url(relayd: RunningRelayd) -> str:
 # --- two people chatting ------------------------------------------------------------------------
 
 
-def register(page: Page, name: str) -> str:
-    """Register ``name`` on the page; return its uuid once its socket is open."""
+def register(page: Page, name: str) -> tuple[str, str]:
+    """Register ``name`` on the page; once its socket is open, return its uuid and the
+    secret the page showed once."""
     page.fill("#register-form input[name=name]", name)
     page.click("#register-form button[type=submit]")
     expect(page.locator("#state")).to_have_attribute("data-state", "open")
     expect(page.locator("#credentials-secret")).not_to_be_empty()
+    secret = page.locator("#credentials-secret").text_content()
     page.click("#credentials-done")
     uuid = page.locator("#me").get_attribute("data-uuid")
     assert uuid is not None
-    return uuid
+    assert secret
+    return uuid, secret
 
 
-def choose(page: Page, peer: str) -> None:
+def choose(page: Page, peer: str, *, online: bool = True) -> None:
     page.click("#reload-directory")
     button = page.locator(f"#directory button[data-uuid='{peer}']")
-    expect(button).to_have_attribute("data-online", "true")
+    expect(button).to_have_attribute("data-online", "true" if online else "false")
     button.click()
     expect(page.locator("#peer")).to_have_attribute("data-uuid", peer)
 
@@ -74,8 +77,8 @@ def chat(browser: Browser, url: str, screenshot: Path) -> dict[str, Any]:
     for page in (alice, bob):
         page.on("request", lambda request: urls.append(request.url))
         page.on("websocket", lambda socket: urls.append(socket.url))
-    alice_id = register(alice, "alice")
-    bob_id = register(bob, "bob")
+    alice_id, _ = register(alice, "alice")
+    bob_id, _ = register(bob, "bob")
 
     choose(alice, bob_id)
     trails = [say(alice, "hello bob")]
@@ -109,6 +112,44 @@ async def test_two_browser_pages_register_and_chat(
     # The token travels in the subprotocol and the Authorization header, never in a URL.
     assert [u for u in seen["urls"] if "token" in u or "?" in u] == []
     assert screenshot.stat().st_size > 10_000
+
+
+def away_and_back(browser: Browser, url: str) -> dict[str, Any]:
+    problems = PageProblems()
+    alice = open_page(browser, url, problems, "alice")
+    bob = open_page(browser, url, problems, "bob")
+    alice_id, alice_secret = register(alice, "alice")
+    bob_id, _ = register(bob, "bob")
+
+    alice.click("#logout")
+    expect(alice.locator("#login")).to_be_visible()
+    expect(alice.locator("#chat")).to_be_hidden()
+    choose(bob, alice_id, online=False)
+    bob.fill("#send-form input[name=text]", "are you there?")
+    bob.click("#send-form button[type=submit]")
+    waiting = bob.locator("#messages li.out").last
+    expect(waiting).to_have_attribute("data-status", "queued_offline")
+
+    alice.fill("#login-form input[name=uuid]", alice_id)
+    alice.fill("#login-form input[name=secret]", alice_secret)
+    alice.click("#login-form button[type=submit]")
+    expect(alice.locator("#state")).to_have_attribute("data-state", "open")
+    expect(alice.locator("#me")).to_have_attribute("data-uuid", alice_id)
+    expect(alice.locator(f"#directory button[data-uuid='{bob_id}'] .unread")).to_have_text("1")
+    choose(alice, bob_id)
+    expect(alice.locator("#messages li.in .text")).to_have_text(["are you there?"])
+    expect(waiting).to_have_attribute("data-status", "acknowledged")
+    return {"trail": waiting.get_attribute("data-trail"), "problems": problems.seen}
+
+
+async def test_a_message_waits_while_its_page_is_logged_out(
+    chromium: str, relayd: RunningRelayd
+) -> None:
+    """Alice logs out; Bob's message is queued; she logs in again with uuid and secret, gets it
+    and acknowledges it."""
+    seen = await in_browser(chromium, lambda browser: away_and_back(browser, app_url(relayd)))
+    assert seen["trail"] == "sent queued_offline acknowledged"
+    assert seen["problems"] == []
 
 
 # --- the module's logic, in the page ------------------------------------------------------------
