@@ -215,7 +215,9 @@ class Daemon:
             install_hooks()
             app = Dispatcher(
                 create_app(services),
-                websocket_app=asgi_websocket_app(hub, bounded_writes=writes_bounded()),
+                websocket_app=asgi_websocket_app(
+                    hub, bounded_writes=writes_bounded(), admit_own_origin=config.http.serve_app
+                ),
                 websocket_path=config.websocket.path,
             )
             http_shutdown = trio.Event()

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from relayd._browser import own_origins
 from relayd._errors import Forbidden
 from relayd._log import conn_id
 
@@ -53,16 +54,23 @@ def origin_refusal(origin: str) -> bytes:
     return json.dumps(origin_refusal_error(origin).to_json()).encode()
 
 
-def asgi_websocket_app(hub: Hub, *, bounded_writes: bool = False) -> Any:
+def asgi_websocket_app(
+    hub: Hub, *, bounded_writes: bool = False, admit_own_origin: bool = False
+) -> Any:
     """The ASGI app for websocket scopes on the main port. ``bounded_writes``: hypercorn's
-    writes are bounded by write_timeout, and its slow consumers handled, by relayd's hooks."""
+    writes are bounded by write_timeout, and its slow consumers handled, by relayd's hooks.
+    ``admit_own_origin``: pages from this port's own address (the browser client relayd
+    serves, ``http.serve_app``) are admitted as if listed in ``websocket.allowed_origins``."""
 
     async def websocket_app(scope: Any, receive: Any, send: Any) -> None:
         event = await receive()
         if event["type"] != "websocket.connect":
             return
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-        origin = refused_origin(headers, hub.core.ws.allowed_origins)
+        allowed: tuple[str, ...] = hub.core.ws.allowed_origins
+        if admit_own_origin:
+            allowed += own_origins(scope.get("scheme", "ws"), scope.get("server"))
+        origin = refused_origin(headers, allowed)
         if origin is not None:
             # A close before accept would be a bare 403 on hypercorn: answer with a body.
             await send(
