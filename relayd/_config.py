@@ -151,6 +151,10 @@ class HttpConfig:
     """Requests with an access token a client may make at once before the rate applies."""
     cors_origins: Origins = field(default=(), validator=_origins)
     """Browser origins whose pages may read REST responses (CORS); ``"*"``: any; empty: none."""
+    serve_app: bool = True
+    """Serve the browser client under ``/app/`` and admit WebSocket handshakes from the origin
+    it was served from (this listener's own address); behind a proxy, list the public origin in
+    ``websocket.allowed_origins``. False: no page, and only the listed origins."""
 
 
 @frozen(kw_only=True)

@@ -32,7 +32,8 @@ from ._lock import StateLock
 from ._log import configure as configure_logging
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
 from ._relay.hub import Hub
-from ._relay.listeners import asgi_websocket_app, serve_dedicated
+from ._relay.listeners import asgi_websocket_app
+from ._relay.wsserver import serve_dedicated
 from ._store import Executor, Store, thread_executor
 from ._systemd import Notifier
 from ._tokens import TokenCodec
@@ -214,7 +215,9 @@ class Daemon:
             install_hooks()
             app = Dispatcher(
                 create_app(services),
-                websocket_app=asgi_websocket_app(hub, bounded_writes=writes_bounded()),
+                websocket_app=asgi_websocket_app(
+                    hub, bounded_writes=writes_bounded(), admit_own_origin=config.http.serve_app
+                ),
                 websocket_path=config.websocket.path,
             )
             http_shutdown = trio.Event()

@@ -1,6 +1,7 @@
 """The REST API: a Quart-Trio app.
 
-Every response is JSON. Every error has one shape,
+Every response is JSON (but ``/metrics`` and the browser client's files under ``/app/``, with
+``http.serve_app``). Every error has one shape,
 ``{"error": {"code": ..., "message": ..., "details": {...}}}``, with the status it implies;
 ``docs/protocol.md`` lists the routes and codes. The app holds no state of its own: it calls the
 services it is built with.
@@ -9,8 +10,10 @@ services it is built with.
 from __future__ import annotations
 
 import enum
+import html
 import logging
 from collections.abc import Iterator
+from importlib import resources
 from typing import Any, Protocol
 
 import trio
@@ -30,10 +33,12 @@ from ._api import (
     parse_json_object,
 )
 from ._auth import AuthService
+from ._browser import APP_CSP
 from ._config import Config
 from ._errors import (
     ApiError,
     Forbidden,
+    NotFound,
     RateLimited,
     Unauthorized,
     UnsupportedMediaType,
@@ -173,6 +178,52 @@ def _client_json(client: ClientRecord, relay: Relay | None = None) -> dict[str, 
     return doc
 
 
+# The browser client's files (relayd/web, package data), by their name under /app/.
+_APP_FILES = {
+    "": ("index.html", "text/html; charset=utf-8"),
+    "relayd.js": ("relayd.js", "text/javascript; charset=utf-8"),
+    "app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "app.css": ("app.css", "text/css; charset=utf-8"),
+    "icon.svg": ("icon.svg", "image/svg+xml"),
+}
+
+
+def app_files(websocket_path: str) -> dict[str, tuple[bytes, str]]:
+    """The browser client's files, read once: body and content type by name under ``/app/``.
+    The page learns the WebSocket path (``websocket.path``) from a ``<meta>`` in ``index.html``.
+    """
+    package = resources.files("relayd.web")
+    files = {}
+    for name, (filename, content_type) in _APP_FILES.items():
+        text = package.joinpath(filename).read_text(encoding="utf-8")
+        if filename == "index.html":
+            text = text.replace("{{websocket_path}}", html.escape(websocket_path, quote=True))
+        files[name] = (text.encode(), content_type)
+    return files
+
+
+def _serve_app(app: QuartTrio, websocket_path: str) -> None:
+    """``GET /app/`` and its files: the browser client, under a policy that lets it run its own
+    script and style and talk to its own origin (``APP_CSP``); every other response keeps the
+    API's policy (``relayd/_browser.py``)."""
+    files = app_files(websocket_path)
+
+    @app.get("/app")
+    async def app_slash() -> Response:
+        # The page's files are named relative to /app/.
+        return Response(b"", status=308, headers={"Location": "/app/"})
+
+    @app.get("/app/")
+    @app.get("/app/<name>")
+    async def app_file(name: str = "") -> Response:
+        if name not in files:
+            raise NotFound("no such file in the browser client")
+        body, content_type = files[name]
+        response = Response(body, content_type=content_type)
+        response.headers["Content-Security-Policy"] = APP_CSP.decode()
+        return response
+
+
 def create_app(services: Services) -> QuartTrio:
     """Build the Quart-Trio app serving relayd's REST API with ``services``."""
     app = QuartTrio("relayd", static_folder=None)
@@ -267,6 +318,9 @@ def create_app(services: Services) -> QuartTrio:
         @app.get("/metrics")
         async def prometheus() -> Response:
             return Response(await metrics.render(), content_type=CONTENT_TYPE)
+
+    if services.config.http.serve_app:
+        _serve_app(app, services.config.websocket.path)
 
     @app.get("/health/live")
     async def live() -> dict[str, Any]:

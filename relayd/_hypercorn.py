@@ -41,7 +41,10 @@ says what is lost (no import-time patching, no silent fallback).
 
 :class:`RelaydConfig` also adds relayd's security headers (``relayd/_browser.py``) to every
 response hypercorn writes for relayd: the app's, the WebSocket refusals, and the error
-responses above.
+responses above. All but one: the ``Content-Security-Policy`` is per response (the page under
+``/app/`` names its own), so :class:`RelaydH11Protocol` and :class:`RelaydH2Protocol` add the
+API's policy to each response that names none. Should either of them not be installed, the
+API's policy goes on every response again: the page then cannot run, and nothing else changes.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from itertools import chain
 from typing import Any
 
 import h11
+import hypercorn.protocol
 import hypercorn.protocol.h2
 import hypercorn.protocol.h11
 import hypercorn.trio.run
@@ -64,7 +68,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.events import Response, StreamClosed
+from hypercorn.protocol.events import InformationalResponse, Response, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
@@ -74,7 +78,7 @@ from wsproto.events import CloseConnection, Ping
 from wsproto.events import Message as WsMessage
 from wsproto.frame_protocol import CloseReason
 
-from ._browser import security_headers
+from ._browser import security_headers, with_default_csp
 from ._config import Config
 from ._relay.frames import CloseCode
 
@@ -99,11 +103,19 @@ def framing_error_body(status: int) -> bytes:
 
 
 class RelaydConfig(HypercornConfig):
-    """hypercorn's settings, with relayd's security headers on every response."""
+    """hypercorn's settings, with relayd's security headers on every response (the
+    ``Content-Security-Policy`` only where relayd's protocols cannot add it per response)."""
 
     def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
         headers: list[tuple[bytes, bytes]] = super().response_headers(protocol)
-        return headers + security_headers(tls=self.ssl_enabled)
+        return headers + security_headers(tls=self.ssl_enabled, csp=not csp_per_response())
+
+
+def _with_default_csp(event: StreamEvent) -> StreamEvent:
+    """A response's head with the API's ``Content-Security-Policy``, unless it names its own."""
+    if isinstance(event, Response | InformationalResponse):
+        return dataclasses.replace(event, headers=with_default_csp(event.headers))
+    return event
 
 
 def _says_close(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -113,9 +125,11 @@ def _says_close(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 class RelaydH11Protocol(H11Protocol):
-    """hypercorn's HTTP/1.1 protocol, with JSON framing errors and honest early answers."""
+    """hypercorn's HTTP/1.1 protocol, with JSON framing errors, honest early answers and the
+    ``Content-Security-Policy`` chosen per response."""
 
     async def stream_send(self, event: StreamEvent) -> None:
+        event = _with_default_csp(event)
         if (
             isinstance(event, Response)
             and event.status_code >= 200
@@ -137,11 +151,19 @@ class RelaydH11Protocol(H11Protocol):
         await self._send_h11_event(
             h11.Response(
                 status_code=status_code,
-                headers=list(chain(head, self.config.response_headers("h11"))),
+                headers=with_default_csp(chain(head, self.config.response_headers("h11"))),
             )
         )
         await self._send_h11_event(h11.Data(data=body))
         await self._send_h11_event(h11.EndOfMessage())
+
+
+class RelaydH2Protocol(H2Protocol):
+    """hypercorn's HTTP/2 protocol, with the ``Content-Security-Policy`` chosen per response.
+    Installed by :func:`install_hooks`."""
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        await super().stream_send(_with_default_csp(event))
 
 
 # Seconds a WebSocket write past write_timeout has to finish its frame, so that a close frame
@@ -348,6 +370,7 @@ class RelaydWSStream(WSStream):
 # What each hook needs of hypercorn's internals (their names), checked before it is installed.
 _TCP_SERVER_INTERNALS = ("protocol_send", "_read_data")
 _WS_STREAM_INTERNALS = ("app_send", "_handle_events", "_send_wsproto_event")
+_H2_PROTOCOL_INTERNALS = ("stream_send",)
 _installed: set[str] = set()
 
 
@@ -370,6 +393,14 @@ def install_hooks() -> None:
                 "cannot hook hypercorn's WSStream: on the REST port, frames that break the "
                 "WebSocket protocol get no close frame"
             )
+    if "h2_protocol" not in _installed:
+        if _install([hypercorn.protocol], H2Protocol, RelaydH2Protocol, _H2_PROTOCOL_INTERNALS):
+            _installed.add("h2_protocol")
+        else:
+            log.warning(
+                "cannot hook hypercorn's H2Protocol: every response gets the API's "
+                "Content-Security-Policy, and the page under /app/ cannot run"
+            )
     for missing in missing_hooks():
         log.warning("hypercorn changed (%s): relayd's HTTP/1.1 fixes are off", missing)
 
@@ -390,6 +421,8 @@ def missing_hooks() -> list[str]:
             missing.append(f"ProtocolWrapper.{name}")
     if not callable(getattr(HypercornConfig, "response_headers", None)):
         missing.append("Config.response_headers")
+    if not issubclass(getattr(hypercorn.protocol, "H2Protocol", object), RelaydH2Protocol):
+        missing.append("hypercorn.protocol.H2Protocol is not relayd's")
     return missing
 
 
@@ -406,6 +439,13 @@ def _install(
     for module in modules:
         setattr(module, name, replacement)
     return True
+
+
+def csp_per_response() -> bool:
+    """Whether every response hypercorn writes passes through relayd's protocols, which add
+    the API's ``Content-Security-Policy`` to those that name none; if not, :class:`RelaydConfig`
+    adds it to every response."""
+    return "tcp_server" in _installed and "h2_protocol" in _installed
 
 
 def writes_bounded() -> bool:

@@ -112,9 +112,10 @@ def set_level(level: str) -> None:
     quiet_libraries()
 
 
-# Libraries whose debug lines would carry what relayd never logs: trio-websocket logs every
-# event it receives, the handshake's request target (?token=...) and message text included.
-QUIET_LOGGERS = ("trio-websocket",)
+# Libraries whose debug lines would carry what relayd never logs: websockets (the dedicated
+# listener's protocol) logs every frame and the handshake's request target (?token=...),
+# message text included; trio-websocket (the tests' client) does the same.
+QUIET_LOGGERS = ("websockets", "trio-websocket")
 
 
 def quiet_libraries() -> None:

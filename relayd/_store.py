@@ -194,8 +194,11 @@ class Store:
                     async with store._limiter:
                         await executor(db.close)
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, inline: bool = False) -> T:
         async with self._limiter:
+            if inline:
+                await trio.lowlevel.checkpoint()  # a checkpoint, as the executor's hand-off is
+                return fn(self._db)
             result: T = await self._executor(fn, self._db)
             return result
 
@@ -411,8 +414,12 @@ class Store:
 
     # --- the message queue ------------------------------------------------------------------
 
-    async def execute(self, ops: Sequence[StoreOp], *, max_queued: int) -> list[Any]:
+    async def execute(
+        self, ops: Sequence[StoreOp], *, max_queued: int, inline: bool = False
+    ) -> list[Any]:
         """Run ``ops`` in order, in one transaction (a group commit); return their results.
+        ``inline``: on the event loop's thread, sparing the hand-off to a worker thread and
+        back (for a small batch on a fast disk; the loop waits for the commit).
 
         Each operation sees the effects of those before it. Results, aligned with ``ops``:
         an :data:`InsertOutcome` for an ``Insert``, a list of rows for a read, ``None`` for
@@ -429,7 +436,7 @@ class Store:
             except (sqlite3.Error, ValueError) as exc:
                 raise StoreError(f"{self.path}: writing messages failed: {exc}") from exc
 
-        return await self._run(run)
+        return await self._run(run, inline=inline)
 
     async def last_message_seq(self) -> int:
         """The highest message seq ever stored (0 if none): the relay allocates above it."""

@@ -49,6 +49,7 @@ class Peer:
         self.token = token
         self.remote = remote
         self.pong_observable = pong_observable
+        self.lean = False
         self._inbound_send, self._inbound = trio.open_memory_channel[str | bytes | None](64)
         self.frames: list[dict[str, Any]] = []  # written by relayd, not read by the test yet
         self._arrived = trio.Event()
@@ -154,13 +155,28 @@ class GatedStore(Store):
         self.gate.set()
         self.waiting = 0  # batches held at the gate now
 
-    async def execute(self, ops: Sequence[StoreOp], *, max_queued: int) -> list[Any]:
+    async def execute(self, ops: Sequence[StoreOp], **kwargs: Any) -> list[Any]:
         self.waiting += 1
         try:
             await self.gate.wait()
         finally:
             self.waiting -= 1
-        return await super().execute(ops, max_queued=max_queued)
+        return await super().execute(ops, **kwargs)
+
+
+class RecordingStore(GatedStore):
+    """A :class:`GatedStore` that records each group commit as it starts: when, the kinds of
+    its operations, and whether it ran on the event loop's thread (``inline``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commits: list[tuple[float, list[str]]] = []
+        self.inline: list[bool] = []  # whether each ran on the event loop's thread
+
+    async def execute(self, ops: Sequence[StoreOp], **kwargs: Any) -> list[Any]:
+        self.commits.append((trio.current_time(), [type(op).__name__ for op in ops]))
+        self.inline.append(kwargs.get("inline", False))
+        return await super().execute(ops, **kwargs)
 
 
 @attrs.frozen

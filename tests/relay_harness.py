@@ -128,12 +128,17 @@ class CoreHarness:
     # --- driving the core ---------------------------------------------------------------------
 
     def open(
-        self, *, remote: str = "10.0.0.1", token: str | None = None, pong: bool = False
+        self,
+        *,
+        remote: str = "10.0.0.1",
+        token: str | None = None,
+        pong: bool = False,
+        lean: bool = False,
     ) -> int:
         sid = self._next_sid
         self._next_sid += 1
         self.sessions[sid] = SessionLog(sid)
-        self.core.open(sid, remote, self.now, token=token, pong_observable=pong)
+        self.core.open(sid, remote, self.now, token=token, pong_observable=pong, lean=lean)
         self.run()
         return sid
 

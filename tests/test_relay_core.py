@@ -370,6 +370,28 @@ def test_ack_for_an_unknown_msgid_answers_ack_received_status_unknown() -> None:
     assert h.read(a) == []
 
 
+def test_the_lean_profile_tells_a_sender_only_the_final_status_and_an_acker_nothing() -> None:
+    """Four frames per acknowledged message instead of six; queued receipts stay (a sender
+    cannot infer them). Peers on the default profile keep every frame."""
+    h = CoreHarness()
+    alice, bob, carol = h.client("alice"), h.client("bob"), h.client("carol")
+    a, b = h.connect(alice, lean=True), h.connect(bob, lean=True)
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "content": "x", "acknowledge": True})
+    assert h.read(a) == []
+    [message] = h.messages(b)
+    h.send(b, {"type": "ack", "msgid": "m1"})
+    assert h.read(b) == []
+    assert h.receipts(a) == [("delivery_update", "m1", "acknowledged")]
+    h.send(a, {"to": carol.uuid, "msgid": "m2", "content": "y", "acknowledge": True})
+    assert h.receipts(a) == [("delivery_status", "m2", "queued_offline")]
+    c = h.connect(carol)  # the default profile
+    assert contents(h.messages(c)) == ["y"]
+    h.send(c, {"type": "ack", "msgid": "m2"})
+    assert of_type(h.read(c), "ack_received")[0]["status"] == "acknowledged"
+    assert h.receipts(a) == [("delivery_update", "m2", "acknowledged")]
+    assert message["content"] == "x"
+
+
 # --- 3. acknowledge: false ------------------------------------------------------------------------
 
 

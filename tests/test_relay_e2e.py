@@ -343,3 +343,24 @@ async def test_peers_that_vanish_during_the_handshake_do_not_take_relayd_down(
     alice = await relayd.http.register("alice")
     async with ws_connect(relayd, alice["access_token"]) as a:
         await welcome(a, alice["uuid"])
+
+
+async def test_a_client_that_offers_the_lean_profile_gets_it(relayd: RunningRelayd) -> None:
+    alice = await relayd.http.register("alice")
+    bob = await relayd.http.register("bob")
+    lean = ["relayd.v1", "relayd.v1.lean"]
+    async with (
+        ws_connect(relayd, alice["access_token"], how="header", subprotocols=lean) as a,
+        ws_connect(relayd, bob["access_token"], how="header", subprotocols=lean) as b,
+    ):
+        assert a.subprotocol == "relayd.v1.lean"
+        assert (await welcome(a, alice["uuid"]))["protocol"] == "relayd.v1.lean"
+        await welcome(b, bob["uuid"])
+        await a.send({"to": bob["uuid"], "msgid": "m1", "content": "hi", "acknowledge": True})
+        assert (await b.next())["type"] == "message"
+        await b.send({"type": "ack", "msgid": "m1"})
+        update = await a.next()  # no pending_ack before it
+        assert (update["type"], update["status"]) == ("delivery_update", "acknowledged")
+        # And no ack_received for bob: the next frame he gets is the pong.
+        await b.send({"type": "ping"})
+        assert (await b.next())["type"] == "pong"

@@ -17,10 +17,12 @@ import trio.testing
 
 from relayd._auth import Revocation
 from relayd._errors import TokenError
+from relayd._relay import hub as hub_module
 from relayd._relay.frames import CloseCode
-from relayd._relay.hub import CLOSE_TIMEOUT
+from relayd._relay.hub import CLOSE_TIMEOUT, DEFER_COMMIT, INLINE_OPS
+from relayd._store import inline_executor
 
-from .hub_support import EPOCH, gated_store, running_hub
+from .hub_support import EPOCH, RecordingStore, gated_store, running_hub
 
 MockClock = trio.testing.MockClock
 
@@ -519,3 +521,63 @@ async def test_a_slow_socket_that_keeps_draining_is_not_cut(autojump_clock: Mock
             assert (await b.next_of("message"))["msgid"] == f"m{i}"
             assert trio.current_time() == t0 + 4.0 * (i + 1)
         assert not b.closed.is_set()
+
+
+async def test_what_nobody_waits_for_rides_with_the_next_commit_or_goes_after_the_delay(
+    autojump_clock: MockClock,
+) -> None:
+    """An ack's Finish and the receipt's SetReceiptPending wait: for the next message's
+    Insert (one commit for all), or DEFER_COMMIT when nothing comes; shutdown does not wait."""
+    async with (
+        RecordingStore.open(":memory:", executor=inline_executor) as store,
+        running_hub(store=store) as env,
+    ):
+        assert isinstance(store, RecordingStore)
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a, b = await env.connect(alice), await env.connect(bob)
+        await trio.sleep(1)
+        store.commits.clear()
+        t0 = trio.current_time()
+        await a.say(message(bob.uuid, "m1", acknowledge=True))
+        await b.next_of("message")
+        await b.say({"type": "ack", "msgid": "m1"})
+        assert (await a.next_of("delivery_update"))["status"] == "acknowledged"
+        await trio.sleep(0.01)
+        await a.say(message(bob.uuid, "m2", acknowledge=True))
+        await b.next_of("message")
+        assert store.commits == [
+            (t0, ["Insert"]),
+            (t0 + 0.01, ["Finish", "SetReceiptPending", "Insert"]),
+        ]
+        t1 = trio.current_time()
+        await b.say({"type": "ack", "msgid": "m2"})
+        await a.next_of("delivery_update")
+        await trio.sleep(1)
+        assert store.commits[2:] == [(t1 + DEFER_COMMIT, ["Finish", "SetReceiptPending"])]
+
+
+async def test_small_group_commits_run_on_the_loop_and_big_ones_in_a_thread(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last commit's real duration decides too: a slow machine must not make this flaky.
+    monkeypatch.setattr(hub_module, "INLINE_SECONDS", 60.0)
+    async with (
+        RecordingStore.open(":memory:", executor=inline_executor) as store,
+        running_hub(store=store) as env,
+    ):
+        assert isinstance(store, RecordingStore)
+        alice, bob = await env.client("alice"), await env.client("bob")
+        a = await env.connect(alice)
+        await trio.sleep(1)
+        store.inline.clear()
+        await a.say(message(bob.uuid, "m0", acknowledge=True))
+        await a.next_of("delivery_status")
+        assert store.inline == [True]
+        store.gate = trio.Event()  # the store lags: a batch grows behind the one held
+        for i in range(1, INLINE_OPS + 3):
+            await a.say(message(bob.uuid, f"m{i}", acknowledge=True))
+        await env.hub._until(lambda: env.hub.store_backlog == INLINE_OPS + 1)
+        store.gate.set()
+        for _ in range(INLINE_OPS + 2):
+            await a.next_of("delivery_status")
+        assert store.inline == [True, True, False]

@@ -15,11 +15,9 @@ from typing import Any
 
 import pytest
 import trio
-import trio_websocket
 
 from relayd._hypercorn import _install
 from relayd._relay.frames import CloseCode
-from relayd._relay.listeners import _server_class
 
 from .raw_ws import (
     OP_BINARY,
@@ -129,13 +127,3 @@ def test_a_hypercorn_class_is_replaced_only_where_it_is_used_and_its_internals_a
     assert _install([using], Original, Replacement, ("internal",))
     assert using.Original is Replacement
     assert _install([using], Original, Replacement, ("internal",))  # again: a no-op
-
-
-def test_a_trio_websocket_server_without_the_internals_is_served_as_it_is(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    class Moved:
-        _handle_connection = None  # and nothing else of what relayd's server builds on
-
-    assert _server_class(Moved()) is trio_websocket.WebSocketServer  # type: ignore[arg-type]
-    assert "frames that break the WebSocket protocol get no close frame" in caplog.text

@@ -77,6 +77,7 @@ class RelayParams:
     warmup: float = 2.0
     procs: int = 1
     content_size: int = 256
+    lean: bool = False  # the lean receipt profile (relayd.v1.lean)
 
 
 @dataclass
@@ -182,7 +183,7 @@ async def direct(p: RelayParams, *, name: str = "direct") -> dict[str, Any]:
     session = await relay_session(
         settings,
         [{} for _ in range(p.pairs)],
-        {"window": p.window, "ack": p.ack, "content_size": p.content_size},
+        {"window": p.window, "ack": p.ack, "content_size": p.content_size, "lean": p.lean},
         procs=p.procs,
         offsets=[p.warmup, p.warmup + p.seconds],
         stop_offset=p.warmup + p.seconds,
@@ -190,6 +191,8 @@ async def direct(p: RelayParams, *, name: str = "direct") -> dict[str, Any]:
     integrity = _integrity(session.merged)
     metrics = _relay_metrics(session, "main", 0, 1, p.seconds)
     label = f"{name} {'ack' if p.ack else 'noack'} {p.store} {p.transport} N={p.pairs} W={p.window}"
+    if p.lean:
+        label += " lean"
     return {
         "scenario": name,
         "label": label,

@@ -44,6 +44,7 @@ import uvloop
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
+from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 ACCEPTED = frozenset({"queued_offline", "queued", "pending_ack"})
@@ -110,9 +111,10 @@ class WsConn(asyncio.Protocol):
         token: str | None,
         on_text: Callable[[str], None],
         on_close: Callable[[int | None], None] | None = None,
+        subprotocols: list[Subprotocol] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
-        self.proto = ClientProtocol(parse_uri(url), max_size=2**20)
+        self.proto = ClientProtocol(parse_uri(url), max_size=2**20, subprotocols=subprotocols)
         self.token = token
         self.on_text = on_text
         self.on_close = on_close
@@ -214,8 +216,10 @@ async def open_ws(
     *,
     rcvbuf: int | None = None,
     within: float = 30.0,
+    subprotocols: list[Subprotocol] | None = None,
 ) -> WsConn:
-    """Connect and complete the handshake (authenticated by a bearer header if ``token``)."""
+    """Connect and complete the handshake (authenticated by a bearer header if ``token``),
+    offering ``subprotocols``."""
     loop = asyncio.get_running_loop()
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -226,7 +230,7 @@ async def open_ws(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
         await loop.sock_connect(sock, (host, port))
-    conn = WsConn(url, token, on_text, on_close)
+    conn = WsConn(url, token, on_text, on_close, subprotocols)
     if sock is not None:
         await loop.create_connection(lambda: conn, sock=sock)
     else:
@@ -323,7 +327,14 @@ class Peer:
     async def open(self, url: str) -> None:
         self._welcome = asyncio.get_running_loop().create_future()
         self._welcome.add_done_callback(_retrieve)
-        conn = await open_ws(url, self.token, self._on_text, self._on_close, rcvbuf=self.rcvbuf)
+        conn = await open_ws(
+            url,
+            self.token,
+            self._on_text,
+            self._on_close,
+            rcvbuf=self.rcvbuf,
+            subprotocols=self.gen.subprotocols,
+        )
         try:
             await asyncio.wait_for(asyncio.shield(self._welcome), 30)
         except BaseException:
@@ -500,7 +511,9 @@ class Pair:
                     gen.info["final_receipt_repeated"] += 1
                     return
                 if kind == "delivery_update" and seq not in self.accepted:
-                    if gen.reconnect == "command" or seq in self.resent:
+                    if gen.subprotocols is not None and status != "delivered":
+                        pass  # the lean profile: the final status is the only receipt
+                    elif gen.reconnect == "command" or seq in self.resent:
                         # Its first receipt was lost with the connection: told now.
                         gen.info["update_without_status"] += 1
                     else:
@@ -657,6 +670,8 @@ class RelayGenerator:
         self.window: int = spec.get("window", 10)
         self.ack: bool = spec.get("ack", True)
         self.content_size: int = spec.get("content_size", 256)
+        # The lean receipt profile: no pending_ack receipts, no ack_received.
+        self.subprotocols = [Subprotocol("relayd.v1.lean")] if spec.get("lean") else None
         self.reconnect: str = spec.get("reconnect", "auto")  # or "command" (drain)
         self.settle: float = spec.get("drain_timeout", 30.0)
         self.errors: collections.Counter[str] = collections.Counter()

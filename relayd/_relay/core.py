@@ -150,6 +150,7 @@ class Session:
     opened_at: float
     last_seen: float
     pong_observable: bool
+    lean: bool = False  # the lean receipt profile
     phase: Phase = Phase.PENDING
     client: str | None = None
     token_id: str = ""  # the jti of the token the session runs on now
@@ -444,8 +445,11 @@ class RelayCore:
         *,
         token: str | None = None,
         pong_observable: bool = False,
+        lean: bool = False,
     ) -> None:
-        """A socket was accepted. ``token``: one offered in the URL, a header or a subprotocol.
+        """A socket was accepted. ``token``: one offered in the URL, a header or a subprotocol;
+        ``lean``: the client chose the lean receipt profile (no ``pending_ack`` receipts, no
+        ``ack_received``).
 
         Connection limits: a socket is *admitted* — counted against ``max_connections`` and
         ``max_connections_per_ip``, or refused with 4029 — as soon as it offers a token, in the
@@ -454,7 +458,7 @@ class RelayCore:
         ``max_pending_auth`` in all, the oldest waiting one is closed (4029) to make room. So
         sockets that never authenticate cannot lock out a client that presents a token.
         """
-        session = Session(sid, remote, now, now, pong_observable)
+        session = Session(sid, remote, now, now, pong_observable, lean=lean)
         self._sessions[sid] = session
         self._pending_auth += 1
         if self.draining:
@@ -549,7 +553,7 @@ class RelayCore:
                     "uuid": who.client,
                     "name": who.name,
                     "timestamp": now,
-                    "protocol": "relayd.v1",
+                    "protocol": "relayd.v1.lean" if session.lean else "relayd.v1",
                     "token_expires_at": who.expires_at,
                     "heartbeat_interval": self.ws.heartbeat_interval,
                 }
@@ -1010,12 +1014,18 @@ class RelayCore:
         if message.written_at:  # an ack may come before relayd hears the write completed
             self.metrics.ack_latency.observe(now - message.written_at)
         self._finish(message, Status.ACKNOWLEDGED, now)
-        self._send(
-            session,
-            F.encode(
-                {"type": "ack_received", "msgid": msgid, "status": "acknowledged", "timestamp": now}
-            ),
-        )
+        if not session.lean:
+            self._send(
+                session,
+                F.encode(
+                    {
+                        "type": "ack_received",
+                        "msgid": msgid,
+                        "status": "acknowledged",
+                        "timestamp": now,
+                    }
+                ),
+            )
         self._pump(recipient, now)
 
     # --- acceptance and routing ------------------------------------------------------------
@@ -1298,7 +1308,7 @@ class RelayCore:
                 if not online:
                     self._actions.append(owed)
                 ref = ReceiptRef(message.seq, owed)
-        if online and sender is not None:
+        if online and sender is not None and not (sender.lean and status is Status.PENDING_ACK):
             kind = "delivery_status" if first else "delivery_update"
             self._send_receipt_frame(
                 sender, kind, message.msgid, message.recipient, status, now, reason=reason, ref=ref

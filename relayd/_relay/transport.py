@@ -8,8 +8,9 @@ Two exist:
   pongs: hypercorn sends the protocol pings (every ``heartbeat_interval``) and drops a peer
   silent for ``heartbeat_timeout`` (relayd's ``TCPServer`` in ``relayd/_hypercorn.py`` sets that
   read timeout); relayd's own heartbeat stays off.
-* :class:`TrioWebsocketTransport` — the optional dedicated listener (``[websocket] listen``),
-  on trio-websocket's server. Heartbeats are WebSocket pings; their pongs count as liveness.
+* :class:`~relayd._relay.wsserver.WebsocketsTransport` — the optional dedicated listener
+  (``[websocket] listen``), relayd's own server on the ``websockets`` sans-I/O protocol.
+  Heartbeats are WebSocket pings; their pongs count as liveness.
 
 Both authenticate *before* any frame is read: the token offered in the handshake (``?token=``,
 ``Authorization: Bearer``, or a ``bearer.<token>`` entry in ``Sec-WebSocket-Protocol``) is
@@ -20,20 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import trio
-import trio_websocket
 from attrs import frozen
-from wsproto.events import TextMessage
-from wsproto.utilities import LocalProtocolError
 
 log = logging.getLogger("relayd.ws")
 
 SUBPROTOCOL = "relayd.v1"
+# The same protocol with the lean receipt profile: a sender is told only what it cannot infer
+# (queued, and the final status), never pending_ack; an acker gets no ack_received.
+LEAN_SUBPROTOCOL = "relayd.v1.lean"
 BEARER_PREFIX = "bearer."
 
 
@@ -49,6 +49,7 @@ class TransportClosed(Exception):
 class Transport(Protocol):
     remote: str
     token: str | None
+    lean: bool  # the client chose the lean receipt profile
     pong_observable: bool
     coalesces: bool  # send_frames writes several frames at once
     # Every write is bounded by write_timeout below the transport, which also logs, counts and
@@ -93,6 +94,11 @@ class Handshake:
     token: str | None
     subprotocol: str | None
 
+    @property
+    def lean(self) -> bool:
+        """Whether the client chose the lean receipt profile (docs/protocol.md)."""
+        return self.subprotocol == LEAN_SUBPROTOCOL
+
 
 def read_handshake(
     query: str, headers: Iterable[tuple[str, str]], subprotocols: Sequence[str]
@@ -100,8 +106,8 @@ def read_handshake(
     """Find the client's token: ``?token=``, ``Authorization: Bearer``, a ``bearer.`` subprotocol.
 
     The token itself is never selected as the subprotocol (it would be echoed in the
-    response): relayd selects ``relayd.v1`` when offered, and browsers must offer it next to
-    the ``bearer.<token>`` entry.
+    response): relayd selects ``relayd.v1.lean`` when offered, else ``relayd.v1`` when
+    offered, and browsers must offer one of them next to the ``bearer.<token>`` entry.
     """
     token: str | None = None
     values = parse_qs(query, keep_blank_values=False).get("token")
@@ -119,7 +125,8 @@ def read_handshake(
             if entry.startswith(BEARER_PREFIX) and len(entry) > len(BEARER_PREFIX):
                 token = entry[len(BEARER_PREFIX) :]
                 break
-    return Handshake(token, SUBPROTOCOL if SUBPROTOCOL in subprotocols else None)
+    chosen = next((p for p in (LEAN_SUBPROTOCOL, SUBPROTOCOL) if p in subprotocols), None)
+    return Handshake(token, chosen)
 
 
 # --- ASGI (main port) ---------------------------------------------------------------------------
@@ -140,12 +147,14 @@ class AsgiTransport:
         *,
         remote: str,
         token: str | None,
+        lean: bool = False,
         bounded_writes: bool = False,
     ) -> None:
         self._receive = receive
         self._send = send
         self.remote = remote
         self.token = token
+        self.lean = lean
         self.bounded_writes = bounded_writes
         self._closed = False
 
@@ -190,100 +199,6 @@ class AsgiTransport:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
         while (await self._receive())["type"] != "websocket.disconnect":
             pass
-
-
-# --- trio-websocket (dedicated listener) --------------------------------------------------------
-
-
-_TRIO_WEBSOCKET_INTERNALS = (
-    "_wsproto",
-    "_stream",
-    "_stream_lock",
-    "_close_reason",
-    "_abort_web_socket",
-)
-
-
-class TrioWebsocketTransport:
-    """trio-websocket's connection. Batches of frames are serialised with the connection's
-    wsproto state and written with one ``send_all``: one system call and one trip through
-    Trio's socket machinery for a whole batch, where ``send_message`` takes one per frame.
-    That uses trio-websocket's private attributes (checked at start: ``coalesces`` is false
-    if they are not there, and frames then go one by one).
-
-    A batch's write cancelled midway (the hub's write timer, or a session cut) may leave a
-    frame half-written: a close frame written after it would land inside that frame, garbage
-    to the client. :meth:`close` then drops the connection instead (the client sees 1006).
-    (trio-websocket's own writes, of single frames and pings, are small and not tracked.)"""
-
-    pong_observable = True
-    coalesces = True
-    bounded_writes = False  # the hub's write timer bounds them
-
-    def __init__(
-        self, connection: trio_websocket.WebSocketConnection, *, remote: str, token: str | None
-    ) -> None:
-        self._ws = connection
-        self.coalesces = all(hasattr(connection, name) for name in _TRIO_WEBSOCKET_INTERNALS)
-        self.remote = remote
-        self.token = token
-        self._cut_off = False  # a write was cancelled before it ended
-
-    async def receive(self) -> str | bytes:
-        try:
-            return await self._ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
-            reason = exc.reason
-            raise TransportClosed(
-                getattr(reason, "code", None), getattr(reason, "reason", None)
-            ) from None
-
-    async def send_frames(self, texts: Sequence[str]) -> None:
-        ws = self._ws
-        if not self.coalesces:
-            for text in texts:
-                await self.send(text)
-            return
-        if ws._close_reason is not None:
-            raise TransportClosed(ws._close_reason.code, ws._close_reason.reason)
-        try:
-            data = b"".join(ws._wsproto.send(TextMessage(data=text)) for text in texts)
-        except LocalProtocolError as exc:  # the connection is closing
-            raise TransportClosed(None, str(exc)) from None
-        async with ws._stream_lock:
-            try:
-                self._cut_off = True
-                await ws._stream.send_all(data)
-                self._cut_off = False
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await ws._abort_web_socket()
-                raise TransportClosed(None, "connection lost") from None
-
-    async def send(self, text: str) -> None:
-        try:
-            await self._ws.send_message(text)
-        except trio_websocket.ConnectionClosed as exc:
-            raise TransportClosed(None, str(exc)) from None
-
-    async def ping(self) -> None:
-        try:
-            await self._ws.ping(os.urandom(8))
-        except trio_websocket.ConnectionClosed as exc:
-            raise TransportClosed(None, str(exc)) from None
-
-    async def close(self, code: int, reason: str) -> None:
-        if self._cut_off:
-            # Closing the stream makes trio-websocket's own closing (once the handler
-            # returns) find the connection gone, instead of writing a close frame.
-            await self._ws._stream.aclose()
-            return
-        await self._ws.aclose(code, reason)
-
-
-def remote_host(remote: object) -> str:
-    """The IP address of a trio-websocket ``Endpoint`` (or whatever else it gives)."""
-    address = getattr(remote, "address", None)
-    return str(address) if address is not None else str(remote)
 
 
 def split_target(target: str) -> tuple[str, str]:
