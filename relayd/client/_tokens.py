@@ -21,13 +21,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 import attrs
 
 from ._credentials import Credentials, CredentialStore, TokenPair
 from ._errors import AuthenticationError, HttpError, ServerUnreachable
-from ._rest import RestClient
 
 log = logging.getLogger("relayd.client")
 
@@ -51,6 +51,14 @@ def refresh_due(tokens: TokenPair, margin: float) -> float:
     return max(tokens.access_expires_at - margin, tokens.access_issued_at + lifetime * 2 / 3)
 
 
+class TokenIssuer(Protocol):
+    """relayd's token endpoints, as :class:`relayd.client.RestClient` calls them."""
+
+    async def login(self, uuid: str, client_secret: str) -> TokenPair: ...
+
+    async def refresh(self, refresh_token: str) -> TokenPair: ...
+
+
 class TokenKeeper:
     """The client's tokens, kept in ``store`` and renewed through ``rest``.
 
@@ -60,7 +68,7 @@ class TokenKeeper:
     def __init__(
         self,
         store: CredentialStore,
-        rest: RestClient,
+        rest: TokenIssuer,
         credentials: Credentials,
         *,
         clock: Callable[[], float] = time.time,
