@@ -119,12 +119,15 @@ async def test_send_to_no_such_client_exits_4_with_the_rejection(
     )
 
 
-async def test_an_unknown_identity_exits_3_and_a_name_nobody_has_exits_2(
+async def test_an_unknown_identity_exits_3_and_a_bad_or_unknown_name_exits_2(
     relayd: RunningRelayd, tmp_path: Path
 ) -> None:
     missing = await run(tmp_path, "listen", "--as", "nobody", "--count", "1")
     assert missing.returncode == 3
     assert b"register the client first" in missing.stderr
+    outside = await run(tmp_path, "listen", "--as", "../alice")
+    assert outside.returncode == 2
+    assert b"not a usable identity name" in outside.stderr
     await register(relayd, tmp_path, "alice")
     unknown = await run(tmp_path, "send", "--as", "alice", "carol", "hi")
     assert unknown.returncode == 2

@@ -182,3 +182,20 @@ def test_no_secret_in_a_repr() -> None:
     text = repr(ALICE) + repr(PAIR) + repr(ALICE.with_tokens(PAIR))
     assert "SECRET" not in text
     assert "alice" in text
+
+
+def test_an_identity_by_name_lives_under_xdg_config_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert CredentialFile.named("alice").path == tmp_path / "relayd" / "clients" / "alice.json"
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expected = tmp_path / "home" / ".config" / "relayd" / "clients" / "alice.json"
+    assert CredentialFile.named("alice").path == expected
+
+
+@pytest.mark.parametrize("name", ["", "../alice", "a/b", ".hidden", "nul\0"])
+def test_an_identity_name_that_is_not_a_plain_file_name_is_refused(name: str) -> None:
+    with pytest.raises(CredentialsError, match="not a usable identity name"):
+        CredentialFile.named(name)

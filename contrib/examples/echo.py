@@ -13,11 +13,11 @@ import contextlib
 import anyio
 
 from relayd.client import Client, CredentialFile, Message
-from relayd.client._cli import default_credentials_dir
 
 
 async def main(name: str) -> None:
-    async with Client(CredentialFile(default_credentials_dir() / f"{name}.json")) as client:
+    # Where `relayd register echo` keeps it (~/.config/relayd/clients/echo.json).
+    async with Client(CredentialFile.named(name)) as client:
         print(f"# {client.name} ({client.uuid}) echoes", flush=True)
 
         async def echo(message: Message) -> None:

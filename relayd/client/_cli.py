@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -53,16 +51,15 @@ client commands (JSON lines on stdout, one object per line):
 """
 
 
-def default_credentials_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "relayd" / "clients"
+class UsageError(ClientError):
+    """The command line asks for something impossible (exit 2)."""
 
 
 def credential_file(args: argparse.Namespace, name: str) -> CredentialFile:
-    directory = Path(args.credentials_dir) if args.credentials_dir else default_credentials_dir()
-    if not name or "/" in name or name.startswith("."):
-        raise InvalidMessage(f"--as: {name!r} is not a usable identity name")
-    return CredentialFile(directory / f"{name}.json")
+    try:
+        return CredentialFile.named(name, args.credentials_dir)
+    except CredentialsError as exc:
+        raise UsageError(f"--as: {exc}") from None
 
 
 def emit(doc: dict[str, Any]) -> None:
@@ -170,7 +167,12 @@ def _chat(args: argparse.Namespace) -> int:
     except ImportError:
         say("relayd chat needs Textual: pip install 'relayd[chat]'")
         return EXIT_USAGE
-    return run_chat(credential_file(args, args.as_name), args.peer)
+    try:
+        store = credential_file(args, args.as_name)
+    except UsageError as exc:
+        say(str(exc))
+        return EXIT_USAGE
+    return run_chat(store, args.peer)
 
 
 def run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
@@ -195,7 +197,7 @@ def _failure(exc: Exception) -> int:
     say(str(exc) or type(exc).__name__)
     if isinstance(exc, CredentialsError | AuthenticationError | SessionEnded):
         return EXIT_CREDENTIALS
-    if isinstance(exc, InvalidMessage):
+    if isinstance(exc, InvalidMessage | UsageError):
         return EXIT_USAGE
     if isinstance(exc, HttpError) and exc.status in (401, 403):
         return EXIT_CREDENTIALS

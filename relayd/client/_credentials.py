@@ -111,6 +111,13 @@ def _text(doc: dict[str, Any], key: str) -> str:
     return value
 
 
+def default_directory() -> Path:
+    """Where identities are kept: ``$XDG_CONFIG_HOME/relayd/clients``, or
+    ``~/.config/relayd/clients``."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "relayd" / "clients"
+
+
 class CredentialStore(Protocol):
     """Where a client's credentials live. ``save`` must be durable when it returns: the
     client relies on it before using a new refresh token."""
@@ -159,6 +166,22 @@ class CredentialFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser()
         self._lock_fd: int | None = None
+
+    @classmethod
+    def named(cls, name: str, directory: str | os.PathLike[str] | None = None) -> CredentialFile:
+        """The identity ``name`` where ``relayd register NAME`` keeps it:
+        ``<directory>/<name>.json``, by default in :func:`default_directory`.
+
+        >>> CredentialFile.named("alice", "/tmp/ids").path
+        PosixPath('/tmp/ids/alice.json')
+
+        Raises:
+            CredentialsError: ``name`` is not a plain file name.
+        """
+        if not name or "/" in name or name.startswith(".") or "\0" in name:
+            raise CredentialsError(f"{name!r} is not a usable identity name")
+        base = Path(directory) if directory is not None else default_directory()
+        return cls(base / f"{name}.json")
 
     @property
     def lock_path(self) -> Path:
