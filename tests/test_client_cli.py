@@ -119,7 +119,7 @@ async def test_send_to_no_such_client_exits_4_with_the_rejection(
     )
 
 
-async def test_an_unknown_identity_exits_3_and_a_bad_or_unknown_name_exits_2(
+async def test_exit_codes_for_identities_names_and_timeouts(
     relayd: RunningRelayd, tmp_path: Path
 ) -> None:
     missing = await run(tmp_path, "listen", "--as", "nobody", "--count", "1")
@@ -132,3 +132,6 @@ async def test_an_unknown_identity_exits_3_and_a_bad_or_unknown_name_exits_2(
     unknown = await run(tmp_path, "send", "--as", "alice", "carol", "hi")
     assert unknown.returncode == 2
     assert b"no client named 'carol'" in unknown.stderr
+    quiet = await run(tmp_path, "listen", "--as", "alice", "--timeout", "0.5")
+    assert quiet.returncode == 1
+    assert quiet.stderr == b"relayd: --timeout: 0.5 s passed (0 messages)\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,12 +21,9 @@ from ._credentials import CredentialFile
 from ._errors import (
     AuthenticationError,
     ClientError,
-    ConnectTimeout,
     CredentialsError,
     HttpError,
     InvalidMessage,
-    ReceiptTimeout,
-    ServerUnreachable,
     SessionEnded,
 )
 from ._frames import Message, Receipt
@@ -141,24 +139,19 @@ async def _listen(args: argparse.Namespace) -> int:
         if args.receipts:
             emit(receipt_json(receipt))
 
+    count = 0
     async with Client(store, on_receipt=on_receipt) as client:
-        with anyio.fail_after(args.timeout) if args.timeout else _no_deadline():
-            count = 0
+        with anyio.move_on_after(args.timeout or math.inf) as deadline:
             async for message in client.messages():
                 emit(message_json(message))  # acknowledged once printed (next iteration)
                 count += 1
                 if args.count and count >= args.count:
                     client.ack(message)
                     break
+    if deadline.cancelled_caught:
+        say(f"--timeout: {args.timeout:g} s passed ({count} messages)")
+        return EXIT_FAILURE
     return EXIT_OK
-
-
-class _no_deadline:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -194,18 +187,25 @@ def run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace) 
 
 
 def _failure(exc: Exception) -> int:
+    """The exit code for ``exc``, said on stderr; anything else (a bug, a closed stdout) is
+    raised again for ``relayd``'s own handling."""
+    code = _exit_code(exc)
+    if code is None:
+        raise exc
     say(str(exc) or type(exc).__name__)
+    return code
+
+
+def _exit_code(exc: Exception) -> int | None:
     if isinstance(exc, CredentialsError | AuthenticationError | SessionEnded):
         return EXIT_CREDENTIALS
     if isinstance(exc, InvalidMessage | UsageError):
         return EXIT_USAGE
     if isinstance(exc, HttpError) and exc.status in (401, 403):
         return EXIT_CREDENTIALS
-    if isinstance(
-        exc, ServerUnreachable | ConnectTimeout | ReceiptTimeout | TimeoutError | ClientError
-    ):
+    if isinstance(exc, ClientError | TimeoutError):
         return EXIT_FAILURE
-    raise exc
+    return None
 
 
 def add_commands(commands: Any) -> None:
