@@ -285,16 +285,6 @@ def message_frame(
     """
     if not isinstance(content, str):
         raise InvalidMessage("content: must be a string")
-    for name, value in (("content", content), ("msgid", msgid), ("subject", subject)):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            # A lone surrogate: no UTF-8 text can carry it, and relayd refuses it.
-            raise InvalidMessage(f"{name}: holds a lone surrogate") from None
-    if not 1 <= len(msgid) <= MAX_MSGID_CHARS:
-        raise InvalidMessage(f"msgid: must be 1 to {MAX_MSGID_CHARS} characters")
-    if len(priority) > MAX_PRIORITY_CHARS:
-        raise InvalidMessage(f"priority: must be at most {MAX_PRIORITY_CHARS} characters")
     shorts = {
         "subject": subject,
         "conversation_id": conversation_id,
@@ -302,6 +292,18 @@ def message_frame(
         "event": event,
         "status": status,
     }
+    texts = {"to": to, "content": content, "msgid": msgid, "priority": priority, **shorts}
+    for name, value in texts.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate: no UTF-8 text can carry it (the socket's encoder would fail
+            # on it), and relayd refuses it.
+            raise InvalidMessage(f"{name}: holds a lone surrogate") from None
+    if not 1 <= len(msgid) <= MAX_MSGID_CHARS:
+        raise InvalidMessage(f"msgid: must be 1 to {MAX_MSGID_CHARS} characters")
+    if len(priority) > MAX_PRIORITY_CHARS:
+        raise InvalidMessage(f"priority: must be at most {MAX_PRIORITY_CHARS} characters")
     for name, value in shorts.items():
         if len(value) > MAX_SHORT_FIELD_CHARS:
             raise InvalidMessage(f"{name}: must be at most {MAX_SHORT_FIELD_CHARS} characters")
