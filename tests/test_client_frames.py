@@ -120,7 +120,7 @@ def test_a_receipt_is_final_and_ok_by_its_status() -> None:
     assert (failed.final, failed.ok) == (True, False)
 
 
-# --- the SDK refuses exactly what relayd refuses ---------------------------------------------------
+# --- the SDK refuses exactly what relayd refuses ----------------------------------------------
 
 
 def text(limit: int) -> st.SearchStrategy[str]:
