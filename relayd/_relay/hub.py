@@ -308,20 +308,15 @@ class Hub:
         while True:
             deadline = core.next_deadline()
             self._timer_wakeup = trio.Event()
-            now: float | None = None
             if deadline is None:
                 self._sleeping_until = math.inf
                 await self._timer_wakeup.wait()
             else:
                 self._sleeping_until = deadline
-                with trio.move_on_at(trio.current_time() + (deadline - self.clock())) as sleep:
+                with trio.move_on_at(trio.current_time() + (deadline - self.clock())):
                     await self._timer_wakeup.wait()
-                if sleep.cancelled_caught:
-                    # The deadline came. The wall clock may still read a hair before it (it is
-                    # another clock, rounded): the timer fires now, or this would spin.
-                    now = max(self.clock(), deadline)
             self._sleeping_until = -math.inf  # awake: no wakeups needed
-            core.tick(self.clock() if now is None else now)
+            core.tick(self.clock())
             self._apply()
 
     @property
