@@ -81,15 +81,29 @@ class Peer:
         for text in texts:
             await self.send(text)
 
+    def try_send(self, texts: Sequence[str]) -> bool | None:
+        # Like a socket with room: written at once while the client reads and the link is fast.
+        if not self.reading.is_set() or self.write_delay or self.closed.is_set():
+            return None
+        for text in texts:
+            self._deliver(text)
+        return True
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def _deliver(self, text: str) -> None:
+        self.frames.append(json.loads(text))
+        self._arrived.set()
+        self._arrived = trio.Event()
+
     async def send(self, text: str) -> None:
         await self.reading.wait()
         if self.write_delay:
             await trio.sleep(self.write_delay)
         if self.closed.is_set():
             raise TransportClosed(self.close_code)
-        self.frames.append(json.loads(text))
-        self._arrived.set()
-        self._arrived = trio.Event()
+        self._deliver(text)
 
     async def ping(self) -> None:
         self.pings += 1

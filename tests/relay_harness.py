@@ -261,13 +261,19 @@ class CoreHarness:
             if log.aborted or (not log.outbox and self.auto_flush):
                 self.disconnect(log.sid)
 
-    def commit(self) -> list[Any]:
-        """Run the pending store operations in one transaction and report the results."""
-        ops, self.pending_store = self.pending_store, []
+    def execute(self, ops: list[records.StoreOp]) -> list[Any]:
+        """Run ``ops`` in one transaction, as the hub's store task does, without telling the
+        core yet (that is :meth:`commit`'s second half, ``core.store_done``)."""
         with transaction(self.db):
             results = [_apply(self.db, op, self.relay.max_queued_per_recipient) for op in ops]
         self.commits += 1
         self.executed += ops
+        return results
+
+    def commit(self) -> list[Any]:
+        """Run the pending store operations in one transaction and report the results."""
+        ops, self.pending_store = self.pending_store, []
+        results = self.execute(ops)
         self.core.store_done(ops, results, self.now)
         self._carry_out()
         return results

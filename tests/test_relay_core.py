@@ -706,6 +706,40 @@ def test_a_message_delivered_from_the_store_is_flagged_after_a_crash() -> None:
     assert first_delivery(h2.messages(b2)) == (2, True)
 
 
+def test_a_load_that_reads_a_row_before_its_attempt_count_is_corrected_is_not_fooled() -> None:
+    """A message stored while its recipient is online counts an attempt from the start; routed
+    to the store instead (the recipient has a backlog), its row is corrected to none. A load
+    issued before that correction reads the old count: the message is still a first delivery.
+    (Found by the SDK's tests: the recipient connects while the sender's messages are stored.)"""
+    h = CoreHarness(relay_config(mailbox_bytes=130_000, inflight_window=1))
+    alice, bob = h.client("alice"), h.client("bob")
+    a = h.connect(alice)
+    for i in range(3):  # bob's first page holds two of these: he has a backlog
+        h.send(a, {"to": bob.uuid, "msgid": f"m{i}", "content": f"{i}{BIG}", "acknowledge": True})
+    b = h.connect(bob)
+    [m0] = h.messages(b)
+    h.auto_store = False
+    h.send(a, {"to": bob.uuid, "msgid": "m3", "content": "3", "acknowledge": True})
+    [insert] = h.pending_store  # stored counting an attempt: bob is online
+    h.pending_store = []
+    results = h.execute([insert])  # the commit runs...
+    ack_all(h, b, [m0])  # ...while bob acks, and m1 goes out, and the next page is asked for
+    assert any(isinstance(op, LoadQueue) for op in h.pending_store)
+    h.core.store_done([insert], results, h.now)  # then m3 goes to the store: count corrected
+    h.run()
+    h.auto_store = True
+    h.run()
+    got: list[Frame] = []
+    while batch := h.messages(b):
+        got += batch
+        ack_all(h, b, batch)
+    assert [(m["content"][:1], m["attempt"], m["redelivered"]) for m in got] == [
+        ("1", 1, False),
+        ("2", 1, False),
+        ("3", 1, False),
+    ]
+
+
 def test_messages_stored_for_an_online_recipient_are_flagged_after_a_crash() -> None:
     """Stored while their recipient is online, they may go out right after their commit,
     whatever waits ahead of them: their rows count the attempt from the start."""

@@ -311,6 +311,8 @@ class RelayCore:
         self._seqs = itertools.count(last_seq + 1)
         self._reads_in_flight = 0
         self._finished_while_reading: set[int] = set()
+        # Attempt counts written to the store and not committed yet, by seq.
+        self._counts_written: dict[int, int] = {}
         for known in recent:
             self._recent[(known.sender, known.msgid)] = (
                 known.accepted_at,
@@ -834,6 +836,8 @@ class RelayCore:
         """Bring the store's attempt count of a stored message up to date."""
         if message.attempts != message.recorded_attempts:
             message.recorded_attempts = message.attempts
+            # A read already queued reads the count before this write: see _message_from_row.
+            self._counts_written[message.seq] = message.attempts
             self._actions.append(SetAttempts(message.seq, message.attempts))
 
     def _forget(self, message: Message) -> None:
@@ -1367,8 +1371,11 @@ class RelayCore:
             elif isinstance(op, FindExpired):
                 self._expired_found(result, now)
                 self._read_done()
-            elif isinstance(op, SetAttempts) and isinstance(op.ref, Message):
-                self._attempt_counted(op.ref, now)
+            elif isinstance(op, SetAttempts):
+                if isinstance(op.ref, Message):
+                    self._attempt_counted(op.ref, now)
+                elif self._counts_written.get(op.seq) == op.attempts:
+                    del self._counts_written[op.seq]
         for client in touched:
             self._drain_staging(client, now)
 
@@ -1428,6 +1435,8 @@ class RelayCore:
 
     def _message_from_row(self, row: StoredMessage) -> Message:
         known = self._recent.get((row.sender, row.msgid))
+        # A count written after this read was queued is the truth, not the row's.
+        attempts = self._counts_written.get(row.seq, row.attempts)
         message = Message(
             sender=row.sender,
             recipient=row.recipient,
@@ -1439,8 +1448,8 @@ class RelayCore:
             expires_at=row.expires_at,
             durable=True,
             seq=row.seq,
-            attempts=row.attempts,
-            recorded_attempts=row.attempts,
+            attempts=attempts,
+            recorded_attempts=attempts,
             committed=True,
         )
         # Its sender was told something when it was stored; later receipts are updates.

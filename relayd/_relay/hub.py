@@ -41,7 +41,7 @@ from relayd._errors import ApiError, TokenError
 from relayd._log import audit, conn_id
 from relayd._store import Store
 
-from .core import Authenticate, Close, Identity, Ping, Ref, RelayCore, Send
+from .core import Action, Authenticate, Close, Identity, Ping, Ref, RelayCore, Send
 from .frames import CloseCode
 from .records import Finish, Purge, SetAttempts, SetReceiptPending, StoreOp
 from .transport import Transport, TransportClosed, abort_after
@@ -115,7 +115,10 @@ class _Handle:
 
     sid: int
     transport: Transport
-    outbound: trio.MemorySendChannel[_Outgoing | _CloseItem]
+    # Frames (and the close) for the socket, not yet taken by a write. Bounded by the core,
+    # which never queues more than websocket.outbound_buffer frames on a socket.
+    queue: deque[_Outgoing | _CloseItem] = field(factory=deque)
+    writing: bool = False  # a writer task owns the socket's writes
     scope: trio.CancelScope = field(factory=trio.CancelScope)
     nursery: trio.Nursery | None = None
     close_request: tuple[int, str] | None = None
@@ -158,6 +161,7 @@ class Hub:
         self._sleeping_until = math.inf
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._unflushed: dict[int, _Handle] = {}  # sockets with frames queued by _dispatch
         self.closing = False
         self._stopped = False  # shutdown's deadline has passed
         auth.subscribe(self.revoked)
@@ -233,19 +237,33 @@ class Hub:
     # --- dispatching the core's actions ----------------------------------------------------
 
     def _apply(self) -> None:
-        """Carry out what the core decided. Call after every call into the core."""
+        """Carry out what the core decided. Call after every call into the core.
+
+        Frames for a socket nobody is writing to are written at once when its transport can
+        do that without waiting (``try_send``): no task switch, and the core hears they were
+        written before this returns. Otherwise a writer task is started for the socket; it
+        writes until the socket's queue is empty, then ends: an idle socket has no writer.
+        """
         core = self.core
-        for action in core.take_actions():
+        while True:
+            actions = core.take_actions()
+            if not actions and not self._unflushed:
+                break
+            self._dispatch(actions)
+            unflushed, self._unflushed = self._unflushed, {}
+            for handle in unflushed.values():
+                self._flush(handle)
+        deadline = core.next_deadline()
+        if deadline is not None and deadline < self._sleeping_until:
+            self._timer_wakeup.set()
+
+    def _dispatch(self, actions: list[Action]) -> None:
+        for action in actions:
             if isinstance(action, Send):
                 handle = self._handles.get(action.sid)
                 if handle is not None:
-                    try:
-                        handle.outbound.send_nowait(_Outgoing(action.text, action.ref))
-                    except (trio.WouldBlock, trio.ClosedResourceError):
-                        log.error(
-                            "outbound channel full: closing", extra={"fields": {"sid": action.sid}}
-                        )
-                        self._cut(handle, CloseCode.INTERNAL_ERROR, "internal error")
+                    handle.queue.append(_Outgoing(action.text, action.ref))
+                    self._unflushed[handle.sid] = handle
             elif isinstance(action, Close):
                 handle = self._handles.get(action.sid)
                 if handle is None:
@@ -257,10 +275,8 @@ class Hub:
                 if action.abort:
                     self._cut(handle, action.code, action.reason)
                 else:
-                    try:
-                        handle.outbound.send_nowait(_CloseItem(action.code, action.reason))
-                    except (trio.WouldBlock, trio.ClosedResourceError):
-                        self._cut(handle, action.code, action.reason)
+                    handle.queue.append(_CloseItem(action.code, action.reason))
+                    self._unflushed[handle.sid] = handle
             elif isinstance(action, Authenticate):
                 if self._nursery is not None:
                     self._nursery.start_soon(
@@ -282,9 +298,51 @@ class Hub:
                     self._urgent_queued += 1
                     self._store_urgent.set()
                 self._store_wakeup.set()
-        deadline = core.next_deadline()
-        if deadline is not None and deadline < self._sleeping_until:
-            self._timer_wakeup.set()
+
+    def _take(self, handle: _Handle) -> tuple[list[_Outgoing], _CloseItem | None]:
+        """The next frames to write to ``handle``'s socket (at most WRITE_BATCH), and the close
+        that follows them, if one is queued right behind."""
+        batch: list[_Outgoing] = []
+        queue = handle.queue
+        while queue and len(batch) < WRITE_BATCH:
+            item = queue.popleft()
+            if isinstance(item, _CloseItem):
+                return batch, item
+            batch.append(item)
+        return batch, None
+
+    def _flush(self, handle: _Handle) -> None:
+        """Write what is queued for ``handle`` now if its transport can without waiting, else
+        have a writer task do it (see :meth:`_apply`)."""
+        while handle.queue and not handle.writing and handle.nursery is not None:
+            batch, close = self._take(handle)
+            taken = handle.transport.try_send([o.text for o in batch]) if batch else True
+            if taken is None:  # nothing taken: the writer writes all of it
+                if close is not None:
+                    handle.queue.appendleft(close)
+                handle.queue.extendleft(reversed(batch))
+                self._start_writer(handle, [], None)
+            elif taken:
+                self._written(handle, batch)
+                if close is not None:
+                    self._cut(handle, close.code, close.reason)
+            else:  # taken, partly written: the writer finishes it
+                self._start_writer(handle, batch, close)
+
+    def _start_writer(
+        self, handle: _Handle, started: list[_Outgoing], close: _CloseItem | None
+    ) -> None:
+        assert handle.nursery is not None
+        handle.writing = True
+        handle.batch, handle.sent, handle.chunk = started, 0, len(started)
+        handle.nursery.start_soon(self._writer, handle, started, close)
+
+    def _written(self, handle: _Handle, batch: list[_Outgoing]) -> None:
+        """``batch`` is written: tell the core (its actions are dispatched by :meth:`_apply`),
+        and wake readers that wait for this socket to drain."""
+        refs = [o.ref for o in batch if o.ref is not None]
+        self.core.written(handle.sid, len(batch), refs, self.clock())
+        self._signal()
 
     def _slow_consumer(self, sid: int, where: str) -> None:
         """Log and count a socket dropped as a slow consumer (``where``: what caught it)."""
@@ -308,20 +366,15 @@ class Hub:
         while True:
             deadline = core.next_deadline()
             self._timer_wakeup = trio.Event()
-            now: float | None = None
             if deadline is None:
                 self._sleeping_until = math.inf
                 await self._timer_wakeup.wait()
             else:
                 self._sleeping_until = deadline
-                with trio.move_on_at(trio.current_time() + (deadline - self.clock())) as sleep:
+                with trio.move_on_at(trio.current_time() + (deadline - self.clock())):
                     await self._timer_wakeup.wait()
-                if sleep.cancelled_caught:
-                    # The deadline came. The wall clock may still read a hair before it (it is
-                    # another clock, rounded): the timer fires now, or this would spin.
-                    now = max(self.clock(), deadline)
             self._sleeping_until = -math.inf  # awake: no wakeups needed
-            core.tick(self.clock() if now is None else now)
+            core.tick(self.clock())
             self._apply()
 
     @property
@@ -416,9 +469,7 @@ class Hub:
         if sid is None:
             sid = self.new_sid()
         token = conn_id.set(f"ws{sid}")
-        capacity = self.config.websocket.outbound_buffer + 1  # + the close
-        outbound, queued = trio.open_memory_channel[_Outgoing | _CloseItem](capacity)
-        handle = _Handle(sid, transport, outbound)
+        handle = _Handle(sid, transport)
         self._handles[sid] = handle
         log.debug("socket opened", extra={"fields": {"remote": transport.remote}})
         try:
@@ -434,7 +485,6 @@ class Hub:
                         lean=transport.lean,
                     )
                     self._apply()
-                    nursery.start_soon(self._writer, handle, queued)
                     await self._reader(handle)
                     nursery.cancel_scope.cancel()
         except Exception:
@@ -444,7 +494,7 @@ class Hub:
             handle.close_request = (CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             handle.nursery = None  # closed: nothing more may start in it (see _apply)
-            self._finish(handle, queued)
+            self._finish(handle)
             if handle.close_request is not None:
                 code, reason = handle.close_request
                 with handle.closing:
@@ -457,9 +507,7 @@ class Hub:
             self._signal()
             conn_id.reset(token)
 
-    def _finish(
-        self, handle: _Handle, queued: trio.MemoryReceiveChannel[_Outgoing | _CloseItem]
-    ) -> None:
+    def _finish(self, handle: _Handle) -> None:
         """Tell the core what became of the frames the session had been given."""
         now = self.clock()
         done = handle.batch[: handle.sent]
@@ -467,15 +515,8 @@ class Hub:
         cut = handle.sent + handle.chunk  # the frames being written when it ended
         interrupted = [o.ref for o in handle.batch[handle.sent : cut] if o.ref is not None]
         unsent = [o.ref for o in handle.batch[cut:] if o.ref is not None]
-        while True:
-            try:
-                item = queued.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            if isinstance(item, _Outgoing) and item.ref is not None:
-                unsent.append(item.ref)
-        handle.outbound.close()
-        queued.close()
+        unsent += [o.ref for o in handle.queue if isinstance(o, _Outgoing) and o.ref is not None]
+        handle.queue.clear()
         self.core.closed(handle.sid, now, written=written, unsent=unsent, interrupted=interrupted)
         self._apply()
 
@@ -496,44 +537,40 @@ class Hub:
             self._apply()
 
     async def _writer(
-        self, handle: _Handle, queued: trio.MemoryReceiveChannel[_Outgoing | _CloseItem]
+        self, handle: _Handle, started: list[_Outgoing], close: _CloseItem | None
     ) -> None:
-        while True:
-            item = await queued.receive()
-            items: list[_Outgoing | _CloseItem] = [item]
-            while len(items) < WRITE_BATCH and not isinstance(items[-1], _CloseItem):
+        """Write the socket's queue until it is empty, then end. ``started``: a batch the
+        transport took and has not written all of yet (its ``flush`` ends it)."""
+        # Started from whichever task made the frames: what it logs is this socket's.
+        conn_id.set(f"ws{handle.sid}")
+        try:
+            batch = started
+            while True:
+                if not batch and close is None:
+                    batch, close = self._take(handle)
+                    if not batch and close is None:
+                        return
+                handle.batch, handle.sent = batch, 0
                 try:
-                    items.append(queued.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            close: _CloseItem | None = None
-            last = items[-1]
-            if isinstance(last, _CloseItem):
-                close = last
-                items.pop()
-            batch: list[_Outgoing] = [o for o in items if isinstance(o, _Outgoing)]
-            handle.batch = batch
-            handle.sent = 0
-            try:
-                on_time = await self._write(handle, batch)
-            except TransportClosed:
-                handle.scope.cancel()
-                return
-            if not on_time:
-                self._slow_consumer(handle.sid, "write_timeout")
-                self._cut(handle, CloseCode.SLOW_CONSUMER, "write timeout")
-                return
-            handle.batch = []
-            self.core.written(
-                handle.sid, len(batch), [o.ref for o in batch if o.ref is not None], self.clock()
-            )
-            self._apply()
-            self._signal()  # a reader waiting for this socket to drain may go on
-            if close is not None:
-                self._cut(handle, close.code, close.reason)
-                return
+                    on_time = await self._write(handle, batch, flush=batch is started)
+                except TransportClosed:
+                    handle.scope.cancel()
+                    return
+                if not on_time:
+                    self._slow_consumer(handle.sid, "write_timeout")
+                    self._cut(handle, CloseCode.SLOW_CONSUMER, "write timeout")
+                    return
+                handle.batch = []
+                self._written(handle, batch)
+                self._apply()
+                if close is not None:
+                    self._cut(handle, close.code, close.reason)
+                    return
+                batch, started = [], []
+        finally:
+            handle.writing = False
 
-    async def _write(self, handle: _Handle, batch: list[_Outgoing]) -> bool:
+    async def _write(self, handle: _Handle, batch: list[_Outgoing], *, flush: bool) -> bool:
         """Write ``batch`` chunk by chunk; return False if the socket is a slow consumer.
 
         A chunk still being written ``write_timeout`` after it began (the deadline moves on
@@ -548,11 +585,15 @@ class Hub:
         """
         transport = handle.transport
         limit = math.inf if transport.bounded_writes else self.core.ws.write_timeout
-        for chunk in _chunks(batch, coalesce=transport.coalesces):
+        chunks = [batch] if flush else _chunks(batch, coalesce=transport.coalesces)
+        for chunk in chunks:
             handle.chunk = len(chunk)
             due = trio.current_time() + limit
             with trio.move_on_at(due + CLOSE_TIMEOUT) as grace:
-                await transport.send_frames([o.text for o in chunk])
+                if flush:  # the transport took these frames already
+                    await transport.flush()
+                else:
+                    await transport.send_frames([o.text for o in chunk])
             if grace.cancelled_caught:
                 return False
             handle.sent += len(chunk)

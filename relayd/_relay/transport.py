@@ -77,6 +77,21 @@ class Transport(Protocol):
         """
         ...
 
+    def try_send(self, texts: Sequence[str]) -> bool | None:
+        """Write text frames now, without waiting, if the transport can: ``True`` when all of
+        them are written, ``False`` when they are taken but not all written yet (:meth:`flush`
+        ends that write), ``None`` when nothing was taken (write them with
+        :meth:`send_frames`)."""
+        ...
+
+    async def flush(self) -> None:
+        """End the write :meth:`try_send` began. Cancelling it may leave a frame half-written.
+
+        Raises:
+            TransportClosed: the socket is gone.
+        """
+        ...
+
     async def ping(self) -> None:
         """Send a protocol ping and return when its pong arrives (``pong_observable`` only)."""
         ...
@@ -185,6 +200,12 @@ class AsgiTransport:
     async def send_frames(self, texts: Sequence[str]) -> None:
         for text in texts:
             await self.send(text)
+
+    def try_send(self, texts: Sequence[str]) -> bool | None:
+        return None  # an ASGI send is a coroutine: the writer task does them
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
 
     async def ping(self) -> None:  # pragma: no cover - the core never asks this transport
         raise NotImplementedError("ASGI cannot ping; hypercorn pings this socket")

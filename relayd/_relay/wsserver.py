@@ -85,6 +85,11 @@ class WebsocketsTransport:
         self._fragmented_text = False
         self._pongs: dict[bytes, trio.Event] = {}  # pings awaiting their pong, by payload
         self._cut_off = False  # rule 2
+        # Bytes taken by try_send and not written yet: they go before anything else (rule 1).
+        self._unsent = b""
+        # The socket, for writes that must not wait (plain TCP only: TLS records are the SSL
+        # stream's to make).
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -159,15 +164,16 @@ class WebsocketsTransport:
         when the socket is gone."""
         async with self._send_lock:
             chunks = self._protocol.data_to_send()
-            if not chunks or self._cut_off:
+            if not (chunks or self._unsent) or self._cut_off:
                 return
-            data = b"".join(chunks)
+            data = self._unsent + b"".join(chunks)
+            self._unsent = b""
             written = False
             try:
                 if data:
                     await self._stream.send_all(data)
                 written = True
-                if chunks[-1] == b"":  # the protocol ends our side of the connection
+                if chunks and chunks[-1] == b"":  # the protocol ends our side of the connection
                     await self._stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 written = True  # nothing more can be written anyway
@@ -186,6 +192,32 @@ class WebsocketsTransport:
 
     async def send(self, text: str) -> None:
         await self.send_frames([text])
+
+    def try_send(self, texts: Sequence[str]) -> bool | None:
+        if (
+            self._fd is None
+            or self._cut_off
+            or self._unsent
+            or self._send_lock.locked()
+            or self._protocol.state is not State.OPEN
+        ):
+            return None
+        for text in texts:
+            self._protocol.send_text(text.encode())
+        data = b"".join(self._protocol.data_to_send())
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the connection is gone: flush() finds out and says so
+            written = 0
+        if written == len(data):
+            return True
+        self._unsent = data[written:]
+        return False
+
+    async def flush(self) -> None:
+        await self._flush()
 
     async def ping(self) -> None:
         payload = os.urandom(8)
