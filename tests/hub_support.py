@@ -76,6 +76,7 @@ class Peer:
 
     coalesces = False
     bounded_writes = False  # the hub's write timer bounds its writes
+    writes_inline = True
 
     async def send_frames(self, texts: Sequence[str]) -> None:
         for text in texts:

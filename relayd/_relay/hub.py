@@ -120,6 +120,7 @@ class _Handle:
     # empty one costs a tenth of an empty deque, on every idle socket.)
     queue: list[_Outgoing | _CloseItem] = field(factory=list)
     writing: bool = False  # a writer task owns the socket's writes
+    more: trio.Event = field(factory=trio.Event)  # frames queued for a standing writer
     scope: trio.CancelScope = field(factory=trio.CancelScope)
     nursery: trio.Nursery | None = None
     close_request: tuple[int, str] | None = None
@@ -317,6 +318,9 @@ class Hub:
     def _flush(self, handle: _Handle) -> None:
         """Write what is queued for ``handle`` now if its transport can without waiting, else
         have a writer task do it (see :meth:`_apply`)."""
+        if not handle.transport.writes_inline:
+            handle.more.set()  # its standing writer takes them
+            return
         while handle.queue and not handle.writing and handle.nursery is not None:
             batch, close = self._take(handle)
             taken = handle.transport.try_send([o.text for o in batch]) if batch else True
@@ -486,6 +490,8 @@ class Hub:
                         lean=transport.lean,
                     )
                     transport.token = None  # checked by now, or on its way: not kept
+                    if not transport.writes_inline:
+                        self._start_writer(handle, [], None)
                     self._apply()
                     await self._reader(handle)
                     nursery.cancel_scope.cancel()
@@ -542,8 +548,10 @@ class Hub:
     async def _writer(
         self, handle: _Handle, started: list[_Outgoing], close: _CloseItem | None
     ) -> None:
-        """Write the socket's queue until it is empty, then end. ``started``: a batch the
-        transport took and has not written all of yet (its ``flush`` ends it)."""
+        """Write the socket's queue until it is empty, then end; or, for a transport that
+        cannot write inline, wait for more (a standing writer: starting a task per burst would
+        cost more than the task switch it spares). ``started``: a batch the transport took and
+        has not written all of yet (its ``flush`` ends it)."""
         # Started from whichever task made the frames: what it logs is this socket's.
         conn_id.set(f"ws{handle.sid}")
         try:
@@ -552,7 +560,11 @@ class Hub:
                 if not batch and close is None:
                     batch, close = self._take(handle)
                     if not batch and close is None:
-                        return
+                        if handle.transport.writes_inline:
+                            return
+                        handle.more = trio.Event()
+                        await handle.more.wait()
+                        continue
                 handle.batch, handle.sent = batch, 0
                 try:
                     on_time = await self._write(handle, batch, flush=batch is started)

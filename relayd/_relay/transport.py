@@ -52,6 +52,8 @@ class Transport(Protocol):
     lean: bool  # the client chose the lean receipt profile
     pong_observable: bool
     coalesces: bool  # send_frames writes several frames at once
+    # try_send can write without waiting (else the hub keeps a writer task for the socket)
+    writes_inline: bool
     # Every write is bounded by write_timeout below the transport, which also logs, counts and
     # closes a slow consumer: the hub's own write timer stays off.
     bounded_writes: bool
@@ -154,6 +156,7 @@ class AsgiTransport:
 
     pong_observable = False
     coalesces = False  # ASGI sends one frame per message
+    writes_inline = False
 
     def __init__(
         self,

@@ -90,6 +90,7 @@ class WebsocketsTransport:
         # The socket, for writes that must not wait (plain TCP only: TLS records are the SSL
         # stream's to make).
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        self.writes_inline = self._fd is not None
 
     # --- reading ------------------------------------------------------------------------------
 
