@@ -537,7 +537,9 @@ async def test_server_waits_for_the_clients_close_frame(tmp_path: Path, transpor
                             await stream.send_all(ws.send(event.response()))
                         elif isinstance(event, CloseConnection):
                             close = event
-                assert seen[-2:] == ["TextMessage", "CloseConnection"], seen
+                # Pings may come anywhere (hypercorn's pinger sends its first one at the accept).
+                data_frames = [name for name in seen if name != "Ping"]
+                assert data_frames[-2:] == ["TextMessage", "CloseConnection"], seen
                 assert close.code == CloseCode.AUTH_FAILED
                 # A client takes a moment to answer; the server must still be there.
                 with trio.move_on_after(0.2):
