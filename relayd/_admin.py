@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import sys
 import time
@@ -28,6 +29,8 @@ from typing import Any
 
 import trio
 
+from . import _kdf
+from ._auth import INVITE_PREFIX, invite_id_of
 from ._config import Config
 from ._errors import RelaydError, StoreError
 from ._lock import StateDirLocked, StateLock
@@ -36,6 +39,7 @@ from ._store import Store
 from ._tokens import TokenCodec
 
 ADMIN_TOKEN_TTL = 60.0
+ADMIN_ACTOR = "operator:relayd-admin"
 HTTP_TIMEOUT = 10.0
 
 
@@ -89,13 +93,16 @@ class Admin:
 
     # --- the daemon's API ---------------------------------------------------------------------
 
-    def _call(self, method: str, path: str) -> dict[str, Any]:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         token = self.codec.issue(
-            sub="operator:relayd-admin", token_use="access", roles=("admin",), ttl=ADMIN_TOKEN_TTL
+            sub=ADMIN_ACTOR, token_use="access", roles=("admin",), ttl=ADMIN_TOKEN_TTL
         ).token
-        request = urllib.request.Request(
-            self.base + path, method=method, headers={"Authorization": f"Bearer {token}"}
-        )
+        headers = {"Authorization": f"Bearer {token}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.base + path, data, headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
                 doc: dict[str, Any] = json.load(response)
@@ -112,11 +119,13 @@ class Admin:
                 raise DaemonDown from None
             raise AdminError(f"{self.base}: {exc.reason}") from None
 
-    def _live(self, method: str, path: str) -> dict[str, Any] | None:
+    def _live(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
         if self.offline:
             return None
         try:
-            return self._call(method, path)
+            return self._call(method, path, body)
         except DaemonDown:
             self._take_over()
             return None
@@ -138,7 +147,7 @@ class Admin:
 
     # --- the store, when the daemon is stopped ------------------------------------------------
 
-    def _store(self, operation: str, *args: Any) -> Any:
+    def _store(self, operation: str, *args: Any, **kwargs: Any) -> Any:
         path = self.config.store_path
         if path == ":memory:":
             raise AdminError("the daemon is not running and its store is :memory:")
@@ -147,7 +156,7 @@ class Admin:
 
         async def run() -> Any:
             async with Store.open(path, synchronous=self.config.store.synchronous) as store:
-                return await getattr(store, operation)(*args)
+                return await getattr(store, operation)(*args, **kwargs)
 
         return trio.run(run)
 
@@ -179,14 +188,56 @@ class Admin:
             return
         if not self._store("revoke_client_tokens", client, time.time()):
             raise AdminError(f"no client {client}")
-        audit("client_revoked", client=client, actor="operator:relayd-admin", source="store")
+        audit("client_revoked", client=client, actor=ADMIN_ACTOR, source="store")
 
     def delete(self, client: str) -> None:
         if self._live("DELETE", f"/clients/{client}") is not None:
             return
         if not self._store("delete_client", client, time.time()):
             raise AdminError(f"no client {client}")
-        audit("client_deleted", client=client, actor="operator:relayd-admin", source="store")
+        audit("client_deleted", client=client, actor=ADMIN_ACTOR, source="store")
+
+    def reset_secret(self, client: str) -> str:
+        """A new secret for ``client`` (shown once); its tokens are refused from now on."""
+        live = self._live("POST", f"/admin/clients/{client}/reset-secret", {})
+        if live is not None:
+            secret: str = live["client_secret"]
+            return secret
+        secret = _kdf.new_client_secret()
+        digest = _kdf.hash_secret(secret, n=self.config.auth.kdf_cost)
+        if not self._store("set_secret", client, digest, revoke_at=time.time()):
+            raise AdminError(f"no client {client}")
+        audit("secret_reset", client=client, actor=ADMIN_ACTOR, source="store")
+        return secret
+
+    def invite(self, ttl: float | None) -> dict[str, Any]:
+        """Mint a one-time invite code: ``{"invite": code, "expires_at": ...}``."""
+        live = self._live("POST", "/admin/invites", {} if ttl is None else {"ttl": ttl})
+        if live is not None:
+            return live
+        code = INVITE_PREFIX + secrets.token_urlsafe(24)
+        now = time.time()
+        expires_at = now + (ttl or self.config.auth.invite_ttl)
+        invite = invite_id_of(code)
+        max_open = self.config.auth.max_open_invites
+        if not self._store(
+            "create_invite",
+            invite,
+            by=ADMIN_ACTOR,
+            at=now,
+            expires_at=expires_at,
+            max_open=max_open,
+        ):
+            raise AdminError(f"{max_open} invites are open (auth.max_open_invites)")
+        audit("invite_minted", actor=ADMIN_ACTOR, invite=invite[:12], source="store")
+        return {"invite": code, "id": invite[:12], "expires_at": expires_at}
+
+    def invites(self) -> list[dict[str, Any]]:
+        live = self._live("GET", "/admin/invites")
+        if live is not None:
+            items: list[dict[str, Any]] = live["items"]
+            return items
+        return [i.to_json() for i in self._store("list_invites")]
 
 
 def _held(base: str, exc: StateDirLocked) -> str:

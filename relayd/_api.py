@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 MAX_NAME_CHARS = 128
 MAX_TOKEN_CHARS = 8192
+MAX_INVITE_TTL = 90 * 86_400.0
 
 
 # A client UUID, canonicalised (lowercase, hyphenated) when structured.
@@ -65,8 +66,32 @@ def canonical_uuid(value: str) -> ClientUuid:
 
 @frozen(kw_only=True)
 class RegisterRequest:
+    """``POST /register``. ``client_secret`` proves ownership of an existing ``uuid``;
+    ``invite`` is a one-time code (``auth.registration = "invite"``)."""
+
     name: str = field(validator=_check_name)
     uuid: ClientUuid | None = None
+    client_secret: str | None = field(default=None, validator=_bounded(256))
+    invite: str | None = field(default=None, validator=_bounded(256))
+
+
+@frozen(kw_only=True)
+class RotateSecretRequest:
+    """``POST /clients/{uuid}/secret``: the current secret (or a Bearer token) proves it."""
+
+    client_secret: str | None = field(default=None, validator=_bounded(256))
+    revoke_tokens: bool = False
+
+
+@frozen(kw_only=True)
+class InviteRequest:
+    """``POST /admin/invites``: the invite's lifetime (default ``auth.invite_ttl``)."""
+
+    ttl: float | None = field(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.ttl is not None and not 60 <= self.ttl <= MAX_INVITE_TTL:
+            raise FieldError("ttl", f"must be between 60 and {MAX_INVITE_TTL:.0f} seconds")
 
 
 @frozen(kw_only=True)

@@ -13,6 +13,7 @@ an access token to expire.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -23,20 +24,28 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 from attrs import frozen
 
 from . import _kdf
 from ._config import AuthConfig, Config
-from ._errors import ConfigError, Conflict, NotFound, TokenError, Unauthorized
+from ._errors import ConfigError, Conflict, Forbidden, NotFound, TokenError, Unauthorized
 from ._log import audit
-from ._store import ClientRecord, Store
+from ._store import ClientRecord, InviteRecord, Store
 from ._tokens import Claims, IssuedToken, TokenCodec, check_secret
 
 log = logging.getLogger("relayd.auth")
 
 SECRET_FILE_NAME = "signing-secret"
 CLIENT_ROLES = ("client",)
+INVITE_PREFIX = "rinv_"
+SPENT_INVITES_KEPT = 30 * 86_400.0  # spent invites stay listed (who used which) this long
+
+
+def invite_id_of(code: str) -> str:
+    """What the store keeps of an invite code: its SHA-256, in hex."""
+    return hashlib.sha256(code.encode("utf-8")).hexdigest()
 
 
 def load_signing_secret(
@@ -123,7 +132,7 @@ class Revocation:
     (``family``), or one access token (``token_id``, its jti)."""
 
     client: str
-    reason: str  # revoked, deleted, logged_out, refresh_reused, token_revoked
+    reason: str  # revoked, deleted, logged_out, refresh_reused, token_revoked, secret_*
     family: str | None = None
     token_id: str | None = None
 
@@ -171,6 +180,7 @@ class AuthService:
         """Forget what can no longer matter: expired refresh families and revocations of
         expired tokens. Returns the number of families purged."""
         families = await self._store.purge_expired_families(self.now)
+        await self._store.purge_invites(self.now, keep_spent=SPENT_INVITES_KEPT)
         before = set(self._revoked_jtis)
         live = await self._store.revoked_token_ids(self._revocation_horizon())
         # Keep revocations made while the store was queried.
@@ -212,8 +222,16 @@ class AuthService:
 
     # --- registration and login -------------------------------------------------------------
 
-    async def register(self, name: str, uuid: str | None, *, source: str | None) -> Registration:
-        """Register a client. Raises :class:`Conflict` if the UUID was ever registered."""
+    async def register(
+        self, name: str, uuid: str | None, *, invite: str | None = None, source: str | None
+    ) -> Registration:
+        """Register a new client; with ``invite``, spend that invite code in the same
+        transaction.
+
+        Raises:
+            Conflict: the UUID was ever registered (``uuid_taken``).
+            Forbidden: the invite code is unknown, spent or expired (``invite_invalid``).
+        """
         client_uuid = uuid or str(uuid_module.uuid4())
         client_secret = _kdf.new_client_secret()
         secret_hash = await self._hash(client_secret)
@@ -226,16 +244,63 @@ class AuthService:
             # Tokens from any earlier holder of this UUID can never become valid again.
             tokens_valid_after=self.now,
         )
-        if not await self._store.insert_client(client):
+        invite_id = None if invite is None else invite_id_of(invite)
+        outcome = await self._store.insert_client(client, invite=invite_id)
+        if outcome == "uuid_taken":
             audit("register_conflict", client=client_uuid, source=source)
             raise Conflict(
                 f"client {client_uuid} is already registered; log in with its secret at "
-                "POST /auth/token",
+                "POST /auth/token, or register again with its client_secret",
                 code="uuid_taken",
             )
+        if outcome == "invite_invalid":
+            audit("register_invite_refused", client=client_uuid, source=source)
+            raise Forbidden(
+                "the invite code is unknown, already used or expired", code="invite_invalid"
+            )
         tokens = await self._issue_pair(client)
-        audit("register", client=client_uuid, source=source)
+        audit("register", client=client_uuid, source=source, invite=invite_id and invite_id[:12])
         return Registration(client, client_secret, tokens)
+
+    async def reregister(
+        self,
+        name: str,
+        client_uuid: str,
+        *,
+        client_secret: str | None,
+        claims: Claims | None,
+        source: str | None,
+    ) -> tuple[ClientRecord, TokenPair] | None:
+        """Registration of a UUID that may exist, with proof of ownership: the client's
+        secret, or the claims of an access token already checked. An existing client gets a
+        new login (token pair) and, if it changed, its new name. ``None`` if the UUID was never
+        registered (the caller registers it as new).
+
+        Raises:
+            Unauthorized: ``client_secret`` is wrong (``invalid_client``).
+            Conflict: the UUID belongs to a deleted client, or the token is another client's.
+        """
+        client = await self._store.get_client(client_uuid)
+        if client is None:
+            return None
+        if client.deleted_at is not None or (
+            client_secret is None and (claims is None or claims.sub != client_uuid)
+        ):
+            audit("register_conflict", client=client_uuid, source=source)
+            raise Conflict(
+                f"client {client_uuid} is already registered and the token presented is not"
+                " its own",
+                code="uuid_taken",
+            )
+        if client_secret is not None and not await self._verify(client_secret, client.secret_hash):
+            audit("login_failed", client=client_uuid, source=source)
+            raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
+        if name != client.name:
+            await self._store.rename_client(client_uuid, name)
+            client = attrs.evolve(client, name=name)
+        tokens = await self._issue_pair(client)
+        audit("reregister", client=client_uuid, source=source)
+        return client, tokens
 
     async def login(self, client_uuid: str, client_secret: str, *, source: str | None) -> TokenPair:
         """Exchange a client's UUID and secret for a new token pair (a new refresh family)."""
@@ -326,6 +391,83 @@ class AuthService:
         self._revoked_jtis.add(claims.jti)
         audit("token_revoked", client=claims.sub, actor=actor, source=source)
         self._announce(Revocation(claims.sub, "token_revoked", token_id=claims.jti))
+
+    # --- client secrets and invites ---------------------------------------------------------
+
+    async def prove(self, client_uuid: str, client_secret: str, *, source: str | None) -> None:
+        """Check a live client's secret (as a login does, at the same cost when it does not
+        exist). Raises :class:`Unauthorized` (``invalid_client``)."""
+        client = await self._store.get_client(client_uuid)
+        live = client is not None and client.deleted_at is None
+        stored = client.secret_hash if client is not None and live else self._decoy_hash
+        if not await self._verify(client_secret, stored) or not live:
+            audit("login_failed", client=client_uuid, source=source)
+            raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
+
+    async def rotate_secret(
+        self, client_uuid: str, *, revoke_tokens: bool, actor: str, source: str | None
+    ) -> tuple[str, TokenPair | None]:
+        """A new secret for a live client (the caller checked the proof). With
+        ``revoke_tokens``, every token issued before is refused and its sessions closed
+        (4003), and a new login is returned so the caller keeps going.
+
+        Raises:
+            NotFound: no such live client.
+        """
+        client_secret = _kdf.new_client_secret()
+        secret_hash = await self._hash(client_secret)
+        revoke_at = self.now if revoke_tokens else None
+        if not await self._store.set_secret(client_uuid, secret_hash, revoke_at=revoke_at):
+            raise NotFound(f"no client {client_uuid}", code="unknown_client")
+        audit("secret_rotated", client=client_uuid, actor=actor, source=source)
+        if not revoke_tokens:
+            return client_secret, None
+        self._announce(Revocation(client_uuid, "secret_rotated"))
+        return client_secret, await self._issue_pair(await self.get_client(client_uuid))
+
+    async def reset_secret(self, client_uuid: str, *, actor: str, source: str | None) -> str:
+        """An admin's reset of a lost secret: a new one, returned once; every token issued
+        before is refused and the client's sessions closed (4003).
+
+        Raises:
+            NotFound: no such live client.
+        """
+        client_secret = _kdf.new_client_secret()
+        secret_hash = await self._hash(client_secret)
+        if not await self._store.set_secret(client_uuid, secret_hash, revoke_at=self.now):
+            raise NotFound(f"no client {client_uuid}", code="unknown_client")
+        audit("secret_reset", client=client_uuid, actor=actor, source=source)
+        self._announce(Revocation(client_uuid, "secret_reset"))
+        return client_secret
+
+    async def mint_invite(self, *, by: str, ttl: float | None) -> tuple[str, InviteRecord]:
+        """A one-time invite code, shown once; only its SHA-256 is stored.
+
+        Raises:
+            Conflict: ``auth.max_open_invites`` invites are neither spent nor expired.
+        """
+        code = INVITE_PREFIX + secrets.token_urlsafe(24)
+        now = self.now
+        record = InviteRecord(
+            invite_id_of(code), now, by, now + (ttl or self.config.invite_ttl), None, None
+        )
+        if not await self._store.create_invite(
+            record.id,
+            by=by,
+            at=now,
+            expires_at=record.expires_at,
+            max_open=self.config.max_open_invites,
+        ):
+            raise Conflict(
+                f"{self.config.max_open_invites} invites are open (auth.max_open_invites);"
+                " wait for some to be used or to expire",
+                code="too_many_invites",
+            )
+        audit("invite_minted", actor=by, invite=record.id[:12])
+        return code, record
+
+    async def list_invites(self) -> list[InviteRecord]:
+        return await self._store.list_invites()
 
     # --- clients ----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ import trio
 
 from . import __version__
 from ._admin import Admin, backup, print_clients
+from ._api import MAX_INVITE_TTL
 from ._auth import load_signing_secret, normalize_uuid
 from ._config import Config, load_config, to_toml
 from ._daemon import Daemon
@@ -177,6 +179,20 @@ def _cmd_admin(args: argparse.Namespace) -> int:
         elif args.admin_command == "delete":
             admin.delete(args.uuid)
             print(f"deleted {args.uuid}", file=sys.stderr)
+        elif args.admin_command == "reset-secret":
+            print(admin.reset_secret(args.uuid))
+            print(
+                f"new secret of {args.uuid} (shown once); its tokens are revoked",
+                file=sys.stderr,
+            )
+        elif args.admin_command == "invite":
+            invite = admin.invite(args.ttl)
+            print(invite["invite"])
+            expires = invite["expires_at"]
+            print(f"one-time invite {invite['id']}, expires at {expires:.0f}", file=sys.stderr)
+        elif args.admin_command == "invites":
+            for item in admin.invites():
+                print(json.dumps(item))
     return EXIT_OK
 
 
@@ -199,6 +215,18 @@ def _uuid(text: str) -> str:
 
 
 MAX_OPERATOR_TOKEN_TTL = 366 * 86_400.0
+
+
+def _invite_ttl(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 60 <= value <= MAX_INVITE_TTL:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from 60 to {MAX_INVITE_TTL:.0f} (90 days)"
+        )
+    return value
 
 
 def _token_ttl(text: str) -> float:
@@ -266,13 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
         ("queues", "queued messages per client"),
         ("revoke", "revoke every token of a client (closes its session, 4003)"),
         ("delete", "delete a client (its uuid stays taken)"),
+        ("reset-secret", "a new secret for a client that lost its own (revokes its tokens)"),
+        ("invite", 'mint a one-time invite code (auth.registration = "invite")'),
+        ("invites", "list invites (JSON lines): open, spent, by whom"),
     ]:
         action = with_config(admin_commands.add_parser(name, help=text))
         action.add_argument(
             "--url", help="the daemon's HTTP address (default: from http.listen in the config)"
         )
-        if name in ("revoke", "delete"):
+        if name in ("revoke", "delete", "reset-secret"):
             action.add_argument("uuid", type=_uuid, help="the client's uuid")
+        if name == "invite":
+            action.add_argument(
+                "--ttl", type=_invite_ttl, help="lifetime in seconds (default auth.invite_ttl)"
+            )
         action.set_defaults(func=_cmd_admin)
 
     backup_parser = with_config(

@@ -39,7 +39,7 @@ ENV_PREFIX = "RELAYD_"
 # Environment variables with the prefix that are not config keys.
 ENV_RESERVED = frozenset({"RELAYD_CONFIG", "RELAYD_SECRET", "RELAYD_VENV"})
 
-RegistrationPolicy = Literal["open", "closed"]
+RegistrationPolicy = Literal["open", "closed", "invite"]
 Synchronous = Literal["full", "normal"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
@@ -172,7 +172,12 @@ class AuthConfig:
     leeway: float = field(default=5.0, validator=_non_negative)
     """Clock skew tolerated when checking ``exp`` and ``nbf``, in seconds."""
     registration: RegistrationPolicy = "open"
-    """``open``: anyone may register a client; ``closed``: only an admin token may."""
+    """``open``: anyone may register a client; ``closed``: only an admin token may;
+    ``invite``: a one-time invite code an admin minted (or an admin token) is needed."""
+    invite_ttl: float = field(default=604_800.0, validator=_positive)
+    """Default lifetime of an invite code, in seconds (an admin may ask for less or more)."""
+    max_open_invites: int = field(default=1_000, validator=_positive)
+    """Invites minted but neither spent nor expired, at most; minting more is refused (409)."""
     secret_file: str = ""
     """File holding the signing secret (``RELAYD_SECRET`` wins; empty: generated in state_dir)."""
     kdf_cost: int = field(default=16_384, validator=_power_of_two)

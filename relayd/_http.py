@@ -25,10 +25,12 @@ from werkzeug.exceptions import HTTPException
 
 from . import __version__
 from ._api import (
+    InviteRequest,
     LoginRequest,
     RefreshRequest,
     RegisterRequest,
     RevokeRequest,
+    RotateSecretRequest,
     parse_body,
     parse_json_object,
 )
@@ -300,7 +302,8 @@ def create_app(services: Services) -> QuartTrio:
             return  # a preflight: no credentials, no work
         if request.path == "/register":
             limiter = services.register_limiter
-        elif request.path.startswith("/auth/"):
+        elif request.path.startswith("/auth/") or request.path.endswith("/secret"):
+            # Both may check a client secret: scrypt, so the per-address login allowance.
             limiter = services.auth_limiter
         else:
             return
@@ -337,23 +340,62 @@ def create_app(services: Services) -> QuartTrio:
         response.status_code = 503
         return response
 
-    @app.post("/register")
-    async def register() -> dict[str, Any]:
-        body = parse_body(await _json_body(), RegisterRequest)
-        if services.config.auth.registration == "closed":
-            try:
-                await admin()
-            except RateLimited:
-                raise
-            except ApiError as exc:
+    async def bearer_claims() -> Claims | None:
+        """The request's access token checked, or ``None`` when it carries none."""
+        if "Authorization" not in request.headers:
+            return None
+        return await auth.authenticate(_bearer_token())
+
+    async def may_register(body: RegisterRequest) -> None:
+        """Whether ``auth.registration`` lets this request create a client.
+
+        Raises:
+            Forbidden: closed (``registration_closed``) or invite-only without a code
+                (``invite_required``) and no admin token.
+        """
+        policy = services.config.auth.registration
+        if policy == "open" or (policy == "invite" and body.invite is not None):
+            return
+        try:
+            await admin()
+        except RateLimited:
+            raise
+        except ApiError as exc:
+            if policy == "closed":
                 raise Forbidden(
                     "registration is closed: only an admin token may register clients",
                     code="registration_closed",
                     details={"reason": exc.code},
                 ) from None
-        result = await auth.register(body.name.strip(), body.uuid, source=_source())
+            raise Forbidden(
+                'registration needs an invite code ("invite") or an admin token',
+                code="invite_required",
+                details={"reason": exc.code},
+            ) from None
+
+    @app.post("/register")
+    async def register() -> dict[str, Any]:
+        body = parse_body(await _json_body(), RegisterRequest)
+        name = body.name.strip()
+        if body.uuid is not None:
+            claims = None if body.client_secret is not None else await bearer_claims()
+            if body.client_secret is not None or claims is not None:
+                again = await auth.reregister(
+                    name,
+                    body.uuid,
+                    client_secret=body.client_secret,
+                    claims=claims,
+                    source=_source(),
+                )
+                if again is not None:
+                    client, tokens = again
+                    return {**_client_json(client), "created": False, **tokens.to_json(auth.now)}
+        await may_register(body)
+        invite = body.invite if services.config.auth.registration == "invite" else None
+        result = await auth.register(name, body.uuid, invite=invite, source=_source())
         return {
             **_client_json(result.client),
+            "created": True,
             "client_secret": result.client_secret,
             **result.tokens.to_json(auth.now),
         }
@@ -411,6 +453,50 @@ def create_app(services: Services) -> QuartTrio:
         client_uuid = client_uuid.lower()
         await auth.revoke_client(client_uuid, actor=claims.sub, source=_source())
         return {"revoked": client_uuid}
+
+    @app.post("/clients/<client_uuid>/secret")
+    async def rotate_secret(client_uuid: str) -> dict[str, Any]:
+        body = parse_body(await _json_body(), RotateSecretRequest)
+        client_uuid = client_uuid.lower()
+        if body.client_secret is not None:
+            await auth.prove(client_uuid, body.client_secret, source=_source())
+            actor = client_uuid
+        else:
+            claims = await authenticated()
+            if claims.sub != client_uuid:
+                raise Forbidden(
+                    "a client may rotate only its own secret (an admin resets one:"
+                    " POST /admin/clients/{uuid}/reset-secret)",
+                    code="not_yours",
+                )
+            actor = claims.sub
+        secret, tokens = await auth.rotate_secret(
+            client_uuid, revoke_tokens=body.revoke_tokens, actor=actor, source=_source()
+        )
+        answer: dict[str, Any] = {"uuid": client_uuid, "client_secret": secret}
+        if tokens is not None:
+            answer.update(tokens.to_json(auth.now))
+        return answer
+
+    @app.post("/admin/clients/<client_uuid>/reset-secret")
+    async def reset_secret(client_uuid: str) -> dict[str, Any]:
+        claims = await admin()
+        client_uuid = client_uuid.lower()
+        secret = await auth.reset_secret(client_uuid, actor=claims.sub, source=_source())
+        return {"uuid": client_uuid, "client_secret": secret}
+
+    @app.post("/admin/invites")
+    async def mint_invite() -> dict[str, Any]:
+        claims = await admin()
+        body = parse_body(await _json_body(), InviteRequest)
+        code, record = await auth.mint_invite(by=claims.sub, ttl=body.ttl)
+        return {"invite": code, **record.to_json()}
+
+    @app.get("/admin/invites")
+    async def list_invites() -> dict[str, Any]:
+        await admin()
+        invites = await auth.list_invites()
+        return {"count": len(invites), "items": [i.to_json() for i in invites]}
 
     @app.get("/admin/clients")
     async def admin_clients() -> dict[str, Any]:

@@ -95,6 +95,18 @@ MIGRATIONS: tuple[str, ...] = (
         UPDATE queue_counts SET queued = queued - 1 WHERE recipient = OLD.recipient;
     END;
     """,
+    # 3: one-time invite codes (auth.registration = "invite"). Only the code's SHA-256 is
+    # stored; the code itself is shown once, to the admin who minted it.
+    """
+    CREATE TABLE invites (
+        id TEXT PRIMARY KEY,               -- hex SHA-256 of the code
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at REAL,
+        used_by TEXT
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -97,6 +97,28 @@ class FamilyRecord:
     revoked_at: float | None
 
 
+@frozen
+class InviteRecord:
+    id: str  # hex SHA-256 of the code
+    created_at: float
+    created_by: str
+    expires_at: float
+    used_at: float | None
+    used_by: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """As the admin API lists it: the id shortened to 12 hex digits (enough to tell
+        invites apart; the code cannot be recovered from it)."""
+        return {
+            "id": self.id[:12],
+            "created_at": self.created_at,
+            "created_by": self.created_by,
+            "expires_at": self.expires_at,
+            "used_at": self.used_at,
+            "used_by": self.used_by,
+        }
+
+
 RotateOutcome = Literal["rotated", "reused", "revoked", "unknown"]
 
 
@@ -110,6 +132,33 @@ def _client(row: sqlite3.Row) -> ClientRecord:
         tokens_valid_after=row["tokens_valid_after"],
         deleted_at=row["deleted_at"],
     )
+
+
+class _InviteInvalid(Exception):
+    """Rolls back a registration whose invite cannot be spent."""
+
+
+def _spend_invite(db: sqlite3.Connection, invite: str, client: ClientRecord) -> bool:
+    cursor = db.execute(
+        "UPDATE invites SET used_at = ?, used_by = ?"
+        " WHERE id = ? AND used_at IS NULL AND expires_at > ?",
+        (client.created_at, client.uuid, invite, client.created_at),
+    )
+    return cursor.rowcount == 1
+
+
+def _revoke_client_tokens(db: sqlite3.Connection, uuid: str, at: float, reason: str) -> bool:
+    cursor = db.execute(
+        "UPDATE clients SET tokens_valid_after = max(tokens_valid_after, ?)"
+        " WHERE uuid = ? AND deleted_at IS NULL",
+        (at, uuid),
+    )
+    db.execute(
+        "UPDATE refresh_families SET revoked_at = ?, revoked_reason = ?"
+        " WHERE client_uuid = ? AND revoked_at IS NULL",
+        (at, reason, uuid),
+    )
+    return cursor.rowcount == 1
 
 
 def _migrate(db: sqlite3.Connection, path: str) -> int:
@@ -207,10 +256,14 @@ class Store:
 
     # --- clients --------------------------------------------------------------------------------
 
-    async def insert_client(self, client: ClientRecord) -> bool:
-        """Insert a new client; ``False`` if its UUID was ever registered (even if deleted)."""
+    async def insert_client(
+        self, client: ClientRecord, *, invite: str | None = None
+    ) -> Literal["inserted", "uuid_taken", "invite_invalid"]:
+        """Insert a new client. ``"uuid_taken"`` if its UUID was ever registered (even if
+        deleted). With ``invite`` (an invite's id), the invite is spent in the same transaction:
+        ``"invite_invalid"`` if it is unknown, spent or expired, and nothing is inserted."""
 
-        def insert(db: sqlite3.Connection) -> bool:
+        def insert(db: sqlite3.Connection) -> Literal["inserted", "uuid_taken", "invite_invalid"]:
             try:
                 with transaction(db):
                     db.execute(
@@ -225,11 +278,42 @@ class Store:
                             client.tokens_valid_after,
                         ),
                     )
+                    if invite is not None and not _spend_invite(db, invite, client):
+                        raise _InviteInvalid
             except sqlite3.IntegrityError:
-                return False
-            return True
+                return "uuid_taken"
+            except _InviteInvalid:
+                return "invite_invalid"
+            return "inserted"
 
         return await self._run(insert)
+
+    async def rename_client(self, uuid: str, name: str) -> None:
+        def update(db: sqlite3.Connection) -> None:
+            with transaction(db):
+                db.execute(
+                    "UPDATE clients SET name = ? WHERE uuid = ? AND deleted_at IS NULL",
+                    (name, uuid),
+                )
+
+        await self._run(update)
+
+    async def set_secret(self, uuid: str, secret_hash: str, *, revoke_at: float | None) -> bool:
+        """Replace a live client's secret hash; with ``revoke_at``, also refuse every token
+        issued before it and end its logins (as :meth:`revoke_client_tokens`), in the same
+        transaction. ``False`` if there is no such live client."""
+
+        def update(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                cursor = db.execute(
+                    "UPDATE clients SET secret_hash = ? WHERE uuid = ? AND deleted_at IS NULL",
+                    (secret_hash, uuid),
+                )
+                if cursor.rowcount == 1 and revoke_at is not None:
+                    _revoke_client_tokens(db, uuid, revoke_at, "secret_reset")
+            return cursor.rowcount == 1
+
+        return await self._run(update)
 
     async def get_client(self, uuid: str) -> ClientRecord | None:
         """The client with this UUID, tombstones included (check ``deleted_at``)."""
@@ -274,17 +358,7 @@ class Store:
 
         def update(db: sqlite3.Connection) -> bool:
             with transaction(db):
-                cursor = db.execute(
-                    "UPDATE clients SET tokens_valid_after = max(tokens_valid_after, ?)"
-                    " WHERE uuid = ? AND deleted_at IS NULL",
-                    (at, uuid),
-                )
-                db.execute(
-                    "UPDATE refresh_families SET revoked_at = ?, revoked_reason = 'client_revoked'"
-                    " WHERE client_uuid = ? AND revoked_at IS NULL",
-                    (at, uuid),
-                )
-            return cursor.rowcount == 1
+                return _revoke_client_tokens(db, uuid, at, "client_revoked")
 
         return await self._run(update)
 
@@ -408,6 +482,53 @@ class Store:
             with transaction(db):
                 return db.execute(
                     "DELETE FROM refresh_families WHERE expires_at < ?", (now,)
+                ).rowcount
+
+        return await self._run(delete)
+
+    # --- invites ------------------------------------------------------------------------------
+
+    async def create_invite(
+        self, invite: str, *, by: str, at: float, expires_at: float, max_open: int
+    ) -> bool:
+        """Store an invite (its id); ``False`` if ``max_open`` unspent, unexpired ones exist."""
+
+        def insert(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                (open_now,) = db.execute(
+                    "SELECT count(*) FROM invites WHERE used_at IS NULL AND expires_at > ?", (at,)
+                ).fetchone()
+                if open_now >= max_open:
+                    return False
+                db.execute(
+                    "INSERT INTO invites (id, created_at, created_by, expires_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (invite, at, by, expires_at),
+                )
+            return True
+
+        return await self._run(insert)
+
+    async def list_invites(self) -> list[InviteRecord]:
+        """Every invite kept, newest first."""
+
+        def query(db: sqlite3.Connection) -> list[InviteRecord]:
+            rows = db.execute(
+                "SELECT id, created_at, created_by, expires_at, used_at, used_by FROM invites"
+                " ORDER BY created_at DESC, id"
+            )
+            return [InviteRecord(*row) for row in rows]
+
+        return await self._run(query)
+
+    async def purge_invites(self, now: float, keep_spent: float) -> int:
+        """Forget expired invites, and spent ones older than ``keep_spent`` seconds."""
+
+        def delete(db: sqlite3.Connection) -> int:
+            with transaction(db):
+                return db.execute(
+                    "DELETE FROM invites WHERE (used_at IS NULL AND expires_at < ?) OR used_at < ?",
+                    (now, now - keep_spent),
                 ).rowcount
 
         return await self._run(delete)

@@ -213,7 +213,7 @@ class HubEnv:
         uuid = str(uuid_module.uuid4())
         now = self.auth.now
         record = ClientRecord(uuid, name, "", CLIENT_ROLES, now, now)
-        assert await self.store.insert_client(record)
+        assert await self.store.insert_client(record) == "inserted"
         return TestClient(uuid, name, self.token(uuid))
 
     async def register(self, name: str) -> tuple[TestClient, str]:

@@ -43,6 +43,7 @@ REGISTER_KEYS = {
     "uuid",
     "name",
     "created_at",
+    "created",
     "client_secret",
     "access_token",
     "refresh_token",
@@ -52,7 +53,7 @@ REGISTER_KEYS = {
     "refresh_expires_in",
     "refresh_expires_at",
 }
-TOKEN_KEYS = REGISTER_KEYS - {"name", "created_at", "client_secret"}
+TOKEN_KEYS = REGISTER_KEYS - {"name", "created_at", "created", "client_secret"}
 CLIENT_KEYS = {"uuid", "name", "created_at", "online"}
 SOME_UUID = "6b2b6c3e-6f5c-4a5b-9d1a-1f6e3c2a9b10"
 

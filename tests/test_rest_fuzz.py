@@ -114,7 +114,14 @@ bodies = st.one_of(
 )
 # A valid body for each route that reads one: a request may get it with one field replaced.
 VALID_BODIES: dict[str, dict[str, Any]] = {
-    "/register": {"name": "alice"},
+    "/register": {
+        "name": "alice",
+        "uuid": "6b2b6c3e-6f5c-4a5b-9d1a-1f6e3c2a9b10",
+        "client_secret": "secret",
+        "invite": "rinv_x",
+    },
+    "/clients/<client_uuid>/secret": {"client_secret": "secret", "revoke_tokens": False},
+    "/admin/invites": {"ttl": 600},
     "/auth/token": {"uuid": "6b2b6c3e-6f5c-4a5b-9d1a-1f6e3c2a9b10", "client_secret": "secret"},
     "/auth/refresh": {"refresh_token": "token"},
     "/auth/revoke": {"refresh_token": "token"},
@@ -349,6 +356,9 @@ def test_the_fuzz_covers_every_route(live: LiveRelayd) -> None:
         "/clients/<client_uuid>",
         "/admin/clients",
         "/admin/clients/<client_uuid>/revoke",
+        "/admin/clients/<client_uuid>/reset-secret",
+        "/admin/invites",
+        "/clients/<client_uuid>/secret",
         "/health/live",
         "/health/ready",
         "/metrics",

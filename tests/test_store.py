@@ -127,7 +127,7 @@ async def test_reopening_is_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "relayd.sqlite3"
     with trio.fail_after(IO_DEADLINE):
         async with Store.open(str(path)) as store:
-            assert await store.insert_client(client())
+            assert await store.insert_client(client()) == "inserted"
         for _ in range(2):
             async with Store.open(str(path)) as store:
                 assert await store.schema_version() == SCHEMA_VERSION
@@ -172,7 +172,7 @@ async def test_store_file_is_created_0600_in_a_0700_directory(tmp_path: Path) ->
     path = tmp_path / "state" / "nested" / "relayd.sqlite3"
     with trio.fail_after(IO_DEADLINE):
         async with Store.open(str(path)) as store:
-            assert await store.insert_client(client())
+            assert await store.insert_client(client()) == "inserted"
             # The WAL file exists while the store is open; it must not be wider either.
             assert file_mode(Path(f"{path}-wal")) == 0o600
     assert file_mode(path) == 0o600
@@ -199,15 +199,15 @@ async def test_insert_and_get_client(target: Target) -> None:
         async with target.open() as store:
             assert await store.get_client(UUID_A) is None
             record = attrs.evolve(client(), roles=("client", "admin"))
-            assert await store.insert_client(record)
+            assert await store.insert_client(record) == "inserted"
             assert await store.get_client(UUID_A) == record
 
 
 async def test_duplicate_uuid_is_refused(target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
-            assert await store.insert_client(client(name="alice"))
-            assert not await store.insert_client(client(name="mallory", at=200.0))
+            assert await store.insert_client(client(name="alice")) == "inserted"
+            assert await store.insert_client(client(name="mallory", at=200.0)) == "uuid_taken"
             found = await store.get_client(UUID_A)
             assert found is not None
             assert found.name == "alice"
@@ -216,9 +216,9 @@ async def test_duplicate_uuid_is_refused(target: Target) -> None:
 async def test_deleted_uuid_stays_taken(target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
-            assert await store.insert_client(client())
+            assert await store.insert_client(client()) == "inserted"
             assert await store.delete_client(UUID_A, 150.0)
-            assert not await store.insert_client(client(name="mallory", at=200.0))
+            assert await store.insert_client(client(name="mallory", at=200.0)) == "uuid_taken"
             tombstone = await store.get_client(UUID_A)
             assert tombstone is not None
             assert tombstone.deleted_at == 150.0
@@ -234,8 +234,8 @@ async def test_deleted_uuid_stays_taken(target: Target) -> None:
 async def test_list_clients_oldest_first(target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
-            assert await store.insert_client(client(UUID_B, at=1.0, name="bob"))
-            assert await store.insert_client(client(UUID_A, at=2.0, name="alice"))
+            assert await store.insert_client(client(UUID_B, at=1.0, name="bob")) == "inserted"
+            assert await store.insert_client(client(UUID_A, at=2.0, name="alice")) == "inserted"
             assert [c.name for c in await store.list_clients()] == ["bob", "alice"]
 
 
@@ -245,7 +245,7 @@ async def test_list_clients_oldest_first(target: Target) -> None:
 async def test_rotate_family_outcomes(target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
-            assert await store.insert_client(client())
+            assert await store.insert_client(client()) == "inserted"
             await store.create_family("fam", UUID_A, "jti-1", 100.0, 1000.0)
 
             assert await store.rotate_family("fam", "jti-1", "jti-2", 110.0, 1110.0) == "rotated"
@@ -264,7 +264,7 @@ async def test_rotate_family_outcomes(target: Target) -> None:
 async def test_reuse_revokes_the_family(target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
-            assert await store.insert_client(client())
+            assert await store.insert_client(client()) == "inserted"
             await store.create_family("fam", UUID_A, "jti-1", 100.0, 1000.0)
             assert await store.rotate_family("fam", "jti-1", "jti-2", 110.0, 1110.0) == "rotated"
 
@@ -282,7 +282,7 @@ async def test_reuse_revokes_the_family(target: Target) -> None:
 async def test_revoke_family(target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
-            assert await store.insert_client(client())
+            assert await store.insert_client(client()) == "inserted"
             await store.create_family("fam", UUID_A, "jti-1", 100.0, 1000.0)
             assert await store.revoke_family("fam", 105.0, "logout")
             assert not await store.revoke_family("fam", 106.0, "logout")
@@ -296,7 +296,7 @@ async def test_revoke_family(target: Target) -> None:
 async def test_deleting_a_client_removes_its_families(target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
-            assert await store.insert_client(client())
+            assert await store.insert_client(client()) == "inserted"
             await store.create_family("fam", UUID_A, "jti-1", 100.0, 1000.0)
             assert await store.delete_client(UUID_A, 150.0)
             assert await store.get_family("fam") is None
@@ -314,8 +314,8 @@ async def test_family_needs_an_existing_client(target: Target) -> None:
 async def test_revoke_client_tokens(target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
-            assert await store.insert_client(client(UUID_A, at=100.0))
-            assert await store.insert_client(client(UUID_B, at=100.0))
+            assert await store.insert_client(client(UUID_A, at=100.0)) == "inserted"
+            assert await store.insert_client(client(UUID_B, at=100.0)) == "inserted"
             await store.create_family("fa1", UUID_A, "a1", 100.0, 1000.0)
             await store.create_family("fa2", UUID_A, "a2", 100.0, 1000.0)
             await store.create_family("fb1", UUID_B, "b1", 100.0, 1000.0)
@@ -336,10 +336,81 @@ async def test_revoke_client_tokens(target: Target) -> None:
             assert await store.rotate_family("fb1", "b1", "b1'", 160.0, 1160.0) == "rotated"
 
 
+async def test_set_secret_with_and_without_revoking(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client(at=100.0)) == "inserted"
+            await store.create_family("fa1", UUID_A, "a1", 100.0, 1000.0)
+            assert await store.set_secret(UUID_A, "scrypt$new", revoke_at=None)
+            found = await store.get_client(UUID_A)
+            assert found is not None
+            assert (found.secret_hash, found.tokens_valid_after) == ("scrypt$new", 100.0)
+            assert await store.rotate_family("fa1", "a1", "a2", 110.0, 1110.0) == "rotated"
+            assert await store.set_secret(UUID_A, "scrypt$newer", revoke_at=150.0)
+            found = await store.get_client(UUID_A)
+            assert found is not None
+            assert (found.secret_hash, found.tokens_valid_after) == ("scrypt$newer", 150.0)
+            assert await store.rotate_family("fa1", "a2", "a3", 160.0, 1160.0) == "revoked"
+            assert await store.delete_client(UUID_A, 170.0)
+            assert not await store.set_secret(UUID_A, "scrypt$ghost", revoke_at=None)
+            assert not await store.set_secret(UUID_B, "scrypt$ghost", revoke_at=None)
+            tombstone = await store.get_client(UUID_A)
+            assert tombstone is not None
+            assert tombstone.secret_hash == ""
+
+
+async def test_an_invite_is_spent_once_with_the_client_it_made(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            made = await store.create_invite("i1", by="op", at=100.0, expires_at=200.0, max_open=5)
+            assert made
+            assert await store.insert_client(client(at=150.0), invite="nope") == "invite_invalid"
+            assert await store.get_client(UUID_A) is None  # rolled back with the invite
+            assert await store.insert_client(client(at=150.0), invite="i1") == "inserted"
+            again = client(UUID_B, at=160.0, name="bob")
+            assert await store.insert_client(again, invite="i1") == "invite_invalid"
+            assert await store.get_client(UUID_B) is None
+            (invite,) = await store.list_invites()
+            assert (invite.used_at, invite.used_by) == (150.0, UUID_A)
+
+
+async def test_an_invite_expires_and_a_taken_uuid_does_not_spend_it(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            assert await store.insert_client(client(at=100.0)) == "inserted"
+            await store.create_invite("i1", by="op", at=100.0, expires_at=200.0, max_open=5)
+            taken = client(at=150.0, name="mallory")
+            assert await store.insert_client(taken, invite="i1") == "uuid_taken"
+            (invite,) = await store.list_invites()
+            assert invite.used_at is None
+            late = client(UUID_B, at=200.0, name="bob")
+            assert await store.insert_client(late, invite="i1") == "invite_invalid"
+
+
+async def test_open_invites_are_bounded_and_purged(target: Target) -> None:
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            for i in range(2):
+                assert await store.create_invite(
+                    f"i{i}", by="op", at=100.0, expires_at=200.0, max_open=2
+                )
+            assert not await store.create_invite(
+                "i2", by="op", at=100.0, expires_at=200.0, max_open=2
+            )
+            assert await store.insert_client(client(at=150.0), invite="i0") == "inserted"
+            # A spent invite is no longer open; an expired one neither.
+            assert await store.create_invite("i2", by="op", at=150.0, expires_at=300.0, max_open=2)
+            assert await store.create_invite("i3", by="op", at=250.0, expires_at=400.0, max_open=2)
+            assert await store.purge_invites(250.0, keep_spent=1000.0) == 1  # i1 expired
+            assert {i.id for i in await store.list_invites()} == {"i0", "i2", "i3"}
+            assert await store.purge_invites(1200.0, keep_spent=1000.0) == 3
+            assert await store.list_invites() == []
+
+
 async def test_revoke_client_tokens_never_moves_backwards(target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
-            assert await store.insert_client(client(at=100.0))
+            assert await store.insert_client(client(at=100.0)) == "inserted"
             assert await store.revoke_client_tokens(UUID_A, 150.0)
             assert await store.revoke_client_tokens(UUID_A, 120.0)
             found = await store.get_client(UUID_A)
@@ -351,7 +422,7 @@ async def test_revoke_client_tokens_of_unknown_or_deleted_client(target: Target)
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
             assert not await store.revoke_client_tokens(UUID_A, 150.0)
-            assert await store.insert_client(client())
+            assert await store.insert_client(client()) == "inserted"
             assert await store.delete_client(UUID_A, 160.0)
             assert not await store.revoke_client_tokens(UUID_A, 170.0)
             found = await store.get_client(UUID_A)
@@ -362,7 +433,7 @@ async def test_revoke_client_tokens_of_unknown_or_deleted_client(target: Target)
 async def test_purge_expired_families(target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
-            assert await store.insert_client(client())
+            assert await store.insert_client(client()) == "inserted"
             await store.create_family("old", UUID_A, "j1", 0.0, 100.0)
             await store.create_family("edge", UUID_A, "j2", 0.0, 150.0)
             await store.create_family("new", UUID_A, "j3", 0.0, 200.0)

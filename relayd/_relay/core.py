@@ -1606,6 +1606,8 @@ _REVOKED_TEXT = {
     "refresh_reused": "a spent refresh token of this login was presented again: every token of "
     "the login is revoked",
     "token_revoked": "this session's access token was revoked",
+    "secret_rotated": "this client's secret was rotated and its earlier tokens revoked",
+    "secret_reset": "an admin reset this client's secret: its earlier tokens are revoked",
 }
 
 _STATUS_TEXT = {
