@@ -28,8 +28,10 @@ from types import TracebackType
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import _kdf
+from ._atrest import key_file_path, new_key_id, parse_key_file, write_key_file
 from ._auth import INVITE_PREFIX, invite_id_of
 from ._config import Config
 from ._errors import RelaydError, StoreError
@@ -238,6 +240,83 @@ class Admin:
             items: list[dict[str, Any]] = live["items"]
             return items
         return [i.to_json() for i in self._store("list_invites")]
+
+    # --- store keys ---------------------------------------------------------------------------
+
+    def store_keys(self) -> dict[str, Any]:
+        """What ``GET /admin/store-keys`` answers: the daemon's keys and the rows per key; when
+        the daemon is stopped, the key file's keys and the store's rows."""
+        live = self._live("GET", "/admin/store-keys")
+        if live is not None:
+            return live
+        path, _ = key_file_path(self.config, os.environ)
+        pairs = _read_key_file(path)
+        rows = self._store("keys_in_use")
+        return {
+            "current": pairs[0][0],
+            "from": str(path),
+            "keys": [
+                {"id": kid, "current": i == 0, "rows": rows.get(kid, 0)}
+                for i, (kid, _) in enumerate(pairs)
+            ],
+            "plain_rows": rows.get(None, 0),
+        }
+
+    def rotate_store_key(self) -> str:
+        """Add a new key at the top of the key file; return its id. The daemon encrypts with
+        it once it reads the file again (SIGHUP)."""
+        path = _writable_key_file(self.config)
+        pairs = _read_key_file(path)
+        kid = new_key_id()
+        write_key_file(path, [(kid, AESGCM.generate_key(256)), *pairs])
+        audit("store_key_added", actor=ADMIN_ACTOR, key=kid, source="cli")
+        return kid
+
+    def retire_store_key(self, kid: str) -> None:
+        """Remove a key no message needs any more from the key file.
+
+        Raises:
+            AdminError: it is the current key (in the file or in the daemon), it is not in
+                the file, or messages are still encrypted with it.
+        """
+        path = _writable_key_file(self.config)
+        pairs = _read_key_file(path)
+        if kid not in dict(pairs):
+            raise AdminError(f"{path} has no key {kid!r}")
+        if pairs[0][0] == kid:
+            raise AdminError(f"{kid} is the current key; rotate first (relayd store-key rotate)")
+        status = self.store_keys()
+        if status["current"] == kid:
+            raise AdminError(
+                f"the running daemon still encrypts with {kid}: reload it first"
+                " (systemctl reload relayd, or SIGHUP)"
+            )
+        rows = {k["id"]: k["rows"] for k in status["keys"]}.get(kid, 0)
+        if rows:
+            raise AdminError(
+                f"{rows} stored messages are encrypted with {kid}; they leave the store once"
+                " delivered or expired (relay.default_ttl): retire it then"
+            )
+        write_key_file(path, [(k, key) for k, key in pairs if k != kid])
+        audit("store_key_retired", actor=ADMIN_ACTOR, key=kid, source="cli")
+
+
+def _writable_key_file(config: Config) -> Path:
+    path, _ = key_file_path(config, os.environ)
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and path.parent == Path(credentials):
+        raise AdminError(
+            f"{path} is a systemd credential (read-only): change its source file, then restart"
+        )
+    return path
+
+
+def _read_key_file(path: Path) -> list[tuple[str, bytes]]:
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdminError(f"cannot read the store key file {path}: {exc}") from None
+    return parse_key_file(text, str(path))
 
 
 def _held(base: str, exc: StateDirLocked) -> str:

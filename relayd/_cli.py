@@ -196,6 +196,31 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_store_key(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configure_logging("warning", config.log.format)
+    with Admin(config, _codec(config), args.url) as admin:
+        if args.key_command == "list":
+            status = admin.store_keys()
+            for key in status["keys"]:
+                mark = "current" if key["current"] else "-"
+                print(f"{key['id']}  {mark:7}  {key['rows']}")
+            if status["plain_rows"]:
+                print(f"plain text rows: {status['plain_rows']}", file=sys.stderr)
+        elif args.key_command == "rotate":
+            kid = admin.rotate_store_key()
+            print(kid)
+            print(
+                f"added key {kid}; relayd encrypts with it once it reloads"
+                " (systemctl reload relayd, or SIGHUP)",
+                file=sys.stderr,
+            )
+        elif args.key_command == "retire":
+            admin.retire_store_key(args.key_id)
+            print(f"retired key {args.key_id}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_backup(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     counts = backup(config, Path(args.path))
@@ -309,6 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
                 "--ttl", type=_invite_ttl, help="lifetime in seconds (default auth.invite_ttl)"
             )
         action.set_defaults(func=_cmd_admin)
+
+    store_key = commands.add_parser(
+        "store-key", help="the keys that encrypt message content at rest: list, rotate, retire"
+    )
+    key_commands = store_key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    for name, text in [
+        ("list", "keys with the number of stored messages each one encrypts"),
+        ("rotate", "add a new key that encrypts from the daemon's next reload on"),
+        ("retire", "remove a key that no stored message needs any more"),
+    ]:
+        action = with_config(key_commands.add_parser(name, help=text))
+        action.add_argument(
+            "--url", help="the daemon's HTTP address (default: from http.listen in the config)"
+        )
+        if name == "retire":
+            action.add_argument("key_id", help="the key's id (see relayd store-key list)")
+        action.set_defaults(func=_cmd_store_key)
 
     backup_parser = with_config(
         commands.add_parser("backup", help="copy the store to PATH (safe while running)")

@@ -308,6 +308,10 @@ class StoreConfig:
     synchronous: Synchronous = "full"
     """``full`` survives power loss; ``normal`` survives a process crash but may lose the
     last commits on power loss (see docs/operations.md)."""
+    key_file: str = ""
+    """File holding the keys that encrypt message content at rest. Empty: the systemd
+    credential ``relayd-store-keys`` if there is one, else ``state_dir/store-keys``, generated
+    on first start."""
 
 
 @frozen(kw_only=True)

@@ -23,6 +23,7 @@ from attrs import frozen
 from hypercorn.config import Config as HypercornConfig
 
 from ._asgi import Dispatcher, metrics_app, serve_http
+from ._atrest import KeyFileError, load_store_keys
 from ._auth import AuthService, load_signing_secret
 from ._config import RELOADABLE, Config, TlsConfig, changed_keys, with_keys
 from ._errors import ConfigError
@@ -125,6 +126,7 @@ class Daemon:
         self._notifier = Notifier(self._environ)
         self.services: Services | None = None
         self.hub: Hub | None = None
+        self._store: Store | None = None
         self._http_config: HypercornConfig | None = None
 
     def stop(self) -> None:
@@ -146,6 +148,7 @@ class Daemon:
             self.hub.core.reconfigure(config.relay, config.websocket)
         if self._http_config is not None:
             set_write_timeout(self._http_config, config.websocket.write_timeout)
+        self._reload_store_keys()
         log.info(
             "config reloaded",
             extra={"fields": {"applied": ",".join(applied), "needs_restart": ",".join(restart)}},
@@ -154,6 +157,22 @@ class Daemon:
             log.warning("these changes need a restart to apply: %s", ", ".join(restart))
         self._notifier.ready("reloaded")
         return applied, restart
+
+    def _reload_store_keys(self) -> None:
+        """Read the store key file again: new keys are added, the first one encrypts from now
+        on, keys no longer listed still decrypt until the next start. A file that cannot be
+        used changes nothing (logged)."""
+        store = self._store
+        if store is None or store.keys is None:
+            return
+        try:
+            store.keys = store.keys.merged(
+                load_store_keys(self.config, self._environ, generate=False)
+            )
+        except KeyFileError as exc:
+            log.error("store keys not reloaded: %s", exc)
+            return
+        log.info("store keys reloaded", extra={"fields": {"current": store.keys.current}})
 
     async def run(
         self, *, task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED
@@ -184,9 +203,18 @@ class Daemon:
         secret, origin = load_signing_secret(config, self._environ)
         assert secret is not None
         log.info("signing secret loaded", extra={"fields": {"from": origin}})
+        keys = load_store_keys(config, self._environ)
+        log.info(
+            "store keys loaded",
+            extra={"fields": {"from": keys.origin, "current": keys.current}},
+        )
         async with Store.open(
-            config.store_path, synchronous=config.store.synchronous, executor=self._store_executor
+            config.store_path,
+            synchronous=config.store.synchronous,
+            executor=self._store_executor,
+            keys=keys,
         ) as store:
+            self._store = store
             codec = TokenCodec(
                 secret,
                 issuer=config.auth.issuer,
@@ -210,6 +238,7 @@ class Daemon:
                 relay=hub,
                 metrics=None if config.metrics.listen else metrics,
                 stats=http_stats,
+                store=store,
             )
             # Hooked into hypercorn here, before serving: the app needs to know whether they hold.
             install_hooks()

@@ -47,7 +47,7 @@ from ._errors import (
 )
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
 from ._ratelimit import RateLimiter
-from ._store import ClientRecord
+from ._store import ClientRecord, Store
 from ._tokens import Claims
 
 log = logging.getLogger("relayd.http")
@@ -75,6 +75,7 @@ class Services:
     auth: AuthService
     relay: Relay | None = None
     metrics: Metrics | None = None  # GET /metrics, when served on this port
+    store: Store | None = None  # GET /admin/store-keys
     stats: HttpStats = field(factory=HttpStats)
     readiness: Readiness = Readiness.STARTING
     register_limiter: RateLimiter = field(init=False)
@@ -497,6 +498,24 @@ def create_app(services: Services) -> QuartTrio:
         await admin()
         invites = await auth.list_invites()
         return {"count": len(invites), "items": [i.to_json() for i in invites]}
+
+    @app.get("/admin/store-keys")
+    async def store_keys() -> dict[str, Any]:
+        await admin()
+        store = services.store
+        if store is None or store.keys is None:
+            raise NotFound("this relayd runs without store keys", code="no_store_keys")
+        rows = await store.keys_in_use()
+        keys = store.keys
+        return {
+            "current": keys.current,
+            "from": keys.origin,
+            "keys": [
+                {"id": kid, "current": kid == keys.current, "rows": rows.get(kid, 0)}
+                for kid in keys.raw
+            ],
+            "plain_rows": rows.get(None, 0),
+        }
 
     @app.get("/admin/clients")
     async def admin_clients() -> dict[str, Any]:

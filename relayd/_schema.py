@@ -107,6 +107,11 @@ MIGRATIONS: tuple[str, ...] = (
         used_by TEXT
     ) WITHOUT ROWID;
     """,
+    # 4: message content encrypted at rest (relayd/_atrest.py): the key a row's fields are
+    # encrypted with; NULL for rows written before (sealed at the next start) or emptied.
+    """
+    ALTER TABLE messages ADD COLUMN key_id TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

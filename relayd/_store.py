@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar
 import trio
 from attrs import frozen
 
+from ._atrest import StoreKeys, UndecryptableRow
 from ._errors import SchemaTooNewError, StoreError
 from ._relay.records import (
     Duplicate,
@@ -161,6 +162,38 @@ def _revoke_client_tokens(db: sqlite3.Connection, uuid: str, at: float, reason: 
     return cursor.rowcount == 1
 
 
+def _check_keys(db: sqlite3.Connection, keys: StoreKeys) -> int:
+    """Every key the rows need is in ``keys`` and decrypts one of its rows; then rows still
+    in plain text (written before encryption at rest) are sealed. Returns how many.
+
+    Raises:
+        UndecryptableRow: naming the key that is missing or wrong.
+    """
+    first_of_each_key = db.execute(
+        "SELECT min(seq) FROM messages WHERE key_id IS NOT NULL GROUP BY key_id"
+    ).fetchall()
+    for (seq,) in first_of_each_key:
+        row = db.execute("SELECT seq, fields, key_id FROM messages WHERE seq = ?", (seq,))
+        _fields(row.fetchone(), keys)
+    with transaction(db):
+        plain = db.execute(
+            "SELECT seq, fields FROM messages WHERE key_id IS NULL AND fields != ''"
+        ).fetchall()
+        db.executemany(
+            "UPDATE messages SET key_id = ?, fields = ? WHERE seq = ?",
+            [(*keys.seal(seq, fields), seq) for seq, fields in plain],
+        )
+    return len(plain)
+
+
+def keys_in_use(db: sqlite3.Connection) -> dict[str | None, int]:
+    """Rows per key id (``None``: plain text) among messages that hold content."""
+    rows = db.execute(
+        "SELECT key_id, count(*) FROM messages WHERE fields != '' GROUP BY key_id"
+    ).fetchall()
+    return {row[0]: row[1] for row in rows}
+
+
 def _migrate(db: sqlite3.Connection, path: str) -> int:
     version: int = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
@@ -214,26 +247,49 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
 class Store:
     """relayd's durable state. Open it with :meth:`Store.open`."""
 
-    def __init__(self, db: sqlite3.Connection, path: str, executor: Executor) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        path: str,
+        executor: Executor,
+        keys: StoreKeys | None = None,
+    ) -> None:
         self._db = db
         self.path = path
         self._executor = executor
+        self.keys = keys
+        """Encrypt message content with these (``None``: plain text, for tests and tools
+        that never read a message's fields)."""
         # One call at a time: the connection has exactly one user, the writer.
         self._limiter = trio.CapacityLimiter(1)
 
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, path: str, *, synchronous: str = "full", executor: Executor = thread_executor
+        cls,
+        path: str,
+        *,
+        synchronous: str = "full",
+        executor: Executor = thread_executor,
+        keys: StoreKeys | None = None,
     ) -> AsyncIterator[Store]:
-        """Open (creating and migrating as needed) and close the store.
+        """Open (creating and migrating as needed) and close the store. With ``keys``,
+        message content is encrypted: the keys are checked against the rows (every key a row
+        needs is there, and decrypts it) and rows stored in plain text before are sealed.
 
         Raises:
             SchemaTooNewError: the database was written by a newer relayd.
             StoreError: the file cannot be opened, is not SQLite, or a migration failed.
+            UndecryptableRow: ``keys`` lack a key that rows need, or hold a wrong one.
         """
         db = await executor(_connect, path, synchronous)
-        store = cls(db, path, executor)
+        try:
+            if keys is not None:
+                await executor(_check_keys, db, keys)
+        except BaseException:
+            await executor(db.close)
+            raise
+        store = cls(db, path, executor, keys)
         try:
             yield store
         finally:
@@ -553,7 +609,7 @@ class Store:
         def run(db: sqlite3.Connection) -> list[Any]:
             try:
                 with transaction(db):
-                    return [_apply(db, op, max_queued) for op in ops]
+                    return [_apply(db, op, max_queued, self.keys) for op in ops]
             except (sqlite3.Error, ValueError) as exc:
                 raise StoreError(f"{self.path}: writing messages failed: {exc}") from exc
 
@@ -567,6 +623,10 @@ class Store:
         """Messages accepted at or after ``since``, newest ``limit`` of them, oldest first:
         what deduplication must remember across a restart."""
         return await self._run(partial(recent_messages, since=since, limit=limit))
+
+    async def keys_in_use(self) -> dict[str | None, int]:
+        """Messages holding content, per the key they are encrypted with (``None``: plain)."""
+        return await self._run(keys_in_use)
 
     async def queued_total(self) -> int:
         """Undelivered messages in the store."""
@@ -604,11 +664,27 @@ def recent_messages(db: sqlite3.Connection, *, since: float, limit: int) -> list
 
 
 _MESSAGE_COLUMNS = (
-    "seq, sender, recipient, msgid, high, acknowledge, fields, accepted_at, expires_at, attempts"
+    "seq, sender, recipient, msgid, high, acknowledge, fields, key_id, accepted_at, expires_at,"
+    " attempts"
 )
 
 
-def _stored(row: sqlite3.Row) -> StoredMessage:
+def _fields(row: sqlite3.Row, keys: StoreKeys | None) -> str:
+    """A row's fields in plain text (decrypted if they were stored encrypted).
+
+    Raises:
+        UndecryptableRow: encrypted, and ``keys`` cannot decrypt them.
+    """
+    key_id = row["key_id"]
+    if key_id is None:
+        fields: str = row["fields"]
+        return fields
+    if keys is None:
+        raise UndecryptableRow(f"message {row['seq']} is encrypted and no store key was loaded")
+    return keys.open(row["seq"], key_id, row["fields"])
+
+
+def _stored(row: sqlite3.Row, keys: StoreKeys | None, fields: str | None = None) -> StoredMessage:
     return StoredMessage(
         seq=row["seq"],
         sender=row["sender"],
@@ -616,14 +692,18 @@ def _stored(row: sqlite3.Row) -> StoredMessage:
         msgid=row["msgid"],
         high=bool(row["high"]),
         acknowledge=bool(row["acknowledge"]),
-        fields=row["fields"],
+        fields=_fields(row, keys) if fields is None else fields,
         accepted_at=row["accepted_at"],
         expires_at=row["expires_at"],
         attempts=row["attempts"],
     )
 
 
-def _insert(db: sqlite3.Connection, op: Insert, max_queued: int) -> Any:
+def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys | None) -> Any:
+    key_id: str | None = None
+    fields: str | bytes = op.fields
+    if keys is not None and op.fields:
+        key_id, fields = keys.seal(op.seq, op.fields)
     values = (
         op.seq,
         op.sender,
@@ -631,7 +711,8 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int) -> Any:
         op.recipient,
         int(op.high),
         int(op.acknowledge),
-        op.fields,
+        fields,
+        key_id,
         op.accepted_at,
         op.expires_at,
         op.attempts,
@@ -641,18 +722,18 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int) -> Any:
         int(op.receipt_pending),
     )
     columns = (
-        "INSERT INTO messages (seq, sender, msgid, recipient, high, acknowledge, fields,"
+        "INSERT INTO messages (seq, sender, msgid, recipient, high, acknowledge, fields, key_id,"
         " accepted_at, expires_at, attempts, status, reason, finished_at, receipt_pending)"
     )
     if op.status is not None:  # only a receipt to keep: no queue to check
         row = db.execute(
-            f"{columns} VALUES ({', '.join('?' * 14)})"
+            f"{columns} VALUES ({', '.join('?' * 15)})"
             " ON CONFLICT (sender, msgid) DO NOTHING RETURNING seq",
             values,
         ).fetchone()
     else:
         row = db.execute(
-            f"{columns} SELECT {', '.join('?' * 14)}"
+            f"{columns} SELECT {', '.join('?' * 15)}"
             " WHERE EXISTS (SELECT 1 FROM clients WHERE uuid = ? AND deleted_at IS NULL)"
             " AND coalesce((SELECT queued FROM queue_counts WHERE recipient = ?), 0) < ?"
             " ON CONFLICT (sender, msgid) DO NOTHING RETURNING seq",
@@ -672,7 +753,7 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int) -> Any:
     return Refused("queue_full" if known else "unknown_recipient")
 
 
-def _load_queue(db: sqlite3.Connection, op: LoadQueue) -> QueuePage:
+def _load_queue(db: sqlite3.Connection, op: LoadQueue, keys: StoreKeys | None) -> QueuePage:
     cursor = db.execute(
         f"SELECT {_MESSAGE_COLUMNS} FROM messages"
         " WHERE recipient = ? AND status IS NULL AND seq > ? ORDER BY seq LIMIT ?",
@@ -682,22 +763,26 @@ def _load_queue(db: sqlite3.Connection, op: LoadQueue) -> QueuePage:
     total = 0
     more = False
     for row in cursor:
-        size = size_of(row["fields"])
-        if len(rows) == op.limit or (rows and total + size > op.max_bytes):
+        if len(rows) == op.limit:
             more = True
             break
-        rows.append(_stored(row))
+        fields = _fields(row, keys)
+        size = size_of(fields)
+        if rows and total + size > op.max_bytes:
+            more = True
+            break
+        rows.append(_stored(row, keys, fields))
         total += size
     return QueuePage(rows, more=more)
 
 
-def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int) -> Any:
+def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys | None) -> Any:
     if isinstance(op, Insert):
-        return _insert(db, op, max_queued)
+        return _insert(db, op, max_queued, keys)
     if isinstance(op, Finish):
         db.execute(
             "UPDATE messages SET status = ?, finished_at = ?, receipt_pending = ?, reason = ?,"
-            " fields = '' WHERE seq = ? AND status IS NULL",
+            " fields = '', key_id = NULL WHERE seq = ? AND status IS NULL",
             (op.status.value, op.finished_at, int(op.receipt_pending), op.reason, op.seq),
         )
         return None
@@ -714,7 +799,7 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int) -> Any:
         )
         return None
     if isinstance(op, LoadQueue):
-        return _load_queue(db, op)
+        return _load_queue(db, op, keys)
     if isinstance(op, LoadReceipts):
         rows = db.execute(
             "SELECT seq, msgid, recipient, status, finished_at, reason FROM messages"
@@ -738,7 +823,7 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int) -> Any:
             " WHERE status IS NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?",
             (op.now, op.limit),
         )
-        return [_stored(row) for row in rows]
+        return [_stored(row, keys) for row in rows]
     if isinstance(op, Purge):
         db.execute(
             "DELETE FROM messages WHERE status IS NOT NULL AND"

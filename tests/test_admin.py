@@ -117,6 +117,8 @@ async def test_backup_while_running_restores_clients_and_queued_messages(
     fresh = tmp_path / "fresh"
     fresh.mkdir(mode=0o700)
     shutil.copy(target, fresh / "relayd.sqlite3")
+    # Message content is encrypted at rest: a restore needs the key file, kept apart.
+    shutil.copy(state / "store-keys", fresh / "store-keys")
     async with trio.open_nursery() as nursery:
         relayd = await start_relayd(nursery, file_config(fresh))
         http: HttpClient = relayd.http

@@ -16,6 +16,7 @@ import attrs
 import pytest
 import trio
 
+from relayd._atrest import StoreKeys
 from relayd._errors import SchemaTooNewError, StoreError
 from relayd._relay.records import (
     Duplicate,
@@ -44,17 +45,21 @@ class Target:
 
     path: str
     executor: Executor
+    keys: StoreKeys | None = None
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[Store]:
-        async with Store.open(self.path, executor=self.executor) as store:
+        async with Store.open(self.path, executor=self.executor, keys=self.keys) as store:
             yield store
 
 
-@pytest.fixture(params=["memory-inline", "file-thread"])
+@pytest.fixture(params=["memory-inline", "file-thread", "file-encrypted"])
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
     if request.param == "memory-inline":
         return Target(":memory:", inline_executor)
+    if request.param == "file-encrypted":
+        keys = StoreKeys.from_bytes([("k1", bytes(range(32)))], "<test keys>")
+        return Target(str(tmp_path / "relayd.sqlite3"), thread_executor, keys)
     return Target(str(tmp_path / "relayd.sqlite3"), thread_executor)
 
 
