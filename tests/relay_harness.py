@@ -265,7 +265,8 @@ class CoreHarness:
         """Run ``ops`` in one transaction, as the hub's store task does, without telling the
         core yet (that is :meth:`commit`'s second half, ``core.store_done``)."""
         with transaction(self.db):
-            results = [_apply(self.db, op, self.relay.max_queued_per_recipient) for op in ops]
+            max_queued = self.relay.max_queued_per_recipient
+            results = [_apply(self.db, op, max_queued, None) for op in ops]
         self.commits += 1
         self.executed += ops
         return results
