@@ -37,6 +37,7 @@ from ._config import Config
 from ._errors import RelaydError, StoreError
 from ._lock import StateDirLocked, StateLock
 from ._log import audit
+from ._roles import RolePolicy
 from ._store import Store
 from ._tokens import TokenCodec
 
@@ -177,6 +178,7 @@ class Admin:
                 "name": c.name,
                 "created_at": c.created_at,
                 "online": None,
+                "roles": list(c.roles),
                 "queued": depths.get(c.uuid, 0),
             }
             for c in records
@@ -240,6 +242,23 @@ class Admin:
             items: list[dict[str, Any]] = live["items"]
             return items
         return [i.to_json() for i in self._store("list_invites")]
+
+    def set_roles(self, client: str, roles: list[str]) -> list[str]:
+        """Give ``client`` ``roles`` (they apply at once to a running daemon)."""
+        live = self._live("PUT", f"/admin/clients/{client}/roles", {"roles": roles})
+        if live is not None:
+            held: list[str] = live["roles"]
+            return held
+        policy = RolePolicy.from_config(self.config.roles)
+        unknown = [role for role in roles if not policy.known(role)]
+        if unknown:
+            raise AdminError(f"{', '.join(unknown)}: not a role of this relayd ([roles] define)")
+        if not self._store("set_roles", client, tuple(roles)):
+            raise AdminError(f"no client {client}")
+        audit(
+            "roles_changed", client=client, actor=ADMIN_ACTOR, source="store", roles=" ".join(roles)
+        )
+        return roles
 
     # --- store keys ---------------------------------------------------------------------------
 

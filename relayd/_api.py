@@ -29,6 +29,7 @@ T = TypeVar("T")
 MAX_NAME_CHARS = 128
 MAX_TOKEN_CHARS = 8192
 MAX_INVITE_TTL = 90 * 86_400.0
+MAX_ROLES = 8
 
 
 # A client UUID, canonicalised (lowercase, hyphenated) when structured.
@@ -84,6 +85,19 @@ class RotateSecretRequest:
 
 
 @frozen(kw_only=True)
+class RolesRequest:
+    """``PUT /admin/clients/{uuid}/roles``: the roles the client holds from now on."""
+
+    roles: tuple[str, ...]
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= len(self.roles) <= MAX_ROLES:
+            raise FieldError("roles", f"must list 1 to {MAX_ROLES} roles")
+        if len(set(self.roles)) != len(self.roles):
+            raise FieldError("roles", "must not repeat a role")
+
+
+@frozen(kw_only=True)
 class InviteRequest:
     """``POST /admin/invites``: the invite's lifetime (default ``auth.invite_ttl``)."""
 
@@ -121,6 +135,16 @@ converter = strict_converter(forbid_extra_keys=False)
 converter.register_structure_hook(
     ClientUuid, lambda value, _: canonical_uuid(strict_scalar(value, str))
 )
+
+
+def _strings(value: Any, _: Any) -> tuple[str, ...]:
+    # cattrs would take a string as a sequence of one-character strings.
+    if not isinstance(value, list):
+        raise TypeError(f"must be a list of strings, not {type(value).__name__}")
+    return tuple(strict_scalar(item, str) for item in value)
+
+
+converter.register_structure_hook_func(lambda kind: kind == tuple[str, ...], _strings)
 
 
 def _problem(path: str, exc: BaseException) -> tuple[str, str]:

@@ -19,6 +19,7 @@ import os
 import secrets
 import stat
 import uuid as uuid_module
+from collections import Counter
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -145,12 +146,23 @@ class Registration:
 
 
 class AuthService:
-    def __init__(self, store: Store, codec: TokenCodec, config: AuthConfig) -> None:
+    def __init__(
+        self,
+        store: Store,
+        codec: TokenCodec,
+        config: AuthConfig,
+        *,
+        default_roles: tuple[str, ...] = CLIENT_ROLES,
+    ) -> None:
         self._store = store
         self.codec = codec
         self.config = config
+        self.default_roles = default_roles
         self._revoked_jtis: set[str] = set()
+        # Access tokens accepted, by each role their holder had (operators: "operator").
+        self.authenticated: Counter[str] = Counter()
         self._subscribers: list[Callable[[Revocation], None]] = []
+        self._role_subscribers: list[Callable[[str, tuple[str, ...] | None], None]] = []
         # scrypt holds ~16 MiB and a core for tens of ms: two at a time at most.
         self._kdf_limiter = trio.CapacityLimiter(2)
         # Compared against when the client does not exist, so a miss costs as much as a hit.
@@ -167,6 +179,15 @@ class AuthService:
     def _announce(self, revocation: Revocation) -> None:
         for subscriber in self._subscribers:
             subscriber(revocation)
+
+    def subscribe_roles(self, subscriber: Callable[[str, tuple[str, ...] | None], None]) -> None:
+        """Call ``subscriber(client, roles)`` whenever a client's roles are stored: at its
+        registration, when an admin changes them, and with ``None`` when it is deleted."""
+        self._role_subscribers.append(subscriber)
+
+    def _announce_roles(self, client: str, roles: tuple[str, ...] | None) -> None:
+        for subscriber in self._role_subscribers:
+            subscriber(client, roles)
 
     def _revocation_horizon(self) -> float:
         # The codec accepts a token until exp + leeway: its revocation must last as long.
@@ -239,7 +260,7 @@ class AuthService:
             uuid=client_uuid,
             name=name,
             secret_hash=secret_hash,
-            roles=CLIENT_ROLES,
+            roles=self.default_roles,
             created_at=self.now,
             # Tokens from any earlier holder of this UUID can never become valid again.
             tokens_valid_after=self.now,
@@ -258,6 +279,7 @@ class AuthService:
             raise Forbidden(
                 "the invite code is unknown, already used or expired", code="invite_invalid"
             )
+        self._announce_roles(client_uuid, client.roles)
         tokens = await self._issue_pair(client)
         audit("register", client=client_uuid, source=source, invite=invite_id and invite_id[:12])
         return Registration(client, client_secret, tokens)
@@ -377,9 +399,13 @@ class AuthService:
         claims = self.codec.verify(access_token, use="access")
         if claims.jti in self._revoked_jtis:
             raise TokenError("token_revoked", "the token was revoked")
-        if not claims.is_operator:
-            await self._live_client(claims)
-        return claims
+        if claims.is_operator:
+            self.authenticated["operator"] += 1
+            return claims
+        client = await self._live_client(claims)
+        self.authenticated.update(client.roles)
+        # The roles the client holds now, not those the token was issued with.
+        return claims if client.roles == claims.roles else attrs.evolve(claims, roles=client.roles)
 
     def mint_operator_token(self, name: str, roles: tuple[str, ...], ttl: float) -> IssuedToken:
         """An access token for an operator (``sub`` = ``operator:<name>``), not a client."""
@@ -493,3 +519,25 @@ class AuthService:
             raise NotFound(f"no client {client_uuid}", code="unknown_client")
         audit("client_deleted", client=client_uuid, actor=actor, source=source)
         self._announce(Revocation(client_uuid, "deleted"))
+        self._announce_roles(client_uuid, None)
+
+    async def set_roles(
+        self, client_uuid: str, roles: tuple[str, ...], *, actor: str, source: str | None
+    ) -> ClientRecord:
+        """Give a client ``roles`` (checked by the caller); they apply at once, to every
+        route and to its live session.
+
+        Raises:
+            NotFound: no such live client.
+        """
+        if not await self._store.set_roles(client_uuid, roles):
+            raise NotFound(f"no client {client_uuid}", code="unknown_client")
+        audit(
+            "roles_changed", client=client_uuid, actor=actor, source=source, roles=" ".join(roles)
+        )
+        self._announce_roles(client_uuid, roles)
+        return await self.get_client(client_uuid)
+
+    async def client_roles(self) -> dict[str, tuple[str, ...]]:
+        """Every live client's roles."""
+        return {c.uuid: c.roles for c in await self._store.list_clients()}

@@ -179,6 +179,9 @@ def _cmd_admin(args: argparse.Namespace) -> int:
         elif args.admin_command == "delete":
             admin.delete(args.uuid)
             print(f"deleted {args.uuid}", file=sys.stderr)
+        elif args.admin_command == "roles":
+            held = admin.set_roles(args.uuid, list(dict.fromkeys(args.role)))
+            print(f"{args.uuid} holds {' '.join(held)}", file=sys.stderr)
         elif args.admin_command == "reset-secret":
             print(admin.reset_secret(args.uuid))
             print(
@@ -319,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("queues", "queued messages per client"),
         ("revoke", "revoke every token of a client (closes its session, 4003)"),
         ("delete", "delete a client (its uuid stays taken)"),
+        ("roles", "set a client's roles (they apply at once, to its live session too)"),
         ("reset-secret", "a new secret for a client that lost its own (revokes its tokens)"),
         ("invite", 'mint a one-time invite code (auth.registration = "invite")'),
         ("invites", "list invites (JSON lines): open, spent, by whom"),
@@ -327,8 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument(
             "--url", help="the daemon's HTTP address (default: from http.listen in the config)"
         )
-        if name in ("revoke", "delete", "reset-secret"):
+        if name in ("revoke", "delete", "reset-secret", "roles"):
             action.add_argument("uuid", type=_uuid, help="the client's uuid")
+        if name == "roles":
+            action.add_argument("role", nargs="+", help="the roles it holds from now on")
         if name == "invite":
             action.add_argument(
                 "--ttl", type=_invite_ttl, help="lifetime in seconds (default auth.invite_ttl)"

@@ -20,6 +20,7 @@ import difflib
 import json
 import math
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -45,6 +46,10 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 # Browser origins (``https://app.example.com``), or ``"*"`` for any.
 Origins = tuple[str, ...]
+# Role name -> what it grants (see RolesConfig).
+RoleGrants = dict[str, tuple[str, ...]]
+ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+PERMISSIONS = ("directory", "admin")
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -314,6 +319,59 @@ class StoreConfig:
     on first start."""
 
 
+def _check_roles(instance: RolesConfig, _: attrs.Attribute[Any], define: RoleGrants) -> None:
+    for role, grants in define.items():
+        if not ROLE_NAME.match(role):
+            raise ValueError(f"define: {role!r}: a role name is 1-32 of a-z, 0-9, _ and -")
+        for grant in grants:
+            kind, sep, target = grant.partition(":")
+            if not sep and grant in PERMISSIONS:
+                continue
+            if kind == "message" and (target == "*" or target in define):
+                continue
+            if kind == "inherit" and target in define and target != role:
+                continue
+            raise ValueError(
+                f"define.{role}: {grant!r} is not a grant: use one of {', '.join(PERMISSIONS)},"
+                " message:<role> or message:*, inherit:<role> (roles defined here)"
+            )
+    seen: set[str] = set()
+
+    def visit(role: str, path: tuple[str, ...]) -> None:
+        if role in path:
+            raise ValueError(f"define: roles inherit in a circle: {' > '.join((*path, role))}")
+        if role in seen:
+            return
+        for grant in define[role]:
+            if grant.startswith("inherit:"):
+                visit(grant.removeprefix("inherit:"), (*path, role))
+        seen.add(role)
+
+    for role in define:
+        visit(role, ())
+    if instance.default not in define:
+        raise ValueError(f"default: {instance.default!r} is not a role defined in define")
+
+
+@frozen(kw_only=True)
+class RolesConfig:
+    """Roles and what they permit. ``define`` maps each role to its grants: ``directory``
+    (read the client directory), ``admin`` (the admin API), ``message:<role>`` (message
+    clients that hold that role; ``message:*``: anyone), ``inherit:<role>`` (everything that
+    role grants)."""
+
+    default: str = "client"
+    """The role a client gets when it registers."""
+    define: RoleGrants = field(
+        factory=lambda: {
+            "client": ("message:*", "directory"),
+            "admin": ("inherit:client", "admin"),
+        },
+        validator=_check_roles,
+    )
+    """Each role and its grants (a TOML inline table)."""
+
+
 @frozen(kw_only=True)
 class LogConfig:
     """Logging to stderr (journald picks it up under systemd)."""
@@ -340,6 +398,7 @@ class Config:
     metrics: MetricsConfig = field(factory=MetricsConfig)
     tls: TlsConfig = field(factory=TlsConfig)
     log: LogConfig = field(factory=LogConfig)
+    roles: RolesConfig = field(factory=RolesConfig)
 
     @property
     def state_path(self) -> Path:
@@ -367,6 +426,20 @@ def _structure_origins(value: Any, _: Any) -> Origins:
 
 
 _converter.register_structure_hook_func(lambda kind: kind == Origins, _structure_origins)
+
+
+def _structure_grants(value: Any, _: Any) -> RoleGrants:
+    if not isinstance(value, dict):
+        raise TypeError(f"must be a table of roles, not {type(value).__name__}")
+    grants: RoleGrants = {}
+    for role, items in value.items():
+        if not isinstance(items, list | tuple):
+            raise TypeError(f"{role}: must be a list of grants, not {type(items).__name__}")
+        grants[strict_scalar(role, str)] = tuple(strict_scalar(item, str) for item in items)
+    return grants
+
+
+_converter.register_structure_hook_func(lambda kind: kind == RoleGrants, _structure_grants)
 
 
 def _describe(path: str, exc: BaseException) -> list[str]:
@@ -415,6 +488,14 @@ def _parse_env_value(raw: str, kind: Any, var: str) -> Any:
         return raw
     if kind == Origins:
         return _parse_env_list(raw, var)
+    if kind == RoleGrants:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise ConfigError(f"{var}: expected a JSON object, got {raw!r}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{var}: expected a JSON object, got {raw!r}")
+        return value
     if kind is bool:
         lowered = raw.strip().lower()
         if lowered in {"1", "true", "yes", "on"}:
@@ -593,6 +674,8 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):  # role names are bare keys (ROLE_NAME)
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     return repr(value)
 
 

@@ -35,6 +35,7 @@ from ._metrics import CONTENT_TYPE, HttpStats, Metrics
 from ._relay.hub import Hub
 from ._relay.listeners import asgi_websocket_app
 from ._relay.wsserver import serve_dedicated
+from ._roles import RolePolicy
 from ._store import Executor, Store, thread_executor
 from ._systemd import Notifier
 from ._tokens import TokenCodec
@@ -222,7 +223,7 @@ class Daemon:
                 leeway=config.auth.leeway,
                 clock=self._clock,
             )
-            auth = AuthService(store, codec, config.auth)
+            auth = AuthService(store, codec, config.auth, default_roles=(config.roles.default,))
             await auth.load()
             hub = self.hub = await Hub.open(config, store, auth, clock=self._clock)
             http_stats = HttpStats()
@@ -231,6 +232,7 @@ class Daemon:
                 http_stats,
                 stored=store.queued_total,
                 store_ops=lambda: hub.store_backlog,
+                authenticated=auth.authenticated,
             )
             services = self.services = Services(
                 config,
@@ -239,6 +241,7 @@ class Daemon:
                 metrics=None if config.metrics.listen else metrics,
                 stats=http_stats,
                 store=store,
+                policy=RolePolicy.from_config(config.roles),
             )
             # Hooked into hypercorn here, before serving: the app needs to know whether they hold.
             install_hooks()

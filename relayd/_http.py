@@ -30,13 +30,14 @@ from ._api import (
     RefreshRequest,
     RegisterRequest,
     RevokeRequest,
+    RolesRequest,
     RotateSecretRequest,
     parse_body,
     parse_json_object,
 )
 from ._auth import AuthService
 from ._browser import APP_CSP
-from ._config import Config
+from ._config import Config, RolesConfig
 from ._errors import (
     ApiError,
     Forbidden,
@@ -44,9 +45,11 @@ from ._errors import (
     RateLimited,
     Unauthorized,
     UnsupportedMediaType,
+    ValidationError,
 )
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
 from ._ratelimit import RateLimiter
+from ._roles import RolePolicy
 from ._store import ClientRecord, Store
 from ._tokens import Claims
 
@@ -76,6 +79,7 @@ class Services:
     relay: Relay | None = None
     metrics: Metrics | None = None  # GET /metrics, when served on this port
     store: Store | None = None  # GET /admin/store-keys
+    policy: RolePolicy = field(factory=lambda: RolePolicy.from_config(RolesConfig()))
     stats: HttpStats = field(factory=HttpStats)
     readiness: Readiness = Readiness.STARTING
     register_limiter: RateLimiter = field(init=False)
@@ -249,10 +253,27 @@ def create_app(services: Services) -> QuartTrio:
             raise RateLimited(wait)
         return claims
 
+    def may(claims: Claims, permission: str) -> bool:
+        """Operators hold every permission their ``admin`` role gives; clients, what their
+        roles grant now (see relayd/_roles.py)."""
+        if claims.is_operator:
+            return claims.is_admin
+        return services.policy.allows(claims.roles, permission)
+
     async def admin() -> Claims:
         claims = await authenticated()
-        if not claims.is_admin:
+        if not may(claims, "admin"):
             raise Forbidden("this needs an admin token", code="admin_required")
+        return claims
+
+    async def permitted(permission: str) -> Claims:
+        claims = await authenticated()
+        if not may(claims, permission):
+            raise Forbidden(
+                f"your roles do not grant {permission!r}",
+                code="not_permitted",
+                details={"permission": permission, "roles": list(claims.roles)},
+            )
         return claims
 
     @app.errorhandler(ApiError)
@@ -426,7 +447,7 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.get("/clients")
     async def list_clients() -> dict[str, Any]:
-        await authenticated()
+        await permitted("directory")
         clients = await auth.list_clients()
         return {
             "count": len(clients),
@@ -436,14 +457,14 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.get("/clients/<client_uuid>")
     async def get_client(client_uuid: str) -> dict[str, Any]:
-        await authenticated()
+        await permitted("directory")
         return _client_json(await auth.get_client(client_uuid.lower()), services.relay)
 
     @app.delete("/clients/<client_uuid>")
     async def delete_client(client_uuid: str) -> dict[str, Any]:
         claims = await authenticated()
         client_uuid = client_uuid.lower()
-        if claims.sub != client_uuid and not claims.is_admin:
+        if claims.sub != client_uuid and not may(claims, "admin"):
             raise Forbidden("a client may delete only itself", code="not_yours")
         await auth.delete_client(client_uuid, actor=claims.sub, source=_source())
         return {"deleted": client_uuid}
@@ -517,6 +538,20 @@ def create_app(services: Services) -> QuartTrio:
             "plain_rows": rows.get(None, 0),
         }
 
+    @app.put("/admin/clients/<client_uuid>/roles")
+    async def set_roles(client_uuid: str) -> dict[str, Any]:
+        claims = await admin()
+        body = parse_body(await _json_body(), RolesRequest)
+        unknown = [role for role in body.roles if not services.policy.known(role)]
+        if unknown:
+            raise ValidationError(
+                "roles", f"{', '.join(unknown)}: not a role of this relayd ([roles] define)"
+            )
+        client = await auth.set_roles(
+            client_uuid.lower(), body.roles, actor=claims.sub, source=_source()
+        )
+        return {**_client_json(client, services.relay), "roles": list(client.roles)}
+
     @app.get("/admin/clients")
     async def admin_clients() -> dict[str, Any]:
         await admin()
@@ -525,7 +560,11 @@ def create_app(services: Services) -> QuartTrio:
         return {
             "count": len(clients),
             "items": [
-                {**_client_json(c, services.relay), "queued": queued.get(c.uuid, 0)}
+                {
+                    **_client_json(c, services.relay),
+                    "roles": list(c.roles),
+                    "queued": queued.get(c.uuid, 0),
+                }
                 for c in clients
             ],
         }

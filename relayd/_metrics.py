@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -59,11 +59,13 @@ class _Collector(Collector):
         http: HttpStats,
         stored: Callable[[], int],
         store_ops: Callable[[], int],
+        authenticated: Mapping[str, int],
     ) -> None:
         self.core = core
         self.http = http
         self.stored = stored
         self.store_ops = store_ops
+        self.authenticated = authenticated
 
     def collect(self) -> Iterator[Metric]:
         core = self.core
@@ -161,6 +163,15 @@ class _Collector(Collector):
                 auth.add_metric(["ws", key.removeprefix(prefix)], count)
         yield auth
 
+        accepted = CounterMetricFamily(
+            "relayd_authentications",
+            "Access tokens accepted (REST and WebSocket), by each role their client holds now.",
+            labels=["role"],
+        )
+        for role, count in sorted(self.authenticated.items()):
+            accepted.add_metric([role], count)
+        yield accepted
+
         drops = CounterMetricFamily(
             "relayd_slow_consumer_drops",
             "WebSocket connections dropped as slow consumers, by where that was found.",
@@ -198,12 +209,21 @@ class Metrics:
         *,
         stored: Callable[[], Any],
         store_ops: Callable[[], int],
+        authenticated: Mapping[str, int] | None = None,
     ) -> None:
         self._stored_count = 0
         self._counted_at = -math.inf
         self._count_stored = stored
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(core, http, lambda: self._stored_count, store_ops))
+        self.registry.register(
+            _Collector(
+                core,
+                http,
+                lambda: self._stored_count,
+                store_ops,
+                {} if authenticated is None else authenticated,
+            )
+        )
 
     async def render(self) -> bytes:
         """The exposition. Counting the stored messages takes the store's one connection, so

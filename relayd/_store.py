@@ -354,6 +354,19 @@ class Store:
 
         await self._run(update)
 
+    async def set_roles(self, uuid: str, roles: tuple[str, ...]) -> bool:
+        """Replace a live client's roles; ``False`` if there is no such live client."""
+
+        def update(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                cursor = db.execute(
+                    "UPDATE clients SET roles = ? WHERE uuid = ? AND deleted_at IS NULL",
+                    (" ".join(roles), uuid),
+                )
+            return cursor.rowcount == 1
+
+        return await self._run(update)
+
     async def set_secret(self, uuid: str, secret_hash: str, *, revoke_at: float | None) -> bool:
         """Replace a live client's secret hash; with ``revoke_at``, also refuse every token
         issued before it and end its logins (as :meth:`revoke_client_tokens`), in the same

@@ -5,6 +5,7 @@ Every call passes ``environ`` explicitly: these tests never read or touch ``os.e
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 import typing
@@ -356,6 +357,8 @@ def test_every_key_can_be_set_from_the_environment(section: str, key: str) -> No
         raw = str(default).lower()
     elif isinstance(default, tuple):
         raw = ",".join(default)
+    elif isinstance(default, dict):
+        raw = json.dumps(default)  # a table: JSON
     else:
         raw = str(default)
     assert load_config(SHIPPED_CONFIG, environ={var: raw}) == Config()

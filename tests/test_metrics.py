@@ -78,6 +78,9 @@ async def test_counters_move_as_clients_exchange_messages(
     assert value(after, "relayd_store_commit_seconds_count") >= 1
     assert value(after, "relayd_auth_failures_total", via="ws", reason="token_invalid") == 1
     assert value(after, "relayd_auth_failures_total", via="http", reason="token_invalid") == 1
+    # Accepted tokens by role: the two sockets; then one REST call and one operator's.
+    assert value(after, "relayd_authentications_total", role="client") == 2
+    assert value(before, "relayd_authentications_total", role="client") == 0
     assert (
         value(after, "relayd_http_requests_total", route="/register", method="POST", status="200")
         == 2

@@ -37,7 +37,7 @@ import enum
 import heapq
 import itertools
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -275,10 +275,14 @@ class RelayCore:
         now: float,
         last_seq: int = 0,
         recent: Iterable[RecentMessage] = (),
+        may_message: Callable[[str, str], bool] | None = None,
     ) -> None:
         """``last_seq``: the highest message seq the store ever held; new ones go above.
-        ``recent``: the store's messages within the dedupe window, oldest first."""
+        ``recent``: the store's messages within the dedupe window, oldest first.
+        ``may_message(sender, recipient)``: whether the roles allow it (``None``: anyone may
+        message anyone)."""
         self.relay = relay
+        self._may_message = may_message
         self.ws = websocket
         self.draining = False
         self.metrics = RelayStats()
@@ -958,6 +962,13 @@ class RelayCore:
         if envelope.sender is not None and envelope.sender != sender:
             raise ProtocolError(
                 F.MESSAGE_SENDER_MISMATCH, "from: is not the authenticated client", field="from"
+            )
+        if self._may_message is not None and not self._may_message(sender, envelope.to):
+            raise ProtocolError(
+                F.NOT_PERMITTED,
+                "your roles do not allow messaging this client",
+                field="to",
+                details={"to": envelope.to, "msgid": envelope.msgid},
             )
         wait = self._send_limiter.acquire(sender, now)
         if wait > 0:

@@ -74,6 +74,7 @@ UNKNOWN_TYPE = "unknown_type"
 BINARY_UNSUPPORTED = "binary_unsupported"
 RATE_LIMITED = "rate_limited"
 QUEUE_FULL = "queue_full"
+NOT_PERMITTED = "not_permitted"
 NOT_AUTHENTICATED = "not_authenticated"
 ALREADY_AUTHENTICATED = "already_authenticated"
 REFRESH_IN_PROGRESS = "refresh_in_progress"
@@ -88,6 +89,7 @@ _RECOVERY = {
     UNKNOWN_TYPE: "see docs/protocol.md for the frame types",
     BINARY_UNSUPPORTED: "send JSON in text frames",
     RATE_LIMITED: "wait details.retry_after seconds, then send the message again",
+    NOT_PERMITTED: "your roles do not allow it; an admin can change them",
     QUEUE_FULL: "the recipient has too many undelivered messages; retry later",
     NOT_AUTHENTICATED: "authenticate first",
     ALREADY_AUTHENTICATED: "to change tokens, send {'type': 'refresh', 'token': ...}",

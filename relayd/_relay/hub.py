@@ -39,6 +39,7 @@ from relayd._auth import AuthService, Revocation
 from relayd._config import Config
 from relayd._errors import ApiError, TokenError
 from relayd._log import audit, conn_id
+from relayd._roles import RoleDirectory, RolePolicy
 from relayd._store import Store
 
 from .core import Action, Authenticate, Close, Identity, Ping, Ref, RelayCore, Send
@@ -176,12 +177,21 @@ class Hub:
         ever stored, and deduplication remembers the messages of the last dedupe window."""
         now = clock()
         relay = config.relay
+        policy = RolePolicy.from_config(config.roles)
+        may_message = None
+        if not policy.messaging_is_open:
+            # Some role may not message everyone: each message is checked against every
+            # client's roles, kept in memory and told of every change.
+            directory = RoleDirectory(policy, await auth.client_roles())
+            auth.subscribe_roles(directory.update)
+            may_message = directory.may_message
         core = RelayCore(
             relay,
             config.websocket,
             now=now,
             last_seq=await store.last_message_seq(),
             recent=await store.recent_messages(now - relay.dedupe_window, relay.dedupe_max_entries),
+            may_message=may_message,
         )
         return cls(config, store, auth, core, clock=clock)
 
