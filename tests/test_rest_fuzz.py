@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid as uuid_module
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from relayd import Daemon
+from relayd._api import canonical_uuid
 from relayd._auth import Registration
 from relayd._http import create_app
 
@@ -363,3 +365,23 @@ def test_the_fuzz_covers_every_route(live: LiveRelayd) -> None:
         "/health/ready",
         "/metrics",
     }
+
+
+@given(st.uuids(), st.sampled_from([str, lambda u: str(u).upper(), lambda u: u.hex]))
+def test_canonical_uuid_agrees_with_the_uuid_module(value: Any, spell: Any) -> None:
+    """The fast path for already-canonical spellings gives what parsing gives."""
+    text = spell(value)
+    assert canonical_uuid(text) == str(uuid_module.UUID(text))
+
+
+@given(st.text(alphabet="0123456789abcdefABCDEF-{}urn:", max_size=45))
+def test_canonical_uuid_refuses_what_the_uuid_module_refuses(text: str) -> None:
+    try:
+        expected: str | None = str(uuid_module.UUID(text))
+    except ValueError:
+        expected = None
+    try:
+        got: str | None = canonical_uuid(text)
+    except ValueError:
+        got = None
+    assert got == expected

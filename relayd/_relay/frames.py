@@ -185,6 +185,12 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Made once: json.loads and json.dumps build a new decoder or encoder on every call that
+# passes an option (2-3% of the daemon's CPU per message, measured with py-spy).
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def decode(data: str) -> dict[str, Any]:
     """Parse one inbound text frame into a JSON object (``NaN`` and ``Infinity`` refused).
 
@@ -192,7 +198,7 @@ def decode(data: str) -> dict[str, Any]:
         ProtocolError: ``INVALID_MESSAGE_FORMAT`` if it is not a JSON object.
     """
     try:
-        doc = json.loads(data, parse_constant=_no_constants)
+        doc = _DECODER.decode(data)
     except (ValueError, RecursionError):
         raise ProtocolError(INVALID_MESSAGE_FORMAT, "the frame is not valid JSON") from None
     if not isinstance(doc, dict):
@@ -233,7 +239,7 @@ def parse_envelope(doc: dict[str, Any]) -> Envelope:
 
 
 def encode(frame: dict[str, Any]) -> str:
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(frame)
 
 
 def error_frame(
