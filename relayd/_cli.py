@@ -161,10 +161,15 @@ def _cmd_token_mint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_admin(args: argparse.Namespace) -> int:
+def _admin(args: argparse.Namespace) -> Admin:
+    """An admin session for ``relayd admin`` and ``relayd store-key`` (a context manager)."""
     config = load_config(args.config)
     configure_logging("warning", config.log.format)
-    with Admin(config, _codec(config), args.url) as admin:
+    return Admin(config, _codec(config), args.url)
+
+
+def _cmd_admin(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
         if args.admin_command == "clients":
             print_clients(admin.clients(), admin.offline)
         elif args.admin_command == "queues":
@@ -200,9 +205,7 @@ def _cmd_admin(args: argparse.Namespace) -> int:
 
 
 def _cmd_store_key(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    configure_logging("warning", config.log.format)
-    with Admin(config, _codec(config), args.url) as admin:
+    with _admin(args) as admin:
         if args.key_command == "list":
             status = admin.store_keys()
             for key in status["keys"]:

@@ -489,13 +489,7 @@ def _parse_env_value(raw: str, kind: Any, var: str) -> Any:
     if kind == Origins:
         return _parse_env_list(raw, var)
     if kind == RoleGrants:
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            raise ConfigError(f"{var}: expected a JSON object, got {raw!r}") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{var}: expected a JSON object, got {raw!r}")
-        return value
+        return _parse_env_json(raw, var, dict, "a JSON object")
     if kind is bool:
         lowered = raw.strip().lower()
         if lowered in {"1", "true", "yes", "on"}:
@@ -516,14 +510,19 @@ def _parse_env_value(raw: str, kind: Any, var: str) -> Any:
 def _parse_env_list(raw: str, var: str) -> list[Any]:
     """A JSON array (``["https://a.example"]``) or a comma-separated list (``a,b``)."""
     if raw.lstrip().startswith("["):
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            raise ConfigError(f"{var}: expected a JSON array, got {raw!r}") from None
-        if not isinstance(value, list):
-            raise ConfigError(f"{var}: expected a JSON array, got {raw!r}")
+        value: list[Any] = _parse_env_json(raw, var, list, "a JSON array")
         return value
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _parse_env_json(raw: str, var: str, kind: type[Any], what: str) -> Any:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"{var}: expected {what}, got {raw!r}") from None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{var}: expected {what}, got {raw!r}")
+    return value
 
 
 def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
