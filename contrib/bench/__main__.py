@@ -30,6 +30,7 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type[Any]) -> None
                 "store": ["file", "memory"],
                 "transport": ["main", "dedicated"],
                 "server": ["asgi", "trio"],
+                "against": ["relayd", "seed-v1"],
             }.get(f.name)
             parser.add_argument(
                 flag,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -117,14 +118,17 @@ async def register_many(
                 i = next_index
                 next_index += 1
                 while True:
-                    status, doc = await conn.request("POST", "/register", {"name": f"{prefix}-{i}"})
+                    # A uuid of our own: the seed's first version requires one.
+                    body = {"name": f"{prefix}-{i}", "uuid": str(uuid.uuid4())}
+                    status, doc = await conn.request("POST", "/register", body)
                     if status == 429:  # should not happen with the bench settings
                         await asyncio.sleep(float(doc["error"]["details"].get("retry_after", 1)))
                         continue
                     if status != 200:
                         raise HttpError(status, doc)
                     break
-                results[i] = Credentials(doc["uuid"], doc["access_token"])
+                # The seed's first version answers "token".
+                results[i] = Credentials(doc["uuid"], doc.get("access_token") or doc["token"])
         finally:
             conn.close()
 

@@ -13,7 +13,7 @@ from typing import Any
 from ._harness import Sampler, Worker, kill_all, start_workers
 from ._proc import machine_usage, other_cores, raise_nofile
 from ._rest import MetricsScraper, register_many
-from ._servers import EchoServer, Relayd, Settings, merge, relay_settings
+from ._servers import EchoServer, Relayd, SeedV1, Settings, merge, relay_settings
 from ._stats import Merged
 
 # The seed system's first version, a bare forwarder with no guarantees (issue 5): the
@@ -78,6 +78,8 @@ class RelayParams:
     procs: int = 1
     content_size: int = 256
     lean: bool = False  # the lean receipt profile (relayd.v1.lean)
+    # "seed-v1": the same load against the seed system's bare forwarder (no ack only).
+    against: str = "relayd"
 
 
 @dataclass
@@ -102,15 +104,18 @@ async def relay_session(
     stop_offset: float,
     settle: float = 30.0,
     scrape_metrics: bool = False,
+    seed_v1: bool = False,
 ) -> RelaySession:
     """Start relayd, register the pairs' clients, run the generators on the timeline
     (``offsets`` from t0 bound the measured phases; senders stop at ``stop_offset``), wait
     until every message is accounted for (at most ``settle`` s), stop relayd."""
     raise_nofile()
-    daemon = await Relayd.start(settings)
+    daemon: Relayd | SeedV1 = await (SeedV1.start() if seed_v1 else Relayd.start(settings))
     workers: list[Worker] = []
     try:
         creds, register_s = await register_many(daemon.http_url, 2 * len(pair_specs))
+        if seed_v1:
+            common = {**common, "seed_v1": True}
         for i, spec in enumerate(pair_specs):
             spec.update(idx=i, sender=creds[2 * i].to_json(), recipient=creds[2 * i + 1].to_json())
         specs = [
@@ -180,6 +185,9 @@ def _relay_metrics(
 async def direct(p: RelayParams, *, name: str = "direct") -> dict[str, Any]:
     """N sender->recipient pairs, each with at most W messages outstanding."""
     settings = relay_settings(store=p.store, transport=p.transport)
+    seed_v1 = p.against == "seed-v1"
+    if seed_v1 and p.ack:
+        raise SystemExit("the seed's first version has no acknowledgements: pass --no-ack")
     session = await relay_session(
         settings,
         [{} for _ in range(p.pairs)],
@@ -187,10 +195,12 @@ async def direct(p: RelayParams, *, name: str = "direct") -> dict[str, Any]:
         procs=p.procs,
         offsets=[p.warmup, p.warmup + p.seconds],
         stop_offset=p.warmup + p.seconds,
+        seed_v1=seed_v1,
     )
     integrity = _integrity(session.merged)
     metrics = _relay_metrics(session, "main", 0, 1, p.seconds)
-    label = f"{name} {'ack' if p.ack else 'noack'} {p.store} {p.transport} N={p.pairs} W={p.window}"
+    where = "seed-v1" if seed_v1 else f"{p.store} {p.transport}"
+    label = f"{name} {'ack' if p.ack else 'noack'} {where} N={p.pairs} W={p.window}"
     if p.lean:
         label += " lean"
     return {

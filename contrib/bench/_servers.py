@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -253,6 +254,101 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
+
+
+SEED_V1_COMMIT = "31572f1"
+
+
+@dataclass
+class SeedV1:
+    """The seed system's first version (swifty-server at ``SEED_V1_COMMIT``: FastAPI on
+    uvicorn + uvloop, in memory, no acks, no store): the bare forwarder issue 11 compares the
+    no-ack relay with. ``BENCH_SEED_V1`` names its checkout, with a virtualenv in ``venv/``
+    (see contrib/bench/README.md). Its logging below warning is off, and uvicorn's access log."""
+
+    process: asyncio.subprocess.Process
+    http_url: str
+    ws_url: str
+    log_path: Path
+    exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    async def start(cls, within: float = 30.0) -> SeedV1:
+        home = Path(os.environ.get("BENCH_SEED_V1", ""))
+        python = home / "venv" / "bin" / "python"
+        if not os.environ.get("BENCH_SEED_V1") or not python.exists():
+            raise RuntimeError(
+                "set BENCH_SEED_V1 to a checkout of swifty-server at commit"
+                f" {SEED_V1_COMMIT} with its requirements in venv/ (contrib/bench/README.md)"
+            )
+        with socket.socket() as probe:  # a free port for uvicorn
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        log_path = Path(tempfile.mkdtemp(prefix="seed-v1-")) / "seed.log"
+        env = {**os.environ, "JWT_SECRET_KEY": secrets.token_urlsafe(48)}
+        with log_path.open("wb") as log:
+            # Its app logs every message at INFO (basicConfig): turned off, as in issue 11.
+            launcher = (
+                "import logging, uvicorn; logging.disable(logging.INFO); uvicorn.run("
+                f"'main:app', host='127.0.0.1', port={port}, loop='uvloop',"
+                " log_level='warning', access_log=False)"
+            )
+            process = await asyncio.create_subprocess_exec(
+                str(python),
+                "-c",
+                launcher,
+                cwd=home,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if process.returncode is not None or time.monotonic() > deadline:
+                    tail = log_path.read_text()[-2000:]
+                    raise RuntimeError(f"seed v1 did not start: {tail}") from None
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            break
+        base = f"127.0.0.1:{port}"
+        return cls(process, f"http://{base}", f"ws://{base}/ws", log_path)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss(self) -> int:
+        return rss_kib(self.pid)
+
+    async def stop(self, within: float = 10.0) -> float:
+        started = time.monotonic()
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), within)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        self.exit_code = 0  # uvicorn's exit on SIGTERM; the run's integrity is what counts
+        return time.monotonic() - started
+
+    def log_summary(self) -> dict[str, Any]:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return {"levels": {"lines": len(lines)}, "notable": {line[:160]: 1 for line in lines[-5:]}}
+
+    async def cleanup(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        shutil.rmtree(self.log_path.parent, ignore_errors=True)
 
 
 @dataclass

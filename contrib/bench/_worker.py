@@ -56,6 +56,12 @@ MESSAGE = (
     '{"type":"message","to":"%s","from":"%s","msgid":"%d-%d","acknowledge":%s,'
     '"msgno":%d,"content":"%s"}'
 )
+# The seed's first version requires all 13 fields, and uuids for from, to and msgid.
+SEED_MESSAGE = (
+    '{"type":"message","to":"%s","from":"%s","timestamp":0.0,"priority":"normal",'
+    '"subject":"","msgid":"%s","acknowledge":false,"content":"%s","action":"","event":"",'
+    '"status":"","conversation_id":"","msgno":%d}'
+)
 ACK = '{"type":"ack","msgid":"%s"}'
 PONG = '{"type":"pong"}'
 PING = '{"type":"ping"}'
@@ -327,9 +333,12 @@ class Peer:
     async def open(self, url: str) -> None:
         self._welcome = asyncio.get_running_loop().create_future()
         self._welcome.add_done_callback(_retrieve)
+        token: str | None = self.token
+        if self.gen.seed_v1:  # the seed reads the token from the URL only
+            url, token = f"{url}?token={self.token}", None
         conn = await open_ws(
             url,
-            self.token,
+            token,
             self._on_text,
             self._on_close,
             rcvbuf=self.rcvbuf,
@@ -414,10 +423,27 @@ class Pair:
 
     # --- the sender ----------------------------------------------------------------------
 
+    def msgid(self, seq: int) -> str:
+        if self.gen.seed_v1:
+            return f"{self.idx:08x}-0000-4000-8000-{seq:012x}"
+        return f"{self.idx}-{seq}"
+
+    def seq_of(self, msgid: Any) -> int:
+        """The seq of one of this pair's msgids; -1 if it is not one."""
+        text = str(msgid)
+        if self.gen.seed_v1:
+            idx, _, seq = text.partition("-0000-4000-8000-")
+            ok = len(idx) == 8 and len(seq) == 12 and int(idx, 16) == self.idx
+            return int(seq, 16) if ok else -1
+        idx, _, seq_text = text.partition("-")
+        return int(seq_text) if idx == str(self.idx) and seq_text.isdigit() else -1
+
     def frame(self, seq: int, sent_ns: int) -> str:
         s_uuid, r_uuid = self.sender.uuid, self.recipient.uuid
         head = f"{s_uuid}>{r_uuid}#{seq}@{sent_ns}|"
         content = head + "x" * (self.gen.content_size - len(head))
+        if self.gen.seed_v1:
+            return SEED_MESSAGE % (r_uuid, s_uuid, self.msgid(seq), content, seq)
         return MESSAGE % (r_uuid, s_uuid, self.idx, seq, self.ack_literal, seq, content)
 
     def start(self) -> None:
@@ -486,7 +512,15 @@ class Pair:
         gen = self.gen
         doc = json.loads(text)
         kind = doc.get("type")
-        if kind == "delivery_status" or kind == "delivery_update":
+        if kind == "sent" and gen.seed_v1:  # the seed's only receipt: handed to the recipient
+            seq = self.seq_of(doc.get("msgid"))
+            if seq not in self.sent or seq in self.final:
+                gen.anomaly("receipt_for_unknown_msgid", doc)
+                return
+            self.final[seq] = "delivered"
+            self.outstanding -= 1
+            self.pump()
+        elif kind == "delivery_status" or kind == "delivery_update":
             idx, _, seq_text = str(doc.get("msgid")).partition("-")
             seq = int(seq_text) if seq_text.isdigit() else -1
             if idx != str(self.idx) or seq not in self.sent:
@@ -568,7 +602,7 @@ class Pair:
                 or doc.get("to") != me
                 or s_uuid != self.sender.uuid
                 or doc.get("from") != s_uuid
-                or doc.get("msgid") != f"{self.idx}-{seq}"
+                or doc.get("msgid") != self.msgid(seq)
                 or len(content) != gen.content_size
                 or seq not in self.sent
             ):
@@ -672,6 +706,8 @@ class RelayGenerator:
         self.content_size: int = spec.get("content_size", 256)
         # The lean receipt profile: no pending_ack receipts, no ack_received.
         self.subprotocols = [Subprotocol("relayd.v1.lean")] if spec.get("lean") else None
+        # Against the seed's first version: its message format and its "sent" receipt.
+        self.seed_v1: bool = spec.get("seed_v1", False)
         self.reconnect: str = spec.get("reconnect", "auto")  # or "command" (drain)
         self.settle: float = spec.get("drain_timeout", 30.0)
         self.errors: collections.Counter[str] = collections.Counter()
