@@ -28,6 +28,7 @@ from ._config import RELOADABLE, Config, TlsConfig, changed_keys, with_keys
 from ._errors import ConfigError
 from ._http import Readiness, Services, create_app
 from ._hypercorn import hypercorn_config, install_hooks, set_write_timeout, writes_bounded
+from ._keys import KeyDirectory
 from ._lock import StateLock
 from ._log import configure as configure_logging
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
@@ -197,6 +198,8 @@ class Daemon:
             auth = AuthService(store, codec, config.auth)
             await auth.load()
             hub = self.hub = await Hub.open(config, store, auth, clock=self._clock)
+            keys = KeyDirectory(store, clock=self._clock)
+            keys.subscribe(hub.keys_changed)
             http_stats = HttpStats()
             metrics = Metrics(
                 hub.core,
@@ -210,6 +213,7 @@ class Daemon:
                 relay=hub,
                 metrics=None if config.metrics.listen else metrics,
                 stats=http_stats,
+                keys=keys,
             )
             # Hooked into hypercorn here, before serving: the app needs to know whether they hold.
             install_hooks()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import html
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
 from typing import Any, Protocol
 
@@ -43,6 +43,7 @@ from ._errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from ._keys import KeyDirectory, PublishKeysRequest, keys_json
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
 from ._ratelimit import RateLimiter
 from ._store import ClientRecord
@@ -73,6 +74,7 @@ class Services:
     auth: AuthService
     relay: Relay | None = None
     metrics: Metrics | None = None  # GET /metrics, when served on this port
+    keys: KeyDirectory | None = None  # the key directory's routes, when given
     stats: HttpStats = field(factory=HttpStats)
     readiness: Readiness = Readiness.STARTING
     register_limiter: RateLimiter = field(init=False)
@@ -135,7 +137,7 @@ def _enable_cors(app: QuartTrio, services: Services) -> None:
         app,
         allow_credentials=False,
         allow_headers=["Authorization", "Content-Type"],
-        allow_methods=["GET", "HEAD", "POST", "DELETE"],
+        allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
         expose_headers=["Retry-After", "WWW-Authenticate"],
         max_age=600,
     )
@@ -222,6 +224,31 @@ def _serve_app(app: QuartTrio, websocket_path: str) -> None:
         response = Response(body, content_type=content_type)
         response.headers["Content-Security-Policy"] = APP_CSP.decode()
         return response
+
+
+def _serve_keys(
+    app: QuartTrio, directory: KeyDirectory, authenticated: Callable[[], Awaitable[Claims]]
+) -> None:
+    """``PUT`` and ``GET /clients/{uuid}/keys``: the end-to-end key directory
+    (relayd/_keys.py)."""
+
+    @app.put("/clients/<client_uuid>/keys")
+    async def publish_keys(client_uuid: str) -> dict[str, Any]:
+        claims = await authenticated()
+        client_uuid = client_uuid.lower()
+        if claims.sub != client_uuid:
+            raise Forbidden("a client may publish only its own keys", code="not_yours")
+        body = parse_body(await _json_body(), PublishKeysRequest)
+        changed = await directory.publish(client_uuid, body.keys)
+        keys = await directory.read(client_uuid, None)
+        return {**keys_json(client_uuid, keys), "changed": list(changed)}
+
+    @app.get("/clients/<client_uuid>/keys")
+    async def read_keys(client_uuid: str) -> dict[str, Any]:
+        claims = await authenticated()
+        client_uuid = client_uuid.lower()
+        reader = None if claims.is_operator else claims.sub
+        return keys_json(client_uuid, await directory.read(client_uuid, reader))
 
 
 def create_app(services: Services) -> QuartTrio:
@@ -404,6 +431,9 @@ def create_app(services: Services) -> QuartTrio:
             raise Forbidden("a client may delete only itself", code="not_yours")
         await auth.delete_client(client_uuid, actor=claims.sub, source=_source())
         return {"deleted": client_uuid}
+
+    if services.keys is not None:
+        _serve_keys(app, services.keys, authenticated)
 
     @app.post("/admin/clients/<client_uuid>/revoke")
     async def revoke_client(client_uuid: str) -> dict[str, Any]:
