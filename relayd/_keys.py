@@ -32,6 +32,7 @@ from typing import Any
 import attrs
 from attrs import field, frozen
 
+from ._api import converter
 from ._errors import NotFound
 from ._log import audit
 from ._relay.records import KeyNotice
@@ -109,6 +110,21 @@ class PublishKeysRequest:
     """``PUT /clients/{uuid}/keys``: ``{"keys": [{"algorithm": ..., "key": ...}, ...]}``."""
 
     keys: list[KeyEntry] = field(validator=_check_keys)
+
+
+_KeyList = list[KeyEntry]
+_structure_list = converter.get_structure_hook(_KeyList)
+
+
+def _structure_entries(value: Any, kind: type[Any]) -> list[KeyEntry]:
+    # cattrs would iterate any iterable (a string, an object's keys) as the list.
+    if not isinstance(value, list):
+        raise TypeError(f"must be a list of keys, not {type(value).__name__}")
+    entries: list[KeyEntry] = _structure_list(value, kind)
+    return entries
+
+
+converter.register_structure_hook_func(lambda kind: kind == _KeyList, _structure_entries)
 
 
 def key_json(key: KeyRecord) -> dict[str, Any]:
