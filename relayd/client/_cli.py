@@ -149,8 +149,6 @@ async def _send(args: argparse.Namespace) -> int:
         to = await client.resolve(args.to)
         handles: list[SendHandle] = []
         e2e = EndToEnd(client, KeyFile.beside(store)) if args.encrypt else None
-        if e2e is not None:
-            await e2e.peer_key(to)  # no key, or not the pinned one: refuse before reading stdin
 
         async def send(text: str) -> None:
             content = text if e2e is None else await e2e.encrypt(to, text)
