@@ -172,6 +172,28 @@ async def test_only_the_client_itself_publishes_its_keys(relayd: RunningRelayd) 
     assert (await read(http, bob, alice))["keys"] == []
 
 
+async def test_an_admin_reads_keys_without_becoming_a_correspondent(
+    relayd: RunningRelayd,
+) -> None:
+    http = relayd.http
+    alice, bob = await http.register("alice"), await http.register("bob")
+    key = os.urandom(32)
+    await publish(http, alice, x25519=key)
+    services = relayd.daemon.services
+    assert services is not None
+    operator = services.auth.mint_operator_token("ops", ("admin",), 60).token
+    response = await http.get(f"/clients/{alice['uuid']}/keys", token=operator)
+    assert response.status == 200, response
+    assert [k["fingerprint"] for k in response.json()["keys"]] == [sha256(key)]
+    await read(http, bob, alice)
+    hub = relayd.daemon.hub
+    assert hub is not None
+    readers = await hub.store._run(
+        lambda db: db.execute("SELECT client_uuid, reader_uuid FROM key_readers").fetchall()
+    )
+    assert [tuple(r) for r in readers] == [(alice["uuid"], bob["uuid"])]
+
+
 async def test_the_directory_needs_a_token(relayd: RunningRelayd) -> None:
     http = relayd.http
     alice = await http.register("alice")
