@@ -29,6 +29,7 @@ from ._config import RELOADABLE, Config, TlsConfig, changed_keys, with_keys
 from ._errors import ConfigError
 from ._http import Readiness, Services, create_app
 from ._hypercorn import hypercorn_config, install_hooks, set_write_timeout, writes_bounded
+from ._keys import KeyDirectory
 from ._lock import StateLock
 from ._log import configure as configure_logging
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
@@ -226,6 +227,8 @@ class Daemon:
             auth = AuthService(store, codec, config.auth, default_roles=(config.roles.default,))
             await auth.load()
             hub = self.hub = await Hub.open(config, store, auth, clock=self._clock)
+            key_directory = KeyDirectory(store, clock=self._clock)
+            key_directory.subscribe(hub.keys_changed)
             http_stats = HttpStats()
             metrics = Metrics(
                 hub.core,
@@ -242,6 +245,7 @@ class Daemon:
                 stats=http_stats,
                 store=store,
                 policy=RolePolicy.from_config(config.roles),
+                keys=key_directory,
             )
             # Hooked into hypercorn here, before serving: the app needs to know whether they hold.
             install_hooks()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import html
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
 from typing import Any, Protocol
 
@@ -47,6 +47,7 @@ from ._errors import (
     UnsupportedMediaType,
     ValidationError,
 )
+from ._keys import KeyDirectory, PublishKeysRequest, keys_json
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
 from ._ratelimit import RateLimiter
 from ._roles import RolePolicy
@@ -80,6 +81,7 @@ class Services:
     metrics: Metrics | None = None  # GET /metrics, when served on this port
     store: Store | None = None  # GET /admin/store-keys
     policy: RolePolicy = field(factory=lambda: RolePolicy.from_config(RolesConfig()))
+    keys: KeyDirectory | None = None  # the key directory's routes, when given
     stats: HttpStats = field(factory=HttpStats)
     readiness: Readiness = Readiness.STARTING
     register_limiter: RateLimiter = field(init=False)
@@ -142,7 +144,7 @@ def _enable_cors(app: QuartTrio, services: Services) -> None:
         app,
         allow_credentials=False,
         allow_headers=["Authorization", "Content-Type"],
-        allow_methods=["GET", "HEAD", "POST", "DELETE"],
+        allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
         expose_headers=["Retry-After", "WWW-Authenticate"],
         max_age=600,
     )
@@ -231,6 +233,36 @@ def _serve_app(app: QuartTrio, websocket_path: str) -> None:
         return response
 
 
+def _serve_keys(
+    app: QuartTrio,
+    directory: KeyDirectory,
+    authenticated: Callable[[], Awaitable[Claims]],
+    may_read: Callable[[Claims, str], Awaitable[None]],
+) -> None:
+    """``PUT`` and ``GET /clients/{uuid}/keys``: the end-to-end key directory
+    (relayd/_keys.py). ``may_read`` refuses a reader its roles do not let message the
+    client."""
+
+    @app.put("/clients/<client_uuid>/keys")
+    async def publish_keys(client_uuid: str) -> dict[str, Any]:
+        claims = await authenticated()
+        client_uuid = client_uuid.lower()
+        if claims.sub != client_uuid:
+            raise Forbidden("a client may publish only its own keys", code="not_yours")
+        body = parse_body(await _json_body(), PublishKeysRequest)
+        changed = await directory.publish(client_uuid, body.keys)
+        keys = await directory.read(client_uuid, None)
+        return {**keys_json(client_uuid, keys), "changed": list(changed)}
+
+    @app.get("/clients/<client_uuid>/keys")
+    async def read_keys(client_uuid: str) -> dict[str, Any]:
+        claims = await authenticated()
+        client_uuid = client_uuid.lower()
+        await may_read(claims, client_uuid)
+        reader = None if claims.is_operator else claims.sub
+        return keys_json(client_uuid, await directory.read(client_uuid, reader))
+
+
 def create_app(services: Services) -> QuartTrio:
     """Build the Quart-Trio app serving relayd's REST API with ``services``."""
     app = QuartTrio("relayd", static_folder=None)
@@ -265,6 +297,18 @@ def create_app(services: Services) -> QuartTrio:
         if not may(claims, "admin"):
             raise Forbidden("this needs an admin token", code="admin_required")
         return claims
+
+    async def may_read_keys(claims: Claims, client_uuid: str) -> None:
+        """A client's keys are for those its roles let message it (issue 15)."""
+        if claims.is_operator or services.policy.messaging_is_open:
+            return
+        owner = await auth.get_client(client_uuid)  # NotFound for an unknown client
+        if owner.uuid != claims.sub and not services.policy.may_message(claims.roles, owner.roles):
+            raise Forbidden(
+                "your roles do not allow messaging this client, nor reading its keys",
+                code="not_permitted",
+                details={"permission": f"message:{' '.join(owner.roles)}"},
+            )
 
     async def permitted(permission: str) -> Claims:
         claims = await authenticated()
@@ -468,6 +512,9 @@ def create_app(services: Services) -> QuartTrio:
             raise Forbidden("a client may delete only itself", code="not_yours")
         await auth.delete_client(client_uuid, actor=claims.sub, source=_source())
         return {"deleted": client_uuid}
+
+    if services.keys is not None:
+        _serve_keys(app, services.keys, authenticated, may_read_keys)
 
     @app.post("/admin/clients/<client_uuid>/revoke")
     async def revoke_client(client_uuid: str) -> dict[str, Any]:

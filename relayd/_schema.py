@@ -112,6 +112,46 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE messages ADD COLUMN key_id TEXT;
     """,
+    # 5: the end-to-end key directory (relayd/_keys.py): each client's public keys, current
+    # and superseded, who read them, and the key changes those readers have not been told yet.
+    # Clients are never deleted (tombstones), so their keys are removed explicitly.
+    """
+    CREATE TABLE client_keys (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        client_uuid TEXT NOT NULL REFERENCES clients(uuid) ON DELETE CASCADE,
+        algorithm TEXT NOT NULL,           -- 'x25519' or 'ed25519'
+        key BLOB NOT NULL,                 -- the raw public key bytes
+        fingerprint TEXT NOT NULL,         -- SHA-256 of key, lowercase hex
+        published_at REAL NOT NULL,
+        superseded_at REAL                 -- NULL while it is the current key
+    );
+    -- One current key per client and algorithm.
+    CREATE UNIQUE INDEX client_keys_current ON client_keys (client_uuid, algorithm)
+        WHERE superseded_at IS NULL;
+    CREATE INDEX client_keys_by_client ON client_keys (client_uuid, id);
+
+    -- The clients that read a client's keys: its correspondents, told of key changes.
+    CREATE TABLE key_readers (
+        client_uuid TEXT NOT NULL,
+        reader_uuid TEXT NOT NULL,
+        read_at REAL NOT NULL,
+        PRIMARY KEY (client_uuid, reader_uuid)
+    ) WITHOUT ROWID;
+    CREATE INDEX key_readers_by_reader ON key_readers (reader_uuid);
+
+    -- A key change a reader has not been told yet: one row per (reader, client, algorithm),
+    -- the latest change; previous is the fingerprint the reader was last told of (or read).
+    CREATE TABLE key_notices (
+        reader_uuid TEXT NOT NULL,
+        client_uuid TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        previous TEXT NOT NULL,
+        changed_at REAL NOT NULL,
+        PRIMARY KEY (reader_uuid, client_uuid, algorithm)
+    ) WITHOUT ROWID;
+    CREATE INDEX key_notices_by_client ON key_notices (client_uuid);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

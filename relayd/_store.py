@@ -31,11 +31,14 @@ from attrs import frozen
 from ._atrest import StoreKeys, UndecryptableRow
 from ._errors import SchemaTooNewError, StoreError
 from ._relay.records import (
+    ClearKeyNotice,
     Duplicate,
     FindExpired,
     Finish,
     Insert,
     Inserted,
+    KeyNotice,
+    LoadKeyNotices,
     LoadQueue,
     LoadReceipts,
     Purge,
@@ -121,6 +124,26 @@ class InviteRecord:
 
 
 RotateOutcome = Literal["rotated", "reused", "revoked", "unknown"]
+
+
+@frozen
+class KeyRecord:
+    """A public key in the directory: current while ``superseded_at`` is ``None``."""
+
+    algorithm: str
+    key: bytes
+    fingerprint: str
+    published_at: float
+    superseded_at: float | None = None
+
+
+@frozen
+class Publication:
+    """What publishing keys changed: the algorithms whose current key is new, and the key
+    changes owed to the client's readers (one per reader and changed algorithm)."""
+
+    changed: tuple[str, ...]
+    notices: tuple[KeyNotice, ...]
 
 
 def _client(row: sqlite3.Row) -> ClientRecord:
@@ -442,6 +465,8 @@ class Store:
                     (at, at, uuid),
                 )
                 db.execute("DELETE FROM refresh_families WHERE client_uuid = ?", (uuid,))
+                if cursor.rowcount == 1:
+                    _forget_keys(db, uuid)
             return cursor.rowcount == 1
 
         return await self._run(update)
@@ -602,6 +627,67 @@ class Store:
 
         return await self._run(delete)
 
+    # --- the key directory ------------------------------------------------------------------
+
+    async def publish_keys(
+        self,
+        client_uuid: str,
+        keys: Sequence[KeyRecord],
+        at: float,
+        *,
+        max_superseded: int,
+        max_notices: int,
+    ) -> Publication | None:
+        """Make ``keys`` the client's current keys for their algorithms, atomically.
+
+        A key equal to the current one of its algorithm changes nothing. Otherwise the current
+        one is superseded (the newest ``max_superseded`` superseded keys are kept), and every
+        reader of the client's keys is owed a :class:`KeyNotice` (the newest ``max_notices`` per
+        reader are kept; a newer change of the same key replaces an older one). ``None``: no
+        live client ``client_uuid``.
+        """
+
+        def update(db: sqlite3.Connection) -> Publication | None:
+            with transaction(db):
+                if not _live(db, client_uuid):
+                    return None
+                changed: list[str] = []
+                notices: list[KeyNotice] = []
+                for key in keys:
+                    previous = _current_fingerprint(db, client_uuid, key.algorithm)
+                    if previous == key.fingerprint:
+                        continue
+                    changed.append(key.algorithm)
+                    _replace_key(db, client_uuid, key, at, max_superseded)
+                    if previous is not None:
+                        notices += _owe_notices(db, client_uuid, key, previous, at, max_notices)
+                return Publication(tuple(changed), tuple(notices))
+
+        return await self._run(update)
+
+    async def read_keys(
+        self, client_uuid: str, reader: str | None, at: float, *, max_readers: int
+    ) -> list[KeyRecord] | None:
+        """The client's keys, current ones first (by algorithm), then superseded ones, newest
+        first; ``None``: no live client ``client_uuid``. ``reader`` (a client, not the owner)
+        is recorded as one of its correspondents; the ``max_readers`` most recent are kept."""
+
+        def query(db: sqlite3.Connection) -> list[KeyRecord] | None:
+            with transaction(db):
+                if not _live(db, client_uuid):
+                    return None
+                if reader is not None and reader != client_uuid:
+                    _record_reader(db, client_uuid, reader, at, max_readers)
+                rows = db.execute(
+                    "SELECT algorithm, key, fingerprint, published_at, superseded_at"
+                    " FROM client_keys WHERE client_uuid = ?"
+                    " ORDER BY superseded_at IS NOT NULL, superseded_at DESC, algorithm, id DESC",
+                    (client_uuid,),
+                )
+                return [KeyRecord(r[0], bytes(r[1]), r[2], r[3], r[4]) for r in rows]
+
+        return await self._run(query)
+
     # --- the message queue ------------------------------------------------------------------
 
     async def execute(
@@ -657,6 +743,107 @@ class Store:
             return {row[0]: row[1] for row in rows}
 
         return await self._run(query)
+
+
+def _live(db: sqlite3.Connection, uuid: str) -> bool:
+    row = db.execute("SELECT 1 FROM clients WHERE uuid = ? AND deleted_at IS NULL", (uuid,))
+    return row.fetchone() is not None
+
+
+def _current_fingerprint(db: sqlite3.Connection, client: str, algorithm: str) -> str | None:
+    row = db.execute(
+        "SELECT fingerprint FROM client_keys"
+        " WHERE client_uuid = ? AND algorithm = ? AND superseded_at IS NULL",
+        (client, algorithm),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _replace_key(
+    db: sqlite3.Connection, client: str, key: KeyRecord, at: float, max_superseded: int
+) -> None:
+    """Supersede the client's current key of ``key.algorithm`` (if any) by ``key``; keep the
+    newest ``max_superseded`` superseded keys of the client."""
+    db.execute(
+        "UPDATE client_keys SET superseded_at = ?"
+        " WHERE client_uuid = ? AND algorithm = ? AND superseded_at IS NULL",
+        (at, client, key.algorithm),
+    )
+    db.execute(
+        "INSERT INTO client_keys (client_uuid, algorithm, key, fingerprint, published_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (client, key.algorithm, key.key, key.fingerprint, at),
+    )
+    db.execute(
+        "DELETE FROM client_keys WHERE id IN (SELECT id FROM client_keys"
+        " WHERE client_uuid = ? AND superseded_at IS NOT NULL"
+        " ORDER BY superseded_at DESC, id DESC LIMIT -1 OFFSET ?)",
+        (client, max_superseded),
+    )
+
+
+def _owe_notices(
+    db: sqlite3.Connection,
+    client: str,
+    key: KeyRecord,
+    previous: str,
+    at: float,
+    max_notices: int,
+) -> list[KeyNotice]:
+    """Owe every reader of ``client``'s keys the change of its ``key.algorithm`` key from
+    ``previous`` to ``key``. A reader still owed an older change of that key keeps its
+    ``previous`` (the fingerprint it was last told of): one notice spans both changes."""
+    rows = db.execute(
+        "INSERT INTO key_notices"
+        " (reader_uuid, client_uuid, algorithm, fingerprint, previous, changed_at)"
+        " SELECT reader_uuid, client_uuid, ?, ?, ?, ? FROM key_readers WHERE client_uuid = ?"
+        " ON CONFLICT (reader_uuid, client_uuid, algorithm) DO UPDATE"
+        " SET fingerprint = excluded.fingerprint, changed_at = excluded.changed_at"
+        " RETURNING reader_uuid, previous",
+        (key.algorithm, key.fingerprint, previous, at, client),
+    ).fetchall()
+    notices = [KeyNotice(r[0], client, key.algorithm, key.fingerprint, r[1], at) for r in rows]
+    for notice in notices:
+        db.execute(
+            "DELETE FROM key_notices WHERE reader_uuid = ? AND (client_uuid, algorithm) IN"
+            " (SELECT client_uuid, algorithm FROM key_notices WHERE reader_uuid = ?"
+            " ORDER BY changed_at DESC, client_uuid, algorithm LIMIT -1 OFFSET ?)",
+            (notice.reader, notice.reader, max_notices),
+        )
+    return notices
+
+
+def _record_reader(
+    db: sqlite3.Connection, client: str, reader: str, at: float, max_readers: int
+) -> None:
+    db.execute(
+        "INSERT INTO key_readers (client_uuid, reader_uuid, read_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (client_uuid, reader_uuid) DO UPDATE SET read_at = excluded.read_at",
+        (client, reader, at),
+    )
+    db.execute(
+        "DELETE FROM key_readers WHERE client_uuid = ? AND reader_uuid IN"
+        " (SELECT reader_uuid FROM key_readers WHERE client_uuid = ?"
+        " ORDER BY read_at DESC, reader_uuid LIMIT -1 OFFSET ?)",
+        (client, client, max_readers),
+    )
+
+
+def _forget_keys(db: sqlite3.Connection, uuid: str) -> None:
+    """A deleted client: its keys, who read them, what it read, and what it was owed go."""
+    db.execute("DELETE FROM client_keys WHERE client_uuid = ?", (uuid,))
+    db.execute("DELETE FROM key_readers WHERE client_uuid = ? OR reader_uuid = ?", (uuid, uuid))
+    db.execute("DELETE FROM key_notices WHERE client_uuid = ? OR reader_uuid = ?", (uuid, uuid))
+
+
+def _load_key_notices(db: sqlite3.Connection, op: LoadKeyNotices) -> list[KeyNotice]:
+    rows = db.execute(
+        "SELECT reader_uuid, client_uuid, algorithm, fingerprint, previous, changed_at"
+        " FROM key_notices WHERE reader_uuid = ? ORDER BY changed_at, client_uuid, algorithm"
+        " LIMIT ?",
+        (op.reader, op.limit),
+    )
+    return [KeyNotice(*row) for row in rows]
 
 
 def last_message_seq(db: sqlite3.Connection) -> int:
@@ -837,6 +1024,16 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys
             (op.now, op.limit),
         )
         return [_stored(row, keys) for row in rows]
+    if isinstance(op, LoadKeyNotices):
+        return _load_key_notices(db, op)
+    if isinstance(op, ClearKeyNotice):
+        notice = op.notice
+        db.execute(
+            "DELETE FROM key_notices WHERE reader_uuid = ? AND client_uuid = ? AND algorithm = ?"
+            " AND fingerprint = ? AND changed_at = ?",
+            (notice.reader, notice.client, notice.algorithm, notice.fingerprint, notice.changed_at),
+        )
+        return None
     if isinstance(op, Purge):
         db.execute(
             "DELETE FROM messages WHERE status IS NOT NULL AND"

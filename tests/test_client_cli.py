@@ -6,7 +6,9 @@ their identities in ``tmp_path``. Every wait is for a process's exit, under a de
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import json
 import stat
 import subprocess
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+from relayd._store import _fields
 
 from .client_support import url_of
 from .support import RunningRelayd
@@ -135,3 +139,107 @@ async def test_exit_codes_for_identities_names_and_timeouts(
     quiet = await run(tmp_path, "listen", "--as", "alice", "--timeout", "0.5")
     assert quiet.returncode == 1
     assert quiet.stderr == b"relayd: --timeout: 0.5 s passed (0 messages)\n"
+
+
+# --- end-to-end encryption ----------------------------------------------------------------------
+
+
+async def keys(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return await run(tmp_path, "keys", *args)
+
+
+async def test_encrypted_send_and_listen_with_published_and_pinned_keys(
+    relayd: RunningRelayd, tmp_path: Path
+) -> None:
+    alice = await register(relayd, tmp_path, "alice")
+    bob = await register(relayd, tmp_path, "bob")
+    published = await keys(tmp_path, "publish", "--as", "bob")
+    assert published.returncode == 0, published.stderr
+    [key] = json_lines(published.stdout)
+    assert (key["uuid"], key["algorithm"]) == (bob, "x25519")
+    key_file = tmp_path / "ids" / "bob.e2e.json"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    public = base64.b64decode(json.loads(key_file.read_text())["keys"][0]["public"])
+    assert key["fingerprint"] == hashlib.sha256(public).hexdigest()
+
+    shown = await keys(tmp_path, "show", "--as", "alice", "bob")
+    assert shown.returncode == 0, shown.stderr
+    [listing] = json_lines(shown.stdout)
+    assert [(k["algorithm"], k["fingerprint"]) for k in listing["keys"]] == [
+        ("x25519", key["fingerprint"])
+    ]
+    assert (listing["pinned"], listing["pin_matches"]) == (None, True)
+
+    sent = await run(tmp_path, "send", "--as", "alice", "--encrypt", "bob", "top secret")
+    assert sent.returncode == 0, sent.stderr
+    assert [r["status"] for r in json_lines(sent.stdout)] == ["queued_offline"]
+    hub = relayd.daemon.hub
+    assert hub is not None
+    store = hub.store
+    rows = await store._run(
+        lambda db: db.execute("SELECT seq, fields, key_id FROM messages").fetchall()
+    )
+    # As relayd itself reads them (its encryption at rest undone): still sealed end to end.
+    assert ["top secret" in _fields(row, store.keys) for row in rows] == [False]
+
+    listened = await run(tmp_path, "listen", "--as", "bob", "--count", "1")
+    assert listened.returncode == 0, listened.stderr
+    [message] = json_lines(listened.stdout)
+    assert (message["from"], message["content"], message["encrypted"]) == (
+        alice,
+        "top secret",
+        True,
+    )
+
+    # bob rotates: alice's pin no longer matches; she must trust the new key to send.
+    rotated = await keys(tmp_path, "publish", "--as", "bob", "--rotate")
+    [new] = json_lines(rotated.stdout)
+    assert new["fingerprint"] != key["fingerprint"]
+    stale = await keys(tmp_path, "show", "--as", "alice", "bob")
+    assert stale.returncode == 5
+    [listing] = json_lines(stale.stdout)
+    assert (listing["pinned"], listing["pin_matches"]) == (key["fingerprint"], False)
+    assert [k["fingerprint"] for k in listing["superseded"]] == [key["fingerprint"]]
+    refused = await run(tmp_path, "send", "--as", "alice", "--encrypt", "bob", "again")
+    assert refused.returncode == 5
+    assert b"verify it with the peer" in refused.stderr
+    assert refused.stdout == b""
+    trusted = await keys(tmp_path, "trust", "--as", "alice", "bob", new["fingerprint"])
+    assert trusted.returncode == 0, trusted.stderr
+    again = await run(tmp_path, "send", "--as", "alice", "--encrypt", "bob", "again")
+    assert again.returncode == 0, again.stderr
+
+
+async def test_listen_prints_key_changes_of_correspondents(
+    relayd: RunningRelayd, tmp_path: Path
+) -> None:
+    bob = await register(relayd, tmp_path, "bob")
+    await register(relayd, tmp_path, "alice")
+    [first] = json_lines((await keys(tmp_path, "publish", "--as", "bob")).stdout)
+    assert (await keys(tmp_path, "show", "--as", "alice", "bob")).returncode == 0
+    [second] = json_lines((await keys(tmp_path, "publish", "--as", "bob", "--rotate")).stdout)
+    # alice was offline: the change waits for her, then a plain message ends the listen.
+    await run(tmp_path, "send", "--as", "bob", "alice", "plain")
+    listened = await run(tmp_path, "listen", "--as", "alice", "--count", "1")
+    assert listened.returncode == 0, listened.stderr
+    change, message = json_lines(listened.stdout)
+    assert change == {
+        "type": "key_changed",
+        "client": bob,
+        "algorithm": "x25519",
+        "fingerprint": second["fingerprint"],
+        "previous_fingerprint": first["fingerprint"],
+        "changed_at": change["changed_at"],
+    }
+    assert (message["content"], "encrypted" in message) == ("plain", False)
+
+
+async def test_encrypting_to_a_peer_without_a_key_exits_2(
+    relayd: RunningRelayd, tmp_path: Path
+) -> None:
+    await register(relayd, tmp_path, "alice")
+    bob = await register(relayd, tmp_path, "bob")
+    sent = await run(tmp_path, "send", "--as", "alice", "--encrypt", "bob", "hi")
+    assert sent.returncode == 2
+    assert f"{bob} has published no x25519 key".encode() in sent.stderr
+    assert sent.stdout == b""

@@ -26,12 +26,23 @@ EXPECTED_ALL = [
     "CredentialsError",
     "CredentialsInUse",
     "Decision",
+    "DecryptError",
     "DirectoryEntry",
+    "E2EError",
+    "E2EUnavailable",
+    "EndToEnd",
     "HttpError",
     "InvalidMessage",
+    "KeyChange",
+    "KeyFile",
+    "KeyMismatch",
     "MemoryCredentials",
     "Message",
     "MessageStream",
+    "NoPeerKey",
+    "PeerKey",
+    "PeerKeys",
+    "PublicKey",
     "Receipt",
     "ReceiptTimeout",
     "ReconnectPolicy",
@@ -42,6 +53,7 @@ EXPECTED_ALL = [
     "State",
     "Status",
     "TokenPair",
+    "is_encrypted",
     "register",
 ]
 
@@ -51,8 +63,13 @@ ERRORS = [
     "ConnectTimeout",
     "CredentialsError",
     "CredentialsInUse",
+    "DecryptError",
+    "E2EError",
+    "E2EUnavailable",
     "HttpError",
     "InvalidMessage",
+    "KeyMismatch",
+    "NoPeerKey",
     "ReceiptTimeout",
     "ServerUnreachable",
     "SessionEnded",
@@ -78,11 +95,12 @@ def test_every_error_is_a_relayd_error(name: str) -> None:
 
 
 def test_importing_the_sdk_does_not_load_the_daemon() -> None:
-    # A fresh interpreter: this one has loaded everything already.
+    # A fresh interpreter: this one has loaded everything already. PyNaCl (the e2e extra)
+    # loads on first use only, so that the SDK works without it.
     probe = (
         "import sys, relayd.client\n"
         "print(sorted(m for m in ('relayd._daemon', 'relayd._config', 'quart', 'hypercorn',"
-        " 'trio', 'sqlite3') if m in sys.modules))"
+        " 'trio', 'sqlite3', 'nacl') if m in sys.modules))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60

@@ -20,6 +20,7 @@ from relayd._relay.frames import CloseCode
 from relayd._relay.records import (
     FindExpired,
     Insert,
+    LoadKeyNotices,
     LoadQueue,
     LoadReceipts,
     Purge,
@@ -1096,7 +1097,7 @@ def test_a_message_parked_when_its_recipient_left_keeps_its_place_on_reconnect()
     b = h.open(token=bob.token)
     # (m0 and m2 were never written: their rows stop counting an attempt.)
     kinds = [type(op) for op in h.pending_store]
-    assert kinds == [SetAttempts, SetAttempts, Insert, LoadQueue, LoadReceipts]
+    assert kinds == [SetAttempts, SetAttempts, Insert, LoadQueue, LoadReceipts, LoadKeyNotices]
     h.commit()  # one batch: m1's insert, then the load that finds all three
     h.run()
     h.auto_store = True
@@ -2477,7 +2478,13 @@ def test_message_expired_by_the_sweep_while_its_recipients_load_is_in_flight_is_
     assert h.receipts(a) == [("delivery_status", "m1", "queued_offline")]
     advance_to(h, T0 + 30.0)  # the sweep's read is issued ...
     b = h.open(token=bob.token)  # ... and so is bob's load, behind it
-    assert [type(op) for op in h.pending_store] == [FindExpired, Purge, LoadQueue, LoadReceipts]
+    assert [type(op) for op in h.pending_store] == [
+        FindExpired,
+        Purge,
+        LoadQueue,
+        LoadReceipts,
+        LoadKeyNotices,
+    ]
     h.commit()  # one batch: both reads find m1 queued
     h.run()
     h.commit()

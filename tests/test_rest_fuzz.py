@@ -13,6 +13,7 @@ and literals that are not JSON. Each example acts as one of a pool of registered
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import uuid as uuid_module
@@ -53,7 +54,7 @@ OVER_LOOPBACK = settings(IN_PROCESS, max_examples=20)
 CLIENTS = 32
 # Rate limits out of the way: a 429 would stop the request before its body is read.
 UNLIMITED = {"http": {"register_burst": 10**9, "auth_burst": 10**9, "api_burst": 10**9}}
-FIELDS = ("name", "uuid", "client_secret", "refresh_token", "access_token")
+FIELDS = ("name", "uuid", "client_secret", "refresh_token", "access_token", "keys")
 # Routes whose successes are not JSON: Prometheus' text, the browser client's files (and the
 # redirect from /app to /app/).
 NOT_JSON = frozenset({"/metrics", "/app", "/app/", "/app/<name>"})
@@ -75,6 +76,35 @@ json_values = st.recursive(
 )
 # The fields relayd reads, each absent or of any type, strings (with lone surrogates) likeliest.
 field_documents = st.fixed_dictionaries({}, optional=dict.fromkeys(FIELDS, strings | json_values))
+# PUT /clients/{uuid}/keys: lists of key entries, each field absent, of any type, or nearly right.
+key_entries = st.fixed_dictionaries(
+    {},
+    optional={
+        "algorithm": st.sampled_from(["x25519", "ed25519", "X25519", "rsa"]) | strings,
+        "key": st.binary(max_size=40).map(lambda raw: base64.b64encode(raw).decode())
+        | strings
+        | json_values,
+    },
+)
+key_documents = st.fixed_dictionaries({"keys": st.lists(key_entries, max_size=4) | json_values})
+# And right ones, so that publishing gets past validation.
+valid_key_documents = st.fixed_dictionaries(
+    {
+        "keys": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "algorithm": st.sampled_from(["x25519", "ed25519"]),
+                    "key": st.binary(min_size=32, max_size=32).map(
+                        lambda raw: base64.b64encode(raw).decode()
+                    ),
+                }
+            ),
+            min_size=1,
+            max_size=2,
+            unique_by=lambda entry: entry["algorithm"],
+        )
+    }
+)
 
 
 @st.composite
@@ -100,6 +130,7 @@ bodies = st.one_of(
     json_bodies(field_documents),
     json_bodies(field_documents),
     json_bodies(json_values),
+    json_bodies(key_documents),
     deep_bodies(),
     st.binary(max_size=300),
     st.sampled_from(
@@ -127,6 +158,9 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
     "/auth/token": {"uuid": "6b2b6c3e-6f5c-4a5b-9d1a-1f6e3c2a9b10", "client_secret": "secret"},
     "/auth/refresh": {"refresh_token": "token"},
     "/auth/revoke": {"refresh_token": "token"},
+    "/clients/<client_uuid>/keys": {
+        "keys": [{"algorithm": "x25519", "key": base64.b64encode(bytes(32)).decode()}]
+    },
 }
 
 
@@ -135,6 +169,12 @@ def one_field_replaced(draw: st.DrawFn, rule: str) -> bytes:
     base = VALID_BODIES[rule]
     key = draw(st.sampled_from(sorted(base)))
     return draw(json_bodies(st.just({**base, key: draw(strings | json_values)})))
+
+
+def request_bodies(rule: str) -> st.SearchStrategy[bytes]:
+    if rule == "/clients/<client_uuid>/keys":
+        return json_bodies(valid_key_documents) | one_field_replaced(rule) | bodies
+    return one_field_replaced(rule) | bodies if rule in VALID_BODIES else bodies
 
 
 content_types = st.sampled_from(
@@ -163,8 +203,8 @@ class Fuzzed:
 
 @st.composite
 def requests(draw: st.DrawFn, rules: list[tuple[str, frozenset[str]]]) -> Fuzzed:
-    # Every route, those that read a body (POST) as often as all the others together.
-    with_body = [rule for rule in rules if "POST" in rule[1]]
+    # Every route, those that read a body (POST, PUT) as often as all the others together.
+    with_body = [rule for rule in rules if {"POST", "PUT"} & rule[1]]
     rule, methods = draw(st.sampled_from(with_body) | st.sampled_from(rules))
     # Mostly a method the route serves (its body is read only then), sometimes another.
     served = sorted(methods - {"HEAD", "OPTIONS"})
@@ -174,7 +214,7 @@ def requests(draw: st.DrawFn, rules: list[tuple[str, frozenset[str]]]) -> Fuzzed
         method=method,
         rule=rule,
         target=draw(st.sampled_from(["self", "other", "garbage"])),
-        body=draw(one_field_replaced(rule) | bodies if rule in VALID_BODIES else bodies),
+        body=draw(request_bodies(rule)),
         content_type=draw(st.just("application/json") | content_types),
         credential=draw(credentials),
         client=draw(st.integers(0, CLIENTS - 1)),
@@ -356,6 +396,7 @@ def test_the_fuzz_covers_every_route(live: LiveRelayd) -> None:
         "/auth/revoke",
         "/clients",
         "/clients/<client_uuid>",
+        KEYS_RULE,
         "/admin/clients",
         "/admin/clients/<client_uuid>/revoke",
         "/admin/clients/<client_uuid>/reset-secret",
@@ -385,3 +426,45 @@ def test_canonical_uuid_refuses_what_the_uuid_module_refuses(text: str) -> None:
     except ValueError:
         got = None
     assert got == expected
+
+
+KEYS_RULE = "/clients/<client_uuid>/keys"
+
+
+@IN_PROCESS
+@given(
+    bodies=st.lists(
+        json_bodies(valid_key_documents | key_documents), min_size=BATCH, max_size=BATCH
+    )
+)
+def test_publishing_keys_answers_any_document_without_a_5xx(
+    live: LiveRelayd, bodies: list[bytes]
+) -> None:
+    """The requests above rarely get a key document past authentication: these all do, each
+    from a client of its own (the examples above delete and revoke the pool's)."""
+
+    async def publish_and_read(body: bytes) -> tuple[HttpResponse, HttpResponse]:
+        client = live.app.test_client()
+        registered = await client.post("/register", json={"name": "keys"})
+        doc = await registered.get_json()
+        path = f"/clients/{doc['uuid']}/keys"
+        auth = {"Authorization": f"Bearer {doc['access_token']}"}
+        put = await client.put(
+            path, data=body, headers={**auth, "Content-Type": "application/json"}
+        )
+        get = await client.get(path, headers=auth)
+        answers = []
+        for response in (put, get):
+            headers = {k.lower(): v for k, v in response.headers.items()}
+            answers.append(HttpResponse(response.status_code, headers, await response.get_data()))
+        return answers[0], answers[1]
+
+    for body in bodies:
+        put, get = live.call(publish_and_read, body)
+        check(put, Fuzzed("PUT", KEYS_RULE, "self", body, "application/json", "access", 0))
+        assert get.status == 200, get
+        listed = get.json()["keys"]
+        if put.status == 200:
+            assert listed == put.json()["keys"]
+        else:
+            assert listed == [], (put, get)

@@ -5,6 +5,7 @@ a role change applying at once to open sessions and to tokens already issued."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -308,4 +309,41 @@ async def test_relayd_admin_roles_live_and_on_the_store(tmp_path: Path) -> None:
         relayd = await start_school(nursery, state)
         found = await relayd.http.get("/admin/clients", token=pupil["access_token"])
         assert [item["roles"] for item in assert_ok(found)["items"]] == [["admin"]]
+        relayd.daemon.stop()
+
+
+async def test_keys_are_read_by_those_who_may_message_their_owner(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        relayd = await start_school(nursery, tmp_path / "state")
+        people = {role: await enrol(relayd, role, role) for role in ROLES}
+        key = {"keys": [{"algorithm": "x25519", "key": base64.b64encode(bytes(32)).decode()}]}
+        for doc in people.values():
+            published = await relayd.http.request(
+                "PUT", f"/clients/{doc['uuid']}/keys", json_body=key, token=doc["access_token"]
+            )
+            assert_ok(published)
+        seen = {}
+        for reader in ROLES:
+            for owner in ROLES:
+                response = await relayd.http.get(
+                    f"/clients/{people[owner]['uuid']}/keys",
+                    token=people[reader]["access_token"],
+                )
+                seen[(reader, owner)] = response.status
+        assert seen == {
+            ("student", "student"): 200,  # its own
+            ("student", "teacher"): 200,
+            ("student", "admin"): 403,
+            ("teacher", "student"): 200,
+            ("teacher", "teacher"): 200,
+            ("teacher", "admin"): 403,
+            ("admin", "student"): 200,
+            ("admin", "teacher"): 200,
+            ("admin", "admin"): 200,
+        }
+        classmate = await enrol(relayd, "classmate", "student")
+        refused = await relayd.http.get(
+            f"/clients/{classmate['uuid']}/keys", token=people["student"]["access_token"]
+        )
+        assert_error(refused, 403, "not_permitted")
         relayd.daemon.stop()

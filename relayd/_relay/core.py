@@ -29,6 +29,10 @@ Rules that hold between any two events:
    remembered message ids. Everything else waits in the store.
 6. The store is told every state change of a durable message, in the order the core decided
    it; the core never lets the store decide (expiry candidates are read, then decided here).
+7. A key change (``key_changed``, see relayd/_keys.py) is owed in the store until its frame is
+   written: pushed at once to an online correspondent with room on its socket, otherwise
+   loaded from the store when it connects or when its socket drains. So it is told at least
+   once; a change landing while its correspondent connects may be told twice.
 """
 
 from __future__ import annotations
@@ -50,11 +54,14 @@ from . import frames as F
 from .frames import CloseCode, ProtocolError
 from .records import (
     FINAL,
+    ClearKeyNotice,
     Duplicate,
     FindExpired,
     Finish,
     Insert,
     Inserted,
+    KeyNotice,
+    LoadKeyNotices,
     LoadQueue,
     LoadReceipts,
     Purge,
@@ -166,6 +173,9 @@ class Session:
     receipts: LoadReceipts | None = None  # the owed receipts being loaded, if any
     receipt_cursor: int = 0  # highest seq of an owed receipt loaded
     receipts_more: bool = False  # the store may owe more than was loaded
+    notices: LoadKeyNotices | None = None  # the owed key changes being loaded, if any
+    notices_out: int = 0  # key_changed frames handed to the socket, not yet written
+    notices_more: bool = False  # the store may owe key changes not sent on this session
 
 
 @define(eq=False)
@@ -220,7 +230,7 @@ class ReceiptRef:
     owed: Insert | None = None
 
 
-Ref = Message | ReceiptRef
+Ref = Message | ReceiptRef | KeyNotice
 
 
 @define(eq=False)
@@ -581,6 +591,7 @@ class RelayCore:
             recipient = self._recipients[who.client] = Recipient(who.client, session)
             self._load(recipient)
         self._load_receipts(session)
+        self._load_key_notices(session)
         self._drain_staging(who.client, now)
         held, session.held = session.held, []
         for data in held:
@@ -751,12 +762,16 @@ class RelayCore:
         for ref in unsent:
             if isinstance(ref, ReceiptRef):
                 self._owe(ref)
+            elif isinstance(ref, KeyNotice):
+                continue  # owed in the store until written
             elif ref.where is Where.SENT and ref.sid == sid:
                 ref.attempts -= 1  # never written: not an attempt
                 returned.append(ref)
         for ref in interrupted:
             if isinstance(ref, ReceiptRef):
                 self._owe(ref)  # it may have arrived: receipts are told at least once
+            elif isinstance(ref, KeyNotice):
+                continue  # it may have arrived: key changes are told at least once
             elif ref.where is Where.SENT and ref.sid == sid:
                 if ref.acknowledge:
                     returned.append(ref)
@@ -1222,6 +1237,14 @@ class RelayCore:
             and session.phase is Phase.ACTIVE
         ):
             self._load_receipts(session)
+        if (
+            session.notices_more
+            and session.notices is None
+            and session.notices_out == 0
+            and session.queued <= self._receipt_page
+            and session.phase is Phase.ACTIVE
+        ):
+            self._load_key_notices(session)
         recipient = self._recipients.get(session.client) if session.client else None
         if recipient is not None and recipient.session is session:
             self._pump(recipient, now)
@@ -1240,6 +1263,10 @@ class RelayCore:
                     told.append(ref.seq)
                 else:  # keep a trace, for deduplication across a restart
                     self._actions.append(attrs.evolve(ref.owed, receipt_pending=False))
+                continue
+            if isinstance(ref, KeyNotice):
+                session.notices_out -= 1
+                self._actions.append(ClearKeyNotice(ref))
                 continue
             if ref.where is not Where.SENT or ref.sid != sid:
                 continue
@@ -1379,6 +1406,8 @@ class RelayCore:
                 self._read_done()
             elif isinstance(op, LoadReceipts):
                 self._receipts_loaded(op, result, now)
+            elif isinstance(op, LoadKeyNotices):
+                self._key_notices_loaded(op, result, now)
             elif isinstance(op, FindExpired):
                 self._expired_found(result, now)
                 self._read_done()
@@ -1549,6 +1578,54 @@ class RelayCore:
                 reason=row.reason,
                 ref=ReceiptRef(row.seq),
             )
+
+    # --- key changes ---------------------------------------------------------------------
+
+    def key_changed(self, notices: Iterable[KeyNotice], now: float) -> None:
+        """Key changes were committed, each owed to a correspondent (its ``reader``): an online
+        one is sent the frame now, if its socket has room; the store keeps the rest owed (see
+        rule 7)."""
+        for notice in notices:
+            session = self._active.get(notice.reader)
+            if session is not None and session.phase is Phase.ACTIVE:
+                self._send_key_notice(session, notice, now)
+
+    def _send_key_notice(self, session: Session, notice: KeyNotice, now: float) -> None:
+        if session.queued >= self._receipt_room:
+            # A burst of key changes would crowd the socket: the rest stay owed in the store
+            # and are loaded as it drains.
+            session.notices_more = True
+            return
+        session.notices_out += 1
+        frame = F.key_changed_frame(
+            notice.client,
+            notice.algorithm,
+            notice.fingerprint,
+            notice.previous,
+            changed_at=notice.changed_at,
+            now=now,
+        )
+        self._send(session, frame, notice)
+
+    def _load_key_notices(self, session: Session) -> None:
+        """Load the next page of key changes owed to the session's client (a page fits in a
+        quarter of its outbound buffer; the next is loaded once they are written)."""
+        assert session.client is not None
+        op = LoadKeyNotices(session.client, self._receipt_page)
+        session.notices = op
+        session.notices_more = False
+        self._actions.append(op)
+
+    def _key_notices_loaded(self, op: LoadKeyNotices, rows: list[KeyNotice], now: float) -> None:
+        session = self._active.get(op.reader)
+        if session is None or session.notices is not op:
+            return  # the client left, or came back, since
+        session.notices = None
+        if session.phase is not Phase.ACTIVE:
+            return
+        session.notices_more = len(rows) == op.limit
+        for notice in rows:
+            self._send_key_notice(session, notice, now)
 
     def _sweep(self, now: float) -> None:
         # A revocation is remembered only to refuse tokens whose check was in flight when it

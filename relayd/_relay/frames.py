@@ -255,6 +255,29 @@ def error_frame(
     )
 
 
+def key_changed_frame(
+    client: str,
+    algorithm: str,
+    fingerprint: str,
+    previous: str,
+    *,
+    changed_at: float,
+    now: float,
+) -> str:
+    """A correspondent's notice that ``client``'s ``algorithm`` key changed (relayd/_keys.py)."""
+    return encode(
+        {
+            "type": "key_changed",
+            "client": client,
+            "algorithm": algorithm,
+            "fingerprint": fingerprint,
+            "previous_fingerprint": previous,
+            "changed_at": changed_at,
+            "timestamp": now,
+        }
+    )
+
+
 def delivery_frame(fields: str, *, attempt: int, redelivered: bool) -> str:
     """A delivered message: its fields (a JSON object, as encoded at acceptance) spliced in
     between the frame's own keys, with no decoding and re-encoding per delivery."""

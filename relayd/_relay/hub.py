@@ -44,7 +44,15 @@ from relayd._store import Store
 
 from .core import Action, Authenticate, Close, Identity, Ping, Ref, RelayCore, Send
 from .frames import CloseCode
-from .records import Finish, Purge, SetAttempts, SetReceiptPending, StoreOp
+from .records import (
+    ClearKeyNotice,
+    Finish,
+    KeyNotice,
+    Purge,
+    SetAttempts,
+    SetReceiptPending,
+    StoreOp,
+)
 from .transport import Transport, TransportClosed, abort_after
 
 log = logging.getLogger("relayd.relay")
@@ -95,7 +103,7 @@ def _urgent(op: StoreOp) -> bool:
     record, a first attempt counted before a delivery (see DEFER_COMMIT)."""
     if isinstance(op, SetAttempts):
         return op.ref is not None
-    return not isinstance(op, Finish | SetReceiptPending | Purge)
+    return not isinstance(op, Finish | SetReceiptPending | Purge | ClearKeyNotice)
 
 
 @frozen
@@ -460,6 +468,12 @@ class Hub:
             token_id=revocation.token_id,
             reason=revocation.reason,
         )
+        self._apply()
+
+    def keys_changed(self, notices: list[KeyNotice]) -> None:
+        """Key changes were committed (see relayd/_keys.py): each online correspondent is sent
+        its ``key_changed`` frame at once; the others get theirs when they connect."""
+        self.core.key_changed(notices, self.clock())
         self._apply()
 
     def online(self, client: str) -> bool:

@@ -184,6 +184,39 @@ class Purge:
     receipts_before: float
 
 
+@frozen
+class KeyNotice:
+    """A key change a correspondent (``reader``) of ``client`` is owed: ``client``'s
+    ``algorithm`` key is now ``fingerprint``, it was ``previous`` (see relayd/_keys.py)."""
+
+    reader: str
+    client: str
+    algorithm: str
+    fingerprint: str
+    previous: str
+    changed_at: float
+
+
+@frozen(eq=False)
+class LoadKeyNotices:
+    """Key changes owed to ``reader``, oldest first, at most ``limit`` (a list of
+    :class:`KeyNotice`).
+
+    Compared by identity: the core matches a result to the request it made.
+    """
+
+    reader: str
+    limit: int
+
+
+@frozen
+class ClearKeyNotice:
+    """``notice`` was written to its reader's socket: forget it, unless a newer change of the
+    same key replaced it since (then that one is still owed)."""
+
+    notice: KeyNotice
+
+
 StoreOp = (
     Insert
     | Finish
@@ -193,6 +226,8 @@ StoreOp = (
     | LoadReceipts
     | FindExpired
     | Purge
+    | LoadKeyNotices
+    | ClearKeyNotice
 )
 
 

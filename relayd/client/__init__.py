@@ -20,7 +20,9 @@ A client is one identity (a uuid and its secret) kept in a credentials file::
 The client reconnects by itself (see :mod:`relayd.client._policy` for what each close code
 does), renews its tokens in band, sends again what a lost connection left unanswered (same
 msgid: relayd deduplicates), and acknowledges each message once the application has handled
-it. Everything else in this package is private.
+it. With the ``e2e`` extra, :class:`EndToEnd` seals messages to a peer's key from relayd's key
+directory (see its module, ``relayd.client._e2e``). Everything else in this package is
+private.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ from ._credentials import (
     CredentialStore,
     MemoryCredentials,
     TokenPair,
+)
+from ._e2e import (
+    DecryptError,
+    E2EError,
+    E2EUnavailable,
+    EndToEnd,
+    KeyFile,
+    KeyMismatch,
+    NoPeerKey,
+    PeerKey,
+    is_encrypted,
 )
 from ._errors import (
     AuthenticationError,
@@ -45,10 +58,10 @@ from ._errors import (
     ServerUnreachable,
     SessionEnded,
 )
-from ._frames import Message, Receipt, Status
+from ._frames import KeyChange, Message, Receipt, Status
 from ._policy import Action, Decision, ReconnectPolicy
 from ._register import register
-from ._rest import DirectoryEntry, RestClient
+from ._rest import DirectoryEntry, PeerKeys, PublicKey, RestClient
 
 __all__ = [
     "Action",
@@ -63,12 +76,23 @@ __all__ = [
     "CredentialsError",
     "CredentialsInUse",
     "Decision",
+    "DecryptError",
     "DirectoryEntry",
+    "E2EError",
+    "E2EUnavailable",
+    "EndToEnd",
     "HttpError",
     "InvalidMessage",
+    "KeyChange",
+    "KeyFile",
+    "KeyMismatch",
     "MemoryCredentials",
     "Message",
     "MessageStream",
+    "NoPeerKey",
+    "PeerKey",
+    "PeerKeys",
+    "PublicKey",
     "Receipt",
     "ReceiptTimeout",
     "ReconnectPolicy",
@@ -79,5 +103,6 @@ __all__ = [
     "State",
     "Status",
     "TokenPair",
+    "is_encrypted",
     "register",
 ]

@@ -18,6 +18,17 @@ import anyio
 
 from ._client import Client, SendHandle
 from ._credentials import CredentialFile
+from ._e2e import (
+    ALGORITHM,
+    DecryptError,
+    E2EError,
+    E2EUnavailable,
+    EndToEnd,
+    KeyFile,
+    KeyMismatch,
+    NoPeerKey,
+    is_encrypted,
+)
 from ._errors import (
     AuthenticationError,
     ClientError,
@@ -26,7 +37,7 @@ from ._errors import (
     InvalidMessage,
     SessionEnded,
 )
-from ._frames import Message, Receipt
+from ._frames import KeyChange, Message, Receipt
 from ._register import register
 
 EXIT_OK = 0
@@ -34,18 +45,23 @@ EXIT_FAILURE = 1  # relayd unreachable, or a timeout
 EXIT_USAGE = 2
 EXIT_CREDENTIALS = 3  # no credentials, or relayd refused them (revoked, deleted, replaced)
 EXIT_NOT_DELIVERED = 4  # send: a message was rejected, failed or expired
+EXIT_KEY_CHANGED = 5  # a peer's key is not the one pinned: verify it, then `relayd keys trust`
 EXIT_INTERRUPTED = 130
 
 CLIENT_HELP = """\
 client commands (JSON lines on stdout, one object per line):
   relayd register NAME [--url URL]   register a client; keep its identity as NAME
   relayd send --as NAME TO [TEXT]    send TEXT (or each line of stdin) to TO (uuid or name)
-  relayd listen --as NAME            print each message received, then acknowledge it
+  relayd send --as NAME --encrypt TO [TEXT]   the same, sealed to TO's key (relayd[e2e])
+  relayd listen --as NAME            print each message received (decrypted), then ack it
+  relayd keys publish --as NAME      make (--rotate: replace) and publish an encryption key
+  relayd keys show --as NAME PEER    PEER's keys and fingerprints, and the one pinned
+  relayd keys trust --as NAME PEER FINGERPRINT   pin PEER's current key after checking it
   relayd chat --as NAME PEER         a conversation in the terminal (pip install 'relayd[chat]')
   Identities live in $XDG_CONFIG_HOME/relayd/clients (or ~/.config/relayd/clients), 0600.
   Client exit codes: 0 ok, 1 relayd unreachable or timeout, 2 usage, 3 credentials missing or
   refused (revoked, deleted, replaced by another session), 4 a message was not delivered
-  (rejected, failed, expired), 130 interrupted.
+  (rejected, failed, expired), 5 a peer's key is not the pinned one, 130 interrupted.
 """
 
 
@@ -88,6 +104,31 @@ def message_json(message: Message) -> dict[str, Any]:
     return dict(message.raw)
 
 
+def key_change_json(change: KeyChange) -> dict[str, Any]:
+    return {
+        "type": "key_changed",
+        "client": change.client,
+        "algorithm": change.algorithm,
+        "fingerprint": change.fingerprint,
+        "previous_fingerprint": change.previous_fingerprint,
+        "changed_at": change.changed_at,
+    }
+
+
+async def opened_json(e2e: EndToEnd, message: Message) -> dict[str, Any]:
+    """``message`` as a JSON line; encrypted content replaced by its plain text (marked
+    ``"encrypted": true``), or kept with a ``decrypt_error`` when it does not open."""
+    doc = message_json(message)
+    if not is_encrypted(message.content):
+        return doc
+    doc["encrypted"] = True
+    try:
+        doc["content"] = await e2e.decrypt(message)
+    except E2EError as exc:
+        doc["decrypt_error"] = str(exc)
+    return doc
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 
@@ -107,10 +148,12 @@ async def _send(args: argparse.Namespace) -> int:
     async with Client(store) as client:
         to = await client.resolve(args.to)
         handles: list[SendHandle] = []
+        e2e = EndToEnd(client, KeyFile.beside(store)) if args.encrypt else None
 
         async def send(text: str) -> None:
+            content = text if e2e is None else await e2e.encrypt(to, text)
             handles.append(
-                await client.send(to, text, acknowledge=not args.no_ack, timeout=args.timeout)
+                await client.send(to, content, acknowledge=not args.no_ack, timeout=args.timeout)
             )
 
         if args.text is not None:
@@ -139,11 +182,16 @@ async def _listen(args: argparse.Namespace) -> int:
         if args.receipts:
             emit(receipt_json(receipt))
 
+    def on_key_changed(change: KeyChange) -> None:
+        emit(key_change_json(change))
+
     count = 0
-    async with Client(store, on_receipt=on_receipt) as client:
+    async with Client(store, on_receipt=on_receipt, on_key_changed=on_key_changed) as client:
+        e2e = EndToEnd(client, KeyFile.beside(store))
         with anyio.move_on_after(args.timeout or math.inf) as deadline:
             async for message in client.messages():
-                emit(message_json(message))  # acknowledged once printed (next iteration)
+                # Acknowledged once printed (next iteration), opened or not: it was delivered.
+                emit(await opened_json(e2e, message))
                 count += 1
                 if args.count and count >= args.count:
                     client.ack(message)
@@ -151,6 +199,57 @@ async def _listen(args: argparse.Namespace) -> int:
     if deadline.cancelled_caught:
         say(f"--timeout: {args.timeout:g} s passed ({count} messages)")
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _keys_publish(args: argparse.Namespace) -> int:
+    store = credential_file(args, args.as_name)
+    async with Client(store) as client:
+        fingerprint = await EndToEnd(client, KeyFile.beside(store)).publish(rotate=args.rotate)
+        emit({"uuid": client.uuid, "algorithm": ALGORITHM, "fingerprint": fingerprint})
+    return EXIT_OK
+
+
+async def _keys_show(args: argparse.Namespace) -> int:
+    store = credential_file(args, args.as_name)
+    async with Client(store) as client:
+        uuid = await client.resolve(args.peer)
+        keys = await client.peer_keys(uuid)
+        pinned = await EndToEnd(client, KeyFile.beside(store)).pinned(uuid)
+    current = keys.get(ALGORITHM)
+    matches = pinned is None or (current is not None and current.fingerprint == pinned)
+
+    def listed(key: Any) -> dict[str, Any]:
+        doc = {
+            "algorithm": key.algorithm,
+            "fingerprint": key.fingerprint,
+            "published_at": key.published_at,
+        }
+        if key.superseded_at is not None:
+            doc["superseded_at"] = key.superseded_at
+        return doc
+
+    emit(
+        {
+            "uuid": uuid,
+            "keys": [listed(k) for k in keys.current],
+            "superseded": [listed(k) for k in keys.superseded],
+            "pinned": pinned,
+            "pin_matches": matches,
+        }
+    )
+    if not matches:
+        say(f"{args.peer}'s key is not the one pinned: verify it, then `relayd keys trust`")
+        return EXIT_KEY_CHANGED
+    return EXIT_OK
+
+
+async def _keys_trust(args: argparse.Namespace) -> int:
+    store = credential_file(args, args.as_name)
+    async with Client(store) as client:
+        uuid = await client.resolve(args.peer)
+        await EndToEnd(client, KeyFile.beside(store)).trust(uuid, args.fingerprint)
+    emit({"uuid": uuid, "pinned": args.fingerprint.lower()})
     return EXIT_OK
 
 
@@ -197,6 +296,12 @@ def _failure(exc: Exception) -> int:
 
 
 def _exit_code(exc: Exception) -> int | None:
+    if isinstance(exc, KeyMismatch):
+        return EXIT_KEY_CHANGED
+    if isinstance(exc, NoPeerKey | E2EUnavailable):
+        return EXIT_USAGE
+    if isinstance(exc, DecryptError):
+        return EXIT_FAILURE
     if isinstance(exc, CredentialsError | AuthenticationError | SessionEnded):
         return EXIT_CREDENTIALS
     if isinstance(exc, InvalidMessage | UsageError):
@@ -252,6 +357,12 @@ def add_commands(commands: Any) -> None:
         help="accepted (default): until relayd has stored each message; final: until each is"
         " acknowledged (or delivered, failed, expired)",
     )
+    send.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="seal each message to the recipient's key from the directory (pip install"
+        " 'relayd[e2e]'); exit 5 if it is not the key pinned for it",
+    )
     send.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     send.set_defaults(func=lambda args: run(_send, args))
 
@@ -265,6 +376,30 @@ def add_commands(commands: Any) -> None:
         "--receipts", action="store_true", help="print receipts for earlier sends too"
     )
     listen.set_defaults(func=lambda args: run(_listen, args))
+
+    keys = commands.add_parser(
+        "keys", help="end-to-end encryption keys: publish yours, show and pin a peer's"
+    )
+    key_commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
+    publish = key_commands.add_parser(
+        "publish", help="make an X25519 key pair if none (kept 0600 beside the identity), publish"
+    )
+    common(publish)
+    publish.add_argument("--rotate", action="store_true", help="replace the key with a new one")
+    publish.set_defaults(func=lambda args: run(_keys_publish, args))
+    show = key_commands.add_parser(
+        "show", help="a peer's keys with their fingerprints, and the one pinned (exit 5 if not)"
+    )
+    common(show)
+    show.add_argument("peer", help="a uuid, or the name of one registered client")
+    show.set_defaults(func=lambda args: run(_keys_show, args))
+    trust = key_commands.add_parser(
+        "trust", help="pin a peer's current key, once its fingerprint is checked with the peer"
+    )
+    common(trust)
+    trust.add_argument("peer", help="a uuid, or the name of one registered client")
+    trust.add_argument("fingerprint", help="the fingerprint checked with the peer (hex)")
+    trust.set_defaults(func=lambda args: run(_keys_trust, args))
 
     chat = commands.add_parser("chat", help="chat with another client in the terminal")
     common(chat)

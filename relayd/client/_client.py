@@ -38,7 +38,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -60,6 +60,7 @@ from ._errors import (
 from ._frames import (
     AckReceived,
     ErrorFrame,
+    KeyChange,
     Message,
     Pong,
     Receipt,
@@ -78,7 +79,7 @@ from ._frames import (
 )
 from ._ledger import Entry, Ledger
 from ._policy import Action, ReconnectPolicy
-from ._rest import DirectoryEntry, RestClient
+from ._rest import DirectoryEntry, PeerKeys, RestClient
 from ._tokens import TokenKeeper, refresh_due
 from ._ws import Closed, HandshakeRejected, WebSocket, connect, websocket_url
 
@@ -260,7 +261,10 @@ class Client:
     ``on_receipt(receipt, handle)`` is called (synchronously, from the reader) for every
     receipt, ``handle`` None for a msgid this client did not send in this run (relayd owed
     it from an earlier one). ``on_state(state, detail)`` is called on every change of
-    :class:`State`. Neither may block; an exception in one is logged, not raised.
+    :class:`State`. ``on_key_changed(change)`` is called for every ``key_changed`` frame: a
+    client whose keys this one read from the directory changed a key (see
+    :class:`~relayd.client.EndToEnd`). None may block; an exception in one is logged, not
+    raised.
     """
 
     def __init__(
@@ -270,8 +274,12 @@ class Client:
         options: ClientOptions | None = None,
         on_receipt: Callable[[Receipt, SendHandle | None], None] | None = None,
         on_state: Callable[[State, str], None] | None = None,
+        on_key_changed: Callable[[KeyChange], None] | None = None,
     ) -> None:
         self._store = store
+        self._key_listeners: list[Callable[[KeyChange], None]] = []
+        if on_key_changed is not None:
+            self._key_listeners.append(on_key_changed)
         self.options = options or ClientOptions()
         self._on_receipt = on_receipt
         self._on_state = on_state
@@ -517,15 +525,47 @@ class Client:
 
     async def directory(self) -> list[DirectoryEntry]:
         """Every registered client (``GET /clients``)."""
-        assert self._keeper is not None
         assert self._rest is not None
+        entries: list[DirectoryEntry] = await self._authorized(self._rest.directory)
+        return entries
+
+    async def _authorized(self, call: Callable[[str], Awaitable[Any]]) -> Any:
+        """``call(access_token)``, once more with a renewed token if relayd answers 401."""
+        assert self._keeper is not None
         token = await self._keeper.access_token(self.options.refresh_margin)
         try:
-            return await self._rest.directory(token)
+            return await call(token)
         except HttpError as exc:
             if exc.status != 401:
                 raise
-            return await self._rest.directory(await self._keeper.renew())
+            return await call(await self._keeper.renew())
+
+    # --- the key directory ---------------------------------------------------------------------
+
+    async def publish_keys(self, keys: Mapping[str, bytes]) -> tuple[PeerKeys, tuple[str, ...]]:
+        """Publish this client's public ``keys`` (algorithm -> raw bytes) in the directory:
+        its keys as listed now, and the algorithms whose key changed (see
+        :class:`~relayd.client.EndToEnd` for a helper that keeps the private half)."""
+        assert self._rest is not None
+        rest = self._rest
+        result: tuple[PeerKeys, tuple[str, ...]] = await self._authorized(
+            lambda token: rest.publish_keys(token, self.uuid, keys)
+        )
+        return result
+
+    async def peer_keys(self, peer: str) -> PeerKeys:
+        """The keys ``peer`` (a uuid, or the name of one client) published. Reading them
+        makes this client one of its correspondents: told (``on_key_changed``) when it changes
+        a key."""
+        assert self._rest is not None
+        rest = self._rest
+        uuid = await self.resolve(peer)
+        keys: PeerKeys = await self._authorized(lambda token: rest.keys(token, uuid))
+        return keys
+
+    def _listen_key_changes(self, listener: Callable[[KeyChange], None]) -> None:
+        """Call ``listener`` too for every ``key_changed`` frame (the e2e helper's hook)."""
+        self._key_listeners.append(listener)
 
     async def resolve(self, peer: str) -> str:
         """The uuid of ``peer``: a uuid, or the name of exactly one registered client.
@@ -675,6 +715,19 @@ class Client:
             session.refreshed.set()
         elif isinstance(event, Shutdown):
             log.info("relayd is shutting down: %s", event.message)
+        elif isinstance(event, KeyChange):
+            log.warning(
+                "%s changed its %s key: %s (was %s)",
+                event.client,
+                event.algorithm,
+                event.fingerprint,
+                event.previous_fingerprint,
+            )
+            for listener in self._key_listeners:
+                try:
+                    listener(event)
+                except Exception:
+                    log.exception("on_key_changed callback failed")
         elif isinstance(event, AckReceived | Pong | Welcome):
             pass
         elif isinstance(event, Unknown):

@@ -111,6 +111,59 @@ def _text(doc: dict[str, Any], key: str) -> str:
     return value
 
 
+def write_private_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` to ``path`` by the file rules above: 0600 in a 0700 directory, atomic
+    (a file beside it, fsynced, renamed over it, the directory fsynced)."""
+    directory = path.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = json.dumps(doc, indent=2).encode() + b"\n"
+    temporary = directory / f".{path.name}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()  # left by a crash of a process that had our pid
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_private_json(path: Path) -> Any:
+    """The JSON in ``path``, refusing a file others can read.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CredentialsError: unreadable, readable by others, or not JSON.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CredentialsError(f"{path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fh.fileno()).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise CredentialsError(
+                f"{path}: readable by others (mode {stat.S_IMODE(mode):04o}); it holds"
+                f" a secret: chmod 600 it"
+            )
+        try:
+            return json.loads(fh.read())
+        except ValueError:
+            raise CredentialsError(f"{path}: not JSON") from None
+
+
 def default_directory() -> Path:
     """Where identities are kept: ``$XDG_CONFIG_HOME/relayd/clients``, or
     ``~/.config/relayd/clients``."""
@@ -204,49 +257,15 @@ class CredentialFile:
 
     def load_sync(self) -> Credentials:
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            doc = read_private_json(self.path)
         except FileNotFoundError:
             raise CredentialsError(
                 f"{self.path}: no credentials (register the client first)"
             ) from None
-        except OSError as exc:
-            raise CredentialsError(f"{self.path}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise CredentialsError(
-                    f"{self.path}: readable by others (mode {stat.S_IMODE(mode):04o}); it holds"
-                    f" a secret: chmod 600 it"
-                )
-            try:
-                doc = json.loads(fh.read())
-            except ValueError:
-                raise CredentialsError(f"{self.path}: not JSON") from None
         return Credentials.from_json(doc, str(self.path))
 
     def save_sync(self, credentials: Credentials) -> None:
-        directory = self.path.parent
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        data = json.dumps(credentials.to_json(), indent=2).encode() + b"\n"
-        temporary = directory / f".{self.path.name}.{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()  # left by a crash of a process that had our pid
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_private_json(self.path, credentials.to_json())
 
     def acquire_sync(self) -> None:
         if self._lock_fd is not None:

@@ -140,6 +140,18 @@ class ErrorFrame:
 
 
 @frozen
+class KeyChange:
+    """``key_changed``: ``client``, whose keys this client read from the directory, replaced
+    its ``algorithm`` key: ``previous_fingerprint`` is now ``fingerprint`` (SHA-256, hex)."""
+
+    client: str
+    algorithm: str
+    fingerprint: str
+    previous_fingerprint: str
+    changed_at: float
+
+
+@frozen
 class Unknown:
     """A frame this SDK does not know (a newer relayd's), or not a JSON object."""
 
@@ -156,6 +168,7 @@ Event = (
     | Shutdown
     | Pong
     | ErrorFrame
+    | KeyChange
     | Unknown
 )
 
@@ -214,6 +227,14 @@ def parse(text: str) -> Event:
         return Shutdown(_str(doc, "message"))
     if kind == "pong":
         return Pong()
+    if kind == "key_changed":
+        return KeyChange(
+            client=_str(doc, "client"),
+            algorithm=_str(doc, "algorithm"),
+            fingerprint=_str(doc, "fingerprint"),
+            previous_fingerprint=_str(doc, "previous_fingerprint"),
+            changed_at=_num(doc, "changed_at"),
+        )
     if kind == "error" and isinstance(doc.get("error"), dict):
         error = doc["error"]
         details = error.get("details")

@@ -7,8 +7,11 @@ lost connection :class:`ServerUnreachable` saying whether the request may have a
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -27,6 +30,68 @@ class DirectoryEntry:
     name: str
     created_at: float
     online: bool
+
+
+@frozen
+class PublicKey:
+    """A public key from relayd's key directory. ``fingerprint`` is the SHA-256 of ``key``
+    in hex, computed here (relayd's is checked against it)."""
+
+    algorithm: str
+    key: bytes
+    fingerprint: str
+    published_at: float
+    superseded_at: float | None = None
+
+
+@frozen
+class PeerKeys:
+    """A client's keys in the directory (``GET /clients/{uuid}/keys``): the current one per
+    algorithm, and superseded ones, newest first."""
+
+    uuid: str
+    current: tuple[PublicKey, ...]
+    superseded: tuple[PublicKey, ...]
+
+    def get(self, algorithm: str) -> PublicKey | None:
+        """The current key of ``algorithm``, if the client published one."""
+        return next((k for k in self.current if k.algorithm == algorithm), None)
+
+
+def _public_key(item: Any) -> PublicKey:
+    """One key of a directory answer, its fingerprint recomputed.
+
+    Raises:
+        HttpError: ``invalid_response``: malformed, or relayd's fingerprint is not the key's.
+    """
+    try:
+        raw = base64.b64decode(item["key"], validate=True)
+        fingerprint = hashlib.sha256(raw).hexdigest()
+        if item["fingerprint"] != fingerprint:
+            raise HttpError(
+                200, "invalid_response", "a key's fingerprint is not the SHA-256 of its bytes"
+            )
+        superseded = item.get("superseded_at")
+        return PublicKey(
+            algorithm=str(item["algorithm"]),
+            key=raw,
+            fingerprint=fingerprint,
+            published_at=float(item["published_at"]),
+            superseded_at=None if superseded is None else float(superseded),
+        )
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise HttpError(200, "invalid_response", f"a malformed key ({exc!r})") from None
+
+
+def _peer_keys(doc: dict[str, Any]) -> PeerKeys:
+    try:
+        return PeerKeys(
+            uuid=str(doc["uuid"]),
+            current=tuple(_public_key(k) for k in doc["keys"]),
+            superseded=tuple(_public_key(k) for k in doc["superseded"]),
+        )
+    except (KeyError, TypeError) as exc:
+        raise HttpError(200, "invalid_response", f"a malformed key listing ({exc!r})") from None
 
 
 class RestClient:
@@ -124,6 +189,36 @@ class RestClient:
             )
             for item in doc["items"]
         ]
+
+    async def publish_keys(
+        self, access_token: str, uuid: str, keys: Mapping[str, bytes]
+    ) -> tuple[PeerKeys, tuple[str, ...]]:
+        """Publish this client's public ``keys`` (algorithm -> raw bytes): its keys as listed
+        afterwards, and the algorithms whose key changed.
+
+        Raises:
+            HttpError: 403 ``not_yours``, 422 (a bad key), 429...
+        """
+        body = {
+            "keys": [
+                {"algorithm": algorithm, "key": base64.b64encode(raw).decode("ascii")}
+                for algorithm, raw in keys.items()
+            ]
+        }
+        doc = await self._call("PUT", f"/clients/{uuid}/keys", json=body, token=access_token)
+        changed = doc.get("changed")
+        if not isinstance(changed, list):
+            raise HttpError(200, "invalid_response", "no 'changed' list")
+        return _peer_keys(doc), tuple(str(a) for a in changed)
+
+    async def keys(self, access_token: str, uuid: str) -> PeerKeys:
+        """A client's keys in the directory; reading them makes this client one of its
+        correspondents, told of its key changes (``key_changed``).
+
+        Raises:
+            HttpError: 404 ``unknown_client``, 429...
+        """
+        return _peer_keys(await self._call("GET", f"/clients/{uuid}/keys", token=access_token))
 
     def _pair(self, doc: dict[str, Any]) -> TokenPair:
         now = self._clock()
