@@ -20,10 +20,12 @@ import trio
 from attrs import define, field
 from quart import Response, jsonify, request
 from quart_cors import cors
+from quart_schema import hide
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
+from . import _openapi as openapi
 from ._api import (
     InviteRequest,
     LoginRequest,
@@ -49,6 +51,23 @@ from ._errors import (
 )
 from ._keys import KeyDirectory, PublishKeysRequest, keys_json
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
+from ._openapi import (
+    AdminClients,
+    Client,
+    ClientRoles,
+    Directory,
+    Done,
+    Invite,
+    Invites,
+    PublicKeys,
+    Registered,
+    Secret,
+    Service,
+    Status,
+    StoreKeys,
+    TokenPair,
+    api,
+)
 from ._ratelimit import RateLimiter
 from ._roles import RolePolicy
 from ._store import ClientRecord, Store
@@ -218,12 +237,14 @@ def _serve_app(app: QuartTrio, websocket_path: str) -> None:
     files = app_files(websocket_path)
 
     @app.get("/app")
+    @hide
     async def app_slash() -> Response:
         # The page's files are named relative to /app/.
         return Response(b"", status=308, headers={"Location": "/app/"})
 
     @app.get("/app/")
     @app.get("/app/<name>")
+    @hide
     async def app_file(name: str = "") -> Response:
         if name not in files:
             raise NotFound("no such file in the browser client")
@@ -244,7 +265,9 @@ def _serve_keys(
     client."""
 
     @app.put("/clients/<client_uuid>/keys")
+    @api(["keys"], PublicKeys, body=PublishKeysRequest, errors=(403,), bearer=True)
     async def publish_keys(client_uuid: str) -> dict[str, Any]:
+        """Publish the client's own public keys (one per algorithm)."""
         claims = await authenticated()
         client_uuid = client_uuid.lower()
         if claims.sub != client_uuid:
@@ -255,7 +278,9 @@ def _serve_keys(
         return {**keys_json(client_uuid, keys), "changed": list(changed)}
 
     @app.get("/clients/<client_uuid>/keys")
+    @api(["keys"], PublicKeys, errors=(403, 404), bearer=True)
     async def read_keys(client_uuid: str) -> dict[str, Any]:
+        """A client's public keys with their fingerprints, current and superseded."""
         claims = await authenticated()
         client_uuid = client_uuid.lower()
         await may_read(claims, client_uuid)
@@ -268,6 +293,7 @@ def create_app(services: Services) -> QuartTrio:
     app = QuartTrio("relayd", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = services.config.http.max_body_bytes
     app.config["BODY_TIMEOUT"] = services.config.http.request_timeout
+    openapi.install(app, __version__)  # sets app.json: configure it after
     app.json.sort_keys = False  # type: ignore[attr-defined]
     _enable_cors(app, services)
     auth = services.auth
@@ -378,25 +404,33 @@ def create_app(services: Services) -> QuartTrio:
             raise RateLimited(wait)
 
     @app.get("/")
+    @api(["health"], Service)
     async def index() -> dict[str, Any]:
+        """The service's name and version."""
         return {"service": "relayd", "version": __version__}
 
     if services.metrics is not None:
         metrics = services.metrics
 
         @app.get("/metrics")
+        @api(["health"])
         async def prometheus() -> Response:
+            """Prometheus metrics (text exposition format)."""
             return Response(await metrics.render(), content_type=CONTENT_TYPE)
 
     if services.config.http.serve_app:
         _serve_app(app, services.config.websocket.path)
 
     @app.get("/health/live")
+    @api(["health"], Status)
     async def live() -> dict[str, Any]:
+        """Liveness: the process is up."""
         return {"status": "live"}
 
     @app.get("/health/ready")
+    @api(["health"], Status, errors=(503,))
     async def ready() -> Response:
+        """Readiness: 200 when serving, 503 while starting or draining."""
         state = services.readiness
         if state is Readiness.READY:
             return jsonify({"status": state.value})
@@ -440,7 +474,9 @@ def create_app(services: Services) -> QuartTrio:
             ) from None
 
     @app.post("/register")
+    @api(["auth"], Registered, body=RegisterRequest, errors=(401, 403, 409))
     async def register() -> dict[str, Any]:
+        """Register a client, or register an existing uuid again with proof of owning it."""
         body = parse_body(await _json_body(), RegisterRequest)
         name = body.name.strip()
         if body.uuid is not None:
@@ -467,19 +503,25 @@ def create_app(services: Services) -> QuartTrio:
         }
 
     @app.post("/auth/token")
+    @api(["auth"], TokenPair, body=LoginRequest, errors=(401,))
     async def token() -> dict[str, Any]:
+        """Log in with the client secret: a new token pair."""
         body = parse_body(await _json_body(), LoginRequest)
         pair = await auth.login(body.uuid, body.client_secret, source=_source())
         return {"uuid": body.uuid, **pair.to_json(auth.now)}
 
     @app.post("/auth/refresh")
+    @api(["auth"], TokenPair, body=RefreshRequest, errors=(401,))
     async def refresh() -> dict[str, Any]:
+        """Rotate a refresh token: a new token pair (a spent one revokes its login)."""
         body = parse_body(await _json_body(), RefreshRequest)
         pair = await auth.refresh(body.refresh_token, source=_source())
         return {"uuid": pair.access.claims.sub, **pair.to_json(auth.now)}
 
     @app.post("/auth/revoke")
+    @api(["auth"], Done, body=RevokeRequest, errors=(401,))
     async def revoke() -> dict[str, Any]:
+        """Log out (a refresh token) or revoke one access token."""
         body = parse_body(await _json_body(), RevokeRequest)
         if body.refresh_token is not None:
             await auth.logout(body.refresh_token, source=_source())
@@ -490,7 +532,9 @@ def create_app(services: Services) -> QuartTrio:
         return {"revoked": True}
 
     @app.get("/clients")
+    @api(["clients"], Directory, errors=(403,), bearer=True)
     async def list_clients() -> dict[str, Any]:
+        """The client directory (needs the 'directory' grant)."""
         await permitted("directory")
         clients = await auth.list_clients()
         return {
@@ -500,12 +544,16 @@ def create_app(services: Services) -> QuartTrio:
         }
 
     @app.get("/clients/<client_uuid>")
+    @api(["clients"], Client, errors=(403, 404), bearer=True)
     async def get_client(client_uuid: str) -> dict[str, Any]:
+        """One client of the directory (needs the 'directory' grant)."""
         await permitted("directory")
         return _client_json(await auth.get_client(client_uuid.lower()), services.relay)
 
     @app.delete("/clients/<client_uuid>")
+    @api(["clients"], Done, errors=(403, 404), bearer=True)
     async def delete_client(client_uuid: str) -> dict[str, Any]:
+        """Delete a client (itself, or any as an admin); its uuid stays taken."""
         claims = await authenticated()
         client_uuid = client_uuid.lower()
         if claims.sub != client_uuid and not may(claims, "admin"):
@@ -517,14 +565,18 @@ def create_app(services: Services) -> QuartTrio:
         _serve_keys(app, services.keys, authenticated, may_read_keys)
 
     @app.post("/admin/clients/<client_uuid>/revoke")
+    @api(["admin"], Done, errors=(403, 404), bearer=True)
     async def revoke_client(client_uuid: str) -> dict[str, Any]:
+        """Revoke every token a client holds; its live session is closed (4003)."""
         claims = await admin()
         client_uuid = client_uuid.lower()
         await auth.revoke_client(client_uuid, actor=claims.sub, source=_source())
         return {"revoked": client_uuid}
 
     @app.post("/clients/<client_uuid>/secret")
+    @api(["auth"], Secret, body=RotateSecretRequest, errors=(401, 403, 404))
     async def rotate_secret(client_uuid: str) -> dict[str, Any]:
+        """Rotate a client's secret, proven by the current one or its own token."""
         body = parse_body(await _json_body(), RotateSecretRequest)
         client_uuid = client_uuid.lower()
         if body.client_secret is not None:
@@ -548,27 +600,35 @@ def create_app(services: Services) -> QuartTrio:
         return answer
 
     @app.post("/admin/clients/<client_uuid>/reset-secret")
+    @api(["admin"], Secret, errors=(403, 404), bearer=True)
     async def reset_secret(client_uuid: str) -> dict[str, Any]:
+        """A new secret for a client that lost its own; its tokens are revoked."""
         claims = await admin()
         client_uuid = client_uuid.lower()
         secret = await auth.reset_secret(client_uuid, actor=claims.sub, source=_source())
         return {"uuid": client_uuid, "client_secret": secret}
 
     @app.post("/admin/invites")
+    @api(["admin"], Invite, body=InviteRequest, errors=(403, 409), bearer=True)
     async def mint_invite() -> dict[str, Any]:
+        """Mint a one-time invite code (shown once)."""
         claims = await admin()
         body = parse_body(await _json_body(), InviteRequest)
         code, record = await auth.mint_invite(by=claims.sub, ttl=body.ttl)
         return {"invite": code, **record.to_json()}
 
     @app.get("/admin/invites")
+    @api(["admin"], Invites, errors=(403,), bearer=True)
     async def list_invites() -> dict[str, Any]:
+        """Invites: open, spent and by whom."""
         await admin()
         invites = await auth.list_invites()
         return {"count": len(invites), "items": [i.to_json() for i in invites]}
 
     @app.get("/admin/store-keys")
+    @api(["admin"], StoreKeys, errors=(403, 404), bearer=True)
     async def store_keys() -> dict[str, Any]:
+        """The ids of the keys encrypting message content at rest, rows per key."""
         await admin()
         store = services.store
         if store is None or store.keys is None:
@@ -586,7 +646,9 @@ def create_app(services: Services) -> QuartTrio:
         }
 
     @app.put("/admin/clients/<client_uuid>/roles")
+    @api(["admin"], ClientRoles, body=RolesRequest, errors=(403, 404), bearer=True)
     async def set_roles(client_uuid: str) -> dict[str, Any]:
+        """Set a client's roles; they apply at once."""
         claims = await admin()
         body = parse_body(await _json_body(), RolesRequest)
         unknown = [role for role in body.roles if not services.policy.known(role)]
@@ -600,7 +662,9 @@ def create_app(services: Services) -> QuartTrio:
         return {**_client_json(client, services.relay), "roles": list(client.roles)}
 
     @app.get("/admin/clients")
+    @api(["admin"], AdminClients, errors=(403,), bearer=True)
     async def admin_clients() -> dict[str, Any]:
+        """Every client with its roles, online state and queued messages."""
         await admin()
         clients = await auth.list_clients()
         queued = await services.relay.queue_depths() if services.relay is not None else {}

@@ -57,7 +57,7 @@ UNLIMITED = {"http": {"register_burst": 10**9, "auth_burst": 10**9, "api_burst":
 FIELDS = ("name", "uuid", "client_secret", "refresh_token", "access_token", "keys")
 # Routes whose successes are not JSON: Prometheus' text, the browser client's files (and the
 # redirect from /app to /app/).
-NOT_JSON = frozenset({"/metrics", "/app", "/app/", "/app/<name>"})
+NOT_JSON = frozenset({"/metrics", "/app", "/app/", "/app/<name>", "/docs"})
 
 lone_surrogates = st.integers(0xD800, 0xDFFF).map(chr)
 strings = st.text(max_size=20) | st.tuples(st.text(max_size=8), lone_surrogates).map("".join)
