@@ -218,7 +218,15 @@ class AuthService:
             _kdf.verify_secret, secret, stored, limiter=self._kdf_limiter
         )
 
-    async def _issue_pair(self, client: ClientRecord, family: str | None = None) -> TokenPair:
+    async def _issue_pair(
+        self, client: ClientRecord, family: str | None = None, *, proof: str | None = None
+    ) -> TokenPair:
+        """A token pair; without ``family``, a new login. ``proof``: the secret hash a
+        login's secret was checked against, which the client must still hold.
+
+        Raises:
+            Unauthorized: the client's secret changed since it was checked against ``proof``.
+        """
         new_family = family is None
         family = family or secrets.token_urlsafe(16)
         access = self.codec.issue(
@@ -235,10 +243,16 @@ class AuthService:
             ttl=self.config.refresh_ttl,
             family=family,
         )
-        if new_family:
-            await self._store.create_family(
-                family, client.uuid, refresh.claims.jti, self.now, refresh.claims.exp
-            )
+        if new_family and not await self._store.create_family(
+            family,
+            client.uuid,
+            refresh.claims.jti,
+            self.now,
+            refresh.claims.exp,
+            secret_hash=proof,
+        ):
+            # Reset or rotated while the KDF checked the old secret: that secret is refused.
+            raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
         return TokenPair(access, refresh)
 
     # --- registration and login -------------------------------------------------------------
@@ -320,7 +334,8 @@ class AuthService:
         if name != client.name:
             await self._store.rename_client(client_uuid, name)
             client = attrs.evolve(client, name=name)
-        tokens = await self._issue_pair(client)
+        proof = client.secret_hash if client_secret is not None else None
+        tokens = await self._issue_pair(client, proof=proof)
         audit("reregister", client=client_uuid, source=source)
         return client, tokens
 
@@ -333,7 +348,11 @@ class AuthService:
         if client is None or not live or not matches:
             audit("login_failed", client=client_uuid, source=source)
             raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
-        tokens = await self._issue_pair(client)
+        try:
+            tokens = await self._issue_pair(client, proof=client.secret_hash)
+        except Unauthorized:
+            audit("login_failed", client=client_uuid, source=source)
+            raise
         audit("token_issued", client=client_uuid, source=source)
         return tokens
 

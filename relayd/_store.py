@@ -449,17 +449,37 @@ class Store:
     # --- refresh families -------------------------------------------------------------------
 
     async def create_family(
-        self, family: str, client_uuid: str, jti: str, at: float, expires_at: float
-    ) -> None:
-        def insert(db: sqlite3.Connection) -> None:
+        self,
+        family: str,
+        client_uuid: str,
+        jti: str,
+        at: float,
+        expires_at: float,
+        *,
+        secret_hash: str | None = None,
+    ) -> bool:
+        """Store a new login. With ``secret_hash`` (the hash a login's secret was checked
+        against), only while the client is live and still holds it: ``False``, and nothing
+        stored, if it was reset, rotated or deleted since."""
+
+        def insert(db: sqlite3.Connection) -> bool:
             with transaction(db):
+                if secret_hash is not None:
+                    holds = db.execute(
+                        "SELECT 1 FROM clients"
+                        " WHERE uuid = ? AND secret_hash = ? AND deleted_at IS NULL",
+                        (client_uuid, secret_hash),
+                    ).fetchone()
+                    if holds is None:
+                        return False
                 db.execute(
                     "INSERT INTO refresh_families (family, client_uuid, current_jti, created_at,"
                     " rotated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
                     (family, client_uuid, jti, at, at, expires_at),
                 )
+            return True
 
-        await self._run(insert)
+        return await self._run(insert)
 
     async def rotate_family(
         self, family: str, presented_jti: str, new_jti: str, at: float, expires_at: float
