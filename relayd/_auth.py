@@ -439,30 +439,45 @@ class AuthService:
 
     # --- client secrets and invites ---------------------------------------------------------
 
-    async def prove(self, client_uuid: str, client_secret: str, *, source: str | None) -> None:
+    async def prove(self, client_uuid: str, client_secret: str, *, source: str | None) -> str:
         """Check a live client's secret (as a login does, at the same cost when it does not
-        exist). Raises :class:`Unauthorized` (``invalid_client``)."""
+        exist); return the hash it was checked against (``rotate_secret``'s ``proof``).
+        Raises :class:`Unauthorized` (``invalid_client``)."""
         client = await self._store.get_client(client_uuid)
         live = client is not None and client.deleted_at is None
         stored = client.secret_hash if client is not None and live else self._decoy_hash
         if not await self._verify(client_secret, stored) or not live:
             audit("login_failed", client=client_uuid, source=source)
             raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
+        return stored
 
     async def rotate_secret(
-        self, client_uuid: str, *, revoke_tokens: bool, actor: str, source: str | None
+        self,
+        client_uuid: str,
+        *,
+        revoke_tokens: bool,
+        actor: str,
+        source: str | None,
+        proof: str | None = None,
     ) -> tuple[str, TokenPair | None]:
-        """A new secret for a live client (the caller checked the proof). With
-        ``revoke_tokens``, every token issued before is refused and its sessions closed
-        (4003), and a new login is returned so the caller keeps going.
+        """A new secret for a live client (the caller checked the proof; ``proof``: the hash
+        :meth:`prove` checked the secret against). With ``revoke_tokens``, every token issued
+        before is refused and its sessions closed (4003), and a new login is returned so the
+        caller keeps going.
 
         Raises:
             NotFound: no such live client.
+            Unauthorized: the secret changed (reset, rotated) since it was checked.
         """
         client_secret = _kdf.new_client_secret()
         secret_hash = await self._hash(client_secret)
         revoke_at = self.now if revoke_tokens else None
-        if not await self._store.set_secret(client_uuid, secret_hash, revoke_at=revoke_at):
+        if not await self._store.set_secret(
+            client_uuid, secret_hash, revoke_at=revoke_at, replacing=proof
+        ):
+            if proof is not None:
+                audit("login_failed", client=client_uuid, source=source)
+                raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
             raise NotFound(f"no client {client_uuid}", code="unknown_client")
         audit("secret_rotated", client=client_uuid, actor=actor, source=source)
         if not revoke_tokens:

@@ -367,16 +367,25 @@ class Store:
 
         return await self._run(update)
 
-    async def set_secret(self, uuid: str, secret_hash: str, *, revoke_at: float | None) -> bool:
+    async def set_secret(
+        self,
+        uuid: str,
+        secret_hash: str,
+        *,
+        revoke_at: float | None,
+        replacing: str | None = None,
+    ) -> bool:
         """Replace a live client's secret hash; with ``revoke_at``, also refuse every token
         issued before it and end its logins (as :meth:`revoke_client_tokens`), in the same
-        transaction. ``False`` if there is no such live client."""
+        transaction. With ``replacing``, only if that is still its hash (the one a proof was
+        checked against). ``False`` if there is no such live client (holding ``replacing``)."""
 
         def update(db: sqlite3.Connection) -> bool:
             with transaction(db):
                 cursor = db.execute(
-                    "UPDATE clients SET secret_hash = ? WHERE uuid = ? AND deleted_at IS NULL",
-                    (secret_hash, uuid),
+                    "UPDATE clients SET secret_hash = ? WHERE uuid = ? AND deleted_at IS NULL"
+                    " AND secret_hash = coalesce(?, secret_hash)",
+                    (secret_hash, uuid, replacing),
                 )
                 if cursor.rowcount == 1 and revoke_at is not None:
                     _revoke_client_tokens(db, uuid, revoke_at, "secret_reset")
