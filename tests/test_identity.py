@@ -270,6 +270,47 @@ async def test_a_rotation_proved_with_the_old_secret_does_not_undo_a_reset(
     assert holder.secret_hash == reset_hash
 
 
+async def test_a_rotation_proved_with_a_token_does_not_undo_a_reset(
+    relayd: RunningRelayd,
+) -> None:
+    """The same with an access token for proof: the token is checked, the new secret hashed
+    (the KDF), then stored. A reset committed in between revokes that token: the rotation
+    must not store a secret for its holder."""
+    http = relayd.http
+    alice = await http.register("alice")
+    services = relayd.daemon.services
+    assert services is not None
+    assert services.store is not None
+    kdf = services.auth._kdf_limiter
+    borrowers = [object() for _ in range(int(kdf.total_tokens))]
+    for borrower in borrowers:
+        await kdf.acquire_on_behalf_of(borrower)
+    answers = []
+
+    async def rotate() -> None:
+        path = f"/clients/{alice['uuid']}/secret"
+        answers.append(await http.post(path, {}, token=alice["access_token"]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rotate)
+        while kdf.statistics().tasks_waiting == 0:  # the token is checked; the KDF is awaited
+            await trio.testing.wait_all_tasks_blocked()
+        reset_hash = _kdf.hash_secret(
+            _kdf.new_client_secret(), n=relayd.daemon.config.auth.kdf_cost
+        )
+        stored = await services.store.set_secret(
+            alice["uuid"], reset_hash, revoke_at=services.auth.now
+        )
+        assert stored
+        for borrower in borrowers:
+            kdf.release_on_behalf_of(borrower)
+    [answer] = answers
+    assert_error(answer, 401, "token_revoked")
+    holder = await services.store.get_client(alice["uuid"])
+    assert holder is not None
+    assert holder.secret_hash == reset_hash
+
+
 # --- invites ------------------------------------------------------------------------------------
 
 
