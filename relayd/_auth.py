@@ -459,25 +459,34 @@ class AuthService:
         actor: str,
         source: str | None,
         proof: str | None = None,
+        token: Claims | None = None,
     ) -> tuple[str, TokenPair | None]:
-        """A new secret for a live client (the caller checked the proof; ``proof``: the hash
-        :meth:`prove` checked the secret against). With ``revoke_tokens``, every token issued
-        before is refused and its sessions closed (4003), and a new login is returned so the
-        caller keeps going.
+        """A new secret for a live client (the caller checked the proof: ``proof``, the hash
+        :meth:`prove` checked the secret against, or ``token``, the access token's claims;
+        either must still hold when the new secret is stored). With ``revoke_tokens``, every
+        token issued before is refused and its sessions closed (4003), and a new login is
+        returned so the caller keeps going.
 
         Raises:
             NotFound: no such live client.
             Unauthorized: the secret changed (reset, rotated) since it was checked.
+            TokenError: ``token`` was revoked (a reset) since it was checked.
         """
         client_secret = _kdf.new_client_secret()
         secret_hash = await self._hash(client_secret)
         revoke_at = self.now if revoke_tokens else None
         if not await self._store.set_secret(
-            client_uuid, secret_hash, revoke_at=revoke_at, replacing=proof
+            client_uuid,
+            secret_hash,
+            revoke_at=revoke_at,
+            replacing=proof,
+            token_issued_at=None if token is None else token.iat,
         ):
             if proof is not None:
                 audit("login_failed", client=client_uuid, source=source)
                 raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
+            if token is not None:
+                await self._live_client(token)  # raises token_revoked if that is why
             raise NotFound(f"no client {client_uuid}", code="unknown_client")
         audit("secret_rotated", client=client_uuid, actor=actor, source=source)
         if not revoke_tokens:

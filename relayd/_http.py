@@ -480,7 +480,7 @@ def create_app(services: Services) -> QuartTrio:
     async def rotate_secret(client_uuid: str) -> dict[str, Any]:
         body = parse_body(await _json_body(), RotateSecretRequest)
         client_uuid = client_uuid.lower()
-        proof = None
+        proof = claims = None
         if body.client_secret is not None:
             proof = await auth.prove(client_uuid, body.client_secret, source=_source())
             actor = client_uuid
@@ -499,6 +499,7 @@ def create_app(services: Services) -> QuartTrio:
             actor=actor,
             source=_source(),
             proof=proof,
+            token=claims,
         )
         answer: dict[str, Any] = {"uuid": client_uuid, "client_secret": secret}
         if tokens is not None:

@@ -374,18 +374,22 @@ class Store:
         *,
         revoke_at: float | None,
         replacing: str | None = None,
+        token_issued_at: float | None = None,
     ) -> bool:
         """Replace a live client's secret hash; with ``revoke_at``, also refuse every token
         issued before it and end its logins (as :meth:`revoke_client_tokens`), in the same
-        transaction. With ``replacing``, only if that is still its hash (the one a proof was
-        checked against). ``False`` if there is no such live client (holding ``replacing``)."""
+        transaction. The proof must still hold: with ``replacing``, that is still its hash
+        (the one a secret was checked against); with ``token_issued_at``, a token issued then
+        is not revoked. ``False`` if there is no such live client (or the proof no longer
+        holds)."""
 
         def update(db: sqlite3.Connection) -> bool:
             with transaction(db):
                 cursor = db.execute(
                     "UPDATE clients SET secret_hash = ? WHERE uuid = ? AND deleted_at IS NULL"
-                    " AND secret_hash = coalesce(?, secret_hash)",
-                    (secret_hash, uuid, replacing),
+                    " AND secret_hash = coalesce(?, secret_hash)"
+                    " AND tokens_valid_after <= coalesce(?, tokens_valid_after)",
+                    (secret_hash, uuid, replacing, token_issued_at),
                 )
                 if cursor.rowcount == 1 and revoke_at is not None:
                     _revoke_client_tokens(db, uuid, revoke_at, "secret_reset")
