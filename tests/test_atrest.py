@@ -176,6 +176,30 @@ async def test_opening_seals_rows_stored_in_plain_text_before(tmp_path: Path) ->
     assert all(SECRET_TEXT.encode() not in row[2] for row in raw_rows(path))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the associated data is the seq alone: a row's recipient can be changed in the file",
+)
+async def test_a_row_pointed_at_another_recipient_does_not_decrypt(tmp_path: Path) -> None:
+    """Whoever can write the store file but has no key (a restored or tampered backup, a
+    shared volume) must not turn that into reading content: pointing a queued row at their
+    own client must not deliver it to them in plain text. The docs promise a ciphertext
+    copied to another row does not decrypt; the same must hold for the row's routing."""
+    path = tmp_path / "relayd.sqlite3"
+    with trio.fail_after(IO_DEADLINE):
+        async with Store.open(str(path), keys=keys(("k1", KEY_1))) as store:
+            await store.insert_client(client(UUID_A))
+            await store.insert_client(client(UUID_B, name="bob"))
+            await store.execute([queued(1, SECRET_TEXT)], max_queued=9)  # A to B
+        db = sqlite3.connect(path)
+        with db:
+            db.execute("UPDATE messages SET recipient = ? WHERE seq = 1", (UUID_A,))
+        db.close()
+        with pytest.raises(UndecryptableRow):
+            async with Store.open(str(path), keys=keys(("k1", KEY_1))) as store:
+                await store.execute([LoadQueue(UUID_A, 0, 100, 1 << 20)], max_queued=1)
+
+
 async def test_a_missing_or_wrong_key_stops_the_store_at_open(tmp_path: Path) -> None:
     path = str(tmp_path / "relayd.sqlite3")
     with trio.fail_after(IO_DEADLINE):
