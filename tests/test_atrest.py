@@ -5,7 +5,9 @@ stops relayd; keys rotate and retire while relayd runs."""
 from __future__ import annotations
 
 import base64
+import os
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from relayd._atrest import (
     load_store_keys,
     parse_key_file,
     render_key_file,
+    write_key_file,
 )
 from relayd._relay.records import Insert, LoadQueue, QueuePage
 from relayd._store import Store
@@ -125,6 +128,20 @@ def test_a_reload_adds_keys_and_never_loses_or_changes_one() -> None:
     assert merged.open(1, "k1", blob) == "x"
     with pytest.raises(KeyFileError, match="key 'k1' changed"):
         old.merged(keys(("k1", KEY_2)))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_rotating_keeps_the_key_file_s_owner(tmp_path: Path) -> None:
+    """``relayd store-key rotate`` run as root (sudo) on the key file of a relayd that runs as
+    its own user must leave the file that user's: else the daemon cannot read it, its reload
+    fails and its next start stops on an unreadable key file."""
+    path = tmp_path / "store-keys"
+    path.write_text(render_key_file([("k1", KEY_1)]))
+    path.chmod(0o600)
+    os.chown(path, 4242, 4243)
+    write_key_file(path, [("k2", KEY_2), ("k1", KEY_1)])
+    kept = path.stat()
+    assert (kept.st_uid, kept.st_gid, stat.S_IMODE(kept.st_mode)) == (4242, 4243, 0o600)
 
 
 # --- the store ----------------------------------------------------------------------------------
