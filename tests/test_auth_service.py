@@ -499,3 +499,18 @@ async def test_a_login_checking_the_old_secret_while_it_is_reset_gets_no_tokens(
         for borrower in borrowers:
             kdf.release_on_behalf_of(borrower)
     assert outcome == {"refused": "invalid_client"}
+
+
+async def test_registering_again_with_a_token_revoked_since_it_was_checked_gets_no_login(
+    auth: AuthService, store: Store
+) -> None:
+    """``POST /register`` checks the Bearer token, then ``reregister`` makes a new login. A
+    reset (or an admin's revoke) committed in between revokes that token: its holder must not
+    come out with a login that outlives the reset."""
+    registration = await register(auth)
+    claims = await auth.authenticate(registration.tokens.access.token)
+    new_hash = _kdf.hash_secret(_kdf.new_client_secret(), n=CONFIG.kdf_cost)
+    assert await store.set_secret(UUID, new_hash, revoke_at=auth.now)  # as reset_secret does
+    with pytest.raises(TokenError) as refused:
+        await auth.reregister("alice", UUID, client_secret=None, claims=claims, source=None)
+    assert refused.value.code == "token_revoked"
