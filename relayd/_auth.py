@@ -219,13 +219,20 @@ class AuthService:
         )
 
     async def _issue_pair(
-        self, client: ClientRecord, family: str | None = None, *, proof: str | None = None
+        self,
+        client: ClientRecord,
+        family: str | None = None,
+        *,
+        proof: str | None = None,
+        token: Claims | None = None,
     ) -> TokenPair:
         """A token pair; without ``family``, a new login. ``proof``: the secret hash a
-        login's secret was checked against, which the client must still hold.
+        login's secret was checked against, which the client must still hold; ``token``: the
+        access token that proved it, which must still be unrevoked.
 
         Raises:
             Unauthorized: the client's secret changed since it was checked against ``proof``.
+            TokenError: ``token`` was revoked since it was checked (``token_revoked``).
         """
         new_family = family is None
         family = family or secrets.token_urlsafe(16)
@@ -250,7 +257,10 @@ class AuthService:
             self.now,
             refresh.claims.exp,
             secret_hash=proof,
+            token_issued_at=None if token is None else token.iat,
         ):
+            if token is not None:
+                raise TokenError("token_revoked", "the token was revoked")
             # Reset or rotated while the KDF checked the old secret: that secret is refused.
             raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
         return TokenPair(access, refresh)
@@ -315,6 +325,7 @@ class AuthService:
         Raises:
             Unauthorized: ``client_secret`` is wrong (``invalid_client``).
             Conflict: the UUID belongs to a deleted client, or the token is another client's.
+            TokenError: the token was revoked since it was checked (``token_revoked``).
         """
         client = await self._store.get_client(client_uuid)
         if client is None:
@@ -334,8 +345,10 @@ class AuthService:
         if name != client.name:
             await self._store.rename_client(client_uuid, name)
             client = attrs.evolve(client, name=name)
-        proof = client.secret_hash if client_secret is not None else None
-        tokens = await self._issue_pair(client, proof=proof)
+        if client_secret is not None:
+            tokens = await self._issue_pair(client, proof=client.secret_hash)
+        else:
+            tokens = await self._issue_pair(client, token=claims)
         audit("reregister", client=client_uuid, source=source)
         return client, tokens
 

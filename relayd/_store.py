@@ -470,18 +470,21 @@ class Store:
         expires_at: float,
         *,
         secret_hash: str | None = None,
+        token_issued_at: float | None = None,
     ) -> bool:
         """Store a new login. With ``secret_hash`` (the hash a login's secret was checked
-        against), only while the client is live and still holds it: ``False``, and nothing
-        stored, if it was reset, rotated or deleted since."""
+        against), only while the client is live and still holds it; with
+        ``token_issued_at`` (the iat of the token that proved it), only while tokens issued
+        then are not revoked. ``False``, and nothing stored, if the proof no longer holds."""
 
         def insert(db: sqlite3.Connection) -> bool:
             with transaction(db):
-                if secret_hash is not None:
+                if secret_hash is not None or token_issued_at is not None:
                     holds = db.execute(
-                        "SELECT 1 FROM clients"
-                        " WHERE uuid = ? AND secret_hash = ? AND deleted_at IS NULL",
-                        (client_uuid, secret_hash),
+                        "SELECT 1 FROM clients WHERE uuid = ? AND deleted_at IS NULL"
+                        " AND secret_hash = coalesce(?, secret_hash)"
+                        " AND tokens_valid_after <= coalesce(?, tokens_valid_after)",
+                        (client_uuid, secret_hash, token_issued_at),
                     ).fetchone()
                     if holds is None:
                         return False
