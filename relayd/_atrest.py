@@ -158,10 +158,14 @@ def render_key_file(pairs: list[tuple[str, bytes]]) -> str:
 
 
 def write_key_file(path: Path, pairs: list[tuple[str, bytes]]) -> None:
-    """Replace ``path`` atomically with ``pairs`` (mode 0600, fsynced)."""
+    """Replace ``path`` atomically with ``pairs`` (mode 0600, fsynced), keeping its owner:
+    run as root, the command must not take the file from the user relayd runs as."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    owner = path.stat() if path.exists() else None
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        if owner is not None and os.geteuid() == 0:  # only root may give a file away
+            os.fchown(fd, owner.st_uid, owner.st_gid)
         with os.fdopen(fd, "w", encoding="ascii") as fh:
             fh.write(render_key_file(pairs))
             fh.flush()

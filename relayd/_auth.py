@@ -218,7 +218,22 @@ class AuthService:
             _kdf.verify_secret, secret, stored, limiter=self._kdf_limiter
         )
 
-    async def _issue_pair(self, client: ClientRecord, family: str | None = None) -> TokenPair:
+    async def _issue_pair(
+        self,
+        client: ClientRecord,
+        family: str | None = None,
+        *,
+        proof: str | None = None,
+        token: Claims | None = None,
+    ) -> TokenPair:
+        """A token pair; without ``family``, a new login. ``proof``: the secret hash a
+        login's secret was checked against, which the client must still hold; ``token``: the
+        access token that proved it, which must still be unrevoked.
+
+        Raises:
+            Unauthorized: the client's secret changed since it was checked against ``proof``.
+            TokenError: ``token`` was revoked since it was checked (``token_revoked``).
+        """
         new_family = family is None
         family = family or secrets.token_urlsafe(16)
         access = self.codec.issue(
@@ -235,10 +250,19 @@ class AuthService:
             ttl=self.config.refresh_ttl,
             family=family,
         )
-        if new_family:
-            await self._store.create_family(
-                family, client.uuid, refresh.claims.jti, self.now, refresh.claims.exp
-            )
+        if new_family and not await self._store.create_family(
+            family,
+            client.uuid,
+            refresh.claims.jti,
+            self.now,
+            refresh.claims.exp,
+            secret_hash=proof,
+            token_issued_at=None if token is None else token.iat,
+        ):
+            if token is not None:
+                raise TokenError("token_revoked", "the token was revoked")
+            # Reset or rotated while the KDF checked the old secret: that secret is refused.
+            raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
         return TokenPair(access, refresh)
 
     # --- registration and login -------------------------------------------------------------
@@ -301,6 +325,7 @@ class AuthService:
         Raises:
             Unauthorized: ``client_secret`` is wrong (``invalid_client``).
             Conflict: the UUID belongs to a deleted client, or the token is another client's.
+            TokenError: the token was revoked since it was checked (``token_revoked``).
         """
         client = await self._store.get_client(client_uuid)
         if client is None:
@@ -320,7 +345,10 @@ class AuthService:
         if name != client.name:
             await self._store.rename_client(client_uuid, name)
             client = attrs.evolve(client, name=name)
-        tokens = await self._issue_pair(client)
+        if client_secret is not None:
+            tokens = await self._issue_pair(client, proof=client.secret_hash)
+        else:
+            tokens = await self._issue_pair(client, token=claims)
         audit("reregister", client=client_uuid, source=source)
         return client, tokens
 
@@ -333,7 +361,11 @@ class AuthService:
         if client is None or not live or not matches:
             audit("login_failed", client=client_uuid, source=source)
             raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
-        tokens = await self._issue_pair(client)
+        try:
+            tokens = await self._issue_pair(client, proof=client.secret_hash)
+        except Unauthorized:
+            audit("login_failed", client=client_uuid, source=source)
+            raise
         audit("token_issued", client=client_uuid, source=source)
         return tokens
 
@@ -420,30 +452,54 @@ class AuthService:
 
     # --- client secrets and invites ---------------------------------------------------------
 
-    async def prove(self, client_uuid: str, client_secret: str, *, source: str | None) -> None:
+    async def prove(self, client_uuid: str, client_secret: str, *, source: str | None) -> str:
         """Check a live client's secret (as a login does, at the same cost when it does not
-        exist). Raises :class:`Unauthorized` (``invalid_client``)."""
+        exist); return the hash it was checked against (``rotate_secret``'s ``proof``).
+        Raises :class:`Unauthorized` (``invalid_client``)."""
         client = await self._store.get_client(client_uuid)
         live = client is not None and client.deleted_at is None
         stored = client.secret_hash if client is not None and live else self._decoy_hash
         if not await self._verify(client_secret, stored) or not live:
             audit("login_failed", client=client_uuid, source=source)
             raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
+        return stored
 
     async def rotate_secret(
-        self, client_uuid: str, *, revoke_tokens: bool, actor: str, source: str | None
+        self,
+        client_uuid: str,
+        *,
+        revoke_tokens: bool,
+        actor: str,
+        source: str | None,
+        proof: str | None = None,
+        token: Claims | None = None,
     ) -> tuple[str, TokenPair | None]:
-        """A new secret for a live client (the caller checked the proof). With
-        ``revoke_tokens``, every token issued before is refused and its sessions closed
-        (4003), and a new login is returned so the caller keeps going.
+        """A new secret for a live client (the caller checked the proof: ``proof``, the hash
+        :meth:`prove` checked the secret against, or ``token``, the access token's claims;
+        either must still hold when the new secret is stored). With ``revoke_tokens``, every
+        token issued before is refused and its sessions closed (4003), and a new login is
+        returned so the caller keeps going.
 
         Raises:
             NotFound: no such live client.
+            Unauthorized: the secret changed (reset, rotated) since it was checked.
+            TokenError: ``token`` was revoked (a reset) since it was checked.
         """
         client_secret = _kdf.new_client_secret()
         secret_hash = await self._hash(client_secret)
         revoke_at = self.now if revoke_tokens else None
-        if not await self._store.set_secret(client_uuid, secret_hash, revoke_at=revoke_at):
+        if not await self._store.set_secret(
+            client_uuid,
+            secret_hash,
+            revoke_at=revoke_at,
+            replacing=proof,
+            token_issued_at=None if token is None else token.iat,
+        ):
+            if proof is not None:
+                audit("login_failed", client=client_uuid, source=source)
+                raise Unauthorized("unknown client or wrong client secret", code="invalid_client")
+            if token is not None:
+                await self._live_client(token)  # raises token_revoked if that is why
             raise NotFound(f"no client {client_uuid}", code="unknown_client")
         audit("secret_rotated", client=client_uuid, actor=actor, source=source)
         if not revoke_tokens:

@@ -321,7 +321,7 @@ class StoreConfig:
 
 def _check_roles(instance: RolesConfig, _: attrs.Attribute[Any], define: RoleGrants) -> None:
     for role, grants in define.items():
-        if not ROLE_NAME.match(role):
+        if not ROLE_NAME.fullmatch(role):
             raise ValueError(f"define: {role!r}: a role name is 1-32 of a-z, 0-9, _ and -")
         for grant in grants:
             kind, sep, target = grant.partition(":")

@@ -579,8 +579,9 @@ def create_app(services: Services) -> QuartTrio:
         """Rotate a client's secret, proven by the current one or its own token."""
         body = parse_body(await _json_body(), RotateSecretRequest)
         client_uuid = client_uuid.lower()
+        proof = claims = None
         if body.client_secret is not None:
-            await auth.prove(client_uuid, body.client_secret, source=_source())
+            proof = await auth.prove(client_uuid, body.client_secret, source=_source())
             actor = client_uuid
         else:
             claims = await authenticated()
@@ -592,7 +593,12 @@ def create_app(services: Services) -> QuartTrio:
                 )
             actor = claims.sub
         secret, tokens = await auth.rotate_secret(
-            client_uuid, revoke_tokens=body.revoke_tokens, actor=actor, source=_source()
+            client_uuid,
+            revoke_tokens=body.revoke_tokens,
+            actor=actor,
+            source=_source(),
+            proof=proof,
+            token=claims,
         )
         answer: dict[str, Any] = {"uuid": client_uuid, "client_secret": secret}
         if tokens is not None:

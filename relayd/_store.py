@@ -390,16 +390,29 @@ class Store:
 
         return await self._run(update)
 
-    async def set_secret(self, uuid: str, secret_hash: str, *, revoke_at: float | None) -> bool:
+    async def set_secret(
+        self,
+        uuid: str,
+        secret_hash: str,
+        *,
+        revoke_at: float | None,
+        replacing: str | None = None,
+        token_issued_at: float | None = None,
+    ) -> bool:
         """Replace a live client's secret hash; with ``revoke_at``, also refuse every token
         issued before it and end its logins (as :meth:`revoke_client_tokens`), in the same
-        transaction. ``False`` if there is no such live client."""
+        transaction. The proof must still hold: with ``replacing``, that is still its hash
+        (the one a secret was checked against); with ``token_issued_at``, a token issued then
+        is not revoked. ``False`` if there is no such live client (or the proof no longer
+        holds)."""
 
         def update(db: sqlite3.Connection) -> bool:
             with transaction(db):
                 cursor = db.execute(
-                    "UPDATE clients SET secret_hash = ? WHERE uuid = ? AND deleted_at IS NULL",
-                    (secret_hash, uuid),
+                    "UPDATE clients SET secret_hash = ? WHERE uuid = ? AND deleted_at IS NULL"
+                    " AND secret_hash = coalesce(?, secret_hash)"
+                    " AND tokens_valid_after <= coalesce(?, tokens_valid_after)",
+                    (secret_hash, uuid, replacing, token_issued_at),
                 )
                 if cursor.rowcount == 1 and revoke_at is not None:
                     _revoke_client_tokens(db, uuid, revoke_at, "secret_reset")
@@ -474,17 +487,40 @@ class Store:
     # --- refresh families -------------------------------------------------------------------
 
     async def create_family(
-        self, family: str, client_uuid: str, jti: str, at: float, expires_at: float
-    ) -> None:
-        def insert(db: sqlite3.Connection) -> None:
+        self,
+        family: str,
+        client_uuid: str,
+        jti: str,
+        at: float,
+        expires_at: float,
+        *,
+        secret_hash: str | None = None,
+        token_issued_at: float | None = None,
+    ) -> bool:
+        """Store a new login. With ``secret_hash`` (the hash a login's secret was checked
+        against), only while the client is live and still holds it; with
+        ``token_issued_at`` (the iat of the token that proved it), only while tokens issued
+        then are not revoked. ``False``, and nothing stored, if the proof no longer holds."""
+
+        def insert(db: sqlite3.Connection) -> bool:
             with transaction(db):
+                if secret_hash is not None or token_issued_at is not None:
+                    holds = db.execute(
+                        "SELECT 1 FROM clients WHERE uuid = ? AND deleted_at IS NULL"
+                        " AND secret_hash = coalesce(?, secret_hash)"
+                        " AND tokens_valid_after <= coalesce(?, tokens_valid_after)",
+                        (client_uuid, secret_hash, token_issued_at),
+                    ).fetchone()
+                    if holds is None:
+                        return False
                 db.execute(
                     "INSERT INTO refresh_families (family, client_uuid, current_jti, created_at,"
                     " rotated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
                     (family, client_uuid, jti, at, at, expires_at),
                 )
+            return True
 
-        await self._run(insert)
+        return await self._run(insert)
 
     async def rotate_family(
         self, family: str, presented_jti: str, new_jti: str, at: float, expires_at: float

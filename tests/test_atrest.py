@@ -5,7 +5,9 @@ stops relayd; keys rotate and retire while relayd runs."""
 from __future__ import annotations
 
 import base64
+import os
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from relayd._atrest import (
     load_store_keys,
     parse_key_file,
     render_key_file,
+    write_key_file,
 )
 from relayd._relay.records import Insert, LoadQueue, QueuePage
 from relayd._store import Store
@@ -127,6 +130,20 @@ def test_a_reload_adds_keys_and_never_loses_or_changes_one() -> None:
         old.merged(keys(("k1", KEY_2)))
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_rotating_keeps_the_key_file_s_owner(tmp_path: Path) -> None:
+    """``relayd store-key rotate`` run as root (sudo) on the key file of a relayd that runs as
+    its own user must leave the file that user's: else the daemon cannot read it, its reload
+    fails and its next start stops on an unreadable key file."""
+    path = tmp_path / "store-keys"
+    path.write_text(render_key_file([("k1", KEY_1)]))
+    path.chmod(0o600)
+    os.chown(path, 4242, 4243)
+    write_key_file(path, [("k2", KEY_2), ("k1", KEY_1)])
+    kept = path.stat()
+    assert (kept.st_uid, kept.st_gid, stat.S_IMODE(kept.st_mode)) == (4242, 4243, 0o600)
+
+
 # --- the store ----------------------------------------------------------------------------------
 
 
@@ -174,6 +191,30 @@ async def test_opening_seals_rows_stored_in_plain_text_before(tmp_path: Path) ->
             assert await load(store) == [SECRET_TEXT, "two"]
     assert [row[1] for row in raw_rows(path)] == ["k1", "k1"]
     assert all(SECRET_TEXT.encode() not in row[2] for row in raw_rows(path))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the associated data is the seq alone: a row's recipient can be changed in the file",
+)
+async def test_a_row_pointed_at_another_recipient_does_not_decrypt(tmp_path: Path) -> None:
+    """Whoever can write the store file but has no key (a restored or tampered backup, a
+    shared volume) must not turn that into reading content: pointing a queued row at their
+    own client must not deliver it to them in plain text. The docs promise a ciphertext
+    copied to another row does not decrypt; the same must hold for the row's routing."""
+    path = tmp_path / "relayd.sqlite3"
+    with trio.fail_after(IO_DEADLINE):
+        async with Store.open(str(path), keys=keys(("k1", KEY_1))) as store:
+            await store.insert_client(client(UUID_A))
+            await store.insert_client(client(UUID_B, name="bob"))
+            await store.execute([queued(1, SECRET_TEXT)], max_queued=9)  # A to B
+        db = sqlite3.connect(path)
+        with db:
+            db.execute("UPDATE messages SET recipient = ? WHERE seq = 1", (UUID_A,))
+        db.close()
+        with pytest.raises(UndecryptableRow):
+            async with Store.open(str(path), keys=keys(("k1", KEY_1))) as store:
+                await store.execute([LoadQueue(UUID_A, 0, 100, 1 << 20)], max_queued=1)
 
 
 async def test_a_missing_or_wrong_key_stops_the_store_at_open(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 
+from relayd import _kdf
 from relayd._auth import AuthService, Registration, Revocation
 from relayd._config import AuthConfig
 from relayd._errors import Conflict, NotFound, TokenError, Unauthorized
@@ -463,3 +464,53 @@ async def test_token_revocations_survive_a_reload_within_the_leeway(
     second = AuthService(store, make_codec(), CONFIG)
     await second.load()
     assert await authenticate_code(second, issued.token) == "token_revoked"
+
+
+async def test_a_login_checking_the_old_secret_while_it_is_reset_gets_no_tokens(
+    auth: AuthService, store: Store
+) -> None:
+    """A login reads the client's secret hash, then checks the secret in the KDF (tens of ms).
+    If an admin's reset (or a rotation with ``revoke_tokens``) commits in between, the login
+    must not come out with a new login that outlives the reset: whoever holds the old secret
+    (the reason for the reset) would keep the identity by keeping a login attempt in flight.
+
+    The KDF is held so that the reset commits, as ``reset_secret`` commits it, while the
+    login waits for its check."""
+    registration = await register(auth)
+    kdf = auth._kdf_limiter
+    borrowers = [object() for _ in range(int(kdf.total_tokens))]
+    for borrower in borrowers:
+        await kdf.acquire_on_behalf_of(borrower)
+    outcome: dict[str, str] = {}
+
+    async def log_in() -> None:
+        try:
+            pair = await auth.login(UUID, registration.client_secret, source=None)
+        except Unauthorized as exc:
+            outcome["refused"] = exc.code
+        else:
+            outcome["issued"] = pair.access.token
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log_in)
+        await trio.testing.wait_all_tasks_blocked()  # the hash is read; the KDF is awaited
+        new_hash = _kdf.hash_secret(_kdf.new_client_secret(), n=CONFIG.kdf_cost)
+        assert await store.set_secret(UUID, new_hash, revoke_at=auth.now)
+        for borrower in borrowers:
+            kdf.release_on_behalf_of(borrower)
+    assert outcome == {"refused": "invalid_client"}
+
+
+async def test_registering_again_with_a_token_revoked_since_it_was_checked_gets_no_login(
+    auth: AuthService, store: Store
+) -> None:
+    """``POST /register`` checks the Bearer token, then ``reregister`` makes a new login. A
+    reset (or an admin's revoke) committed in between revokes that token: its holder must not
+    come out with a login that outlives the reset."""
+    registration = await register(auth)
+    claims = await auth.authenticate(registration.tokens.access.token)
+    new_hash = _kdf.hash_secret(_kdf.new_client_secret(), n=CONFIG.kdf_cost)
+    assert await store.set_secret(UUID, new_hash, revoke_at=auth.now)  # as reset_secret does
+    with pytest.raises(TokenError) as refused:
+        await auth.reregister("alice", UUID, client_secret=None, claims=claims, source=None)
+    assert refused.value.code == "token_revoked"

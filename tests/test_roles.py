@@ -58,6 +58,8 @@ def _tuples(define: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
         ),
         ('define = { a = [] }\ndefault = "b"', "default: 'b' is not a role"),
         ('define = { A = [] }\ndefault = "A"', "a role name is"),
+        # `$` matches before a final newline: "a\n" would pass, and be stored as "a".
+        ('define = { "a\\n" = [] }\ndefault = "a\\n"', "a role name is"),
         ('define = { a = "directory" }\ndefault = "a"', "a: must be a list of grants"),
         ('define = ["a"]', "must be a table of roles"),
     ],
