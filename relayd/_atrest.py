@@ -1,8 +1,9 @@
 """Message content encrypted at rest: AES-256-GCM under keys from a key file.
 
 The store never holds a message's fields in plain text: each queued row holds
-``nonce || ciphertext`` and names its key (``messages.key_id``). The row's seq is the
-associated data, so a ciphertext moved to another row does not decrypt. What stays readable in
+``nonce || ciphertext`` and names its key (``messages.key_id``). The row's seq, sender,
+recipient and msgid are the associated data (:class:`RowId`), so a ciphertext moved to another
+row, or a row pointed at another recipient, does not decrypt. What stays readable in
 the database, its WAL and its backups is what routing needs: sender, recipient, msgid, times
 and statuses.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import os
 import re
@@ -43,6 +45,7 @@ KEY_FILE_NAME = "store-keys"
 CREDENTIAL_NAME = "relayd-store-keys"
 KEY_BYTES = 32
 NONCE_BYTES = 12
+AAD_VERSION = b"relayd-row-v1\0"
 _KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _HEADER = (
     "# relayd store keys (AES-256-GCM): '<id> <base64 key>' per line. The first encrypts new\n"
@@ -88,13 +91,13 @@ class StoreKeys:
         keys = {**fresh.keys, **{k: v for k, v in self.keys.items() if k not in fresh.keys}}
         return StoreKeys(fresh.current, raw, keys, fresh.origin)
 
-    def seal(self, seq: int, text: str) -> tuple[str, bytes]:
+    def seal(self, row: RowId, text: str) -> tuple[str, bytes]:
         """Encrypt a row's fields under the current key; return the key id and the blob."""
         nonce = os.urandom(NONCE_BYTES)
-        blob = self.keys[self.current].encrypt(nonce, text.encode("utf-8"), _aad(seq))
+        blob = self.keys[self.current].encrypt(nonce, text.encode("utf-8"), row.aad())
         return self.current, nonce + blob
 
-    def open(self, seq: int, key_id: str, blob: bytes) -> str:
+    def open(self, row: RowId, key_id: str, blob: bytes) -> str:
         """Decrypt a row's fields.
 
         Raises:
@@ -104,19 +107,35 @@ class StoreKeys:
         aes = self.keys.get(key_id)
         if aes is None:
             raise UndecryptableRow(
-                f"message {seq} is encrypted with key {key_id!r}, which {self.origin} lacks"
+                f"message {row.seq} is encrypted with key {key_id!r}, which {self.origin} lacks"
             )
         try:
-            return aes.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(seq)).decode("utf-8")
+            text = aes.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], row.aad())
         except (InvalidTag, ValueError):
             raise UndecryptableRow(
-                f"message {seq} does not decrypt with key {key_id!r} from {self.origin}: a wrong"
-                " key under that id, or an altered row"
+                f"message {row.seq} does not decrypt with key {key_id!r} from {self.origin}: a"
+                " wrong key under that id, or an altered row"
             ) from None
+        return text.decode("utf-8")
 
 
-def _aad(seq: int) -> bytes:
-    return seq.to_bytes(8, "big", signed=True)
+@frozen
+class RowId:
+    """What a sealed row is bound to (the associated data): its seq, sender, recipient and
+    msgid. A ciphertext copied to another row, or a row pointed at another recipient, does
+    not decrypt."""
+
+    seq: int
+    sender: str
+    recipient: str
+    msgid: str
+
+    def aad(self) -> bytes:
+        parts = [AAD_VERSION, self.seq.to_bytes(8, "big", signed=True)]
+        for text in (self.sender, self.recipient, self.msgid):
+            data = text.encode("utf-8")
+            parts += [len(data).to_bytes(4, "big"), data]  # length-prefixed: unambiguous
+        return b"".join(parts)
 
 
 def new_key_id() -> str:
@@ -157,11 +176,13 @@ def render_key_file(pairs: list[tuple[str, bytes]]) -> str:
     return _HEADER + "\n".join(lines) + "\n"
 
 
-def write_key_file(path: Path, pairs: list[tuple[str, bytes]]) -> None:
-    """Replace ``path`` atomically with ``pairs`` (mode 0600, fsynced), keeping its owner:
-    run as root, the command must not take the file from the user relayd runs as."""
+def write_key_file(path: Path, pairs: list[tuple[str, bytes]], *, new: bool = False) -> None:
+    """Replace ``path`` atomically with ``pairs`` (mode 0600, fsynced, and its directory),
+    keeping its owner: run as root, the command must not take the file from the user relayd
+    runs as. ``new``: create it, or raise ``FileExistsError`` if it exists (never a file half
+    written, whatever crash comes)."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    owner = path.stat() if path.exists() else None
+    owner = path.stat() if path.exists() and not new else None
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         if owner is not None and os.geteuid() == 0:  # only root may give a file away
@@ -170,7 +191,11 @@ def write_key_file(path: Path, pairs: list[tuple[str, bytes]]) -> None:
             fh.write(render_key_file(pairs))
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(temporary, path)
+        if new:
+            os.link(temporary, path)  # fails if it exists
+            temporary.unlink()
+        else:
+            os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -204,15 +229,8 @@ def load_store_keys(
     path, may_generate = key_file_path(config, environ)
     if not path.exists() and may_generate and generate:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # made meanwhile: read it
-        else:
-            with os.fdopen(fd, "w", encoding="ascii") as fh:
-                fh.write(render_key_file([(new_key_id(), AESGCM.generate_key(256))]))
-                fh.flush()
-                os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # made meanwhile: read it
+            write_key_file(path, [(new_key_id(), AESGCM.generate_key(256))], new=True)
     try:
         text = path.read_text(encoding="ascii")
         mode = path.stat().st_mode

@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 import trio
 from attrs import frozen
 
-from ._atrest import StoreKeys, UndecryptableRow
+from ._atrest import RowId, StoreKeys, UndecryptableRow
 from ._errors import SchemaTooNewError, StoreError
 from ._relay.records import (
     ClearKeyNotice,
@@ -185,6 +185,10 @@ def _revoke_client_tokens(db: sqlite3.Connection, uuid: str, at: float, reason: 
     return cursor.rowcount == 1
 
 
+# What decrypting a row needs: its fields, their key, and what they are bound to.
+_SEALED_COLUMNS = "seq, sender, recipient, msgid, fields, key_id"
+
+
 def _check_keys(db: sqlite3.Connection, keys: StoreKeys) -> int:
     """Every key the rows need is in ``keys`` and decrypts one of its rows; then rows still
     in plain text (written before encryption at rest) are sealed. Returns how many.
@@ -196,16 +200,25 @@ def _check_keys(db: sqlite3.Connection, keys: StoreKeys) -> int:
         "SELECT min(seq) FROM messages WHERE key_id IS NOT NULL GROUP BY key_id"
     ).fetchall()
     for (seq,) in first_of_each_key:
-        row = db.execute("SELECT seq, fields, key_id FROM messages WHERE seq = ?", (seq,))
+        row = db.execute(f"SELECT {_SEALED_COLUMNS} FROM messages WHERE seq = ?", (seq,))
         _fields(row.fetchone(), keys)
-    with transaction(db):
-        plain = db.execute(
-            "SELECT seq, fields FROM messages WHERE key_id IS NULL AND fields != ''"
-        ).fetchall()
-        db.executemany(
-            "UPDATE messages SET key_id = ?, fields = ? WHERE seq = ?",
-            [(*keys.seal(seq, fields), seq) for seq, fields in plain],
-        )
+    plain = db.execute(
+        f"SELECT {_SEALED_COLUMNS} FROM messages WHERE key_id IS NULL AND fields != ''"
+    ).fetchall()
+    if not plain:
+        return 0
+    # The plain text must not stay behind in freed space, nor in the WAL's older frames.
+    (secure_delete,) = db.execute("PRAGMA secure_delete").fetchone()
+    db.execute("PRAGMA secure_delete = ON")
+    try:
+        with transaction(db):
+            db.executemany(
+                "UPDATE messages SET key_id = ?, fields = ? WHERE seq = ?",
+                [(*keys.seal(row_id(row), row["fields"]), row["seq"]) for row in plain],
+            )
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.execute(f"PRAGMA secure_delete = {int(secure_delete)}")
     return len(plain)
 
 
@@ -917,7 +930,12 @@ def _fields(row: sqlite3.Row, keys: StoreKeys | None) -> str:
         return fields
     if keys is None:
         raise UndecryptableRow(f"message {row['seq']} is encrypted and no store key was loaded")
-    return keys.open(row["seq"], key_id, row["fields"])
+    return keys.open(row_id(row), key_id, row["fields"])
+
+
+def row_id(row: sqlite3.Row) -> RowId:
+    """What a row's sealed fields are bound to (see :class:`RowId`)."""
+    return RowId(row["seq"], row["sender"], row["recipient"], row["msgid"])
 
 
 def _stored(row: sqlite3.Row, keys: StoreKeys | None, fields: str | None = None) -> StoredMessage:
@@ -939,7 +957,7 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys
     key_id: str | None = None
     fields: str | bytes = op.fields
     if keys is not None and op.fields:
-        key_id, fields = keys.seal(op.seq, op.fields)
+        key_id, fields = keys.seal(RowId(op.seq, op.sender, op.recipient, op.msgid), op.fields)
     values = (
         op.seq,
         op.sender,

@@ -177,7 +177,9 @@ async def test_encrypted_send_and_listen_with_published_and_pinned_keys(
     assert hub is not None
     store = hub.store
     rows = await store._run(
-        lambda db: db.execute("SELECT seq, fields, key_id FROM messages").fetchall()
+        lambda db: db.execute(
+            "SELECT seq, sender, recipient, msgid, fields, key_id FROM messages"
+        ).fetchall()
     )
     # As relayd itself reads them (its encryption at rest undone): still sealed end to end.
     assert ["top secret" in _fields(row, store.keys) for row in rows] == [False]

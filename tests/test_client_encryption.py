@@ -49,7 +49,9 @@ async def stored_contents(relayd: RunningRelayd) -> list[str]:
     assert hub is not None
     store = hub.store
     rows = await store._run(
-        lambda db: db.execute("SELECT seq, fields, key_id FROM messages").fetchall()
+        lambda db: db.execute(
+            "SELECT seq, sender, recipient, msgid, fields, key_id FROM messages"
+        ).fetchall()
     )
     return [_fields(row, store.keys) for row in rows]
 
