@@ -34,6 +34,7 @@ from ._api import (
     RevokeRequest,
     RolesRequest,
     RotateSecretRequest,
+    canonical_uuid,
     parse_body,
     parse_json_object,
 )
@@ -195,6 +196,15 @@ def _bearer_token() -> str:
     return token.strip()
 
 
+def _path_uuid(value: str) -> str:
+    """A client uuid from a path, canonical; 404 ``unknown_client`` if it is not a uuid (the
+    answer quotes at most 64 characters of it)."""
+    try:
+        return canonical_uuid(value)
+    except ValueError:
+        raise NotFound(f"no client {value[:64]!r}", code="unknown_client") from None
+
+
 def _client_json(client: ClientRecord, relay: Relay | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "uuid": client.uuid,
@@ -269,7 +279,7 @@ def _serve_keys(
     async def publish_keys(client_uuid: str) -> dict[str, Any]:
         """Publish the client's own public keys (one per algorithm)."""
         claims = await authenticated()
-        client_uuid = client_uuid.lower()
+        client_uuid = _path_uuid(client_uuid)
         if claims.sub != client_uuid:
             raise Forbidden("a client may publish only its own keys", code="not_yours")
         body = parse_body(await _json_body(), PublishKeysRequest)
@@ -282,7 +292,7 @@ def _serve_keys(
     async def read_keys(client_uuid: str) -> dict[str, Any]:
         """A client's public keys with their fingerprints, current and superseded."""
         claims = await authenticated()
-        client_uuid = client_uuid.lower()
+        client_uuid = _path_uuid(client_uuid)
         await may_read(claims, client_uuid)
         reader = None if claims.is_operator else claims.sub
         return keys_json(client_uuid, await directory.read(client_uuid, reader))
@@ -548,14 +558,14 @@ def create_app(services: Services) -> QuartTrio:
     async def get_client(client_uuid: str) -> dict[str, Any]:
         """One client of the directory (needs the 'directory' grant)."""
         await permitted("directory")
-        return _client_json(await auth.get_client(client_uuid.lower()), services.relay)
+        return _client_json(await auth.get_client(_path_uuid(client_uuid)), services.relay)
 
     @app.delete("/clients/<client_uuid>")
     @api(["clients"], Done, errors=(403, 404), bearer=True)
     async def delete_client(client_uuid: str) -> dict[str, Any]:
         """Delete a client (itself, or any as an admin); its uuid stays taken."""
         claims = await authenticated()
-        client_uuid = client_uuid.lower()
+        client_uuid = _path_uuid(client_uuid)
         if claims.sub != client_uuid and not may(claims, "admin"):
             raise Forbidden("a client may delete only itself", code="not_yours")
         await auth.delete_client(client_uuid, actor=claims.sub, source=_source())
@@ -569,7 +579,7 @@ def create_app(services: Services) -> QuartTrio:
     async def revoke_client(client_uuid: str) -> dict[str, Any]:
         """Revoke every token a client holds; its live session is closed (4003)."""
         claims = await admin()
-        client_uuid = client_uuid.lower()
+        client_uuid = _path_uuid(client_uuid)
         await auth.revoke_client(client_uuid, actor=claims.sub, source=_source())
         return {"revoked": client_uuid}
 
@@ -578,7 +588,7 @@ def create_app(services: Services) -> QuartTrio:
     async def rotate_secret(client_uuid: str) -> dict[str, Any]:
         """Rotate a client's secret, proven by the current one or its own token."""
         body = parse_body(await _json_body(), RotateSecretRequest)
-        client_uuid = client_uuid.lower()
+        client_uuid = _path_uuid(client_uuid)
         proof = claims = None
         if body.client_secret is not None:
             proof = await auth.prove(client_uuid, body.client_secret, source=_source())
@@ -610,7 +620,7 @@ def create_app(services: Services) -> QuartTrio:
     async def reset_secret(client_uuid: str) -> dict[str, Any]:
         """A new secret for a client that lost its own; its tokens are revoked."""
         claims = await admin()
-        client_uuid = client_uuid.lower()
+        client_uuid = _path_uuid(client_uuid)
         secret = await auth.reset_secret(client_uuid, actor=claims.sub, source=_source())
         return {"uuid": client_uuid, "client_secret": secret}
 
@@ -663,7 +673,7 @@ def create_app(services: Services) -> QuartTrio:
                 "roles", f"{', '.join(unknown)}: not a role of this relayd ([roles] define)"
             )
         client = await auth.set_roles(
-            client_uuid.lower(), body.roles, actor=claims.sub, source=_source()
+            _path_uuid(client_uuid), body.roles, actor=claims.sub, source=_source()
         )
         return {**_client_json(client, services.relay), "roles": list(client.roles)}
 

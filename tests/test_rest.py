@@ -922,3 +922,18 @@ async def test_registration_tokens_work_on_the_wall_clock(
         if response.status != 200:
             refused.append((client["uuid"], response.error_code))
     assert refused == []
+
+
+@pytest.mark.parametrize("path", ["/clients/{}", "/clients/{}/keys", "/admin/clients/{}/revoke"])
+async def test_a_path_that_is_no_uuid_is_404_quoting_little_of_it(
+    relayd: RunningRelayd, path: str
+) -> None:
+    alice = await relayd.http.register("alice")
+    token = admin_token(relayd) if path.startswith("/admin") else alice["access_token"]
+    method = relayd.http.post if path.endswith("revoke") else relayd.http.get
+    response = await method(path.format("x" * 3000), token=token)
+    error = assert_error(response, 404, "unknown_client")
+    assert len(error["message"]) < 100
+    # Any spelling of a real uuid names the client.
+    upper = await relayd.http.get(f"/clients/{alice['uuid'].upper()}", token=alice["access_token"])
+    assert assert_ok(upper)["uuid"] == alice["uuid"]
