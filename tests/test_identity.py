@@ -14,7 +14,7 @@ import trio.testing
 
 from relayd import _kdf
 
-from .support import HttpClient, RunningRelayd, start_relayd
+from .support import HttpClient, HttpResponse, RunningRelayd, start_relayd
 from .test_admin import cli, config_file, file_config
 from .test_rest import (
     REGISTER_KEYS,
@@ -228,15 +228,12 @@ async def test_an_admin_resets_a_lost_secret(relayd: RunningRelayd) -> None:
     assert_error(missing, 404, "unknown_client")
 
 
-async def test_a_rotation_proved_with_the_old_secret_does_not_undo_a_reset(
-    relayd: RunningRelayd,
-) -> None:
-    """``POST /clients/{uuid}/secret`` checks the secret (the KDF, tens of ms), then stores a
-    new one. A reset committed in between must win: else whoever holds the old secret (the
-    reason for the reset) takes the identity back with a rotation in flight. The KDF is held
-    so that the reset commits, as the admin route commits it, at that moment."""
-    http = relayd.http
-    alice = await http.register("alice")
+async def rotation_racing_a_reset(
+    relayd: RunningRelayd, alice: dict[str, Any], body: dict[str, Any], token: str | None
+) -> HttpResponse:
+    """Rotate alice's secret with ``body`` (and ``token``) while the KDF is held, commit an
+    admin's reset (as the route commits it) at that moment, then let the rotation go on.
+    Returns the rotation's answer, after checking that the reset's secret is the one kept."""
     services = relayd.daemon.services
     assert services is not None
     assert services.store is not None
@@ -248,11 +245,11 @@ async def test_a_rotation_proved_with_the_old_secret_does_not_undo_a_reset(
 
     async def rotate() -> None:
         path = f"/clients/{alice['uuid']}/secret"
-        answers.append(await http.post(path, {"client_secret": alice["client_secret"]}))
+        answers.append(await relayd.http.post(path, body, token=token))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rotate)
-        while kdf.statistics().tasks_waiting == 0:  # the hash is read; the KDF is awaited
+        while kdf.statistics().tasks_waiting == 0:  # the proof is read; the KDF is awaited
             await trio.testing.wait_all_tasks_blocked()
         reset_hash = _kdf.hash_secret(
             _kdf.new_client_secret(), n=relayd.daemon.config.auth.kdf_cost
@@ -263,11 +260,24 @@ async def test_a_rotation_proved_with_the_old_secret_does_not_undo_a_reset(
         assert stored
         for borrower in borrowers:
             kdf.release_on_behalf_of(borrower)
-    [answer] = answers
-    assert_error(answer, 401, "invalid_client")
     holder = await services.store.get_client(alice["uuid"])
     assert holder is not None
     assert holder.secret_hash == reset_hash
+    [answer] = answers
+    return answer
+
+
+async def test_a_rotation_proved_with_the_old_secret_does_not_undo_a_reset(
+    relayd: RunningRelayd,
+) -> None:
+    """``POST /clients/{uuid}/secret`` checks the secret (the KDF, tens of ms), then stores a
+    new one. A reset committed in between must win: else whoever holds the old secret (the
+    reason for the reset) takes the identity back with a rotation in flight."""
+    alice = await relayd.http.register("alice")
+    answer = await rotation_racing_a_reset(
+        relayd, alice, {"client_secret": alice["client_secret"]}, None
+    )
+    assert_error(answer, 401, "invalid_client")
 
 
 async def test_a_rotation_proved_with_a_token_does_not_undo_a_reset(
@@ -276,39 +286,9 @@ async def test_a_rotation_proved_with_a_token_does_not_undo_a_reset(
     """The same with an access token for proof: the token is checked, the new secret hashed
     (the KDF), then stored. A reset committed in between revokes that token: the rotation
     must not store a secret for its holder."""
-    http = relayd.http
-    alice = await http.register("alice")
-    services = relayd.daemon.services
-    assert services is not None
-    assert services.store is not None
-    kdf = services.auth._kdf_limiter
-    borrowers = [object() for _ in range(int(kdf.total_tokens))]
-    for borrower in borrowers:
-        await kdf.acquire_on_behalf_of(borrower)
-    answers = []
-
-    async def rotate() -> None:
-        path = f"/clients/{alice['uuid']}/secret"
-        answers.append(await http.post(path, {}, token=alice["access_token"]))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(rotate)
-        while kdf.statistics().tasks_waiting == 0:  # the token is checked; the KDF is awaited
-            await trio.testing.wait_all_tasks_blocked()
-        reset_hash = _kdf.hash_secret(
-            _kdf.new_client_secret(), n=relayd.daemon.config.auth.kdf_cost
-        )
-        stored = await services.store.set_secret(
-            alice["uuid"], reset_hash, revoke_at=services.auth.now
-        )
-        assert stored
-        for borrower in borrowers:
-            kdf.release_on_behalf_of(borrower)
-    [answer] = answers
+    alice = await relayd.http.register("alice")
+    answer = await rotation_racing_a_reset(relayd, alice, {}, alice["access_token"])
     assert_error(answer, 401, "token_revoked")
-    holder = await services.store.get_client(alice["uuid"])
-    assert holder is not None
-    assert holder.secret_hash == reset_hash
 
 
 # --- invites ------------------------------------------------------------------------------------
