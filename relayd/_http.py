@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import html
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
@@ -60,6 +61,7 @@ from ._openapi import (
     Done,
     Invite,
     Invites,
+    MessageStatus,
     PublicKeys,
     Registered,
     Secret,
@@ -67,6 +69,7 @@ from ._openapi import (
     Status,
     StoreKeys,
     TokenPair,
+    Undelivered,
     api,
 )
 from ._ratelimit import RateLimiter
@@ -83,6 +86,8 @@ class Relay(Protocol):
     def online(self, client: str) -> bool: ...
 
     async def queue_depths(self) -> dict[str, int]: ...
+
+    def recent_status(self, sender: str, msgid: str) -> tuple[float, str | None] | None: ...
 
 
 class Readiness(enum.Enum):
@@ -205,6 +210,20 @@ def _path_uuid(value: str) -> str:
         raise NotFound(f"no client {value[:64]!r}", code="unknown_client") from None
 
 
+MAX_MSGID_CHARS = 256
+FINAL_STATUSES = frozenset({"delivered", "acknowledged", "failed", "expired"})
+MAX_PAGE = 1000
+
+
+def _limit(text: str | None) -> int:
+    """``?limit=``: 1 to ``MAX_PAGE``, 100 when absent."""
+    if text is None:
+        return 100
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+        raise ValidationError("limit", f"must be a whole number from 1 to {MAX_PAGE}")
+    return int(text)
+
+
 def _client_json(client: ClientRecord, relay: Relay | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "uuid": client.uuid,
@@ -308,14 +327,19 @@ def create_app(services: Services) -> QuartTrio:
     _enable_cors(app, services)
     auth = services.auth
 
-    async def authenticated() -> Claims:
+    async def authenticated(*, query_token: bool = False) -> Claims:
         """The request's token, checked, and one request taken from its client's allowance.
+        ``query_token``: a ``?token=`` is accepted too when there is no Authorization header
+        (the seed system's clients send it so on the routes they share with relayd).
 
         Raises:
             Unauthorized: no token, or a token refused.
             RateLimited: the client (``sub``) is over ``http.api_per_minute``.
         """
-        claims = await auth.authenticate(_bearer_token())
+        token = request.args.get("token") if query_token else None
+        if token is None or "Authorization" in request.headers:
+            token = _bearer_token()
+        claims = await auth.authenticate(token)
         wait = services.api_limiter.acquire(claims.sub, trio.current_time())
         if wait > 0:
             raise RateLimited(wait)
@@ -676,6 +700,57 @@ def create_app(services: Services) -> QuartTrio:
             _path_uuid(client_uuid), body.roles, actor=claims.sub, source=_source()
         )
         return {**_client_json(client, services.relay), "roles": list(client.roles)}
+
+    @app.get("/messages/<msgid>/status")
+    @api(["messages"], MessageStatus, errors=(403, 404), bearer=True)
+    async def message_status(msgid: str) -> dict[str, Any]:
+        """What became of a message, for its sender or its recipient (seed-compatible)."""
+        claims = await authenticated(query_token=True)
+        store = services.store
+        if store is None or len(msgid) > MAX_MSGID_CHARS:
+            raise NotFound("no such message", code="unknown_message")
+        record = await store.message_record(msgid, claims.sub)
+        relay = services.relay
+        if record is not None:
+            told = relay.recent_status(record.sender, msgid) if relay is not None else None
+            # The store's final status, else what its sender was last told (the core's view is
+            # ahead of the store by at most one deferred commit), else queued.
+            status = record.status or (told[1] if told is not None else None) or "queued"
+            return {
+                "msgid": record.msgid,
+                "from": record.sender,
+                "to": record.recipient,
+                "status": status,
+                "final": status in FINAL_STATUSES,
+                "reason": record.reason or None,
+                "attempts": record.attempts,
+                "accepted_at": record.accepted_at,
+                "expires_at": record.expires_at,
+                "finished_at": record.finished_at,
+            }
+        if await store.msgid_known(msgid):
+            raise Forbidden("only its sender or its recipient may ask", code="not_yours")
+        raise NotFound("no such message (or it is older than it is kept)", code="unknown_message")
+
+    @app.get("/clients/<client_uuid>/undelivered")
+    @api(["messages"], Undelivered, errors=(403, 404), bearer=True)
+    async def undelivered(client_uuid: str) -> dict[str, Any]:
+        """What waits in the store for a client, oldest first; only the client itself (or an
+        admin) may ask (seed-compatible)."""
+        claims = await authenticated(query_token=True)
+        client_uuid = _path_uuid(client_uuid)
+        if claims.sub != client_uuid and not may(claims, "admin"):
+            raise Forbidden("a client may list only what waits for itself", code="not_yours")
+        limit = _limit(request.args.get("limit"))
+        store = services.store
+        if store is None:
+            return {"count": 0, "messages": []}
+        count, rows = await store.undelivered(client_uuid, limit)
+        messages = [
+            {**json.loads(row.fields), "attempts": row.attempts, "accepted_at": row.accepted_at}
+            for row in rows
+        ]
+        return {"count": count, "messages": messages}
 
     @app.get("/admin/clients")
     @api(["admin"], AdminClients, errors=(403,), bearer=True)

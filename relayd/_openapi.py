@@ -188,6 +188,31 @@ class PublicKeys:
 
 
 @frozen
+class MessageStatus:
+    """A message's record (with ``from``, its sender). ``final``: its status will not
+    change."""
+
+    msgid: str
+    to: str
+    status: str
+    final: bool
+    reason: str | None
+    attempts: int
+    accepted_at: float
+    expires_at: float
+    finished_at: float | None
+
+
+@frozen
+class Undelivered:
+    """What waits for a client: ``count`` in all, ``messages`` the oldest (each the 13 fields
+    as they will be delivered, with ``attempts`` and ``accepted_at``)."""
+
+    count: int
+    messages: list[dict[str, Any]]
+
+
+@frozen
 class Done:
     """``{"revoked": true}``, ``{"revoked": "<uuid>"}``, ``{"deleted": "<uuid>"}``."""
 

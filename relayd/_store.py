@@ -123,6 +123,22 @@ class InviteRecord:
         }
 
 
+@frozen
+class MessageRecord:
+    """What the store keeps of a message for its status (``status`` None: not final yet)."""
+
+    seq: int
+    sender: str
+    recipient: str
+    msgid: str
+    status: str | None
+    reason: str
+    attempts: int
+    accepted_at: float
+    expires_at: float
+    finished_at: float | None
+
+
 RotateOutcome = Literal["rotated", "reused", "revoked", "unknown"]
 
 
@@ -771,6 +787,47 @@ class Store:
         """Messages accepted at or after ``since``, newest ``limit`` of them, oldest first:
         what deduplication must remember across a restart."""
         return await self._run(partial(recent_messages, since=since, limit=limit))
+
+    async def message_record(self, msgid: str, client: str) -> MessageRecord | None:
+        """The newest stored message with ``msgid`` that ``client`` sent or received."""
+
+        def query(db: sqlite3.Connection) -> MessageRecord | None:
+            row = db.execute(
+                "SELECT seq, sender, recipient, msgid, status, reason, attempts, accepted_at,"
+                " expires_at, finished_at FROM messages"
+                " WHERE msgid = ? AND (sender = ? OR recipient = ?) ORDER BY seq DESC LIMIT 1",
+                (msgid, client, client),
+            ).fetchone()
+            return None if row is None else MessageRecord(*row)
+
+        return await self._run(query)
+
+    async def msgid_known(self, msgid: str) -> bool:
+        """Whether any stored message has ``msgid`` (whoever sent it)."""
+        return await self._run(
+            lambda db: (
+                db.execute("SELECT 1 FROM messages WHERE msgid = ?", (msgid,)).fetchone()
+                is not None
+            )
+        )
+
+    async def undelivered(self, recipient: str, limit: int) -> tuple[int, list[StoredMessage]]:
+        """How many messages wait in the store for ``recipient``, and the oldest ``limit`` of
+        them (content decrypted)."""
+
+        def query(db: sqlite3.Connection) -> tuple[int, list[StoredMessage]]:
+            count = db.execute(
+                "SELECT coalesce(sum(queued), 0) FROM queue_counts WHERE recipient = ?",
+                (recipient,),
+            ).fetchone()[0]
+            rows = db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                " WHERE recipient = ? AND status IS NULL ORDER BY seq LIMIT ?",
+                (recipient, limit),
+            )
+            return int(count), [_stored(row, self.keys) for row in rows]
+
+        return await self._run(query)
 
     async def keys_in_use(self) -> dict[str | None, int]:
         """Messages holding content, per the key they are encrypted with (``None``: plain)."""

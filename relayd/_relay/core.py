@@ -711,6 +711,14 @@ class RelayCore:
         self._error(session, "token_revoked", text, now, {"reason": reason})
         self._close(session, CloseCode.REVOKED, reason)
 
+    def recent_status(self, sender: str, msgid: str) -> tuple[float, str | None] | None:
+        """(accepted at, the last status its sender was told) of a message within the
+        dedupe window; ``None`` if it is not remembered."""
+        known = self._recent.get((sender, msgid))
+        if known is None:
+            return None
+        return known[0], None if known[1] is None else known[1].value
+
     def _was_revoked(self, who: Identity) -> bool:
         revoked = self._revoked
         if who.issued_at < revoked.get(("client", who.client), float("-inf")):

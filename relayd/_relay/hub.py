@@ -479,6 +479,11 @@ class Hub:
     def online(self, client: str) -> bool:
         return self.core.online(client)
 
+    def recent_status(self, sender: str, msgid: str) -> tuple[float, str | None] | None:
+        """When a message of ``sender``'s was accepted and the last status it was told, while
+        deduplication remembers it (``relay.dedupe_window``)."""
+        return self.core.recent_status(sender, msgid)
+
     async def queue_depths(self) -> dict[str, int]:
         """Undelivered messages in the store, per recipient."""
         return await self.store.queue_depths()
