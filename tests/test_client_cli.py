@@ -21,7 +21,7 @@ import trio
 from relayd._store import _fields
 
 from .client_support import url_of
-from .support import RunningRelayd
+from .support import RunningRelayd, make_config, start_relayd
 
 DEADLINE = 30.0
 
@@ -245,3 +245,23 @@ async def test_encrypting_to_a_peer_without_a_key_exits_2(
     assert sent.returncode == 2
     assert f"{bob} has published no x25519 key".encode() in sent.stderr
     assert sent.stdout == b""
+
+
+async def test_register_with_an_invite_where_registration_is_invite_only(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relayd = await start_relayd(
+        nursery, make_config(tmp_path, {"auth": {"registration": "invite"}})
+    )
+    refused = await run(tmp_path, "register", "alice", "--url", url_of(relayd))
+    assert refused.returncode != 0
+    assert b"invite_required" in refused.stderr
+    assert not (tmp_path / "ids" / "alice.json").exists()
+    services = relayd.daemon.services
+    assert services is not None
+    code, _ = await services.auth.mint_invite(by="operator:test", ttl=None)
+    done = await run(tmp_path, "register", "alice", "--url", url_of(relayd), "--invite", code)
+    assert done.returncode == 0, done.stderr
+    assert json_lines(done.stdout)[0]["name"] == "alice"
+    spent = await run(tmp_path, "register", "bob", "--url", url_of(relayd), "--invite", code)
+    assert b"invite_invalid" in spent.stderr

@@ -50,7 +50,8 @@ EXIT_INTERRUPTED = 130
 
 CLIENT_HELP = """\
 client commands (JSON lines on stdout, one object per line):
-  relayd register NAME [--url URL]   register a client; keep its identity as NAME
+  relayd register NAME [--url URL] [--invite CODE]
+                                     register a client; keep its identity as NAME
   relayd send --as NAME TO [TEXT]    send TEXT (or each line of stdin) to TO (uuid or name)
   relayd send --as NAME --encrypt TO [TEXT]   the same, sealed to TO's key (relayd[e2e])
   relayd listen --as NAME            print each message received (decrypted), then ack it
@@ -137,7 +138,7 @@ async def _register(args: argparse.Namespace) -> int:
     if store.exists():
         say(f"{store.path} exists: {args.as_name or args.name} is registered already")
         return EXIT_USAGE
-    credentials = await register(args.url, args.name, store, uuid=args.uuid)
+    credentials = await register(args.url, args.name, store, uuid=args.uuid, invite=args.invite)
     emit({"uuid": credentials.uuid, "name": credentials.name, "credentials": str(store.path)})
     return EXIT_OK
 
@@ -335,6 +336,9 @@ def add_commands(commands: Any) -> None:
         "--url", default="http://127.0.0.1:8000", help="relayd's HTTP address"
     )
     register_parser.add_argument("--uuid", help="your own uuid for it (default: relayd's)")
+    register_parser.add_argument(
+        "--invite", help="a one-time invite code, where registration is invite-only"
+    )
     register_parser.add_argument(
         "--as", dest="as_name", metavar="NAME", help="identity name to keep it as (default NAME)"
     )

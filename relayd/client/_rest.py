@@ -133,16 +133,25 @@ class RestClient:
         await self._http.aclose()
 
     async def register(
-        self, name: str, *, uuid: str | None = None, admin_token: str | None = None
+        self,
+        name: str,
+        *,
+        uuid: str | None = None,
+        admin_token: str | None = None,
+        invite: str | None = None,
     ) -> Credentials:
         """Register a client; return its credentials (secret and first tokens included).
+        ``invite``: a one-time code, where relayd's registration is invite-only.
 
         Raises:
-            HttpError: 409 ``uuid_taken``, 403 ``registration_closed``, 422, 429...
+            HttpError: 409 ``uuid_taken``, 403 ``registration_closed`` / ``invite_required`` /
+                ``invite_invalid``, 422, 429...
         """
         body: dict[str, Any] = {"name": name}
         if uuid is not None:
             body["uuid"] = uuid
+        if invite is not None:
+            body["invite"] = invite
         doc = await self._call("POST", "/register", json=body, token=admin_token)
         return Credentials(
             url=self.url,
