@@ -25,6 +25,7 @@ import trio
 from . import __version__
 from ._admin import Admin, backup, print_clients
 from ._api import MAX_INVITE_TTL
+from ._atrest import key_file_path
 from ._auth import load_signing_secret, normalize_uuid
 from ._config import Config, load_config, to_toml
 from ._daemon import Daemon
@@ -128,8 +129,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _, origin = load_signing_secret(config, os.environ, generate=False)
+    keys, may_generate = key_file_path(config, os.environ)
+    keys_origin = (
+        f"{keys} (generated on first start)" if may_generate and not keys.exists() else keys
+    )
     sys.stdout.write(to_toml(config))
-    sys.stdout.write(f"\n# signing secret: {origin}\n# store: {config.store_path}\n")
+    sys.stdout.write(
+        f"\n# signing secret: {origin}\n# store: {config.store_path}\n# store keys: {keys_origin}\n"
+    )
     return EXIT_OK
 
 

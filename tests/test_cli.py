@@ -230,6 +230,10 @@ async def test_check_config_prints_the_effective_config(tmp_path: Path, source: 
     for secret in (SECRET, file_secret):
         assert secret not in stdout
         assert secret not in stderr
+    # Where the store keys are, never generated here either.
+    keys = tmp_path / "state" / "store-keys"
+    assert f"# store keys: {keys} (generated on first start)" in stdout
+    assert not keys.exists()
 
 
 @pytest.mark.parametrize("command", [["check-config"], ["serve"], ["token", "mint"]])
