@@ -19,21 +19,27 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from . import __version__
-from ._admin import Admin, backup, print_clients
 from ._api import MAX_INVITE_TTL
 from ._atrest import key_file_path
 from ._auth import load_signing_secret, normalize_uuid
 from ._config import Config, load_config, to_toml
-from ._daemon import Daemon
 from ._errors import ConfigError, RelaydError
 from ._log import configure as configure_logging
 from ._tokens import TokenCodec
 from .client._cli import CLIENT_HELP
 from .client._cli import add_commands as add_client_commands
+
+if TYPE_CHECKING:
+    from ._admin import Admin
+    from ._daemon import Daemon
+
+# The server's modules (Quart, hypercorn: ~0.3 s to import) are imported by the commands that
+# use them, so that the client commands (relayd send, listen...) start quickly.
 
 log = logging.getLogger("relayd")
 
@@ -111,6 +117,8 @@ async def _serve_until_signalled(daemon: Daemon, config_path: str | None) -> int
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from ._daemon import Daemon
+
     config = load_config(args.config)
     configure_logging(config.log.level, config.log.format)
     gc.set_threshold(*GC_THRESHOLDS)
@@ -170,6 +178,8 @@ def _cmd_token_mint(args: argparse.Namespace) -> int:
 
 def _admin(args: argparse.Namespace) -> Admin:
     """An admin session for ``relayd admin`` and ``relayd store-key`` (a context manager)."""
+    from ._admin import Admin
+
     config = load_config(args.config)
     configure_logging("warning", config.log.format)
     return Admin(config, _codec(config), args.url)
@@ -178,6 +188,8 @@ def _admin(args: argparse.Namespace) -> Admin:
 def _cmd_admin(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         if args.admin_command == "clients":
+            from ._admin import print_clients
+
             print_clients(admin.clients(), admin.offline)
         elif args.admin_command == "queues":
             queues = admin.queues()
@@ -235,6 +247,8 @@ def _cmd_store_key(args: argparse.Namespace) -> int:
 
 
 def _cmd_backup(args: argparse.Namespace) -> int:
+    from ._admin import backup
+
     config = load_config(args.config)
     counts = backup(config, Path(args.path))
     print(
