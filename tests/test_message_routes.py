@@ -136,3 +136,22 @@ async def test_a_query_token_is_taken_on_these_routes_only(
     )
     assert_error(mixed, 401, "token_invalid")
     assert token not in capfd.readouterr().err  # never logged, not even from a URL
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/messages/%ED%A0%80/status",  # an encoded lone surrogate
+        "/messages/%FF/status",  # not UTF-8
+        "/messages/a%00b/status",
+        "/messages/" + "%C3%A9" * 300 + "/status",
+        "/clients/%ED%A0%80/undelivered",
+        "/clients/" + "x" * 3000 + "/undelivered",
+    ],
+)
+async def test_hostile_paths_are_404_in_the_error_shape(relayd: RunningRelayd, path: str) -> None:
+    alice = await relayd.http.register("alice")
+    response = await relayd.http.get(path, token=alice["access_token"])
+    error = assert_error(response, 404)
+    assert error["code"] in ("unknown_message", "unknown_client")
+    assert len(error["message"]) < 100
