@@ -1,7 +1,7 @@
 """Bare WebSocket echo servers: the ceiling of relayd's two transports, with no relay logic.
 
     python -m contrib.bench.echo asgi    # an ASGI app on hypercorn's Trio worker (the main port)
-    python -m contrib.bench.echo trio    # trio-websocket's serve_websocket (the dedicated listener)
+    python -m contrib.bench.echo trio    # websockets' sans-I/O protocol on Trio (dedicated)
 
 Each listens on 127.0.0.1 on a free port, prints ``{"port": N}`` on stdout, and echoes every
 frame back on the socket it came from until it is killed (SIGTERM). Both are configured as
@@ -17,9 +17,11 @@ from functools import partial
 from typing import Any
 
 import trio
-import trio_websocket
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
 
 MAX_FRAME = 65_536
 
@@ -62,29 +64,45 @@ async def serve_asgi() -> None:
         _announce(int(binds[0].rpartition(":")[2]))
 
 
-async def trio_echo(request: trio_websocket.WebSocketRequest) -> None:
-    ws = await request.accept()
-    while True:
-        try:
-            message = await ws.get_message()
-            await ws.send_message(message)
-        except trio_websocket.ConnectionClosed:
-            return
+async def websockets_echo(stream: trio.SocketStream) -> None:
+    """One connection: websockets' sans-I/O protocol over a Trio stream, as relayd's dedicated
+    listener drives it (relayd/_relay/wsserver.py), echoing every data frame."""
+    protocol = ServerProtocol(max_size=MAX_FRAME)
+    async with stream:
+        handshake_done = False
+        while True:
+            data = await stream.receive_some(65_536)
+            if not data:
+                return
+            protocol.receive_data(data)
+            if not handshake_done:
+                request = next(
+                    (e for e in protocol.events_received() if isinstance(e, Request)), None
+                )
+                if request is None:
+                    continue
+                protocol.send_response(protocol.accept(request))
+                handshake_done = True
+            else:
+                for frame in protocol.events_received():
+                    if isinstance(frame, Frame) and frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                        if frame.opcode is Opcode.TEXT:
+                            protocol.send_text(frame.data)
+                        else:
+                            protocol.send_binary(frame.data)
+            outgoing = protocol.data_to_send()
+            if outgoing:
+                await stream.send_all(b"".join(outgoing))
+            if protocol.close_expected():
+                return
 
 
 async def serve_trio() -> None:
     async with trio.open_nursery() as nursery:
-        server: trio_websocket.WebSocketServer = await nursery.start(
-            partial(
-                trio_websocket.serve_websocket,
-                trio_echo,
-                "127.0.0.1",
-                0,
-                None,
-                max_message_size=MAX_FRAME,
-            )
+        listeners: list[trio.SocketListener] = await nursery.start(
+            partial(trio.serve_tcp, websockets_echo, 0, host="127.0.0.1")
         )
-        _announce(server.port)
+        _announce(listeners[0].socket.getsockname()[1])
 
 
 def _announce(port: int) -> None:
