@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import socket
 import struct
@@ -18,10 +19,12 @@ from typing import Any
 import pytest
 import trio
 import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 from relayd._relay.frames import CloseCode
 
-from .raw_ws import RawWebSocket
+from .raw_ws import OP_TEXT, RawWebSocket, frame
 from .support import IO_DEADLINE, SEED_FIELDS, RunningRelayd, make_config, start_relayd
 from .ws_support import WsClient, ws_connect
 
@@ -364,3 +367,32 @@ async def test_a_client_that_offers_the_lean_profile_gets_it(relayd: RunningRela
         # And no ack_received for bob: the next frame he gets is the pong.
         await b.send({"type": "ping"})
         assert (await b.next())["type"] == "pong"
+
+
+async def test_frames_sent_with_the_upgrade_request_are_read(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A client that does not wait for the 101 (RFC 6455 says it should) and sends its auth
+    frame in the same packet as the upgrade request: the dedicated listener hands the session
+    a protocol of its own after the handshake, and must carry those bytes over to it."""
+    relayd = await start(nursery, tmp_path, "dedicated")
+    alice = await relayd.http.register("alice")
+    assert relayd.addresses.websocket is not None
+    host, port = relayd.addresses.websocket
+    ws = WSConnection(ConnectionType.CLIENT)
+    auth = json.dumps({"type": "auth", "token": alice["access_token"]}).encode()
+    with trio.fail_after(IO_DEADLINE):
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            request = ws.send(Request(host=f"{host}:{port}", target="/ws"))
+            await stream.send_all(request + frame(OP_TEXT, auth))
+            events: list[Any] = []
+            while not any(isinstance(e, TextMessage) for e in events):
+                data = await stream.receive_some(65536)
+                assert data, f"the connection closed after {events}"
+                ws.receive_data(data)
+                events.extend(ws.events())
+    assert isinstance(events[0], AcceptConnection), events
+    welcome_frame = next(e for e in events if isinstance(e, TextMessage))
+    doc = json.loads(welcome_frame.data)
+    assert (doc["type"], doc["uuid"]) == ("connection", alice["uuid"])
