@@ -63,9 +63,24 @@ def asgi_websocket_app(
     serves, ``http.serve_app``) are admitted as if listed in ``websocket.allowed_origins``."""
 
     async def websocket_app(scope: Any, receive: Any, send: Any) -> None:
+        sid = hub.new_sid()
+        # Before the accept: the pinger hypercorn starts with it logs under this id too.
+        token = conn_id.set(f"ws{sid}")
+        try:
+            transport = await handshake(scope, receive, send)
+            # The handshake's decoded headers die with its frame (kept in this one for the
+            # whole session, as they were, they cost every idle socket about a kilobyte).
+            if transport is not None:
+                await hub.serve(transport, sid=sid)
+        finally:
+            conn_id.reset(token)
+
+    async def handshake(scope: Any, receive: Any, send: Any) -> AsgiTransport | None:
+        """Accept the socket: its transport; ``None`` once it is refused (or was never a
+        connect)."""
         event = await receive()
         if event["type"] != "websocket.connect":
-            return
+            return None
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         allowed: tuple[str, ...] = hub.core.ws.allowed_origins
         if admit_own_origin:
@@ -81,26 +96,18 @@ def asgi_websocket_app(
                 }
             )
             await send({"type": "websocket.http.response.body", "body": origin_refusal(origin)})
-            return
-        handshake = read_handshake(
+            return None
+        offered = read_handshake(
             scope["query_string"].decode("latin-1"), headers, scope.get("subprotocols") or []
         )
-        sid = hub.new_sid()
-        # Before the accept: the pinger hypercorn starts with it logs under this id too.
-        token = conn_id.set(f"ws{sid}")
-        try:
-            await send({"type": "websocket.accept", "subprotocol": handshake.subprotocol})
-            remote = (scope.get("client") or ("-", 0))[0]
-            transport = AsgiTransport(
-                receive,
-                send,
-                remote=remote,
-                token=handshake.token,
-                lean=handshake.lean,
-                bounded_writes=bounded_writes,
-            )
-            await hub.serve(transport, sid=sid)
-        finally:
-            conn_id.reset(token)
+        await send({"type": "websocket.accept", "subprotocol": offered.subprotocol})
+        return AsgiTransport(
+            receive,
+            send,
+            remote=(scope.get("client") or ("-", 0))[0],
+            token=offered.token,
+            lean=offered.lean,
+            bounded_writes=bounded_writes,
+        )
 
     return websocket_app
