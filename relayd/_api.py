@@ -23,7 +23,14 @@ import cattrs
 from attrs import field, frozen
 
 from ._errors import BadRequest, ValidationError
-from ._structure import FieldError, field_error, iter_errors, strict_converter, strict_scalar
+from ._structure import (
+    FieldError,
+    field_error,
+    iter_errors,
+    strict_converter,
+    strict_scalar,
+    strict_strings,
+)
 
 T = TypeVar("T")
 
@@ -143,14 +150,9 @@ converter.register_structure_hook(
 )
 
 
-def _strings(value: Any, _: Any) -> tuple[str, ...]:
-    # cattrs would take a string as a sequence of one-character strings.
-    if not isinstance(value, list):
-        raise TypeError(f"must be a list of strings, not {type(value).__name__}")
-    return tuple(strict_scalar(item, str) for item in value)
-
-
-converter.register_structure_hook_func(lambda kind: kind == tuple[str, ...], _strings)
+converter.register_structure_hook_func(
+    lambda kind: kind == tuple[str, ...], lambda value, _: strict_strings(value)
+)
 
 
 def _problem(path: str, exc: BaseException) -> tuple[str, str]:

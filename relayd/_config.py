@@ -34,7 +34,14 @@ from attrs import field, frozen
 from cattrs.errors import ForbiddenExtraKeysError
 
 from ._errors import ConfigError
-from ._structure import FieldError, field_error, iter_errors, strict_converter, strict_scalar
+from ._structure import (
+    FieldError,
+    field_error,
+    iter_errors,
+    strict_converter,
+    strict_scalar,
+    strict_strings,
+)
 
 ENV_PREFIX = "RELAYD_"
 # Environment variables with the prefix that are not config keys.
@@ -419,10 +426,7 @@ _converter = strict_converter(forbid_extra_keys=True)
 
 
 def _structure_origins(value: Any, _: Any) -> Origins:
-    # cattrs would take a string as a sequence of one-character origins.
-    if not isinstance(value, list | tuple):
-        raise TypeError(f"must be a list of strings, not {type(value).__name__}")
-    return tuple(strict_scalar(item, str) for item in value)
+    return strict_strings(value)
 
 
 _converter.register_structure_hook_func(lambda kind: kind == Origins, _structure_origins)
@@ -433,9 +437,10 @@ def _structure_grants(value: Any, _: Any) -> RoleGrants:
         raise TypeError(f"must be a table of roles, not {type(value).__name__}")
     grants: RoleGrants = {}
     for role, items in value.items():
-        if not isinstance(items, list | tuple):
-            raise TypeError(f"{role}: must be a list of grants, not {type(items).__name__}")
-        grants[strict_scalar(role, str)] = tuple(strict_scalar(item, str) for item in items)
+        try:
+            grants[strict_scalar(role, str)] = strict_strings(items, "grants")
+        except TypeError as exc:
+            raise TypeError(f"{role}: {exc}") from None
     return grants
 
 

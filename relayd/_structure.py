@@ -37,6 +37,14 @@ def strict_scalar(value: Any, kind: type[Any]) -> Any:
     return _strict(kind)(value, kind)
 
 
+def strict_strings(value: Any, noun: str = "strings") -> tuple[str, ...]:
+    """A JSON/TOML list of strings, as a tuple. cattrs alone would take a string as a sequence
+    of one-character strings (and an object as the sequence of its keys)."""
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"must be a list of {noun}, not {type(value).__name__}")
+    return tuple(strict_scalar(item, str) for item in value)
+
+
 def _literal(value: Any, kind: Any) -> Any:
     allowed = typing.get_args(kind)
     if isinstance(value, bool) or value not in allowed:
