@@ -187,3 +187,15 @@ async def start_relayd(
     daemon = Daemon(config, environ=environ, store_executor=store_executor)
     addresses: Addresses = await nursery.start(daemon.run)
     return RunningRelayd(daemon, addresses)
+
+
+# The two listeners a WebSocket session may use: the REST port, or the dedicated listener.
+TRANSPORTS = ["main", "dedicated"]
+
+
+async def start_on(nursery: trio.Nursery, tmp_path: Path, transport: str) -> RunningRelayd:
+    """relayd with its WebSockets on ``transport`` (one of ``TRANSPORTS``)."""
+    overrides: dict[str, Any] = {}
+    if transport == "dedicated":
+        overrides["websocket"] = {"listen": "127.0.0.1:0"}
+    return await start_relayd(nursery, make_config(tmp_path, overrides))

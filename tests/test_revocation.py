@@ -16,21 +16,16 @@ import trio
 
 from relayd._relay.frames import CloseCode
 
-from .support import HttpClient, RunningRelayd, make_config, start_relayd
+from .support import TRANSPORTS, HttpClient, RunningRelayd, start_on
 from .test_restart import MillisecondClock, file_config, running
 from .ws_support import WsClient, ws_connect
-
-TRANSPORTS = ["main", "dedicated"]
 
 
 @pytest.fixture(params=TRANSPORTS)
 async def relayd(
     request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path
 ) -> RunningRelayd:
-    overrides: dict[str, Any] = {}
-    if request.param == "dedicated":
-        overrides["websocket"] = {"listen": "127.0.0.1:0"}
-    return await start_relayd(nursery, make_config(tmp_path, overrides))
+    return await start_on(nursery, tmp_path, request.param)
 
 
 async def refresh(http: HttpClient, refresh_token: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import types
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -29,7 +28,7 @@ from .raw_ws import (
     close_payload,
     frame,
 )
-from .support import RunningRelayd, make_config, start_relayd
+from .support import RunningRelayd, start_on
 
 TRANSPORTS = ["main", "dedicated"]
 PROTOCOL_ERROR = CloseCode.PROTOCOL_ERROR
@@ -66,10 +65,7 @@ VIOLATIONS: dict[str, tuple[bytes, int]] = {
 
 
 async def start(nursery: trio.Nursery, tmp_path: Path, transport: str) -> RunningRelayd:
-    overrides: dict[str, Any] = {}
-    if transport == "dedicated":
-        overrides["websocket"] = {"listen": "127.0.0.1:0"}
-    return await start_relayd(nursery, make_config(tmp_path, overrides))
+    return await start_on(nursery, tmp_path, transport)
 
 
 async def authenticated(relayd: RunningRelayd) -> RawWebSocket:
