@@ -6,6 +6,7 @@ import pytest
 import trio
 
 from .browser_support import require_chromium
+from .redis_support import redis_server, redis_url
 from .support import RunningRelayd, make_config, start_relayd
 
 
@@ -13,6 +14,9 @@ from .support import RunningRelayd, make_config, start_relayd
 async def relayd(nursery: trio.Nursery, tmp_path: Path) -> RunningRelayd:
     """relayd on a free loopback port with a volatile store, stopped after the test."""
     return await start_relayd(nursery, make_config(tmp_path))
+
+
+__all__ = ["redis_server", "redis_url"]  # fixtures for every test module
 
 
 @pytest.fixture
