@@ -34,11 +34,11 @@ from . import _kdf
 from ._atrest import key_file_path, new_key_id, parse_key_file, write_key_file
 from ._auth import INVITE_PREFIX, invite_id_of
 from ._config import Config
+from ._engine import open_engine
 from ._errors import RelaydError, StoreError
 from ._lock import StateDirLocked, StateLock
 from ._log import audit
 from ._roles import RolePolicy
-from ._store import Store
 from ._tokens import TokenCodec
 
 ADMIN_TOKEN_TTL = 60.0
@@ -152,13 +152,14 @@ class Admin:
 
     def _store(self, operation: str, *args: Any, **kwargs: Any) -> Any:
         path = self.config.store_path
-        if path == ":memory:":
-            raise AdminError("the daemon is not running and its store is :memory:")
-        if not Path(path).exists():
-            raise AdminError(f"the daemon is not running and there is no store at {path}")
+        if self.config.store.engine == "sqlite":
+            if path == ":memory:":
+                raise AdminError("the daemon is not running and its store is :memory:")
+            if not Path(path).exists():
+                raise AdminError(f"the daemon is not running and there is no store at {path}")
 
         async def run() -> Any:
-            async with Store.open(path, synchronous=self.config.store.synchronous) as store:
+            async with open_engine(self.config) as store:
                 return await getattr(store, operation)(*args, **kwargs)
 
         return trio.run(run)

@@ -31,9 +31,9 @@ from attrs import frozen
 
 from . import _kdf
 from ._config import AuthConfig, Config
+from ._engine import ClientRecord, ClientStore, InviteRecord
 from ._errors import ConfigError, Conflict, Forbidden, NotFound, TokenError, Unauthorized
 from ._log import audit
-from ._store import ClientRecord, InviteRecord, Store
 from ._tokens import Claims, IssuedToken, TokenCodec, check_secret
 
 log = logging.getLogger("relayd.auth")
@@ -148,7 +148,7 @@ class Registration:
 class AuthService:
     def __init__(
         self,
-        store: Store,
+        store: ClientStore,
         codec: TokenCodec,
         config: AuthConfig,
         *,
@@ -188,6 +188,16 @@ class AuthService:
     def _announce_roles(self, client: str, roles: tuple[str, ...] | None) -> None:
         for subscriber in self._role_subscribers:
             subscriber(client, roles)
+
+    def revoked_elsewhere(self, revocation: Revocation) -> None:
+        """Cluster mode: another node revoked tokens (and stored it). An access token revoked
+        by its jti is refused here too from now on; the rest is checked in the store."""
+        if revocation.token_id is not None:
+            self._revoked_jtis.add(revocation.token_id)
+
+    def roles_changed_elsewhere(self, client: str, roles: tuple[str, ...] | None) -> None:
+        """Cluster mode: another node stored ``client``'s roles (``None``: deleted)."""
+        self._announce_roles(client, roles)
 
     def _revocation_horizon(self) -> float:
         # The codec accepts a token until exp + leeway: its revocation must last as long.

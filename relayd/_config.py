@@ -49,6 +49,7 @@ ENV_RESERVED = frozenset({"RELAYD_CONFIG", "RELAYD_SECRET", "RELAYD_VENV"})
 
 RegistrationPolicy = Literal["open", "closed", "invite"]
 Synchronous = Literal["full", "normal"]
+EngineName = Literal["sqlite", "redis"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 # Browser origins (``https://app.example.com``), or ``"*"`` for any.
@@ -81,6 +82,14 @@ def _address(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
 def _optional_address(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if value:
         _address(instance, attribute, value)
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "unix://")
+
+
+def _check_redis_url(url: str) -> None:
+    if url and not url.startswith(REDIS_SCHEMES):
+        raise ValueError(f"url: {url!r} is not a Redis URL: use one of {', '.join(REDIS_SCHEMES)}")
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -313,8 +322,24 @@ class MetricsConfig:
 
 @frozen(kw_only=True)
 class StoreConfig:
-    """The embedded SQLite store."""
+    """Where relayd keeps its state: the embedded SQLite store, or Redis/Valkey (cluster
+    mode)."""
 
+    engine: EngineName = "sqlite"
+    """``sqlite``: one node, its state in a file under ``state_dir``. ``redis``: any number
+    of nodes sharing one Redis 7+ or Valkey 8+ server at ``url`` (docs/operations.md)."""
+    url: str = field(default="", validator=lambda _, __, v: _check_redis_url(v))
+    """With ``engine = "redis"``: ``redis://[user:password@]host:port/db``, ``rediss://``
+    (TLS), or ``redis+sentinel://host:port[,host:port...]/service?db=0`` (docs/operations.md).
+    Empty: ``redis://127.0.0.1:6379/0``."""
+    prefix: str = "relayd:"
+    """With ``engine = "redis"``: every key relayd keeps starts with this (several relayd
+    clusters can share one server)."""
+    timeout: float = field(default=2.0, validator=_positive)
+    """With ``engine = "redis"``: seconds a call to Redis may take before it fails."""
+    lease: float = field(default=10.0, validator=_positive)
+    """With ``engine = "redis"``: a node that could not reach Redis for this long closes
+    every session (1013), since other nodes may have taken its clients."""
     path: str = "relayd.sqlite3"
     """Database file, relative to ``state_dir``; ``:memory:`` keeps everything in memory."""
     synchronous: Synchronous = "full"

@@ -25,7 +25,9 @@ from hypercorn.config import Config as HypercornConfig
 from ._asgi import Dispatcher, metrics_app, serve_http
 from ._atrest import KeyFileError, load_store_keys
 from ._auth import AuthService, load_signing_secret
+from ._cluster import open_cluster
 from ._config import RELOADABLE, Config, TlsConfig, changed_keys, with_keys
+from ._engine import Engine, open_engine
 from ._errors import ConfigError
 from ._http import Readiness, Services, create_app
 from ._hypercorn import hypercorn_config, install_hooks, set_write_timeout, writes_bounded
@@ -37,7 +39,7 @@ from ._relay.hub import Hub
 from ._relay.listeners import asgi_websocket_app
 from ._relay.wsserver import serve_dedicated
 from ._roles import RolePolicy
-from ._store import Executor, Store, thread_executor
+from ._store import Executor, thread_executor
 from ._systemd import Notifier
 from ._tokens import TokenCodec
 
@@ -128,7 +130,7 @@ class Daemon:
         self._notifier = Notifier(self._environ)
         self.services: Services | None = None
         self.hub: Hub | None = None
-        self._store: Store | None = None
+        self._store: Engine | None = None
         self._http_config: HypercornConfig | None = None
 
     def stop(self) -> None:
@@ -196,6 +198,11 @@ class Daemon:
             raise ConfigError(
                 f"state_dir: cannot create {config.state_dir}: {exc.strerror}"
             ) from None
+        if config.store.engine == "redis":
+            # Nodes share the store through Redis, and may share a state directory (its
+            # signing secret and store keys): no lock on it.
+            await self._run_locked(task_status)
+            return
         with StateLock.acquire(config.state_path, command="serve"):
             await self._run_locked(task_status)
 
@@ -210,12 +217,10 @@ class Daemon:
             "store keys loaded",
             extra={"fields": {"from": keys.origin, "current": keys.current}},
         )
-        async with Store.open(
-            config.store_path,
-            synchronous=config.store.synchronous,
-            executor=self._store_executor,
-            keys=keys,
-        ) as store:
+        async with (
+            open_engine(config, keys=keys, executor=self._store_executor) as store,
+            open_cluster(config) as cluster,
+        ):
             self._store = store
             codec = TokenCodec(
                 secret,
@@ -226,7 +231,7 @@ class Daemon:
             )
             auth = AuthService(store, codec, config.auth, default_roles=(config.roles.default,))
             await auth.load()
-            hub = self.hub = await Hub.open(config, store, auth, clock=self._clock)
+            hub = self.hub = await Hub.open(config, store, auth, clock=self._clock, cluster=cluster)
             key_directory = KeyDirectory(store, clock=self._clock)
             key_directory.subscribe(hub.keys_changed)
             http_stats = HttpStats()
@@ -259,6 +264,9 @@ class Daemon:
             http_shutdown = trio.Event()
             async with trio.open_nursery() as nursery:
                 await nursery.start(hub.run)
+                if cluster is not None:
+                    await nursery.start(cluster.run, hub)
+                    log.info("cluster node up", extra={"fields": {"node": cluster.node}})
                 graceful = config.drain_timeout
                 self._http_config = hypercorn_config(
                     config,

@@ -13,7 +13,7 @@ import enum
 import html
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any, Protocol
 
@@ -42,12 +42,15 @@ from ._api import (
 from ._auth import AuthService
 from ._browser import APP_CSP
 from ._config import Config, RolesConfig
+from ._engine import ClientRecord, Engine
 from ._errors import (
     ApiError,
     Forbidden,
     NotFound,
     RateLimited,
+    StoreError,
     Unauthorized,
+    Unavailable,
     UnsupportedMediaType,
     ValidationError,
 )
@@ -74,7 +77,6 @@ from ._openapi import (
 )
 from ._ratelimit import RateLimiter
 from ._roles import RolePolicy
-from ._store import ClientRecord, Store
 from ._tokens import Claims
 
 log = logging.getLogger("relayd.http")
@@ -83,7 +85,16 @@ log = logging.getLogger("relayd.http")
 class Relay(Protocol):
     """What the REST API needs from the relay."""
 
-    def online(self, client: str) -> bool: ...
+    async def online(self, clients: Sequence[str]) -> set[str]:
+        """Which of ``clients`` have a live session (on any node, in cluster mode).
+
+        Raises:
+            StoreError: the cluster could not be asked.
+        """
+        ...
+
+    @property
+    def store_available(self) -> bool: ...
 
     async def queue_depths(self) -> dict[str, int]: ...
 
@@ -104,7 +115,7 @@ class Services:
     auth: AuthService
     relay: Relay | None = None
     metrics: Metrics | None = None  # GET /metrics, when served on this port
-    store: Store | None = None  # GET /admin/store-keys
+    store: Engine | None = None  # GET /admin/store-keys
     policy: RolePolicy = field(factory=lambda: RolePolicy.from_config(RolesConfig()))
     keys: KeyDirectory | None = None  # the key directory's routes, when given
     stats: HttpStats = field(factory=HttpStats)
@@ -224,15 +235,32 @@ def _limit(text: str | None) -> int:
     return int(text)
 
 
-def _client_json(client: ClientRecord, relay: Relay | None = None) -> dict[str, Any]:
+def _client_json(client: ClientRecord, online: set[str] | None = None) -> dict[str, Any]:
+    """A client as the directory shows it; ``online``: who is online, if the relay runs."""
     doc: dict[str, Any] = {
         "uuid": client.uuid,
         "name": client.name,
         "created_at": client.created_at,
     }
-    if relay is not None:
-        doc["online"] = relay.online(client.uuid)
+    if online is not None:
+        doc["online"] = client.uuid in online
     return doc
+
+
+async def _online(relay: Relay | None, clients: Sequence[ClientRecord]) -> set[str] | None:
+    """Who of ``clients`` is online (``None`` without a relay).
+
+    Raises:
+        ServiceUnavailable: the cluster could not be asked (503 ``store_unavailable``).
+    """
+    if relay is None:
+        return None
+    try:
+        return await relay.online([c.uuid for c in clients])
+    except StoreError:
+        raise Unavailable(
+            "the store cannot be reached now; try again later", code="store_unavailable"
+        ) from None
 
 
 # The browser client's files (relayd/web, package data), by their name under /app/.
@@ -466,6 +494,13 @@ def create_app(services: Services) -> QuartTrio:
     async def ready() -> Response:
         """Readiness: 200 when serving, 503 while starting or draining."""
         state = services.readiness
+        relay = services.relay
+        if state is Readiness.READY and relay is not None and not relay.store_available:
+            body = {"status": "unavailable"}
+            body.update(ApiError("the store cannot be reached", code="store_unavailable").to_json())
+            response = jsonify(body)
+            response.status_code = 503
+            return response
         if state is Readiness.READY:
             return jsonify({"status": state.value})
         body = {"status": state.value}
@@ -571,10 +606,11 @@ def create_app(services: Services) -> QuartTrio:
         """The client directory (needs the 'directory' grant)."""
         await permitted("directory")
         clients = await auth.list_clients()
+        online = await _online(services.relay, clients)
         return {
             "count": len(clients),
             "clients": {c.uuid: c.name for c in clients},
-            "items": [_client_json(c, services.relay) for c in clients],
+            "items": [_client_json(c, online) for c in clients],
         }
 
     @app.get("/clients/<client_uuid>")
@@ -582,7 +618,8 @@ def create_app(services: Services) -> QuartTrio:
     async def get_client(client_uuid: str) -> dict[str, Any]:
         """One client of the directory (needs the 'directory' grant)."""
         await permitted("directory")
-        return _client_json(await auth.get_client(_path_uuid(client_uuid)), services.relay)
+        client = await auth.get_client(_path_uuid(client_uuid))
+        return _client_json(client, await _online(services.relay, [client]))
 
     @app.delete("/clients/<client_uuid>")
     @api(["clients"], Done, errors=(403, 404), bearer=True)
@@ -699,7 +736,8 @@ def create_app(services: Services) -> QuartTrio:
         client = await auth.set_roles(
             _path_uuid(client_uuid), body.roles, actor=claims.sub, source=_source()
         )
-        return {**_client_json(client, services.relay), "roles": list(client.roles)}
+        online = await _online(services.relay, [client])
+        return {**_client_json(client, online), "roles": list(client.roles)}
 
     @app.get("/messages/<msgid>/status")
     @api(["messages"], MessageStatus, errors=(403, 404), bearer=True)
@@ -759,11 +797,12 @@ def create_app(services: Services) -> QuartTrio:
         await admin()
         clients = await auth.list_clients()
         queued = await services.relay.queue_depths() if services.relay is not None else {}
+        online = await _online(services.relay, clients)
         return {
             "count": len(clients),
             "items": [
                 {
-                    **_client_json(c, services.relay),
+                    **_client_json(c, online),
                     "roles": list(c.roles),
                     "queued": queued.get(c.uuid, 0),
                 }

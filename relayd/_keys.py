@@ -33,10 +33,10 @@ import attrs
 from attrs import field, frozen
 
 from ._api import converter
+from ._engine import ClientStore, KeyRecord
 from ._errors import NotFound
 from ._log import audit
 from ._relay.records import KeyNotice
-from ._store import KeyRecord, Store
 from ._structure import FieldError, field_error
 
 log = logging.getLogger("relayd.keys")
@@ -152,7 +152,7 @@ class KeyDirectory:
     """Publishing and reading keys (see the module docstring). Key changes are announced, as
     lists of :class:`KeyNotice`, to the subscribers once committed."""
 
-    def __init__(self, store: Store, *, clock: Callable[[], float]) -> None:
+    def __init__(self, store: ClientStore, *, clock: Callable[[], float]) -> None:
         self._store = store
         self._clock = clock
         self._subscribers: list[Callable[[list[KeyNotice]], None]] = []

@@ -26,9 +26,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import trio
-from attrs import frozen
 
 from ._atrest import RowId, StoreKeys, UndecryptableRow
+from ._engine import ClientRecord as ClientRecord
+from ._engine import FamilyRecord as FamilyRecord
+from ._engine import InviteRecord as InviteRecord
+from ._engine import KeyRecord as KeyRecord
+from ._engine import MessageRecord as MessageRecord
+from ._engine import Publication as Publication
+from ._engine import RotateOutcome as RotateOutcome
 from ._errors import SchemaTooNewError, StoreError
 from ._relay.records import (
     ClearKeyNotice,
@@ -79,87 +85,6 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-
-
-@frozen
-class ClientRecord:
-    uuid: str
-    name: str
-    secret_hash: str
-    roles: tuple[str, ...]
-    created_at: float
-    tokens_valid_after: float
-    deleted_at: float | None = None
-
-
-@frozen
-class FamilyRecord:
-    family: str
-    client_uuid: str
-    current_jti: str
-    expires_at: float
-    revoked_at: float | None
-
-
-@frozen
-class InviteRecord:
-    id: str  # hex SHA-256 of the code
-    created_at: float
-    created_by: str
-    expires_at: float
-    used_at: float | None
-    used_by: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        """As the admin API lists it: the id shortened to 12 hex digits (enough to tell
-        invites apart; the code cannot be recovered from it)."""
-        return {
-            "id": self.id[:12],
-            "created_at": self.created_at,
-            "created_by": self.created_by,
-            "expires_at": self.expires_at,
-            "used_at": self.used_at,
-            "used_by": self.used_by,
-        }
-
-
-@frozen
-class MessageRecord:
-    """What the store keeps of a message for its status (``status`` None: not final yet)."""
-
-    seq: int
-    sender: str
-    recipient: str
-    msgid: str
-    status: str | None
-    reason: str
-    attempts: int
-    accepted_at: float
-    expires_at: float
-    finished_at: float | None
-
-
-RotateOutcome = Literal["rotated", "reused", "revoked", "unknown"]
-
-
-@frozen
-class KeyRecord:
-    """A public key in the directory: current while ``superseded_at`` is ``None``."""
-
-    algorithm: str
-    key: bytes
-    fingerprint: str
-    published_at: float
-    superseded_at: float | None = None
-
-
-@frozen
-class Publication:
-    """What publishing keys changed: the algorithms whose current key is new, and the key
-    changes owed to the client's readers (one per reader and changed algorithm)."""
-
-    changed: tuple[str, ...]
-    notices: tuple[KeyNotice, ...]
 
 
 def _client(row: sqlite3.Row) -> ClientRecord:
@@ -314,6 +239,7 @@ class Store:
         that never read a message's fields)."""
         # One call at a time: the connection has exactly one user, the writer.
         self._limiter = trio.CapacityLimiter(1)
+        self._reserved = 0  # the highest seq reserved (see reserve_seqs)
 
     @classmethod
     @asynccontextmanager
@@ -782,6 +708,14 @@ class Store:
     async def last_message_seq(self) -> int:
         """The highest message seq ever stored (0 if none): the relay allocates above it."""
         return await self._run(last_message_seq)
+
+    async def reserve_seqs(self, count: int) -> int:
+        """The first of ``count`` message seqs never used before. One process owns a SQLite
+        store (the state directory's lock), so the seqs above the highest stored are free:
+        a reservation is remembered here, not stored."""
+        start = max(await self.last_message_seq(), self._reserved) + 1
+        self._reserved = start + count - 1
+        return start
 
     async def recent_messages(self, since: float, limit: int) -> list[RecentMessage]:
         """Messages accepted at or after ``since``, newest ``limit`` of them, oldest first:

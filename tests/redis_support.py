@@ -66,12 +66,13 @@ def _free_port() -> int:
         return port
 
 
-def start_redis(binary: str, data_dir: Path, *extra: str) -> RedisServer:
+def start_redis(binary: str, data_dir: Path, *extra: str, port: int | None = None) -> RedisServer:
     """Start a server in the foreground and return once it says it accepts connections.
 
-    ``extra``: more ``redis-server`` arguments (``--appendonly yes`` ...).
+    ``extra``: more ``redis-server`` arguments (``--appendonly yes`` ...); ``port``: where
+    it listens (default: a free one).
     """
-    port = _free_port()
+    port = port or _free_port()
     process = subprocess.Popen(
         [
             binary,
@@ -83,8 +84,6 @@ def start_redis(binary: str, data_dir: Path, *extra: str) -> RedisServer:
             str(data_dir),
             "--save",
             "",
-            "--appendonly",
-            "no",
             "--protected-mode",
             "no",
             *extra,

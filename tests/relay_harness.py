@@ -25,6 +25,7 @@ import json
 import sqlite3
 import uuid as uuid_module
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -32,17 +33,76 @@ import attrs
 from relayd._config import RelayConfig, WebsocketConfig
 from relayd._relay import records
 from relayd._relay.core import (
+    Announce,
     Authenticate,
     Close,
     Identity,
     Ping,
     Ref,
     RelayCore,
+    ReserveSeqs,
     Send,
 )
+from relayd._relay.seqs import SeqPool
 from relayd._store import _apply, _connect, last_message_seq, recent_messages, transaction
 
 T0 = 1_000_000.0  # the harness's epoch: `now` starts here
+
+
+@attrs.define
+class Bus:
+    """Cluster mode for harnesses: nodes (cores) sharing one store, as relayd/_cluster.py
+    links them through Redis. Claims, the seq counter and hints are kept here; hints are
+    delivered when a node's store batch commits, unless ``hold`` (then they wait in
+    ``held``, to model hints that come late or are lost)."""
+
+    nodes: list[CoreHarness] = attrs.Factory(list)
+    counter: int = 0  # the store's seq counter (what relayd/_redis reserves from)
+    epochs: int = 0
+    claims: dict[str, tuple[CoreHarness, int]] = attrs.Factory(dict)
+    hold: bool = False
+    held: list[Callable[[], None]] = attrs.Factory(list)  # hints and kicks, undelivered
+
+    def reserve(self, count: int) -> int:
+        start = self.counter + 1
+        self.counter += count
+        return start
+
+    def claim(self, node: CoreHarness, client: str) -> tuple[int, int]:
+        """``(epoch, floor)``; the previous holder, on another node, is kicked."""
+        self.epochs += 1
+        epoch = self.epochs
+        previous = self.claims.get(client)
+        self.claims[client] = (node, epoch)
+        if previous is not None and previous[0] is not node:
+            self._deliver(previous[0], lambda n: n.core.replaced_elsewhere(client, epoch, n.now))
+        return epoch, self.counter
+
+    def _deliver(self, node: CoreHarness, note: Callable[[CoreHarness], None]) -> None:
+        def deliver() -> None:
+            note(node)
+            node.run()
+
+        if self.hold:
+            self.held.append(deliver)
+        else:
+            deliver()
+
+    def announce(self, sender: CoreHarness, announce: Announce) -> None:
+        for node in self.nodes:
+            if node is sender:
+                continue
+            if announce.kind == "wake":
+                self._deliver(node, lambda n: n.core.wake(announce.client, announce.seq, n.now))
+            else:
+                self._deliver(node, lambda n: n.core.receipts_owed(announce.client, announce.seq))
+
+    def release(self) -> None:
+        """Deliver the held hints and kicks, in order."""
+        self.hold = False
+        held, self.held = self.held, []
+        for deliver in held:
+            deliver()
 
 
 @attrs.frozen
@@ -68,6 +128,8 @@ class SessionLog:
 class CoreHarness:
     """The relay core driven synchronously. See the module docstring."""
 
+    db: sqlite3.Connection
+
     def __init__(
         self,
         relay: RelayConfig | None = None,
@@ -77,23 +139,39 @@ class CoreHarness:
         now: float = T0,
         auto_store: bool = True,
         auto_flush: bool = True,
+        bus: Bus | None = None,
+        seq_block: int = 100,
     ) -> None:
+        """``bus``: a node of a cluster (its store is the bus's first node's)."""
         self.relay = relay or RelayConfig()
         self.ws = websocket or WebsocketConfig()
         self.now = now
+        self.bus = bus
+        first = bus.nodes[0] if bus is not None and bus.nodes else None
+        if first is not None:
+            db = first.db
         self.db = db if db is not None else _connect(":memory:", "full")
+        seqs = None
+        if bus is not None:
+            bus.nodes.append(self)
+            seqs = SeqPool.reserved(seq_block)
+            seqs.add(bus.reserve(seq_block), seq_block)
         self.core = RelayCore(
             self.relay,
             self.ws,
             now=now,
             last_seq=last_message_seq(self.db),
+            seqs=seqs,
             recent=recent_messages(
                 self.db, since=now - self.relay.dedupe_window, limit=self.relay.dedupe_max_entries
             ),
+            cluster=bus is not None,
         )
-        self.tokens: dict[str, Identity] = {}
+        # A cluster's nodes check tokens against one table, as they share the store.
+        self.tokens: dict[str, Identity] = first.tokens if first is not None else {}
         self.sessions: dict[int, SessionLog] = {}
         self.pending_store: list[records.StoreOp] = []
+        self.pending_announces: list[Announce] = []  # published after the next commit
         self.pending_auth: list[Authenticate] = []
         self.auto_store = auto_store
         self.auto_flush = auto_flush
@@ -211,7 +289,7 @@ class CoreHarness:
         """Carry out actions until the core is quiet (store ops too, if ``auto_store``)."""
         while True:
             progressed = self._carry_out()
-            if self.auto_store and self.pending_store:
+            if self.auto_store and (self.pending_store or self.pending_announces):
                 self.commit()
                 progressed = True
             if self.auto_auth and self.pending_auth:
@@ -248,6 +326,11 @@ class CoreHarness:
                 self.pending_auth.append(action)
             elif isinstance(action, Ping):
                 self.sessions[action.sid].pings += 1
+            elif isinstance(action, ReserveSeqs):
+                assert self.bus is not None, "only a cluster node reserves seqs"
+                self.core.seqs_reserved(self.bus.reserve(action.count), action.count)
+            elif isinstance(action, Announce):
+                self.pending_announces.append(action)
             else:
                 self.pending_store.append(action)
         return bool(actions)
@@ -274,9 +357,13 @@ class CoreHarness:
     def commit(self) -> list[Any]:
         """Run the pending store operations in one transaction and report the results."""
         ops, self.pending_store = self.pending_store, []
+        announces, self.pending_announces = self.pending_announces, []
         results = self.execute(ops)
         self.core.store_done(ops, results, self.now)
         self._carry_out()
+        if self.bus is not None:
+            for announce in announces:
+                self.bus.announce(self, announce)
         return results
 
     def resolve_auth(self) -> None:
@@ -292,6 +379,11 @@ class CoreHarness:
                     action.sid, "token_expired", "expired", self.now, refresh=action.refresh
                 )
             else:
+                if self.bus is not None and not action.refresh:
+                    epoch, floor = self.bus.claim(self, who.client)
+                    who = attrs.evolve(who, epoch=epoch)
+                    self.core.raise_seq_floor(floor)
+                    self._carry_out()  # the reservation (see ReserveSeqs)
                 self.core.authenticated(action.sid, who, self.now, refresh=action.refresh)
             self._carry_out()
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from relayd._store import _fields
+from relayd._store import Store, _fields
 
 from .client_support import url_of
 from .support import RunningRelayd, make_config, start_relayd
@@ -175,6 +175,7 @@ async def test_encrypted_send_and_listen_with_published_and_pinned_keys(
     assert [r["status"] for r in json_lines(sent.stdout)] == ["queued_offline"]
     hub = relayd.daemon.hub
     assert hub is not None
+    assert isinstance(hub.store, Store)
     store = hub.store
     rows = await store._run(
         lambda db: db.execute(

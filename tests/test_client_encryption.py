@@ -14,7 +14,7 @@ import anyio
 import pytest
 import trio
 
-from relayd._store import _fields
+from relayd._store import Store, _fields
 from relayd.client import (
     Client,
     CredentialFile,
@@ -47,6 +47,7 @@ async def stored_contents(relayd: RunningRelayd) -> list[str]:
     encryption at rest undone), on this test's Trio loop."""
     hub = relayd.daemon.hub
     assert hub is not None
+    assert isinstance(hub.store, Store)
     store = hub.store
     rows = await store._run(
         lambda db: db.execute(

@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from relayd._keys import MAX_SUPERSEDED_KEYS
+from relayd._store import Store
 
 from .support import (
     TRANSPORTS,
@@ -189,6 +190,7 @@ async def test_an_admin_reads_keys_without_becoming_a_correspondent(
     await read(http, bob, alice)
     hub = relayd.daemon.hub
     assert hub is not None
+    assert isinstance(hub.store, Store)
     readers = await hub.store._run(
         lambda db: db.execute("SELECT client_uuid, reader_uuid FROM key_readers").fetchall()
     )

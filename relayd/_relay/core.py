@@ -40,6 +40,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -76,6 +77,7 @@ from .records import (
     StoreOp,
     size_of,
 )
+from .seqs import SeqPool
 from .stats import RelayStats
 
 # --- actions ------------------------------------------------------------------------------------
@@ -116,7 +118,26 @@ class Ping:
     sid: int
 
 
-Action = Send | Close | Authenticate | Ping | StoreOp
+@frozen
+class ReserveSeqs:
+    """Reserve ``count`` message seqs in the store; answer :meth:`RelayCore.seqs_reserved`."""
+
+    count: int
+
+
+@frozen
+class Announce:
+    """Cluster mode: tell the node that holds ``client``'s session (if any) that the store
+    has something new for it: ``wake`` (a message queued for it at ``seq``) or ``receipts``
+    (a receipt owed to it at ``seq``). Runs after every store operation decided before it is
+    committed: it is a hint, and the store is the truth."""
+
+    kind: str
+    client: str
+    seq: int
+
+
+Action = Send | Close | Authenticate | Ping | ReserveSeqs | StoreOp | Announce
 
 
 @frozen
@@ -129,6 +150,7 @@ class Identity:
     expires_at: float
     token_id: str = ""  # the token's jti
     login: str | None = None  # the token's refresh family, if it was issued for a login
+    epoch: int = 0  # cluster mode: the session's claim on its client (see relayd/_cluster.py)
 
 
 # --- state --------------------------------------------------------------------------------------
@@ -162,6 +184,7 @@ class Session:
     client: str | None = None
     token_id: str = ""  # the jti of the token the session runs on now
     login: str | None = None  # that token's refresh family
+    epoch: int = 0  # cluster mode: its claim on the client, newer claims are higher
     expires_at: float = 0.0
     authenticating: bool = False
     admitted: bool = False  # counted against the connection limits (see open)
@@ -247,6 +270,9 @@ class Recipient:
     loading: LoadQueue | None = None
     stored_since: int = 0  # messages sent to the store while loading: keeps `backlog` honest
     load_mark: int = 0
+    # Cluster mode: the next load starts no higher than this (a message parked by another
+    # node can sort below the cursor; see RelayCore.wake).
+    rewind: float = math.inf
     paused: bool = False  # a replaced session has not reported its unsent frames yet
     # Bytes of the messages held in memory for it: in its mailbox, sent or unacked. Bounded by
     # relay.mailbox_bytes (plus one message); a sent message's frame is a copy of its text.
@@ -284,10 +310,15 @@ class RelayCore:
         *,
         now: float,
         last_seq: int = 0,
+        seqs: SeqPool | None = None,
         recent: Iterable[RecentMessage] = (),
         may_message: Callable[[str, str], bool] | None = None,
+        cluster: bool = False,
     ) -> None:
         """``last_seq``: the highest message seq the store ever held; new ones go above.
+        ``seqs``: where seqs come from instead (reserved in blocks: cluster mode).
+        ``cluster``: other nodes share the store: announce what they must hear (see
+        :class:`Announce`).
         ``recent``: the store's messages within the dedupe window, oldest first.
         ``may_message(sender, recipient)``: whether the roles allow it (``None``: anyone may
         message anyone)."""
@@ -322,7 +353,9 @@ class RelayCore:
         self.pending_commit = 0
         self._timers: list[tuple[float, int, TimerKind, Any, int]] = []
         self._timer_seq = itertools.count()
-        self._seqs = itertools.count(last_seq + 1)
+        self._seqs = seqs if seqs is not None else SeqPool.endless(last_seq)
+        self._cluster = cluster
+        self.store_down = False  # the store failed its last batch: refuse new messages
         self._reads_in_flight = 0
         self._finished_while_reading: set[int] = set()
         # Attempt counts written to the store and not committed yet, by seq.
@@ -357,7 +390,9 @@ class RelayCore:
     @property
     def accepting(self) -> bool:
         """False while too many messages await a commit: stop reading senders until True."""
-        return self.pending_commit < self.relay.max_pending_commit
+        if self.store_down:
+            return True  # read on, and refuse each message with store_unavailable
+        return self.pending_commit < self.relay.max_pending_commit and self._seqs.remaining > 0
 
     @property
     def session_count(self) -> int:
@@ -556,6 +591,7 @@ class RelayCore:
         session.phase = Phase.ACTIVE
         session.client = who.client
         session.token_id, session.login = who.token_id, who.login
+        session.epoch = who.epoch
         session.expires_at = who.expires_at
         session.last_seen = session.last_ping = now
         previous = self._active.get(who.client)
@@ -710,6 +746,88 @@ class RelayCore:
         text = _REVOKED_TEXT.get(reason, "the session's token was revoked")
         self._error(session, "token_revoked", text, now, {"reason": reason})
         self._close(session, CloseCode.REVOKED, reason)
+
+    # --- cluster mode and the store's health ------------------------------------------------
+
+    def _reserve_seqs(self) -> None:
+        if self._seqs.low:
+            self._seqs.reserving = True
+            self._actions.append(ReserveSeqs(self._seqs.block))
+
+    def seqs_reserved(self, start: int, count: int) -> None:
+        """The store reserved seqs ``start`` .. ``start + count - 1`` (see :class:`ReserveSeqs`)."""
+        self._seqs.add(start, count)
+
+    def seqs_not_reserved(self) -> None:
+        """A :class:`ReserveSeqs` failed: ask again when the next message needs one."""
+        self._seqs.reserving = False
+        self._reserve_seqs()
+
+    def raise_seq_floor(self, floor: int) -> bool:
+        """A client arrived whose messages so far had seqs up to ``floor`` (on other nodes):
+        what it sends here must sort after them (see relayd/_relay/seqs.py). ``True`` if
+        seqs must be reserved first (a :class:`ReserveSeqs` is among the actions)."""
+        if not self._seqs.raise_floor(floor):
+            return False
+        self._reserve_seqs()
+        return True
+
+    def wake(self, client: str, seq: int, now: float) -> None:
+        """Another node stored a message for ``client`` at ``seq``: load it if the client is
+        here. (The cursor goes back below ``seq``: a parked message can sort below what was
+        loaded already; what is in memory is not loaded twice.)"""
+        recipient = self._recipients.get(client)
+        if recipient is None:
+            return
+        recipient.rewind = min(recipient.rewind, seq - 1)
+        recipient.backlog = True
+        recipient.stored_since += 1
+        if recipient.loading is None:
+            self._pump(recipient, now)
+
+    def receipts_owed(self, client: str, seq: int) -> None:
+        """Another node stored a receipt owed to ``client`` at ``seq``: tell it if it is here."""
+        session = self._active.get(client)
+        if session is None or session.phase is not Phase.ACTIVE:
+            return
+        session.receipt_cursor = min(session.receipt_cursor, seq - 1)
+        if session.receipts is None:
+            self._load_receipts(session)
+        else:
+            session.receipts_more = True
+
+    def replaced_elsewhere(self, client: str, epoch: int, now: float) -> None:
+        """A newer session of ``client`` (claim ``epoch``) opened on another node: the one
+        here, if older, is closed with 4009 at once; what it had not had acknowledged is
+        loaded from the store there."""
+        session = self._active.get(client)
+        if session is None or session.epoch >= epoch or session.phase is Phase.CLOSING:
+            return
+        self._close(session, CloseCode.REPLACED, "replaced by a newer connection", abort=True)
+
+    def resync(self, now: float) -> None:
+        """Hints may have been lost (the bus reconnected): every client here looks in the
+        store again for messages, receipts and key changes it is owed."""
+        for client, recipient in self._recipients.items():
+            self.wake(client, 1, now)
+            self.receipts_owed(client, 1)
+            if recipient.session.notices is None and recipient.session.phase is Phase.ACTIVE:
+                self._load_key_notices(recipient.session)
+
+    def fence(self, now: float) -> None:
+        """Cluster mode: this node lost its lease, so other nodes may hold its clients now:
+        every session is closed with 1013 (try again later: on another node, or here once
+        Redis answers again)."""
+        for session in list(self._sessions.values()):
+            self._error(session, F.STORE_UNAVAILABLE, "this node lost contact with the store", now)
+            self._close(session, CloseCode.TRY_AGAIN_LATER, "lost contact with the store")
+
+    def store_failed(self) -> None:
+        """The store failed a batch (it will be retried): refuse new messages meanwhile."""
+        self.store_down = True
+
+    def store_recovered(self) -> None:
+        self.store_down = False
 
     def recent_status(self, sender: str, msgid: str) -> tuple[float, str | None] | None:
         """(accepted at, the last status its sender was told) of a message within the
@@ -1003,6 +1121,14 @@ class RelayCore:
                 session, "delivery_status", msgid, envelope.to, known[1], now, duplicate=True
             )
             return
+        seq = None if self.store_down else self._seqs.take()
+        self._reserve_seqs()
+        if seq is None:
+            raise ProtocolError(
+                F.STORE_UNAVAILABLE,
+                "the store cannot take messages now; send again later",
+                details={"msgid": msgid, "to": envelope.to, "retry_after": 1.0},
+            )
         ttl = min(envelope.ttl or self.relay.default_ttl, self.relay.max_ttl)
         recipient = self._recipients.get(envelope.to)
         waiting = len(self._staging.get(envelope.to, ()))
@@ -1022,7 +1148,7 @@ class RelayCore:
             accepted_at=now,
             expires_at=now + ttl,
             durable=not direct,
-            seq=next(self._seqs),
+            seq=seq,
         )
         self.metrics.events["accepted"] += 1
         self._awaiting[sender] += 1
@@ -1155,6 +1281,8 @@ class RelayCore:
         if recipient is not None:
             recipient.backlog = True
             recipient.stored_since += 1
+        elif self._cluster:
+            self._actions.append(Announce("wake", message.recipient, message.seq))
         self._tell(message, Status.QUEUED if online else Status.QUEUED_OFFLINE, now)
         return True
 
@@ -1224,11 +1352,12 @@ class RelayCore:
     def _load(self, recipient: Recipient) -> None:
         op = LoadQueue(
             recipient.client,
-            recipient.cursor,
+            int(min(recipient.cursor, recipient.rewind)),
             self.relay.mailbox_size - recipient.mailbox_len(),
             max(1, self.relay.mailbox_bytes - recipient.held_bytes),
         )
         recipient.loading = op
+        recipient.rewind = math.inf
         recipient.load_mark = recipient.stored_since
         self._read(op)
 
@@ -1358,6 +1487,8 @@ class RelayCore:
                 if not online:
                     self._actions.append(owed)
                 ref = ReceiptRef(message.seq, owed)
+            if not online and self._cluster:
+                self._actions.append(Announce("receipts", message.sender, message.seq))
         if online and sender is not None and not (sender.lean and status is Status.PENDING_ACK):
             kind = "delivery_status" if first else "delivery_update"
             self._send_receipt_frame(
@@ -1516,6 +1647,9 @@ class RelayCore:
         staged = self._staging.get(op.recipient)
         first_staged = min((m.seq for m in staged), default=None) if staged else None
         more = page.more
+        if more and page.rows and op.after < recipient.cursor:
+            # A rewound load stopped early: the next one goes on from where this one ended.
+            recipient.rewind = min(recipient.rewind, page.rows[-1].seq)
         for row in page.rows:
             if first_staged is not None and row.seq > first_staged:
                 more = True

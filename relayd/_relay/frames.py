@@ -34,6 +34,7 @@ class CloseCode(enum.IntEnum):
     INVALID_PAYLOAD = 1007  # a text frame (or a close reason) that is not UTF-8
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # cluster mode: the node lost contact with Redis; connect again
     AUTH_FAILED = 4001  # missing, bad, expired or revoked token; or not authenticated in time
     HEARTBEAT_TIMEOUT = 4002
     REVOKED = 4003  # the client was revoked or deleted
@@ -80,6 +81,7 @@ ALREADY_AUTHENTICATED = "already_authenticated"
 REFRESH_IN_PROGRESS = "refresh_in_progress"
 TOO_MANY_CONNECTIONS = "too_many_connections"
 SHUTTING_DOWN = "shutting_down"
+STORE_UNAVAILABLE = "store_unavailable"
 
 _RECOVERY = {
     INVALID_MESSAGE_FORMAT: "fix the named field and send the message again",
@@ -96,6 +98,7 @@ _RECOVERY = {
     REFRESH_IN_PROGRESS: "wait for token_refreshed (or an error) before refreshing again",
     TOO_MANY_CONNECTIONS: "reconnect later, with backoff",
     SHUTTING_DOWN: "reconnect later, with backoff",
+    STORE_UNAVAILABLE: "nothing was stored: send it again after details.retry_after seconds",
 }
 
 

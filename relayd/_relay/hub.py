@@ -30,19 +30,33 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import attrs
 import trio
 from attrs import define, field, frozen
 
 from relayd._auth import AuthService, Revocation
+from relayd._cluster import ClusterUnavailable, RedisCluster
 from relayd._config import Config
-from relayd._errors import ApiError, TokenError
+from relayd._engine import Engine
+from relayd._errors import ApiError, StoreError, TokenError
 from relayd._log import audit, conn_id
 from relayd._roles import RoleDirectory, RolePolicy
-from relayd._store import Store
 
-from .core import Action, Authenticate, Close, Identity, Ping, Ref, RelayCore, Send
+from .core import (
+    Action,
+    Announce,
+    Authenticate,
+    Close,
+    Identity,
+    Ping,
+    Ref,
+    RelayCore,
+    ReserveSeqs,
+    Send,
+)
 from .frames import CloseCode
 from .records import (
     ClearKeyNotice,
@@ -53,6 +67,7 @@ from .records import (
     SetReceiptPending,
     StoreOp,
 )
+from .seqs import SeqPool
 from .transport import Transport, TransportClosed, abort_after
 
 log = logging.getLogger("relayd.relay")
@@ -73,6 +88,11 @@ DEFER_COMMIT = 0.05
 # while the loop, blocked that long, has nothing else to do. Bigger batches, or a disk that got
 # slow, go to the thread, and the loop serves sockets meanwhile.
 INLINE_OPS = 8
+# After a failed batch, the store is tried again after this long, doubling up to the max.
+STORE_RETRY = 0.1
+STORE_RETRY_MAX = 2.0
+# Cluster mode: message seqs reserved from the store at a time (see relayd/_relay/seqs.py).
+SEQ_BLOCK = 1000
 INLINE_SECONDS = 0.001
 # Bytes written to a socket at once, at most, where frames are coalesced: past write_timeout
 # without completing a write, a socket counts as not draining, so a write must stay small.
@@ -98,7 +118,7 @@ def _chunks(batch: list[_Outgoing], *, coalesce: bool) -> Iterator[list[_Outgoin
         yield chunk
 
 
-def _urgent(op: StoreOp) -> bool:
+def _urgent(op: StoreOp | Announce) -> bool:
     """Whether someone waits for ``op``: a read, a message's acceptance, an owed receipt's
     record, a first attempt counted before a delivery (see DEFER_COMMIT)."""
     if isinstance(op, SetAttempts):
@@ -139,6 +159,8 @@ class _Handle:
     sent: int = 0  # of `batch`, written so far
     chunk: int = 1  # of `batch`, after `sent`, in the write under way
     pinging: bool = False
+    claim: tuple[str, int] | None = None  # cluster mode: (client, epoch) it claimed
+    watching: str | None = None  # cluster mode: the client whose channel it watches
 
 
 class Hub:
@@ -148,20 +170,27 @@ class Hub:
     def __init__(
         self,
         config: Config,
-        store: Store,
+        store: Engine,
         auth: AuthService,
         core: RelayCore,
         *,
         clock: Callable[[], float],
+        cluster: RedisCluster | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        self.cluster = cluster
+        self._store_failures = 0  # batches failed in a row (the store is down while > 0)
+        self._announces: list[Announce] = []  # to publish once the batch before them commits
+        self._resync_due = False  # a publish failed: every node must look in the store
+        self._seqs_ready = trio.Event()
+        self.releasing = 0  # cluster mode: ended sessions whose claims are being released
         self.auth = auth
         self.clock = clock
         self.core = core
         self._sids = itertools.count(1)
         self._handles: dict[int, _Handle] = {}
-        self._store_queue: deque[StoreOp] = deque()
+        self._store_queue: deque[StoreOp | Announce] = deque()
         self._store_busy = False
         self._store_wakeup = trio.Event()
         self._urgent_queued = 0  # operations in the queue that someone waits for
@@ -176,13 +205,23 @@ class Hub:
         self.closing = False
         self._stopped = False  # shutdown's deadline has passed
         auth.subscribe(self.revoked)
+        if cluster is not None:
+            auth.subscribe(self._publish_revocation)
+            auth.subscribe_roles(self._publish_roles)
 
     @classmethod
     async def open(
-        cls, config: Config, store: Store, auth: AuthService, *, clock: Callable[[], float]
+        cls,
+        config: Config,
+        store: Engine,
+        auth: AuthService,
+        *,
+        clock: Callable[[], float],
+        cluster: RedisCluster | None = None,
     ) -> Hub:
         """A hub resuming from what ``store`` holds: message seqs continue above the highest
-        ever stored, and deduplication remembers the messages of the last dedupe window."""
+        ever stored (in cluster mode: from blocks reserved in the store), and deduplication
+        remembers the messages of the last dedupe window."""
         now = clock()
         relay = config.relay
         policy = RolePolicy.from_config(config.roles)
@@ -193,15 +232,21 @@ class Hub:
             directory = RoleDirectory(policy, await auth.client_roles())
             auth.subscribe_roles(directory.update)
             may_message = directory.may_message
+        if cluster is None:
+            seqs = SeqPool.endless(await store.last_message_seq())
+        else:
+            seqs = SeqPool.reserved(SEQ_BLOCK)
+            seqs.add(await store.reserve_seqs(SEQ_BLOCK), SEQ_BLOCK)
         core = RelayCore(
             relay,
             config.websocket,
             now=now,
-            last_seq=await store.last_message_seq(),
+            seqs=seqs,
             recent=await store.recent_messages(now - relay.dedupe_window, relay.dedupe_max_entries),
             may_message=may_message,
+            cluster=cluster is not None,
         )
-        return cls(config, store, auth, core, clock=clock)
+        return cls(config, store, auth, core, clock=clock, cluster=cluster)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -223,6 +268,11 @@ class Hub:
     def _signal(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        """Wait until ``done()`` holds; it is checked whenever the hub's state changes (a
+        commit, a session ending, the store failing or recovering...)."""
+        await self._until(done)
 
     async def _until(self, done: Callable[[], bool]) -> None:
         while not done():
@@ -303,6 +353,17 @@ class Hub:
                     self._nursery.start_soon(
                         self._authenticate, action.sid, action.token, action.refresh
                     )
+            elif isinstance(action, ReserveSeqs):
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._reserve_seqs, action.count)
+            elif isinstance(action, Announce):
+                # Published once every store operation queued before it is committed.
+                if not self._store_queue:
+                    self._queued_since = trio.current_time()
+                self._store_queue.append(action)
+                self._urgent_queued += 1
+                self._store_urgent.set()
+                self._store_wakeup.set()
             elif isinstance(action, Ping):
                 handle = self._handles.get(action.sid)
                 if handle is not None and handle.nursery is not None and not handle.pinging:
@@ -416,23 +477,61 @@ class Hub:
                 self._store_urgent = trio.Event()
                 with trio.move_on_at(self._queued_since + DEFER_COMMIT):
                     await self._store_urgent.wait()
-            ops: list[StoreOp] = []
-            while self._store_queue and len(ops) < max_batch:
-                op = self._store_queue.popleft()
-                self._urgent_queued -= _urgent(op)
-                ops.append(op)
-            if self._store_queue:
-                self._queued_since = trio.current_time()
+            taken: list[StoreOp | Announce] = []
+            while self._store_queue and len(taken) < max_batch:
+                taken.append(self._store_queue.popleft())
+            ops = [op for op in taken if not isinstance(op, Announce)]
             self._store_busy = True
             started = time.perf_counter()
             inline = len(ops) <= INLINE_OPS and self._last_commit < INLINE_SECONDS
-            results = await self.store.execute(ops, max_queued=max_queued, inline=inline)
+            try:
+                results = (
+                    await self.store.execute(ops, max_queued=max_queued, inline=inline)
+                    if ops
+                    else []
+                )
+            except StoreError as exc:
+                self._store_busy = False
+                await self._store_failed(taken, exc)
+                continue
+            self._urgent_queued -= sum(map(_urgent, taken))
+            if self._store_queue:
+                self._queued_since = trio.current_time()
             self._last_commit = time.perf_counter() - started
             self.core.metrics.commit_latency.observe(self._last_commit)
             self._store_busy = False
+            if self._store_failures:
+                log.info(
+                    "store available again", extra={"fields": {"failed": self._store_failures}}
+                )
+                self._store_failures = 0
+                self.core.store_recovered()
             self.core.store_done(ops, results, self.clock())
             self._apply()
             self._signal()
+            if self.cluster is not None:
+                self._announces += [op for op in taken if isinstance(op, Announce)]
+                if self._announces and self._nursery is not None:
+                    self._nursery.start_soon(self._publish_announces)
+
+    async def _store_failed(self, taken: list[StoreOp | Announce], exc: StoreError) -> None:
+        """A batch failed and nothing of it was written: put it back and try again after a
+        pause (growing to STORE_RETRY_MAX). Meanwhile sockets stay open, new messages are
+        refused (``store_unavailable``) and ``/health/ready`` answers 503."""
+        self._store_queue.extendleft(reversed(taken))
+        self._store_failures += 1
+        if self._store_failures == 1:
+            log.error("store unavailable: retrying", extra={"fields": {"error": str(exc)}})
+            self.core.store_failed()
+            self._apply()
+            self._signal()
+        await trio.sleep(min(STORE_RETRY_MAX, STORE_RETRY * 2 ** (self._store_failures - 1)))
+
+    @property
+    def store_available(self) -> bool:
+        """False while the store fails (see :meth:`_store_failed`) or, in cluster mode, while
+        this node has lost its lease."""
+        return not self._store_failures and not (self.cluster is not None and self.cluster.fenced)
 
     # --- authentication ----------------------------------------------------------------------
 
@@ -444,16 +543,154 @@ class Hub:
             if claims.is_operator:
                 raise TokenError("token_invalid", "operator tokens cannot open relay sessions")
             client = await self.auth.get_client(claims.sub)
+            epoch = 0
+            if self.cluster is not None and not refresh and handle is not None:
+                epoch = await self._claim(handle, client.uuid)
         except ApiError as exc:
             audit("ws_auth_failed", source=remote, reason=exc.code, refresh=refresh or None)
             self.core.metrics.events[f"auth_failed:{exc.code}"] += 1
             self.core.auth_failed(sid, exc.code, exc.message, self.clock(), refresh=refresh)
         else:
             who = Identity(
-                client.uuid, client.name, claims.iat, claims.exp, claims.jti, claims.family
+                client.uuid, client.name, claims.iat, claims.exp, claims.jti, claims.family, epoch
             )
             log.debug("authenticated", extra={"fields": {"sid": sid, "client": client.uuid}})
             self.core.authenticated(sid, who, self.clock(), refresh=refresh)
+        self._apply()
+
+    # --- cluster mode ------------------------------------------------------------------------
+
+    async def _claim(self, handle: _Handle, client: str) -> int:
+        """Watch ``client``'s channel, then claim it for this session (see relayd/_cluster.py);
+        the claim's epoch. Seqs for what it sends here sort above what it sent elsewhere.
+
+        Raises:
+            ApiError: ``store_unavailable``: Redis did not answer in time.
+        """
+        cluster = self.cluster
+        assert cluster is not None
+        try:
+            handle.watching = client
+            await cluster.watch(client)
+            claim = await cluster.claim(client)
+        except ClusterUnavailable as exc:
+            log.warning("claim failed", extra={"fields": {"error": str(exc)}})
+            raise ApiError("the store cannot take sessions now", code="store_unavailable") from None
+        handle.claim = (client, claim.epoch)
+        if self.core.raise_seq_floor(claim.floor):
+            self._apply()
+            with trio.move_on_after(cluster.timeout):
+                await self._seqs_ready.wait()
+        return claim.epoch
+
+    def _unclaim(self, handle: _Handle) -> None:
+        """The session ended: release its claim and channel (in the background)."""
+        if self.cluster is None or self._nursery is None:
+            return
+        if handle.claim is not None or handle.watching is not None:
+            self.releasing += 1
+            self._nursery.start_soon(self._release, handle.claim, handle.watching)
+
+    async def _release(self, claim: tuple[str, int] | None, watching: str | None) -> None:
+        assert self.cluster is not None
+        try:
+            if claim is not None:
+                await self.cluster.release(*claim)
+            if watching is not None:
+                await self.cluster.unwatch(watching)
+        finally:
+            self.releasing -= 1
+            self._signal()
+
+    async def _reserve_seqs(self, count: int) -> None:
+        try:
+            start = await self.store.reserve_seqs(count)
+        except StoreError as exc:
+            log.warning("seqs not reserved", extra={"fields": {"error": str(exc)}})
+            self.core.seqs_not_reserved()
+        else:
+            self.core.seqs_reserved(start, count)
+            self._seqs_ready.set()
+            self._seqs_ready = trio.Event()
+        self._apply()
+        self._signal()
+
+    async def _publish_announces(self) -> None:
+        cluster = self.cluster
+        if cluster is None or not self._announces:
+            return
+        announces, self._announces = self._announces, []
+        notes: list[tuple[str, dict[str, Any]]] = [
+            (a.client, {"k": a.kind, "c": a.client, "s": a.seq}) for a in announces
+        ]
+        await self._publish(notes)
+
+    async def _publish(self, notes: list[tuple[str, dict[str, Any]]]) -> None:
+        """Publish hints; one that cannot go out makes every node resync once Redis is back
+        (a hint is never the truth: it may be late, never lost)."""
+        assert self.cluster is not None
+        if self._resync_due:
+            notes = [*notes, ("", {"k": "resync"})]
+        try:
+            await self.cluster.publish(notes)
+        except ClusterUnavailable as exc:
+            if not self._resync_due:
+                log.warning("hints not published", extra={"fields": {"error": str(exc)}})
+            self._resync_due = True
+        else:
+            self._resync_due = False
+
+    def _publish_soon(self, notes: list[tuple[str, dict[str, Any]]]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._publish, notes)
+
+    def _publish_revocation(self, revocation: Revocation) -> None:
+        assert self.cluster is not None
+        note = {"k": "revoked", "from": self.cluster.node, "r": attrs.asdict(revocation)}
+        self._publish_soon([("", note)])
+
+    def _publish_roles(self, client: str, roles: tuple[str, ...] | None) -> None:
+        assert self.cluster is not None
+        note = {
+            "k": "roles",
+            "from": self.cluster.node,
+            "c": client,
+            "roles": None if roles is None else list(roles),
+        }
+        self._publish_soon([("", note)])
+
+    # The cluster's Listener (relayd/_cluster.py): what this node hears from the others.
+
+    def wake(self, client: str, seq: int) -> None:
+        self.core.wake(client, seq, self.clock())
+        self._apply()
+
+    def receipts_owed(self, client: str, seq: int) -> None:
+        self.core.receipts_owed(client, seq)
+        self._apply()
+
+    def kicked(self, client: str, epoch: int) -> None:
+        self.core.replaced_elsewhere(client, epoch, self.clock())
+        self._apply()
+
+    def key_changed(self, notice: KeyNotice) -> None:
+        self.core.key_changed([notice], self.clock())
+        self._apply()
+
+    def revoked_elsewhere(self, revocation: Revocation) -> None:
+        self.auth.revoked_elsewhere(revocation)
+        self.revoked(revocation)
+
+    def roles_changed(self, client: str, roles: tuple[str, ...] | None) -> None:
+        self.auth.roles_changed_elsewhere(client, roles)
+
+    def resync(self) -> None:
+        self.core.resync(self.clock())
+        self._apply()
+
+    def fenced(self) -> None:
+        """This node lost its lease: its claims may be taken. Close every session (1013)."""
+        self.core.fence(self.clock())
         self._apply()
 
     # --- sessions ----------------------------------------------------------------------------
@@ -472,12 +709,23 @@ class Hub:
 
     def keys_changed(self, notices: list[KeyNotice]) -> None:
         """Key changes were committed (see relayd/_keys.py): each online correspondent is sent
-        its ``key_changed`` frame at once; the others get theirs when they connect."""
+        its ``key_changed`` frame at once; the others get theirs when they connect (in
+        cluster mode, those on other nodes are told at once too)."""
         self.core.key_changed(notices, self.clock())
         self._apply()
+        if self.cluster is not None:
+            elsewhere = [n for n in notices if not self.core.online(n.reader)]
+            self._publish_soon([(n.reader, {"k": "key", "n": attrs.asdict(n)}) for n in elsewhere])
 
-    def online(self, client: str) -> bool:
-        return self.core.online(client)
+    async def online(self, clients: Sequence[str]) -> set[str]:
+        """Which of ``clients`` have a live session: here, or (cluster mode) on any node.
+
+        Raises:
+            ClusterUnavailable: Redis did not answer.
+        """
+        if self.cluster is not None:
+            return await self.cluster.online(clients)
+        return {client for client in clients if self.core.online(client)}
 
     def recent_status(self, sender: str, msgid: str) -> tuple[float, str | None] | None:
         """When a message of ``sender``'s was accepted and the last status it was told, while
@@ -532,6 +780,7 @@ class Hub:
         finally:
             handle.nursery = None  # closed: nothing more may start in it (see _apply)
             self._finish(handle)
+            self._unclaim(handle)
             if handle.close_request is not None:
                 code, reason = handle.close_request
                 handle.closing = trio.CancelScope(shield=True)

@@ -1,0 +1,403 @@
+"""Cluster mode: many relayd nodes on one Redis (or Valkey) server.
+
+Theory of operation:
+
+* The store (``relayd/_redis``) is the truth: every queued message, receipt, key change,
+  revocation and client lives there, so any node can serve any client. What this module adds
+  is how nodes find out quickly, and who holds a client's session.
+* **Claims.** A client's live session is on one node at a time. Authenticating a session
+  *claims* the client (:meth:`RedisCluster.claim`): one Lua script writes
+  ``claim:<client>`` = ``<node>|<epoch>`` (epochs only grow), publishes a ``kick`` to the
+  client's channel when another session held it, and returns the message seq counter, which
+  becomes the node's seq floor (see ``relayd/_relay/seqs.py``). A kicked node closes its
+  session with 4009; what that session had not had acknowledged stays queued in the store,
+  and the new node delivers it as a redelivery.
+* **Leases.** A claim is only as live as its node: ``node:<id>`` is renewed every third of
+  ``cluster.lease`` and expires after it. A node that could not renew for a whole lease (it
+  was partitioned, or paused) assumes its claims were taken, *fences* itself: every session
+  is closed with 1013 and no new one opens until Redis answers again. The directory's
+  ``online`` is a live claim of a live node.
+* **Hints.** Each node subscribes to the channel of every client it holds
+  (``c:<client>``) and to the broadcast channel (``bus``). What another node must hear is
+  published after the store has it: a message queued for a client (``wake``), a receipt owed
+  to one (``receipts``), a key change owed to one (``key``), a kick; on ``bus``, revocations
+  and role changes. A hint is never the truth: a lost one delays, never loses. Redis drops
+  published messages only for a subscriber that is disconnected; when the subscription comes
+  back, the node *resyncs*: every client it holds looks in the store again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import coredis
+import coredis.exceptions
+import trio
+from attrs import frozen
+from coredis.retry import NoRetryPolicy
+
+from ._auth import Revocation
+from ._config import Config
+from ._engine import DEFAULT_REDIS_URL
+from ._errors import StoreError
+from ._relay.records import KeyNotice
+
+log = logging.getLogger("relayd.cluster")
+
+# Claim a client: take its claim (newest wins), kick the old holder, return the seq floor.
+_CLAIM = """
+local epoch = redis.call('INCR', KEYS[2])
+local previous = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. epoch)
+if previous then
+  redis.call('PUBLISH', ARGV[2], cjson.encode({k = 'kick', c = ARGV[3], e = epoch}))
+end
+return {epoch, tonumber(redis.call('GET', KEYS[3]) or '0')}
+"""
+
+# Release a claim, if it is still the one this session made.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Which of the clients (KEYS) hold a claim of a node that is alive (ARGV[1]: the node prefix).
+_ONLINE = """
+local online = {}
+for i, key in ipairs(KEYS) do
+  local claim = redis.call('GET', key)
+  if claim then
+    local node = string.match(claim, '^(.*)|')
+    if node and redis.call('EXISTS', ARGV[1] .. node) == 1 then
+      online[#online + 1] = i
+    end
+  end
+end
+return online
+"""
+
+ONLINE_PAGE = 500  # clients asked about in one script call
+SEQ_KEY = "seq"  # the message seq counter, under the prefix (see relayd/_redis)
+
+
+class ClusterUnavailable(StoreError):
+    """Redis did not answer a cluster call in time, or refused it."""
+
+
+@frozen
+class Claim:
+    """A session's claim on its client: ``epoch`` orders claims; ``floor`` is the message
+    seq counter when it was made."""
+
+    epoch: int
+    floor: int
+
+
+class Listener(Protocol):
+    """What a node does with what it hears from the others."""
+
+    def wake(self, client: str, seq: int) -> None: ...
+    def receipts_owed(self, client: str, seq: int) -> None: ...
+    def kicked(self, client: str, epoch: int) -> None: ...
+    def key_changed(self, notice: KeyNotice) -> None: ...
+    def revoked_elsewhere(self, revocation: Revocation) -> None: ...
+    def roles_changed(self, client: str, roles: tuple[str, ...] | None) -> None: ...
+    def resync(self) -> None: ...
+    def fenced(self) -> None: ...
+
+
+@asynccontextmanager
+async def open_cluster(config: Config) -> AsyncIterator[RedisCluster | None]:
+    """The cluster this node joins (``None``: the SQLite engine, one node)."""
+    store = config.store
+    if store.engine != "redis":
+        yield None
+        return
+    async with RedisCluster.open(
+        store.url or DEFAULT_REDIS_URL,
+        prefix=store.prefix,
+        lease=store.lease,
+        call_timeout=store.timeout,
+        seq_key=store.prefix + SEQ_KEY,
+    ) as cluster:
+        yield cluster
+
+
+def new_node_id() -> str:
+    """A node's id for one run: host, pid and a random part (a restarted node is new)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class RedisCluster:
+    """The cluster as one node sees it. Open with :meth:`open`, then start :meth:`run`."""
+
+    def __init__(
+        self,
+        redis: coredis.Redis[bytes],
+        *,
+        prefix: str,
+        node: str,
+        lease: float,
+        timeout: float,
+        seq_key: str,
+    ) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self.node = node
+        self.lease = lease
+        self.timeout = timeout
+        self._seq_key = seq_key
+        self._claim = redis.register_script(_CLAIM)
+        self._release = redis.register_script(_RELEASE)
+        self._online = redis.register_script(_ONLINE)
+        self._pubsub: Any = None
+        self._watched: dict[str, int] = {}  # client -> sessions here that watch it
+        self._renewed_at = -math.inf  # Trio time of the last renewal of the lease
+        self.fenced = False
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        url: str,
+        *,
+        prefix: str,
+        lease: float,
+        call_timeout: float,
+        seq_key: str,
+        node: str | None = None,
+    ) -> AsyncIterator[RedisCluster]:
+        """Connect (lazily: the first call connects) and close at the end."""
+        redis: coredis.Redis[bytes] = coredis.Redis.from_url(
+            url, decode_responses=False, retry_policy=NoRetryPolicy()
+        )
+        async with redis:
+            yield cls(
+                redis,
+                prefix=prefix,
+                node=node or new_node_id(),
+                lease=lease,
+                timeout=call_timeout,
+                seq_key=seq_key,
+            )
+
+    # --- key names ----------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    def channel(self, client: str) -> str:
+        return self._key("c", client)
+
+    @property
+    def _bus(self) -> str:
+        return self._key("bus")
+
+    # --- calls ----------------------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            with trio.fail_after(self.timeout):
+                return await fn()
+        except trio.TooSlowError:
+            raise ClusterUnavailable(f"redis: {what}: no answer in {self.timeout} s") from None
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            raise ClusterUnavailable(f"redis: {what}: {exc}") from None
+
+    async def claim(self, client: str) -> Claim:
+        """Take ``client`` for a session on this node (see the module docstring).
+
+        Raises:
+            ClusterUnavailable: Redis did not answer; the client was not claimed.
+        """
+        if self.fenced:
+            raise ClusterUnavailable("this node lost contact with redis")
+        epoch, floor = await self._call(
+            "claim",
+            lambda: self._claim(
+                keys=[self._key("claim", client), self._key("epochs"), self._seq_key],
+                args=[self.node, self.channel(client), client],
+            ),
+        )
+        return Claim(int(epoch), int(floor))
+
+    async def release(self, client: str, epoch: int) -> None:
+        """The session of claim ``epoch`` ended: release the claim unless a newer one took
+        it. Best effort: a claim left behind dies with this node's lease."""
+        try:
+            await self._call(
+                "release",
+                lambda: self._release(
+                    keys=[self._key("claim", client)], args=[f"{self.node}|{epoch}"]
+                ),
+            )
+        except ClusterUnavailable as exc:
+            log.warning("claim not released", extra={"fields": {"error": str(exc)}})
+
+    async def online(self, clients: Sequence[str]) -> set[str]:
+        """Which of ``clients`` have a live session on some node.
+
+        Raises:
+            ClusterUnavailable: Redis did not answer.
+        """
+        found: set[str] = set()
+        for start in range(0, len(clients), ONLINE_PAGE):
+            page = list(clients[start : start + ONLINE_PAGE])
+            indexes = await self._call(
+                "online",
+                lambda page=page: self._online(  # type: ignore[misc]
+                    keys=[self._key("claim", c) for c in page], args=[self._key("node", "")]
+                ),
+            )
+            found.update(page[int(i) - 1] for i in indexes)
+        return found
+
+    async def watch(self, client: str) -> None:
+        """Hear ``client``'s channel (before its session claims it, so no hint is missed
+        between the claim and the first load).
+
+        Raises:
+            ClusterUnavailable: the subscription was not confirmed in time.
+        """
+        count = self._watched.get(client, 0)
+        self._watched[client] = count + 1
+        if count == 0 and self._pubsub is not None:
+            try:
+                await self._call("subscribe", lambda: self._pubsub.subscribe(self.channel(client)))
+            except ClusterUnavailable:
+                self._forget(client)
+                raise
+
+    async def unwatch(self, client: str) -> None:
+        """No session here watches ``client`` any more. Best effort."""
+        if self._forget(client) and self._pubsub is not None:
+            try:
+                await self._call(
+                    "unsubscribe", lambda: self._pubsub.unsubscribe(self.channel(client))
+                )
+            except ClusterUnavailable as exc:
+                log.warning("channel not unsubscribed", extra={"fields": {"error": str(exc)}})
+
+    def _forget(self, client: str) -> bool:
+        count = self._watched.get(client, 0) - 1
+        if count > 0:
+            self._watched[client] = count
+            return False
+        self._watched.pop(client, None)
+        return True
+
+    async def publish(self, notes: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Publish each ``(client, note)`` on the client's channel (``client`` ``""``: on
+        the broadcast channel), in one round trip.
+
+        Raises:
+            ClusterUnavailable: Redis did not answer; the notes may or may not have gone out.
+        """
+        if not notes:
+            return
+
+        async def send() -> None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for client, note in notes:
+                    channel = self.channel(client) if client else self._bus
+                    pipe.publish(channel, json.dumps(note, separators=(",", ":")))
+
+        await self._call("publish", send)
+
+    # --- the node's own tasks ---------------------------------------------------------------
+
+    async def run(
+        self, listener: Listener, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep this node's lease and hear the cluster, until cancelled. Started once the
+        lease is first taken and the broadcast channel is heard."""
+        await self._renew()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._listen, listener)
+            nursery.start_soon(self._keep_lease, listener)
+            task_status.started()
+
+    async def _renew(self) -> None:
+        """Renew the lease, or raise ClusterUnavailable."""
+        ms = max(1, int(self.lease * 1000))
+        await self._call(
+            "lease", lambda: self._redis.set(self._key("node", self.node), b"1", px=ms)
+        )
+        self._renewed_at = trio.current_time()
+
+    async def _keep_lease(self, listener: Listener) -> None:
+        while True:
+            await trio.sleep(self.lease / 3)
+            try:
+                await self._renew()
+            except ClusterUnavailable as exc:
+                if not self.fenced and trio.current_time() - self._renewed_at >= self.lease:
+                    log.error(
+                        "lease lost: closing every session until redis answers",
+                        extra={"fields": {"error": str(exc)}},
+                    )
+                    self.fenced = True
+                    listener.fenced()
+                continue
+            if self.fenced:
+                log.info("lease renewed: accepting sessions again")
+                self.fenced = False
+                listener.resync()
+
+    async def _listen(
+        self, listener: Listener, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hear the bus and the watched channels; after a reconnect (coredis resubscribes),
+        resync, since what was published meanwhile is lost."""
+        bus = self._bus.encode()
+        subscribed_once = False
+        async with self._redis.pubsub(channels=[self._bus], max_idle_seconds=5) as pubsub:
+            self._pubsub = pubsub
+            try:
+                if self._watched:
+                    await pubsub.subscribe(*(self.channel(c) for c in self._watched))
+                task_status.started()
+                async for message in pubsub:
+                    kind = message["type"]
+                    if kind == "subscribe" and message["channel"] == bus:
+                        if subscribed_once:
+                            log.info("redis subscription restored: resync")
+                            listener.resync()
+                        subscribed_once = True
+                    elif kind == "message" and isinstance(message["data"], bytes):
+                        self._heard(listener, message["data"])
+            finally:
+                self._pubsub = None
+
+    def _heard(self, listener: Listener, data: bytes) -> None:
+        try:
+            note = json.loads(data)
+            kind = note["k"]
+            if kind == "resync":
+                listener.resync()
+            elif kind == "wake":
+                listener.wake(note["c"], int(note["s"]))
+            elif kind == "receipts":
+                listener.receipts_owed(note["c"], int(note["s"]))
+            elif kind == "kick":
+                listener.kicked(note["c"], int(note["e"]))
+            elif kind == "key":
+                listener.key_changed(KeyNotice(**note["n"]))
+            elif kind == "revoked" and note.get("from") != self.node:
+                listener.revoked_elsewhere(Revocation(**note["r"]))
+            elif kind == "roles" and note.get("from") != self.node:
+                roles = note["roles"]
+                listener.roles_changed(note["c"], None if roles is None else tuple(roles))
+        except (ValueError, KeyError, TypeError) as exc:
+            # Another (newer?) node speaks a note this one does not know: a hint lost.
+            log.warning("unreadable cluster note", extra={"fields": {"error": str(exc)}})

@@ -1,0 +1,248 @@
+"""What relayd asks of a storage engine, whichever it is.
+
+relayd keeps its durable state in an *engine*: the embedded SQLite store
+(``relayd/_store.py``, the default) or a Redis/Valkey server shared by many nodes
+(``relayd/_redis/``). Both implement the two protocols here with the same semantics, and the
+rest of relayd sees only these:
+
+* :class:`ClientStore`: clients, their logins (refresh families), revoked tokens, invites and
+  the public-key directory;
+* :class:`MessageStore`: the message queue. The relay core never calls it: it emits store
+  operations as data (``relayd/_relay/records.py``) that the hub runs in batches with
+  :meth:`MessageStore.execute`, one atomic batch per round trip (SQLite's group commit, one Lua
+  script on Redis). Message seqs come from :meth:`MessageStore.reserve_seqs`, and
+  deduplication's truth is the store's ``(sender, msgid)`` uniqueness, so that many nodes can
+  share one engine.
+
+The records both engines return are defined here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from attrs import frozen
+
+from ._atrest import StoreKeys
+from ._relay.records import KeyNotice, RecentMessage, StoredMessage, StoreOp
+
+if TYPE_CHECKING:
+    from ._config import Config
+
+# Runs a blocking call off the event loop: (fn, *args) -> its result (see relayd/_store.py).
+Executor = Callable[..., Awaitable[Any]]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@frozen
+class ClientRecord:
+    uuid: str
+    name: str
+    secret_hash: str
+    roles: tuple[str, ...]
+    created_at: float
+    tokens_valid_after: float
+    deleted_at: float | None = None
+
+
+@frozen
+class FamilyRecord:
+    family: str
+    client_uuid: str
+    current_jti: str
+    expires_at: float
+    revoked_at: float | None
+
+
+@frozen
+class InviteRecord:
+    id: str  # hex SHA-256 of the code
+    created_at: float
+    created_by: str
+    expires_at: float
+    used_at: float | None
+    used_by: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """As the admin API lists it: the id shortened to 12 hex digits (enough to tell
+        invites apart; the code cannot be recovered from it)."""
+        return {
+            "id": self.id[:12],
+            "created_at": self.created_at,
+            "created_by": self.created_by,
+            "expires_at": self.expires_at,
+            "used_at": self.used_at,
+            "used_by": self.used_by,
+        }
+
+
+@frozen
+class MessageRecord:
+    """What the store keeps of a message for its status (``status`` None: not final yet)."""
+
+    seq: int
+    sender: str
+    recipient: str
+    msgid: str
+    status: str | None
+    reason: str
+    attempts: int
+    accepted_at: float
+    expires_at: float
+    finished_at: float | None
+
+
+RotateOutcome = Literal["rotated", "reused", "revoked", "unknown"]
+
+
+@frozen
+class KeyRecord:
+    """A public key in the directory: current while ``superseded_at`` is ``None``."""
+
+    algorithm: str
+    key: bytes
+    fingerprint: str
+    published_at: float
+    superseded_at: float | None = None
+
+
+@frozen
+class Publication:
+    """What publishing keys changed: the algorithms whose current key is new, and the key
+    changes owed to the client's readers (one per reader and changed algorithm)."""
+
+    changed: tuple[str, ...]
+    notices: tuple[KeyNotice, ...]
+
+
+InsertClientOutcome = Literal["inserted", "uuid_taken", "invite_invalid"]
+
+
+class ClientStore(Protocol):
+    """Clients, logins, revocations, invites and public keys. The contract of each method is
+    the SQLite store's docstring (``relayd/_store.py``); ``tests/test_store.py`` runs it on
+    both engines."""
+
+    async def insert_client(
+        self, client: ClientRecord, *, invite: str | None = None
+    ) -> InsertClientOutcome: ...
+    async def rename_client(self, uuid: str, name: str) -> None: ...
+    async def set_roles(self, uuid: str, roles: tuple[str, ...]) -> bool: ...
+    async def set_secret(
+        self,
+        uuid: str,
+        secret_hash: str,
+        *,
+        revoke_at: float | None,
+        replacing: str | None = None,
+        token_issued_at: float | None = None,
+    ) -> bool: ...
+    async def get_client(self, uuid: str) -> ClientRecord | None: ...
+    async def token_holder(
+        self, uuid: str, family: str | None
+    ) -> tuple[ClientRecord | None, bool]: ...
+    async def list_clients(self) -> list[ClientRecord]: ...
+    async def revoke_client_tokens(self, uuid: str, at: float) -> bool: ...
+    async def delete_client(self, uuid: str, at: float) -> bool: ...
+    async def create_family(
+        self,
+        family: str,
+        client_uuid: str,
+        jti: str,
+        at: float,
+        expires_at: float,
+        *,
+        secret_hash: str | None = None,
+        token_issued_at: float | None = None,
+    ) -> bool: ...
+    async def rotate_family(
+        self, family: str, presented_jti: str, new_jti: str, at: float, expires_at: float
+    ) -> RotateOutcome: ...
+    async def revoke_family(self, family: str, at: float, reason: str) -> bool: ...
+    async def get_family(self, family: str) -> FamilyRecord | None: ...
+    async def revoke_token(self, jti: str, subject: str, at: float, expires_at: float) -> None: ...
+    async def revoked_token_ids(self, now: float) -> set[str]: ...
+    async def purge_expired_families(self, now: float) -> int: ...
+    async def create_invite(
+        self, invite: str, *, by: str, at: float, expires_at: float, max_open: int
+    ) -> bool: ...
+    async def list_invites(self) -> list[InviteRecord]: ...
+    async def purge_invites(self, now: float, keep_spent: float) -> int: ...
+    async def publish_keys(
+        self,
+        client_uuid: str,
+        keys: Sequence[KeyRecord],
+        at: float,
+        *,
+        max_superseded: int,
+        max_notices: int,
+    ) -> Publication | None: ...
+    async def read_keys(
+        self, client_uuid: str, reader: str | None, at: float, *, max_readers: int
+    ) -> list[KeyRecord] | None: ...
+
+
+class MessageStore(Protocol):
+    """The message queue: the store operations of ``relayd/_relay/records.py``, and what the
+    REST routes and metrics read of it."""
+
+    keys: StoreKeys | None
+    """Encrypt message content with these (``None``: plain text)."""
+
+    async def execute(
+        self, ops: Sequence[StoreOp], *, max_queued: int, inline: bool = False
+    ) -> list[Any]: ...
+    async def reserve_seqs(self, count: int) -> int: ...
+    async def last_message_seq(self) -> int: ...
+    async def recent_messages(self, since: float, limit: int) -> list[RecentMessage]: ...
+    async def message_record(self, msgid: str, client: str) -> MessageRecord | None: ...
+    async def msgid_known(self, msgid: str) -> bool: ...
+    async def undelivered(self, recipient: str, limit: int) -> tuple[int, list[StoredMessage]]: ...
+    async def keys_in_use(self) -> dict[str | None, int]: ...
+    async def queued_total(self) -> int: ...
+    async def queue_depths(self) -> dict[str, int]: ...
+
+
+class Engine(ClientStore, MessageStore, Protocol):
+    """A whole engine: what the daemon opens (``store.engine``)."""
+
+    async def schema_version(self) -> int: ...
+
+
+@asynccontextmanager
+async def open_engine(
+    config: Config,
+    *,
+    keys: StoreKeys | None = None,
+    executor: Executor | None = None,
+) -> AsyncIterator[Engine]:
+    """Open the engine ``config.store`` names, for as long as the context lasts.
+
+    ``executor``: runs SQLite's calls (tests pass one that keeps virtual time still).
+
+    Raises:
+        StoreError: the engine cannot be opened (a file that is not SQLite, Redis unreachable
+            or refusing, a schema or key layout from a newer relayd...).
+        UndecryptableRow: ``keys`` lack a key the stored messages need, or hold a wrong one.
+    """
+    store = config.store
+    if store.engine == "redis":
+        from ._redis import RedisStore
+
+        async with RedisStore.open(
+            store.url or DEFAULT_REDIS_URL, keys=keys, prefix=store.prefix, timeout=store.timeout
+        ) as redis:
+            yield redis
+        return
+    from ._store import Store, thread_executor
+
+    async with Store.open(
+        config.store_path,
+        synchronous=store.synchronous,
+        executor=executor or thread_executor,
+        keys=keys,
+    ) as sqlite:
+        yield sqlite

@@ -1,0 +1,202 @@
+"""Cluster mode end to end: two real relayd nodes on one real Redis server (issue 12).
+
+Each node is a whole daemon (REST and WebSocket on its own loopback port), both on
+``store.engine = "redis"`` with one prefix, one signing secret and one state directory (its
+store keys). Clients reach whichever node they like; what must hold is what holds on one node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from relayd._relay.frames import CloseCode
+
+from .redis_support import RedisServer, require_redis, start_redis, stop_redis
+from .support import RunningRelayd, make_config, start_relayd
+from .ws_support import WsClient, ws_connect
+
+
+def node_config(tmp_path: Path, url: str, **store: Any) -> Any:
+    return make_config(
+        tmp_path,
+        {
+            "store": {"engine": "redis", "url": url, "timeout": 1.0, "lease": 3.0, **store},
+            "relay": {"ack_timeout": 30.0},
+        },
+    )
+
+
+@asynccontextmanager
+async def cluster(
+    nursery: trio.Nursery, tmp_path: Path, url: str, count: int = 2
+) -> AsyncIterator[list[RunningRelayd]]:
+    """``count`` nodes on ``url``, started one after the other (the first writes the store
+    keys into the shared state directory)."""
+    nodes = [await start_relayd(nursery, node_config(tmp_path, url)) for _ in range(count)]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.daemon.stop()
+
+
+async def welcomed(client: WsClient) -> dict[str, Any]:
+    frame = await client.next()
+    assert frame["type"] == "connection", frame
+    return frame
+
+
+async def test_a_message_crosses_nodes_with_its_ack_and_receipts(
+    nursery: trio.Nursery, tmp_path: Path, redis_url: str
+) -> None:
+    async with cluster(nursery, tmp_path, redis_url) as (node_a, node_b):
+        alice = await node_a.http.register("alice")
+        bob = await node_b.http.register("bob")
+        async with (
+            ws_connect(node_a, alice["access_token"]) as a,
+            ws_connect(node_b, bob["access_token"]) as b,
+        ):
+            await welcomed(a)
+            await welcomed(b)
+            await a.send({"to": bob["uuid"], "msgid": "m1", "acknowledge": True, "content": "hi"})
+            status = await a.next_of("delivery_status")
+            assert (status["msgid"], status["status"]) == ("m1", "queued_offline")
+            message = await b.next_of("message")
+            assert (message["content"], message["from"], message["attempt"]) == (
+                "hi",
+                alice["uuid"],
+                1,
+            )
+            await b.send({"type": "ack", "msgid": "m1"})
+            update = await a.next_of("delivery_update")
+            assert (update["msgid"], update["status"]) == ("m1", "acknowledged")
+
+
+async def test_the_directory_shows_a_client_online_on_another_node(
+    nursery: trio.Nursery, tmp_path: Path, redis_url: str
+) -> None:
+    async with cluster(nursery, tmp_path, redis_url) as (node_a, node_b):
+        alice = await node_a.http.register("alice")
+        bob = await node_a.http.register("bob")
+
+        async def bob_online() -> bool:
+            response = await node_a.http.get(f"/clients/{bob['uuid']}", token=alice["access_token"])
+            assert response.status == 200, response
+            online: bool = response.json()["online"]
+            return online
+
+        assert not await bob_online()
+        async with ws_connect(node_b, bob["access_token"]) as b:
+            await welcomed(b)
+            assert await bob_online()
+        hub = node_b.daemon.hub
+        assert hub is not None
+        with trio.fail_after(5):  # node B sees the socket close and releases the claim
+            await hub.until(lambda: hub.core.session_count == 0 and hub.releasing == 0)
+        assert not await bob_online()
+
+
+async def test_a_newer_session_on_another_node_closes_the_older_4009_and_gets_the_unacked(
+    nursery: trio.Nursery, tmp_path: Path, redis_url: str
+) -> None:
+    async with cluster(nursery, tmp_path, redis_url) as (node_a, node_b):
+        alice = await node_a.http.register("alice")
+        bob = await node_a.http.register("bob")
+        async with (
+            ws_connect(node_a, alice["access_token"]) as a,
+            ws_connect(node_a, bob["access_token"]) as b1,
+        ):
+            await welcomed(a)
+            await welcomed(b1)
+            await a.send({"to": bob["uuid"], "msgid": "m1", "acknowledge": True, "content": "x"})
+            first = await b1.next_of("message")
+            assert (first["msgid"], first["attempt"]) == ("m1", 1)
+            async with ws_connect(node_b, bob["access_token"]) as b2:
+                await welcomed(b2)
+                assert await b1.closed() == CloseCode.REPLACED
+                again = await b2.next_of("message")
+                assert (again["msgid"], again["redelivered"]) == ("m1", True)
+                await b2.send({"type": "ack", "msgid": "m1"})
+                update = await a.next_of("delivery_update")
+                assert (update["msgid"], update["status"]) == ("m1", "acknowledged")
+
+
+async def test_revoking_on_one_node_closes_the_session_on_another(
+    nursery: trio.Nursery, tmp_path: Path, redis_url: str
+) -> None:
+    async with cluster(nursery, tmp_path, redis_url) as (node_a, node_b):
+        bob = await node_a.http.register("bob")
+        async with ws_connect(node_b, bob["access_token"]) as b:
+            await welcomed(b)
+            response = await node_a.http.post("/auth/revoke", {}, token=bob["access_token"])
+            assert response.status == 200, response
+            frame = await b.next_of("error")
+            assert frame["error"]["code"] == "token_revoked"
+            assert await b.closed() == CloseCode.REVOKED
+        # The revoked token is refused by every node.
+        for node in (node_a, node_b):
+            refused = await node.http.get("/clients", token=bob["access_token"])
+            assert (refused.status, refused.error_code) == (401, "token_revoked")
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Any:
+    """A Redis server of this test's own (it will be stopped and started again)."""
+    binary = require_redis()
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = start_redis(binary, data, "--appendonly", "yes", "--appendfsync", "always")
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            stop_redis(server)
+
+
+async def test_while_redis_is_down_messages_are_refused_and_ready_is_503_then_it_recovers(
+    nursery: trio.Nursery, tmp_path: Path, own_redis: RedisServer
+) -> None:
+    binary = require_redis()
+    async with cluster(nursery, tmp_path, own_redis.url, count=1) as (node,):
+        alice = await node.http.register("alice")
+        bob = await node.http.register("bob")
+        async with ws_connect(node, alice["access_token"]) as a:
+            await welcomed(a)
+            stop_redis(own_redis)
+            await a.send({"to": bob["uuid"], "msgid": "m1", "content": "x"})
+            hub = node.daemon.hub
+            assert hub is not None
+            with trio.fail_after(10):  # the batch with m1 fails; it is kept and retried
+                await hub.until(lambda: not hub.store_available)
+            ready = await node.http.get("/health/ready")
+            assert (ready.status, ready.json()["error"]["code"]) == (503, "store_unavailable")
+            await a.send({"to": bob["uuid"], "msgid": "m2", "content": "y"})
+            error = await a.next_of("error")
+            assert error["error"]["code"] == "store_unavailable"
+            assert error["error"]["details"]["msgid"] == "m2"
+            # Redis comes back on the same port with its AOF: m1, kept in memory, is stored.
+            again = start_redis(
+                binary,
+                own_redis.data_dir,
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                port=own_redis.port,
+            )
+            try:
+                status = await a.next_of("delivery_status")
+                assert (status["msgid"], status["status"]) == ("m1", "queued_offline")
+                ready = await node.http.get("/health/ready")
+                assert ready.status == 200
+                await a.send({"to": bob["uuid"], "msgid": "m2", "content": "y"})
+                status = await a.next_of("delivery_status")
+                assert (status["msgid"], status["status"]) == ("m2", "queued_offline")
+            finally:
+                stop_redis(again)
