@@ -27,8 +27,18 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import coredis
+from anyio import TASK_STATUS_IGNORED
+from anyio.abc import TaskStatus
 from attrs import field, frozen
-from coredis.connection import TCPLocation
+from coredis.connection import (
+    BaseConnection,
+    SentinelManagedConnection,
+    TCPConnection,
+    TCPLocation,
+    UnixDomainSocketConnection,
+    UnixDomainSocketLocation,
+)
+from coredis.pool import ConnectionPool, SentinelConnectionPool
 from coredis.retry import NoRetryPolicy
 
 from relayd._errors import ConfigError
@@ -54,8 +64,10 @@ class RedisUrlError(ConfigError):
 class Endpoint:
     """A parsed ``store.url``: ``where`` describes it without credentials."""
 
-    url: str = field(repr=False)  # it may hold a password
     where: str
+    host: str = ""
+    port: int = REDIS_PORT
+    path: str = ""  # a Unix socket's
     sentinels: tuple[tuple[str, int], ...] = ()
     service: str = ""
     db: int = 0
@@ -103,7 +115,7 @@ def parse_url(url: str) -> Endpoint:
     if scheme in _DIRECT_SCHEMES:
         return _direct(url, scheme, parts.netloc, parts.path, query)
     if scheme in _SENTINEL_SCHEMES:
-        return _sentinel(url, scheme, parts.netloc, parts.path, query)
+        return _sentinel(scheme, parts.netloc, parts.path, query)
     known = ", ".join(f"{s}://" for s in _DIRECT_SCHEMES + _SENTINEL_SCHEMES)
     raise RedisUrlError(f"store.url: the scheme {parts.scheme!r} is not one of {known}")
 
@@ -120,29 +132,30 @@ def _db(text: str, where: str) -> int:
 
 def _direct(url: str, scheme: str, netloc: str, path: str, query: dict[str, str]) -> Endpoint:
     username, password = _credentials(netloc)
+    ssl = tuple((k, query[k]) for k in _SSL_PARAMETERS if k in query)
     if scheme == "unix":
         db = _db(query.get("db", ""), "store.url")
         where = f"unix://{path}?db={db}"
-    else:
-        host = urlsplit(url).hostname or "localhost"
-        try:
-            port = urlsplit(url).port or REDIS_PORT
-        except ValueError:
-            raise RedisUrlError("store.url: the port is not a number") from None
-        db = _db(query.get("db", path.strip("/")), "store.url")
-        where = f"{scheme}://{host}:{port}/{db}"
+        return Endpoint(where, path=path, db=db, username=username, password=password)
+    host = urlsplit(url).hostname or "localhost"
+    try:
+        port = urlsplit(url).port or REDIS_PORT
+    except ValueError:
+        raise RedisUrlError("store.url: the port is not a number") from None
+    db = _db(query.get("db", path.strip("/")), "store.url")
     return Endpoint(
-        url,
-        where,
+        f"{scheme}://{host}:{port}/{db}",
+        host=host,
+        port=port,
         db=db,
         username=username,
         password=password,
         tls=scheme == "rediss",
-        ssl=tuple((k, query[k]) for k in _SSL_PARAMETERS if k in query),
+        ssl=ssl,
     )
 
 
-def _sentinel(url: str, scheme: str, netloc: str, path: str, query: dict[str, str]) -> Endpoint:
+def _sentinel(scheme: str, netloc: str, path: str, query: dict[str, str]) -> Endpoint:
     service, _, db_text = path.strip("/").partition("/")
     if not service:
         raise RedisUrlError(
@@ -154,7 +167,6 @@ def _sentinel(url: str, scheme: str, netloc: str, path: str, query: dict[str, st
     username, password = _credentials(netloc)
     addresses = ",".join(f"{host}:{port}" for host, port in sentinels)
     return Endpoint(
-        url,
         f"{scheme}://{addresses}/{unquote(service)}/{db}",
         sentinels=sentinels,
         service=unquote(service),
@@ -181,6 +193,51 @@ def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+class _ClosesBuffers(BaseConnection):
+    """coredis 6.9 makes a connection's six in-memory buffers in its constructor and closes
+    them only once it has connected: a connection that could not connect (Redis away) leaves
+    them to the garbage collector, which warns (``ResourceWarning``) and leaks them until it
+    runs. This closes them however the connection ends (closing twice is harmless)."""
+
+    _BUFFERS = (
+        "_write_buffer_in",
+        "_write_buffer_out",
+        "_push_message_buffer_in",
+        "_push_message_buffer_out",
+        "_streamed_message_buffer_in",
+        "_streamed_message_buffer_out",
+    )
+
+    async def run(self, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED) -> None:
+        try:
+            await super().run(task_status=task_status)
+        finally:
+            for name in self._BUFFERS:
+                getattr(self, name).close()
+
+
+class _TCPConnection(_ClosesBuffers, TCPConnection):
+    pass
+
+
+class _UnixConnection(_ClosesBuffers, UnixDomainSocketConnection):
+    pass
+
+
+class _SentinelConnection(_ClosesBuffers, SentinelManagedConnection):
+    pass
+
+
+class _SentinelPool(SentinelConnectionPool):
+    """Connections to the primary that close their buffers (see :class:`_ClosesBuffers`)."""
+
+    async def _construct_connection(self) -> SentinelManagedConnection:
+        location = await self.get_primary_location()
+        return _SentinelConnection(
+            location, self.service_name, self.is_primary, **self.connection_kwargs
+        )
 
 
 @asynccontextmanager
@@ -210,32 +267,39 @@ async def connect(
     """A coredis client for ``endpoint``, its connection pool open (connections are made on
     first use). coredis retries nothing: a failed call is the store's to report."""
     common: dict[str, Any] = {
+        "db": endpoint.db,
+        "username": endpoint.username,
+        "password": endpoint.password,
         "connect_timeout": connect_timeout,
         "stream_timeout": None,  # each call has the store's own deadline
     }
     if endpoint.tls:
         common["ssl_context"] = _ssl_context(endpoint)
     if not endpoint.sentinels:
-        # from_url parses the URL again: host, port, db, credentials.
-        client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            endpoint.url, retry_policy=NoRetryPolicy(), **common
+        pool: ConnectionPool[Any]
+        if endpoint.path:
+            location = UnixDomainSocketLocation(endpoint.path)
+            pool = ConnectionPool(connection_class=_UnixConnection, location=location, **common)
+        else:
+            tcp = TCPLocation(endpoint.host, endpoint.port)
+            pool = ConnectionPool(connection_class=_TCPConnection, location=tcp, **common)
+        client: coredis.Redis[bytes] = coredis.Redis(
+            connection_pool=pool, retry_policy=NoRetryPolicy()
         )
         async with _entered(client):
             yield client
         return
     sentinel_options = {
-        **common,
+        "connect_timeout": connect_timeout,
         "username": endpoint.sentinel_username,
         "password": endpoint.sentinel_password,
+        **({"ssl_context": common["ssl_context"]} if endpoint.tls else {}),
     }
     sentinel: coredis.Sentinel[bytes] = coredis.Sentinel(
         [TCPLocation(host, port) for host, port in endpoint.sentinels],
         sentinel_kwargs=sentinel_options,
         retry_policy=NoRetryPolicy(),
-        **common,
     )
-    primary = sentinel.primary_for(
-        endpoint.service, db=endpoint.db, username=endpoint.username, password=endpoint.password
-    )
+    primary = sentinel.primary_for(endpoint.service, connection_pool_class=_SentinelPool, **common)
     async with _entered(sentinel, primary):
         yield primary
