@@ -22,9 +22,11 @@ from coredis.exceptions import (
     AuthenticationError,
     ConnectionError,
     NoScriptError,
+    ReadOnlyError,
     RedisError,
     ReplicationError,
     ResponseError,
+    TryAgainError,
 )
 
 from relayd._errors import StoreError, StoreUnavailable
@@ -70,6 +72,7 @@ class Link:
         self.timeout = timeout
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
+        self.closed = False
 
     async def load(self) -> None:
         """Load the script (``SCRIPT LOAD``), which also checks that the server answers."""
@@ -118,6 +121,8 @@ class Link:
     ) -> T:
         """``await fn(client)`` within the deadline (``timeout`` by default), its errors
         translated (see :meth:`call`)."""
+        if self.closed:
+            raise StoreError(f"{self.where}: the store is closed")
         limit = self.timeout if deadline is None else deadline
         with trio.move_on_after(limit):
             try:
@@ -146,7 +151,8 @@ class Link:
         text = str(exc)
         if text.startswith("RELAYD "):
             return StoreError(f"{self.where}: {what}: {text.removeprefix('RELAYD ')}")
-        if text.split(" ", 1)[0] in _TRANSIENT_REPLIES:
+        transient = isinstance(exc, ReadOnlyError | TryAgainError)  # coredis strips the code
+        if transient or text.split(" ", 1)[0] in _TRANSIENT_REPLIES:
             return StoreUnavailable(f"{self.where}: Redis cannot take {what} now: {text}")
         return StoreError(f"{self.where}: Redis refused {what}: {text}")
 

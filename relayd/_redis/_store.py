@@ -105,13 +105,17 @@ class RedisStore:
             store.durability = await store._read_durability()
             if keys is not None:
                 await store._check_keys(keys)
-            yield store
+            try:
+                yield store
+            finally:
+                link.closed = True
 
     async def _call(self, operation: str, *args: Any, write: bool = True) -> Any:
         return await self._link.call(operation, list(args), write=write)
 
     async def _check_layout(self) -> None:
-        version = int(await self._call("layout", LAYOUT_VERSION))
+        # No WAIT: the version, written once, is worth no refusal to open.
+        version = int(await self._call("layout", LAYOUT_VERSION, write=False))
         if version > LAYOUT_VERSION:
             raise SchemaTooNewError(
                 f"{self.where}: the data under {self.prefix!r} has layout version {version},"
