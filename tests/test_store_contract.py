@@ -413,6 +413,11 @@ async def test_undelivered_counts_the_queue_and_lists_its_oldest(store: AnyStore
     assert await store.undelivered(UUID_A, 5) == (0, [])
     assert await store.queue_depths() == {UUID_B: 3, UUID_C: 1}
     assert await store.queued_total() == 4
+    # A queue emptied has no depth at all.
+    await run(
+        store, *(Finish(seq, Status.EXPIRED, 3.0, receipt_pending=False) for seq in (2, 3, 4))
+    )
+    assert await store.queue_depths() == {UUID_C: 1}
 
 
 async def test_content_in_use_is_counted_per_key(store: AnyStore, target: Target) -> None:

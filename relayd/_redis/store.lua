@@ -83,10 +83,22 @@ function U.live(uuid)
     return row[1] ~= false and row[2] == false
 end
 
--- Remove ``member`` from the set ``key``'s index set ``index`` once ``key`` is empty.
-function U.zrem_indexed(key, member, index, name)
-    call('ZREM', key, member)
-    if call('EXISTS', key) == 0 then call('SREM', index, name) end
+-- Recipients whose queue and key ids whose content index an operation changed: the index
+-- sets (``queues``, ``ckeys``) are brought up to date once, when the operation ends, rather
+-- than after each message.
+local TOUCHED = {queues = {}, key_ids = {}}
+-- What a batch of ``execute`` learned once for all its operations.
+local BATCH = {live = {}, high = 0}
+
+function U.reconcile()
+    for recipient in pairs(TOUCHED.queues) do
+        local verb = call('EXISTS', K.queue(recipient)) == 1 and 'SADD' or 'SREM'
+        call(verb, K.queues, recipient)
+    end
+    for key_id in pairs(TOUCHED.key_ids) do
+        local verb = call('EXISTS', K.sealed(key_id)) == 1 and 'SADD' or 'SREM'
+        call(verb, K.key_ids, key_id)
+    end
 end
 
 -- --- clients ----------------------------------------------------------------------------------
@@ -498,7 +510,7 @@ function U.index_content(seq, fields, key_id)
     if fields == '' then return end
     if key_id then
         call('ZADD', K.sealed(key_id), seq, seq)
-        call('SADD', K.key_ids, key_id)
+        TOUCHED.key_ids[key_id] = true
     else
         call('ZADD', K.plain, seq, seq)
     end
@@ -507,14 +519,16 @@ end
 function U.unindex_content(seq, fields, key_id)
     if fields == '' then return end
     if key_id then
-        U.zrem_indexed(K.sealed(key_id), seq, K.key_ids, key_id)
+        call('ZREM', K.sealed(key_id), seq)
+        TOUCHED.key_ids[key_id] = true
     else
         call('ZREM', K.plain, seq)
     end
 end
 
 function U.dequeue(seq, recipient)
-    U.zrem_indexed(K.queue(recipient), seq, K.queues, recipient)
+    call('ZREM', K.queue(recipient), seq)
+    TOUCHED.queues[recipient] = true
     call('ZREM', K.expiry, U.pad(seq))
 end
 
@@ -528,29 +542,35 @@ function U.insert(op, max_queued)
         return {2, tonumber(existing), call('HGET', K.message(tonumber(existing)), 'st')}
     end
     if not status then
-        if not U.live(recipient) then return {3, 'unknown_recipient'} end
+        -- No operation of a batch changes who is a client: asked once per batch.
+        if BATCH.live[recipient] == nil then BATCH.live[recipient] = U.live(recipient) end
+        if not BATCH.live[recipient] then return {3, 'unknown_recipient'} end
         if call('ZCARD', K.queue(recipient)) >= max_queued then return {3, 'queue_full'} end
     end
     local key = K.message(seq)
-    call('HSET', key, 's', sender, 'r', recipient, 'i', msgid, 'h', high, 'a', ack, 'f', fields,
-        'at', accepted_at, 'ex', expires_at, 'n', attempts, 'rs', reason, 'rp', pending)
-    if key_id then call('HSET', key, 'k', key_id) end
+    local row = {'s', sender, 'r', recipient, 'i', msgid, 'h', high, 'a', ack, 'f', fields,
+        'at', accepted_at, 'ex', expires_at, 'n', attempts, 'rs', reason, 'rp', pending}
+    if key_id then
+        row[#row + 1], row[#row + 2] = 'k', key_id
+    end
+    if status then
+        row[#row + 1], row[#row + 2], row[#row + 3], row[#row + 4] = 'st', status, 'fa', accepted_at
+    end
+    call('HSET', key, unpack(row))
     call('HSET', K.sent(sender), msgid, seq)
     call('ZADD', K.received(recipient), 0, U.msgid_member(msgid, seq))
     call('HINCRBY', K.msgids, msgid, 1)
     call('ZADD', K.accepted, accepted_at, U.pad(seq))
     if status then
-        call('HSET', key, 'st', status, 'fa', accepted_at)
         call('ZADD', K.finished, accepted_at, U.pad(seq))
         if pending == 1 then call('ZADD', K.receipts(sender), seq, seq) end
     else
         call('ZADD', K.queue(recipient), seq, seq)
-        call('SADD', K.queues, recipient)
+        TOUCHED.queues[recipient] = true
         call('ZADD', K.expiry, expires_at, U.pad(seq))
     end
     U.index_content(seq, fields, key_id)
-    -- The high-water mark, as SQLite's AUTOINCREMENT keeps it: never lowered.
-    if seq > tonumber(call('GET', K.seq) or '0') then call('SET', K.seq, U.int(seq)) end
+    BATCH.high = math.max(BATCH.high, seq)
     return {1, seq}
 end
 
@@ -758,6 +778,10 @@ function OPS.execute(a)
         local result = APPLY[op[1]](op, max_queued)
         results[i - 1] = result
     end
+    -- The high-water mark, as SQLite's AUTOINCREMENT keeps it: never lowered.
+    if BATCH.high > tonumber(call('GET', K.seq) or '0') then
+        call('SET', K.seq, U.int(BATCH.high))
+    end
     return results
 end
 
@@ -887,4 +911,6 @@ end
 
 local op = OPS[ARGV[2]]
 if op == nil then return U.fail('unknown operation ' .. tostring(ARGV[2])) end
-return op(mp_unpack(ARGV[3]))
+local result = op(mp_unpack(ARGV[3]))
+U.reconcile()
+return result
