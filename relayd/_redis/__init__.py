@@ -12,9 +12,17 @@ Theory of operation:
   script is loaded at open; a server that lost it (restart, failover, ``SCRIPT FLUSH``)
   answers ``NOSCRIPT``, and the call loads it and repeats itself.
 * **All or nothing.** Redis never rolls a script back, so the script checks everything that
-  could make it fail (the batch's shape and types; an ``Insert`` whose seq is stored) before
-  its first write, and refuses the whole batch with an error reply. (A key of the wrong type
-  under the prefix, written by something else, would still fail a script half-way.)
+  could make it fail (the batch's shape and types; an ``Insert`` whose seq holds another
+  message) before its first write, and refuses the whole batch with an error reply. (A key of
+  the wrong type under the prefix, written by something else, would still fail a script
+  half-way; so would a bug in it.) SQLite refuses a seq that holds another message only when
+  the ``Insert`` would store its row; this engine refuses it whatever the ``Insert``'s fate.
+  With seqs from :meth:`RedisStore.reserve_seqs`, no two messages are given one seq.
+* **Differences from SQLite**, where the contract leaves room: a family created for a client
+  that was never registered, or twice, is a ``StoreError`` (SQLite: ``IntegrityError``); the
+  rows a read of a batch loads are decrypted once the batch is committed, so an undecryptable
+  row raises with the batch's writes kept (SQLite rolls them back); ``inline`` changes
+  nothing; the seq counter remembers reservations across restarts (SQLite's, in memory, not).
 * **Deadlines, and errors relayd owns.** Each call has a deadline (``call_timeout``, 5 s
   by default, connecting included); no coredis exception leaves the store:
   :class:`~relayd._errors.StoreUnavailable` when Redis cannot be reached, did not answer in

@@ -354,7 +354,7 @@ class RedisStore:
         (there is no worker thread to spare).
 
         The script checks the whole batch before its first write; a batch it refuses (an
-        ``Insert`` whose seq is already stored) writes nothing. Unlike SQLite, rows a read
+        ``Insert`` whose seq holds another message) writes nothing. Unlike SQLite, rows a read
         loads are decrypted after the batch is committed: an undecryptable row raises, but the
         batch's writes stay.
 
