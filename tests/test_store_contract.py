@@ -462,6 +462,27 @@ async def test_key_notices_are_loaded_oldest_first_and_bounded(store: AnyStore) 
     assert isinstance(again[0], KeyNotice)
 
 
+async def test_key_notices_of_one_instant_are_loaded_by_client_then_algorithm(
+    store: AnyStore,
+) -> None:
+    for owner in (UUID_C, UUID_B):
+        ed = attrs.evolve(key(7), algorithm="ed25519")
+        await store.publish_keys(owner, [key(1), ed], 1.0, max_superseded=4, max_notices=9)
+        await store.read_keys(owner, UUID_A, 2.0, max_readers=9)
+    for owner in (UUID_C, UUID_B):
+        ed = attrs.evolve(key(8), algorithm="ed25519")
+        await store.publish_keys(owner, [ed, key(2)], 3.0, max_superseded=4, max_notices=9)
+    [owed] = await run(store, LoadKeyNotices(UUID_A, 10))
+    assert [(n.client, n.algorithm) for n in owed] == [
+        (UUID_B, "ed25519"),
+        (UUID_B, "x25519"),
+        (UUID_C, "ed25519"),
+        (UUID_C, "x25519"),
+    ]
+    [first] = await run(store, LoadKeyNotices(UUID_A, 1))
+    assert first == owed[:1]
+
+
 async def test_a_batch_that_is_not_operations_is_refused(store: AnyStore) -> None:
     with pytest.raises(TypeError, match="not a store operation"):
         await run(store, message(1), "DROP TABLE")  # type: ignore[arg-type]

@@ -366,15 +366,16 @@ end
 
 function U.notice_field(uuid, algorithm) return U.lp(uuid) .. algorithm end
 
--- A reader's notices, newest first: changed_at descending, then client and algorithm.
-function U.notices_newest_first(reader)
+-- A reader's notices in time order (newest first, or oldest first), then by client and
+-- algorithm.
+function U.notices_by_time(reader, newest_first)
     local notices = {}
     for _, blob in ipairs(call('HVALS', K.notices(reader))) do
         notices[#notices + 1] = mp_unpack(blob)
     end
     table.sort(notices, function(x, y)
         local cx, cy = tonumber(x[5]), tonumber(y[5])
-        if cx ~= cy then return cx > cy end
+        if cx ~= cy then return (cx > cy) == newest_first end
         if x[1] ~= y[1] then return U.lt(x[1], y[1]) end
         return U.lt(x[2], y[2])
     end)
@@ -401,7 +402,7 @@ function U.owe_notice(reader, uuid, algorithm, fp, previous, at, max_notices)
     -- {client, algorithm, fingerprint, previous, changed_at}
     call('HSET', K.notices(reader), field, mp_pack({uuid, algorithm, fp, previous, at}))
     if call('HLEN', K.notices(reader)) > max_notices then
-        local notices = U.notices_newest_first(reader)
+        local notices = U.notices_by_time(reader, true)
         for i = max_notices + 1, #notices do
             U.drop_notice(reader, notices[i][1], notices[i][2])
         end
@@ -693,11 +694,10 @@ end
 -- LoadKeyNotices = {'N', reader, limit}: oldest first.
 function U.load_key_notices(op)
     local reader, limit = op[2], op[3]
-    local notices = U.notices_newest_first(reader)
     local rows = {}
-    for i = #notices, math.max(1, #notices - limit + 1), -1 do
-        local n = notices[i]
-        rows[#rows + 1] = {reader, n[1], n[2], n[3], n[4], n[5]}
+    for i, n in ipairs(U.notices_by_time(reader, false)) do
+        if limit >= 0 and i > limit then break end  -- as SQL: a negative LIMIT is none
+        rows[i] = {reader, n[1], n[2], n[3], n[4], n[5]}
     end
     return rows
 end
