@@ -271,7 +271,7 @@ async def test_a_server_that_stops_answering_fails_each_call_at_its_deadline(
 ) -> None:
     # Virtual time jumps only once nothing happened for a while of real time: the real
     # server's answers come well before.
-    autojump_clock.autojump_threshold = 0.5
+    autojump_clock.autojump_threshold = 1.0
     proxy, url = await counting_proxy(nursery, redis_url)
     async with RedisStore.open(url, call_timeout=4.0) as store:
         await store.insert_client(client(UUID_A))
