@@ -7,6 +7,7 @@ Sentinel, TLS and its URLs. All against real servers (tests/redis_support.py).
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterator
 from functools import partial
@@ -567,6 +568,14 @@ def test_urls_say_where_without_their_passwords() -> None:
 def test_a_bad_url_is_refused_saying_why(url: str, complaint: str) -> None:
     with pytest.raises(RedisUrlError, match=complaint):
         parse_url(url)
+
+
+async def test_tls_files_that_cannot_be_read_are_a_url_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-ca.pem"
+    expected = f"cannot load its TLS files \\({re.escape(str(missing))}\\): .*No such file"
+    with pytest.raises(RedisUrlError, match=expected):
+        async with RedisStore.open(f"rediss://localhost:1/0?ssl_ca_certs={missing}"):
+            pytest.fail("the store opened")  # pragma: no cover
 
 
 async def test_two_nodes_never_reserve_the_same_seq(redis_url: str) -> None:

@@ -182,11 +182,19 @@ def _sentinel(scheme: str, netloc: str, path: str, query: dict[str, str]) -> End
 
 def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext:
     """The server's certificate and name are checked unless the URL says otherwise
-    (coredis's own default checks neither the name nor, without a CA, much else)."""
+    (coredis's own default checks neither the name nor, without a CA, much else).
+
+    Raises:
+        RedisUrlError: a CA, certificate or key file cannot be read.
+    """
     options = dict(endpoint.ssl)
-    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
-    if "ssl_certfile" in options:
-        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    files = ", ".join(options[k] for k in _SSL_PARAMETERS[:3] if k in options)
+    try:
+        context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+        if "ssl_certfile" in options:
+            context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    except (OSError, ssl.SSLError) as exc:
+        raise RedisUrlError(f"store.url: cannot load its TLS files ({files}): {exc}") from None
     if options.get("ssl_check_hostname", "true").lower() in ("false", "no", "0"):
         context.check_hostname = False
     if options.get("ssl_cert_reqs", "required").lower() == "none":
