@@ -38,16 +38,17 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
+import anyio
 import coredis
 import coredis.exceptions
 import trio
 from attrs import frozen
-from coredis.retry import NoRetryPolicy
 
 from ._auth import Revocation
 from ._config import Config
 from ._engine import DEFAULT_REDIS_URL
 from ._errors import StoreError
+from ._redis._url import connect, parse_url
 from ._relay.records import KeyNotice
 
 log = logging.getLogger("relayd.cluster")
@@ -178,10 +179,7 @@ class RedisCluster:
         node: str | None = None,
     ) -> AsyncIterator[RedisCluster]:
         """Connect (lazily: the first call connects) and close at the end."""
-        redis: coredis.Redis[bytes] = coredis.Redis.from_url(
-            url, decode_responses=False, retry_policy=NoRetryPolicy()
-        )
-        async with redis:
+        async with connect(parse_url(url), connect_timeout=call_timeout) as redis:
             yield cls(
                 redis,
                 prefix=prefix,
@@ -359,6 +357,13 @@ class RedisCluster:
     ) -> None:
         """Hear the bus and the watched channels; after a reconnect (coredis resubscribes),
         resync, since what was published meanwhile is lost."""
+        try:
+            await self._listen_on(listener, task_status)
+        except* anyio.ClosedResourceError:
+            # coredis 6.9, cancelled, unsubscribes on the connection it has just closed.
+            pass
+
+    async def _listen_on(self, listener: Listener, task_status: trio.TaskStatus[None]) -> None:
         bus = self._bus.encode()
         subscribed_once = False
         async with self._redis.pubsub(channels=[self._bus], max_idle_seconds=5) as pubsub:

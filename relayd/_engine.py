@@ -233,7 +233,10 @@ async def open_engine(
         from ._redis import RedisStore
 
         async with RedisStore.open(
-            store.url or DEFAULT_REDIS_URL, keys=keys, prefix=store.prefix, timeout=store.timeout
+            store.url or DEFAULT_REDIS_URL,
+            keys=keys,
+            prefix=store.prefix,
+            call_timeout=store.timeout,
         ) as redis:
             yield redis
         return

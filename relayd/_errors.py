@@ -28,6 +28,12 @@ class SchemaTooNewError(StoreError):
     """The store was written by a newer relayd than this one."""
 
 
+class StoreUnavailable(StoreError):
+    """The store's server cannot be reached, did not answer in time, or cannot take the
+    operation now (loading, read-only, out of memory, too few replicas): a later attempt may
+    succeed. Any other :class:`StoreError` is about the data or the request: it would not."""
+
+
 class ApiError(RelaydError):
     """An error that a client caused, answered with ``status`` and a JSON body.
 

@@ -239,7 +239,9 @@ class Store:
         that never read a message's fields)."""
         # One call at a time: the connection has exactly one user, the writer.
         self._limiter = trio.CapacityLimiter(1)
-        self._reserved = 0  # the highest seq reserved (see reserve_seqs)
+        # The highest seq reserve_seqs gave out: one process uses a SQLite file, so
+        # reservations need not outlive it (a seq never stored may be given out again).
+        self._reserved = 0
 
     @classmethod
     @asynccontextmanager
@@ -705,17 +707,23 @@ class Store:
 
         return await self._run(run, inline=inline)
 
-    async def last_message_seq(self) -> int:
-        """The highest message seq ever stored (0 if none): the relay allocates above it."""
-        return await self._run(last_message_seq)
-
     async def reserve_seqs(self, count: int) -> int:
-        """The first of ``count`` message seqs never used before. One process owns a SQLite
-        store (the state directory's lock), so the seqs above the highest stored are free:
-        a reservation is remembered here, not stored."""
-        start = max(await self.last_message_seq(), self._reserved) + 1
-        self._reserved = start + count - 1
-        return start
+        """Reserve ``count`` message seqs, above every seq stored or reserved; return the
+        first."""
+        if count < 1:
+            raise ValueError(f"reserve at least one seq, not {count}")
+
+        def reserve(db: sqlite3.Connection) -> int:
+            first = max(self._reserved, last_message_seq(db)) + 1
+            self._reserved = first + count - 1
+            return first
+
+        return await self._run(reserve)
+
+    async def last_message_seq(self) -> int:
+        """The highest message seq ever stored or reserved (0 if none): the relay allocates
+        above it."""
+        return await self._run(lambda db: max(self._reserved, last_message_seq(db)))
 
     async def recent_messages(self, since: float, limit: int) -> list[RecentMessage]:
         """Messages accepted at or after ``since``, newest ``limit`` of them, oldest first:

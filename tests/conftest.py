@@ -7,6 +7,7 @@ import trio
 
 from .browser_support import require_chromium
 from .redis_support import redis_server, redis_url
+from .store_support import engine_target, persistent_target, target
 from .support import RunningRelayd, make_config, start_relayd
 
 
@@ -16,7 +17,14 @@ async def relayd(nursery: trio.Nursery, tmp_path: Path) -> RunningRelayd:
     return await start_relayd(nursery, make_config(tmp_path))
 
 
-__all__ = ["redis_server", "redis_url"]  # fixtures for every test module
+# Fixtures for every test module.
+__all__ = [
+    "engine_target",
+    "persistent_target",
+    "redis_server",
+    "redis_url",
+    "target",
+]
 
 
 @pytest.fixture

@@ -69,39 +69,54 @@ def _free_port() -> int:
 def start_redis(binary: str, data_dir: Path, *extra: str, port: int | None = None) -> RedisServer:
     """Start a server in the foreground and return once it says it accepts connections.
 
-    ``extra``: more ``redis-server`` arguments (``--appendonly yes`` ...); ``port``: where
-    it listens (default: a free one).
+    ``extra``: more ``redis-server`` arguments (``--appendonly yes`` ...); ``port``: the port
+    to listen on (a free one by default; a stopped server's, to start it again).
     """
-    port = port or _free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(data_dir),
-            "--save",
-            "",
-            "--protected-mode",
-            "no",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    port = _free_port() if port is None else port
+    argv = [
+        binary,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(data_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        *extra,
+    ]
+    return _start(argv, READY_LINE, port, data_dir)
+
+
+def start_sentinel(binary: str, data_dir: Path, primary: RedisServer, service: str) -> RedisServer:
+    """A Redis Sentinel that knows ``primary`` as ``service`` (quorum 1), ready once it
+    monitors it; its config file (which Sentinel rewrites) is in ``data_dir``."""
+    port = _free_port()
+    config = data_dir / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {data_dir}\n"
+        f"sentinel monitor {service} {primary.host} {primary.port} 1\n"
     )
+    return _start([binary, str(config), "--sentinel"], b"+monitor master", port, data_dir)
+
+
+def _start(argv: list[str], ready_line: bytes, port: int, data_dir: Path) -> RedisServer:
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert process.stdout is not None
     seen: list[bytes] = []
     try:
         # Its log says when it is ready; a server that exits says why.
         for line in process.stdout:
             seen.append(line)
-            if READY_LINE in line:
+            if ready_line in line:
                 break
         else:
             raise RuntimeError(
-                f"{binary} exited before it was ready: {b''.join(seen).decode(errors='replace')}"
+                f"{argv[0]} exited before it was ready: {b''.join(seen).decode(errors='replace')}"
             )
     except BaseException:
         process.kill()

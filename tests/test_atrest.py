@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import os
-import sqlite3
 import stat
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,15 @@ from relayd._atrest import (
     write_key_file,
 )
 from relayd._relay.records import Insert, LoadQueue, QueuePage
-from relayd._store import Store
 
+from .store_support import (
+    AnyStore,
+    Target,
+    at_rest_holding,
+    files_holding,
+    point_message_at,
+    stored_messages,
+)
 from .support import IO_DEADLINE, RunningRelayd, make_config, start_relayd
 from .test_admin import cli, config_file, file_config, queue_for
 from .test_store import UUID_A, UUID_B, client
@@ -165,96 +171,84 @@ def queued(seq: int, fields: str) -> Insert:
     return Insert(None, seq, UUID_A, UUID_B, f"m{seq}", False, True, fields, 1.0, 1e9)
 
 
-async def load(store: Store) -> list[str]:
+async def load(store: AnyStore) -> list[str]:
     [page] = await store.execute([LoadQueue(UUID_B, 0, 100, 1 << 20)], max_queued=1)
     assert isinstance(page, QueuePage)
     return [row.fields for row in page.rows]
 
 
-def raw_rows(path: Path) -> list[tuple[Any, ...]]:
-    db = sqlite3.connect(path)
-    try:
-        return db.execute("SELECT seq, key_id, fields FROM messages ORDER BY seq").fetchall()
-    finally:
-        db.close()
-
-
-async def test_the_store_keeps_only_ciphertext_and_loads_plain_text(tmp_path: Path) -> None:
-    path = tmp_path / "relayd.sqlite3"
+async def test_the_store_keeps_only_ciphertext_and_loads_plain_text(engine_target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
-        async with Store.open(str(path), keys=keys(("k1", KEY_1))) as store:
+        async with engine_target.open(keys=keys(("k1", KEY_1))) as store:
             await store.insert_client(client(UUID_A))
             await store.insert_client(client(UUID_B, name="bob"))
             await store.execute([queued(1, f'{{"content": "{SECRET_TEXT}"}}')], max_queued=9)
             assert await load(store) == [f'{{"content": "{SECRET_TEXT}"}}']
             assert await store.keys_in_use() == {"k1": 1}
-    [(seq, key_id, fields)] = raw_rows(path)
-    assert (seq, key_id) == (1, "k1")
-    assert SECRET_TEXT.encode() not in fields
+        [(seq, key_id, fields)] = await stored_messages(engine_target)
+        assert (seq, key_id) == (1, "k1")
+        assert SECRET_TEXT.encode() not in fields
+        assert await at_rest_holding(engine_target, SECRET_TEXT.encode()) == []
 
 
-async def test_opening_seals_rows_stored_in_plain_text_before(tmp_path: Path) -> None:
-    path = tmp_path / "relayd.sqlite3"
+async def test_opening_seals_rows_stored_in_plain_text_before(engine_target: Target) -> None:
+    target = engine_target
     with trio.fail_after(IO_DEADLINE):
-        async with Store.open(str(path)) as store:  # as relayd before encryption at rest
+        async with target.open(keys=None) as store:  # as relayd before encryption at rest
             await store.insert_client(client(UUID_A))
             await store.insert_client(client(UUID_B, name="bob"))
             await store.execute([queued(1, SECRET_TEXT), queued(2, "two")], max_queued=9)
-        assert raw_rows(path)[0][1:] == (None, SECRET_TEXT)
-        async with Store.open(str(path), keys=keys(("k1", KEY_1))) as store:
-            # Nowhere in the files once the store is open, before any close checkpoints the
-            # WAL: not in the database's freed space, not in older WAL frames.
-            leaks = await trio.to_thread.run_sync(files_holding, tmp_path, SECRET_TEXT.encode())
-            assert leaks == []
+            assert await store.keys_in_use() == {None: 2}
+        assert (await stored_messages(target))[0][1:] == (None, SECRET_TEXT.encode())
+        assert await at_rest_holding(target, SECRET_TEXT.encode()) != []  # the check finds it
+        async with target.open(keys=keys(("k1", KEY_1))) as store:
+            # Nowhere at rest once the store is open: for SQLite, before any close
+            # checkpoints the WAL: not in the database's freed space, not in older WAL frames.
+            assert await at_rest_holding(target, SECRET_TEXT.encode()) == []
             assert await load(store) == [SECRET_TEXT, "two"]
-    assert [row[1] for row in raw_rows(path)] == ["k1", "k1"]
-    assert all(SECRET_TEXT.encode() not in row[2] for row in raw_rows(path))
+            assert await store.keys_in_use() == {"k1": 2}
+        rows = await stored_messages(target)
+        assert [row[1] for row in rows] == ["k1", "k1"]
+        assert all(SECRET_TEXT.encode() not in row[2] for row in rows)
 
 
-async def test_a_row_pointed_at_another_recipient_does_not_decrypt(tmp_path: Path) -> None:
-    """Whoever can write the store file but has no key (a restored or tampered backup, a
-    shared volume) must not turn that into reading content: pointing a queued row at their
-    own client must not deliver it to them in plain text. The docs promise a ciphertext
-    copied to another row does not decrypt; the same must hold for the row's routing."""
-    path = tmp_path / "relayd.sqlite3"
+async def test_a_row_pointed_at_another_recipient_does_not_decrypt(engine_target: Target) -> None:
+    """Whoever can write the store but has no key (a restored or tampered backup, a shared
+    volume, a Redis server's other users) must not turn that into reading content: pointing a
+    queued row at their own client must not deliver it to them in plain text. The docs promise
+    a ciphertext copied to another row does not decrypt; the same must hold for the row's
+    routing."""
     with trio.fail_after(IO_DEADLINE):
-        async with Store.open(str(path), keys=keys(("k1", KEY_1))) as store:
+        async with engine_target.open(keys=keys(("k1", KEY_1))) as store:
             await store.insert_client(client(UUID_A))
             await store.insert_client(client(UUID_B, name="bob"))
             await store.execute([queued(1, SECRET_TEXT)], max_queued=9)  # A to B
-        db = sqlite3.connect(path)
-        with db:
-            db.execute("UPDATE messages SET recipient = ? WHERE seq = 1", (UUID_A,))
-        db.close()
+        await point_message_at(engine_target, 1, UUID_A)
         with pytest.raises(UndecryptableRow):
-            async with Store.open(str(path), keys=keys(("k1", KEY_1))) as store:
+            async with engine_target.open(keys=keys(("k1", KEY_1))) as store:
                 await store.execute([LoadQueue(UUID_A, 0, 100, 1 << 20)], max_queued=1)
 
 
-async def test_a_missing_or_wrong_key_stops_the_store_at_open(tmp_path: Path) -> None:
-    path = str(tmp_path / "relayd.sqlite3")
+async def test_a_missing_or_wrong_key_stops_the_store_at_open(engine_target: Target) -> None:
+    target = engine_target
     with trio.fail_after(IO_DEADLINE):
-        async with Store.open(path, keys=keys(("k1", KEY_1))) as store:
+        async with target.open(keys=keys(("k1", KEY_1))) as store:
             await store.insert_client(client(UUID_A))
             await store.insert_client(client(UUID_B, name="bob"))
             await store.execute([queued(1, SECRET_TEXT)], max_queued=9)
         with pytest.raises(UndecryptableRow, match="'k1', which <test keys> lacks"):
-            async with Store.open(path, keys=keys(("k2", KEY_2))):
+            async with target.open(keys=keys(("k2", KEY_2))):
                 pass
         with pytest.raises(UndecryptableRow, match="does not decrypt with key 'k1'"):
-            async with Store.open(path, keys=keys(("k1", KEY_2))):
+            async with target.open(keys=keys(("k1", KEY_2))):
                 pass
         # A store opened without keys (the admin tools) cannot read content, and says so.
-        async with Store.open(path) as store:
+        async with target.open(keys=None) as store:
             with pytest.raises(UndecryptableRow, match="no store key was loaded"):
                 await load(store)
 
 
 # --- end to end ---------------------------------------------------------------------------------
-
-
-def files_holding(root: Path, needle: bytes) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
 async def test_no_content_in_the_database_the_wal_or_a_backup(tmp_path: Path) -> None:

@@ -134,7 +134,9 @@ async def test_revoking_on_one_node_closes_the_session_on_another(
         bob = await node_a.http.register("bob")
         async with ws_connect(node_b, bob["access_token"]) as b:
             await welcomed(b)
-            response = await node_a.http.post("/auth/revoke", {}, token=bob["access_token"])
+            response = await node_a.http.post(
+                "/auth/revoke", {"access_token": bob["access_token"]}, token=bob["access_token"]
+            )
             assert response.status == 200, response
             frame = await b.next_of("error")
             assert frame["error"]["code"] == "token_revoked"

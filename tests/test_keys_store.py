@@ -1,5 +1,6 @@
-"""The key directory's SQL: who counts as a correspondent, the bounds on readers, notices and
-history, deduplication of notices, deletion, and the migration that adds it."""
+"""The key directory's storage, on every engine: who counts as a correspondent, the bounds on
+readers, notices and history, deduplication of notices, deletion; and the SQLite migration that
+adds it."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import trio
 
 from relayd._relay.records import ClearKeyNotice, KeyNotice, LoadKeyNotices
 from relayd._schema import MIGRATIONS, SCHEMA_VERSION
-from relayd._store import KeyRecord, Publication, Store, inline_executor
+from relayd._store import KeyRecord, Publication, Store
 
+from .store_support import AnyStore, Target, holds, redis_dump
 from .support import IO_DEADLINE
 from .test_store import client
 
@@ -29,16 +31,16 @@ def key(seed: int, algorithm: str = "x25519") -> KeyRecord:
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[Store]:
+async def store(target: Target) -> AsyncIterator[AnyStore]:
     with trio.fail_after(IO_DEADLINE):
-        async with Store.open(":memory:", executor=inline_executor) as store:
+        async with target.open() as store:
             for uuid in [OWNER, *READERS]:
                 assert await store.insert_client(client(uuid))
             yield store
 
 
 async def publish(
-    store: Store, *keys: KeyRecord, at: float, owner: str = OWNER, max_notices: int = UNBOUNDED
+    store: AnyStore, *keys: KeyRecord, at: float, owner: str = OWNER, max_notices: int = UNBOUNDED
 ) -> Publication:
     publication = await store.publish_keys(
         owner, keys, at, max_superseded=UNBOUNDED, max_notices=max_notices
@@ -48,18 +50,18 @@ async def publish(
 
 
 async def read(
-    store: Store, reader: str, *, at: float, owner: str = OWNER, bound: int = 10
+    store: AnyStore, reader: str, *, at: float, owner: str = OWNER, bound: int = 10
 ) -> None:
     assert await store.read_keys(owner, reader, at, max_readers=bound) is not None
 
 
-async def owed(store: Store, reader: str) -> list[KeyNotice]:
+async def owed(store: AnyStore, reader: str) -> list[KeyNotice]:
     [notices] = await store.execute([LoadKeyNotices(reader, 100)], max_queued=10)
     result: list[KeyNotice] = notices
     return result
 
 
-async def test_readers_of_a_key_are_owed_its_change_and_the_owner_is_not(store: Store) -> None:
+async def test_readers_of_a_key_are_owed_its_change_and_the_owner_is_not(store: AnyStore) -> None:
     await publish(store, key(1), key(2, "ed25519"), at=1.0)
     await read(store, READERS[0], at=2.0)
     await read(store, OWNER, at=2.5)  # reading one's own keys makes no correspondent
@@ -71,14 +73,14 @@ async def test_readers_of_a_key_are_owed_its_change_and_the_owner_is_not(store: 
     assert await owed(store, READERS[1]) == []
 
 
-async def test_a_first_key_is_not_a_change(store: Store) -> None:
+async def test_a_first_key_is_not_a_change(store: AnyStore) -> None:
     await read(store, READERS[0], at=1.0)
     publication = await publish(store, key(1), at=2.0)
     assert publication == Publication(("x25519",), ())
     assert await owed(store, READERS[0]) == []
 
 
-async def test_readers_are_bounded_per_client_the_least_recent_forgotten(store: Store) -> None:
+async def test_readers_are_bounded_per_client_the_least_recent_forgotten(store: AnyStore) -> None:
     await publish(store, key(1), at=1.0)
     for i, reader in enumerate(READERS[:3]):
         await read(store, reader, at=2.0 + i, bound=2)
@@ -89,7 +91,7 @@ async def test_readers_are_bounded_per_client_the_least_recent_forgotten(store: 
 
 
 async def test_notices_are_deduplicated_keeping_what_the_reader_was_last_told(
-    store: Store,
+    store: AnyStore,
 ) -> None:
     await publish(store, key(1), at=1.0)
     await read(store, READERS[0], at=2.0)
@@ -100,7 +102,7 @@ async def test_notices_are_deduplicated_keeping_what_the_reader_was_last_told(
     assert await owed(store, READERS[0]) == [latest]
 
 
-async def test_notices_are_bounded_per_reader_the_oldest_dropped(store: Store) -> None:
+async def test_notices_are_bounded_per_reader_the_oldest_dropped(store: AnyStore) -> None:
     owners = READERS[1:4]
     for i, owner in enumerate(owners):
         await publish(store, key(1), at=1.0 + i, owner=owner)
@@ -111,7 +113,7 @@ async def test_notices_are_bounded_per_reader_the_oldest_dropped(store: Store) -
 
 
 async def test_a_notice_written_is_cleared_unless_a_newer_change_replaced_it(
-    store: Store,
+    store: AnyStore,
 ) -> None:
     await publish(store, key(1), at=1.0)
     await read(store, READERS[0], at=2.0)
@@ -124,7 +126,7 @@ async def test_a_notice_written_is_cleared_unless_a_newer_change_replaced_it(
 
 
 async def test_deleting_a_client_forgets_its_keys_its_readers_and_what_it_read(
-    store: Store,
+    store: AnyStore, target: Target
 ) -> None:
     await publish(store, key(1), at=1.0)
     await publish(store, key(5), at=1.0, owner=READERS[1])
@@ -138,20 +140,29 @@ async def test_deleting_a_client_forgets_its_keys_its_readers_and_what_it_read(
     assert await owed(store, READERS[0]) == []
     assert await owed(store, OWNER) == []
 
-    def rows(db: sqlite3.Connection) -> list[tuple[str, ...]]:
-        query = (
-            "SELECT 'key', client_uuid FROM client_keys UNION ALL"
-            " SELECT 'reader', client_uuid || ' ' || reader_uuid FROM key_readers UNION ALL"
-            " SELECT 'notice', client_uuid || ' ' || reader_uuid FROM key_notices"
-        )
-        return [tuple(r) for r in db.execute(query)]
+    if isinstance(store, Store):
 
-    remaining = await store._run(rows)
-    assert all(OWNER not in text for _, text in remaining), remaining
-    assert ("key", READERS[1]) in remaining  # another client's keys are untouched
+        def rows(db: sqlite3.Connection) -> list[tuple[str, ...]]:
+            query = (
+                "SELECT 'key', client_uuid FROM client_keys UNION ALL"
+                " SELECT 'reader', client_uuid || ' ' || reader_uuid FROM key_readers UNION ALL"
+                " SELECT 'notice', client_uuid || ' ' || reader_uuid FROM key_notices"
+            )
+            return [tuple(r) for r in db.execute(query)]
+
+        remaining = await store._run(rows)
+        assert all(OWNER not in text for _, text in remaining), remaining
+        assert ("key", READERS[1]) in remaining  # another client's keys are untouched
+    else:
+        dump = await redis_dump(target.location)
+        mentions = {
+            k for k, v in dump.items() if holds(k, OWNER.encode()) or holds(v, OWNER.encode())
+        }
+        assert mentions == {f"relayd:c:{OWNER}".encode()}  # its tombstone only
+        assert f"relayd:keys:{READERS[1]}".encode() in dump  # another client's keys stay
 
 
-async def test_unknown_clients_have_no_keys(store: Store) -> None:
+async def test_unknown_clients_have_no_keys(store: AnyStore) -> None:
     unknown = "0b6f3b0e-1c1e-4c39-9a59-3f0f8f0c0aff"
     assert await store.read_keys(unknown, READERS[0], 1.0, max_readers=10) is None
     assert await store.publish_keys(unknown, [key(1)], 1.0, max_superseded=1, max_notices=1) is None

@@ -1,0 +1,138 @@
+"""The Redis engine: relayd's store on a Redis 7 (or Valkey) server, for many relayd nodes.
+
+:class:`RedisStore` keeps the SQLite store's contract (:class:`relayd._store.Store`): the same
+methods, arguments and results, and the same tests run on both.
+
+Theory of operation:
+
+* **One round trip per call, atomic.** Every method is one ``EVALSHA`` of one Lua script
+  (``store.lua``), which Redis runs atomically: nothing else runs on the server meanwhile. A
+  batch of :meth:`RedisStore.execute` is one call, its operations packed as MessagePack and
+  applied in order, each seeing the effects of those before it: SQLite's group commit. The
+  script is loaded at open; a server that lost it (restart, failover, ``SCRIPT FLUSH``)
+  answers ``NOSCRIPT``, and the call loads it and repeats itself.
+* **All or nothing.** Redis never rolls a script back, so the script checks everything that
+  could make it fail (the batch's shape and types; an ``Insert`` whose seq holds another
+  message) before its first write, and refuses the whole batch with an error reply. (A key of
+  the wrong type under the prefix, written by something else, would still fail a script
+  half-way; so would a bug in it.) SQLite refuses a seq that holds another message only when
+  the ``Insert`` would store its row; this engine refuses it whatever the ``Insert``'s fate.
+  With seqs from :meth:`RedisStore.reserve_seqs`, no two messages are given one seq.
+* **Differences from SQLite**, where the contract leaves room: a family created for a client
+  that was never registered, or twice, is a ``StoreError`` (SQLite: ``IntegrityError``); the
+  rows a read of a batch loads are decrypted once the batch is committed, so an undecryptable
+  row raises with the batch's writes kept (SQLite rolls them back); ``inline`` changes
+  nothing; the seq counter remembers reservations across restarts (SQLite's, in memory, not).
+* **Deadlines, and errors relayd owns.** Each call has a deadline (``call_timeout``, 5 s
+  by default, connecting included); no coredis exception leaves the store:
+  :class:`~relayd._errors.StoreUnavailable` when Redis cannot be reached, did not answer in
+  time or cannot take the call now (``LOADING``, ``READONLY``, ``OOM``, ``BUSY``, too few
+  replicas); :class:`~relayd._errors.StoreError` when it refused the call. A call whose
+  deadline passed after it was sent took effect as a whole, or not at all. coredis retries
+  nothing on its own (a repeated write could apply twice).
+* **Seqs for many nodes.** :meth:`RedisStore.reserve_seqs` takes seqs from one counter
+  (``INCRBY``): no two nodes are given the same one. An ``Insert`` raises the counter to its
+  seq if it is higher, so the counter is also the highest seq ever stored.
+* **Encryption at rest** as in SQLite (:mod:`relayd._atrest`): content is sealed in Python
+  before it is sent, opened after it is loaded; Redis, its RDB and AOF files and its replicas
+  only ever hold the ciphertext. Opening checks that the keys decrypt the first message of
+  every key in use, and seals messages stored in plain text (by a store opened without keys).
+* **Durability** is the server's: with ``appendonly yes`` and ``appendfsync always``, Redis
+  answers a write once it is written and fsynced to its AOF, so an answered call is on disk;
+  with ``everysec``, a crash of the server's machine may lose about the last second of
+  answered writes; with only RDB snapshots, everything since the last one. relayd reads the
+  two settings at open (``CONFIG GET``), logs what they promise (a warning unless
+  ``always``) and keeps it in :attr:`RedisStore.durability`; it does not refuse a server
+  configured otherwise, since a replica (below) may be the operator's choice instead. With
+  ``wait_replicas = N``, every write is followed by ``WAIT N`` on the same connection, and
+  fails with ``StoreUnavailable`` unless N replicas acknowledged it within ``wait_timeout``
+  (the write stays on the primary). ``WAITAOF`` (Redis 7.2+) is not used: relayd runs on
+  Redis 7.0, the oldest it supports, and uses no command newer than that.
+
+URL forms (see :mod:`relayd._redis._url`): ``redis://[[user]:password@]host[:port][/db]``,
+``rediss://...`` (TLS; the server's certificate and name are checked), ``unix:///path.sock?db=N``,
+``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]`` (the primary
+Sentinel names, found again after a failover) and ``rediss+sentinel://...``.
+
+Key layout. Every key starts with the prefix (``relayd:`` by default; several relayd
+installations may share a server under different prefixes). ``<uuid>`` is a client's uuid,
+``<seq>`` a message's seq; a *padded seq* is the seq in 16 digits, so that members of equal
+score sort in seq order; times are stored as the decimal text of a float.
+
+=================================  =========  ==================================================
+key                                type       what
+=================================  =========  ==================================================
+``schema``                         string     the layout's version (:data:`LAYOUT_VERSION`)
+``seq``                            string     the seq counter: highest seq reserved or stored
+``c:<uuid>``                       hash       a client: ``n`` name, ``h`` secret hash (empty
+                                              once deleted), ``r`` roles (space-separated),
+                                              ``ca`` created_at, ``tv`` tokens_valid_after,
+                                              ``da`` deleted_at (a tombstone), ``kseq`` its key
+                                              records' counter
+``clients``                        zset       live clients, by created_at (ties by uuid)
+``f:<family>``                     hash       a refresh family: ``c`` client, ``j`` current jti,
+                                              ``ca``, ``ra`` rotated_at, ``ex`` expires_at, ``rv``
+                                              revoked_at, ``rr`` revoked_reason
+``cf:<uuid>``                      set        the client's families
+``fexp``                           zset       families by expires_at
+``rt``                             zset       revoked access-token jtis by expires_at
+``rtwho``                          hash       jti -> MessagePack [subject, revoked_at]
+``i:<id>``                         hash       an invite: ``ca``, ``cb`` created_by, ``ex``
+                                              expires_at, ``ua`` used_at, ``ub`` used_by
+``invites``                        zset       invites by created_at
+``invites:open``                   zset       unspent invites by expires_at
+``invites:spent``                  zset       spent invites by used_at
+``key:<uuid>:<n>``                 hash       a public key: ``a`` algorithm, ``k`` key bytes,
+                                              ``f`` fingerprint, ``p`` published_at, ``s``
+                                              superseded_at (absent while current)
+``keys:<uuid>``                    zset       the client's key records (``n``, by ``n``)
+``rd:<uuid>``                      zset       readers of the client's keys, by read_at
+``rs:<reader>``                    set        clients whose keys ``reader`` read
+``kn:<reader>``                    hash       key notices owed to ``reader``: field
+                                              ``<len>:<client><algorithm>``, value MessagePack
+                                              [client, algorithm, fingerprint, previous,
+                                              changed_at]
+``kw:<uuid>``                      hash       reader -> how many notices about the client it
+                                              is owed
+``m:<seq>``                        hash       a message: ``s`` sender, ``r`` recipient, ``i``
+                                              msgid, ``h`` high, ``a`` acknowledge, ``f``
+                                              fields (sealed: nonce + ciphertext; emptied once
+                                              final), ``k`` key id (absent: plain or empty),
+                                              ``at`` accepted_at, ``ex`` expires_at, ``n``
+                                              attempts, ``st`` status (absent while queued),
+                                              ``rs`` reason, ``fa`` finished_at, ``rp``
+                                              receipt pending (0/1)
+``q:<uuid>``                       zset       the recipient's queued seqs, by seq
+``queues``                         set        recipients whose queue is not empty
+``exp``                            zset       queued messages (padded seqs) by expires_at
+``fin``                            zset       final messages (padded seqs) by finished_at
+``acc``                            zset       every message (padded seqs) by accepted_at
+``rc:<uuid>``                      zset       seqs whose final status the sender is owed
+``d:<uuid>``                       hash       the sender's msgid -> seq (deduplication)
+``rid:<uuid>``                     zset       the recipient's ``<len>:<msgid><padded seq>``
+                                              (lexicographic: a msgid's messages, newest last)
+``ids``                            hash       msgid -> how many stored messages carry it
+``ck:<key id>``                    zset       seqs whose content is sealed with that key
+``ckeys``                          set        key ids that content is sealed with
+``cp``                             zset       seqs whose content is plain text
+=================================  =========  ==================================================
+
+Deleting a client leaves what SQLite leaves: its tombstone (``c:<uuid>`` without ``kseq``) and
+the messages it sent or was sent, with their indexes; its families, keys, readers and
+notices (owed to it, or about it) go.
+
+Redis Cluster is not supported: the script reaches keys it derives, which a cluster would have
+to hold in one slot (a prefix with a hash tag, ``{relayd}:``, would do it; untested).
+"""
+
+from ._store import DEFAULT_PREFIX, DEFAULT_TIMEOUT, LAYOUT_VERSION, RedisStore
+from ._url import RedisUrlError, parse_url
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "DEFAULT_TIMEOUT",
+    "LAYOUT_VERSION",
+    "RedisStore",
+    "RedisUrlError",
+    "parse_url",
+]

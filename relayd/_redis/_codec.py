@@ -1,0 +1,315 @@
+"""What crosses between Python and the store's script: operations packed as compact lists, and
+replies (lists of bulk strings) read back into relayd's records.
+
+Times travel as the decimal text of ``repr(float)``, which reads back as the same float; a value
+that is absent travels as ``False`` (MessagePack's nil would leave a hole in a Lua list); bytes
+travel as MessagePack strings (:func:`raw`). Message content is sealed
+(:mod:`relayd._atrest`) before it is packed, and opened when read.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+from relayd._atrest import RowId, StoreKeys, UndecryptableRow
+from relayd._relay.records import (
+    ClearKeyNotice,
+    Duplicate,
+    FindExpired,
+    Finish,
+    Insert,
+    Inserted,
+    KeyNotice,
+    LoadKeyNotices,
+    LoadQueue,
+    LoadReceipts,
+    Purge,
+    QueuePage,
+    RecentMessage,
+    Refused,
+    SetAttempts,
+    SetReceiptPending,
+    Status,
+    StoredMessage,
+    StoredReceipt,
+    StoreOp,
+    size_of,
+)
+from relayd._store import ClientRecord, InviteRecord, KeyRecord, MessageRecord
+
+WRITES = (Insert, Finish, SetAttempts, SetReceiptPending, Purge, ClearKeyNotice)
+
+
+def raw(data: bytes) -> msgspec.Raw:
+    """``data`` as a MessagePack *string* of any bytes: Redis's Lua MessagePack reader
+    predates the *bin* types, which is how msgspec packs bytes."""
+    size = len(data)
+    if size < 32:
+        header = bytes([0xA0 | size])
+    elif size < 1 << 8:
+        header = struct.pack(">BB", 0xD9, size)
+    elif size < 1 << 16:
+        header = struct.pack(">BH", 0xDA, size)
+    else:
+        header = struct.pack(">BI", 0xDB, size)
+    return msgspec.Raw(header + data)
+
+
+def when(value: float) -> str:
+    """A time as the script keeps it: text that reads back as the same float."""
+    return repr(float(value))
+
+
+def maybe_when(value: float | None) -> str | bool:
+    return False if value is None else when(value)
+
+
+def text(value: bytes) -> str:
+    return value.decode("utf-8")
+
+
+def maybe_text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8")
+
+
+def maybe_float(value: bytes | None) -> float | None:
+    return None if value is None else float(value)
+
+
+# --- clients, families, invites, keys --------------------------------------------------------
+
+
+def client_record(row: list[Any] | None) -> ClientRecord | None:
+    """``{uuid, name, secret_hash, roles, created_at, tokens_valid_after, deleted_at}``."""
+    if row is None:
+        return None
+    uuid, name, secret_hash, roles, created_at, valid_after, deleted_at = row
+    return ClientRecord(
+        uuid=text(uuid),
+        name=text(name),
+        secret_hash=text(secret_hash),
+        roles=tuple(text(roles).split()),
+        created_at=float(created_at),
+        tokens_valid_after=float(valid_after),
+        deleted_at=maybe_float(deleted_at),
+    )
+
+
+def invite_record(row: list[Any]) -> InviteRecord:
+    invite, created_at, created_by, expires_at, used_at, used_by = row
+    return InviteRecord(
+        text(invite),
+        float(created_at),
+        text(created_by),
+        float(expires_at),
+        maybe_float(used_at),
+        maybe_text(used_by),
+    )
+
+
+def key_records(rows: list[list[Any]]) -> list[KeyRecord]:
+    """``{n, algorithm, key, fingerprint, published_at, superseded_at}`` rows, as SQLite orders
+    them: current keys first, then superseded ones, newest first; then by algorithm, and the
+    newest record first."""
+
+    def order(row: list[Any]) -> tuple[bool, float, bytes, int]:
+        superseded = maybe_float(row[5])
+        return superseded is not None, -(superseded or 0.0), row[1], -int(row[0])
+
+    return [
+        KeyRecord(text(a), bytes(k), text(f), float(p), maybe_float(s))
+        for _, a, k, f, p, s in sorted(rows, key=order)
+    ]
+
+
+def key_notice(row: list[Any]) -> KeyNotice:
+    reader, client, algorithm, fingerprint, previous, changed_at = row
+    return KeyNotice(
+        text(reader),
+        text(client),
+        text(algorithm),
+        text(fingerprint),
+        text(previous),
+        float(changed_at),
+    )
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+def seal(op: Insert, keys: StoreKeys | None) -> tuple[str | bool, str | msgspec.Raw]:
+    """The key id (``False``: plain) and the fields to store for ``op``."""
+    if keys is None or not op.fields:
+        return False, op.fields
+    key_id, blob = keys.seal(RowId(op.seq, op.sender, op.recipient, op.msgid), op.fields)
+    return key_id, raw(blob)
+
+
+def encode(op: StoreOp, keys: StoreKeys | None) -> list[Any]:
+    """``op`` as the script's ``execute`` takes it (see store.lua's SIGNATURES)."""
+    if isinstance(op, Insert):
+        key_id, fields = seal(op, keys)
+        return [
+            "I",
+            op.seq,
+            op.sender,
+            op.recipient,
+            op.msgid,
+            int(op.high),
+            int(op.acknowledge),
+            fields,
+            key_id,
+            when(op.accepted_at),
+            when(op.expires_at),
+            op.attempts,
+            False if op.status is None else op.status.value,
+            int(op.receipt_pending),
+            op.reason,
+        ]
+    if isinstance(op, Finish):
+        return [
+            "F",
+            op.seq,
+            op.status.value,
+            when(op.finished_at),
+            int(op.receipt_pending),
+            op.reason,
+        ]
+    if isinstance(op, SetAttempts):
+        return ["A", op.seq, op.attempts]
+    if isinstance(op, SetReceiptPending):
+        return ["P", list(op.seqs), int(op.pending)]
+    if isinstance(op, LoadQueue):
+        return ["Q", op.recipient, op.after, op.limit, op.max_bytes]
+    if isinstance(op, LoadReceipts):
+        return ["R", op.sender, op.after, op.limit]
+    if isinstance(op, FindExpired):
+        return ["X", when(op.now), op.limit]
+    if isinstance(op, Purge):
+        return ["G", when(op.finished_before), when(op.receipts_before)]
+    if isinstance(op, LoadKeyNotices):
+        return ["N", op.reader, op.limit]
+    if isinstance(op, ClearKeyNotice):
+        n = op.notice
+        return ["C", n.reader, n.client, n.algorithm, n.fingerprint, when(n.changed_at)]
+    raise TypeError(f"not a store operation: {op!r}")
+
+
+def decode(op: StoreOp, reply: Any, keys: StoreKeys | None) -> Any:
+    """The result of ``op`` from its reply, as :meth:`Store.execute` gives it."""
+    if isinstance(op, Insert):
+        return _outcome(reply)
+    if isinstance(op, LoadQueue):
+        return _queue_page(op, reply, keys)
+    if isinstance(op, LoadReceipts):
+        return [_receipt(row) for row in reply]
+    if isinstance(op, FindExpired):
+        return [stored_message(row, keys) for row in reply]
+    if isinstance(op, LoadKeyNotices):
+        return [key_notice(row) for row in reply]
+    return None
+
+
+def _outcome(reply: list[Any]) -> Inserted | Duplicate | Refused:
+    kind = reply[0]
+    if kind == 1:
+        return Inserted(int(reply[1]))
+    if kind == 2:
+        status = maybe_text(reply[2])
+        return Duplicate(int(reply[1]), None if status is None else Status(status))
+    return Refused(text(reply[1]))
+
+
+def row_id(row: list[Any]) -> RowId:
+    return RowId(int(row[0]), text(row[1]), text(row[2]), text(row[3]))
+
+
+def open_fields(row: list[Any], keys: StoreKeys | None) -> str:
+    """A message row's fields in plain text (decrypted if they were stored encrypted).
+
+    Raises:
+        UndecryptableRow: encrypted, and ``keys`` cannot decrypt them.
+    """
+    fields, key_id = row[6], row[7]
+    if key_id is None:
+        return text(fields)
+    if keys is None:
+        raise UndecryptableRow(f"message {int(row[0])} is encrypted and no store key was loaded")
+    return keys.open(row_id(row), text(key_id), fields)
+
+
+def stored_message(
+    row: list[Any], keys: StoreKeys | None, fields: str | None = None
+) -> StoredMessage:
+    """``{seq, sender, recipient, msgid, high, acknowledge, fields, key_id, accepted_at,
+    expires_at, attempts}``."""
+    return StoredMessage(
+        seq=int(row[0]),
+        sender=text(row[1]),
+        recipient=text(row[2]),
+        msgid=text(row[3]),
+        high=row[4] == b"1",
+        acknowledge=row[5] == b"1",
+        fields=open_fields(row, keys) if fields is None else fields,
+        accepted_at=float(row[8]),
+        expires_at=float(row[9]),
+        attempts=int(row[10]),
+    )
+
+
+def _queue_page(op: LoadQueue, reply: list[Any], keys: StoreKeys | None) -> QueuePage:
+    """At most ``op.limit`` rows that fit in ``op.max_bytes`` (the first always comes); the
+    script sends one row more than the page takes when more wait."""
+    rows: list[StoredMessage] = []
+    total = 0
+    for row in reply:
+        if len(rows) == op.limit:
+            return QueuePage(rows, more=True)
+        fields = open_fields(row, keys)
+        size = size_of(fields)
+        if rows and total + size > op.max_bytes:
+            return QueuePage(rows, more=True)
+        rows.append(stored_message(row, keys, fields))
+        total += size
+    return QueuePage(rows, more=False)
+
+
+def _receipt(row: list[Any]) -> StoredReceipt:
+    seq, msgid, recipient, status, finished_at, reason = row
+    return StoredReceipt(
+        int(seq),
+        text(msgid),
+        text(recipient),
+        Status(text(status)),
+        float(finished_at),
+        text(reason),
+    )
+
+
+def recent_message(row: list[Any]) -> RecentMessage:
+    sender, msgid, accepted_at, status = row
+    return RecentMessage(
+        text(sender),
+        text(msgid),
+        float(accepted_at),
+        None if status is None else Status(text(status)),
+    )
+
+
+def message_record(row: list[Any]) -> MessageRecord:
+    seq, sender, recipient, msgid, status, reason, attempts, accepted_at, expires_at, finished = row
+    return MessageRecord(
+        int(seq),
+        text(sender),
+        text(recipient),
+        text(msgid),
+        maybe_text(status),
+        text(reason),
+        int(attempts),
+        float(accepted_at),
+        float(expires_at),
+        maybe_float(finished),
+    )

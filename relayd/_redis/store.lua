@@ -1,0 +1,916 @@
+-- relayd's Redis engine: every operation of the store, one EVALSHA each (relayd/_redis).
+--
+-- ARGV[1] is the key prefix, ARGV[2] the operation's name, ARGV[3] its arguments as one
+-- MessagePack array. Conventions (relayd/_redis/__init__.py has the key layout):
+--
+-- * Times are decimal strings, written as Python's repr() made them and compared with
+--   tonumber(): Lua's tostring() keeps 14 digits, so a number is never written back.
+-- * An absent value (Python's None) arrives as false, and is returned as false (a nil reply).
+-- * Strings are ordered bytewise by lt(), never with '<': Lua compares strings with strcoll(),
+--   and Redis sets LC_COLLATE from its environment.
+-- * An operation refuses bad input with an error reply *before its first write*: Redis does
+--   not roll a script back, so a batch is all or nothing only if it cannot fail half-way.
+
+local P = ARGV[1]
+local call = redis.call
+local mp_pack, mp_unpack = cmsgpack.pack, cmsgpack.unpack
+
+local K = {}  -- key names
+local U = {}  -- helpers
+local OPS = {}  -- operation name -> function(args)
+
+-- --- keys -------------------------------------------------------------------------------------
+
+function K.client(uuid) return P .. 'c:' .. uuid end
+function K.families_of(uuid) return P .. 'cf:' .. uuid end
+function K.family(id) return P .. 'f:' .. id end
+function K.invite(id) return P .. 'i:' .. id end
+function K.message(seq) return P .. 'm:' .. string.format('%d', seq) end
+function K.queue(recipient) return P .. 'q:' .. recipient end
+function K.receipts(sender) return P .. 'rc:' .. sender end
+function K.sent(sender) return P .. 'd:' .. sender end
+function K.received(recipient) return P .. 'rid:' .. recipient end
+function K.sealed(key_id) return P .. 'ck:' .. key_id end
+function K.key(uuid, n) return P .. 'key:' .. uuid .. ':' .. string.format('%d', n) end
+function K.keys(uuid) return P .. 'keys:' .. uuid end
+function K.readers(uuid) return P .. 'rd:' .. uuid end
+function K.reads(uuid) return P .. 'rs:' .. uuid end
+function K.notices(reader) return P .. 'kn:' .. reader end
+function K.noticed(uuid) return P .. 'kw:' .. uuid end
+K.schema = P .. 'schema'
+K.seq = P .. 'seq'
+K.clients = P .. 'clients'
+K.family_expiry = P .. 'fexp'
+K.revoked = P .. 'rt'
+K.revoked_by = P .. 'rtwho'
+K.invites = P .. 'invites'
+K.open_invites = P .. 'invites:open'
+K.spent_invites = P .. 'invites:spent'
+K.queues = P .. 'queues'
+K.expiry = P .. 'exp'
+K.finished = P .. 'fin'
+K.accepted = P .. 'acc'
+K.msgids = P .. 'ids'
+K.key_ids = P .. 'ckeys'
+K.plain = P .. 'cp'
+
+-- --- helpers ----------------------------------------------------------------------------------
+
+function U.int(n) return string.format('%d', n) end
+
+-- A seq as a member of a time-ordered sorted set: zero-padded, so that ties of the score are
+-- in seq order (members of equal score are ordered bytewise).
+function U.pad(seq) return string.format('%016d', seq) end
+
+-- Length-prefixed: a composite field whose parts cannot run into each other.
+function U.lp(s) return #s .. ':' .. s end
+
+function U.lt(a, b)
+    local n = math.min(#a, #b)
+    for i = 1, n do
+        local x, y = string.byte(a, i), string.byte(b, i)
+        if x ~= y then return x < y end
+    end
+    return #a < #b
+end
+
+function U.fail(message)
+    return redis.error_reply('RELAYD ' .. message)
+end
+
+function U.live(uuid)
+    local row = call('HMGET', K.client(uuid), 'ca', 'da')
+    return row[1] ~= false and row[2] == false
+end
+
+-- Recipients whose queue and key ids whose content index an operation changed: the index
+-- sets (``queues``, ``ckeys``) are brought up to date once, when the operation ends, rather
+-- than after each message.
+local TOUCHED = {queues = {}, key_ids = {}}
+-- What a batch of ``execute`` learned once for all its operations.
+local BATCH = {live = {}, high = 0}
+
+function U.reconcile()
+    for recipient in pairs(TOUCHED.queues) do
+        local verb = call('EXISTS', K.queue(recipient)) == 1 and 'SADD' or 'SREM'
+        call(verb, K.queues, recipient)
+    end
+    for key_id in pairs(TOUCHED.key_ids) do
+        local verb = call('EXISTS', K.sealed(key_id)) == 1 and 'SADD' or 'SREM'
+        call(verb, K.key_ids, key_id)
+    end
+end
+
+-- --- clients ----------------------------------------------------------------------------------
+
+local CLIENT_FIELDS = {'n', 'h', 'r', 'ca', 'tv', 'da'}
+
+function U.client_row(uuid)
+    local row = call('HMGET', K.client(uuid), unpack(CLIENT_FIELDS))
+    if row[4] == false then return false end
+    return {uuid, row[1], row[2], row[3], row[4], row[5], row[6]}
+end
+
+function U.spend_invite(id, uuid, at)
+    local row = call('HMGET', K.invite(id), 'ex', 'ua')
+    if row[1] == false or row[2] ~= false or not (tonumber(row[1]) > tonumber(at)) then
+        return false
+    end
+    call('HSET', K.invite(id), 'ua', at, 'ub', uuid)
+    call('ZREM', K.open_invites, id)
+    call('ZADD', K.spent_invites, at, id)
+    return true
+end
+
+function OPS.insert_client(a)
+    local uuid, name, hash, roles, at, valid_after, invite = unpack(a)
+    if call('EXISTS', K.client(uuid)) == 1 then return 'uuid_taken' end
+    if invite and not U.spend_invite(invite, uuid, at) then return 'invite_invalid' end
+    call('HSET', K.client(uuid), 'n', name, 'h', hash, 'r', roles, 'ca', at, 'tv', valid_after)
+    call('ZADD', K.clients, at, uuid)
+    return 'inserted'
+end
+
+function OPS.rename_client(a)
+    if not U.live(a[1]) then return 0 end
+    call('HSET', K.client(a[1]), 'n', a[2])
+    return 1
+end
+
+function OPS.set_roles(a)
+    if not U.live(a[1]) then return 0 end
+    call('HSET', K.client(a[1]), 'r', a[2])
+    return 1
+end
+
+function U.revoke_tokens(uuid, at, reason)
+    local live = U.live(uuid)
+    if live then
+        local valid_after = call('HGET', K.client(uuid), 'tv')
+        if tonumber(at) > tonumber(valid_after) then
+            call('HSET', K.client(uuid), 'tv', at)
+        end
+    end
+    for _, family in ipairs(call('SMEMBERS', K.families_of(uuid))) do
+        if call('HEXISTS', K.family(family), 'rv') == 0 then
+            call('HSET', K.family(family), 'rv', at, 'rr', reason)
+        end
+    end
+    return live
+end
+
+-- The proof of a secret or of a token still holds (see Store.set_secret).
+function U.proof_holds(uuid, hash, issued_at)
+    local row = call('HMGET', K.client(uuid), 'ca', 'da', 'h', 'tv')
+    if row[1] == false or row[2] ~= false then return false end
+    if hash and row[3] ~= hash then return false end
+    if issued_at and not (tonumber(row[4]) <= tonumber(issued_at)) then return false end
+    return true
+end
+
+function OPS.set_secret(a)
+    local uuid, hash, revoke_at, replacing, issued_at = a[1], a[2], a[3], a[4], a[5]
+    if not U.proof_holds(uuid, replacing, issued_at) then return 0 end
+    call('HSET', K.client(uuid), 'h', hash)
+    if revoke_at then U.revoke_tokens(uuid, revoke_at, 'secret_reset') end
+    return 1
+end
+
+function OPS.get_client(a)
+    return U.client_row(a[1])
+end
+
+function OPS.token_holder(a)
+    local uuid, family = a[1], a[2]
+    local client = U.client_row(uuid)
+    if client == false or not family then return {client, 1} end
+    local row = call('HMGET', K.family(family), 'c', 'rv')
+    return {client, (row[1] == uuid and row[2] == false) and 1 or 0}
+end
+
+function OPS.list_clients(a)
+    local rows = {}
+    for i, uuid in ipairs(call('ZRANGE', K.clients, 0, -1)) do rows[i] = U.client_row(uuid) end
+    return rows
+end
+
+function OPS.revoke_client_tokens(a)
+    return U.revoke_tokens(a[1], a[2], 'client_revoked') and 1 or 0
+end
+
+function U.delete_family(id, uuid)
+    call('DEL', K.family(id))
+    call('ZREM', K.family_expiry, id)
+    call('SREM', K.families_of(uuid), id)
+end
+
+function OPS.delete_client(a)
+    local uuid, at = a[1], a[2]
+    local live = U.live(uuid)
+    if live then
+        call('HSET', K.client(uuid), 'da', at, 'h', '', 'tv', at)
+        call('ZREM', K.clients, uuid)
+    end
+    for _, family in ipairs(call('SMEMBERS', K.families_of(uuid))) do
+        U.delete_family(family, uuid)
+    end
+    if live then U.forget_keys(uuid) end
+    return live and 1 or 0
+end
+
+-- --- refresh families and revoked tokens ------------------------------------------------------
+
+function OPS.create_family(a)
+    local family, uuid, jti, at, expires_at, hash, issued_at = unpack(a)
+    if (hash or issued_at) and not U.proof_holds(uuid, hash, issued_at) then return 0 end
+    if call('EXISTS', K.client(uuid)) == 0 then
+        return U.fail('no client ' .. uuid .. ' for refresh family ' .. family)
+    end
+    if call('EXISTS', K.family(family)) == 1 then
+        return U.fail('refresh family ' .. family .. ' exists')
+    end
+    call('HSET', K.family(family), 'c', uuid, 'j', jti, 'ca', at, 'ra', at, 'ex', expires_at)
+    call('SADD', K.families_of(uuid), family)
+    call('ZADD', K.family_expiry, expires_at, family)
+    return 1
+end
+
+function OPS.rotate_family(a)
+    local family, presented, jti, at, expires_at = a[1], a[2], a[3], a[4], a[5]
+    local row = call('HMGET', K.family(family), 'c', 'j', 'rv')
+    if row[1] == false then return 'unknown' end
+    if row[3] ~= false then return 'revoked' end
+    if row[2] ~= presented then
+        call('HSET', K.family(family), 'rv', at, 'rr', 'reused')
+        return 'reused'
+    end
+    call('HSET', K.family(family), 'j', jti, 'ra', at, 'ex', expires_at)
+    call('ZADD', K.family_expiry, expires_at, family)
+    return 'rotated'
+end
+
+function OPS.revoke_family(a)
+    local family, at, reason = a[1], a[2], a[3]
+    local row = call('HMGET', K.family(family), 'c', 'rv')
+    if row[1] == false or row[2] ~= false then return 0 end
+    call('HSET', K.family(family), 'rv', at, 'rr', reason)
+    return 1
+end
+
+function OPS.get_family(a)
+    local row = call('HMGET', K.family(a[1]), 'c', 'j', 'ex', 'rv')
+    if row[1] == false then return false end
+    return row
+end
+
+function OPS.purge_expired_families(a)
+    local due = call('ZRANGEBYSCORE', K.family_expiry, '-inf', '(' .. a[1])
+    for _, family in ipairs(due) do
+        U.delete_family(family, call('HGET', K.family(family), 'c'))
+    end
+    return #due
+end
+
+function OPS.revoke_token(a)
+    local jti, subject, at, expires_at = a[1], a[2], a[3], a[4]
+    if call('ZSCORE', K.revoked, jti) == false then
+        call('ZADD', K.revoked, expires_at, jti)
+        call('HSET', K.revoked_by, jti, mp_pack({subject, at}))
+    end
+    return 0
+end
+
+function OPS.revoked_token_ids(a)
+    local expired = call('ZRANGEBYSCORE', K.revoked, '-inf', '(' .. a[1])
+    for _, jti in ipairs(expired) do
+        call('ZREM', K.revoked, jti)
+        call('HDEL', K.revoked_by, jti)
+    end
+    return call('ZRANGE', K.revoked, 0, -1)
+end
+
+-- --- invites ----------------------------------------------------------------------------------
+
+function OPS.create_invite(a)
+    local id, by, at, expires_at, max_open = a[1], a[2], a[3], a[4], a[5]
+    if call('ZCOUNT', K.open_invites, '(' .. at, '+inf') >= max_open then return 0 end
+    if call('EXISTS', K.invite(id)) == 1 then return U.fail('invite ' .. id .. ' exists') end
+    call('HSET', K.invite(id), 'ca', at, 'cb', by, 'ex', expires_at)
+    call('ZADD', K.invites, at, id)
+    call('ZADD', K.open_invites, expires_at, id)
+    return 1
+end
+
+function OPS.list_invites(a)
+    local rows = {}
+    for i, id in ipairs(call('ZRANGE', K.invites, 0, -1)) do
+        local row = call('HMGET', K.invite(id), 'ca', 'cb', 'ex', 'ua', 'ub')
+        rows[i] = {id, row[1], row[2], row[3], row[4], row[5]}
+    end
+    return rows
+end
+
+function U.delete_invite(id)
+    call('DEL', K.invite(id))
+    call('ZREM', K.invites, id)
+    call('ZREM', K.open_invites, id)
+    call('ZREM', K.spent_invites, id)
+end
+
+function OPS.purge_invites(a)
+    local now, spent_before = a[1], a[2]
+    local expired = call('ZRANGEBYSCORE', K.open_invites, '-inf', '(' .. now)
+    local spent = call('ZRANGEBYSCORE', K.spent_invites, '-inf', '(' .. spent_before)
+    for _, id in ipairs(expired) do U.delete_invite(id) end
+    for _, id in ipairs(spent) do U.delete_invite(id) end
+    return #expired + #spent
+end
+
+-- --- the key directory ------------------------------------------------------------------------
+
+-- The client's key records: {n, algorithm, key, fingerprint, published_at, superseded_at}.
+function U.key_records(uuid)
+    local records = {}
+    for i, n in ipairs(call('ZRANGE', K.keys(uuid), 0, -1)) do
+        local row = call('HMGET', K.key(uuid, tonumber(n)), 'a', 'k', 'f', 'p', 's')
+        records[i] = {tonumber(n), row[1], row[2], row[3], row[4], row[5]}
+    end
+    return records
+end
+
+function U.replace_key(uuid, algorithm, key, fp, at, max_superseded)
+    for _, record in ipairs(U.key_records(uuid)) do
+        if record[2] == algorithm and record[6] == false then
+            call('HSET', K.key(uuid, record[1]), 's', at)
+        end
+    end
+    local n = call('HINCRBY', K.client(uuid), 'kseq', 1)
+    call('HSET', K.key(uuid, n), 'a', algorithm, 'k', key, 'f', fp, 'p', at)
+    call('ZADD', K.keys(uuid), n, n)
+    local superseded = {}
+    for _, record in ipairs(U.key_records(uuid)) do
+        if record[6] ~= false then superseded[#superseded + 1] = record end
+    end
+    if #superseded <= max_superseded then return end
+    -- The newest are kept: superseded_at descending, then the newest record first.
+    table.sort(superseded, function(x, y)
+        local sx, sy = tonumber(x[6]), tonumber(y[6])
+        if sx ~= sy then return sx > sy end
+        return x[1] > y[1]
+    end)
+    for i = max_superseded + 1, #superseded do
+        call('DEL', K.key(uuid, superseded[i][1]))
+        call('ZREM', K.keys(uuid), superseded[i][1])
+    end
+end
+
+function U.notice_field(uuid, algorithm) return U.lp(uuid) .. algorithm end
+
+-- A reader's notices in time order (newest first, or oldest first), then by client and
+-- algorithm.
+function U.notices_by_time(reader, newest_first)
+    local notices = {}
+    for _, blob in ipairs(call('HVALS', K.notices(reader))) do
+        notices[#notices + 1] = mp_unpack(blob)
+    end
+    table.sort(notices, function(x, y)
+        local cx, cy = tonumber(x[5]), tonumber(y[5])
+        if cx ~= cy then return (cx > cy) == newest_first end
+        if x[1] ~= y[1] then return U.lt(x[1], y[1]) end
+        return U.lt(x[2], y[2])
+    end)
+    return notices
+end
+
+function U.drop_notice(reader, uuid, algorithm)
+    call('HDEL', K.notices(reader), U.notice_field(uuid, algorithm))
+    if call('HINCRBY', K.noticed(uuid), reader, -1) <= 0 then
+        call('HDEL', K.noticed(uuid), reader)
+    end
+end
+
+-- Owe ``reader`` the change of ``uuid``'s ``algorithm`` key from ``previous`` to ``fp``; a
+-- notice already owed keeps its previous. Returns the previous the reader is told.
+function U.owe_notice(reader, uuid, algorithm, fp, previous, at, max_notices)
+    local field = U.notice_field(uuid, algorithm)
+    local owed = call('HGET', K.notices(reader), field)
+    if owed then
+        previous = mp_unpack(owed)[4]
+    else
+        call('HINCRBY', K.noticed(uuid), reader, 1)
+    end
+    -- {client, algorithm, fingerprint, previous, changed_at}
+    call('HSET', K.notices(reader), field, mp_pack({uuid, algorithm, fp, previous, at}))
+    if call('HLEN', K.notices(reader)) > max_notices then
+        local notices = U.notices_by_time(reader, true)
+        for i = max_notices + 1, #notices do
+            U.drop_notice(reader, notices[i][1], notices[i][2])
+        end
+    end
+    return previous
+end
+
+function OPS.publish_keys(a)
+    local uuid, keys, at, max_superseded, max_notices = a[1], a[2], a[3], a[4], a[5]
+    if not U.live(uuid) then return false end
+    local changed, notices = {}, {}
+    for _, key in ipairs(keys) do
+        local algorithm, raw, fp = key[1], key[2], key[3]
+        local previous = false
+        for _, record in ipairs(U.key_records(uuid)) do
+            if record[2] == algorithm and record[6] == false then previous = record[4] end
+        end
+        if previous ~= fp then
+            changed[#changed + 1] = algorithm
+            U.replace_key(uuid, algorithm, raw, fp, at, max_superseded)
+            if previous then
+                local readers = call('ZRANGE', K.readers(uuid), 0, -1)
+                table.sort(readers, U.lt)
+                for _, reader in ipairs(readers) do
+                    local told = U.owe_notice(reader, uuid, algorithm, fp, previous, at, max_notices)
+                    notices[#notices + 1] = {reader, uuid, algorithm, fp, told, at}
+                end
+            end
+        end
+    end
+    return {changed, notices}
+end
+
+function U.record_reader(uuid, reader, at, max_readers)
+    call('ZADD', K.readers(uuid), at, reader)
+    call('SADD', K.reads(reader), uuid)
+    if call('ZCARD', K.readers(uuid)) <= max_readers then return end
+    local flat = call('ZRANGE', K.readers(uuid), 0, -1, 'WITHSCORES')
+    local readers = {}
+    for i = 1, #flat, 2 do readers[#readers + 1] = {flat[i], tonumber(flat[i + 1])} end
+    -- The most recent are kept: read_at descending, then reader.
+    table.sort(readers, function(x, y)
+        if x[2] ~= y[2] then return x[2] > y[2] end
+        return U.lt(x[1], y[1])
+    end)
+    for i = max_readers + 1, #readers do
+        call('ZREM', K.readers(uuid), readers[i][1])
+        call('SREM', K.reads(readers[i][1]), uuid)
+    end
+end
+
+function OPS.read_keys(a)
+    local uuid, reader, at, max_readers = a[1], a[2], a[3], a[4]
+    if not U.live(uuid) then return false end
+    if reader and reader ~= uuid then U.record_reader(uuid, reader, at, max_readers) end
+    return U.key_records(uuid)
+end
+
+-- A deleted client: its keys, who read them, what it read, and what it was owed go.
+function U.forget_keys(uuid)
+    for _, n in ipairs(call('ZRANGE', K.keys(uuid), 0, -1)) do
+        call('DEL', K.key(uuid, tonumber(n)))
+    end
+    call('DEL', K.keys(uuid))
+    call('HDEL', K.client(uuid), 'kseq')
+    for _, reader in ipairs(call('ZRANGE', K.readers(uuid), 0, -1)) do
+        call('SREM', K.reads(reader), uuid)
+    end
+    call('DEL', K.readers(uuid))
+    for _, owner in ipairs(call('SMEMBERS', K.reads(uuid))) do
+        call('ZREM', K.readers(owner), uuid)
+    end
+    call('DEL', K.reads(uuid))
+    for _, blob in ipairs(call('HVALS', K.notices(uuid))) do
+        local notice = mp_unpack(blob)
+        U.drop_notice(uuid, notice[1], notice[2])
+    end
+    call('DEL', K.notices(uuid))
+    for _, reader in ipairs(call('HKEYS', K.noticed(uuid))) do
+        for _, blob in ipairs(call('HVALS', K.notices(reader))) do
+            local notice = mp_unpack(blob)
+            if notice[1] == uuid then
+                call('HDEL', K.notices(reader), U.notice_field(uuid, notice[2]))
+            end
+        end
+    end
+    call('DEL', K.noticed(uuid))
+end
+
+-- --- messages ---------------------------------------------------------------------------------
+
+local MESSAGE_FIELDS = {'s', 'r', 'i', 'h', 'a', 'f', 'k', 'at', 'ex', 'n'}
+
+-- {seq, sender, recipient, msgid, high, acknowledge, fields, key_id, accepted_at, expires_at,
+-- attempts}: a StoredMessage, its fields as stored (sealed or plain).
+function U.message_row(seq)
+    local row = call('HMGET', K.message(seq), unpack(MESSAGE_FIELDS))
+    table.insert(row, 1, seq)
+    return row
+end
+
+function U.msgid_member(msgid, seq) return U.lp(msgid) .. U.pad(seq) end
+
+-- Index a stored message's content under the key it is sealed with (or as plain text).
+function U.index_content(seq, fields, key_id)
+    if fields == '' then return end
+    if key_id then
+        call('ZADD', K.sealed(key_id), seq, seq)
+        TOUCHED.key_ids[key_id] = true
+    else
+        call('ZADD', K.plain, seq, seq)
+    end
+end
+
+function U.unindex_content(seq, fields, key_id)
+    if fields == '' then return end
+    if key_id then
+        call('ZREM', K.sealed(key_id), seq)
+        TOUCHED.key_ids[key_id] = true
+    else
+        call('ZREM', K.plain, seq)
+    end
+end
+
+function U.dequeue(seq, recipient)
+    call('ZREM', K.queue(recipient), seq)
+    TOUCHED.queues[recipient] = true
+    call('ZREM', K.expiry, U.pad(seq))
+end
+
+-- Insert = {'I', seq, sender, recipient, msgid, high, acknowledge, fields, key_id, accepted_at,
+-- expires_at, attempts, status, receipt_pending, reason}
+function U.insert(op, max_queued)
+    local _, seq, sender, recipient, msgid, high, ack, fields, key_id, accepted_at,
+        expires_at, attempts, status, pending, reason = unpack(op)
+    local existing = call('HGET', K.sent(sender), msgid)
+    if existing then
+        return {2, tonumber(existing), call('HGET', K.message(tonumber(existing)), 'st')}
+    end
+    if not status then
+        -- No operation of a batch changes who is a client: asked once per batch.
+        if BATCH.live[recipient] == nil then BATCH.live[recipient] = U.live(recipient) end
+        if not BATCH.live[recipient] then return {3, 'unknown_recipient'} end
+        if call('ZCARD', K.queue(recipient)) >= max_queued then return {3, 'queue_full'} end
+    end
+    local key = K.message(seq)
+    local row = {'s', sender, 'r', recipient, 'i', msgid, 'h', high, 'a', ack, 'f', fields,
+        'at', accepted_at, 'ex', expires_at, 'n', attempts, 'rs', reason, 'rp', pending}
+    if key_id then
+        row[#row + 1], row[#row + 2] = 'k', key_id
+    end
+    if status then
+        row[#row + 1], row[#row + 2], row[#row + 3], row[#row + 4] = 'st', status, 'fa', accepted_at
+    end
+    call('HSET', key, unpack(row))
+    call('HSET', K.sent(sender), msgid, seq)
+    call('ZADD', K.received(recipient), 0, U.msgid_member(msgid, seq))
+    call('HINCRBY', K.msgids, msgid, 1)
+    call('ZADD', K.accepted, accepted_at, U.pad(seq))
+    if status then
+        call('ZADD', K.finished, accepted_at, U.pad(seq))
+        if pending == 1 then call('ZADD', K.receipts(sender), seq, seq) end
+    else
+        call('ZADD', K.queue(recipient), seq, seq)
+        TOUCHED.queues[recipient] = true
+        call('ZADD', K.expiry, expires_at, U.pad(seq))
+    end
+    U.index_content(seq, fields, key_id)
+    BATCH.high = math.max(BATCH.high, seq)
+    return {1, seq}
+end
+
+-- Finish = {'F', seq, status, finished_at, receipt_pending, reason}
+function U.finish(op)
+    local seq, status, finished_at, pending, reason = op[2], op[3], op[4], op[5], op[6]
+    local key = K.message(seq)
+    local row = call('HMGET', key, 'r', 'st', 's', 'f', 'k')
+    if row[1] == false or row[2] ~= false then return false end
+    call('HSET', key, 'st', status, 'fa', finished_at, 'rp', pending, 'rs', reason, 'f', '')
+    call('HDEL', key, 'k')
+    U.dequeue(seq, row[1])
+    call('ZADD', K.finished, finished_at, U.pad(seq))
+    if pending == 1 then call('ZADD', K.receipts(row[3]), seq, seq) end
+    U.unindex_content(seq, row[4], row[5])
+    return false
+end
+
+-- SetAttempts = {'A', seq, attempts}
+function U.set_attempts(op)
+    local key = K.message(op[2])
+    local row = call('HMGET', key, 'r', 'st')
+    if row[1] ~= false and row[2] == false then call('HSET', key, 'n', op[3]) end
+    return false
+end
+
+-- SetReceiptPending = {'P', {seq...}, pending}
+function U.set_receipt_pending(op)
+    for _, seq in ipairs(op[2]) do
+        local key = K.message(seq)
+        local row = call('HMGET', key, 'st', 's')
+        if row[1] ~= false then
+            call('HSET', key, 'rp', op[3])
+            if op[3] == 1 then
+                call('ZADD', K.receipts(row[2]), seq, seq)
+            else
+                call('ZREM', K.receipts(row[2]), seq)
+            end
+        end
+    end
+    return false
+end
+
+-- LoadQueue = {'Q', recipient, after, limit, max_bytes}: up to limit + 1 rows, and no more
+-- than the page can take. Python measures each row's text (size_of) once decrypted; here, a
+-- row of n bytes of UTF-8 is at least n / 2 bytes of text, so once those lower bounds pass
+-- max_bytes, no later row can be on the page, and the one that passed them (past the first,
+-- which always comes) tells Python that more wait.
+function U.load_queue(op)
+    local recipient, after, limit, max_bytes = op[2], op[3], op[4], op[5]
+    local seqs = call('ZRANGEBYSCORE', K.queue(recipient), '(' .. U.int(after), '+inf',
+        'LIMIT', 0, limit + 1)
+    local rows, least = {}, 0
+    for _, seq in ipairs(seqs) do
+        local row = U.message_row(tonumber(seq))
+        rows[#rows + 1] = row
+        local text = #row[7] - (row[8] and 28 or 0)  -- a sealed row: nonce and tag
+        least = least + math.floor(text / 2)
+        if least > max_bytes and #rows >= 2 then break end
+    end
+    return rows
+end
+
+-- LoadReceipts = {'R', sender, after, limit}
+function U.load_receipts(op)
+    local seqs = call('ZRANGEBYSCORE', K.receipts(op[2]), '(' .. U.int(op[3]), '+inf',
+        'LIMIT', 0, op[4])
+    local rows = {}
+    for i, seq in ipairs(seqs) do
+        local row = call('HMGET', K.message(tonumber(seq)), 'i', 'r', 'st', 'fa', 'rs')
+        table.insert(row, 1, tonumber(seq))
+        rows[i] = row
+    end
+    return rows
+end
+
+-- FindExpired = {'X', now, limit}
+function U.find_expired(op)
+    local rows = {}
+    for i, seq in ipairs(call('ZRANGEBYSCORE', K.expiry, '-inf', op[2], 'LIMIT', 0, op[3])) do
+        rows[i] = U.message_row(tonumber(seq))
+    end
+    return rows
+end
+
+function U.delete_message(seq)
+    local key = K.message(seq)
+    local row = call('HMGET', key, 's', 'r', 'i', 'st', 'f', 'k')
+    local sender, recipient, msgid = row[1], row[2], row[3]
+    if call('HGET', K.sent(sender), msgid) == U.int(seq) then
+        call('HDEL', K.sent(sender), msgid)
+    end
+    call('ZREM', K.received(recipient), U.msgid_member(msgid, seq))
+    if call('HINCRBY', K.msgids, msgid, -1) <= 0 then call('HDEL', K.msgids, msgid) end
+    call('ZREM', K.accepted, U.pad(seq))
+    call('ZREM', K.finished, U.pad(seq))
+    call('ZREM', K.receipts(sender), seq)
+    if row[4] == false then U.dequeue(seq, recipient) end
+    U.unindex_content(seq, row[5], row[6])
+    call('DEL', key)
+end
+
+-- Purge = {'G', finished_before, receipts_before}
+function U.purge(op)
+    local finished_before, receipts_before = op[2], op[3]
+    local before = finished_before
+    if tonumber(receipts_before) > tonumber(finished_before) then before = receipts_before end
+    for _, padded in ipairs(call('ZRANGEBYSCORE', K.finished, '-inf', '(' .. before)) do
+        local seq = tonumber(padded)
+        local row = call('HMGET', K.message(seq), 'rp', 'fa')
+        local finished_at = tonumber(row[2])
+        if (row[1] == '0' and finished_at < tonumber(finished_before))
+            or finished_at < tonumber(receipts_before) then
+            U.delete_message(seq)
+        end
+    end
+    return false
+end
+
+-- LoadKeyNotices = {'N', reader, limit}: oldest first.
+function U.load_key_notices(op)
+    local reader, limit = op[2], op[3]
+    local rows = {}
+    for i, n in ipairs(U.notices_by_time(reader, false)) do
+        if limit >= 0 and i > limit then break end  -- as SQL: a negative LIMIT is none
+        rows[i] = {reader, n[1], n[2], n[3], n[4], n[5]}
+    end
+    return rows
+end
+
+-- ClearKeyNotice = {'C', reader, client, algorithm, fingerprint, changed_at}
+function U.clear_key_notice(op)
+    local reader, uuid, algorithm, fp, changed_at = op[2], op[3], op[4], op[5], op[6]
+    local owed = call('HGET', K.notices(reader), U.notice_field(uuid, algorithm))
+    if owed then
+        local notice = mp_unpack(owed)
+        if notice[3] == fp and tonumber(notice[5]) == tonumber(changed_at) then
+            U.drop_notice(reader, uuid, algorithm)
+        end
+    end
+    return false
+end
+
+local APPLY = {
+    I = U.insert, F = U.finish, A = U.set_attempts, P = U.set_receipt_pending,
+    Q = U.load_queue, R = U.load_receipts, X = U.find_expired, G = U.purge,
+    N = U.load_key_notices, C = U.clear_key_notice,
+}
+-- Each operation's arguments by type, the code first: n a number, s a string, S a string or
+-- false, t a list of numbers.
+local SIGNATURES = {
+    I = 'snsssnnsSssnSns', F = 'snssns', A = 'snn', P = 'stn', Q = 'ssnnn', R = 'ssnn',
+    X = 'ssn', G = 'sss', N = 'ssn', C = 'ssssss',
+}
+
+function U.well_formed(op)
+    if type(op) ~= 'table' or type(op[1]) ~= 'string' then return false end
+    local signature = SIGNATURES[op[1]]
+    if signature == nil or #op ~= #signature then return false end
+    for i = 2, #signature do
+        local kind, value = string.sub(signature, i, i), op[i]
+        if kind == 'n' and type(value) ~= 'number' then return false end
+        if kind == 's' and type(value) ~= 'string' then return false end
+        if kind == 'S' and value ~= false and type(value) ~= 'string' then return false end
+        if kind == 't' then
+            if type(value) ~= 'table' then return false end
+            for _, item in ipairs(value) do
+                if type(item) ~= 'number' then return false end
+            end
+        end
+    end
+    return true
+end
+
+-- {max_queued, op...}: checked whole before the first write, then applied in order.
+function OPS.execute(a)
+    local max_queued = a[1]
+    if type(max_queued) ~= 'number' then return U.fail('max_queued is a number') end
+    local seqs = {}
+    for i = 2, #a do
+        local op = a[i]
+        if not U.well_formed(op) then
+            return U.fail('operation ' .. (i - 1) .. ' of the batch is malformed')
+        end
+        if op[1] == 'I' then
+            local seq = op[2]
+            if seq < 1 or seq ~= math.floor(seq) then
+                return U.fail('operation ' .. (i - 1) .. ': a seq is a positive integer')
+            end
+            -- A seq that holds this very message again is a duplicate (a re-sent Insert);
+            -- one that holds another message is a conflict.
+            local message = U.lp(op[3]) .. op[5]
+            local stored = call('HMGET', K.message(seq), 's', 'i')
+            if stored[1] then seqs[seq] = seqs[seq] or U.lp(stored[1]) .. stored[2] end
+            if (seqs[seq] or message) ~= message then
+                return U.fail('message seq ' .. U.int(seq) .. ' holds another message')
+            end
+            seqs[seq] = message
+        end
+    end
+    local results = {}
+    for i = 2, #a do
+        local op = a[i]
+        local result = APPLY[op[1]](op, max_queued)
+        results[i - 1] = result
+    end
+    -- The high-water mark, as SQLite's AUTOINCREMENT keeps it: never lowered.
+    if BATCH.high > tonumber(call('GET', K.seq) or '0') then
+        call('SET', K.seq, U.int(BATCH.high))
+    end
+    return results
+end
+
+-- --- message reads ----------------------------------------------------------------------------
+
+function OPS.last_message_seq(a)
+    return tonumber(call('GET', K.seq) or '0')
+end
+
+function OPS.reserve_seqs(a)
+    return call('INCRBY', K.seq, a[1])
+end
+
+function OPS.recent_messages(a)
+    local since, limit = a[1], a[2]
+    local seqs = {}
+    for i, padded in ipairs(call('ZRANGEBYSCORE', K.accepted, since, '+inf')) do
+        seqs[i] = tonumber(padded)
+    end
+    table.sort(seqs, function(x, y) return x > y end)
+    local rows = {}
+    if limit < 0 or limit > #seqs then limit = #seqs end
+    for i = limit, 1, -1 do
+        local row = call('HMGET', K.message(seqs[i]), 's', 'i', 'at', 'st')
+        rows[#rows + 1] = row
+    end
+    return rows
+end
+
+function OPS.message_record(a)
+    local msgid, client = a[1], a[2]
+    local best = tonumber(call('HGET', K.sent(client), msgid) or '0')
+    local prefix = U.lp(msgid)
+    local received = call('ZREVRANGEBYLEX', K.received(client), '[' .. prefix .. '\255',
+        '[' .. prefix, 'LIMIT', 0, 1)
+    if received[1] then
+        local seq = tonumber(string.sub(received[1], #prefix + 1))
+        if seq > best then best = seq end
+    end
+    if best == 0 then return false end
+    local row = call('HMGET', K.message(best), 's', 'r', 'i', 'st', 'rs', 'n', 'at', 'ex', 'fa')
+    table.insert(row, 1, best)
+    return row
+end
+
+function OPS.msgid_known(a)
+    return call('HEXISTS', K.msgids, a[1])
+end
+
+function OPS.undelivered(a)
+    local recipient, limit = a[1], a[2]
+    local rows = {}
+    if limit ~= 0 then
+        local stop = limit > 0 and limit - 1 or -1
+        for i, seq in ipairs(call('ZRANGE', K.queue(recipient), 0, stop)) do
+            rows[i] = U.message_row(tonumber(seq))
+        end
+    end
+    return {call('ZCARD', K.queue(recipient)), rows}
+end
+
+function OPS.keys_in_use(a)
+    local counts = {}
+    for _, key_id in ipairs(call('SMEMBERS', K.key_ids)) do
+        counts[#counts + 1] = {key_id, call('ZCARD', K.sealed(key_id))}
+    end
+    local plain = call('ZCARD', K.plain)
+    if plain > 0 then counts[#counts + 1] = {false, plain} end
+    return counts
+end
+
+function OPS.queue_depths(a)
+    local depths = {}
+    for _, recipient in ipairs(call('SMEMBERS', K.queues)) do
+        depths[#depths + 1] = {recipient, call('ZCARD', K.queue(recipient))}
+    end
+    return depths
+end
+
+-- --- opening: the layout's version, and the keys rows need --------------------------------------
+
+-- {version}: the stored layout version, set to ``version`` if there is none yet.
+function OPS.layout(a)
+    call('SET', K.schema, U.int(a[1]), 'NX')
+    return tonumber(call('GET', K.schema))
+end
+
+function OPS.schema_version(a)
+    return tonumber(call('GET', K.schema) or '0')
+end
+
+-- The first row sealed under each key in use (what the store's keys must decrypt).
+function OPS.first_sealed(a)
+    local rows = {}
+    for _, key_id in ipairs(call('SMEMBERS', K.key_ids)) do
+        local first = call('ZRANGE', K.sealed(key_id), 0, 0)
+        if first[1] then rows[#rows + 1] = U.message_row(tonumber(first[1])) end
+    end
+    return rows
+end
+
+function OPS.plain_rows(a)
+    local rows = {}
+    for i, seq in ipairs(call('ZRANGE', K.plain, 0, a[1] - 1)) do
+        rows[i] = U.message_row(tonumber(seq))
+    end
+    return rows
+end
+
+-- {{seq, key_id, blob}...}: rows sealed in Python replace their plain text, unless they have
+-- changed since (finished: emptied; sealed already).
+function OPS.seal(a)
+    local sealed = 0
+    for _, entry in ipairs(a) do
+        local seq, key_id, blob = entry[1], entry[2], entry[3]
+        local key = K.message(seq)
+        local row = call('HMGET', key, 'f', 'k')
+        call('ZREM', K.plain, seq)
+        if row[1] and row[1] ~= '' and row[2] == false then
+            call('HSET', key, 'f', blob, 'k', key_id)
+            U.index_content(seq, blob, key_id)
+            sealed = sealed + 1
+        end
+    end
+    return sealed
+end
+
+local op = OPS[ARGV[2]]
+if op == nil then return U.fail('unknown operation ' .. tostring(ARGV[2])) end
+local result = op(mp_unpack(ARGV[3]))
+U.reconcile()
+return result
