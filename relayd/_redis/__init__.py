@@ -36,7 +36,9 @@ Theory of operation:
 * **Encryption at rest** as in SQLite (:mod:`relayd._atrest`): content is sealed in Python
   before it is sent, opened after it is loaded; Redis, its RDB and AOF files and its replicas
   only ever hold the ciphertext. Opening checks that the keys decrypt the first message of
-  every key in use, and seals messages stored in plain text (by a store opened without keys).
+  every key in use, and seals messages stored in plain text (by a store opened without keys,
+  which the daemon never does); their plain text stays in the AOF until Redis rewrites it
+  (``BGREWRITEAOF``) and in RDB snapshots taken before, which relayd does not force.
 * **Durability** is the server's: with ``appendonly yes`` and ``appendfsync always``, Redis
   answers a write once it is written and fsynced to its AOF, so an answered call is on disk;
   with ``everysec``, a crash of the server's machine may lose about the last second of
