@@ -162,7 +162,10 @@ class AuthService:
         # Access tokens accepted, by each role their holder had (operators: "operator").
         self.authenticated: Counter[str] = Counter()
         self._subscribers: list[Callable[[Revocation], None]] = []
-        self._role_subscribers: list[Callable[[str, tuple[str, ...] | None], None]] = []
+        # (subscriber, only the changes made on this node)
+        self._role_subscribers: list[
+            tuple[Callable[[str, tuple[str, ...] | None], None], bool]
+        ] = []
         # scrypt holds ~16 MiB and a core for tens of ms: two at a time at most.
         self._kdf_limiter = trio.CapacityLimiter(2)
         # Compared against when the client does not exist, so a miss costs as much as a hit.
@@ -180,14 +183,24 @@ class AuthService:
         for subscriber in self._subscribers:
             subscriber(revocation)
 
-    def subscribe_roles(self, subscriber: Callable[[str, tuple[str, ...] | None], None]) -> None:
+    def subscribe_roles(
+        self,
+        subscriber: Callable[[str, tuple[str, ...] | None], None],
+        *,
+        local_only: bool = False,
+    ) -> None:
         """Call ``subscriber(client, roles)`` whenever a client's roles are stored: at its
-        registration, when an admin changes them, and with ``None`` when it is deleted."""
-        self._role_subscribers.append(subscriber)
+        registration, when an admin changes them, and with ``None`` when it is deleted.
+        ``local_only``: not for changes another node made (cluster mode: the one that tells
+        the other nodes)."""
+        self._role_subscribers.append((subscriber, local_only))
 
-    def _announce_roles(self, client: str, roles: tuple[str, ...] | None) -> None:
-        for subscriber in self._role_subscribers:
-            subscriber(client, roles)
+    def _announce_roles(
+        self, client: str, roles: tuple[str, ...] | None, *, local: bool = True
+    ) -> None:
+        for subscriber, local_only in self._role_subscribers:
+            if local or not local_only:
+                subscriber(client, roles)
 
     def revoked_elsewhere(self, revocation: Revocation) -> None:
         """Cluster mode: another node revoked tokens (and stored it). An access token revoked
@@ -197,7 +210,7 @@ class AuthService:
 
     def roles_changed_elsewhere(self, client: str, roles: tuple[str, ...] | None) -> None:
         """Cluster mode: another node stored ``client``'s roles (``None``: deleted)."""
-        self._announce_roles(client, roles)
+        self._announce_roles(client, roles, local=False)
 
     def _revocation_horizon(self) -> float:
         # The codec accepts a token until exp + leeway: its revocation must last as long.

@@ -514,3 +514,30 @@ async def test_registering_again_with_a_token_revoked_since_it_was_checked_gets_
     with pytest.raises(TokenError) as refused:
         await auth.reregister("alice", UUID, client_secret=None, claims=claims, source=None)
     assert refused.value.code == "token_revoked"
+
+
+# --- cluster mode ---------------------------------------------------------------------------
+
+
+async def test_changes_heard_from_other_nodes_reach_every_subscriber_but_the_local_only(
+    auth: AuthService,
+) -> None:
+    """The hub tells the other nodes what changed here (a ``local_only`` subscriber); what it
+    hears from them reaches the rest, never that one again: no echo between nodes."""
+    everyone: list[tuple[str, tuple[str, ...] | None]] = []
+    local: list[tuple[str, tuple[str, ...] | None]] = []
+    auth.subscribe_roles(lambda c, r: everyone.append((c, r)))
+    auth.subscribe_roles(lambda c, r: local.append((c, r)), local_only=True)
+    await register(auth)
+    auth.roles_changed_elsewhere("other", ("admin",))
+    assert everyone == [(UUID, ("client",)), ("other", ("admin",))]
+    assert local == [(UUID, ("client",))]
+
+
+async def test_an_access_token_revoked_on_another_node_is_refused_here(
+    auth: AuthService,
+) -> None:
+    registration = await register(auth)
+    token = registration.tokens.access
+    auth.revoked_elsewhere(Revocation(UUID, "token_revoked", token_id=token.claims.jti))
+    assert await authenticate_code(auth, token.token) == "token_revoked"

@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -207,7 +207,7 @@ class Hub:
         auth.subscribe(self.revoked)
         if cluster is not None:
             auth.subscribe(self._publish_revocation)
-            auth.subscribe_roles(self._publish_roles)
+            auth.subscribe_roles(self._publish_roles, local_only=True)
 
     @classmethod
     async def open(
@@ -354,8 +354,7 @@ class Hub:
                         self._authenticate, action.sid, action.token, action.refresh
                     )
             elif isinstance(action, ReserveSeqs):
-                if self._nursery is not None:
-                    self._nursery.start_soon(self._reserve_seqs, action.count)
+                self._spawn(self._reserve_seqs, action.count)
             elif isinstance(action, Announce):
                 # Published once every store operation queued before it is committed.
                 if not self._store_queue:
@@ -511,8 +510,8 @@ class Hub:
             self._signal()
             if self.cluster is not None:
                 self._announces += [op for op in taken if isinstance(op, Announce)]
-                if self._announces and self._nursery is not None:
-                    self._nursery.start_soon(self._publish_announces)
+                if self._announces:
+                    self._spawn(self._publish_announces)
 
     async def _store_failed(self, taken: list[StoreOp | Announce], exc: StoreError) -> None:
         """A batch failed and nothing of it was written: put it back and try again after a
@@ -583,13 +582,25 @@ class Hub:
                 await self._seqs_ready.wait()
         return claim.epoch
 
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> bool:
+        """Start ``fn(*args)`` in the hub's nursery; ``False`` if the hub has stopped (then
+        what it would do is moot: a hint, a release, a reservation)."""
+        if self._nursery is None:
+            return False
+        try:
+            self._nursery.start_soon(fn, *args)
+        except RuntimeError:  # the nursery is closing: the hub is stopping
+            return False
+        return True
+
     def _unclaim(self, handle: _Handle) -> None:
         """The session ended: release its claim and channel (in the background)."""
         if self.cluster is None or self._nursery is None:
             return
-        if handle.claim is not None or handle.watching is not None:
+        if (handle.claim is not None or handle.watching is not None) and self._spawn(
+            self._release, handle.claim, handle.watching
+        ):
             self.releasing += 1
-            self._nursery.start_soon(self._release, handle.claim, handle.watching)
 
     async def _release(self, claim: tuple[str, int] | None, watching: str | None) -> None:
         assert self.cluster is not None
@@ -641,8 +652,7 @@ class Hub:
             self._resync_due = False
 
     def _publish_soon(self, notes: list[tuple[str, dict[str, Any]]]) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(self._publish, notes)
+        self._spawn(self._publish, notes)
 
     def _publish_revocation(self, revocation: Revocation) -> None:
         assert self.cluster is not None
