@@ -84,7 +84,13 @@ def _optional_address(instance: object, attribute: attrs.Attribute[Any], value: 
         _address(instance, attribute, value)
 
 
-REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "unix://")
+REDIS_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+    "unix://",
+)
 
 
 def _check_redis_url(url: str) -> None:
@@ -330,7 +336,7 @@ class StoreConfig:
     of nodes sharing one Redis 7+ or Valkey 8+ server at ``url`` (docs/operations.md)."""
     url: str = field(default="", validator=lambda _, __, v: _check_redis_url(v))
     """With ``engine = "redis"``: ``redis://[user:password@]host:port/db``, ``rediss://``
-    (TLS), or ``redis+sentinel://host:port[,host:port...]/service?db=0`` (docs/operations.md).
+    (TLS), or ``redis+sentinel://host:port[,host:port...]/service[/db]`` (docs/operations.md).
     Empty: ``redis://127.0.0.1:6379/0``."""
     prefix: str = "relayd:"
     """With ``engine = "redis"``: every key relayd keeps starts with this (several relayd
@@ -340,6 +346,12 @@ class StoreConfig:
     lease: float = field(default=10.0, validator=_positive)
     """With ``engine = "redis"``: a node that could not reach Redis for this long closes
     every session (1013), since other nodes may have taken its clients."""
+    wait_replicas: int = field(default=0, validator=_non_negative)
+    """With ``engine = "redis"``: after each write, wait until this many replicas have it
+    (``WAIT``) before any receipt or answer reports it; 0: the primary's word is enough."""
+    wait_timeout: float = field(default=1.0, validator=_positive)
+    """With ``wait_replicas``: seconds to wait for them, after which the write counts as
+    failed (``store_unavailable``; it stays on the primary)."""
     path: str = "relayd.sqlite3"
     """Database file, relative to ``state_dir``; ``:memory:`` keeps everything in memory."""
     synchronous: Synchronous = "full"

@@ -237,6 +237,8 @@ async def open_engine(
             keys=keys,
             prefix=store.prefix,
             call_timeout=store.timeout,
+            wait_replicas=store.wait_replicas,
+            wait_timeout=store.wait_timeout,
         ) as redis:
             yield redis
         return

@@ -114,8 +114,10 @@ def set_level(level: str) -> None:
 
 # Libraries whose debug lines would carry what relayd never logs: websockets (the dedicated
 # listener's protocol) logs every frame and the handshake's request target (?token=...),
-# message text included; trio-websocket (the tests' client) does the same.
-QUIET_LOGGERS = ("websockets", "trio-websocket")
+# message text included; trio-websocket (the tests' client) does the same. coredis (the Redis
+# engine) logs a traceback at INFO for every connection Redis closes, which relayd reports
+# itself, once, as "store unavailable".
+QUIET_LOGGERS = ("websockets", "trio-websocket", "coredis")
 
 
 def quiet_libraries() -> None:
