@@ -326,31 +326,65 @@ class RedisCluster:
             task_status.started()
 
     async def _renew(self) -> None:
-        """Renew the lease, or raise ClusterUnavailable."""
+        """Renew the lease, or raise ClusterUnavailable. The lease counts from before the
+        call was sent: Redis starts it no earlier."""
+        sent = trio.current_time()
         ms = max(1, int(self.lease * 1000))
         await self._call(
             "lease", lambda: self._redis.set(self._key("node", self.node), b"1", px=ms)
         )
-        self._renewed_at = trio.current_time()
+        self._renewed_at = sent
 
     async def _keep_lease(self, listener: Listener) -> None:
+        """Renew the lease every third of it. Fence (see the module docstring) once two thirds
+        of it have passed without a renewal, before it can have expired; and when a renewal
+        comes after it expired (the node was paused): other nodes may hold its clients."""
         while True:
             await trio.sleep(self.lease / 3)
+            before = self._renewed_at
             try:
                 await self._renew()
             except ClusterUnavailable as exc:
-                if not self.fenced and trio.current_time() - self._renewed_at >= self.lease:
-                    log.error(
-                        "lease lost: closing every session until redis answers",
-                        extra={"fields": {"error": str(exc)}},
-                    )
-                    self.fenced = True
-                    listener.fenced()
+                if not self.fenced and trio.current_time() - before >= self.lease * 2 / 3:
+                    self._fence(listener, str(exc))
                 continue
+            if self._renewed_at - before >= self.lease and not self.fenced:
+                self._fence(listener, "the lease expired before it was renewed")
             if self.fenced:
                 log.info("lease renewed: accepting sessions again")
                 self.fenced = False
                 listener.resync()
+
+    def _fence(self, listener: Listener, why: str) -> None:
+        log.error(
+            "lease lost: closing every session until redis answers",
+            extra={"fields": {"error": why}},
+        )
+        self.fenced = True
+        listener.fenced()
+
+    async def lost(self, claims: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Which of ``claims`` (client, epoch) this node no longer holds, each with the epoch
+        that replaced it (its own plus one when none did: the claim is gone, as after a Redis
+        restart without persistence). For after a resync: a kick may have been lost.
+
+        Raises:
+            ClusterUnavailable: Redis did not answer.
+        """
+        lost: list[tuple[str, int]] = []
+        for start in range(0, len(claims), ONLINE_PAGE):
+            page = list(claims[start : start + ONLINE_PAGE])
+            current = await self._call(
+                "claims",
+                lambda page=page: self._redis.mget(  # type: ignore[misc]
+                    [self._key("claim", client) for client, _ in page]
+                ),
+            )
+            for (client, epoch), value in zip(page, current, strict=True):
+                if value != f"{self.node}|{epoch}".encode():
+                    held = None if value is None else value.rpartition(b"|")[2]
+                    lost.append((client, int(held) if held and held.isdigit() else epoch + 1))
+        return lost
 
     async def _listen(
         self, listener: Listener, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

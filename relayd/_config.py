@@ -352,6 +352,7 @@ class StoreConfig:
     wait_timeout: float = field(default=1.0, validator=_positive)
     """With ``wait_replicas``: seconds to wait for them, after which the write counts as
     failed (``store_unavailable``; it stays on the primary)."""
+
     path: str = "relayd.sqlite3"
     """Database file, relative to ``state_dir``; ``:memory:`` keeps everything in memory."""
     synchronous: Synchronous = "full"
@@ -361,6 +362,12 @@ class StoreConfig:
     """File holding the keys that encrypt message content at rest. Empty: the systemd
     credential ``relayd-store-keys`` if there is one, else ``state_dir/store-keys``, generated
     on first start."""
+
+    def __attrs_post_init__(self) -> None:
+        # A node fences itself two thirds of a lease after its last renewal; renewals every
+        # third of it must be able to fail in time for that.
+        if self.lease < 3 * self.timeout:
+            raise FieldError("lease", f"must be at least 3 times timeout ({3 * self.timeout} s)")
 
 
 def _check_roles(instance: RolesConfig, _: attrs.Attribute[Any], define: RoleGrants) -> None:

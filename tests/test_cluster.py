@@ -17,7 +17,7 @@ import trio
 
 from relayd._relay.frames import CloseCode
 
-from .redis_support import RedisServer, require_redis, start_redis, stop_redis
+from .redis_support import RedisServer, command, require_redis, start_redis, stop_redis
 from .support import RunningRelayd, make_config, start_relayd
 from .ws_support import WsClient, ws_connect
 
@@ -202,3 +202,22 @@ async def test_while_redis_is_down_messages_are_refused_and_ready_is_503_then_it
                 assert (status["msgid"], status["status"]) == ("m2", "queued_offline")
             finally:
                 stop_redis(again)
+
+
+async def test_a_session_whose_claim_was_taken_while_its_kick_was_lost_is_closed_at_resync(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer, redis_url: str
+) -> None:
+    """Another node claimed bob while this node's subscription was down: the kick never came.
+    When the subscription is back, the node checks its claims and closes what it lost."""
+    db = redis_url.rpartition("/")[2]
+    async with cluster(nursery, tmp_path, redis_url, count=1) as (node,):
+        bob = await node.http.register("bob")
+        async with ws_connect(node, bob["access_token"]) as b:
+            await welcomed(b)
+            command(
+                redis_server,
+                ("SELECT", db),
+                ("SET", f"relayd:claim:{bob['uuid']}", "elsewhere|999999"),
+                ("CLIENT", "KILL", "TYPE", "pubsub"),
+            )
+            assert await b.closed() == CloseCode.REPLACED

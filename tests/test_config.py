@@ -439,3 +439,19 @@ def test_to_toml_round_trips(environ: dict[str, str]) -> None:
     config = load_config(None, environ={"RELAYD_CONFIG": str(SHIPPED_CONFIG), **environ})
     parsed = tomllib.loads(to_toml(config))
     assert structure(parsed, "<to_toml>") == config
+
+
+# --- the Redis engine's settings ---------------------------------------------------------------
+
+
+def test_a_lease_shorter_than_three_timeouts_is_refused(tmp_path: Path) -> None:
+    """A node must notice it cannot renew its lease before the lease can have expired."""
+    path = write(tmp_path, '[store]\nengine = "redis"\ntimeout = 2.0\nlease = 5.0\n')
+    assert "lease: must be at least 3 times timeout (6.0 s)" in config_error(path)
+    ok = write(tmp_path, '[store]\nengine = "redis"\ntimeout = 2.0\nlease = 6.0\n', "ok.toml")
+    assert load_config(ok, environ={}).store.lease == 6.0
+
+
+def test_a_store_url_that_is_not_redis_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, '[store]\nengine = "redis"\nurl = "http://127.0.0.1:6379"\n')
+    assert "url: 'http://127.0.0.1:6379' is not a Redis URL" in config_error(path)

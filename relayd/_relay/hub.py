@@ -697,6 +697,21 @@ class Hub:
     def resync(self) -> None:
         self.core.resync(self.clock())
         self._apply()
+        self._spawn(self._verify_claims)
+
+    async def _verify_claims(self) -> None:
+        """After a resync: a session whose claim another node took while a kick could not
+        reach this one is closed (4009), as the kick would have."""
+        assert self.cluster is not None
+        claims = [h.claim for h in self._handles.values() if h.claim is not None]
+        try:
+            lost = await self.cluster.lost(claims)
+        except ClusterUnavailable as exc:
+            log.warning("claims not verified", extra={"fields": {"error": str(exc)}})
+            return
+        for client, epoch in lost:
+            self.core.replaced_elsewhere(client, epoch, self.clock())
+        self._apply()
 
     def fenced(self) -> None:
         """This node lost its lease: its claims may be taken. Close every session (1013)."""
