@@ -27,7 +27,7 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type[Any]) -> None
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
             choices = {
-                "store": ["file", "memory"],
+                "store": ["file", "memory", "redis"],
                 "transport": ["main", "dedicated"],
                 "server": ["asgi", "trio"],
                 "against": ["relayd", "seed-v1"],

@@ -84,14 +84,62 @@ def render_config(state_dir: Path, settings: Settings) -> str:
 def relay_settings(
     *, store: str = "file", transport: str = "main", extra: Settings | None = None
 ) -> Settings:
-    """Bench settings for a store (``file`` or ``memory``) and transport (``main`` or
+    """Bench settings for a store (``file``, ``memory``, or ``redis``: the Redis engine on a
+    server the run starts, see :class:`RedisServer`) and transport (``main`` or
     ``dedicated``), plus ``extra``."""
+    if store == "redis":
+        engine: dict[str, TomlValue] = {"engine": "redis"}  # the url comes with the server
+    else:
+        engine = {"path": ":memory:" if store == "memory" else "relayd.sqlite3"}
     layer: Settings = {
         "http": {"listen": "127.0.0.1:0"},
         "websocket": {"listen": "127.0.0.1:0" if transport == "dedicated" else ""},
-        "store": {"path": ":memory:" if store == "memory" else "relayd.sqlite3"},
+        "store": engine,
     }
     return merge(BENCH_SETTINGS, layer, extra or {})
+
+
+@dataclass
+class RedisServer:
+    """A redis-server for one run, in the run's state directory, on a free loopback port,
+    with ``appendonly yes`` and ``appendfsync always``: an answered write is on disk, as a
+    commit is with SQLite's ``synchronous = full``. Its CPU shows in a row's
+    ``machine.other_cores``."""
+
+    process: asyncio.subprocess.Process
+    url: str
+
+    @classmethod
+    async def start(cls, data_dir: Path, within: float = 20.0) -> RedisServer:
+        binary = shutil.which("redis-server") or shutil.which("valkey-server")
+        if binary is None:
+            raise RuntimeError("--store redis needs redis-server (apt-get install redis-server)")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            *("--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)),
+            *("--save", "", "--appendonly", "yes", "--appendfsync", "always"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        assert process.stdout is not None
+        try:
+            async with asyncio.timeout(within):
+                while b"Ready to accept connections" not in await process.stdout.readline():
+                    if process.stdout.at_eof():
+                        raise RuntimeError("redis-server exited before it was ready")
+        except BaseException:
+            process.kill()
+            await process.wait()
+            raise
+        return cls(process, f"redis://127.0.0.1:{port}/0")
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
 
 
 @dataclass
@@ -105,6 +153,7 @@ class Relayd:
     log_path: Path
     secret: str
     owns_dir: bool = True
+    redis: RedisServer | None = None  # the Redis engine's server, if the run started one
     stopped: bool = False
     exit_code: int | None = None
     died: bool = False  # it had exited before it was told to stop
@@ -126,6 +175,11 @@ class Relayd:
         if state_dir is None:
             state_dir = Path(tempfile.mkdtemp(prefix="relayd-bench-"))
         secret = secret or secrets.token_urlsafe(48)
+        redis = None
+        store = settings.get("store", {})
+        if store.get("engine") == "redis" and not store.get("url"):
+            redis = await RedisServer.start(state_dir)
+            settings = merge(settings, {"store": {"url": redis.url}})
         config = state_dir / "bench.toml"
         config.write_text(render_config(state_dir, settings))
         # One log per start: a restart on the same state dir keeps the first one.
@@ -165,11 +219,14 @@ class Relayd:
                         log_path,
                         secret,
                         owns_dir=owns,
+                        redis=redis,
                     )
             if process.returncode is not None or time.monotonic() > deadline:
                 if process.returncode is None:
                     process.kill()
                     await process.wait()
+                if redis is not None:
+                    await redis.stop()
                 tail = log_path.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"relayd did not start (exit {process.returncode}):\n{tail}")
             await asyncio.sleep(0.02)
@@ -240,6 +297,8 @@ class Relayd:
         if self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
+        if self.redis is not None:
+            await self.redis.stop()
         if not self.owns_dir:
             return
         if os.environ.get("BENCH_KEEP_STATE") == "1" or self.died or failed:
