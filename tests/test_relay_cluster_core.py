@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from relayd._config import RelayConfig
-from relayd._relay.core import Message
+from relayd._relay.core import IllegalMove, Message, Where, _move
 from relayd._relay.frames import CloseCode
 from relayd._relay.records import LoadQueue
 from relayd._relay.seqs import SeqPool
@@ -247,3 +249,18 @@ def test_messages_parked_below_the_cursor_arrive_even_past_one_page() -> None:
     node_b.auto_store = True
     node_b.run()
     assert contents(node_b.messages(b2)) == ["e0", "e1", "e2"]
+
+
+def test_a_move_the_table_does_not_allow_is_refused() -> None:
+    h = CoreHarness()
+    alice, bob = h.client("alice"), h.client("bob")
+    a = h.connect(alice)
+    h.connect(bob)
+    h.auto_flush = False
+    h.send(a, {"to": bob.uuid, "msgid": "m1", "content": "x"})
+    [(_, message)] = [e for e in h.sessions[2].outbox if isinstance(e[1], Message)]
+    assert isinstance(message, Message)
+    assert message.where is Where.SENT
+    with pytest.raises(IllegalMove, match="SENT -> BACKOFF"):
+        _move(message, Where.BACKOFF)
+    assert message.where is Where.SENT

@@ -163,6 +163,8 @@ class Phase(enum.Enum):
 
 
 class Where(enum.Enum):
+    """Where an accepted message is (rule 2 of the module docstring)."""
+
     STAGED = "staged"
     STORED = "stored"
     MAILBOX = "mailbox"
@@ -170,6 +172,35 @@ class Where(enum.Enum):
     UNACKED = "unacked"
     BACKOFF = "backoff"
     DONE = "done"
+
+
+# The moves a message may make, and nothing else (see _move). A stored message has left
+# memory: it comes back as a new Message when loaded. Staged to staged: put back at the head
+# of its recipient's staging, to be stored after all.
+MOVES: dict[Where, frozenset[Where]] = {
+    Where.STAGED: frozenset({Where.STAGED, Where.MAILBOX, Where.STORED, Where.DONE}),
+    Where.MAILBOX: frozenset({Where.SENT, Where.STAGED, Where.STORED, Where.DONE}),
+    Where.SENT: frozenset({Where.UNACKED, Where.MAILBOX, Where.STAGED, Where.STORED, Where.DONE}),
+    Where.UNACKED: frozenset({Where.BACKOFF, Where.MAILBOX, Where.DONE}),
+    Where.BACKOFF: frozenset({Where.MAILBOX, Where.DONE}),
+    Where.STORED: frozenset(),
+    Where.DONE: frozenset(),
+}
+
+
+class IllegalMove(AssertionError):
+    """The core tried to move a message where :data:`MOVES` does not allow: a bug."""
+
+
+def _move(message: Message, to: Where) -> None:
+    """The one place a message changes place, checked against :data:`MOVES`.
+
+    Raises:
+        IllegalMove: the move is not in the table.
+    """
+    if to not in MOVES[message.where]:
+        raise IllegalMove(f"message {message.seq}: {message.where.name} -> {to.name}")
+    message.where = to
 
 
 @define(eq=False)
@@ -935,7 +966,7 @@ class RelayCore:
         for message in reversed(again):
             recipient.unacked.pop(message.msgid, None)
             message.gen += 1
-            message.where = Where.MAILBOX
+            _move(message, Where.MAILBOX)
             (recipient.high if message.high else recipient.normal).appendleft(message)
 
     def _unload(self, recipient: Recipient, now: float) -> None:
@@ -973,7 +1004,7 @@ class RelayCore:
             queue = self._staging.setdefault(client, deque())
             queue.extendleft(reversed(to_store))
             for message in to_store:
-                message.where = Where.STAGED
+                _move(message, Where.STAGED)
                 self.pending_commit += 1
                 self._actions.append(self._insert_op(message))
 
@@ -987,7 +1018,7 @@ class RelayCore:
 
     def _forget(self, message: Message) -> None:
         """The message leaves memory; the store keeps it."""
-        message.where = Where.STORED
+        _move(message, Where.STORED)
         self._by_seq.pop(message.seq, None)
         self._release(message)
 
@@ -1210,7 +1241,7 @@ class RelayCore:
             queue.appendleft(message)
         else:
             queue.append(message)
-        message.where = Where.STAGED
+        _move(message, Where.STAGED)
         if message.durable and not message.committed:
             if self.online(message.recipient):
                 # It may go out as soon as it is stored: see Message.recorded_attempts.
@@ -1265,7 +1296,7 @@ class RelayCore:
                 self._by_seq[message.seq] = message
                 recipient.cursor = max(recipient.cursor, message.seq)
             self._hold(recipient, message)
-            message.where = Where.MAILBOX
+            _move(message, Where.MAILBOX)
             (recipient.high if message.high else recipient.normal).append(message)
             if message.acknowledge:
                 self._tell(message, Status.PENDING_ACK, now)
@@ -1316,7 +1347,7 @@ class RelayCore:
             if message.durable and message.attempts > message.recorded_attempts:
                 self._record_attempts(message)  # a redelivery's count
             message.gen += 1
-            message.where = Where.SENT
+            _move(message, Where.SENT)
             message.sid = session.sid
             if message.acknowledge:
                 recipient.unacked[message.msgid] = message
@@ -1410,7 +1441,7 @@ class RelayCore:
             if ref.attempts == 1:
                 self.metrics.delivery_latency.observe(now - ref.accepted_at)
             if ref.acknowledge:
-                ref.where = Where.UNACKED
+                _move(ref, Where.UNACKED)
                 ref.written_at = now
                 self._at(now + self.relay.ack_timeout, TimerKind.ACK, ref, ref.gen)
             else:
@@ -1435,7 +1466,7 @@ class RelayCore:
             if recipient is not None:
                 self._pump(recipient, now)
             return
-        message.where = Where.BACKOFF
+        _move(message, Where.BACKOFF)
         delay = min(
             self.relay.backoff_initial * 2 ** (message.attempts - 1), self.relay.backoff_max
         )
@@ -1448,7 +1479,7 @@ class RelayCore:
         if recipient is None:
             return
         del recipient.unacked[message.msgid]
-        message.where = Where.MAILBOX
+        _move(message, Where.MAILBOX)
         (recipient.high if message.high else recipient.normal).appendleft(message)
         self._pump(recipient, now)
 
@@ -1459,7 +1490,7 @@ class RelayCore:
         self.metrics.events[status.value] += 1
         if self._reads_in_flight:
             self._finished_while_reading.add(message.seq)
-        message.where = Where.DONE
+        _move(message, Where.DONE)
         message.gen += 1
         self._by_seq.pop(message.seq, None)
         self._release(message)
@@ -1576,7 +1607,7 @@ class RelayCore:
             self._finish(message, Status.FAILED, now, reason=code)
             return
         self._told_first(message)
-        message.where = Where.DONE
+        _move(message, Where.DONE)
         sender = self._active.get(message.sender)
         if isinstance(outcome, Duplicate):
             self._recent[message.key] = (now, outcome.status or Status.QUEUED)
@@ -1660,7 +1691,7 @@ class RelayCore:
             message = self._message_from_row(row)
             self._by_seq[row.seq] = message
             self._hold(recipient, message)
-            message.where = Where.MAILBOX
+            _move(message, Where.MAILBOX)
             (recipient.high if message.high else recipient.normal).append(message)
         if not more and recipient.stored_since == recipient.load_mark:
             recipient.backlog = False
