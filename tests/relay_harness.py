@@ -32,17 +32,9 @@ import attrs
 
 from relayd._config import RelayConfig, WebsocketConfig
 from relayd._relay import records
-from relayd._relay.core import (
-    Announce,
-    Authenticate,
-    Close,
-    Identity,
-    Ping,
-    Ref,
-    RelayCore,
-    ReserveSeqs,
-    Send,
-)
+from relayd._relay.core import RelayCore
+from relayd._relay.effects import Announce, Authenticate, Close, Ping, ReserveSeqs, Send
+from relayd._relay.model import Identity, Ref
 from relayd._relay.seqs import SeqPool
 from relayd._store import _apply, _connect, last_message_seq, recent_messages, transaction
 

@@ -16,8 +16,8 @@ import json
 import pytest
 
 from relayd._config import RelayConfig
-from relayd._relay.core import IllegalMove, Message, Where, _move
 from relayd._relay.frames import CloseCode
+from relayd._relay.model import IllegalMove, Message, Where, move
 from relayd._relay.records import LoadQueue
 from relayd._relay.seqs import SeqPool
 
@@ -262,5 +262,5 @@ def test_a_move_the_table_does_not_allow_is_refused() -> None:
     assert isinstance(message, Message)
     assert message.where is Where.SENT
     with pytest.raises(IllegalMove, match="SENT -> BACKOFF"):
-        _move(message, Where.BACKOFF)
+        move(message, Where.BACKOFF)
     assert message.where is Where.SENT

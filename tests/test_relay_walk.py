@@ -4,7 +4,7 @@ Each example is a walk: messages sent with and without acks, a recipient that ac
 reads or stalls, disconnects with frames written, cut or unsent, reconnects (on either node,
 in cluster mode), commits held back, hints held back and lost, and time passing past ack
 timeouts, backoffs and ttls. Every move a message makes is checked against the core's table
-(``relayd._relay.core.MOVES``: an illegal move raises), and at the end of every walk:
+(``relayd._relay.model.MOVES``: an illegal move raises), and at the end of every walk:
 
 * every message its sender was told was accepted reaches the recipient, or its sender is told
   a final ``failed`` or ``expired`` (at most once is allowed to lose only ``acknowledge: false``

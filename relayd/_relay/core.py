@@ -7,6 +7,11 @@ token, run these store operations — which :meth:`RelayCore.take_actions` hands
 (``relayd._relay.hub``). It never does I/O, never reads a clock and never imports trio: every
 event carries ``now``, and every timer is data (:meth:`next_deadline`, :meth:`tick`).
 
+Its modules follow the dependency direction: ``records.py`` (stored messages and the store
+operations), ``model.py`` (sessions, messages, recipients, and the table of moves a message may
+make), ``effects.py`` (the actions), ``seqs.py`` (message seqs), then this module, which routes
+events to decisions.
+
 Rules that hold between any two events:
 
 1. A session is PENDING until a token is verified; while PENDING only an ``auth`` frame is
@@ -46,13 +51,24 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
-from attrs import define, field, frozen
 
 from relayd._config import RelayConfig, WebsocketConfig
 from relayd._ratelimit import RateLimiter
 
 from . import frames as F
+from .effects import Action, Announce, Authenticate, Close, Ping, ReserveSeqs, Send
 from .frames import CloseCode, ProtocolError
+from .model import (
+    Identity,
+    Message,
+    Phase,
+    ReceiptRef,
+    Recipient,
+    Ref,
+    Session,
+    Where,
+    move,
+)
 from .records import (
     FINAL,
     ClearKeyNotice,
@@ -75,245 +91,10 @@ from .records import (
     StoredMessage,
     StoredReceipt,
     StoreOp,
-    size_of,
 )
 from .seqs import SeqPool
 from .stats import RelayStats
 
-# --- actions ------------------------------------------------------------------------------------
-
-
-@frozen
-class Send:
-    """Queue ``text`` on session ``sid``'s socket; report ``ref`` back through ``written``."""
-
-    sid: int
-    text: str
-    ref: Ref | None = None
-
-
-@frozen
-class Close:
-    """Close session ``sid``: after the frames queued before it, or at once if ``abort``."""
-
-    sid: int
-    code: int
-    reason: str
-    abort: bool = False
-
-
-@frozen
-class Authenticate:
-    """Verify ``token`` for session ``sid``; answer ``authenticated`` or ``auth_failed``."""
-
-    sid: int
-    token: str
-    refresh: bool
-
-
-@frozen
-class Ping:
-    """Send session ``sid`` a heartbeat ping (its transport decides how)."""
-
-    sid: int
-
-
-@frozen
-class ReserveSeqs:
-    """Reserve ``count`` message seqs in the store; answer :meth:`RelayCore.seqs_reserved`."""
-
-    count: int
-
-
-@frozen
-class Announce:
-    """Cluster mode: tell the node that holds ``client``'s session (if any) that the store
-    has something new for it: ``wake`` (a message queued for it at ``seq``) or ``receipts``
-    (a receipt owed to it at ``seq``). Runs after every store operation decided before it is
-    committed: it is a hint, and the store is the truth."""
-
-    kind: str
-    client: str
-    seq: int
-
-
-Action = Send | Close | Authenticate | Ping | ReserveSeqs | StoreOp | Announce
-
-
-@frozen
-class Identity:
-    """Who a verified token speaks for, and which token it is."""
-
-    client: str
-    name: str
-    issued_at: float
-    expires_at: float
-    token_id: str = ""  # the token's jti
-    login: str | None = None  # the token's refresh family, if it was issued for a login
-    epoch: int = 0  # cluster mode: the session's claim on its client (see relayd/_cluster.py)
-
-
-# --- state --------------------------------------------------------------------------------------
-
-
-class Phase(enum.Enum):
-    PENDING = "pending"
-    ACTIVE = "active"
-    CLOSING = "closing"
-
-
-class Where(enum.Enum):
-    """Where an accepted message is (rule 2 of the module docstring)."""
-
-    STAGED = "staged"
-    STORED = "stored"
-    MAILBOX = "mailbox"
-    SENT = "sent"
-    UNACKED = "unacked"
-    BACKOFF = "backoff"
-    DONE = "done"
-
-
-# The moves a message may make, and nothing else (see _move). A stored message has left
-# memory: it comes back as a new Message when loaded. Staged to staged: put back at the head
-# of its recipient's staging, to be stored after all.
-MOVES: dict[Where, frozenset[Where]] = {
-    Where.STAGED: frozenset({Where.STAGED, Where.MAILBOX, Where.STORED, Where.DONE}),
-    Where.MAILBOX: frozenset({Where.SENT, Where.STAGED, Where.STORED, Where.DONE}),
-    Where.SENT: frozenset({Where.UNACKED, Where.MAILBOX, Where.STAGED, Where.STORED, Where.DONE}),
-    Where.UNACKED: frozenset({Where.BACKOFF, Where.MAILBOX, Where.DONE}),
-    Where.BACKOFF: frozenset({Where.MAILBOX, Where.DONE}),
-    Where.STORED: frozenset(),
-    Where.DONE: frozenset(),
-}
-
-
-class IllegalMove(AssertionError):
-    """The core tried to move a message where :data:`MOVES` does not allow: a bug."""
-
-
-def _move(message: Message, to: Where) -> None:
-    """The one place a message changes place, checked against :data:`MOVES`.
-
-    Raises:
-        IllegalMove: the move is not in the table.
-    """
-    if to not in MOVES[message.where]:
-        raise IllegalMove(f"message {message.seq}: {message.where.name} -> {to.name}")
-    message.where = to
-
-
-@define(eq=False)
-class Session:
-    sid: int
-    remote: str
-    opened_at: float
-    last_seen: float
-    pong_observable: bool
-    lean: bool = False  # the lean receipt profile
-    phase: Phase = Phase.PENDING
-    client: str | None = None
-    token_id: str = ""  # the jti of the token the session runs on now
-    login: str | None = None  # that token's refresh family
-    epoch: int = 0  # cluster mode: its claim on the client, newer claims are higher
-    expires_at: float = 0.0
-    authenticating: bool = False
-    admitted: bool = False  # counted against the connection limits (see open)
-    queued: int = 0  # frames handed to the socket, not yet written
-    token_timer: float | None = None  # when the pending token timer fires, if one is
-    warned_for: float = 0.0  # the expiry the client was last warned about
-    last_ping: float = 0.0
-    held: list[str | bytes] = field(factory=list)  # frames read while a token was checked
-    receipts: LoadReceipts | None = None  # the owed receipts being loaded, if any
-    receipt_cursor: int = 0  # highest seq of an owed receipt loaded
-    receipts_more: bool = False  # the store may owe more than was loaded
-    notices: LoadKeyNotices | None = None  # the owed key changes being loaded, if any
-    notices_out: int = 0  # key_changed frames handed to the socket, not yet written
-    notices_more: bool = False  # the store may owe key changes not sent on this session
-
-
-@define(eq=False)
-class Message:
-    sender: str
-    recipient: str
-    msgid: str
-    high: bool
-    acknowledge: bool
-    fields: str  # the 13 fields as delivered, JSON: encoded once, stored and sent as is
-    accepted_at: float
-    expires_at: float
-    durable: bool
-    seq: int  # allocated at acceptance: the order of first deliveries
-    attempts: int = 0
-    # The attempts its store row counts (or will, once ``recording`` is done). A row counts a
-    # first attempt before the message can reach its recipient's socket, so a crash never
-    # hides a delivery: loaded after a restart, the message is a redelivery exactly when its
-    # row counts one. A message stored while its recipient is online is inserted counting
-    # one; any other waits in its mailbox for that write (see _pump). A row that counts an
-    # attempt never made is corrected when the message leaves memory unsent; only a crash
-    # leaves it so.
-    recorded_attempts: int = 0
-    recording: bool = False  # its first attempt is being written: it may not go out yet
-    where: Where = Where.STAGED
-    status: Status | None = None  # the last status its sender was told
-    committed: bool = False
-    holder: Recipient | None = None  # whose memory counts it (see Recipient.held_bytes)
-    sid: int | None = None  # the session it was last sent on
-    written_at: float = 0.0  # when it was last written to the recipient's socket
-    gen: int = 0  # bumped on every move, so stale timers are ignored
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.sender, self.msgid)
-
-    @property
-    def size(self) -> int:
-        return size_of(self.fields)
-
-
-@frozen
-class ReceiptRef:
-    """A final receipt handed to the sender's socket.
-
-    A stored message's row says the receipt is owed (``receipt_pending``) until the frame is
-    written. A message never stored (delivered straight from memory) gets its row only now:
-    ``owed``, inserted as told once the frame is written, as owed if it is not.
-    """
-
-    seq: int
-    owed: Insert | None = None
-
-
-Ref = Message | ReceiptRef | KeyNotice
-
-
-@define(eq=False)
-class Recipient:
-    """Delivery state of a connected client."""
-
-    client: str
-    session: Session
-    high: deque[Message] = field(factory=deque)
-    normal: deque[Message] = field(factory=deque)
-    unacked: dict[str, Message] = field(factory=dict)  # by msgid
-    backlog: bool = True  # the store may hold queued messages not in memory
-    cursor: int = 0  # highest seq brought into memory
-    loading: LoadQueue | None = None
-    stored_since: int = 0  # messages sent to the store while loading: keeps `backlog` honest
-    load_mark: int = 0
-    # Cluster mode: the next load starts no higher than this (a message parked by another
-    # node can sort below the cursor; see RelayCore.wake).
-    rewind: float = math.inf
-    paused: bool = False  # a replaced session has not reported its unsent frames yet
-    # Bytes of the messages held in memory for it: in its mailbox, sent or unacked. Bounded by
-    # relay.mailbox_bytes (plus one message); a sent message's frame is a copy of its text.
-    held_bytes: int = 0
-
-    def mailbox_len(self) -> int:
-        return len(self.high) + len(self.normal)
-
-
-# Frames a client may send behind its token while relayd checks it; more closes 4001.
 MAX_HELD_FRAMES = 16
 
 
@@ -966,7 +747,7 @@ class RelayCore:
         for message in reversed(again):
             recipient.unacked.pop(message.msgid, None)
             message.gen += 1
-            _move(message, Where.MAILBOX)
+            move(message, Where.MAILBOX)
             (recipient.high if message.high else recipient.normal).appendleft(message)
 
     def _unload(self, recipient: Recipient, now: float) -> None:
@@ -1004,7 +785,7 @@ class RelayCore:
             queue = self._staging.setdefault(client, deque())
             queue.extendleft(reversed(to_store))
             for message in to_store:
-                _move(message, Where.STAGED)
+                move(message, Where.STAGED)
                 self.pending_commit += 1
                 self._actions.append(self._insert_op(message))
 
@@ -1018,7 +799,7 @@ class RelayCore:
 
     def _forget(self, message: Message) -> None:
         """The message leaves memory; the store keeps it."""
-        _move(message, Where.STORED)
+        move(message, Where.STORED)
         self._by_seq.pop(message.seq, None)
         self._release(message)
 
@@ -1241,7 +1022,7 @@ class RelayCore:
             queue.appendleft(message)
         else:
             queue.append(message)
-        _move(message, Where.STAGED)
+        move(message, Where.STAGED)
         if message.durable and not message.committed:
             if self.online(message.recipient):
                 # It may go out as soon as it is stored: see Message.recorded_attempts.
@@ -1296,7 +1077,7 @@ class RelayCore:
                 self._by_seq[message.seq] = message
                 recipient.cursor = max(recipient.cursor, message.seq)
             self._hold(recipient, message)
-            _move(message, Where.MAILBOX)
+            move(message, Where.MAILBOX)
             (recipient.high if message.high else recipient.normal).append(message)
             if message.acknowledge:
                 self._tell(message, Status.PENDING_ACK, now)
@@ -1347,7 +1128,7 @@ class RelayCore:
             if message.durable and message.attempts > message.recorded_attempts:
                 self._record_attempts(message)  # a redelivery's count
             message.gen += 1
-            _move(message, Where.SENT)
+            move(message, Where.SENT)
             message.sid = session.sid
             if message.acknowledge:
                 recipient.unacked[message.msgid] = message
@@ -1441,7 +1222,7 @@ class RelayCore:
             if ref.attempts == 1:
                 self.metrics.delivery_latency.observe(now - ref.accepted_at)
             if ref.acknowledge:
-                _move(ref, Where.UNACKED)
+                move(ref, Where.UNACKED)
                 ref.written_at = now
                 self._at(now + self.relay.ack_timeout, TimerKind.ACK, ref, ref.gen)
             else:
@@ -1466,7 +1247,7 @@ class RelayCore:
             if recipient is not None:
                 self._pump(recipient, now)
             return
-        _move(message, Where.BACKOFF)
+        move(message, Where.BACKOFF)
         delay = min(
             self.relay.backoff_initial * 2 ** (message.attempts - 1), self.relay.backoff_max
         )
@@ -1479,7 +1260,7 @@ class RelayCore:
         if recipient is None:
             return
         del recipient.unacked[message.msgid]
-        _move(message, Where.MAILBOX)
+        move(message, Where.MAILBOX)
         (recipient.high if message.high else recipient.normal).appendleft(message)
         self._pump(recipient, now)
 
@@ -1490,7 +1271,7 @@ class RelayCore:
         self.metrics.events[status.value] += 1
         if self._reads_in_flight:
             self._finished_while_reading.add(message.seq)
-        _move(message, Where.DONE)
+        move(message, Where.DONE)
         message.gen += 1
         self._by_seq.pop(message.seq, None)
         self._release(message)
@@ -1607,7 +1388,7 @@ class RelayCore:
             self._finish(message, Status.FAILED, now, reason=code)
             return
         self._told_first(message)
-        _move(message, Where.DONE)
+        move(message, Where.DONE)
         sender = self._active.get(message.sender)
         if isinstance(outcome, Duplicate):
             self._recent[message.key] = (now, outcome.status or Status.QUEUED)
@@ -1691,7 +1472,7 @@ class RelayCore:
             message = self._message_from_row(row)
             self._by_seq[row.seq] = message
             self._hold(recipient, message)
-            _move(message, Where.MAILBOX)
+            move(message, Where.MAILBOX)
             (recipient.high if message.high else recipient.normal).append(message)
         if not more and recipient.stored_since == recipient.load_mark:
             recipient.backlog = False

@@ -45,19 +45,10 @@ from relayd._errors import ApiError, StoreError, TokenError
 from relayd._log import audit, conn_id
 from relayd._roles import RoleDirectory, RolePolicy
 
-from .core import (
-    Action,
-    Announce,
-    Authenticate,
-    Close,
-    Identity,
-    Ping,
-    Ref,
-    RelayCore,
-    ReserveSeqs,
-    Send,
-)
+from .core import RelayCore
+from .effects import Action, Announce, Authenticate, Close, Ping, ReserveSeqs, Send
 from .frames import CloseCode
+from .model import Identity, Ref
 from .records import (
     ClearKeyNotice,
     Finish,

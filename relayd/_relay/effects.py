@@ -1,0 +1,66 @@
+"""What the relay core asks its driver to do: the actions :meth:`RelayCore.take_actions` hands
+out (store operations, defined in ``records.py``, among them)."""
+
+from __future__ import annotations
+
+from attrs import frozen
+
+from .model import Ref
+from .records import StoreOp
+
+
+@frozen
+class Send:
+    """Queue ``text`` on session ``sid``'s socket; report ``ref`` back through ``written``."""
+
+    sid: int
+    text: str
+    ref: Ref | None = None
+
+
+@frozen
+class Close:
+    """Close session ``sid``: after the frames queued before it, or at once if ``abort``."""
+
+    sid: int
+    code: int
+    reason: str
+    abort: bool = False
+
+
+@frozen
+class Authenticate:
+    """Verify ``token`` for session ``sid``; answer ``authenticated`` or ``auth_failed``."""
+
+    sid: int
+    token: str
+    refresh: bool
+
+
+@frozen
+class Ping:
+    """Send session ``sid`` a heartbeat ping (its transport decides how)."""
+
+    sid: int
+
+
+@frozen
+class ReserveSeqs:
+    """Reserve ``count`` message seqs in the store; answer :meth:`RelayCore.seqs_reserved`."""
+
+    count: int
+
+
+@frozen
+class Announce:
+    """Cluster mode: tell the node that holds ``client``'s session (if any) that the store
+    has something new for it: ``wake`` (a message queued for it at ``seq``) or ``receipts``
+    (a receipt owed to it at ``seq``). Runs after every store operation decided before it is
+    committed: it is a hint, and the store is the truth."""
+
+    kind: str
+    client: str
+    seq: int
+
+
+Action = Send | Close | Authenticate | Ping | ReserveSeqs | StoreOp | Announce
