@@ -12,7 +12,8 @@ from __future__ import annotations
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -149,10 +150,14 @@ class FakeWorker:
         self.signals: list[int] = []
         self.code: int | None = None
         self._exited = trio.Event()
+        # Sent as the supervisor learns that it exited: still unread in the socket then.
+        self.last_words: tuple[str, ...] = ()
 
     async def wait(self) -> int:
         await self._exited.wait()
         assert self.code is not None
+        if self.last_words:
+            self.notifier.notify(*self.last_words)
         return self.code
 
     def send_signal(self, sig: int) -> None:
@@ -218,6 +223,25 @@ def heard(sock: socket.socket) -> list[list[str]]:
             return messages
 
 
+# Each test's bound, in virtual seconds (the longest runs for 15.5).
+DEADLINE = 60.0
+
+
+@asynccontextmanager
+async def running(boss: Supervisor) -> AsyncIterator[list[int]]:
+    """``boss.run()`` in the background for the block, bounded by ``DEADLINE``; the block
+    ends once it returned, its exit code in the list yielded."""
+    codes: list[int] = []
+
+    async def run() -> None:
+        codes.append(await boss.run())
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            yield codes
+
+
 def supervisor(spawn: FakeSpawner, short_dir: Path, count: int = 2, **environ: str) -> Supervisor:
     notify_dir = short_dir / "n"
     notify_dir.mkdir(mode=0o700)
@@ -236,7 +260,8 @@ async def test_a_worker_that_keeps_exiting_is_restarted_with_backoff_then_all_st
     spawn = FakeSpawner(crashing=frozenset({1}))
     boss = supervisor(spawn, short_dir)
     t0 = trio.current_time()
-    code = await boss.run()
+    with trio.fail_after(DEADLINE):
+        code = await boss.run()
     assert code == 1
     firsts = [at - t0 for at, worker in spawn.started if worker.index == 1]
     # Started, then restarted after 0.5, 1, 2, 4 and 8 s; the sixth exit within 60 s stops it.
@@ -251,18 +276,12 @@ async def test_a_stop_during_a_backoff_restarts_nothing_and_a_clean_drain_exits_
 ) -> None:
     spawn = FakeSpawner(crashing=frozenset({1}))
     boss = supervisor(spawn, short_dir)
-    async with trio.open_nursery() as nursery:
-        codes: list[int] = []
-
-        async def run() -> None:
-            codes.append(await boss.run())
-
-        nursery.start_soon(run)
+    async with running(boss) as codes:
         await spawn.started_count(2)
         await trio.testing.wait_all_tasks_blocked()  # worker 1 exited: its backoff is on
         boss.stop()
     assert codes == [0]
-    assert [worker.index for _, worker in spawn.started] == [1, 2]
+    assert sorted(worker.index for _, worker in spawn.started) == [1, 2]
 
 
 async def test_a_second_stop_is_forwarded_again_and_the_exit_code_says_forced(
@@ -270,13 +289,7 @@ async def test_a_second_stop_is_forwarded_again_and_the_exit_code_says_forced(
 ) -> None:
     spawn = FakeSpawner(drains=False)
     boss = supervisor(spawn, short_dir)
-    async with trio.open_nursery() as nursery:
-        codes: list[int] = []
-
-        async def run() -> None:
-            codes.append(await boss.run())
-
-        nursery.start_soon(run)
+    async with running(boss) as codes:
         workers = await spawn.started_count(2)
         boss.stop(signal.SIGINT)
         await trio.testing.wait_all_tasks_blocked()
@@ -293,13 +306,7 @@ async def test_systemd_hears_ready_after_both_then_reloading_ready_and_stopping(
     spawn = FakeSpawner()
     boss = supervisor(spawn, short_dir)
     with systemd:
-        async with trio.open_nursery() as nursery:
-            codes: list[int] = []
-
-            async def run() -> None:
-                codes.append(await boss.run())
-
-            nursery.start_soon(run)
+        async with running(boss) as codes:
             one, two = await spawn.started_count(2)
             # Each worker speaks to a socket of the supervisor's, not to systemd.
             assert one.environ["NOTIFY_SOCKET"] != two.environ["NOTIFY_SOCKET"]
@@ -331,8 +338,7 @@ async def test_the_watchdog_passes_to_workers_and_pings_only_when_every_worker_p
     # systemd's watchdog is the supervisor's (WATCHDOG_PID is its pid, or absent).
     boss = supervisor(spawn, short_dir, WATCHDOG_USEC="4000000")
     with systemd:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(boss.run)
+        async with running(boss):
             one, two = await spawn.started_count(2)
             assert one.environ["WATCHDOG_USEC"] == "4000000"
             for worker in (one, two):
@@ -346,4 +352,28 @@ async def test_the_watchdog_passes_to_workers_and_pings_only_when_every_worker_p
             two.notifier.notify("WATCHDOG=1")
             await trio.testing.wait_all_tasks_blocked()
             assert heard(systemd) == [["WATCHDOG=1"]]
+            boss.stop()
+
+
+async def test_what_a_worker_said_before_it_exited_is_heard_before_its_exit(
+    autojump_clock: trio.testing.MockClock, short_dir: Path
+) -> None:
+    """A worker that says READY=1 and dies at once is not ready: systemd hears READY=1 only
+    when its next process is."""
+    systemd = systemd_socket(short_dir / "systemd.sock")
+    spawn = FakeSpawner()
+    boss = supervisor(spawn, short_dir)
+    with systemd:
+        async with running(boss):
+            one, two = sorted(await spawn.started_count(2), key=lambda w: w.index)
+            one.last_words = ("READY=1", "STATUS=serving")
+            one.exit(3)
+            again = (await spawn.started_count(3))[2]
+            assert again.index == 1
+            two.notifier.ready("serving")
+            await trio.testing.wait_all_tasks_blocked()
+            assert heard(systemd) == []
+            again.notifier.ready("serving")
+            await trio.testing.wait_all_tasks_blocked()
+            assert heard(systemd) == [["READY=1", f"STATUS={SERVING}"]]
             boss.stop()
