@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -153,6 +154,17 @@ async def relayd_workers(
     """``relayd serve --workers count``; on the way out, whatever still runs is killed (the
     supervisor, then any worker it left). ``own_group``: the supervisor leads a process group
     of its own, as a shell's foreground job does (a terminal's Ctrl-C goes to that group)."""
+    # The supervisor's temporary directory (the workers' notify sockets) goes in one of the
+    # test's, removed with it even when the supervisor is killed and cannot remove its own.
+    with tempfile.TemporaryDirectory(prefix="rw-") as tmp:
+        async with _relayd_workers(config, count, {**env, "TMPDIR": tmp}, own_group) as workers:
+            yield workers
+
+
+@asynccontextmanager
+async def _relayd_workers(
+    config: Path, count: int, env: Mapping[str, str], own_group: bool
+) -> AsyncIterator[Workers]:
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "relayd", "serve", "--config", str(config), "--workers", str(count)],
         stdin=subprocess.DEVNULL,
