@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,7 @@ from ._auth import load_signing_secret, normalize_uuid
 from ._config import Config, load_config, to_toml
 from ._errors import ConfigError, RelaydError
 from ._log import configure as configure_logging
+from ._log import tag_process
 from ._tokens import TokenCodec
 from .client._cli import CLIENT_HELP
 from .client._cli import add_commands as add_client_commands
@@ -82,12 +85,34 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _serve_until_signalled(daemon: Daemon, config_path: str | None) -> int:
+async def _drain_when_supervisor_goes(daemon: Daemon) -> None:
+    """A worker's stdin is a pipe from its supervisor that nothing is written to: its end means
+    the supervisor is gone (however it went), and the worker drains."""
+    async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stdin:
+        while await stdin.receive_some():
+            pass
+    log.warning("the supervisor is gone: draining")
+    daemon.stop()
+
+
+def _stdin_is_a_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # closed, or no stdin at all
+        return False
+
+
+async def _serve_until_signalled(
+    daemon: Daemon, config_path: str | None, *, worker: bool = False
+) -> int:
     """Run the daemon; the first SIGINT/SIGTERM drains it, a second one stops it at once;
-    SIGHUP re-reads the config and applies what can change without a restart."""
+    SIGHUP re-reads the config and applies what can change without a restart. A ``worker``
+    also drains when its supervisor is gone (its stdin closed)."""
     forced = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
+            if worker and _stdin_is_a_pipe():
+                nursery.start_soon(_drain_when_supervisor_goes, daemon)
 
             async def watch() -> None:
                 nonlocal forced
@@ -117,13 +142,24 @@ async def _serve_until_signalled(daemon: Daemon, config_path: str | None) -> int
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ._daemon import Daemon
-
     config = load_config(args.config)
     configure_logging(config.log.level, config.log.format)
+    if args.workers > 1:
+        from ._workers import serve_workers
+
+        return serve_workers(config, args.config, args.workers)
+    from ._daemon import Daemon
+
+    if args.worker is not None:
+        tag_process(worker=args.worker)
     gc.set_threshold(*GC_THRESHOLDS)
+    daemon = Daemon(config, reuse_port=args.reuse_port, worker=args.worker)
     try:
-        return trio.run(_serve_until_signalled, Daemon(config), args.config)
+        return trio.run(
+            partial(_serve_until_signalled, worker=args.worker is not None),
+            daemon,
+            args.config,
+        )
     except BaseException as exc:
         leaf = _leaf(exc)
         if isinstance(leaf, ConfigError):
@@ -269,6 +305,20 @@ def _uuid(text: str) -> str:
 MAX_OPERATOR_TOKEN_TTL = 366 * 86_400.0
 
 
+# More workers than this is a typing mistake: each one is a whole process.
+MAX_WORKERS = 1024
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_WORKERS}")
+    return value
+
+
 def _invite_ttl(text: str) -> float:
     try:
         value = float(text)
@@ -317,8 +367,34 @@ def build_parser() -> argparse.ArgumentParser:
             "serve",
             help="run the daemon",
             description="Run the daemon. It holds STATE_DIR/relayd.lock while it runs: a second"
-            " relayd on the same state_dir refuses to start, naming this one.",
+            " relayd on the same state_dir refuses to start, naming this one (on the sqlite"
+            " engine; nodes of the redis engine may share a state_dir).",
         )
+    )
+    processes = serve.add_mutually_exclusive_group()
+    processes.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="run N relayd processes sharing the listen ports (SO_REUSEPORT), so that one"
+        ' machine uses N cores; needs store.engine = "redis". This process supervises them:'
+        " it forwards SIGTERM, SIGINT and SIGHUP, restarts a worker that dies, and alone"
+        " speaks to systemd (default 1: one process, no supervisor)",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind every listener with SO_REUSEPORT, so that other relayd processes that do"
+        " too share its ports (set for the workers of --workers)",
+    )
+    processes.add_argument(
+        "--worker",
+        type=_workers,
+        metavar="K",
+        help="run as worker K of a --workers supervisor (set by it): log lines carry worker=K,"
+        " responses a Relayd-Worker: K header, and the end of stdin (a pipe from the"
+        " supervisor) drains it",
     )
     serve.set_defaults(func=_cmd_serve)
 

@@ -112,6 +112,11 @@ class Daemon:
 
     ``clock`` is the wall clock that token times are checked against and ``store_executor``
     runs SQLite calls: tests replace both to run under Trio's fake clock.
+
+    ``reuse_port``: every listener is bound with ``SO_REUSEPORT``, so that other processes
+    that do too share its port (the workers of ``relayd serve --workers``, or several nodes
+    started by hand). ``worker``: this process is that worker of ``relayd serve --workers``;
+    every HTTP response and WebSocket handshake answer says so (``Relayd-Worker``).
     """
 
     def __init__(
@@ -121,8 +126,12 @@ class Daemon:
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
         store_executor: Executor = thread_executor,
+        reuse_port: bool = False,
+        worker: int | None = None,
     ) -> None:
         self.config = config
+        self._reuse_port = reuse_port
+        self._worker = worker
         self._environ = os.environ if environ is None else environ
         self._clock = clock
         self._store_executor = store_executor
@@ -272,6 +281,8 @@ class Daemon:
                     config,
                     graceful_timeout=graceful,
                     slow_consumer_drops=hub.core.metrics.slow_consumer_drops,
+                    reuse_port=self._reuse_port,
+                    worker=self._worker,
                 )
                 http = await nursery.start(
                     partial(serve_http, app, self._http_config, shutdown=http_shutdown)
@@ -283,7 +294,11 @@ class Daemon:
                             serve_http,
                             metrics_app(metrics.render, CONTENT_TYPE),
                             hypercorn_config(
-                                config, graceful_timeout=graceful, bind=config.metrics.listen
+                                config,
+                                graceful_timeout=graceful,
+                                bind=config.metrics.listen,
+                                reuse_port=self._reuse_port,
+                                worker=self._worker,
                             ),
                             shutdown=http_shutdown,
                         )
@@ -337,6 +352,8 @@ class Daemon:
                 self.config.websocket,
                 ssl_context=server_ssl_context(self.config.tls),
                 backlog=self.config.http.backlog,
+                reuse_port=self._reuse_port,
+                worker=self._worker,
                 task_status=task_status,
             )
 

@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import struct
+import warnings
 from collections import Counter
 from itertools import chain
 from typing import Any
@@ -102,13 +103,22 @@ def framing_error_body(status: int) -> bytes:
     return json.dumps({"error": {"code": code, "message": message, "details": {}}}).encode()
 
 
+WORKER_HEADER = b"relayd-worker"
+
+
 class RelaydConfig(HypercornConfig):
     """hypercorn's settings, with relayd's security headers on every response (the
-    ``Content-Security-Policy`` only where relayd's protocols cannot add it per response)."""
+    ``Content-Security-Policy`` only where relayd's protocols cannot add it per response),
+    and ``Relayd-Worker`` in a worker of ``relayd serve --workers``."""
+
+    relayd_worker: int | None = None
 
     def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
         headers: list[tuple[bytes, bytes]] = super().response_headers(protocol)
-        return headers + security_headers(tls=self.ssl_enabled, csp=not csp_per_response())
+        headers += security_headers(tls=self.ssl_enabled, csp=not csp_per_response())
+        if self.relayd_worker is not None:
+            headers.append((WORKER_HEADER, str(self.relayd_worker).encode()))
+        return headers
 
 
 def _with_default_csp(event: StreamEvent) -> StreamEvent:
@@ -461,11 +471,15 @@ def hypercorn_config(
     graceful_timeout: float,
     bind: str | None = None,
     slow_consumer_drops: Counter[str] | None = None,
+    reuse_port: bool = False,
+    worker: int | None = None,
 ) -> HypercornConfig:
     """Hypercorn's settings for the HTTP port (or, with ``bind``, another listener).
 
     ``slow_consumer_drops`` counts the WebSockets dropped because a socket write stalled
-    (under ``rest_port_write``).
+    (under ``rest_port_write``). ``reuse_port``: bind with ``SO_REUSEPORT``, so that other
+    processes that do too (the workers of ``relayd serve --workers``) share the port.
+    ``worker``: the worker's number, sent in a ``Relayd-Worker`` header on every response.
     """
     http = config.http
     ws = config.websocket
@@ -487,10 +501,27 @@ def hypercorn_config(
     hypercorn.include_server_header = False
     hypercorn.relayd_write_timeout = ws.write_timeout  # type: ignore[attr-defined]
     hypercorn.relayd_slow_consumer_drops = slow_consumer_drops  # type: ignore[attr-defined]
+    hypercorn.relayd_worker = worker
+    if reuse_port:
+        _reuse_port(hypercorn)
     if config.tls.enabled:
         hypercorn.certfile = config.tls.cert_file
         hypercorn.keyfile = config.tls.key_file
     return hypercorn
+
+
+# hypercorn binds its sockets with SO_REUSEPORT when it runs several worker processes of its
+# own (its config's ``workers`` above 1). relayd starts its workers itself (``relayd serve
+# --workers``) and asks hypercorn for the socket option that way.
+_REUSE_PORT_WORKERS = 2
+
+
+def _reuse_port(config: HypercornConfig) -> None:
+    config.workers = _REUSE_PORT_WORKERS
+    # hypercorn's ``serve`` then warns that it starts no workers: true, and intended.
+    warnings.filterwarnings(
+        "ignore", message="The config `workers` has no affect when using serve", category=Warning
+    )
 
 
 def set_write_timeout(config: HypercornConfig, seconds: float) -> None:

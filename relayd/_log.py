@@ -21,6 +21,9 @@ AUDIT_LOGGER = "relayd.audit"
 
 conn_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("relayd_conn_id", default=None)
 
+# Fields every line of this process carries (``worker``, in a worker of ``serve --workers``).
+_process_fields: dict[str, Any] = {}
+
 _audit_log = logging.getLogger(AUDIT_LOGGER)
 
 
@@ -48,8 +51,13 @@ def _stamp_connection() -> None:
 _stamp_connection()
 
 
+def tag_process(**fields: Any) -> None:
+    """Add ``fields`` to every line this process logs from now on (``worker=2``)."""
+    _process_fields.update(fields)
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = dict(_process_fields)
     cid = getattr(record, "relayd_conn", None)
     if cid is not None:
         fields["conn"] = cid

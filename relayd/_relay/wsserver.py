@@ -26,15 +26,18 @@ Rules:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
 import ssl
 from collections import deque
 from collections.abc import Sequence
 from functools import partial
 
 import trio
+from attrs import frozen
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame, Opcode
@@ -251,17 +254,29 @@ class WebsocketsTransport:
 # --- the listener -------------------------------------------------------------------------------
 
 
-def _refusal(status: int, error: ApiError, *, tls: bool) -> Response:
-    body = json.dumps(error.to_json()).encode()
-    headers = Headers(
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-            *((k.decode(), v.decode()) for k, v in security_headers(tls=tls)),
-        ]
-    )
-    return Response(status, error.code.replace("_", " "), headers, body)
+@frozen
+class _Site:
+    """What the listener's answers to handshakes carry besides their own headers."""
+
+    tls: bool
+    worker: int | None = None  # in a worker of relayd serve --workers: Relayd-Worker
+
+    def refusal(self, status: int, error: ApiError) -> Response:
+        body = json.dumps(error.to_json()).encode()
+        headers = Headers(
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Connection", "close"),
+                *((k.decode(), v.decode()) for k, v in security_headers(tls=self.tls)),
+            ]
+        )
+        self.mark(headers)
+        return Response(status, error.code.replace("_", " "), headers, body)
+
+    def mark(self, headers: Headers) -> None:
+        if self.worker is not None:
+            headers["Relayd-Worker"] = str(self.worker)
 
 
 def _subprotocols(request: Request) -> list[str]:
@@ -310,9 +325,9 @@ async def _answer(stream: trio.abc.Stream, protocol: ServerProtocol, response: R
 
 
 async def _handshake_then_serve(
-    hub: Hub, config: WebsocketConfig, tls: bool, stream: trio.abc.Stream
+    hub: Hub, config: WebsocketConfig, site: _Site, stream: trio.abc.Stream
 ) -> None:
-    transport = await _handshake(hub, config, tls, stream)
+    transport = await _handshake(hub, config, site, stream)
     # The handshake's request, headers and response die with its frame: kept in this one for
     # the whole session, they were ~3.5 KiB per idle socket (tracemalloc).
     if transport is not None:
@@ -320,7 +335,7 @@ async def _handshake_then_serve(
 
 
 async def _handshake(
-    hub: Hub, config: WebsocketConfig, tls: bool, stream: trio.abc.Stream
+    hub: Hub, config: WebsocketConfig, site: _Site, stream: trio.abc.Stream
 ) -> WebsocketsTransport | None:
     """Read the upgrade request and answer it: the session's transport, or ``None`` once a
     refusal is written (or the peer left)."""
@@ -330,28 +345,29 @@ async def _handshake(
     if received is None:
         if protocol.handshake_exc is not None:  # not an upgrade request relayd can parse
             error = ApiError("not a WebSocket upgrade request", code="bad_request")
-            await _answer(stream, protocol, _refusal(400, error, tls=tls))
+            await _answer(stream, protocol, site.refusal(400, error))
         return None
     request, behind = received
     path, query = split_target(request.path)
     if path != config.path:
         error = NotFound("no WebSocket endpoint here")
-        await _answer(stream, protocol, _refusal(404, error, tls=tls))
+        await _answer(stream, protocol, site.refusal(404, error))
         return None
     headers = list(request.headers.raw_items())
     origin = refused_origin(headers, hub.core.ws.allowed_origins)
     if origin is not None:
-        await _answer(stream, protocol, _refusal(403, origin_refusal_error(origin), tls=tls))
+        await _answer(stream, protocol, site.refusal(403, origin_refusal_error(origin)))
         return None
     handshake = read_handshake(query, headers, _subprotocols(request))
     response = protocol.accept(request)
     if response.status_code != 101:
         reason = (response.body or b"").decode(errors="replace").strip()
         error = ApiError(reason or "not a valid WebSocket handshake", code="bad_request")
-        await _answer(stream, protocol, _refusal(response.status_code, error, tls=tls))
+        await _answer(stream, protocol, site.refusal(response.status_code, error))
         return None
     if handshake.subprotocol is not None:
         response.headers["Sec-WebSocket-Protocol"] = handshake.subprotocol
+    site.mark(response.headers)
     await _answer(stream, protocol, response)
     # The session gets a protocol of its own, open from the start: the handshake's keeps the
     # request in its parser's frame for as long as it lives (~2.5 KiB per idle socket).
@@ -364,11 +380,11 @@ async def _handshake(
 
 
 async def _connection(
-    hub: Hub, config: WebsocketConfig, tls: bool, stream: trio.abc.Stream
+    hub: Hub, config: WebsocketConfig, site: _Site, stream: trio.abc.Stream
 ) -> None:
     # Runs in the hub's nursery: nothing a peer does may escape from here.
     try:
-        await _handshake_then_serve(hub, config, tls, stream)
+        await _handshake_then_serve(hub, config, site, stream)
     except (trio.BrokenResourceError, trio.ClosedResourceError, TransportClosed):
         pass  # the peer left during the handshake
     except Exception:
@@ -379,14 +395,68 @@ async def _connection(
 
 
 async def open_listeners(
-    host: str, port: int, ssl_context: ssl.SSLContext | None, backlog: int
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    backlog: int,
+    *,
+    reuse_port: bool = False,
 ) -> list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]:
-    """The listening sockets, with relayd's backlog."""
+    """The listening sockets, with relayd's backlog. ``reuse_port``: bound with
+    ``SO_REUSEPORT``, so that other processes that do too (the workers of ``relayd serve
+    --workers``) share the port."""
+    if reuse_port:
+        listeners = await _reuse_port_listeners(host, port, backlog)
+        if ssl_context is None:
+            return listeners
+        return [
+            trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in listeners
+        ]
     if ssl_context is None:
         return await trio.open_tcp_listeners(port, host=host, backlog=backlog)
     return await trio.open_ssl_over_tcp_listeners(
         port, ssl_context, host=host, https_compatible=True, backlog=backlog
     )
+
+
+async def _reuse_port_listeners(host: str, port: int, backlog: int) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners``, with ``SO_REUSEPORT`` on every socket (trio has no way to
+    add a socket option before binding)."""
+    addresses = await trio.socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    unsupported: list[OSError] = []
+    try:
+        for family, kind, proto, _, address in addresses:
+            try:
+                sock = trio.socket.socket(family, kind, proto)
+            except OSError as exc:
+                # As trio: a host without IPv6 (or IPv4) still listens on the other family.
+                if exc.errno != errno.EAFNOSUPPORT:
+                    raise
+                unsupported.append(exc)
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:  # as trio: the IPv4 address gets its own socket
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(backlog)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    if not listeners:
+        raise OSError(errno.EAFNOSUPPORT, f"no address of {host!r} can be listened on") from (
+            unsupported[0] if unsupported else None
+        )
+    return listeners
 
 
 async def serve_dedicated(
@@ -395,20 +465,26 @@ async def serve_dedicated(
     *,
     ssl_context: ssl.SSLContext | None = None,
     backlog: int,
+    reuse_port: bool = False,
+    worker: int | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``config.listen`` until cancelled, ``backlog`` connections waiting to be accepted
     at most. Connections are served in the hub's nursery, so cancelling this (shutdown) only
-    stops accepting: open sessions are drained by the hub like any other."""
+    stops accepting: open sessions are drained by the hub like any other.
+
+    ``reuse_port`` and ``worker``: in a worker of ``relayd serve --workers``, the sockets are
+    bound with ``SO_REUSEPORT`` and every answer says ``Relayd-Worker: <worker>``.
+    """
     host, port = parse_address(config.listen)
     listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(
-        await open_listeners(host, port, ssl_context, backlog)
+        await open_listeners(host, port, ssl_context, backlog, reuse_port=reuse_port)
     )
     first = listeners[0]
     socket_listener = first.transport_listener if isinstance(first, trio.SSLListener) else first
     assert isinstance(socket_listener, trio.SocketListener)
     bound = int(socket_listener.socket.getsockname()[1])
-    handler = partial(_connection, hub, config, ssl_context is not None)
+    handler = partial(_connection, hub, config, _Site(ssl_context is not None, worker))
     async with trio.open_nursery() as nursery:
         await nursery.start(
             partial(trio.serve_listeners, handler, listeners, handler_nursery=hub.nursery)
