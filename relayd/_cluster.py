@@ -17,6 +17,12 @@ Theory of operation:
   was partitioned, or paused) assumes its claims were taken, *fences* itself: every session
   is closed with 1013 and no new one opens until Redis answers again. The directory's
   ``online`` is a live claim of a live node.
+* **Nodes that leave.** Each renewal also sets the node's expiry in ``nodes`` (a sorted set),
+  and drops the nodes whose lease has run out; if it dropped any, it publishes a ``resync``
+  on ``bus``. A node publishes its hints after its commit: one killed in between (or stopped
+  before its last hints went out) leaves messages and receipts in the store that nobody
+  announced, for clients on other nodes. So a node that leaves, crashed or stopped, makes
+  every node resync once its lease has run out (within ``lease`` and a third after it).
 * **Hints.** Each node subscribes to the channel of every client it holds
   (``c:<client>``) and to the broadcast channel (``bus``). What another node must hear is
   published after the store has it: a message queued for a client (``wake``), a receipt owed
@@ -85,6 +91,20 @@ for i, key in ipairs(KEYS) do
   end
 end
 return online
+"""
+
+# Renew this node's lease (KEYS[1], in the node set KEYS[2]: ARGV[1] its id, ARGV[2] the
+# lease in ms); drop the nodes whose lease ran out and, if any, publish a resync (on ARGV[3]).
+_RENEW = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ms + tonumber(ARGV[2]), ARGV[1])
+local gone = redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms)
+if gone > 0 then
+  redis.call('PUBLISH', ARGV[3], cjson.encode({k = 'resync', gone = gone}))
+end
+return gone
 """
 
 ONLINE_PAGE = 500  # clients asked about in one script call
@@ -161,6 +181,7 @@ class RedisCluster:
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
         self._online = redis.register_script(_ONLINE)
+        self._renew_lease = redis.register_script(_RENEW)
         self._pubsub: Any = None
         self._watched: dict[str, int] = {}  # client -> sessions here that watch it
         self._renewed_at = -math.inf  # Trio time of the last renewal of the lease
@@ -326,12 +347,19 @@ class RedisCluster:
             task_status.started()
 
     async def _renew(self) -> None:
-        """Renew the lease, or raise ClusterUnavailable."""
+        """Renew the lease, or raise ClusterUnavailable. Nodes whose lease ran out are
+        dropped, and every node told to resync (see the module docstring)."""
         ms = max(1, int(self.lease * 1000))
-        await self._call(
-            "lease", lambda: self._redis.set(self._key("node", self.node), b"1", px=ms)
+        gone = await self._call(
+            "lease",
+            lambda: self._renew_lease(
+                keys=[self._key("node", self.node), self._key("nodes")],
+                args=[self.node, ms, self._bus],
+            ),
         )
         self._renewed_at = trio.current_time()
+        if gone:
+            log.info("nodes gone: every node resyncs", extra={"fields": {"gone": int(gone)}})
 
     async def _keep_lease(self, listener: Listener) -> None:
         while True:
