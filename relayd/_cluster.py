@@ -108,6 +108,18 @@ return gone
 """
 
 ONLINE_PAGE = 500  # clients asked about in one script call
+# A subscription that failed for good is opened again after this long (coredis itself retries
+# a lost connection, with a growing pause).
+RESUBSCRIBE_PAUSE = 1.0
+# What ends a subscription: Redis refused or dropped it, or coredis closed it under us (6.9,
+# cancelled, unsubscribes on the connection it has just closed).
+_SUBSCRIPTION_ERRORS = (
+    coredis.exceptions.RedisError,
+    OSError,
+    TimeoutError,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+)
 SEQ_KEY = "seq"  # the message seq counter, under the prefix (see relayd/_redis)
 
 
@@ -383,30 +395,60 @@ class RedisCluster:
     async def _listen(
         self, listener: Listener, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Hear the bus and the watched channels; after a reconnect (coredis resubscribes),
-        resync, since what was published meanwhile is lost."""
-        try:
-            await self._listen_on(listener, task_status)
-        except* anyio.ClosedResourceError:
-            # coredis 6.9, cancelled, unsubscribes on the connection it has just closed.
-            pass
+        """Hear the bus and the watched channels, until cancelled. Started once the first
+        subscription is confirmed (its failure is the caller's). After that, a subscription
+        that fails for good (coredis gave up on it) is opened again after a pause; every
+        subscription after the first, coredis's own after a reconnect included, is followed by
+        a resync, since what was published meanwhile is lost."""
+        started = False
 
-    async def _listen_on(self, listener: Listener, task_status: trio.TaskStatus[None]) -> None:
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        while True:
+            try:
+                await self._listen_on(listener, ready, restored=started)
+            except* _SUBSCRIPTION_ERRORS as group:
+                if not started:
+                    raise
+                if trio.current_effective_deadline() != -math.inf:  # not on the way out
+                    log.warning(
+                        "redis subscription lost: subscribing again",
+                        extra={"fields": {"error": repr(group.exceptions[0])}},
+                    )
+            await trio.sleep(RESUBSCRIBE_PAUSE)
+
+    async def _listen_on(
+        self, listener: Listener, ready: Callable[[], None], *, restored: bool
+    ) -> None:
+        """One subscription, heard until it fails (raises). ``restored``: an earlier one
+        was lost, so the first confirmation of this one calls for a resync too.
+
+        coredis reconnects on its own and subscribes again, but its message iterator ends
+        when it is read between the two (coredis 6.9): messages are read one by one instead.
+        """
         bus = self._bus.encode()
-        subscribed_once = False
+        resync_on_subscribe = restored
         async with self._redis.pubsub(channels=[self._bus], max_idle_seconds=5) as pubsub:
             self._pubsub = pubsub
             try:
                 if self._watched:
                     await pubsub.subscribe(*(self.channel(c) for c in self._watched))
-                task_status.started()
-                async for message in pubsub:
+                ready()
+                while True:
+                    message = await pubsub.get_message()
+                    if message is None:
+                        continue
                     kind = message["type"]
                     if kind == "subscribe" and message["channel"] == bus:
-                        if subscribed_once:
+                        # Every channel of one SUBSCRIBE is heard by the time it is confirmed.
+                        if resync_on_subscribe:
                             log.info("redis subscription restored: resync")
                             listener.resync()
-                        subscribed_once = True
+                        resync_on_subscribe = True
                     elif kind == "message" and isinstance(message["data"], bytes):
                         self._heard(listener, message["data"])
             finally:

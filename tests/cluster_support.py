@@ -8,8 +8,9 @@ Small ``store.lease`` and ``store.timeout`` keep the tests fast; every wait is f
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ import trio
 from contrib.bench.cluster_crash import Node, node_settings, start_node
 from relayd._config import Config
 
-from .redis_support import require_redis, start_redis, stop_redis
-from .support import TEST_SECRET, make_config
+from .redis_support import RedisServer, require_redis, start_redis, stop_redis
+from .support import IO_DEADLINE, TEST_SECRET, make_config
 
 # Quick to notice an outage: a call fails after half a second, a node without Redis for a
 # second fences itself.
@@ -94,3 +95,38 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
         yield redis
     finally:
         redis.stop()
+
+
+class Subscriber:
+    """A subscription of the test's own to one channel (raw RESP on a socket): it proves what
+    relayd published, and when."""
+
+    def __init__(self, server: RedisServer, channel: str) -> None:
+        self._sock = socket.create_connection((server.host, server.port), timeout=IO_DEADLINE)
+        self._reader = self._sock.makefile("rb")
+        data = channel.encode()
+        self._sock.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(data), data))
+        assert self._read()[0] == b"subscribe"
+
+    def _read(self) -> list[bytes]:
+        """One push message: an array of bulk strings and integers."""
+        header = self._reader.readline()
+        assert header.startswith(b"*"), header
+        items: list[bytes] = []
+        for _ in range(int(header[1:])):
+            line = self._reader.readline().rstrip(b"\r\n")
+            if line.startswith(b"$"):
+                items.append(self._reader.read(int(line[1:]) + 2)[:-2])
+            else:
+                items.append(line[1:])
+        return items
+
+    async def next_message(self) -> bytes:
+        """The next message published on the channel (within IO_DEADLINE)."""
+        kind, _, data = await trio.to_thread.run_sync(self._read)
+        assert kind == b"message", kind
+        return data
+
+    def close(self) -> None:
+        with closing(self._sock):
+            self._reader.close()
