@@ -15,8 +15,10 @@ Theory of operation:
 * **Leases.** A claim is only as live as its node: ``node:<id>`` is renewed every third of
   ``cluster.lease`` and expires after it. A node that could not renew for a whole lease (it
   was partitioned, or paused) assumes its claims were taken, *fences* itself: every session
-  is closed with 1013 and no new one opens until Redis answers again. The directory's
-  ``online`` is a live claim of a live node.
+  is closed with 1013 and no new one opens until Redis answers again and the node hears the
+  bus again (it publishes a ``probe`` there after each renewal, until it hears it), so that
+  a session it takes can watch its client's channel. The directory's ``online`` is a live
+  claim of a live node.
 * **Nodes that leave.** Each renewal also sets the node's expiry in ``nodes`` (a sorted set),
   and drops the nodes whose lease has run out; if it dropped any, it publishes a ``resync``
   on ``bus``. A node publishes its hints after its commit: one killed in between (or stopped
@@ -49,6 +51,7 @@ import coredis
 import coredis.exceptions
 import trio
 from attrs import frozen
+from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, ExponentialBackoffRetryPolicy
 
 from ._auth import Revocation
 from ._config import Config
@@ -111,6 +114,19 @@ ONLINE_PAGE = 500  # clients asked about in one script call
 # A subscription that failed for good is opened again after this long (coredis itself retries
 # a lost connection, with a growing pause).
 RESUBSCRIBE_PAUSE = 1.0
+# How coredis reconnects a subscription it lost: at once, then after a pause growing to
+# RESUBSCRIBE_PAUSE (its default grows to 16 s: a node back from an outage would stay deaf,
+# and fenced, that long); a subscription that is not confirmed in time is tried twice more.
+_RESUBSCRIBE_POLICY = CompositeRetryPolicy(
+    ExponentialBackoffRetryPolicy(
+        (coredis.exceptions.ConnectionError,),
+        retries=None,
+        base_delay=0.1,
+        max_delay=RESUBSCRIBE_PAUSE,
+        jitter=True,
+    ),
+    ConstantRetryPolicy((TimeoutError,), retries=2, delay=0.1),
+)
 # What ends a subscription: Redis refused or dropped it, or coredis closed it under us (6.9,
 # cancelled, unsubscribes on the connection it has just closed).
 _SUBSCRIPTION_ERRORS = (
@@ -388,9 +404,30 @@ class RedisCluster:
                     listener.fenced()
                 continue
             if self.fenced:
-                log.info("lease renewed: accepting sessions again")
-                self.fenced = False
-                listener.resync()
+                await self._probe()
+
+    async def _probe(self) -> None:
+        """A fenced node that has its lease again asks the bus whether it hears it: its
+        subscription may still be reconnecting, and a session it took meanwhile could not
+        watch its channel. It takes sessions again once it hears its own probe (see
+        :meth:`_heard`). Best effort: the next renewal probes again."""
+        note = {"k": "probe", "from": self.node}
+        try:
+            await self._call(
+                "probe",
+                lambda: self._redis.publish(self._bus, json.dumps(note, separators=(",", ":"))),
+            )
+        except ClusterUnavailable as exc:
+            log.warning("probe not published", extra={"fields": {"error": str(exc)}})
+
+    def _unfence(self, listener: Listener) -> None:
+        """This node holds its lease and hears the cluster again: it takes sessions again,
+        and every client here looks in the store for what it missed."""
+        if not self.fenced or trio.current_time() - self._renewed_at >= self.lease:
+            return
+        log.info("lease renewed and the cluster heard: accepting sessions again")
+        self.fenced = False
+        listener.resync()
 
     async def _listen(
         self, listener: Listener, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -432,7 +469,9 @@ class RedisCluster:
         """
         bus = self._bus.encode()
         resync_on_subscribe = restored
-        async with self._redis.pubsub(channels=[self._bus], max_idle_seconds=5) as pubsub:
+        async with self._redis.pubsub(
+            channels=[self._bus], max_idle_seconds=5, retry_policy=_RESUBSCRIBE_POLICY
+        ) as pubsub:
             self._pubsub = pubsub
             try:
                 if self._watched:
@@ -460,6 +499,8 @@ class RedisCluster:
             kind = note["k"]
             if kind == "resync":
                 listener.resync()
+            elif kind == "probe" and note.get("from") == self.node:
+                self._unfence(listener)
             elif kind == "wake":
                 listener.wake(note["c"], int(note["s"]))
             elif kind == "receipts":

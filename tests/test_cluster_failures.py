@@ -12,9 +12,11 @@ from typing import Any
 
 import trio
 
+from relayd._relay.frames import CloseCode
+
 from .cluster_support import OwnRedis, Subscriber, node_config, node_process, own_redis
 from .redis_support import command
-from .support import start_relayd
+from .support import IO_DEADLINE, start_relayd
 from .ws_support import WsClient, connect_url, ws_connect
 
 __all__ = ["own_redis"]
@@ -111,3 +113,57 @@ async def test_a_hint_published_while_a_node_could_not_subscribe_is_found_by_its
         command(server, ("ACL", "SETUSER", "nodeb", "allchannels"))
         message = await b.next_of("message")
         assert (message["msgid"], message["attempt"]) == ("m1", 1)
+
+
+async def test_a_node_cut_off_from_redis_for_its_lease_closes_its_sessions_1013_then_recovers(
+    nursery: trio.Nursery, tmp_path: Path, own_redis: OwnRedis
+) -> None:
+    grant = ("ACL", "SETUSER", "nodeb", "on", ">nodeb-pw", "~*", "+@all")
+    command(own_redis.server, (*grant, "&*"))
+    url = f"redis://nodeb:nodeb-pw@{own_redis.server.host}:{own_redis.server.port}/0"
+    node = await start_relayd(nursery, node_config(tmp_path, url))
+    hub = node.daemon.hub
+    assert hub is not None
+    assert hub.cluster is not None
+    alice = await node.http.register("alice")
+    bob = await node.http.register("bob")
+    async with ws_connect(node, alice["access_token"]) as a:
+        await welcomed(a)
+        await a.send({"to": bob["uuid"], "msgid": "m1", "acknowledge": True, "content": "x"})
+        status = await a.next_of("delivery_status")
+        assert (status["msgid"], status["status"]) == ("m1", "queued_offline")
+        own_redis.kill()
+        # store.lease (1 s) without an answer: the node may have lost Alice's claim.
+        error = await a.next_of("error")
+        assert error["error"]["code"] == "store_unavailable"
+        assert await a.closed() == CloseCode.TRY_AGAIN_LATER
+    assert not hub.store_available
+    ready = await node.http.get("/health/ready")
+    assert (ready.status, ready.json()["error"]["code"]) == (503, "store_unavailable")
+
+    own_redis.restart()  # its AOF holds m1 (ACL users are not kept: the node cannot log in)
+    server = own_redis.server
+    command(server, ("CONFIG", "SET", "notify-keyspace-events", "K$"))
+    lease = Subscriber(server, f"__keyspace@0__:relayd:node:{hub.cluster.node}")
+    try:
+        # The node's user comes back without its channels: it renews its lease, but its
+        # subscription cannot come back, and a session it took could not watch its channel.
+        command(server, grant)
+        for _ in range(2):  # two renewals: the node has had the answer to the first
+            assert await lease.next_message() == b"set"
+        assert not hub.store_available
+    finally:
+        lease.close()
+    command(server, ("ACL", "SETUSER", "nodeb", "allchannels"))
+    with trio.fail_after(IO_DEADLINE):  # it hears the cluster again
+        await hub.until(lambda: hub.store_available)
+    async with ws_connect(node, bob["access_token"]) as b:
+        await welcomed(b)
+        message = await b.next_of("message")
+        assert (message["msgid"], message["content"]) == ("m1", "x")
+        await b.send({"type": "ack", "msgid": "m1"})
+        assert (await b.next_of("ack_received"))["status"] == "acknowledged"
+    async with ws_connect(node, alice["access_token"]) as a:
+        await welcomed(a)
+        update = await a.next_of("delivery_update")
+        assert (update["msgid"], update["status"]) == ("m1", "acknowledged")

@@ -695,13 +695,17 @@ class Hub:
         self.auth.roles_changed_elsewhere(client, roles)
 
     def resync(self) -> None:
+        """Hints may have been lost, or this node has its lease again (``store_available``
+        may have changed): every client here looks in the store."""
         self.core.resync(self.clock())
         self._apply()
+        self._signal()
 
     def fenced(self) -> None:
         """This node lost its lease: its claims may be taken. Close every session (1013)."""
         self.core.fence(self.clock())
         self._apply()
+        self._signal()
 
     # --- sessions ----------------------------------------------------------------------------
 
