@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import trio
 
@@ -73,6 +74,13 @@ CONNECT_TIMEOUT = 5.0  # a socket's connect, handshake and welcome, together
 RETRY_MAX = 0.5  # a client that no node welcomed tries them all again after at most this
 REDIS_READY = b"Ready to accept connections"
 KILLS = ("node", "redis")
+# A socket that is gone: closed (its code), or broken under a write (the SDK's WebSocket
+# raises the stream's error then, not Closed).
+BROKEN = (Closed, anyio.BrokenResourceError, anyio.ClosedResourceError)
+
+
+def close_code(exc: BaseException) -> int:
+    return exc.code if isinstance(exc, Closed) else 1006
 
 
 @dataclass
@@ -383,10 +391,9 @@ class Round:
                             retries.start_soon(self._retry, ws, pair, home, *refused)
                         self.changed()
                         await self._top_up(ws, pair, home)
-            except* Closed as group:
+            except* BROKEN as group:
                 for exc in group.exceptions:
-                    assert isinstance(exc, Closed)
-                    self.closes[f"sender {exc.code}"] += 1
+                    self.closes[f"sender {close_code(exc)}"] += 1
                 home = (home + 1) % len(self.nodes)
             finally:
                 await ws.abort()  # closed already, or the round is over
@@ -460,8 +467,8 @@ class Round:
                     self.changed()
                     if frame.get("acknowledge"):
                         await ws.send(json.dumps({"type": "ack", "msgid": frame["msgid"]}))
-            except Closed as exc:
-                self.closes[f"recipient {exc.code}"] += 1
+            except BROKEN as exc:
+                self.closes[f"recipient {close_code(exc)}"] += 1
                 home = (home + 1) % len(self.nodes)
             finally:
                 await ws.abort()  # closed already, or the round is over
