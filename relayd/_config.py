@@ -339,7 +339,9 @@ class StoreConfig:
     """With ``engine = "redis"``: seconds a call to Redis may take before it fails."""
     lease: float = field(default=10.0, validator=_positive)
     """With ``engine = "redis"``: a node that could not reach Redis for this long closes
-    every session (1013), since other nodes may have taken its clients."""
+    every session (1013), since other nodes may have taken its clients. The other nodes
+    notice a node that died within this long and a third: they then look in the store for
+    what it may not have announced to them."""
     path: str = "relayd.sqlite3"
     """Database file, relative to ``state_dir``; ``:memory:`` keeps everything in memory."""
     synchronous: Synchronous = "full"
