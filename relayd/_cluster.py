@@ -13,7 +13,7 @@ Theory of operation:
   session with 4009; what that session had not had acknowledged stays queued in the store,
   and the new node delivers it as a redelivery.
 * **Leases.** A claim is only as live as its node: ``node:<id>`` is renewed every third of
-  ``cluster.lease`` and expires after it. A node that could not renew for a whole lease (it
+  ``store.lease`` and expires after it. A node that could not renew for a whole lease (it
   was partitioned, or paused) assumes its claims were taken, *fences* itself: every session
   is closed with 1013 and no new one opens until Redis answers again and the node hears the
   bus again (it publishes a ``probe`` there after each renewal, until it hears it), so that
