@@ -13,10 +13,18 @@ Theory of operation:
   session with 4009; what that session had not had acknowledged stays queued in the store,
   and the new node delivers it as a redelivery.
 * **Leases.** A claim is only as live as its node: ``node:<id>`` is renewed every third of
-  ``cluster.lease`` and expires after it. A node that could not renew for a whole lease (it
+  ``store.lease`` and expires after it. A node that could not renew for a whole lease (it
   was partitioned, or paused) assumes its claims were taken, *fences* itself: every session
-  is closed with 1013 and no new one opens until Redis answers again. The directory's
-  ``online`` is a live claim of a live node.
+  is closed with 1013 and no new one opens until Redis answers again and the node hears the
+  bus again (it publishes a ``probe`` there after each renewal, until it hears it), so that
+  a session it takes can watch its client's channel. The directory's ``online`` is a live
+  claim of a live node.
+* **Nodes that leave.** Each renewal also sets the node's expiry in ``nodes`` (a sorted set),
+  and drops the nodes whose lease has run out; if it dropped any, it publishes a ``resync``
+  on ``bus``. A node publishes its hints after its commit: one killed in between (or stopped
+  before its last hints went out) leaves messages and receipts in the store that nobody
+  announced, for clients on other nodes. So a node that leaves, crashed or stopped, makes
+  every node resync once its lease has run out (within ``lease`` and a third after it).
 * **Hints.** Each node subscribes to the channel of every client it holds
   (``c:<client>``) and to the broadcast channel (``bus``). What another node must hear is
   published after the store has it: a message queued for a client (``wake``), a receipt owed
@@ -43,6 +51,7 @@ import coredis
 import coredis.exceptions
 import trio
 from attrs import frozen
+from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, ExponentialBackoffRetryPolicy
 
 from ._auth import Revocation
 from ._config import Config
@@ -87,7 +96,46 @@ end
 return online
 """
 
+# Renew this node's lease (KEYS[1], in the node set KEYS[2]: ARGV[1] its id, ARGV[2] the
+# lease in ms); drop the nodes whose lease ran out and, if any, publish a resync (on ARGV[3]).
+_RENEW = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ms + tonumber(ARGV[2]), ARGV[1])
+local gone = redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms)
+if gone > 0 then
+  redis.call('PUBLISH', ARGV[3], cjson.encode({k = 'resync', gone = gone}))
+end
+return gone
+"""
+
 ONLINE_PAGE = 500  # clients asked about in one script call
+# A subscription that failed for good is opened again after this long (coredis itself retries
+# a lost connection, with a growing pause).
+RESUBSCRIBE_PAUSE = 1.0
+# How coredis reconnects a subscription it lost: at once, then after a pause growing to
+# RESUBSCRIBE_PAUSE (its default grows to 16 s: a node back from an outage would stay deaf,
+# and fenced, that long); a subscription that is not confirmed in time is tried twice more.
+_RESUBSCRIBE_POLICY = CompositeRetryPolicy(
+    ExponentialBackoffRetryPolicy(
+        (coredis.exceptions.ConnectionError,),
+        retries=None,
+        base_delay=0.1,
+        max_delay=RESUBSCRIBE_PAUSE,
+        jitter=True,
+    ),
+    ConstantRetryPolicy((TimeoutError,), retries=2, delay=0.1),
+)
+# What ends a subscription: Redis refused or dropped it, or coredis closed it under us (6.9,
+# cancelled, unsubscribes on the connection it has just closed).
+_SUBSCRIPTION_ERRORS = (
+    coredis.exceptions.RedisError,
+    OSError,
+    TimeoutError,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+)
 SEQ_KEY = "seq"  # the message seq counter, under the prefix (see relayd/_redis)
 
 
@@ -161,6 +209,7 @@ class RedisCluster:
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
         self._online = redis.register_script(_ONLINE)
+        self._renew_lease = redis.register_script(_RENEW)
         self._pubsub: Any = None
         self._watched: dict[str, int] = {}  # client -> sessions here that watch it
         self._renewed_at = -math.inf  # Trio time of the last renewal of the lease
@@ -327,13 +376,20 @@ class RedisCluster:
 
     async def _renew(self) -> None:
         """Renew the lease, or raise ClusterUnavailable. The lease counts from before the
-        call was sent: Redis starts it no earlier."""
+        call was sent: Redis starts it no earlier. Nodes whose lease ran out are dropped, and
+        every node told to resync (see the module docstring)."""
         sent = trio.current_time()
         ms = max(1, int(self.lease * 1000))
-        await self._call(
-            "lease", lambda: self._redis.set(self._key("node", self.node), b"1", px=ms)
+        gone = await self._call(
+            "lease",
+            lambda: self._renew_lease(
+                keys=[self._key("node", self.node), self._key("nodes")],
+                args=[self.node, ms, self._bus],
+            ),
         )
         self._renewed_at = sent
+        if gone:
+            log.info("nodes gone: every node resyncs", extra={"fields": {"gone": int(gone)}})
 
     async def _keep_lease(self, listener: Listener) -> None:
         """Renew the lease every third of it. Fence (see the module docstring) once two thirds
@@ -351,9 +407,30 @@ class RedisCluster:
             if self._renewed_at - before >= self.lease and not self.fenced:
                 self._fence(listener, "the lease expired before it was renewed")
             if self.fenced:
-                log.info("lease renewed: accepting sessions again")
-                self.fenced = False
-                listener.resync()
+                await self._probe()
+
+    async def _probe(self) -> None:
+        """A fenced node that has its lease again asks the bus whether it hears it: its
+        subscription may still be reconnecting, and a session it took meanwhile could not
+        watch its channel. It takes sessions again once it hears its own probe (see
+        :meth:`_heard`). Best effort: the next renewal probes again."""
+        note = {"k": "probe", "from": self.node}
+        try:
+            await self._call(
+                "probe",
+                lambda: self._redis.publish(self._bus, json.dumps(note, separators=(",", ":"))),
+            )
+        except ClusterUnavailable as exc:
+            log.warning("probe not published", extra={"fields": {"error": str(exc)}})
+
+    def _unfence(self, listener: Listener) -> None:
+        """This node holds its lease and hears the cluster again: it takes sessions again,
+        and every client here looks in the store for what it missed."""
+        if not self.fenced or trio.current_time() - self._renewed_at >= self.lease:
+            return
+        log.info("lease renewed and the cluster heard: accepting sessions again")
+        self.fenced = False
+        listener.resync()
 
     def _fence(self, listener: Listener, why: str) -> None:
         log.error(
@@ -389,30 +466,62 @@ class RedisCluster:
     async def _listen(
         self, listener: Listener, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Hear the bus and the watched channels; after a reconnect (coredis resubscribes),
-        resync, since what was published meanwhile is lost."""
-        try:
-            await self._listen_on(listener, task_status)
-        except* anyio.ClosedResourceError:
-            # coredis 6.9, cancelled, unsubscribes on the connection it has just closed.
-            pass
+        """Hear the bus and the watched channels, until cancelled. Started once the first
+        subscription is confirmed (its failure is the caller's). After that, a subscription
+        that fails for good (coredis gave up on it) is opened again after a pause; every
+        subscription after the first, coredis's own after a reconnect included, is followed by
+        a resync, since what was published meanwhile is lost."""
+        started = False
 
-    async def _listen_on(self, listener: Listener, task_status: trio.TaskStatus[None]) -> None:
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        while True:
+            try:
+                await self._listen_on(listener, ready, restored=started)
+            except* _SUBSCRIPTION_ERRORS as group:
+                if not started:
+                    raise
+                if trio.current_effective_deadline() != -math.inf:  # not on the way out
+                    log.warning(
+                        "redis subscription lost: subscribing again",
+                        extra={"fields": {"error": repr(group.exceptions[0])}},
+                    )
+            await trio.sleep(RESUBSCRIBE_PAUSE)
+
+    async def _listen_on(
+        self, listener: Listener, ready: Callable[[], None], *, restored: bool
+    ) -> None:
+        """One subscription, heard until it fails (raises). ``restored``: an earlier one
+        was lost, so the first confirmation of this one calls for a resync too.
+
+        coredis reconnects on its own and subscribes again, but its message iterator ends
+        when it is read between the two (coredis 6.9): messages are read one by one instead.
+        """
         bus = self._bus.encode()
-        subscribed_once = False
-        async with self._redis.pubsub(channels=[self._bus], max_idle_seconds=5) as pubsub:
+        resync_on_subscribe = restored
+        async with self._redis.pubsub(
+            channels=[self._bus], max_idle_seconds=5, retry_policy=_RESUBSCRIBE_POLICY
+        ) as pubsub:
             self._pubsub = pubsub
             try:
                 if self._watched:
                     await pubsub.subscribe(*(self.channel(c) for c in self._watched))
-                task_status.started()
-                async for message in pubsub:
+                ready()
+                while True:
+                    message = await pubsub.get_message()
+                    if message is None:
+                        continue
                     kind = message["type"]
                     if kind == "subscribe" and message["channel"] == bus:
-                        if subscribed_once:
+                        # Every channel of one SUBSCRIBE is heard by the time it is confirmed.
+                        if resync_on_subscribe:
                             log.info("redis subscription restored: resync")
                             listener.resync()
-                        subscribed_once = True
+                        resync_on_subscribe = True
                     elif kind == "message" and isinstance(message["data"], bytes):
                         self._heard(listener, message["data"])
             finally:
@@ -424,6 +533,8 @@ class RedisCluster:
             kind = note["k"]
             if kind == "resync":
                 listener.resync()
+            elif kind == "probe" and note.get("from") == self.node:
+                self._unfence(listener)
             elif kind == "wake":
                 listener.wake(note["c"], int(note["s"]))
             elif kind == "receipts":

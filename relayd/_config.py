@@ -345,14 +345,15 @@ class StoreConfig:
     """With ``engine = "redis"``: seconds a call to Redis may take before it fails."""
     lease: float = field(default=10.0, validator=_positive)
     """With ``engine = "redis"``: a node that could not reach Redis for this long closes
-    every session (1013), since other nodes may have taken its clients."""
+    every session (1013), since other nodes may have taken its clients. The other nodes
+    notice a node that died within this long and a third: they then look in the store for
+    what it may not have announced to them."""
     wait_replicas: int = field(default=0, validator=_non_negative)
     """With ``engine = "redis"``: after each write, wait until this many replicas have it
     (``WAIT``) before any receipt or answer reports it; 0: the primary's word is enough."""
     wait_timeout: float = field(default=1.0, validator=_positive)
     """With ``wait_replicas``: seconds to wait for them, after which the write counts as
     failed (``store_unavailable``; it stays on the primary)."""
-
     path: str = "relayd.sqlite3"
     """Database file, relative to ``state_dir``; ``:memory:`` keeps everything in memory."""
     synchronous: Synchronous = "full"

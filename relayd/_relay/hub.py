@@ -686,8 +686,11 @@ class Hub:
         self.auth.roles_changed_elsewhere(client, roles)
 
     def resync(self) -> None:
+        """Hints may have been lost, or this node has its lease again (``store_available``
+        may have changed): every client here looks in the store."""
         self.core.resync(self.clock())
         self._apply()
+        self._signal()
         self._spawn(self._verify_claims)
 
     async def _verify_claims(self) -> None:
@@ -708,6 +711,7 @@ class Hub:
         """This node lost its lease: its claims may be taken. Close every session (1013)."""
         self.core.fence(self.clock())
         self._apply()
+        self._signal()
 
     # --- sessions ----------------------------------------------------------------------------
 

@@ -58,8 +58,13 @@ class SeqPool:
 
     def raise_floor(self, floor: int) -> bool:
         """Seqs at or below ``floor`` may not be used any more: ``True`` if the pool had to be
-        emptied for that (a reservation is due)."""
-        if self.next > floor:
+        emptied for that (a reservation is due).
+
+        ``floor`` is the store's counter when a client arrived. Below ``end`` it can only be
+        the end of this pool's own block (the counter is at least that since the block was
+        reserved): nobody has reserved since, so every seq the client had elsewhere is below
+        this block, and the pool stays."""
+        if self.next > floor or floor < self.end:
             return False
         self.next = self.end = floor + 1  # empty, and nothing below the floor comes back
         return True

@@ -1,0 +1,1 @@
+"""Extras that ship with relayd: the benchmarks, the SDK examples, deployment files."""
