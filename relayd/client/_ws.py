@@ -182,8 +182,13 @@ class WebSocket:
                 raise Closed(ABNORMAL_CLOSURE, "the connection is closing") from None
             try:
                 await self._stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                # The connection broke (reset, closed): as documented, that is Closed.
+                closed = self._closed = Closed(ABNORMAL_CLOSURE, "connection lost while writing")
+                await anyio.aclose_forcefully(self._stream)
+                raise closed from exc
             except BaseException:
-                # Cancelled or failed mid-write: the stream may hold half a frame.
+                # Cancelled mid-write: the stream may hold half a frame.
                 self._closed = Closed(ABNORMAL_CLOSURE, "connection lost while writing")
                 await anyio.aclose_forcefully(self._stream)
                 raise
