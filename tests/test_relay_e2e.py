@@ -317,7 +317,7 @@ async def test_a_recipient_that_stops_reading_is_dropped_and_shutdown_is_not_hel
         hub = relayd.daemon.hub
         assert hub is not None
         with trio.fail_after(10):  # the hub signals every session's end
-            await hub._until(lambda: not hub.online(bob["uuid"]))
+            await hub._until(lambda: not hub.core.online(bob["uuid"]))
         with trio.fail_after(6):  # drain_timeout, and a margin
             relayd.daemon.stop()
             await a.closed()

@@ -146,7 +146,7 @@ async def test_a_client_that_stops_reading_is_dropped_logged_and_counted_and_oth
             # While Bob stalls, Carol and Dave go on.
             await c.send({"to": dave["uuid"], "msgid": "c1", "content": "hello"})
             assert (await d.next_of("message"))["msgid"] == "c1"
-            await hub._until(lambda: not hub.online(bob["uuid"]))
+            await hub._until(lambda: not hub.core.online(bob["uuid"]))
         # Logged once, under Bob's connection's id, and counted where it was found.
         assert slow_consumer_lines(caplog) == [("ws1", DETECTED_BY[transport])]
         assert bob["access_token"] not in caplog.text
@@ -208,7 +208,7 @@ async def test_a_reloaded_write_timeout_bounds_the_rest_ports_writes_at_once(
         assert (await a.next())["type"] == "connection"
         with trio.fail_after(WRITE_TIMEOUT + CLOSE_TIMEOUT + MARGIN):
             await flood(a, bob["uuid"])
-            await hub._until(lambda: not hub.online(bob["uuid"]))
+            await hub._until(lambda: not hub.core.online(bob["uuid"]))
     await assert_counted(relayd, "main")
 
 
