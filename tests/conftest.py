@@ -17,7 +17,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{SQLITE_ONLY}(reason): the test runs relayd on the SQLite engine alone, for the"
-        " reason given (what it tests exists on SQLite only); its `engine` is sqlite",
+        " reason given (what it tests is SQLite's own, or does not depend on the engine and"
+        " is too slow to run twice); its `engine` is sqlite",
     )
 
 
