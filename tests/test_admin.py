@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from relayd import Config
+from relayd._admin import REDIS_BACKUP
 from relayd._relay.frames import CloseCode
 
 from .support import SQLITE, TEST_ENV, Engine, HttpClient, RunningRelayd, make_config, start_relayd
@@ -143,6 +144,17 @@ async def test_backup_while_running_restores_clients_and_queued_messages(
         listed = await http.get("/clients", token=login.json()["access_token"])
         assert set(listed.json()["clients"]) == {alice["uuid"], bob["uuid"]}
         relayd.daemon.stop()
+
+
+async def test_backup_on_the_redis_engine_says_how_redis_is_backed_up(
+    tmp_path: Path, redis_url: str
+) -> None:
+    config = config_file(tmp_path, tmp_path / "state", "127.0.0.1:0", Engine("redis", redis_url))
+    target = tmp_path / "backup.sqlite3"
+    result = await cli("backup", str(target), "--config", str(config))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.decode() == f"relayd: {REDIS_BACKUP}\n"
+    assert not target.exists()
 
 
 @pytest.mark.sqlite_only("the state directory's lock says a daemon runs; Redis nodes take none")
