@@ -4,6 +4,11 @@ Every test runs the real hub (relayd/_relay/hub.py) and core on a real in-memory
 sockets replaced by :class:`~tests.hub_support.Peer` and Trio's fake clock jumping from one
 deadline to the next: ``trio.current_time()`` when a frame arrives is the instant relayd sent
 it.
+
+The store is SQLite's, called inline: a store across a socket (Redis) would let the fake clock
+jump while it answers, and every instant here would be off. What the hub does on Redis is
+tested end to end on both engines (the ``engine`` fixture) and, where only a node of a cluster
+can show it, by the tests at the end, on a real Redis in real time.
 """
 
 from __future__ import annotations
