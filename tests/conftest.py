@@ -8,7 +8,7 @@ import trio
 from .browser_support import require_chromium
 from .redis_support import redis_server, redis_url
 from .store_support import engine_target, persistent_target, target
-from .support import ENGINES, SQLITE, Engine, RunningRelayd, make_config, start_relayd
+from .support import ENGINE_NAMES, SQLITE, Engine, RunningRelayd, make_config, start_relayd
 
 SQLITE_ONLY = "sqlite_only"
 
@@ -30,7 +30,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker(SQLITE_ONLY)
     if marker is not None and not (marker.args and marker.args[0]):
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: {SQLITE_ONLY} needs a reason")
-    metafunc.parametrize("engine", ["sqlite"] if marker else ENGINES, indirect=True)
+    metafunc.parametrize("engine", ["sqlite"] if marker else ENGINE_NAMES, indirect=True)
 
 
 @pytest.fixture

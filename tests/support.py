@@ -57,7 +57,7 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
 # Longer than Redis takes to answer on a loaded test machine (see Engine.autojump_threshold).
 REDIS_AUTOJUMP_THRESHOLD = 1.0
 # The engines a test's relayd runs on: the ``engine`` fixture's parameters (tests/conftest.py).
-ENGINES = ["sqlite", "redis"]
+ENGINE_NAMES = ["sqlite", "redis"]
 
 
 @attrs.frozen
