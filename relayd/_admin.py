@@ -358,13 +358,22 @@ def print_clients(clients: list[dict[str, Any]], offline: bool) -> None:
         print("(relayd is not running: read from the store; online state unknown)", file=sys.stderr)
 
 
+REDIS_BACKUP = (
+    "store.engine is redis: relayd backup copies a SQLite store; back the Redis server up with"
+    " its own means (an RDB snapshot, BGSAVE, or its AOF), and the store key file apart"
+)
+
+
 def backup(config: Config, target: Path) -> dict[str, int]:
     """Copy the store to ``target`` (which must not exist) with SQLite's online backup.
 
     Raises:
-        AdminError: no file store, or ``target`` exists or cannot be written.
+        AdminError: no file store (the Redis engine, or ``:memory:``), or ``target`` exists
+            or cannot be written.
         StoreError: the copy failed.
     """
+    if config.store.engine == "redis":
+        raise AdminError(REDIS_BACKUP)
     source = config.store_path
     if source == ":memory:":
         raise AdminError("the store is :memory:; there is nothing on disk to back up")

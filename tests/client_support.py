@@ -26,7 +26,7 @@ import trio
 from relayd._tokens import TokenCodec
 from relayd.client import Credentials, MemoryCredentials, RestClient
 
-from .support import TEST_SECRET, RunningRelayd
+from .support import TEST_SECRET, Engine, RunningRelayd
 
 BACKENDS = ["trio", "asyncio"]
 # A scenario's own deadline: it must finish (pass or fail) within this.
@@ -82,15 +82,16 @@ def free_port() -> int:
     return port
 
 
-def write_daemon_config(tmp_path: Path, port: int, extra: str = "") -> Path:
-    """A config for a ``relayd serve`` subprocess with a file store that survives restarts."""
+def write_daemon_config(tmp_path: Path, port: int, engine: Engine, extra: str = "") -> Path:
+    """A config for a ``relayd serve`` subprocess on ``engine``, with a store that survives
+    restarts (on SQLite a file)."""
     path = tmp_path / "relayd-test.toml"
     path.write_text(
         f'state_dir = "{tmp_path / "state"}"\n'
         "drain_timeout = 5.0\n"
         "[http]\n"
         f'listen = "127.0.0.1:{port}"\n'
-        "[store]\n"
+        f"[store]\n{engine.toml}"
         'path = "relayd.sqlite3"\n'
         "[auth]\n"
         "kdf_cost = 1024\n" + extra,

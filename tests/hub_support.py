@@ -24,7 +24,10 @@ import attrs
 import trio
 
 from relayd._auth import CLIENT_ROLES, AuthService
+from relayd._cluster import RedisCluster
 from relayd._config import Config, structure
+from relayd._engine import Engine
+from relayd._redis import RedisStore
 from relayd._relay.hub import Hub
 from relayd._relay.records import StoreOp
 from relayd._relay.transport import TransportClosed
@@ -179,6 +182,23 @@ class GatedStore(Store):
         return await super().execute(ops, **kwargs)
 
 
+class GatedRedisStore(RedisStore):
+    """A Redis store whose seq reservations wait while ``gate`` is unset (a reservation that
+    is slow to come back); ``held`` is set once one waits there."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = trio.Event()
+        self.gate.set()
+        self.held = trio.Event()
+
+    async def reserve_seqs(self, count: int) -> int:
+        if not self.gate.is_set():
+            self.held.set()
+            await self.gate.wait()
+        return await super().reserve_seqs(count)
+
+
 class RecordingStore(GatedStore):
     """A :class:`GatedStore` that records each group commit as it starts: when, the kinds of
     its operations, and whether it ran on the event loop's thread (``inline``)."""
@@ -204,7 +224,7 @@ class TestClient:
 @attrs.define
 class HubEnv:
     hub: Hub
-    store: Store
+    store: Engine
     auth: AuthService
     config: Config
     nursery: trio.Nursery
@@ -262,9 +282,13 @@ def hub_config(overrides: Mapping[str, Any] | None = None) -> Config:
 
 @asynccontextmanager
 async def running_hub(
-    overrides: Mapping[str, Any] | None = None, *, store: Store | None = None
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    store: Engine | None = None,
+    cluster: RedisCluster | None = None,
 ) -> AsyncIterator[HubEnv]:
-    """A hub (and its store) for the body of the ``async with``; shut down on exit."""
+    """A hub (and its store, by default an in-memory SQLite one) for the body of the ``async
+    with``; shut down on exit. With ``cluster``, a node of it (its store is on Redis)."""
     config = hub_config(overrides)
     async with _store(store) as opened, trio.open_nursery() as nursery:
         codec = TokenCodec(
@@ -276,8 +300,10 @@ async def running_hub(
         )
         auth = AuthService(opened, codec, config.auth)
         await auth.load()
-        hub = await Hub.open(config, opened, auth, clock=virtual_clock)
+        hub = await Hub.open(config, opened, auth, clock=virtual_clock, cluster=cluster)
         await nursery.start(hub.run)
+        if cluster is not None:
+            await nursery.start(cluster.run, hub)
         env = HubEnv(hub, opened, auth, config, nursery)
         yield env
         nursery.cancel_scope.cancel()
@@ -292,7 +318,7 @@ async def gated_store() -> AsyncIterator[GatedStore]:
 
 
 @asynccontextmanager
-async def _store(store: Store | None) -> AsyncIterator[Store]:
+async def _store(store: Engine | None) -> AsyncIterator[Engine]:
     if store is not None:
         yield store
         return

@@ -10,7 +10,7 @@ import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import h11
@@ -54,12 +54,62 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
-def make_config(tmp_path: Path, overrides: Mapping[str, Any] | None = None) -> Config:
-    """A config for tests: a free loopback port, a volatile store, a cheap KDF."""
+# Longer than Redis takes to answer on a loaded test machine (see Engine.autojump_threshold).
+REDIS_AUTOJUMP_THRESHOLD = 1.0
+# The engines a test's relayd runs on: the ``engine`` fixture's parameters (tests/conftest.py).
+ENGINE_NAMES = ["sqlite", "redis"]
+
+
+@attrs.frozen
+class Engine:
+    """The store engine a test's relayd runs on.
+
+    ``sqlite``: the embedded store, ``:memory:`` unless the test's overrides name a file.
+    ``redis``: ``url``, a database of the session's Redis server flushed for this test alone
+    (tests/redis_support.py); like a file, it outlives the daemons that use it, so a test that
+    restarts relayd finds what the first daemon stored.
+    """
+
+    name: Literal["sqlite", "redis"]
+    url: str = ""
+
+    @property
+    def selected(self) -> dict[str, Any]:
+        """The ``[store]`` keys that put relayd on this engine."""
+        if self.name == "redis":
+            return {"engine": "redis", "url": self.url}
+        return {"engine": "sqlite"}
+
+    @property
+    def store(self) -> dict[str, Any]:
+        """The ``[store]`` section of :func:`make_config`: on SQLite, a volatile store."""
+        return self.selected if self.name == "redis" else {**self.selected, "path": ":memory:"}
+
+    @property
+    def autojump_threshold(self) -> float:
+        """For a daemon under ``autojump_clock``: the real seconds every task must have waited
+        before virtual time jumps. On SQLite (called inline) none; on Redis the daemon waits
+        for replies on a socket, and a jump then would time them out."""
+        return REDIS_AUTOJUMP_THRESHOLD if self.name == "redis" else 0.0
+
+    @property
+    def toml(self) -> str:
+        """The keys that select this engine, as lines of a ``[store]`` section."""
+        return "".join(f"{key} = {json.dumps(value)}\n" for key, value in self.selected.items())
+
+
+SQLITE = Engine("sqlite")
+
+
+def make_config(
+    tmp_path: Path, overrides: Mapping[str, Any] | None = None, engine: Engine = SQLITE
+) -> Config:
+    """A config for tests: a free loopback port, a store on ``engine`` (on SQLite, a volatile
+    one), a cheap KDF."""
     base: dict[str, Any] = {
         "state_dir": str(tmp_path / "state"),
         "http": {"listen": "127.0.0.1:0"},
-        "store": {"path": ":memory:"},
+        "store": engine.store,
         "auth": {"kdf_cost": 1024},
     }
     return structure(_merge(base, overrides or {}), "<test config>")
@@ -193,9 +243,11 @@ async def start_relayd(
 TRANSPORTS = ["main", "dedicated"]
 
 
-async def start_on(nursery: trio.Nursery, tmp_path: Path, transport: str) -> RunningRelayd:
-    """relayd with its WebSockets on ``transport`` (one of ``TRANSPORTS``)."""
+async def start_on(
+    nursery: trio.Nursery, tmp_path: Path, transport: str, engine: Engine = SQLITE
+) -> RunningRelayd:
+    """relayd on ``engine`` with its WebSockets on ``transport`` (one of ``TRANSPORTS``)."""
     overrides: dict[str, Any] = {}
     if transport == "dedicated":
         overrides["websocket"] = {"listen": "127.0.0.1:0"}
-    return await start_relayd(nursery, make_config(tmp_path, overrides))
+    return await start_relayd(nursery, make_config(tmp_path, overrides, engine))

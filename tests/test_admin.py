@@ -11,28 +11,34 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from relayd import Config
+from relayd._admin import REDIS_BACKUP
 from relayd._relay.frames import CloseCode
 
-from .support import TEST_ENV, HttpClient, RunningRelayd, make_config, start_relayd
+from .support import SQLITE, TEST_ENV, Engine, HttpClient, RunningRelayd, make_config, start_relayd
 from .ws_support import ws_connect
 
 DEADLINE = 30.0
 
 
-def file_config(state: Path, **sections: Any) -> Config:
+def file_config(state: Path, engine: Engine = SQLITE, **sections: Any) -> Config:
+    """A store that outlives the daemon, on ``engine``: on SQLite a file in ``state``."""
     return make_config(
-        state.parent, {"state_dir": str(state), "store": {"path": "relayd.sqlite3"}, **sections}
+        state.parent,
+        {"state_dir": str(state), "store": {"path": "relayd.sqlite3"}, **sections},
+        engine,
     )
 
 
-def config_file(tmp_path: Path, state: Path, listen: str) -> Path:
+def config_file(tmp_path: Path, state: Path, listen: str, engine: Engine = SQLITE) -> Path:
+    """The configuration file of :func:`file_config`'s daemon, for the ``relayd`` commands."""
     path = tmp_path / "cli.toml"
     path.write_text(
         f'state_dir = "{state}"\n[http]\nlisten = "{listen}"\n'
-        '[store]\npath = "relayd.sqlite3"\n[auth]\nkdf_cost = 1024\n'
+        f'[store]\n{engine.toml}path = "relayd.sqlite3"\n[auth]\nkdf_cost = 1024\n'
     )
     return path
 
@@ -57,12 +63,14 @@ async def queue_for(relayd: RunningRelayd, sender: dict[str, Any], to: str, coun
             assert (await socket.next())["status"] == "queued_offline"
 
 
-async def test_admin_through_the_daemon_then_through_the_store(tmp_path: Path) -> None:
+async def test_admin_through_the_daemon_then_through_the_store(
+    tmp_path: Path, engine: Engine
+) -> None:
     state = tmp_path / "state"
     async with trio.open_nursery() as nursery:
-        relayd = await start_relayd(nursery, file_config(state))
+        relayd = await start_relayd(nursery, file_config(state, engine))
         host, port = relayd.addresses.http
-        config = config_file(tmp_path, state, f"{host}:{port}")
+        config = config_file(tmp_path, state, f"{host}:{port}", engine)
         alice = await relayd.http.register("alice")
         bob = await relayd.http.register("bob")
         await queue_for(relayd, alice, bob["uuid"], 3)
@@ -95,6 +103,7 @@ async def test_admin_through_the_daemon_then_through_the_store(tmp_path: Path) -
     assert bad.returncode == 2
 
 
+@pytest.mark.sqlite_only("relayd backup copies a SQLite store; Redis has its own (operations.md)")
 async def test_backup_while_running_restores_clients_and_queued_messages(
     tmp_path: Path,
 ) -> None:
@@ -137,6 +146,18 @@ async def test_backup_while_running_restores_clients_and_queued_messages(
         relayd.daemon.stop()
 
 
+async def test_backup_on_the_redis_engine_says_how_redis_is_backed_up(
+    tmp_path: Path, redis_url: str
+) -> None:
+    config = config_file(tmp_path, tmp_path / "state", "127.0.0.1:0", Engine("redis", redis_url))
+    target = tmp_path / "backup.sqlite3"
+    result = await cli("backup", str(target), "--config", str(config))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.decode() == f"relayd: {REDIS_BACKUP}\n"
+    assert not target.exists()
+
+
+@pytest.mark.sqlite_only("the state directory's lock says a daemon runs; Redis nodes take none")
 async def test_admin_leaves_the_store_alone_while_the_daemon_runs_out_of_reach(
     tmp_path: Path,
 ) -> None:

@@ -16,15 +16,15 @@ from relayd.client import Client
 from relayd.client.chat import ChatApp
 
 from .client_support import registered, run_scenario, scenario_of, url_of
-from .support import make_config, start_relayd
+from .support import Engine, make_config, start_relayd
 
 WAIT = 15.0
 
 
 async def test_a_chat_shows_receipts_as_they_arrive_and_the_peers_messages(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
-    relayd = await start_relayd(nursery, make_config(tmp_path))
+    relayd = await start_relayd(nursery, make_config(tmp_path, engine=engine))
     url = url_of(relayd)
 
     async def scenario() -> None:

@@ -42,7 +42,7 @@ from .client_support import (
     url_of,
     write_daemon_config,
 )
-from .support import RunningRelayd, make_config, start_relayd
+from .support import Engine, RunningRelayd, make_config, start_relayd
 
 # Each receipt or message is awaited at most this long.
 WAIT = 15.0
@@ -54,8 +54,10 @@ def backend(request: pytest.FixtureRequest) -> str:
     return name
 
 
-async def relayd_with(nursery: trio.Nursery, tmp_path: Path, **sections: Any) -> RunningRelayd:
-    return await start_relayd(nursery, make_config(tmp_path / "relayd", sections))
+async def relayd_with(
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine, **sections: Any
+) -> RunningRelayd:
+    return await start_relayd(nursery, make_config(tmp_path / "relayd", sections, engine))
 
 
 async def take(client: Client, count: int) -> list[Message]:
@@ -84,9 +86,9 @@ class StateLog:
 
 
 async def test_two_clients_exchange_acknowledged_messages(
-    nursery: trio.Nursery, tmp_path: Path, backend: str
+    nursery: trio.Nursery, tmp_path: Path, backend: str, engine: Engine
 ) -> None:
-    relayd = await relayd_with(nursery, tmp_path)
+    relayd = await relayd_with(nursery, tmp_path, engine)
     url = url_of(relayd)
 
     async def scenario() -> None:
@@ -115,9 +117,9 @@ async def test_two_clients_exchange_acknowledged_messages(
 
 
 async def test_unacknowledged_messages_come_again_flagged_redelivered(
-    nursery: trio.Nursery, tmp_path: Path, backend: str
+    nursery: trio.Nursery, tmp_path: Path, backend: str, engine: Engine
 ) -> None:
-    relayd = await relayd_with(nursery, tmp_path)
+    relayd = await relayd_with(nursery, tmp_path, engine)
     url = url_of(relayd)
 
     async def scenario() -> None:
@@ -147,9 +149,9 @@ async def test_unacknowledged_messages_come_again_flagged_redelivered(
 
 
 async def test_an_ack_given_just_before_closing_reaches_relayd(
-    nursery: trio.Nursery, tmp_path: Path, backend: str
+    nursery: trio.Nursery, tmp_path: Path, backend: str, engine: Engine
 ) -> None:
-    relayd = await relayd_with(nursery, tmp_path)
+    relayd = await relayd_with(nursery, tmp_path, engine)
     url = url_of(relayd)
 
     async def scenario() -> None:
@@ -170,9 +172,9 @@ async def test_an_ack_given_just_before_closing_reaches_relayd(
 
 
 async def test_a_message_to_no_such_client_is_rejected(
-    nursery: trio.Nursery, tmp_path: Path, backend: str
+    nursery: trio.Nursery, tmp_path: Path, backend: str, engine: Engine
 ) -> None:
-    relayd = await relayd_with(nursery, tmp_path)
+    relayd = await relayd_with(nursery, tmp_path, engine)
     url = url_of(relayd)
     nobody = "00000000-0000-4000-8000-000000000000"
 
@@ -189,9 +191,9 @@ async def test_a_message_to_no_such_client_is_rejected(
 
 
 async def test_replaced_4009_stops_the_older_client_for_good(
-    nursery: trio.Nursery, tmp_path: Path, backend: str
+    nursery: trio.Nursery, tmp_path: Path, backend: str, engine: Engine
 ) -> None:
-    relayd = await relayd_with(nursery, tmp_path)
+    relayd = await relayd_with(nursery, tmp_path, engine)
     url = url_of(relayd)
 
     async def scenario() -> None:
@@ -219,9 +221,9 @@ async def test_replaced_4009_stops_the_older_client_for_good(
 
 
 async def test_revoked_4003_stops_the_client_with_the_reason(
-    nursery: trio.Nursery, tmp_path: Path, backend: str
+    nursery: trio.Nursery, tmp_path: Path, backend: str, engine: Engine
 ) -> None:
-    relayd = await relayd_with(nursery, tmp_path)
+    relayd = await relayd_with(nursery, tmp_path, engine)
     url = url_of(relayd)
     admin = admin_token()
 
@@ -259,9 +261,9 @@ SHORT_TOKENS: dict[str, Any] = {
 
 
 async def test_the_access_token_is_renewed_in_band_and_the_session_lives_on(
-    nursery: trio.Nursery, tmp_path: Path, backend: str
+    nursery: trio.Nursery, tmp_path: Path, backend: str, engine: Engine
 ) -> None:
-    relayd = await relayd_with(nursery, tmp_path, **SHORT_TOKENS)
+    relayd = await relayd_with(nursery, tmp_path, engine, **SHORT_TOKENS)
     url = url_of(relayd)
 
     async def scenario() -> None:
@@ -297,9 +299,9 @@ async def test_the_access_token_is_renewed_in_band_and_the_session_lives_on(
 
 
 async def test_an_expiry_mid_session_4001_reconnects_with_a_new_token_losing_nothing(
-    nursery: trio.Nursery, tmp_path: Path, backend: str
+    nursery: trio.Nursery, tmp_path: Path, backend: str, engine: Engine
 ) -> None:
-    relayd = await relayd_with(nursery, tmp_path, **SHORT_TOKENS)
+    relayd = await relayd_with(nursery, tmp_path, engine, **SHORT_TOKENS)
     url = url_of(relayd)
     # No in-band refresh: relayd ends each session at its token's expiry (4001).
     options = ClientOptions(refresh_in_band=False)
@@ -334,10 +336,10 @@ async def test_an_expiry_mid_session_4001_reconnects_with_a_new_token_losing_not
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_nothing_is_lost_across_a_relayd_restart_mid_stream(
-    tmp_path: Path, backend: str, how: str
+    tmp_path: Path, backend: str, how: str, engine: Engine
 ) -> None:
     stop_signal = signal.SIGTERM if how == "stop" else signal.SIGKILL
-    config = write_daemon_config(tmp_path, free_port())
+    config = write_daemon_config(tmp_path, free_port(), engine)
     # Quick retries, so that the clients find the new relayd soon after it is up.
     options = ClientOptions(
         policy=lambda: ReconnectPolicy(initial=0.05, maximum=0.5, shutdown_floor=0.2)

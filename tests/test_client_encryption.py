@@ -14,7 +14,6 @@ import anyio
 import pytest
 import trio
 
-from relayd._store import Store, _fields
 from relayd.client import (
     Client,
     CredentialFile,
@@ -30,7 +29,7 @@ from relayd.client import (
 )
 
 from .client_support import BACKENDS, registered, run_scenario, scenario_of, url_of
-from .support import RunningRelayd, make_config, start_relayd
+from .support import Engine, RunningRelayd, make_config, start_relayd
 
 WAIT = 15.0
 SECRET = "the plans are in the third drawer"
@@ -42,19 +41,13 @@ def backend(request: pytest.FixtureRequest) -> str:
     return name
 
 
-async def stored_contents(relayd: RunningRelayd) -> list[str]:
-    """The fields of every message row in relayd's store as relayd itself reads them (its
-    encryption at rest undone), on this test's Trio loop."""
+async def stored_contents(relayd: RunningRelayd, recipient: str) -> list[str]:
+    """The fields of every message queued for ``recipient`` as relayd itself reads them from
+    its store, on either engine (its encryption at rest undone), on this test's Trio loop."""
     hub = relayd.daemon.hub
     assert hub is not None
-    assert isinstance(hub.store, Store)
-    store = hub.store
-    rows = await store._run(
-        lambda db: db.execute(
-            "SELECT seq, sender, recipient, msgid, fields, key_id FROM messages"
-        ).fetchall()
-    )
-    return [_fields(row, store.keys) for row in rows]
+    _, messages = await hub.store.undelivered(recipient, 100)
+    return [message.fields for message in messages]
 
 
 async def identities(url: str, directory: Path, *names: str) -> list[CredentialFile]:
@@ -65,9 +58,9 @@ async def identities(url: str, directory: Path, *names: str) -> list[CredentialF
 
 
 async def test_an_encrypted_message_is_opaque_to_relayd_and_opens_for_its_recipient(
-    nursery: trio.Nursery, tmp_path: Path, backend: str
+    nursery: trio.Nursery, tmp_path: Path, backend: str, engine: Engine
 ) -> None:
-    relayd = await start_relayd(nursery, make_config(tmp_path / "relayd"))
+    relayd = await start_relayd(nursery, make_config(tmp_path / "relayd", engine=engine))
     url = url_of(relayd)
     alice_file, bob_file = await identities(url, tmp_path / "ids", "alice", "bob")
     bob_uuid = bob_file.load_sync().uuid
@@ -87,7 +80,7 @@ async def test_an_encrypted_message_is_opaque_to_relayd_and_opens_for_its_recipi
 
     await run_scenario(backend, scenario_of(publish_and_send))
     # What relayd stores (and would back up) for the queued message: no plain text.
-    [fields] = await stored_contents(relayd)
+    [fields] = await stored_contents(relayd, bob_uuid)
     assert SECRET not in fields
     assert f'"content":"relayd-e2e.v1:sealedbox:{fingerprints["bob"]}:' in fields
     assert fingerprints["seen"] == fingerprints["bob"]
@@ -109,9 +102,9 @@ async def test_an_encrypted_message_is_opaque_to_relayd_and_opens_for_its_recipi
 
 
 async def test_a_key_change_is_flagged_by_the_frame_and_by_the_pin(
-    nursery: trio.Nursery, tmp_path: Path, backend: str
+    nursery: trio.Nursery, tmp_path: Path, backend: str, engine: Engine
 ) -> None:
-    relayd = await start_relayd(nursery, make_config(tmp_path / "relayd"))
+    relayd = await start_relayd(nursery, make_config(tmp_path / "relayd", engine=engine))
     url = url_of(relayd)
     alice_file, bob_file = await identities(url, tmp_path / "ids", "alice", "bob")
     bob_uuid = bob_file.load_sync().uuid
@@ -158,9 +151,9 @@ async def test_a_key_change_is_flagged_by_the_frame_and_by_the_pin(
 
 
 async def test_refusals_no_key_tampered_boxes_and_foreign_keys(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
-    relayd = await start_relayd(nursery, make_config(tmp_path / "relayd"))
+    relayd = await start_relayd(nursery, make_config(tmp_path / "relayd", engine=engine))
     url = url_of(relayd)
     alice_file, bob_file, carol_file = await identities(
         url, tmp_path / "ids", "alice", "bob", "carol"

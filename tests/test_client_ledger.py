@@ -81,12 +81,13 @@ def test_receipts_for_msgids_it_does_not_hold_change_nothing() -> None:
     assert len(entry.receipts) == 1
 
 
-def test_rate_limited_goes_back_to_the_queue_and_sending_pauses() -> None:
+@pytest.mark.parametrize("code", ["rate_limited", "store_unavailable"])
+def test_refused_for_now_goes_back_to_the_queue_and_sending_pauses(code: str) -> None:
     ledger = Ledger()
     entry = ledger.add("a", frame("a"))
     ledger.add("b", frame("b"))
     write_all(ledger, now=10.0)
-    assert ledger.refused(error("rate_limited", "a", retry_after=2), now=10.5) is entry
+    assert ledger.refused(error(code, "a", retry_after=2), now=10.5) is entry
     assert entry.phase is Phase.QUEUED
     assert ledger.paused_until == 12.5
     assert ledger.has_queued()

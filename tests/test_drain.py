@@ -1,9 +1,11 @@
 """Shutdown of the whole daemon, step by step, in virtual time.
 
-The daemon runs under ``autojump_clock`` with its store called inline and its token clock on
-virtual time; clients are inserted straight into the store (no KDF thread, during which the
-fake clock could jump). The test records when each step of the drain is seen and asserts
-their order and the virtual time they take.
+The daemon runs under ``autojump_clock`` with its store called inline (on Redis, whose replies
+come over a socket, virtual time jumps only once nothing has happened for a while in real time:
+``Engine.autojump_threshold``) and its token clock on virtual time; clients are inserted
+straight into the store (no KDF thread, during which the fake clock could jump). The test
+records when each step of the drain is seen and asserts their order and the virtual time they
+take.
 """
 
 from __future__ import annotations
@@ -24,14 +26,20 @@ from relayd._relay.frames import CloseCode
 from relayd._store import ClientRecord, inline_executor
 
 from .hub_support import virtual_clock
-from .support import TEST_ENV, HttpClient, RunningRelayd, make_config
+from .support import TEST_ENV, Engine, HttpClient, RunningRelayd, make_config
 from .ws_support import ws_connect
+
+# The virtual time closing the store takes once the drain is done. On Redis, coredis 6.9,
+# cancelled, unsubscribes the cluster's pub/sub on the connection it has just closed and waits
+# its unsubscription_timeout (0.1 s) for a reply that cannot come (relayd/_cluster.py, _listen).
+STORE_CLOSE = {"sqlite": 0.0, "redis": 0.1}
 
 
 async def test_drain_order_and_virtual_time(
-    autojump_clock: trio.testing.MockClock, tmp_path: Path
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, engine: Engine
 ) -> None:
-    config = make_config(tmp_path, {"drain_timeout": 10.0})
+    config = make_config(tmp_path, {"drain_timeout": 10.0}, engine)
+    autojump_clock.autojump_threshold = engine.autojump_threshold
     daemon = Daemon(config, environ=TEST_ENV, clock=virtual_clock, store_executor=inline_executor)
     steps: list[tuple[str, float]] = []
 
@@ -87,8 +95,8 @@ async def test_drain_order_and_virtual_time(
         "run returned",
     ]
     # Nothing was in flight and nobody lagged: the drain took no virtual time at all, far
-    # inside drain_timeout.
-    assert all(at == t0 for _, at in steps), steps
+    # inside drain_timeout; closing the engine takes what it takes (see STORE_CLOSE).
+    assert [at - t0 for _, at in steps] == [0.0] * 4 + [STORE_CLOSE[engine.name]], steps
 
 
 async def test_freed_memory_is_given_back_every_interval_until_a_stop(

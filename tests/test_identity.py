@@ -14,7 +14,8 @@ import trio.testing
 
 from relayd import _kdf
 
-from .support import HttpClient, HttpResponse, RunningRelayd, start_relayd
+from .store_support import Target, at_rest_holding
+from .support import Engine, HttpClient, HttpResponse, RunningRelayd, start_relayd
 from .test_admin import cli, config_file, file_config
 from .test_rest import (
     REGISTER_KEYS,
@@ -118,9 +119,9 @@ async def test_proof_for_a_uuid_never_registered_registers_it(relayd: RunningRel
 
 
 async def test_proof_works_when_registration_is_closed(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
-    relayd = await start_daemon(nursery, tmp_path, {"auth": {"registration": "closed"}})
+    relayd = await start_daemon(nursery, tmp_path, engine, {"auth": {"registration": "closed"}})
     http = relayd.http
     made = await http.post(
         "/register", {"name": "alice", "uuid": SOME_UUID}, token=admin_token(relayd)
@@ -191,8 +192,10 @@ async def test_rotating_with_revoke_tokens_ends_every_earlier_token_and_session(
         await welcomed(session)
 
 
-async def test_rotation_is_limited_like_logins(nursery: trio.Nursery, tmp_path: Path) -> None:
-    relayd = await start_daemon(nursery, tmp_path, {"http": {"auth_burst": 2}})
+async def test_rotation_is_limited_like_logins(
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
+) -> None:
+    relayd = await start_daemon(nursery, tmp_path, engine, {"http": {"auth_burst": 2}})
     http = relayd.http
     alice = await http.register("alice")
     path = f"/clients/{alice['uuid']}/secret"
@@ -295,10 +298,11 @@ async def test_a_rotation_proved_with_a_token_does_not_undo_a_reset(
 
 
 @pytest.fixture
-async def invite_only(nursery: trio.Nursery, tmp_path: Path) -> RunningRelayd:
+async def invite_only(nursery: trio.Nursery, tmp_path: Path, engine: Engine) -> RunningRelayd:
     return await start_daemon(
         nursery,
         tmp_path,
+        engine,
         {
             "auth": {"registration": "invite", "max_open_invites": 3},
             "store": {"path": "relayd.sqlite3"},
@@ -393,10 +397,12 @@ async def test_an_invite_lifetime_out_of_range_is_422(invite_only: RunningRelayd
         assert assert_error(response, 422)["details"]["field"] == "ttl"
 
 
-async def test_an_expired_invite_is_refused(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_an_expired_invite_is_refused(
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
+) -> None:
     clock = ManualClock()
     relayd = await start_daemon(
-        nursery, tmp_path, {"auth": {"registration": "invite"}}, clock=clock
+        nursery, tmp_path, engine, {"auth": {"registration": "invite"}}, clock=clock
     )
     invite = await mint(relayd, ttl=60)
     assert invite["expires_at"] == pytest.approx(invite["created_at"] + 60)
@@ -406,37 +412,33 @@ async def test_an_expired_invite_is_refused(nursery: trio.Nursery, tmp_path: Pat
 
 
 async def test_the_store_keeps_only_the_code_s_hash(
-    invite_only: RunningRelayd, tmp_path: Path
+    invite_only: RunningRelayd, engine: Engine
 ) -> None:
     code = (await mint(invite_only))["invite"]
-
-    def files_holding(needle: bytes) -> list[Path]:
-        files = [p for p in tmp_path.rglob("*") if p.is_file()]
-        assert any(p.name.startswith("relayd.sqlite3") for p in files), files
-        return [p for p in files if needle in p.read_bytes()]
-
-    assert await trio.to_thread.run_sync(files_holding, code.encode()) == []
+    config = invite_only.daemon.config
+    at_rest = Target(engine.name, engine.url or config.store_path)
+    assert await at_rest_holding(at_rest, code.encode()) == []
     digest = hashlib.sha256(code.encode()).hexdigest().encode()
-    assert await trio.to_thread.run_sync(files_holding, digest) != []
+    assert await at_rest_holding(at_rest, digest) != []
 
 
 # --- the admin commands -------------------------------------------------------------------------
 
 
-def invite_config_file(tmp_path: Path, state: Path, listen: str) -> Path:
-    path = config_file(tmp_path, state, listen)
+def invite_config_file(tmp_path: Path, state: Path, listen: str, engine: Engine) -> Path:
+    path = config_file(tmp_path, state, listen, engine)
     path.write_text(path.read_text().replace("[auth]\n", '[auth]\nregistration = "invite"\n'))
     return path
 
 
-async def test_admin_commands_live_and_on_the_stopped_store(tmp_path: Path) -> None:
+async def test_admin_commands_live_and_on_the_stopped_store(tmp_path: Path, engine: Engine) -> None:
     state = tmp_path / "state"
     overrides = {"auth": {"registration": "invite"}}
     async with trio.open_nursery() as nursery:
-        relayd = await start_relayd(nursery, file_config(state, **overrides))
+        relayd = await start_relayd(nursery, file_config(state, engine, **overrides))
         http = relayd.http
         host, port = relayd.addresses.http
-        config = invite_config_file(tmp_path, state, f"{host}:{port}")
+        config = invite_config_file(tmp_path, state, f"{host}:{port}", engine)
         minted = await cli("admin", "invite", "--ttl", "600", "--config", str(config))
         assert minted.returncode == 0, minted.stderr
         code = minted.stdout.decode().strip()
@@ -461,7 +463,7 @@ async def test_admin_commands_live_and_on_the_stopped_store(tmp_path: Path) -> N
     assert (missing.returncode, b"no client" in missing.stderr) == (1, True)
 
     async with trio.open_nursery() as nursery:
-        relayd = await start_relayd(nursery, file_config(state, **overrides))
+        relayd = await start_relayd(nursery, file_config(state, engine, **overrides))
         http = relayd.http
         await login(http, alice["uuid"], offline_reset.stdout.decode().strip())
         bob = await http.post(

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import coredis
 import pytest
 import trio
 
@@ -19,6 +20,7 @@ from relayd._store import Store
 
 from .support import (
     TRANSPORTS,
+    Engine,
     HttpClient,
     HttpResponse,
     RunningRelayd,
@@ -28,12 +30,15 @@ from .test_rest import assert_error
 from .test_restart import MillisecondClock, file_config, running
 from .ws_support import WsClient, ws_connect
 
+# Where the Redis engine keeps who read a client's keys (a sorted set per owner).
+REDIS_READERS = "relayd:rd:"
+
 
 @pytest.fixture(params=TRANSPORTS)
 async def relayd(
-    request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path
+    request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> RunningRelayd:
-    return await start_on(nursery, tmp_path, request.param)
+    return await start_on(nursery, tmp_path, request.param, engine)
 
 
 def b64(raw: bytes) -> str:
@@ -175,7 +180,7 @@ async def test_only_the_client_itself_publishes_its_keys(relayd: RunningRelayd) 
 
 
 async def test_an_admin_reads_keys_without_becoming_a_correspondent(
-    relayd: RunningRelayd,
+    relayd: RunningRelayd, engine: Engine
 ) -> None:
     http = relayd.http
     alice, bob = await http.register("alice"), await http.register("bob")
@@ -188,13 +193,26 @@ async def test_an_admin_reads_keys_without_becoming_a_correspondent(
     assert response.status == 200, response
     assert [k["fingerprint"] for k in response.json()["keys"]] == [sha256(key)]
     await read(http, bob, alice)
+    assert await key_readers(relayd, engine) == [(alice["uuid"], bob["uuid"])]
+
+
+async def key_readers(relayd: RunningRelayd, engine: Engine) -> list[tuple[str, str]]:
+    """``(owner, reader)`` of every read the store remembers, as the engine keeps them."""
+    if engine.name == "redis":
+        async with coredis.Redis.from_url(engine.url, decode_responses=True) as redis:
+            pairs = [
+                (key.removeprefix(REDIS_READERS), reader)
+                async for key in redis.scan_iter(match=f"{REDIS_READERS}*")
+                for reader in await redis.zrange(key, 0, -1)
+            ]
+            return sorted(pairs)
     hub = relayd.daemon.hub
     assert hub is not None
     assert isinstance(hub.store, Store)
-    readers = await hub.store._run(
+    rows = await hub.store._run(
         lambda db: db.execute("SELECT client_uuid, reader_uuid FROM key_readers").fetchall()
     )
-    assert [tuple(r) for r in readers] == [(alice["uuid"], bob["uuid"])]
+    return sorted((owner, reader) for owner, reader in rows)
 
 
 async def test_the_directory_needs_a_token(relayd: RunningRelayd) -> None:
@@ -345,8 +363,8 @@ async def test_an_offline_reader_is_told_on_connect_once(relayd: RunningRelayd) 
         assert await frames_until_receipt(b, alice["uuid"]) == []
 
 
-async def test_a_key_change_owed_survives_a_restart(tmp_path: Path) -> None:
-    config = file_config(tmp_path)
+async def test_a_key_change_owed_survives_a_restart(tmp_path: Path, engine: Engine) -> None:
+    config = file_config(tmp_path, engine)
     clock = MillisecondClock()
     old, new = os.urandom(32), os.urandom(32)
     async with running(config, clock) as relayd:

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relayd._relay.frames import CloseCode
 
-from .support import HttpClient, RunningRelayd, make_config, start_relayd
+from .support import Engine, HttpClient, RunningRelayd, make_config, start_relayd
 from .ws_support import ws_connect
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -52,9 +52,9 @@ async def exchange(relayd: RunningRelayd) -> tuple[dict[str, Any], dict[str, Any
 
 
 async def test_counters_move_as_clients_exchange_messages(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
-    relayd = await start_relayd(nursery, make_config(tmp_path))
+    relayd = await start_relayd(nursery, make_config(tmp_path, engine=engine))
     before = await scrape(relayd.http)
     assert value(before, "relayd_messages_total", event="accepted") == 0
     assert value(before, "relayd_connections") == 0
@@ -90,9 +90,9 @@ async def test_counters_move_as_clients_exchange_messages(
 
 
 async def test_queued_messages_show_in_the_store_gauge(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
-    relayd = await start_relayd(nursery, make_config(tmp_path))
+    relayd = await start_relayd(nursery, make_config(tmp_path, engine=engine))
     alice = await relayd.http.register("alice")
     bob = await relayd.http.register("bob")
     async with ws_connect(relayd, alice["access_token"]) as a:
@@ -106,10 +106,10 @@ async def test_queued_messages_show_in_the_store_gauge(
 
 
 async def test_a_metrics_listener_keeps_metrics_off_the_client_port(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
     relayd = await start_relayd(
-        nursery, make_config(tmp_path, {"metrics": {"listen": "127.0.0.1:0"}})
+        nursery, make_config(tmp_path, {"metrics": {"listen": "127.0.0.1:0"}}, engine)
     )
     assert relayd.addresses.metrics is not None
     assert (await relayd.http.get("/metrics")).status == 404

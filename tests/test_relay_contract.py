@@ -16,6 +16,10 @@ backoff, then acknowledged; the recipient drops, two messages wait for it in the
 sender drops too; the recipient comes back and gets them (acknowledging one); the sender comes
 back and gets the receipts owed to it; the expiry sweep passes.
 
+Both run on SQLite: the harness is SQLite's (its store calls run in one transaction on the
+connection it holds), the rows compared are SQLite's, and the hub runs under ``autojump_clock``
+with its store called inline (see test_relay_hub.py).
+
 Neither side's sockets can ping (``pong_observable`` false): the harness counts the core's pings
 but, unlike the hub, never answers them.
 """

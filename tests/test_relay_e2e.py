@@ -2,7 +2,7 @@
 
 Every test runs on both transports: ``/ws`` on the main HTTP port (relayd's ASGI handler under
 hypercorn) and the dedicated trio-websocket listener. A session must not know which one
-carried it, so both pass the same suite.
+carried it, so both pass the same suite; and on both engines (``engine``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -25,26 +25,28 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 from relayd._relay.frames import CloseCode
 
 from .raw_ws import OP_TEXT, RawWebSocket, frame
-from .support import IO_DEADLINE, SEED_FIELDS, RunningRelayd, make_config, start_relayd
+from .support import IO_DEADLINE, SEED_FIELDS, Engine, RunningRelayd, make_config, start_relayd
 from .ws_support import WsClient, ws_connect
 
 TRANSPORTS = ["main", "dedicated"]
 
 
 async def start(
-    nursery: trio.Nursery, tmp_path: Path, transport: str, **sections: Any
+    nursery: trio.Nursery, tmp_path: Path, transport: str, engine: Engine, **sections: Any
 ) -> RunningRelayd:
     overrides: dict[str, Any] = dict(sections)
     if transport == "dedicated":
         overrides.setdefault("websocket", {})["listen"] = "127.0.0.1:0"
-    relayd = await start_relayd(nursery, make_config(tmp_path, overrides))
+    relayd = await start_relayd(nursery, make_config(tmp_path, overrides, engine))
     assert (relayd.addresses.websocket is None) == (transport == "main")
     return relayd
 
 
 @pytest.fixture(params=TRANSPORTS)
-async def relayd(request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path) -> Any:
-    return await start(nursery, tmp_path, request.param)
+async def relayd(
+    request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path, engine: Engine
+) -> Any:
+    return await start(nursery, tmp_path, request.param, engine)
 
 
 async def welcome(client: WsClient, uuid: str) -> dict[str, Any]:
@@ -219,9 +221,11 @@ async def test_revoked_client_is_closed_4003(relayd: RunningRelayd) -> None:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_too_many_connections_from_one_address_get_4029(
-    nursery: trio.Nursery, tmp_path: Path, transport: str
+    nursery: trio.Nursery, tmp_path: Path, transport: str, engine: Engine
 ) -> None:
-    relayd = await start(nursery, tmp_path, transport, websocket={"max_connections_per_ip": 2})
+    relayd = await start(
+        nursery, tmp_path, transport, engine, websocket={"max_connections_per_ip": 2}
+    )
     alice, bob, carol = [await relayd.http.register(name) for name in ("alice", "bob", "carol")]
     async with (
         ws_connect(relayd, alice["access_token"]) as first,
@@ -237,12 +241,12 @@ async def test_too_many_connections_from_one_address_get_4029(
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_thousand_silent_sockets_do_not_lock_out_a_client_with_a_token(
-    nursery: trio.Nursery, tmp_path: Path, transport: str
+    nursery: trio.Nursery, tmp_path: Path, transport: str, engine: Engine
 ) -> None:
     """Sockets that never authenticate only ever push each other out: the oldest of an
     address's waiting sockets is closed (4029) when it has too many, and a client that offers a
     token is never refused because of them."""
-    relayd = await start(nursery, tmp_path, transport)
+    relayd = await start(nursery, tmp_path, transport, engine)
     alice, bob = [await relayd.http.register(name) for name in ("alice", "bob")]
     host, port = relayd.addresses.websocket or relayd.addresses.http
     per_ip = relayd.daemon.config.websocket.max_pending_auth_per_ip
@@ -271,9 +275,9 @@ async def test_a_thousand_silent_sockets_do_not_lock_out_a_client_with_a_token(
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_shutdown_tells_sessions_and_closes_them_1001(
-    nursery: trio.Nursery, tmp_path: Path, transport: str
+    nursery: trio.Nursery, tmp_path: Path, transport: str, engine: Engine
 ) -> None:
-    relayd = await start(nursery, tmp_path, transport)
+    relayd = await start(nursery, tmp_path, transport, engine)
     alice = await relayd.http.register("alice")
     async with ws_connect(relayd, alice["access_token"]) as a:
         await welcome(a, alice["uuid"])
@@ -295,13 +299,13 @@ async def test_oversized_frame_closes_1009(relayd: RunningRelayd) -> None:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_recipient_that_stops_reading_is_dropped_and_shutdown_is_not_held(
-    nursery: trio.Nursery, tmp_path: Path, transport: str
+    nursery: trio.Nursery, tmp_path: Path, transport: str, engine: Engine
 ) -> None:
     """Bob's client stops reading its socket (but stays connected): once nothing can be
     written to it for write_timeout, relayd drops it, on either transport (on the main port
     hypercorn's own writes must be bounded too), and Alice is never held up."""
     relayd = await start(
-        nursery, tmp_path, transport, websocket={"write_timeout": 1.0}, drain_timeout=5.0
+        nursery, tmp_path, transport, engine, websocket={"write_timeout": 1.0}, drain_timeout=5.0
     )
     alice = await relayd.http.register("alice")
     bob = await relayd.http.register("bob")
@@ -325,11 +329,11 @@ async def test_a_recipient_that_stops_reading_is_dropped_and_shutdown_is_not_hel
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_peers_that_vanish_during_the_handshake_do_not_take_relayd_down(
-    nursery: trio.Nursery, tmp_path: Path, transport: str
+    nursery: trio.Nursery, tmp_path: Path, transport: str, engine: Engine
 ) -> None:
     """Handshakes cut off by a TCP reset (on the right path and a wrong one) end those
     connections only."""
-    relayd = await start(nursery, tmp_path, transport)
+    relayd = await start(nursery, tmp_path, transport, engine)
     host, port = relayd.addresses.websocket or relayd.addresses.http
     for path in ("/ws", "/nope") * 10:
         sock = trio.socket.socket()
@@ -370,12 +374,12 @@ async def test_a_client_that_offers_the_lean_profile_gets_it(relayd: RunningRela
 
 
 async def test_frames_sent_with_the_upgrade_request_are_read(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
     """A client that does not wait for the 101 (RFC 6455 says it should) and sends its auth
     frame in the same packet as the upgrade request: the dedicated listener hands the session
     a protocol of its own after the handshake, and must carry those bytes over to it."""
-    relayd = await start(nursery, tmp_path, "dedicated")
+    relayd = await start(nursery, tmp_path, "dedicated", engine)
     alice = await relayd.http.register("alice")
     assert relayd.addresses.websocket is not None
     host, port = relayd.addresses.websocket

@@ -52,7 +52,7 @@ from relayd._relay import frames as F
 from relayd._relay.frames import CloseCode
 
 from .relay_harness import Client, CoreHarness
-from .support import IO_DEADLINE, SEED_FIELDS, RunningRelayd, make_config, start_relayd
+from .support import IO_DEADLINE, SEED_FIELDS, Engine, RunningRelayd, make_config, start_relayd
 
 # Bounded so that the whole file runs in about ten seconds (drawing the examples costs more
 # than running them).
@@ -1068,10 +1068,12 @@ def live_config(transport: str) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, transport: str) -> AsyncIterator[RunningRelayd]:
-    """relayd for one test, in a nursery of the test's own (a crash fails the test itself)."""
+async def running(tmp_path: Path, transport: str, engine: Engine) -> AsyncIterator[RunningRelayd]:
+    """relayd on ``engine`` for one test, in a nursery of the test's own (a crash fails the
+    test itself)."""
     async with trio.open_nursery() as nursery:
-        relayd = await start_relayd(nursery, make_config(tmp_path, live_config(transport)))
+        config = make_config(tmp_path, live_config(transport), engine)
+        relayd = await start_relayd(nursery, config)
         try:
             yield relayd
         finally:
@@ -1139,10 +1141,12 @@ def frame_of(size: int, char: str) -> str:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_live_frame_over_max_frame_bytes_closes_1009(tmp_path: Path, transport: str) -> None:
+async def test_live_frame_over_max_frame_bytes_closes_1009(
+    tmp_path: Path, transport: str, engine: Engine
+) -> None:
     """A frame of exactly max_frame_bytes is read and answered; one byte more closes the
     socket with 1009; the daemon carries on."""
-    async with running(tmp_path, transport) as relayd:
+    async with running(tmp_path, transport, engine) as relayd:
         me = await relayd.http.register("me")
         async with ws_session(relayd, me["access_token"]) as ws:
             await ws.send_message(frame_of(MAX_FRAME, "x"))
@@ -1156,11 +1160,11 @@ async def test_live_frame_over_max_frame_bytes_closes_1009(tmp_path: Path, trans
 @pytest.mark.parametrize("char", ["\u20ac", "\U0001f600"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_live_multibyte_frame_over_max_frame_bytes_closes_1009(
-    tmp_path: Path, transport: str, char: str
+    tmp_path: Path, transport: str, char: str, engine: Engine
 ) -> None:
     """The limit is in bytes ("max_frame_bytes", "Largest inbound frame"): a frame of
     max_frame_bytes + 1 bytes of UTF-8, but fewer characters, must close with 1009 too."""
-    async with running(tmp_path, transport) as relayd:
+    async with running(tmp_path, transport, engine) as relayd:
         me = await relayd.http.register("me")
         async with ws_session(relayd, me["access_token"]) as ws:
             over = char * (MAX_FRAME // len(char.encode()) + 1)
@@ -1171,9 +1175,9 @@ async def test_live_multibyte_frame_over_max_frame_bytes_closes_1009(
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_live_binary_frame_gets_an_error_and_the_socket_stays_usable(
-    tmp_path: Path, transport: str
+    tmp_path: Path, transport: str, engine: Engine
 ) -> None:
-    async with running(tmp_path, transport) as relayd:
+    async with running(tmp_path, transport, engine) as relayd:
         me = await relayd.http.register("me")
         async with ws_session(relayd, me["access_token"]) as ws:
             for payload in (b"", b"\x00\xff", b'{"type": "ping"}'):
@@ -1187,9 +1191,9 @@ async def test_live_binary_frame_gets_an_error_and_the_socket_stays_usable(
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_live_invalid_json_gets_an_error_and_the_socket_stays_usable(
-    tmp_path: Path, transport: str
+    tmp_path: Path, transport: str, engine: Engine
 ) -> None:
-    async with running(tmp_path, transport) as relayd:
+    async with running(tmp_path, transport, engine) as relayd:
         me = await relayd.http.register("me")
         peer = await relayd.http.register("peer")
         async with ws_session(relayd, me["access_token"]) as ws:
@@ -1209,11 +1213,11 @@ async def test_live_invalid_json_gets_an_error_and_the_socket_stays_usable(
 @pytest.mark.parametrize("acknowledge", [True, False])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_live_lone_surrogate_escape_does_not_take_relayd_down(
-    tmp_path: Path, transport: str, acknowledge: bool
+    tmp_path: Path, transport: str, acknowledge: bool, engine: Engine
 ) -> None:
     """One frame from one client, ``{"content": "\\ud800"}``: relayd must answer it with an
     error frame (or deliver something valid) and carry on serving everyone."""
-    async with running(tmp_path, transport) as relayd:
+    async with running(tmp_path, transport, engine) as relayd:
         me = await relayd.http.register("me")
         peer = await relayd.http.register("peer")
         async with (

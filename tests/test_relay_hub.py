@@ -4,6 +4,11 @@ Every test runs the real hub (relayd/_relay/hub.py) and core on a real in-memory
 sockets replaced by :class:`~tests.hub_support.Peer` and Trio's fake clock jumping from one
 deadline to the next: ``trio.current_time()`` when a frame arrives is the instant relayd sent
 it.
+
+The store is SQLite's, called inline: a store across a socket (Redis) would let the fake clock
+jump while it answers, and every instant here would be off. What the hub does on Redis is
+tested end to end on both engines (the ``engine`` fixture) and, where only a node of a cluster
+can show it, by the tests at the end, on a real Redis in real time.
 """
 
 from __future__ import annotations
@@ -16,13 +21,22 @@ import trio
 import trio.testing
 
 from relayd._auth import Revocation
+from relayd._cluster import open_cluster
 from relayd._errors import TokenError
 from relayd._relay import hub as hub_module
 from relayd._relay.frames import CloseCode
 from relayd._relay.hub import CLOSE_TIMEOUT, DEFER_COMMIT, INLINE_OPS
 from relayd._store import inline_executor
 
-from .hub_support import EPOCH, RecordingStore, gated_store, running_hub
+from .hub_support import (
+    EPOCH,
+    GatedRedisStore,
+    RecordingStore,
+    gated_store,
+    hub_config,
+    running_hub,
+)
+from .support import IO_DEADLINE
 
 MockClock = trio.testing.MockClock
 
@@ -587,3 +601,32 @@ async def test_small_group_commits_run_on_the_loop_and_big_ones_in_a_thread(
         assert held <= INLINE_OPS < behind
         assert held + behind == burst
         assert store.inline == [True, True, False]
+
+
+# --- cluster mode: a real Redis, in real time ---------------------------------------------------
+
+
+async def test_a_frame_read_as_the_seqs_run_out_waits_for_the_next_block(redis_url: str) -> None:
+    """On Redis a client's claim raises the node's seq floor to the shared counter, which
+    empties the node's pool of seqs until the next block is reserved. A frame that another
+    session was already waiting to read must wait for that block, not be refused with
+    ``store_unavailable``: the store is fine, and its sender would have to send it again."""
+    overrides = {"store": {"engine": "redis", "url": redis_url}}
+    async with (
+        GatedRedisStore.open(redis_url) as store,
+        open_cluster(hub_config(overrides)) as cluster,
+        running_hub(overrides, store=store, cluster=cluster) as env,
+    ):
+        assert isinstance(store, GatedRedisStore)
+        with trio.fail_after(IO_DEADLINE):
+            alice, bob = await env.client("alice"), await env.client("bob")
+            a = await env.connect(alice)  # her reader now waits for her next frame
+            store.gate = trio.Event()
+            env.open(bob.token)
+            await store.held.wait()  # bob's claim emptied the pool; its next block is held
+            await a.say(message(bob.uuid, "m1"))
+            await trio.testing.wait_all_tasks_blocked()  # the hub has read alice's frame
+            assert a.frames == []
+            store.gate.set()
+            status = await a.next()
+        assert (status["type"], status["msgid"]) == ("delivery_status", "m1"), status

@@ -30,6 +30,7 @@ from relayd._http import Readiness
 
 from .support import (
     TEST_ENV,
+    Engine,
     HttpClient,
     HttpResponse,
     RunningRelayd,
@@ -89,13 +90,15 @@ class SteppingClock:
 async def start_daemon(
     nursery: trio.Nursery,
     tmp_path: Path,
+    engine: Engine,
     overrides: Mapping[str, Any] | None = None,
     *,
     clock: Callable[[], float] | None = None,
 ) -> RunningRelayd:
-    """Start relayd with ``overrides`` on ``clock`` (a fresh :class:`MillisecondClock`)."""
+    """Start relayd on ``engine`` with ``overrides`` on ``clock`` (a fresh
+    :class:`MillisecondClock`)."""
     daemon = Daemon(
-        make_config(tmp_path, overrides),
+        make_config(tmp_path, overrides, engine),
         environ=TEST_ENV,
         clock=MillisecondClock() if clock is None else clock,
     )
@@ -104,9 +107,9 @@ async def start_daemon(
 
 
 @pytest.fixture
-async def relayd(nursery: trio.Nursery, tmp_path: Path) -> RunningRelayd:
+async def relayd(nursery: trio.Nursery, tmp_path: Path, engine: Engine) -> RunningRelayd:
     """Overrides conftest's ``relayd``: the same daemon, on :class:`MillisecondClock`."""
-    return await start_daemon(nursery, tmp_path)
+    return await start_daemon(nursery, tmp_path, engine)
 
 
 def assert_error(
@@ -530,8 +533,8 @@ async def test_a_revoked_operator_token_is_refused(relayd: RunningRelayd) -> Non
     await assert_token_refused(relayd.http, admin, "token_revoked")
 
 
-async def test_closed_registration(nursery: trio.Nursery, tmp_path: Path) -> None:
-    relayd = await start_daemon(nursery, tmp_path, {"auth": {"registration": "closed"}})
+async def test_closed_registration(nursery: trio.Nursery, tmp_path: Path, engine: Engine) -> None:
+    relayd = await start_daemon(nursery, tmp_path, engine, {"auth": {"registration": "closed"}})
     http = relayd.http
     anonymous = await http.post("/register", {"name": "alice"})
     assert assert_error(anonymous, 403, "registration_closed")["details"] == {
@@ -617,8 +620,10 @@ async def test_405_names_the_allowed_methods(relayd: RunningRelayd) -> None:
     assert "POST" in {m.strip() for m in response.headers["allow"].split(",")}
 
 
-async def test_body_over_max_body_bytes_is_413(nursery: trio.Nursery, tmp_path: Path) -> None:
-    relayd = await start_daemon(nursery, tmp_path, {"http": {"max_body_bytes": 1024}})
+async def test_body_over_max_body_bytes_is_413(
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
+) -> None:
+    relayd = await start_daemon(nursery, tmp_path, engine, {"http": {"max_body_bytes": 1024}})
 
     def body_of(size: int) -> bytes:
         # Valid JSON a client could send: unknown keys are ignored.
@@ -817,9 +822,11 @@ def assert_rate_limited(response: HttpResponse) -> int:
     return seconds
 
 
-async def test_register_is_rate_limited(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_register_is_rate_limited(
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
+) -> None:
     overrides = {"http": {"register_burst": 2, "register_per_minute": 1}}
-    relayd = await start_daemon(nursery, tmp_path, overrides)
+    relayd = await start_daemon(nursery, tmp_path, engine, overrides)
     http = relayd.http
     alice = await http.register("alice")
     await http.register("bob")
@@ -836,10 +843,10 @@ async def test_register_is_rate_limited(nursery: trio.Nursery, tmp_path: Path) -
 
 
 async def test_auth_is_rate_limited_apart_from_register(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
     overrides = {"http": {"auth_burst": 2, "auth_per_minute": 1}}
-    relayd = await start_daemon(nursery, tmp_path, overrides)
+    relayd = await start_daemon(nursery, tmp_path, engine, overrides)
     http = relayd.http
     alice = await http.register("alice")
     await login(http, alice["uuid"], alice["client_secret"])
@@ -855,10 +862,10 @@ async def test_auth_is_rate_limited_apart_from_register(
 
 
 async def test_authenticated_routes_are_rate_limited_per_client(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
     overrides = {"http": {"api_burst": 3, "api_per_minute": 1}}
-    relayd = await start_daemon(nursery, tmp_path, overrides)
+    relayd = await start_daemon(nursery, tmp_path, engine, overrides)
     http = relayd.http
     alice = await http.register("alice")
     bob = await http.register("bob")
@@ -877,13 +884,13 @@ async def test_authenticated_routes_are_rate_limited_per_client(
 
 
 async def test_the_api_limit_holds_for_admin_routes_and_closed_registration(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
     overrides = {
         "http": {"api_burst": 2, "api_per_minute": 1},
         "auth": {"registration": "closed"},
     }
-    relayd = await start_daemon(nursery, tmp_path, overrides)
+    relayd = await start_daemon(nursery, tmp_path, engine, overrides)
     admin = admin_token(relayd)
     assert_ok(await relayd.http.get("/admin/clients", token=admin))
     assert_ok(await relayd.http.post("/register", {"name": "alice"}, token=admin))
@@ -896,25 +903,25 @@ async def test_the_api_limit_holds_for_admin_routes_and_closed_registration(
 
 
 async def test_registration_tokens_work_when_issued_in_the_same_millisecond(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
     """Registration stores ``tokens_valid_after`` = now, unrounded, then issues tokens whose
     ``iat`` is rounded to the millisecond: within one millisecond that rounds *down*, below
     ``tokens_valid_after``, and the brand-new tokens are refused as revoked."""
     clock = SteppingClock(start=1_800_000_000.0001, step=0.0001)
-    relayd = await start_daemon(nursery, tmp_path, clock=clock)
+    relayd = await start_daemon(nursery, tmp_path, engine, clock=clock)
     alice = await relayd.http.register("alice")
     await assert_token_works(relayd.http, alice["access_token"])
     assert_ok(await relayd.http.post("/auth/refresh", {"refresh_token": alice["refresh_token"]}))
 
 
 async def test_registration_tokens_work_on_the_wall_clock(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
     """The same bug, on the daemon's default clock (``time.time``): each registration's own
     token must authenticate at once. Each one fails with a probability of tens of percent."""
     overrides = {"http": {"register_burst": 30}}
-    relayd = await start_relayd(nursery, make_config(tmp_path, overrides))
+    relayd = await start_relayd(nursery, make_config(tmp_path, overrides, engine))
     refused = []
     for i in range(20):
         client = await relayd.http.register(f"client-{i}")

@@ -1,5 +1,5 @@
-"""What relayd promises survives a restart on a file store: clients, secrets, refresh families
-and revocations.
+"""What relayd promises survives a restart on a store that outlives the daemon (a SQLite file,
+or a Redis database): clients, secrets, refresh families and revocations.
 
 Each phase runs a daemon in a nursery of its own and stops it with ``Daemon.stop()``; the phase
 ends when ``Daemon.run`` has returned (the nursery exits), so the next daemon opens a store the
@@ -19,7 +19,7 @@ import trio
 
 from relayd import Addresses, Config, Daemon
 
-from .support import TEST_ENV, HttpClient, HttpResponse, RunningRelayd, make_config
+from .support import TEST_ENV, Engine, HttpClient, HttpResponse, RunningRelayd, make_config
 
 # Start, serve a phase and drain; generous, but bounded.
 PHASE_DEADLINE = 30.0
@@ -50,8 +50,10 @@ async def running(config: Config, clock: MillisecondClock) -> AsyncIterator[Runn
                 daemon.stop()
 
 
-def file_config(tmp_path: Path) -> Config:
-    config = make_config(tmp_path, {"store": {"path": "relayd.sqlite3"}})
+def file_config(tmp_path: Path, engine: Engine) -> Config:
+    """A store that outlives the daemon on ``engine``: on SQLite a file under ``state_dir``,
+    on Redis the test's database."""
+    config = make_config(tmp_path, {"store": {"path": "relayd.sqlite3"}}, engine)
     assert Path(config.store_path).parent == tmp_path / "state"
     return config
 
@@ -75,13 +77,14 @@ async def refresh(http: HttpClient, token: str) -> HttpResponse:
     return await http.post("/auth/refresh", {"refresh_token": token})
 
 
-async def test_clients_and_tokens_survive_a_restart(tmp_path: Path) -> None:
-    config = file_config(tmp_path)
+async def test_clients_and_tokens_survive_a_restart(tmp_path: Path, engine: Engine) -> None:
+    config = file_config(tmp_path, engine)
     clock = MillisecondClock()
     async with running(config, clock) as relayd:
         alice = await relayd.http.register("alice")
         bob = await relayd.http.register("bob")
-    assert await trio.Path(config.store_path).is_file()
+    if engine.name == "sqlite":
+        assert await trio.Path(config.store_path).is_file()
 
     async with running(config, clock) as relayd:
         http = relayd.http
@@ -113,8 +116,8 @@ async def test_clients_and_tokens_survive_a_restart(tmp_path: Path) -> None:
         ok(await refresh(http, bob["refresh_token"]))
 
 
-async def test_a_rotation_before_the_restart_is_remembered(tmp_path: Path) -> None:
-    config = file_config(tmp_path)
+async def test_a_rotation_before_the_restart_is_remembered(tmp_path: Path, engine: Engine) -> None:
+    config = file_config(tmp_path, engine)
     clock = MillisecondClock()
     async with running(config, clock) as relayd:
         alice = await relayd.http.register("alice")
@@ -129,8 +132,8 @@ async def test_a_rotation_before_the_restart_is_remembered(tmp_path: Path) -> No
         assert error_code(newest, 401) == "token_revoked"
 
 
-async def test_revocations_survive_a_restart(tmp_path: Path) -> None:
-    config = file_config(tmp_path)
+async def test_revocations_survive_a_restart(tmp_path: Path, engine: Engine) -> None:
+    config = file_config(tmp_path, engine)
     clock = MillisecondClock()
     async with running(config, clock) as relayd:
         http = relayd.http
@@ -155,8 +158,10 @@ async def test_revocations_survive_a_restart(tmp_path: Path) -> None:
         ok(await refresh(http, kept["refresh_token"]))
 
 
-async def test_deletion_and_admin_revocation_survive_a_restart(tmp_path: Path) -> None:
-    config = file_config(tmp_path)
+async def test_deletion_and_admin_revocation_survive_a_restart(
+    tmp_path: Path, engine: Engine
+) -> None:
+    config = file_config(tmp_path, engine)
     clock = MillisecondClock()
     async with running(config, clock) as relayd:
         http = relayd.http

@@ -1,5 +1,6 @@
 """Revocation end to end: a revoked token is refused on every path at once, and the live
-session that runs on it is closed with 4003 at once, on both transports and across a restart.
+session that runs on it is closed with 4003 at once, on both transports and both engines, and
+across a restart.
 
 A login is a refresh family: its refresh tokens and the access tokens issued with them carry
 the same ``fam``. Presenting a spent refresh token again (reuse) and logging out revoke the
@@ -16,16 +17,16 @@ import trio
 
 from relayd._relay.frames import CloseCode
 
-from .support import TRANSPORTS, HttpClient, RunningRelayd, start_on
+from .support import TRANSPORTS, Engine, HttpClient, RunningRelayd, start_on
 from .test_restart import MillisecondClock, file_config, running
 from .ws_support import WsClient, ws_connect
 
 
 @pytest.fixture(params=TRANSPORTS)
 async def relayd(
-    request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path
+    request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> RunningRelayd:
-    return await start_on(nursery, tmp_path, request.param)
+    return await start_on(nursery, tmp_path, request.param, engine)
 
 
 async def refresh(http: HttpClient, refresh_token: str) -> dict[str, Any]:
@@ -137,8 +138,10 @@ async def test_revoking_an_access_token_closes_the_session_using_it_at_once(
     await refused_at_connect(relayd, alice["access_token"])
 
 
-async def test_a_login_revoked_by_reuse_stays_revoked_across_a_restart(tmp_path: Path) -> None:
-    config = file_config(tmp_path)
+async def test_a_login_revoked_by_reuse_stays_revoked_across_a_restart(
+    tmp_path: Path, engine: Engine
+) -> None:
+    config = file_config(tmp_path, engine)
     clock = MillisecondClock()
     async with running(config, clock) as relayd:
         http = relayd.http

@@ -16,7 +16,7 @@ from relayd import Config
 from relayd._config import RolesConfig
 from relayd._roles import RoleDirectory, RolePolicy
 
-from .support import RunningRelayd, start_relayd
+from .support import Engine, RunningRelayd, start_relayd
 from .test_admin import cli, config_file, file_config
 from .test_config import config_error, write
 from .test_rest import admin_token, assert_error, assert_ok
@@ -115,8 +115,8 @@ def test_the_directory_follows_changes() -> None:
 # --- the permission matrix, end to end ----------------------------------------------------------
 
 
-async def start_school(nursery: trio.Nursery, state: Path) -> RunningRelayd:
-    return await start_relayd(nursery, file_config(state, roles=SCHOOL))
+async def start_school(nursery: trio.Nursery, state: Path, engine: Engine) -> RunningRelayd:
+    return await start_relayd(nursery, file_config(state, engine, roles=SCHOOL))
 
 
 async def enrol(relayd: RunningRelayd, name: str, role: str) -> dict[str, Any]:
@@ -143,9 +143,9 @@ async def outcome(socket: WsClient, to: str, msgid: str) -> str:
     return "accepted"
 
 
-async def test_the_school_permission_matrix(tmp_path: Path) -> None:
+async def test_the_school_permission_matrix(tmp_path: Path, engine: Engine) -> None:
     async with trio.open_nursery() as nursery:
-        relayd = await start_school(nursery, tmp_path / "state")
+        relayd = await start_school(nursery, tmp_path / "state", engine)
         people = {role: await enrol(relayd, role, role) for role in ROLES}
         expected_message = {
             ("student", "student"): "not_permitted",
@@ -192,10 +192,12 @@ async def test_the_school_permission_matrix(tmp_path: Path) -> None:
         relayd.daemon.stop()
 
 
-async def test_a_role_change_applies_at_once_and_survives_a_restart(tmp_path: Path) -> None:
+async def test_a_role_change_applies_at_once_and_survives_a_restart(
+    tmp_path: Path, engine: Engine
+) -> None:
     state = tmp_path / "state"
     async with trio.open_nursery() as nursery:
-        relayd = await start_school(nursery, state)
+        relayd = await start_school(nursery, state, engine)
         pupil = await enrol(relayd, "pupil", "student")
         other = await enrol(relayd, "other", "student")
         token = pupil["access_token"]
@@ -223,7 +225,7 @@ async def test_a_role_change_applies_at_once_and_survives_a_restart(tmp_path: Pa
         relayd.daemon.stop()
 
     async with trio.open_nursery() as nursery:
-        relayd = await start_school(nursery, state)
+        relayd = await start_school(nursery, state, engine)
         async with ws_connect(relayd, token) as socket:
             assert (await socket.next())["type"] == "connection"
             assert await outcome(socket, other["uuid"], "m4") == "accepted"
@@ -248,10 +250,10 @@ async def test_a_role_change_applies_at_once_and_survives_a_restart(tmp_path: Pa
     ],
 )
 async def test_bad_roles_are_422_naming_the_field(
-    tmp_path: Path, body: dict[str, Any], field_problem: str | None
+    tmp_path: Path, body: dict[str, Any], field_problem: str | None, engine: Engine
 ) -> None:
     async with trio.open_nursery() as nursery:
-        relayd = await start_school(nursery, tmp_path / "state")
+        relayd = await start_school(nursery, tmp_path / "state", engine)
         pupil = await relayd.http.register("pupil")
         response = await relayd.http.request(
             "PUT",
@@ -266,9 +268,9 @@ async def test_bad_roles_are_422_naming_the_field(
         relayd.daemon.stop()
 
 
-async def test_only_an_admin_changes_roles(tmp_path: Path) -> None:
+async def test_only_an_admin_changes_roles(tmp_path: Path, engine: Engine) -> None:
     async with trio.open_nursery() as nursery:
-        relayd = await start_school(nursery, tmp_path / "state")
+        relayd = await start_school(nursery, tmp_path / "state", engine)
         teacher = await enrol(relayd, "teacher", "teacher")
         path = f"/admin/clients/{teacher['uuid']}/roles"
         body = {"roles": ["admin"]}
@@ -284,12 +286,12 @@ async def test_only_an_admin_changes_roles(tmp_path: Path) -> None:
         relayd.daemon.stop()
 
 
-async def test_relayd_admin_roles_live_and_on_the_store(tmp_path: Path) -> None:
+async def test_relayd_admin_roles_live_and_on_the_store(tmp_path: Path, engine: Engine) -> None:
     state = tmp_path / "state"
     async with trio.open_nursery() as nursery:
-        relayd = await start_school(nursery, state)
+        relayd = await start_school(nursery, state, engine)
         host, port = relayd.addresses.http
-        config = config_file(tmp_path, state, f"{host}:{port}")
+        config = config_file(tmp_path, state, f"{host}:{port}", engine)
         config.write_text(
             config.read_text()
             + '[roles]\ndefault = "student"\n[roles.define]\nstudent = ["message:teacher"]\n'
@@ -308,15 +310,17 @@ async def test_relayd_admin_roles_live_and_on_the_store(tmp_path: Path) -> None:
     listed = await cli("admin", "clients", "--config", str(config))
     assert listed.returncode == 0, listed.stderr
     async with trio.open_nursery() as nursery:
-        relayd = await start_school(nursery, state)
+        relayd = await start_school(nursery, state, engine)
         found = await relayd.http.get("/admin/clients", token=pupil["access_token"])
         assert [item["roles"] for item in assert_ok(found)["items"]] == [["admin"]]
         relayd.daemon.stop()
 
 
-async def test_keys_are_read_by_those_who_may_message_their_owner(tmp_path: Path) -> None:
+async def test_keys_are_read_by_those_who_may_message_their_owner(
+    tmp_path: Path, engine: Engine
+) -> None:
     async with trio.open_nursery() as nursery:
-        relayd = await start_school(nursery, tmp_path / "state")
+        relayd = await start_school(nursery, tmp_path / "state", engine)
         people = {role: await enrol(relayd, role, role) for role in ROLES}
         key = {"keys": [{"algorithm": "x25519", "key": base64.b64encode(bytes(32)).decode()}]}
         for doc in people.values():

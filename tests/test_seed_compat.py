@@ -36,7 +36,7 @@ from relayd._relay import frames as F
 from relayd._relay.frames import CloseCode
 
 from .relay_harness import CoreHarness
-from .support import IO_DEADLINE, SEED_FIELDS, RunningRelayd, make_config, start_relayd
+from .support import IO_DEADLINE, SEED_FIELDS, Engine, RunningRelayd, make_config, start_relayd
 
 # Every blocking call of the client gives up by itself after this long; the test stops
 # waiting for it after IO_DEADLINE in any case.
@@ -229,11 +229,13 @@ def seed_config(websocket: dict[str, Any] | None = None) -> dict[str, Any]:
 
 @asynccontextmanager
 async def seed_relayd(
-    tmp_path: Path, websocket: dict[str, Any] | None = None
+    tmp_path: Path, engine: Engine, websocket: dict[str, Any] | None = None
 ) -> AsyncIterator[Seed]:
-    """relayd on a loopback port, in a nursery of the test's own (a crash fails the test)."""
+    """relayd on ``engine`` on a loopback port, in a nursery of the test's own (a crash fails
+    the test)."""
     async with trio.open_nursery() as nursery:
-        relayd = await start_relayd(nursery, make_config(tmp_path, seed_config(websocket)))
+        config = make_config(tmp_path, seed_config(websocket), engine)
+        relayd = await start_relayd(nursery, config)
         seed = Seed(relayd)
         try:
             yield seed
@@ -247,12 +249,12 @@ async def seed_relayd(
 
 
 @pytest.mark.parametrize("typed", [False, True], ids=["no_type", "type_message"])
-async def test_seed_clients_converse(tmp_path: Path, typed: bool) -> None:
+async def test_seed_clients_converse(tmp_path: Path, typed: bool, engine: Engine) -> None:
     """Register, connect, send a 13-field message with ``acknowledge: true``; the recipient
     gets the 13 fields with the sender's values and auto-acks; the sender learns
     ``delivery_status`` then ``delivery_update`` acknowledged. Neither client auto-acks
     anything but the delivered message."""
-    async with seed_relayd(tmp_path) as seed:
+    async with seed_relayd(tmp_path, engine) as seed:
         alice_id = await seed.register("alice-phone")
         bob_id = await seed.register("bob-sensor")
         bob = await seed.online(bob_id)
@@ -280,10 +282,11 @@ async def test_seed_clients_converse(tmp_path: Path, typed: bool) -> None:
 
 async def test_seed_message_to_an_offline_client_arrives_after_its_welcome(
     tmp_path: Path,
+    engine: Engine,
 ) -> None:
     """``queued_offline`` to the sender; on connecting, the recipient reads its welcome frame
     first, then the message (the seed delivered queued messages before the welcome)."""
-    async with seed_relayd(tmp_path) as seed:
+    async with seed_relayd(tmp_path, engine) as seed:
         alice_id = await seed.register("alice")
         bob_id = await seed.register("bob")
         alice = await seed.online(alice_id)
@@ -303,10 +306,12 @@ async def test_seed_message_to_an_offline_client_arrives_after_its_welcome(
 
 
 @pytest.mark.parametrize("acknowledge", [False, True])
-async def test_seed_retransmission_is_delivered_once(tmp_path: Path, acknowledge: bool) -> None:
+async def test_seed_retransmission_is_delivered_once(
+    tmp_path: Path, acknowledge: bool, engine: Engine
+) -> None:
     """A seed client that sends the same msgid again (a retry) does not get it delivered twice
     (the seed had no duplicate detection): the retry's receipt says ``duplicate``."""
-    async with seed_relayd(tmp_path) as seed:
+    async with seed_relayd(tmp_path, engine) as seed:
         alice_id = await seed.register("alice")
         bob_id = await seed.register("bob")
         bob = await seed.online(bob_id)
@@ -336,10 +341,10 @@ async def test_seed_retransmission_is_delivered_once(tmp_path: Path, acknowledge
 # --- tokens -------------------------------------------------------------------------------------
 
 
-async def test_seed_refresh_rotates_the_tokens(tmp_path: Path) -> None:
+async def test_seed_refresh_rotates_the_tokens(tmp_path: Path, engine: Engine) -> None:
     """``POST /auth/refresh`` answers 200 with a new pair; the new access token opens a
     session; the old refresh token stops working."""
-    async with seed_relayd(tmp_path) as seed:
+    async with seed_relayd(tmp_path, engine) as seed:
         alice_id = await seed.register("alice")
         response = await seed.relayd.http.post(
             "/auth/refresh", {"refresh_token": alice_id.refresh_token}
@@ -372,7 +377,7 @@ async def test_seed_refresh_rotates_the_tokens(tmp_path: Path) -> None:
     ],
 )
 async def test_seed_client_with_a_bad_token_learns_it_was_refused_and_why(
-    tmp_path: Path, bad: str, why: str
+    tmp_path: Path, bad: str, why: str, engine: Engine
 ) -> None:
     """A bad token: an error frame that says why (``error.code``), then a close with 4001 (the
     seed used 1008); nothing else. The client must learn why from one or the other.
@@ -381,7 +386,7 @@ async def test_seed_client_with_a_bad_token_learns_it_was_refused_and_why(
     the close when its reply to the close fails, which it does when the server has already
     closed the TCP connection; see ``test_server_waits_for_the_clients_close_frame``.)
     """
-    async with seed_relayd(tmp_path) as seed:
+    async with seed_relayd(tmp_path, engine) as seed:
         alice_id = await seed.register("alice")
         token = {
             "garbage": "not-a-token",
@@ -406,10 +411,12 @@ async def test_seed_client_with_a_bad_token_learns_it_was_refused_and_why(
 # --- impersonation ------------------------------------------------------------------------------
 
 
-async def test_seed_impersonation_is_refused_and_the_socket_stays_open(tmp_path: Path) -> None:
+async def test_seed_impersonation_is_refused_and_the_socket_stays_open(
+    tmp_path: Path, engine: Engine
+) -> None:
     """``from`` naming another client: an error frame MESSAGE_SENDER_MISMATCH in the seed's
     shape, nothing delivered, and the same socket then sends a real message."""
-    async with seed_relayd(tmp_path) as seed:
+    async with seed_relayd(tmp_path, engine) as seed:
         alice_id = await seed.register("alice")
         bob_id = await seed.register("bob")
         carol_id = await seed.register("carol")
@@ -438,10 +445,12 @@ async def test_seed_impersonation_is_refused_and_the_socket_stays_open(tmp_path:
 # --- sending before the welcome ----------------------------------------------------------------
 
 
-async def test_seed_client_may_send_before_reading_the_welcome(tmp_path: Path) -> None:
+async def test_seed_client_may_send_before_reading_the_welcome(
+    tmp_path: Path, engine: Engine
+) -> None:
     """The seed authenticated during the handshake, so a seed client may send as soon as it is
     connected, without waiting for the welcome frame. Five clients in a row do."""
-    async with seed_relayd(tmp_path) as seed:
+    async with seed_relayd(tmp_path, engine) as seed:
         bob_id = await seed.register("bob")
         for i in range(5):
             alice_id = await seed.register(f"alice-{i}")
@@ -473,12 +482,14 @@ def test_core_reads_a_frame_sent_while_the_token_is_being_verified() -> None:
 # --- bugs ---------------------------------------------------------------------------------------
 
 
-async def test_seed_client_stays_connected_across_heartbeats(tmp_path: Path) -> None:
+async def test_seed_client_stays_connected_across_heartbeats(
+    tmp_path: Path, engine: Engine
+) -> None:
     """A seed client that sits idle (it answers WebSocket pings, as every client library
     does) stays connected through several heartbeat intervals, and can then send."""
     interval = 0.2
     websocket = {"heartbeat_interval": interval, "heartbeat_timeout": 30 * interval}
-    async with seed_relayd(tmp_path, websocket) as seed:
+    async with seed_relayd(tmp_path, engine, websocket) as seed:
         alice_id = await seed.register("alice")
         bob_id = await seed.register("bob")
         alice = await seed.online(alice_id)
@@ -508,7 +519,9 @@ def test_seed_auto_ack_rule() -> None:
 
 
 @pytest.mark.parametrize("transport", ["http_port", "dedicated"])
-async def test_server_waits_for_the_clients_close_frame(tmp_path: Path, transport: str) -> None:
+async def test_server_waits_for_the_clients_close_frame(
+    tmp_path: Path, transport: str, engine: Engine
+) -> None:
     """The closing handshake (RFC 6455 section 7): after relayd sends its close frame (here,
     refusing a bad token) it keeps the TCP connection until the client's close frame comes.
 
@@ -516,7 +529,7 @@ async def test_server_waits_for_the_clients_close_frame(tmp_path: Path, transpor
     frames that came with the close (here the error frame that says why), about one time in
     five on this machine."""
     websocket = {"listen": "127.0.0.1:0"} if transport == "dedicated" else {}
-    async with seed_relayd(tmp_path, websocket) as seed:
+    async with seed_relayd(tmp_path, engine, websocket) as seed:
         url = urlsplit(seed.ws_url)
         assert url.hostname is not None
         assert url.port is not None

@@ -39,7 +39,7 @@ from relayd._relay.listeners import asgi_websocket_app
 
 from .hub_support import running_hub
 from .raw_ws import RawWebSocket
-from .support import RunningRelayd, make_config, start_relayd
+from .support import Engine, RunningRelayd, make_config, start_relayd
 from .test_metrics import scrape, value
 from .ws_support import WsClient, ws_connect
 
@@ -51,7 +51,9 @@ BIG = "x" * 60_000  # 48 of them: far more than a 4 KiB receive window and the s
 MARGIN = 3.0
 
 
-async def start(nursery: trio.Nursery, tmp_path: Path, transport: str) -> RunningRelayd:
+async def start(
+    nursery: trio.Nursery, tmp_path: Path, transport: str, engine: Engine
+) -> RunningRelayd:
     # Read-ahead room for all of Alice's flood, so that relayd reads it all (see flood).
     websocket: dict[str, Any] = {
         "write_timeout": WRITE_TIMEOUT,
@@ -59,7 +61,7 @@ async def start(nursery: trio.Nursery, tmp_path: Path, transport: str) -> Runnin
     }
     if transport == "dedicated":
         websocket["listen"] = "127.0.0.1:0"
-    return await start_relayd(nursery, make_config(tmp_path, {"websocket": websocket}))
+    return await start_relayd(nursery, make_config(tmp_path, {"websocket": websocket}, engine))
 
 
 async def stalled(relayd: RunningRelayd, token: str) -> RawWebSocket:
@@ -123,10 +125,14 @@ async def assert_counted(relayd: RunningRelayd, transport: str) -> None:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_client_that_stops_reading_is_dropped_logged_and_counted_and_others_go_on(
-    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture, transport: str
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    transport: str,
+    engine: Engine,
 ) -> None:
     caplog.set_level(logging.INFO)
-    relayd = await start(nursery, tmp_path, transport)
+    relayd = await start(nursery, tmp_path, transport, engine)
     hub = relayd.daemon.hub
     assert hub is not None
     alice, bob, carol, dave = [
@@ -167,10 +173,14 @@ async def test_a_client_that_stops_reading_is_dropped_logged_and_counted_and_oth
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_client_that_reads_again_within_the_grace_gets_whole_frames_then_4008(
-    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture, transport: str
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    transport: str,
+    engine: Engine,
 ) -> None:
     caplog.set_level(logging.INFO)
-    relayd = await start(nursery, tmp_path, transport)
+    relayd = await start(nursery, tmp_path, transport, engine)
     alice, bob = [await relayd.http.register(name) for name in ("alice", "bob")]
     b = await stalled(relayd, bob["access_token"])
     async with b.stream, ws_connect(relayd, alice["access_token"]) as a:
@@ -192,9 +202,9 @@ async def test_a_client_that_reads_again_within_the_grace_gets_whole_frames_then
 
 
 async def test_a_reloaded_write_timeout_bounds_the_rest_ports_writes_at_once(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
-    config = make_config(tmp_path, {"websocket": {"write_timeout": 600.0}})
+    config = make_config(tmp_path, {"websocket": {"write_timeout": 600.0}}, engine)
     relayd = await start_relayd(nursery, config)
     websocket = attrs.evolve(config.websocket, write_timeout=WRITE_TIMEOUT)
     assert relayd.daemon.reload(attrs.evolve(config, websocket=websocket))[0] == [

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from playwright.sync_api import Browser, Page, expect
 
@@ -22,6 +23,11 @@ from .browser_support import (
     side_by_side,
 )
 from .support import IO_DEADLINE, TEST_ENV, RunningRelayd, make_config, start_relayd
+
+# What runs here is the page's code; relayd on Redis is tested by the end-to-end modules.
+pytestmark = pytest.mark.sqlite_only(
+    "the page's code is under test, not the engine; Chromium is slow"
+)
 
 SCENARIOS = (Path(__file__).parent / "js" / "module_scenarios.js").read_text(encoding="utf-8")
 

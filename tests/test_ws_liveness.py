@@ -16,7 +16,7 @@ import trio
 from relayd._relay.frames import CloseCode
 
 from .raw_ws import RawWebSocket
-from .support import make_config, start_relayd
+from .support import Engine, make_config, start_relayd
 from .ws_support import ws_connect
 
 HEARTBEAT_TIMEOUT = 1.0
@@ -26,7 +26,7 @@ MARGIN = 2.0
 
 @pytest.mark.parametrize("transport", ["main", "dedicated"])
 async def test_a_silent_client_is_dropped_after_heartbeat_timeout_and_one_answering_pings_stays(
-    nursery: trio.Nursery, tmp_path: Path, transport: str
+    nursery: trio.Nursery, tmp_path: Path, transport: str, engine: Engine
 ) -> None:
     websocket: dict[str, Any] = {
         "heartbeat_interval": 0.25,
@@ -34,7 +34,9 @@ async def test_a_silent_client_is_dropped_after_heartbeat_timeout_and_one_answer
     }
     if transport == "dedicated":
         websocket["listen"] = "127.0.0.1:0"
-    config = make_config(tmp_path, {"http": {"request_timeout": 30.0}, "websocket": websocket})
+    config = make_config(
+        tmp_path, {"http": {"request_timeout": 30.0}, "websocket": websocket}, engine
+    )
     relayd = await start_relayd(nursery, config)
     alice = await relayd.http.register("alice")
     bob = await relayd.http.register("bob")

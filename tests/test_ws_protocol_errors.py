@@ -28,7 +28,7 @@ from .raw_ws import (
     close_payload,
     frame,
 )
-from .support import RunningRelayd, start_on
+from .support import Engine, RunningRelayd, start_on
 
 TRANSPORTS = ["main", "dedicated"]
 PROTOCOL_ERROR = CloseCode.PROTOCOL_ERROR
@@ -64,8 +64,10 @@ VIOLATIONS: dict[str, tuple[bytes, int]] = {
 }
 
 
-async def start(nursery: trio.Nursery, tmp_path: Path, transport: str) -> RunningRelayd:
-    return await start_on(nursery, tmp_path, transport)
+async def start(
+    nursery: trio.Nursery, tmp_path: Path, transport: str, engine: Engine
+) -> RunningRelayd:
+    return await start_on(nursery, tmp_path, transport, engine)
 
 
 async def authenticated(relayd: RunningRelayd) -> RawWebSocket:
@@ -85,9 +87,10 @@ async def test_protocol_violation_gets_its_close_code_then_the_connection_closes
     caplog: pytest.LogCaptureFixture,
     transport: str,
     violation: str,
+    engine: Engine,
 ) -> None:
     data, code = VIOLATIONS[violation]
-    relayd = await start(nursery, tmp_path, transport)
+    relayd = await start(nursery, tmp_path, transport, engine)
     client = await authenticated(relayd)
     async with client.stream:
         await client.send_raw(data)

@@ -840,6 +840,8 @@ class Hub:
                 core.metrics.frames_in += 1
             except TransportClosed:
                 return
+            # The seqs may have run out while it waited (a claim empties them, on Redis).
+            await self._until(lambda: self._accepting)
             core.receive(handle.sid, data, self.clock())
             self._apply()
 

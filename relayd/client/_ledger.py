@@ -7,7 +7,7 @@ sends is an :class:`Entry` that moves through :class:`Phase`:
        ^                 |  \\------------------- final receipt -------------------^
        |                 |   \\-- refused (unknown_recipient, queue_full) --------^
        +-- session ends -+
-       +-- rate_limited -+   (and sending pauses for ``retry_after``)
+       +-- rate_limited -+   (and sending pauses for ``retry_after``; so for store_unavailable)
 
 Rules:
 
@@ -37,6 +37,9 @@ from ._frames import ErrorFrame, Receipt, Status
 
 # relayd's error codes that refuse a message for good.
 _REFUSALS = frozenset({"unknown_recipient", "queue_full"})
+# relayd's error codes that refuse a message for now: nothing was stored, send it again after
+# ``details.retry_after`` seconds (docs/protocol.md).
+_NOT_NOW = frozenset({"rate_limited", "store_unavailable"})
 
 
 class Phase(enum.Enum):
@@ -129,13 +132,14 @@ class Ledger:
         return entry
 
     def refused(self, error: ErrorFrame, now: float) -> Entry | None:
-        """Apply an error frame that names one of our msgids: rate limited, it goes back to
-        the queue and sending pauses; refused for good, it becomes FINAL (REJECTED)."""
+        """Apply an error frame that names one of our msgids: refused for now (rate limited,
+        the store unavailable), it goes back to the queue and sending pauses; refused for good,
+        it becomes FINAL (REJECTED)."""
         msgid = error.msgid
         entry = self._owed.get(msgid) if msgid is not None else None
         if entry is None:
             return None
-        if error.code == "rate_limited":
+        if error.code in _NOT_NOW:
             retry = error.details.get("retry_after")
             wait = float(retry) if isinstance(retry, int | float) and retry > 0 else 1.0
             self.paused_until = max(self.paused_until, now + wait)
