@@ -22,11 +22,11 @@ import trio.testing
 
 from relayd._auth import Revocation
 from relayd._cluster import open_cluster
-from relayd._errors import TokenError
+from relayd._errors import StoreUnavailable, TokenError
 from relayd._relay import hub as hub_module
 from relayd._relay.frames import CloseCode
 from relayd._relay.hub import CLOSE_TIMEOUT, DEFER_COMMIT, INLINE_OPS
-from relayd._store import inline_executor
+from relayd._store import Store, inline_executor
 
 from .hub_support import (
     EPOCH,
@@ -608,7 +608,8 @@ async def test_small_group_commits_run_on_the_loop_and_big_ones_in_a_thread(
 
 async def test_a_frame_read_as_the_seqs_run_out_waits_for_the_next_block(redis_url: str) -> None:
     """On Redis a client's claim raises the node's seq floor to the shared counter, which
-    empties the node's pool of seqs until the next block is reserved. A frame that another
+    empties the node's pool of seqs (unless its block is the newest) until the next block is
+    reserved. A frame that another
     session was already waiting to read must wait for that block, not be refused with
     ``store_unavailable``: the store is fine, and its sender would have to send it again."""
     overrides = {"store": {"engine": "redis", "url": redis_url}}
@@ -621,6 +622,7 @@ async def test_a_frame_read_as_the_seqs_run_out_waits_for_the_next_block(redis_u
         with trio.fail_after(IO_DEADLINE):
             alice, bob = await env.client("alice"), await env.client("bob")
             a = await env.connect(alice)  # her reader now waits for her next frame
+            await store.reserve_seqs(1000)  # another node's block: this node's is not the newest
             store.gate = trio.Event()
             env.open(bob.token)
             await store.held.wait()  # bob's claim emptied the pool; its next block is held
@@ -630,3 +632,33 @@ async def test_a_frame_read_as_the_seqs_run_out_waits_for_the_next_block(redis_u
             store.gate.set()
             status = await a.next()
         assert (status["type"], status["msgid"]) == ("delivery_status", "m1"), status
+
+
+class FlakyReservations(Store):
+    """A store whose first ``failures`` seq reservations fail; ``attempts`` says when each
+    came."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failures = 0
+        self.attempts: list[float] = []
+
+    async def reserve_seqs(self, count: int) -> int:
+        self.attempts.append(trio.current_time())
+        if len(self.attempts) <= self.failures:
+            raise StoreUnavailable("redis: reservation refused (test)")
+        return await super().reserve_seqs(count)
+
+
+async def test_a_failed_seq_reservation_is_tried_again_after_a_growing_pause(
+    autojump_clock: MockClock,
+) -> None:
+    async with (
+        FlakyReservations.open(":memory:", executor=inline_executor) as store,
+        running_hub({}, store=store) as env,
+    ):
+        assert isinstance(store, FlakyReservations)
+        store.failures = 4
+        start = trio.current_time()
+        await env.hub._reserve_seqs(10)
+        assert [t - start for t in store.attempts] == pytest.approx([0.0, 0.1, 0.3, 0.7, 1.5])

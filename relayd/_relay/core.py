@@ -570,11 +570,6 @@ class RelayCore:
         """The store reserved seqs ``start`` .. ``start + count - 1`` (see :class:`ReserveSeqs`)."""
         self._seqs.add(start, count)
 
-    def seqs_not_reserved(self) -> None:
-        """A :class:`ReserveSeqs` failed: ask again when the next message needs one."""
-        self._seqs.reserving = False
-        self._reserve_seqs()
-
     def raise_seq_floor(self, floor: int) -> bool:
         """A client arrived whose messages so far had seqs up to ``floor`` (on other nodes):
         what it sends here must sort after them (see relayd/_relay/seqs.py). ``True`` if

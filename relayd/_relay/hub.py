@@ -605,15 +605,24 @@ class Hub:
             self._signal()
 
     async def _reserve_seqs(self, count: int) -> None:
-        try:
-            start = await self.store.reserve_seqs(count)
-        except StoreError as exc:
-            log.warning("seqs not reserved", extra={"fields": {"error": str(exc)}})
-            self.core.seqs_not_reserved()
-        else:
-            self.core.seqs_reserved(start, count)
-            self._seqs_ready.set()
-            self._seqs_ready = trio.Event()
+        """Reserve ``count`` seqs for the core, trying again after a pause (growing to
+        STORE_RETRY_MAX) while the store fails: one reservation at a time, never a storm."""
+        failures = 0
+        while True:
+            try:
+                start = await self.store.reserve_seqs(count)
+            except StoreError as exc:
+                if not failures:
+                    log.warning(
+                        "seqs not reserved: retrying", extra={"fields": {"error": str(exc)}}
+                    )
+                failures += 1
+                await trio.sleep(min(STORE_RETRY_MAX, STORE_RETRY * 2 ** (failures - 1)))
+                continue
+            break
+        self.core.seqs_reserved(start, count)
+        self._seqs_ready.set()
+        self._seqs_ready = trio.Event()
         self._apply()
         self._signal()
 
