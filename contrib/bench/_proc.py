@@ -29,6 +29,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants that are alive (``/proc/<pid>/task/*/children``)."""
+    found = [pid]
+    for current in found:
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{current}/task/{task}/children") as fh:
+                    found += [int(child) for child in fh.read().split()]
+            except FileNotFoundError:
+                continue
+    return found
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of ``pid`` in KiB (``VmRSS``)."""
     with open(f"/proc/{pid}/status") as fh:

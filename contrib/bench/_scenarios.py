@@ -80,6 +80,7 @@ class RelayParams:
     lean: bool = False  # the lean receipt profile (relayd.v1.lean)
     # "seed-v1": the same load against the seed system's bare forwarder (no ack only).
     against: str = "relayd"
+    workers: int = 1  # relayd serve --workers N (needs --store redis)
 
 
 @dataclass
@@ -105,12 +106,15 @@ async def relay_session(
     settle: float = 30.0,
     scrape_metrics: bool = False,
     seed_v1: bool = False,
+    relayd_workers: int = 1,
 ) -> RelaySession:
     """Start relayd, register the pairs' clients, run the generators on the timeline
     (``offsets`` from t0 bound the measured phases; senders stop at ``stop_offset``), wait
     until every message is accounted for (at most ``settle`` s), stop relayd."""
     raise_nofile()
-    daemon: Relayd | SeedV1 = await (SeedV1.start() if seed_v1 else Relayd.start(settings))
+    daemon: Relayd | SeedV1 = await (
+        SeedV1.start() if seed_v1 else Relayd.start(settings, workers=relayd_workers)
+    )
     workers: list[Worker] = []
     try:
         creds, register_s = await register_many(daemon.http_url, 2 * len(pair_specs))
@@ -196,10 +200,13 @@ async def direct(p: RelayParams, *, name: str = "direct") -> dict[str, Any]:
         offsets=[p.warmup, p.warmup + p.seconds],
         stop_offset=p.warmup + p.seconds,
         seed_v1=seed_v1,
+        relayd_workers=p.workers,
     )
     integrity = _integrity(session.merged)
     metrics = _relay_metrics(session, "main", 0, 1, p.seconds)
     where = "seed-v1" if seed_v1 else f"{p.store} {p.transport}"
+    if p.workers > 1:
+        where += f" x{p.workers}"
     label = f"{name} {'ack' if p.ack else 'noack'} {where} N={p.pairs} W={p.window}"
     if p.lean:
         label += " lean"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._proc import REPO, cpu_seconds, rss_kib
+from ._proc import REPO, cpu_seconds, process_tree, rss_kib
 
 TomlValue = str | int | float | bool
 Settings = dict[str, dict[str, TomlValue]]
@@ -170,6 +170,7 @@ class Relayd:
         state_dir: Path | None = None,
         secret: str | None = None,
         within: float = 30.0,
+        workers: int = 1,
     ) -> Relayd:
         owns = state_dir is None
         if state_dir is None:
@@ -193,6 +194,7 @@ class Relayd:
                 "serve",
                 "--config",
                 str(config),
+                *(["--workers", str(workers)] if workers > 1 else []),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -236,10 +238,11 @@ class Relayd:
         return self.http_url.replace("http", "ws", 1) + "/ws"
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """relayd's CPU seconds: with ``--workers``, the supervisor's and its workers'."""
+        return sum(cpu_seconds(pid) for pid in process_tree(self.pid))
 
     def rss(self) -> int:
-        return rss_kib(self.pid)
+        return sum(rss_kib(pid) for pid in process_tree(self.pid))
 
     async def stop(self, within: float = 30.0) -> float:
         """SIGTERM, and wait for the exit: the seconds it took (SIGKILL after ``within``)."""
