@@ -54,9 +54,7 @@ from attrs import frozen
 from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, ExponentialBackoffRetryPolicy
 
 from ._auth import Revocation
-from ._config import Config
-from ._engine import DEFAULT_REDIS_URL
-from ._errors import StoreError
+from ._errors import ClusterUnavailable
 from ._redis._url import connect, parse_url
 from ._relay.records import KeyNotice
 
@@ -139,10 +137,6 @@ _SUBSCRIPTION_ERRORS = (
 SEQ_KEY = "seq"  # the message seq counter, under the prefix (see relayd/_redis)
 
 
-class ClusterUnavailable(StoreError):
-    """Redis did not answer a cluster call in time, or refused it."""
-
-
 @frozen
 class Claim:
     """A session's claim on its client: ``epoch`` orders claims; ``floor`` is the message
@@ -163,23 +157,6 @@ class Listener(Protocol):
     def roles_changed(self, client: str, roles: tuple[str, ...] | None) -> None: ...
     def resync(self) -> None: ...
     def fenced(self) -> None: ...
-
-
-@asynccontextmanager
-async def open_cluster(config: Config) -> AsyncIterator[RedisCluster | None]:
-    """The cluster this node joins (``None``: the SQLite engine, one node)."""
-    store = config.store
-    if store.engine != "redis":
-        yield None
-        return
-    async with RedisCluster.open(
-        store.url or DEFAULT_REDIS_URL,
-        prefix=store.prefix,
-        lease=store.lease,
-        call_timeout=store.timeout,
-        seq_key=store.prefix + SEQ_KEY,
-    ) as cluster:
-        yield cluster
 
 
 def new_node_id() -> str:

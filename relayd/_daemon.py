@@ -25,9 +25,8 @@ from hypercorn.config import Config as HypercornConfig
 from ._asgi import Dispatcher, metrics_app, serve_http
 from ._atrest import KeyFileError, load_store_keys
 from ._auth import AuthService, load_signing_secret
-from ._cluster import open_cluster
 from ._config import RELOADABLE, Config, TlsConfig, changed_keys, with_keys
-from ._engine import Engine, open_engine
+from ._engine import Engine, open_cluster, open_engine
 from ._errors import ConfigError
 from ._http import Readiness, Services, create_app
 from ._hypercorn import hypercorn_config, install_hooks, set_write_timeout, writes_bounded

@@ -29,6 +29,7 @@ from ._atrest import StoreKeys
 from ._relay.records import KeyNotice, RecentMessage, StoredMessage, StoreOp
 
 if TYPE_CHECKING:
+    from ._cluster import RedisCluster
     from ._config import Config
 
 # Runs a blocking call off the event loop: (fn, *args) -> its result (see relayd/_store.py).
@@ -251,3 +252,23 @@ async def open_engine(
         keys=keys,
     ) as sqlite:
         yield sqlite
+
+
+@asynccontextmanager
+async def open_cluster(config: Config) -> AsyncIterator[RedisCluster | None]:
+    """The cluster this node joins (``None``: the SQLite engine, one node). coredis is
+    imported only here and in :func:`open_engine`, for the Redis engine."""
+    store = config.store
+    if store.engine != "redis":
+        yield None
+        return
+    from ._cluster import SEQ_KEY, RedisCluster
+
+    async with RedisCluster.open(
+        store.url or DEFAULT_REDIS_URL,
+        prefix=store.prefix,
+        lease=store.lease,
+        call_timeout=store.timeout,
+        seq_key=store.prefix + SEQ_KEY,
+    ) as cluster:
+        yield cluster

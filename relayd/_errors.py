@@ -34,6 +34,11 @@ class StoreUnavailable(StoreError):
     succeed. Any other :class:`StoreError` is about the data or the request: it would not."""
 
 
+class ClusterUnavailable(StoreError):
+    """Cluster mode: Redis did not answer a cluster call (a claim, a hint...) in time, or
+    refused it."""
+
+
 class ApiError(RelaydError):
     """An error that a client caused, answered with ``status`` and a JSON body.
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tomllib
 import typing
 from collections.abc import Iterator, Mapping
@@ -455,3 +457,17 @@ def test_a_lease_shorter_than_three_timeouts_is_refused(tmp_path: Path) -> None:
 def test_a_store_url_that_is_not_redis_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, '[store]\nengine = "redis"\nurl = "http://127.0.0.1:6379"\n')
     assert "url: 'http://127.0.0.1:6379' is not a Redis URL" in config_error(path)
+
+
+def test_the_sqlite_engine_does_not_load_the_redis_client() -> None:
+    """coredis costs ~12 MiB of RSS: a daemon on SQLite never imports it (a fresh
+    interpreter, since this one has loaded everything already)."""
+    probe = (
+        "import sys, relayd._cli, relayd._daemon\n"
+        "print(sorted(m for m in ('coredis', 'relayd._cluster', 'relayd._redis')"
+        " if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"

@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from relayd._auth import Revocation
-from relayd._cluster import open_cluster
+from relayd._engine import open_cluster
 from relayd._errors import StoreUnavailable, TokenError
 from relayd._relay import hub as hub_module
 from relayd._relay.frames import CloseCode

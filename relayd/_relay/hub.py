@@ -31,17 +31,16 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 from attrs import define, field, frozen
 
 from relayd._auth import AuthService, Revocation
-from relayd._cluster import ClusterUnavailable, RedisCluster
 from relayd._config import Config
 from relayd._engine import Engine
-from relayd._errors import ApiError, StoreError, TokenError
+from relayd._errors import ApiError, ClusterUnavailable, StoreError, TokenError
 from relayd._log import audit, conn_id
 from relayd._roles import RoleDirectory, RolePolicy
 
@@ -59,6 +58,9 @@ from .records import (
     StoreOp,
 )
 from .seqs import SeqPool
+
+if TYPE_CHECKING:  # coredis is imported only when the Redis engine is used
+    from relayd._cluster import RedisCluster
 from .transport import Transport, TransportClosed, abort_after
 
 log = logging.getLogger("relayd.relay")
