@@ -42,7 +42,7 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -54,7 +54,8 @@ from attrs import frozen
 from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, ExponentialBackoffRetryPolicy
 
 from ._auth import Revocation
-from ._errors import ClusterUnavailable
+from ._errors import ClusterUnavailable, StoreError
+from ._redis._link import Link
 from ._redis._url import connect, parse_url
 from ._relay.records import KeyNotice
 
@@ -176,8 +177,13 @@ class RedisCluster:
         lease: float,
         timeout: float,
         seq_key: str,
+        where: str = "redis",
     ) -> None:
         self._redis = redis
+        # Calls go through the store's link: one deadline and one translation of errors.
+        self._link = Link(
+            redis, where=where, prefix=prefix, timeout=timeout, wait_replicas=0, wait_timeout=0
+        )
         self._prefix = prefix
         self.node = node
         self.lease = lease
@@ -205,7 +211,8 @@ class RedisCluster:
         node: str | None = None,
     ) -> AsyncIterator[RedisCluster]:
         """Connect (lazily: the first call connects) and close at the end."""
-        async with connect(parse_url(url), connect_timeout=call_timeout) as redis:
+        endpoint = parse_url(url)
+        async with connect(endpoint, connect_timeout=call_timeout) as redis:
             yield cls(
                 redis,
                 prefix=prefix,
@@ -213,6 +220,7 @@ class RedisCluster:
                 lease=lease,
                 timeout=call_timeout,
                 seq_key=seq_key,
+                where=endpoint.where,
             )
 
     # --- key names ----------------------------------------------------------------------
@@ -229,14 +237,17 @@ class RedisCluster:
 
     # --- calls ----------------------------------------------------------------------------
 
-    async def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+    async def _call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """``await fn()`` within ``timeout``.
+
+        Raises:
+            ClusterUnavailable: Redis did not answer in time, or refused (see
+                :meth:`relayd._redis._link.Link.command`).
+        """
         try:
-            with trio.fail_after(self.timeout):
-                return await fn()
-        except trio.TooSlowError:
-            raise ClusterUnavailable(f"redis: {what}: no answer in {self.timeout} s") from None
-        except (coredis.exceptions.RedisError, OSError) as exc:
-            raise ClusterUnavailable(f"redis: {what}: {exc}") from None
+            return await self._link.command(what, lambda _: fn())
+        except StoreError as exc:
+            raise ClusterUnavailable(str(exc)) from None
 
     async def claim(self, client: str) -> Claim:
         """Take ``client`` for a session on this node (see the module docstring).

@@ -17,19 +17,10 @@ import trio
 
 from relayd._relay.frames import CloseCode
 
+from .cluster_support import node_config
 from .redis_support import RedisServer, command, require_redis, start_redis, stop_redis
-from .support import RunningRelayd, make_config, start_relayd
-from .ws_support import WsClient, ws_connect
-
-
-def node_config(tmp_path: Path, url: str, **store: Any) -> Any:
-    return make_config(
-        tmp_path,
-        {
-            "store": {"engine": "redis", "url": url, "timeout": 1.0, "lease": 3.0, **store},
-            "relay": {"ack_timeout": 30.0},
-        },
-    )
+from .support import RunningRelayd, start_relayd
+from .ws_support import welcomed, ws_connect
 
 
 @asynccontextmanager
@@ -44,12 +35,6 @@ async def cluster(
     finally:
         for node in nodes:
             node.daemon.stop()
-
-
-async def welcomed(client: WsClient) -> dict[str, Any]:
-    frame = await client.next()
-    assert frame["type"] == "connection", frame
-    return frame
 
 
 async def test_a_message_crosses_nodes_with_its_ack_and_receipts(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -17,15 +16,9 @@ from relayd._relay.frames import CloseCode
 from .cluster_support import OwnRedis, Subscriber, node_config, node_process, own_redis
 from .redis_support import command
 from .support import IO_DEADLINE, start_relayd
-from .ws_support import WsClient, connect_url, ws_connect
+from .ws_support import connect_url, welcomed, ws_connect
 
 __all__ = ["own_redis"]
-
-
-async def welcomed(client: WsClient) -> dict[str, Any]:
-    frame = await client.next()
-    assert frame["type"] == "connection", frame
-    return frame
 
 
 async def test_a_message_whose_node_died_before_its_hint_still_reaches_its_recipient(

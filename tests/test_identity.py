@@ -30,8 +30,8 @@ from .test_rest import (
     login,
     start_daemon,
 )
-from .test_revocation import revoked_and_closed, welcomed
-from .ws_support import ws_connect
+from .test_revocation import revoked_and_closed
+from .ws_support import welcomed, ws_connect
 
 AGAIN_KEYS = REGISTER_KEYS - {"client_secret"}
 

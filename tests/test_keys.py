@@ -28,7 +28,7 @@ from .support import (
 )
 from .test_rest import assert_error
 from .test_restart import MillisecondClock, file_config, running
-from .ws_support import WsClient, ws_connect
+from .ws_support import WsClient, welcomed, ws_connect
 
 # Where the Redis engine keeps who read a client's keys (a sorted set per owner).
 REDIS_READERS = "relayd:rd:"
@@ -62,10 +62,6 @@ async def read(http: HttpClient, reader: dict[str, Any], owner: dict[str, Any]) 
     assert response.status == 200, response
     doc: dict[str, Any] = response.json()
     return doc
-
-
-async def welcomed(client: WsClient) -> None:
-    assert (await client.next())["type"] == "connection"
 
 
 async def frames_until_receipt(client: WsClient, to: str) -> list[dict[str, Any]]:

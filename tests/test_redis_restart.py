@@ -24,7 +24,7 @@ from contrib.bench.cluster_crash import ACCEPTED, EVERYSEC_WINDOW
 
 from .cluster_support import OwnRedis, node_config
 from .support import IO_DEADLINE, start_relayd
-from .ws_support import WsClient, ws_connect
+from .ws_support import WsClient, welcomed, ws_connect
 
 SENT = 60  # messages Alice sends at once
 KILL_AFTER = 20  # receipts before Redis is killed, with the rest of them in flight
@@ -64,11 +64,6 @@ def redis_always(tmp_path: Path) -> Iterator[OwnRedis]:
 @pytest.fixture
 def redis_everysec(tmp_path: Path) -> Iterator[OwnRedis]:
     yield from aof(tmp_path, "everysec")
-
-
-async def welcomed(client: WsClient) -> None:
-    frame = await client.next()
-    assert frame["type"] == "connection", frame
 
 
 def answer(frame: dict[str, Any]) -> tuple[str, str] | None:

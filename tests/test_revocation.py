@@ -19,7 +19,7 @@ from relayd._relay.frames import CloseCode
 
 from .support import TRANSPORTS, Engine, HttpClient, RunningRelayd, start_on
 from .test_restart import MillisecondClock, file_config, running
-from .ws_support import WsClient, ws_connect
+from .ws_support import WsClient, welcomed, ws_connect
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -41,10 +41,6 @@ async def refused(http: HttpClient, access_token: str) -> str:
     response = await http.get("/clients", token=access_token)
     assert response.status == 401, response
     return response.error_code
-
-
-async def welcomed(client: WsClient) -> None:
-    assert (await client.next())["type"] == "connection"
 
 
 async def revoked_and_closed(client: WsClient, reason: str) -> None:

@@ -50,6 +50,13 @@ class WsClient:
         return self.connection.subprotocol
 
 
+async def welcomed(client: WsClient) -> dict[str, Any]:
+    """Read the client's first frame: the welcome (``connection``) frame; return it."""
+    frame = await client.next()
+    assert frame["type"] == "connection", frame
+    return frame
+
+
 def ws_url(relayd: RunningRelayd, token: str | None = None) -> str:
     url = relayd.addresses.websocket_url
     return url if token is None else f"{url}?token={token}"
