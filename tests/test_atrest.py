@@ -33,7 +33,7 @@ from .store_support import (
     point_message_at,
     stored_messages,
 )
-from .support import IO_DEADLINE, RunningRelayd, make_config, start_relayd
+from .support import IO_DEADLINE, Engine, RunningRelayd, make_config, start_relayd
 from .test_admin import cli, config_file, file_config, queue_for
 from .test_store import UUID_A, UUID_B, client
 from .ws_support import ws_connect
@@ -332,12 +332,12 @@ async def key_status(relayd: RunningRelayd, config: Path) -> dict[str, int]:
     return {line.split()[0]: int(line.split()[2]) for line in listed.stdout.decode().splitlines()}
 
 
-async def test_keys_rotate_and_retire_while_relayd_runs(tmp_path: Path) -> None:
+async def test_keys_rotate_and_retire_while_relayd_runs(tmp_path: Path, engine: Engine) -> None:
     state = tmp_path / "state"
     async with trio.open_nursery() as nursery:
-        relayd = await start_relayd(nursery, file_config(state))
+        relayd = await start_relayd(nursery, file_config(state, engine))
         host, port = relayd.addresses.http
-        config = config_file(tmp_path, state, f"{host}:{port}")
+        config = config_file(tmp_path, state, f"{host}:{port}", engine)
         alice = await relayd.http.register("alice")
         bob = await relayd.http.register("bob")
         await queue_for(relayd, alice, bob["uuid"], 2)
@@ -387,9 +387,9 @@ async def test_keys_rotate_and_retire_while_relayd_runs(tmp_path: Path) -> None:
 
     # relayd starts without the retired key, and lists only the new one.
     async with trio.open_nursery() as nursery:
-        relayd = await start_relayd(nursery, file_config(state))
+        relayd = await start_relayd(nursery, file_config(state, engine))
         host, port = relayd.addresses.http
-        config = config_file(tmp_path, state, f"{host}:{port}")
+        config = config_file(tmp_path, state, f"{host}:{port}", engine)
         assert await key_status(relayd, config) == {new: 1}
         relayd.daemon.stop()
 
