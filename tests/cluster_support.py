@@ -29,13 +29,17 @@ QUICK_STORE: dict[str, Any] = {"timeout": 0.3, "lease": 1.0}
 AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
 
 
-def node_config(tmp_path: Path, url: str, **store: Any) -> Config:
-    """An in-process node on ``url`` (state in ``tmp_path / "state"``, shared by the nodes)."""
+def node_config(
+    tmp_path: Path, url: str, *, sections: dict[str, Any] | None = None, **store: Any
+) -> Config:
+    """An in-process node on ``url`` (state in ``tmp_path / "state"``, shared by the nodes);
+    ``sections``: more config (``roles``...)."""
     return make_config(
         tmp_path,
         {
             "store": {"engine": "redis", "url": url, **QUICK_STORE, **store},
             "relay": {"ack_timeout": 30.0},
+            **(sections or {}),
         },
     )
 

@@ -7,6 +7,7 @@ store keys). Clients reach whichever node they like; what must hold is what hold
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,16 +21,20 @@ from relayd._relay.frames import CloseCode
 from .cluster_support import node_config
 from .redis_support import RedisServer, command, require_redis, start_redis, stop_redis
 from .support import RunningRelayd, start_relayd
+from .test_keys import publish, read, sha256
+from .test_rest import admin_token, assert_ok
+from .test_roles import SCHOOL, outcome
 from .ws_support import welcomed, ws_connect
 
 
 @asynccontextmanager
 async def cluster(
-    nursery: trio.Nursery, tmp_path: Path, url: str, count: int = 2
+    nursery: trio.Nursery, tmp_path: Path, url: str, count: int = 2, **sections: Any
 ) -> AsyncIterator[list[RunningRelayd]]:
     """``count`` nodes on ``url``, started one after the other (the first writes the store
-    keys into the shared state directory)."""
-    nodes = [await start_relayd(nursery, node_config(tmp_path, url)) for _ in range(count)]
+    keys into the shared state directory); ``sections``: more config, e.g. ``roles``."""
+    config = node_config(tmp_path, url, sections=sections)
+    nodes = [await start_relayd(nursery, config) for _ in range(count)]
     try:
         yield nodes
     finally:
@@ -206,3 +211,44 @@ async def test_a_session_whose_claim_was_taken_while_its_kick_was_lost_is_closed
                 ("CLIENT", "KILL", "TYPE", "pubsub"),
             )
             assert await b.closed() == CloseCode.REPLACED
+
+
+async def test_a_role_change_on_one_node_applies_at_once_to_a_session_on_another(
+    nursery: trio.Nursery, tmp_path: Path, redis_url: str
+) -> None:
+    async with cluster(nursery, tmp_path, redis_url, roles=SCHOOL) as (node_a, node_b):
+        pupil = await node_a.http.register("pupil")
+        other = await node_a.http.register("other")
+        async with ws_connect(node_b, pupil["access_token"]) as socket:
+            await welcomed(socket)
+            assert await outcome(socket, other["uuid"], "m1") == "not_permitted"
+            promoted = await node_a.http.request(
+                "PUT",
+                f"/admin/clients/{pupil['uuid']}/roles",
+                json_body={"roles": ["teacher"]},
+                token=admin_token(node_a),
+            )
+            assert assert_ok(promoted)["roles"] == ["teacher"]
+            hub = node_b.daemon.hub
+            assert hub is not None
+            may_message = hub.core._may_message
+            assert may_message is not None
+            with trio.fail_after(5):  # node B hears the change on the bus
+                await hub.until(lambda: may_message(pupil["uuid"], other["uuid"]))
+            assert await outcome(socket, other["uuid"], "m2") == "accepted"
+
+
+async def test_a_key_change_on_one_node_reaches_a_reader_on_another_at_once(
+    nursery: trio.Nursery, tmp_path: Path, redis_url: str
+) -> None:
+    async with cluster(nursery, tmp_path, redis_url) as (node_a, node_b):
+        alice = await node_a.http.register("alice")
+        bob = await node_a.http.register("bob")
+        old, new = os.urandom(32), os.urandom(32)
+        await publish(node_a.http, alice, x25519=old)
+        await read(node_a.http, bob, alice)
+        async with ws_connect(node_b, bob["access_token"]) as b:
+            await welcomed(b)
+            await publish(node_a.http, alice, x25519=new)
+            frame = await b.next_of("key_changed")
+            assert (frame["client"], frame["fingerprint"]) == (alice["uuid"], sha256(new))

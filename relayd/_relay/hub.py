@@ -695,6 +695,7 @@ class Hub:
 
     def roles_changed(self, client: str, roles: tuple[str, ...] | None) -> None:
         self.auth.roles_changed_elsewhere(client, roles)
+        self._signal()
 
     def resync(self) -> None:
         """Hints may have been lost, or this node has its lease again (``store_available``
