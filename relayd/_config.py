@@ -94,8 +94,12 @@ REDIS_SCHEMES = (
 
 
 def _check_redis_url(url: str) -> None:
+    # The URL may hold a password: the error names its scheme only.
     if url and not url.startswith(REDIS_SCHEMES):
-        raise ValueError(f"url: {url!r} is not a Redis URL: use one of {', '.join(REDIS_SCHEMES)}")
+        scheme = url.partition("://")[0] if "://" in url else "(none)"
+        raise ValueError(
+            f"url: scheme {scheme!r} is not a Redis URL's: use one of {', '.join(REDIS_SCHEMES)}"
+        )
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:

@@ -454,9 +454,13 @@ def test_a_lease_shorter_than_three_timeouts_is_refused(tmp_path: Path) -> None:
     assert load_config(ok, environ={}).store.lease == 6.0
 
 
-def test_a_store_url_that_is_not_redis_is_refused(tmp_path: Path) -> None:
-    path = write(tmp_path, '[store]\nengine = "redis"\nurl = "http://127.0.0.1:6379"\n')
-    assert "url: 'http://127.0.0.1:6379' is not a Redis URL" in config_error(path)
+def test_a_store_url_that_is_not_redis_is_refused_without_showing_its_password(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, '[store]\nengine = "redis"\nurl = "valkey://:hunter2@db:6379/0"\n')
+    error = config_error(path)
+    assert "url: scheme 'valkey' is not a Redis URL's" in error
+    assert "hunter2" not in error
 
 
 def test_the_sqlite_engine_does_not_load_the_redis_client() -> None:
