@@ -35,7 +35,7 @@ from ._engine import KeyRecord as KeyRecord
 from ._engine import MessageRecord as MessageRecord
 from ._engine import Publication as Publication
 from ._engine import RotateOutcome as RotateOutcome
-from ._errors import SchemaTooNewError, StoreError
+from ._errors import SchemaTooNewError, StoreError, StoreUnavailable
 from ._relay.records import (
     ClearKeyNotice,
     Duplicate,
@@ -702,6 +702,8 @@ class Store:
             try:
                 with transaction(db):
                     return [_apply(db, op, max_queued, self.keys) for op in ops]
+            except sqlite3.OperationalError as exc:  # disk full, I/O error, locked: may pass
+                raise StoreUnavailable(f"{self.path}: writing messages failed: {exc}") from exc
             except (sqlite3.Error, ValueError) as exc:
                 raise StoreError(f"{self.path}: writing messages failed: {exc}") from exc
 
@@ -997,6 +999,8 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys
     existing = db.execute(
         "SELECT seq, status FROM messages WHERE sender = ? AND msgid = ?", (op.sender, op.msgid)
     ).fetchone()
+    if existing is not None and existing["seq"] == op.seq:
+        return Inserted(op.seq)  # this Insert, run again (see the Redis engine's retry)
     if existing is not None:
         status = existing["status"]
         return Duplicate(existing["seq"], None if status is None else Status(status))

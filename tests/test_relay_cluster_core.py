@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from relayd._config import RelayConfig
+from relayd._config import RelayConfig, WebsocketConfig
 from relayd._relay.frames import CloseCode
 from relayd._relay.model import IllegalMove, Message, Where, move
 from relayd._relay.records import LoadQueue
@@ -264,3 +264,17 @@ def test_a_move_the_table_does_not_allow_is_refused() -> None:
     with pytest.raises(IllegalMove, match="SENT -> BACKOFF"):
         move(message, Where.BACKOFF)
     assert message.where is Where.SENT
+
+
+def test_refusals_while_the_store_fails_are_not_the_client_s_strikes() -> None:
+    """``store_unavailable`` is relayd's fault: however many messages a client sends during an
+    outage, it is not closed for persistent refused frames (4029)."""
+    h = CoreHarness(websocket=WebsocketConfig(max_strikes=2))
+    alice, bob = h.client("alice"), h.client("bob")
+    a = h.connect(alice)
+    h.core.store_failed()
+    for i in range(10):
+        h.send(a, {"to": bob.uuid, "msgid": f"m{i}", "content": "x"})
+    codes = [f["error"]["code"] for f in h.read(a) if f["type"] == "error"]
+    assert codes == ["store_unavailable"] * 10
+    assert h.sessions[a].closed is None

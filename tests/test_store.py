@@ -477,8 +477,10 @@ async def test_queue_counts_follow_inserts_finishes_and_purges(target: Target) -
         assert await store.queued_total() == 3
         await store.execute([Finish(1, Status.ACKNOWLEDGED, 2.0, False)], max_queued=3)
         assert await store.queue_depths() == {UUID_B: 2}
-        # Room again: the fourth goes in, and a duplicate is not counted twice.
-        outcomes = await store.execute([queued(4), queued(2)], max_queued=3)
+        # Room again: the fourth goes in, and a duplicate (m2 again, accepted anew) is not
+        # counted twice.
+        again = attrs.evolve(queued(5), msgid="m2")
+        outcomes = await store.execute([queued(4), again], max_queued=3)
         assert [type(o) for o in outcomes] == [Inserted, Duplicate]
         assert await store.queued_total() == 3
         await store.execute([Purge(finished_before=3.0, receipts_before=3.0)], max_queued=3)

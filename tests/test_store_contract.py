@@ -498,3 +498,12 @@ async def test_a_seq_that_holds_another_message_fails_the_batch(
     # Nothing of the batch was written.
     assert await queue(store) == [1]
     assert not await store.msgid_known("m2")
+
+
+async def test_an_insert_run_again_is_inserted_not_a_duplicate(store: AnyStore) -> None:
+    """A batch whose answer was lost (a deadline, a failed WAIT) is run again by the hub:
+    its Inserts find themselves, not a duplicate; another seq with the msgid is one."""
+    assert await run(store, message(7)) == [Inserted(7)]
+    assert await run(store, message(7)) == [Inserted(7)]
+    assert await run(store, message(8, msgid="m7")) == [Duplicate(7, None)]
+    assert await queue(store) == [7]

@@ -539,6 +539,11 @@ function U.insert(op, max_queued)
     local _, seq, sender, recipient, msgid, high, ack, fields, key_id, accepted_at,
         expires_at, attempts, status, pending, reason = unpack(op)
     local existing = call('HGET', K.sent(sender), msgid)
+    if existing and tonumber(existing) == seq then
+        -- This very Insert, sent again: its batch was applied but its answer lost (a
+        -- deadline, a failed WAIT), and the hub retried it.
+        return {1, seq}
+    end
     if existing then
         return {2, tonumber(existing), call('HGET', K.message(tonumber(existing)), 'st')}
     end

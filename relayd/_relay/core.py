@@ -876,7 +876,8 @@ class RelayCore:
                 )
         except ProtocolError as exc:
             self._error(session, exc.code, exc.message, now, exc.details)
-            self._strike(session, now)
+            if exc.strike:
+                self._strike(session, now)
 
     def _receive_pending(self, session: Session, data: str | bytes, now: float) -> None:
         """Before authentication only an ``auth`` frame is read; anything else closes 4001."""
@@ -935,6 +936,7 @@ class RelayCore:
                 F.STORE_UNAVAILABLE,
                 "the store cannot take messages now; send again later",
                 details={"msgid": msgid, "to": envelope.to, "retry_after": 1.0},
+                strike=False,
             )
         ttl = min(envelope.ttl or self.relay.default_ttl, self.relay.max_ttl)
         recipient = self._recipients.get(envelope.to)

@@ -47,6 +47,8 @@ class ProtocolError(Exception):
     """An inbound frame relayd cannot act on: answered with an error frame, socket kept open.
 
     ``code`` is the error frame's ``error.code``; ``field`` names the offending field, if any.
+    ``strike``: the client is at fault, so the refusal counts towards ``max_strikes`` (not
+    when relayd is: its store unavailable).
     """
 
     def __init__(
@@ -56,10 +58,12 @@ class ProtocolError(Exception):
         *,
         field: str | None = None,
         details: dict[str, Any] | None = None,
+        strike: bool = True,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.strike = strike
         self.details: dict[str, Any] = dict(details or {})
         if field is not None:
             self.details["field"] = field

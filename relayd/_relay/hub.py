@@ -40,7 +40,13 @@ from attrs import define, field, frozen
 from relayd._auth import AuthService, Revocation
 from relayd._config import Config
 from relayd._engine import Engine
-from relayd._errors import ApiError, ClusterUnavailable, StoreError, TokenError
+from relayd._errors import (
+    ApiError,
+    ClusterUnavailable,
+    StoreError,
+    StoreUnavailable,
+    TokenError,
+)
 from relayd._log import audit, conn_id
 from relayd._roles import RoleDirectory, RolePolicy
 
@@ -482,7 +488,7 @@ class Hub:
                     if ops
                     else []
                 )
-            except StoreError as exc:
+            except StoreUnavailable as exc:
                 self._store_busy = False
                 await self._store_failed(taken, exc)
                 continue
@@ -507,9 +513,12 @@ class Hub:
                     self._spawn(self._publish_announces)
 
     async def _store_failed(self, taken: list[StoreOp | Announce], exc: StoreError) -> None:
-        """A batch failed and nothing of it was written: put it back and try again after a
-        pause (growing to STORE_RETRY_MAX). Meanwhile sockets stay open, new messages are
-        refused (``store_unavailable``) and ``/health/ready`` answers 503."""
+        """The store could not take a batch now (unreachable, too slow, out of space): put it
+        back and try again after a pause (growing to STORE_RETRY_MAX). It may have been
+        applied with its answer lost: running it again is harmless (an Insert finds itself,
+        a Finish or SetAttempts writes the same). Meanwhile sockets stay open, new messages
+        are refused (``store_unavailable``) and ``/health/ready`` answers 503. Any other
+        store error is a bug or corrupt data: it stops relayd, as it always did."""
         self._store_queue.extendleft(reversed(taken))
         self._store_failures += 1
         if self._store_failures == 1:
