@@ -24,3 +24,18 @@ def test_a_floor_past_the_pools_block_empties_it() -> None:
     assert pool.take() is None
     pool.add(41, 10)
     assert pool.take() == 41
+
+
+def test_a_floor_raised_while_a_block_is_on_its_way_holds_when_it_comes() -> None:
+    """Another node reserved between this node's INCRBY and a client's claim: the block that
+    comes back is partly (or wholly) below the client's floor, and that part is skipped."""
+    pool = SeqPool.reserved(10)
+    pool.reserving = True  # a reservation is on its way: [11, 20]
+    assert pool.raise_floor(15)
+    pool.add(11, 10)
+    assert pool.take() == 16
+    pool.reserving = True  # and one wholly below a floor: empty again, so reserve again
+    assert pool.raise_floor(40)
+    pool.add(21, 10)
+    assert pool.take() is None
+    assert pool.low

@@ -569,6 +569,7 @@ class RelayCore:
     def seqs_reserved(self, start: int, count: int) -> None:
         """The store reserved seqs ``start`` .. ``start + count - 1`` (see :class:`ReserveSeqs`)."""
         self._seqs.add(start, count)
+        self._reserve_seqs()  # a block that came back below a floor raised meanwhile
 
     def raise_seq_floor(self, floor: int) -> bool:
         """A client arrived whose messages so far had seqs up to ``floor`` (on other nodes):

@@ -23,6 +23,7 @@ class SeqPool:
     end: float
     block: int = 0  # how many to reserve at a time (0: never reserved, the pool has no end)
     reserving: bool = False  # a reservation was asked for and has not come back
+    floor: int = 0  # no seq at or below this may be handed out (see raise_floor)
 
     @classmethod
     def endless(cls, last_seq: int) -> SeqPool:
@@ -52,9 +53,11 @@ class SeqPool:
         return seq
 
     def add(self, start: int, count: int) -> None:
-        """A reserved block came back: it replaces what is left (a fresh block is above it)."""
+        """A reserved block came back: it replaces what is left (a fresh block is above it).
+        A floor raised while it was on its way still holds: the part of the block at or below
+        it is skipped (the pool may be empty again, and then ``low``)."""
         self.reserving = False
-        self.next, self.end = start, start + count
+        self.next, self.end = max(start, self.floor + 1), start + count
 
     def raise_floor(self, floor: int) -> bool:
         """Seqs at or below ``floor`` may not be used any more: ``True`` if the pool had to be
@@ -64,6 +67,7 @@ class SeqPool:
         the end of this pool's own block (the counter is at least that since the block was
         reserved): nobody has reserved since, so every seq the client had elsewhere is below
         this block, and the pool stays."""
+        self.floor = max(self.floor, floor)
         if self.next > floor or floor < self.end:
             return False
         self.next = self.end = floor + 1  # empty, and nothing below the floor comes back
