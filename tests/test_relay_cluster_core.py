@@ -278,3 +278,21 @@ def test_refusals_while_the_store_fails_are_not_the_client_s_strikes() -> None:
     codes = [f["error"]["code"] for f in h.read(a) if f["type"] == "error"]
     assert codes == ["store_unavailable"] * 10
     assert h.sessions[a].closed is None
+
+
+def test_what_a_kicked_session_leaves_in_the_store_is_announced_to_the_new_node() -> None:
+    """A message committed after bob's new node loaded his queue, and routed to his old
+    session (the kick had not come yet), is left in the store when that session closes: the
+    new node hears of it then, not at its next resync."""
+    bus, node_a, node_b = two_nodes()
+    alice, bob = node_a.client("alice"), node_a.client("bob")
+    a, b1 = node_a.connect(alice), node_a.connect(bob)
+    node_a.auto_flush = False  # bob's old socket writes nothing more
+    bus.hold = True
+    b2 = node_b.connect(bob)  # claims bob and loads his (empty) queue; the kick waits
+    node_a.send(a, {"to": bob.uuid, "msgid": "m1", "acknowledge": True, "content": "late"})
+    assert node_a.sessions[b1].outbox  # node A still routes to bob's old session
+    assert node_b.messages(b2) == []
+    bus.release()  # the kick: node A closes the old session and parks m1
+    assert node_a.sessions[b1].gone
+    assert contents(node_b.messages(b2)) == ["late"]

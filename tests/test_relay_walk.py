@@ -68,6 +68,9 @@ class Walk:
         self.a = first.connect(self.alice)
         self.bob_at: int | None = None
         self.b: int | None = None
+        # Every session bob opened, on which node: an older one may live on (its kick held)
+        # and be written to meanwhile, as a real client's socket would be.
+        self.bob_sessions: list[tuple[int, int]] = []
         self.sent = 0
         self.told: dict[str, str] = {}  # msgid -> the last status alice was told
         self.got: dict[str, int] = {}  # msgid -> deliveries bob saw
@@ -86,8 +89,8 @@ class Walk:
         for frame in alice_node.read(self.a):
             if frame["type"] in ("delivery_status", "delivery_update"):
                 self.told[frame["msgid"]] = frame["status"]
-        if self.b is not None and self.bob_at is not None:
-            for frame in self.nodes[self.bob_at].read(self.b):
+        for at, sid in self.bob_sessions:
+            for frame in self.nodes[at].read(sid):
                 if frame["type"] == "message":
                     msgid = frame["msgid"]
                     if self.got.get(msgid):
@@ -133,12 +136,14 @@ class Walk:
                     node.disconnect(self.b, interrupted=min(1, waiting))
                 else:
                     node.disconnect(self.b)
+            self.collect()  # what was written as the socket went
             self.b = self.bob_at = None
         elif kind == "bob_comes":
             self.collect()
             index = arg % len(self.nodes)
             self.b = self.connect(self.nodes[index], self.bob)
             self.bob_at = index
+            self.bob_sessions.append((index, self.b))
         elif kind == "stall":
             for node in self.nodes:
                 node.auto_flush = not arg

@@ -714,6 +714,11 @@ class RelayCore:
         client = session.client
         if client is None:
             return
+        owed = [r.seq for r in (*unsent, *interrupted) if isinstance(r, ReceiptRef) and r.owed]
+        if owed and self._cluster:
+            # Stored only now: the client's session on another node may have loaded its
+            # receipts already.
+            self._actions.append(Announce("receipts", client, min(owed)))
         recipient = self._recipients.get(client)
         if self._active.get(client) is session:
             del self._active[client]
@@ -763,10 +768,12 @@ class RelayCore:
         order there.
         """
         to_store: list[Message] = []
+        stored: list[int] = []
         for message in messages:
             message.gen += 1
             self._release(message)
             if message.durable:
+                stored.append(message.seq)
                 self._record_attempts(message)
                 self._forget(message)
                 if message.status is None:
@@ -777,6 +784,10 @@ class RelayCore:
             else:
                 message.durable = True  # never sent, so never an attempt: see closed()
                 to_store.append(message)
+        if stored and self._cluster:
+            # The client may be on another node already, which may have loaded its queue
+            # before these came here (see wake).
+            self._actions.append(Announce("wake", client, min(stored)))
         if to_store:
             queue = self._staging.setdefault(client, deque())
             queue.extendleft(reversed(to_store))
