@@ -21,8 +21,10 @@ import trio
 import trio.testing
 
 from relayd._auth import Revocation
+from relayd._cluster import Claim, RedisCluster
 from relayd._engine import open_cluster
 from relayd._errors import StoreUnavailable, TokenError
+from relayd._redis import RedisStore
 from relayd._relay import hub as hub_module
 from relayd._relay.frames import CloseCode
 from relayd._relay.hub import CLOSE_TIMEOUT, DEFER_COMMIT, INLINE_OPS
@@ -662,3 +664,71 @@ async def test_a_failed_seq_reservation_is_tried_again_after_a_growing_pause(
         start = trio.current_time()
         await env.hub._reserve_seqs(10)
         assert [t - start for t in store.attempts] == pytest.approx([0.0, 0.1, 0.3, 0.7, 1.5])
+
+
+async def test_a_kick_heard_while_a_claim_is_made_closes_the_session_once_it_is_active(
+    redis_url: str,
+) -> None:
+    """Another node claims bob while this node's claim of him waits for seqs (the session is
+    not active yet, so the kick finds nothing to close): once it is active it is closed 4009,
+    as the kick would have closed it."""
+    overrides = {"store": {"engine": "redis", "url": redis_url}}
+    config = hub_config(overrides)
+    async with (
+        GatedRedisStore.open(redis_url) as store,
+        open_cluster(config) as cluster,
+        open_cluster(config) as elsewhere,
+        running_hub(overrides, store=store, cluster=cluster) as env,
+    ):
+        assert isinstance(store, GatedRedisStore)
+        assert elsewhere is not None
+        hub = env.hub
+        with trio.fail_after(IO_DEADLINE):
+            bob = await env.client("bob")
+            await store.reserve_seqs(1000)  # another node's block: this node's is not the newest
+            store.gate = trio.Event()
+            b = env.open(bob.token)
+            await store.held.wait()  # claimed; the node waits for its next block of seqs
+            await elsewhere.claim(bob.uuid)
+            await hub.until(lambda: hub._claiming.get(bob.uuid, (0, 0))[1] > 0)
+            store.gate.set()
+            assert (await b.next())["type"] == "connection"
+            assert await b.wait_closed() == CloseCode.REPLACED
+
+
+class GatedClaims(RedisCluster):
+    """A cluster whose claims wait while ``gate`` is unset; ``held`` is set once one waits."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = trio.Event()
+        self.held = trio.Event()
+
+    async def claim(self, client: str) -> Claim:
+        self.held.set()
+        await self.gate.wait()
+        return await super().claim(client)
+
+
+async def test_a_claim_made_for_a_session_that_ended_meanwhile_is_given_back(
+    redis_url: str,
+) -> None:
+    overrides = {"store": {"engine": "redis", "url": redis_url}}
+    async with (
+        RedisStore.open(redis_url) as store,
+        GatedClaims.open(
+            redis_url, prefix="relayd:", lease=10.0, call_timeout=2.0, seq_key="relayd:seq"
+        ) as cluster,
+        running_hub(overrides, store=store, cluster=cluster) as env,
+    ):
+        assert isinstance(cluster, GatedClaims)
+        hub = env.hub
+        with trio.fail_after(IO_DEADLINE):
+            bob = await env.client("bob")
+            b = env.open(bob.token)
+            await cluster.held.wait()
+            b.vanish()  # the socket goes while its claim is being made
+            await b.wait_served()
+            cluster.gate.set()
+            await hub.until(lambda: not hub._claiming and hub.releasing == 0)
+            assert await cluster.online([bob.uuid]) == set()

@@ -159,6 +159,7 @@ class _Handle:
     chunk: int = 1  # of `batch`, after `sent`, in the write under way
     pinging: bool = False
     claim: tuple[str, int] | None = None  # cluster mode: (client, epoch) it claimed
+    ended: bool = False  # cluster mode: its claim and channel were given back (see _unclaim)
     watching: str | None = None  # cluster mode: the client whose channel it watches
 
 
@@ -184,6 +185,9 @@ class Hub:
         self._resync_due = False  # a publish failed: every node must look in the store
         self._seqs_ready = trio.Event()
         self.releasing = 0  # cluster mode: ended sessions whose claims are being released
+        # Cluster mode: clients with claims being made here -> (how many, the highest epoch
+        # of a kick heard meanwhile).
+        self._claiming: dict[str, tuple[int, int]] = {}
         self.auth = auth
         self.clock = clock
         self.core = core
@@ -546,7 +550,12 @@ class Hub:
             client = await self.auth.get_client(claims.sub)
             epoch = 0
             if self.cluster is not None and not refresh and handle is not None:
-                epoch = await self._claim(handle, client.uuid)
+                self._claiming_begins(client.uuid)
+                try:
+                    epoch = await self._claim(handle, client.uuid)
+                except BaseException:
+                    self._claiming_ends(client.uuid)
+                    raise
         except ApiError as exc:
             audit("ws_auth_failed", source=remote, reason=exc.code, refresh=refresh or None)
             self.core.metrics.events[f"auth_failed:{exc.code}"] += 1
@@ -557,6 +566,10 @@ class Hub:
             )
             log.debug("authenticated", extra={"fields": {"sid": sid, "client": client.uuid}})
             self.core.authenticated(sid, who, self.clock(), refresh=refresh)
+            if epoch:
+                kicked = self._claiming_ends(client.uuid)
+                if kicked > epoch:  # a newer claim elsewhere, heard while this one was made
+                    self.core.replaced_elsewhere(client.uuid, kicked, self.clock())
         self._apply()
 
     # --- cluster mode ------------------------------------------------------------------------
@@ -571,13 +584,15 @@ class Hub:
         cluster = self.cluster
         assert cluster is not None
         try:
-            handle.watching = client
             await cluster.watch(client)
+            handle.watching = client  # from here on, _unclaim gives it back
+            self._ended_meanwhile(handle)
             claim = await cluster.claim(client)
+            handle.claim = (client, claim.epoch)
+            self._ended_meanwhile(handle)
         except ClusterUnavailable as exc:
             log.warning("claim failed", extra={"fields": {"error": str(exc)}})
             raise ApiError("the store cannot take sessions now", code="store_unavailable") from None
-        handle.claim = (client, claim.epoch)
         if self.core.raise_seq_floor(claim.floor):
             self._apply()
             with trio.move_on_after(cluster.timeout):
@@ -595,12 +610,37 @@ class Hub:
             return False
         return True
 
+    def _ended_meanwhile(self, handle: _Handle) -> None:
+        """The session ended while its claim was being made: give back what it took.
+
+        Raises:
+            ApiError: it ended (the core ignores an answer for a session it closed).
+        """
+        if handle.ended:
+            self._unclaim(handle)
+            raise ApiError("the session ended", code="connection_closed")
+
+    def _claiming_begins(self, client: str) -> None:
+        refs, kicked = self._claiming.get(client, (0, 0))
+        self._claiming[client] = (refs + 1, kicked)
+
+    def _claiming_ends(self, client: str) -> int:
+        """The highest epoch of a kick heard for ``client`` while a claim of it was being made
+        here (0: none)."""
+        refs, kicked = self._claiming.pop(client)
+        if refs > 1:
+            self._claiming[client] = (refs - 1, kicked)
+        return kicked
+
     def _unclaim(self, handle: _Handle) -> None:
-        """The session ended: release its claim and channel (in the background)."""
+        """The session ended: release its claim and channel (in the background), once."""
+        handle.ended = True
         if self.cluster is None or self._nursery is None:
             return
-        if (handle.claim is not None or handle.watching is not None) and self._spawn(
-            self._release, handle.claim, handle.watching
+        claim, watching = handle.claim, handle.watching
+        handle.claim = handle.watching = None
+        if (claim is not None or watching is not None) and self._spawn(
+            self._release, claim, watching
         ):
             self.releasing += 1
 
@@ -691,8 +731,12 @@ class Hub:
         self._apply()
 
     def kicked(self, client: str, epoch: int) -> None:
+        claiming = self._claiming.get(client)
+        if claiming is not None:  # a session here may not be active yet: see _authenticate
+            self._claiming[client] = (claiming[0], max(claiming[1], epoch))
         self.core.replaced_elsewhere(client, epoch, self.clock())
         self._apply()
+        self._signal()
 
     def key_changed(self, notice: KeyNotice) -> None:
         self.core.key_changed([notice], self.clock())
