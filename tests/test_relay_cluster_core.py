@@ -296,3 +296,25 @@ def test_what_a_kicked_session_leaves_in_the_store_is_announced_to_the_new_node(
     bus.release()  # the kick: node A closes the old session and parks m1
     assert node_a.sessions[b1].gone
     assert contents(node_b.messages(b2)) == ["late"]
+
+
+def test_a_receipt_hinted_while_receipts_are_being_loaded_is_not_skipped() -> None:
+    """Alice connects on node A (her owed receipts are being loaded) while bob acks on node B:
+    the hint comes during the load, whose answer may not have the receipt."""
+    bus, node_a, node_b = two_nodes()
+    alice, bob = node_a.client("alice"), node_a.client("bob")
+    b = node_b.connect(bob)
+    a = node_a.connect(alice)
+    node_a.send(a, {"to": bob.uuid, "msgid": "m1", "acknowledge": True, "content": "x"})
+    [message] = node_b.messages(b)
+    node_a.disconnect(a)
+    node_a.auto_store = False
+    a2 = node_a.open(token=alice.token)  # her owed receipts are to be loaded
+    node_a.flush(a2)
+    ops, node_a.pending_store = node_a.pending_store, []
+    results = node_a.execute(ops)  # the loads run now: nothing is owed yet
+    node_b.send(b, {"type": "ack", "msgid": message["msgid"]})  # the receipt, and its hint
+    node_a.core.store_done(ops, results, node_a.now)  # their answers come after the hint
+    node_a.auto_store = True
+    node_a.run()
+    assert node_a.receipts(a2) == [("delivery_update", "m1", "acknowledged")]

@@ -598,11 +598,11 @@ class RelayCore:
         session = self._active.get(client)
         if session is None or session.phase is not Phase.ACTIVE:
             return
-        session.receipt_cursor = min(session.receipt_cursor, seq - 1)
         if session.receipts is None:
+            session.receipt_cursor = min(session.receipt_cursor, seq - 1)
             self._load_receipts(session)
         else:
-            session.receipts_more = True
+            session.receipt_rewind = min(session.receipt_rewind, seq - 1)
 
     def replaced_elsewhere(self, client: str, epoch: int, now: float) -> None:
         """A newer session of ``client`` (claim ``epoch``) opened on another node: the one
@@ -1541,6 +1541,14 @@ class RelayCore:
                 reason=row.reason,
                 ref=ReceiptRef(row.seq),
             )
+        if session.receipt_rewind < math.inf:
+            # Hinted while this load was under way: look again from below the hint.
+            session.receipt_cursor = int(min(session.receipt_cursor, session.receipt_rewind))
+            session.receipt_rewind = math.inf
+            if session.queued <= self._receipt_page:
+                self._load_receipts(session)
+            else:
+                session.receipts_more = True  # loaded once the socket drains (see written)
 
     # --- key changes ---------------------------------------------------------------------
 

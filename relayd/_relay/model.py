@@ -100,6 +100,9 @@ class Session:
     receipts: LoadReceipts | None = None  # the owed receipts being loaded, if any
     receipt_cursor: int = 0  # highest seq of an owed receipt loaded
     receipts_more: bool = False  # the store may owe more than was loaded
+    # Cluster mode: a receipt stored at or above this + 1 was hinted while a load was under
+    # way (the load's answer may not have it): look again from here once it is in.
+    receipt_rewind: float = math.inf
     notices: LoadKeyNotices | None = None  # the owed key changes being loaded, if any
     notices_out: int = 0  # key_changed frames handed to the socket, not yet written
     notices_more: bool = False  # the store may owe key changes not sent on this session
