@@ -301,7 +301,7 @@ def test_what_a_kicked_session_leaves_in_the_store_is_announced_to_the_new_node(
 def test_a_receipt_hinted_while_receipts_are_being_loaded_is_not_skipped() -> None:
     """Alice connects on node A (her owed receipts are being loaded) while bob acks on node B:
     the hint comes during the load, whose answer may not have the receipt."""
-    bus, node_a, node_b = two_nodes()
+    _, node_a, node_b = two_nodes()
     alice, bob = node_a.client("alice"), node_a.client("bob")
     b = node_b.connect(bob)
     a = node_a.connect(alice)
