@@ -1468,13 +1468,13 @@ class RelayCore:
         staged = self._staging.get(op.recipient)
         first_staged = min((m.seq for m in staged), default=None) if staged else None
         more = page.more
-        if more and page.rows and op.after < recipient.cursor:
-            # A rewound load stopped early: the next one goes on from where this one ended.
-            recipient.rewind = min(recipient.rewind, page.rows[-1].seq)
+        rewound = op.after < recipient.cursor
+        last = op.after  # the last row this load took in
         for row in page.rows:
             if first_staged is not None and row.seq > first_staged:
                 more = True
                 break
+            last = row.seq
             recipient.cursor = max(recipient.cursor, row.seq)
             if row.seq in self._by_seq or row.seq in self._finished_while_reading:
                 continue
@@ -1483,6 +1483,9 @@ class RelayCore:
             self._hold(recipient, message)
             move(message, Where.MAILBOX)
             (recipient.high if message.high else recipient.normal).append(message)
+        if more and rewound:
+            # A rewound load stopped early: the next one goes on from where this one did.
+            recipient.rewind = min(recipient.rewind, last)
         if not more and recipient.stored_since == recipient.load_mark:
             recipient.backlog = False
         self._pump(recipient, now)
