@@ -32,7 +32,8 @@ Theory of operation:
   to one (``receipts``), a key change owed to one (``key``), a kick; on ``bus``, revocations
   and role changes. A hint is never the truth: a lost one delays, never loses. Redis drops
   published messages only for a subscriber that is disconnected; when the subscription comes
-  back, the node *resyncs*: every client it holds looks in the store again.
+  back, the node *resyncs*: every client it holds looks in the store again, and the revoked
+  access tokens are reloaded from it.
 """
 
 from __future__ import annotations
