@@ -225,11 +225,21 @@ class AuthService:
         expired tokens. Returns the number of families purged."""
         families = await self._store.purge_expired_families(self.now)
         await self._store.purge_invites(self.now, keep_spent=SPENT_INVITES_KEPT)
+        await self.reload_revocations()
+        return families
+
+    async def reload_revocations(self) -> None:
+        """Take the revoked access tokens from the store again: those that expired are
+        forgotten, and in cluster mode those another node revoked are taken, even when its
+        hint was lost. Cancelled or failed: nothing changed.
+
+        Raises:
+            StoreError: the store did not answer.
+        """
         before = set(self._revoked_jtis)
         live = await self._store.revoked_token_ids(self._revocation_horizon())
-        # Keep revocations made while the store was queried.
-        self._revoked_jtis = (self._revoked_jtis - before) | (before & live)
-        return families
+        # The store's, plus those revoked here while it was queried.
+        self._revoked_jtis = live | (self._revoked_jtis - before)
 
     async def _hash(self, secret: str) -> str:
         return await trio.to_thread.run_sync(

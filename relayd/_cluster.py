@@ -13,12 +13,13 @@ Theory of operation:
   session with 4009; what that session had not had acknowledged stays queued in the store,
   and the new node delivers it as a redelivery.
 * **Leases.** A claim is only as live as its node: ``node:<id>`` is renewed every third of
-  ``store.lease`` and expires after it. A node that could not renew for a whole lease (it
-  was partitioned, or paused) assumes its claims were taken, *fences* itself: every session
-  is closed with 1013 and no new one opens until Redis answers again and the node hears the
-  bus again (it publishes a ``probe`` there after each renewal, until it hears it), so that
-  a session it takes can watch its client's channel. The directory's ``online`` is a live
-  claim of a live node.
+  ``store.lease`` and expires after it (it counts from when the renewal was sent). A node
+  without a successful renewal for two thirds of its lease (it was partitioned, or paused)
+  assumes its claims are about to be taken, and *fences* itself before the lease can
+  expire: every session is closed with 1013 and no new one opens until Redis answers again
+  and the node hears the bus again (it publishes a ``probe`` there after each renewal, until
+  it hears it), so that a session it takes can watch its client's channel. The directory's
+  ``online`` is a live claim of a live node.
 * **Nodes that leave.** Each renewal also sets the node's expiry in ``nodes`` (a sorted set),
   and drops the nodes whose lease has run out; if it dropped any, it publishes a ``resync``
   on ``bus``. A node publishes its hints after its commit: one killed in between (or stopped
@@ -31,7 +32,8 @@ Theory of operation:
   to one (``receipts``), a key change owed to one (``key``), a kick; on ``bus``, revocations
   and role changes. A hint is never the truth: a lost one delays, never loses. Redis drops
   published messages only for a subscriber that is disconnected; when the subscription comes
-  back, the node *resyncs*: every client it holds looks in the store again.
+  back, the node *resyncs*: every client it holds looks in the store again, and the revoked
+  access tokens are reloaded from it.
 """
 
 from __future__ import annotations
@@ -195,7 +197,8 @@ class RedisCluster:
         self._renew_lease = redis.register_script(_RENEW)
         self._pubsub: Any = None
         self._watched: dict[str, int] = {}  # client -> sessions here that watch it
-        self._renewed_at = -math.inf  # Trio time of the last renewal of the lease
+        self._renewed_at = -math.inf  # Trio time the last successful renewal was sent
+        self._renewal = trio.Event()  # set by the next successful renewal
         self.fenced = False
 
     @classmethod
@@ -376,26 +379,60 @@ class RedisCluster:
             ),
         )
         self._renewed_at = sent
+        self._renewal.set()
+        self._renewal = trio.Event()
         if gone:
             log.info("nodes gone: every node resyncs", extra={"fields": {"gone": int(gone)}})
 
+    @property
+    def _fence_at(self) -> float:
+        """When this node fences itself unless a renewal succeeds first: two thirds of the
+        lease after the last successful renewal was sent, a third before it can expire."""
+        return self._renewed_at + self.lease * 2 / 3
+
     async def _keep_lease(self, listener: Listener) -> None:
-        """Renew the lease every third of it. Fence (see the module docstring) once two thirds
-        of it have passed without a renewal, before it can have expired; and when a renewal
-        comes after it expired (the node was paused): other nodes may hold its clients."""
+        """Renew the lease every third of it, and fence (see the module docstring) at two
+        thirds of it past the last renewal, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_lease, listener)
+            await self._renew_every_third(listener)
+
+    async def _renew_every_third(self, listener: Listener) -> None:
+        """Send a renewal a third of the lease after the previous one was sent (whether it
+        succeeded or not: the lease counts from the send). While the node is not fenced, a
+        renewal still unanswered at the fence point is abandoned there, so the next one goes
+        out at once. A renewal sent after the lease expired (the node was paused) fences the
+        node too: other nodes may hold its clients."""
+        sent = self._renewed_at
         while True:
-            await trio.sleep(self.lease / 3)
+            await trio.sleep_until(sent + self.lease / 3)
+            sent = trio.current_time()
             before = self._renewed_at
-            try:
-                await self._renew()
-            except ClusterUnavailable as exc:
-                if not self.fenced and trio.current_time() - before >= self.lease * 2 / 3:
-                    self._fence(listener, str(exc))
-                continue
+            # A renewal sent at or after the fence point is not cut: the node is fencing.
+            deadline = self._fence_at if self._fence_at > sent else math.inf
+            with trio.move_on_at(deadline) as scope:
+                try:
+                    await self._renew()
+                except ClusterUnavailable:
+                    continue  # the watchdog fences at the fence point
+            if scope.cancelled_caught:
+                continue  # abandoned at the fence point
             if self._renewed_at - before >= self.lease and not self.fenced:
                 self._fence(listener, "the lease expired before it was renewed")
             if self.fenced:
                 await self._probe()
+
+    async def _watch_lease(self, listener: Listener) -> None:
+        """Fence the node at its fence point (:attr:`_fence_at`) unless a renewal succeeded
+        by then, whether a renewal is in flight or not; a fenced node waits for its next
+        renewal."""
+        while True:
+            if trio.current_time() < self._fence_at:
+                await trio.sleep_until(self._fence_at)  # a renewal meanwhile moves it: look again
+            elif not self.fenced:
+                self._fence(listener, "no renewal of the lease for two thirds of it")
+            else:
+                await self._renewal.wait()
 
     async def _probe(self) -> None:
         """A fenced node that has its lease again asks the bus whether it hears it: its
@@ -414,8 +451,8 @@ class RedisCluster:
     def _unfence(self, listener: Listener) -> None:
         """This node holds its lease and hears the cluster again: it takes sessions again,
         and every client here looks in the store for what it missed."""
-        if not self.fenced or trio.current_time() - self._renewed_at >= self.lease:
-            return
+        if not self.fenced or trio.current_time() >= self._fence_at:
+            return  # too late: the watchdog would fence it again (see _watch_lease)
         log.info("lease renewed and the cluster heard: accepting sessions again")
         self.fenced = False
         listener.resync()

@@ -446,6 +446,22 @@ async def test_token_revocations_survive_a_reload(
     assert await authenticate_code(second, issued.token) == "token_revoked"
 
 
+async def test_purge_keeps_a_revocation_another_node_stored(
+    autojump_clock: trio.testing.MockClock, store: Store
+) -> None:
+    # Two services on one store, as two cluster nodes: the second never hears of the first's
+    # revocation (its hint was lost).
+    first = AuthService(store, make_codec(), CONFIG)
+    second = AuthService(store, make_codec(), CONFIG)
+    await first.load()
+    await second.load()
+    issued = first.mint_operator_token("ops", ("admin",), ttl=60.0)
+    await first.revoke_token(issued.claims, actor="operator:root", source=None)
+    assert (await second.authenticate(issued.token)).jti == issued.claims.jti
+    await second.purge()
+    assert await authenticate_code(second, issued.token) == "token_revoked"
+
+
 async def test_token_revocations_survive_a_reload_within_the_leeway(
     autojump_clock: trio.testing.MockClock, store: Store
 ) -> None:

@@ -20,7 +20,7 @@ from relayd._relay.frames import CloseCode
 
 from .cluster_support import node_config
 from .redis_support import RedisServer, command, require_redis, start_redis, stop_redis
-from .support import RunningRelayd, start_relayd
+from .support import IO_DEADLINE, RunningRelayd, start_relayd
 from .test_keys import publish, read, sha256
 from .test_rest import admin_token, assert_ok
 from .test_roles import SCHOOL, outcome
@@ -135,6 +135,28 @@ async def test_revoking_on_one_node_closes_the_session_on_another(
         for node in (node_a, node_b):
             refused = await node.http.get("/clients", token=bob["access_token"])
             assert (refused.status, refused.error_code) == (401, "token_revoked")
+
+
+async def test_a_revocation_whose_hint_was_lost_is_refused_after_the_next_resync(
+    nursery: trio.Nursery, tmp_path: Path, redis_url: str
+) -> None:
+    async with cluster(nursery, tmp_path, redis_url) as (node_a, node_b):
+        hub_a, hub_b = node_a.daemon.hub, node_b.daemon.hub
+        assert hub_a is not None
+        assert hub_b is not None
+        bob = await node_a.http.register("bob")
+        token, path = bob["access_token"], f"/clients/{bob['uuid']}"
+        # Node A stores the revocation and publishes no hint: node B never hears of it.
+        claims = hub_a.auth.codec.verify(token, use="access")
+        await hub_a.store.revoke_token(claims.jti, claims.sub, hub_a.auth.now, claims.exp)
+        accepted = await node_b.http.get(path, token=token)
+        assert accepted.status == 200, accepted
+        reloaded = hub_b.revocations_reloaded
+        hub_b.resync()  # as when its subscription comes back
+        with trio.fail_after(IO_DEADLINE):
+            await hub_b.until(lambda: hub_b.revocations_reloaded > reloaded)
+        refused = await node_b.http.get(path, token=token)
+        assert (refused.status, refused.error_code) == (401, "token_revoked")
 
 
 @pytest.fixture

@@ -188,6 +188,7 @@ class Hub:
         # Cluster mode: clients with claims being made here -> (how many, the highest epoch
         # of a kick heard meanwhile).
         self._claiming: dict[str, tuple[int, int]] = {}
+        self.revocations_reloaded = 0  # cluster mode: resyncs whose revocations were reloaded
         self.auth = auth
         self.clock = clock
         self.core = core
@@ -757,6 +758,19 @@ class Hub:
         self._apply()
         self._signal()
         self._spawn(self._verify_claims)
+        self._spawn(self._reload_revocations)
+
+    async def _reload_revocations(self) -> None:
+        """After a resync: an access token another node revoked while its hint could not reach
+        this one is refused from now on. A session already open here on that token is not
+        closed by this: the store keeps the jti, not the session it would close."""
+        try:
+            await self.auth.reload_revocations()
+        except StoreError as exc:
+            log.warning("revocations not reloaded", extra={"fields": {"error": str(exc)}})
+            return
+        self.revocations_reloaded += 1
+        self._signal()
 
     async def _verify_claims(self) -> None:
         """After a resync: a session whose claim another node took while a kick could not
