@@ -251,7 +251,7 @@ async def _online(relay: Relay | None, clients: Sequence[ClientRecord]) -> set[s
     """Who of ``clients`` is online (``None`` without a relay).
 
     Raises:
-        ServiceUnavailable: the cluster could not be asked (503 ``store_unavailable``).
+        Unavailable: the cluster could not be asked (503 ``store_unavailable``).
     """
     if relay is None:
         return None

@@ -87,12 +87,12 @@ DEFER_COMMIT = 0.05
 # while the loop, blocked that long, has nothing else to do. Bigger batches, or a disk that got
 # slow, go to the thread, and the loop serves sockets meanwhile.
 INLINE_OPS = 8
+INLINE_SECONDS = 0.001
 # After a failed batch, the store is tried again after this long, doubling up to the max.
 STORE_RETRY = 0.1
 STORE_RETRY_MAX = 2.0
 # Cluster mode: message seqs reserved from the store at a time (see relayd/_relay/seqs.py).
 SEQ_BLOCK = 1000
-INLINE_SECONDS = 0.001
 # Bytes written to a socket at once, at most, where frames are coalesced: past write_timeout
 # without completing a write, a socket counts as not draining, so a write must stay small.
 WRITE_CHUNK_BYTES = 128 * 1024
