@@ -181,7 +181,10 @@ class Hub:
         self.store = store
         self.cluster = cluster
         self._store_failures = 0  # batches failed in a row (the store is down while > 0)
-        self._announces: list[Announce] = []  # to publish once the batch before them commits
+        # Hints to publish, their batches committed: the lowest seq per (kind, client), so at
+        # most one note per client and kind waits, however many messages (see Announce).
+        self._announces: dict[tuple[str, str], int] = {}
+        self._publishing = False  # a task publishes them
         self._resync_due = False  # a publish failed: every node must look in the store
         self._seqs_ready = trio.Event()
         self.releasing = 0  # cluster mode: ended sessions whose claims are being released
@@ -513,9 +516,12 @@ class Hub:
             self._apply()
             self._signal()
             if self.cluster is not None:
-                self._announces += [op for op in taken if isinstance(op, Announce)]
-                if self._announces:
-                    self._spawn(self._publish_announces)
+                for op in taken:
+                    if isinstance(op, Announce):
+                        key = (op.kind, op.client)
+                        self._announces[key] = min(self._announces.get(key, op.seq), op.seq)
+                if self._announces and not self._publishing:
+                    self._publishing = self._spawn(self._publish_announces)
 
     async def _store_failed(self, taken: list[StoreOp | Announce], exc: StoreError) -> None:
         """The store could not take a batch now (unreachable, too slow, out of space): put it
@@ -679,14 +685,17 @@ class Hub:
         self._signal()
 
     async def _publish_announces(self) -> None:
-        cluster = self.cluster
-        if cluster is None or not self._announces:
-            return
-        announces, self._announces = self._announces, []
-        notes: list[tuple[str, dict[str, Any]]] = [
-            (a.client, {"k": a.kind, "c": a.client, "s": a.seq}) for a in announces
-        ]
-        await self._publish(notes)
+        """Publish the waiting hints, one round trip at a time, until none wait."""
+        try:
+            while self._announces:
+                announces, self._announces = self._announces, {}
+                notes: list[tuple[str, dict[str, Any]]] = [
+                    (client, {"k": kind, "c": client, "s": seq})
+                    for (kind, client), seq in announces.items()
+                ]
+                await self._publish(notes)
+        finally:
+            self._publishing = False
 
     async def _publish(self, notes: list[tuple[str, dict[str, Any]]]) -> None:
         """Publish hints; one that cannot go out makes every node resync once Redis is back
