@@ -202,6 +202,10 @@ class AuthService:
             if local or not local_only:
                 subscriber(client, roles)
 
+    def is_revoked(self, token_id: str) -> bool:
+        """Whether the access token with this jti was revoked (as far as this node knows)."""
+        return token_id in self._revoked_jtis
+
     def revoked_elsewhere(self, revocation: Revocation) -> None:
         """Cluster mode: another node revoked tokens (and stored it). An access token revoked
         by its jti is refused here too from now on; the rest is checked in the store."""

@@ -151,12 +151,17 @@ async def test_a_revocation_whose_hint_was_lost_is_refused_after_the_next_resync
         await hub_a.store.revoke_token(claims.jti, claims.sub, hub_a.auth.now, claims.exp)
         accepted = await node_b.http.get(path, token=token)
         assert accepted.status == 200, accepted
-        reloaded = hub_b.revocations_reloaded
-        hub_b.resync()  # as when its subscription comes back
-        with trio.fail_after(IO_DEADLINE):
-            await hub_b.until(lambda: hub_b.revocations_reloaded > reloaded)
-        refused = await node_b.http.get(path, token=token)
-        assert (refused.status, refused.error_code) == (401, "token_revoked")
+        async with ws_connect(node_b, token) as b:  # a session on node B runs on that token
+            await welcomed(b)
+            reloaded = hub_b.revocations_reloaded
+            hub_b.resync()  # as when its subscription comes back
+            with trio.fail_after(IO_DEADLINE):
+                await hub_b.until(lambda: hub_b.revocations_reloaded > reloaded)
+            refused = await node_b.http.get(path, token=token)
+            assert (refused.status, refused.error_code) == (401, "token_revoked")
+            frame = await b.next_of("error")
+            assert frame["error"]["code"] == "token_revoked"
+            assert await b.closed() == CloseCode.REVOKED
 
 
 @pytest.fixture

@@ -637,6 +637,10 @@ class RelayCore:
     def store_recovered(self) -> None:
         self.store_down = False
 
+    def active_tokens(self) -> list[tuple[str, str]]:
+        """``(client, jti)`` of the token each active session runs on."""
+        return [(client, s.token_id) for client, s in self._active.items() if s.token_id]
+
     def recent_status(self, sender: str, msgid: str) -> tuple[float, str | None] | None:
         """(accepted at, the last status its sender was told) of a message within the
         dedupe window; ``None`` if it is not remembered."""

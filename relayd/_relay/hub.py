@@ -771,13 +771,18 @@ class Hub:
 
     async def _reload_revocations(self) -> None:
         """After a resync: an access token another node revoked while its hint could not reach
-        this one is refused from now on. A session already open here on that token is not
-        closed by this: the store keeps the jti, not the session it would close."""
+        this one is refused from now on, and a session here running on it is closed (4003),
+        as the hint would have closed it."""
         try:
             await self.auth.reload_revocations()
         except StoreError as exc:
             log.warning("revocations not reloaded", extra={"fields": {"error": str(exc)}})
             return
+        now = self.clock()
+        for client, token_id in self.core.active_tokens():
+            if self.auth.is_revoked(token_id):
+                self.core.revoke(client, now, token_id=token_id, reason="token_revoked")
+        self._apply()
         self.revocations_reloaded += 1
         self._signal()
 
