@@ -439,12 +439,8 @@ class RedisCluster:
         subscription may still be reconnecting, and a session it took meanwhile could not
         watch its channel. It takes sessions again once it hears its own probe (see
         :meth:`_heard`). Best effort: the next renewal probes again."""
-        note = {"k": "probe", "from": self.node}
         try:
-            await self._call(
-                "probe",
-                lambda: self._redis.publish(self._bus, json.dumps(note, separators=(",", ":"))),
-            )
+            await self.publish([("", {"k": "probe", "from": self.node})])
         except ClusterUnavailable as exc:
             log.warning("probe not published", extra={"fields": {"error": str(exc)}})
 

@@ -117,6 +117,11 @@ def _chunks(batch: list[_Outgoing], *, coalesce: bool) -> Iterator[list[_Outgoin
         yield chunk
 
 
+def _retry_pause(failures: int) -> float:
+    """How long to wait after the ``failures``-th failure in a row of a store call."""
+    return float(min(STORE_RETRY_MAX, STORE_RETRY * 2 ** (failures - 1)))
+
+
 def _urgent(op: StoreOp | Announce) -> bool:
     """Whether someone waits for ``op``: a read, a message's acceptance, an owed receipt's
     record, a first attempt counted before a delivery (see DEFER_COMMIT)."""
@@ -537,7 +542,7 @@ class Hub:
             self.core.store_failed()
             self._apply()
             self._signal()
-        await trio.sleep(min(STORE_RETRY_MAX, STORE_RETRY * 2 ** (self._store_failures - 1)))
+        await trio.sleep(_retry_pause(self._store_failures))
 
     @property
     def store_available(self) -> bool:
@@ -675,7 +680,7 @@ class Hub:
                         "seqs not reserved: retrying", extra={"fields": {"error": str(exc)}}
                     )
                 failures += 1
-                await trio.sleep(min(STORE_RETRY_MAX, STORE_RETRY * 2 ** (failures - 1)))
+                await trio.sleep(_retry_pause(failures))
                 continue
             break
         self.core.seqs_reserved(start, count)
