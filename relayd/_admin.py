@@ -393,7 +393,7 @@ def backup(config: Config, target: Path) -> dict[str, int]:
             src.execute("PRAGMA busy_timeout = 5000")
             src.backup(dst)
             clients = dst.execute("SELECT COUNT(*) FROM clients WHERE deleted_at IS NULL")
-            queued = dst.execute("SELECT COUNT(*) FROM messages WHERE status IS NULL")
+            queued = dst.execute("SELECT COUNT(*) FROM deliveries WHERE status IS NULL")
             return {"clients": clients.fetchone()[0], "queued_messages": queued.fetchone()[0]}
         finally:
             dst.close()

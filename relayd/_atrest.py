@@ -1,11 +1,12 @@
 """Message content encrypted at rest: AES-256-GCM under keys from a key file.
 
-The store never holds a message's fields in plain text: each queued row holds
-``nonce || ciphertext`` and names its key (``messages.key_id``). The row's seq, sender,
-recipient and msgid are the associated data (:class:`RowId`), so a ciphertext moved to another
-row, or a row pointed at another recipient, does not decrypt. What stays readable in
-the database, its WAL and its backups is what routing needs: sender, recipient, msgid, times
-and statuses.
+The store never holds a message's fields in plain text: each stored message holds
+``nonce || ciphertext`` and names its key (``messages.key_id``). The message's id, sender,
+address (the recipient it was sent to) and msgid are the associated data (:class:`RowId`), so
+a ciphertext moved to another message, or a message pointed at another recipient, does not
+decrypt; and the stores refuse to open content for a delivery whose recipient is not the
+address it was sealed for. What stays readable in the database, its WAL and its backups is
+what routing needs: sender, recipient, msgid, times and statuses.
 
 The key file holds one key per line, ``<id> <base64 of 32 bytes>``; ``#`` starts a comment. The
 first key encrypts new rows; the others only decrypt, so keys rotate without downtime: a new
@@ -121,9 +122,10 @@ class StoreKeys:
 
 @frozen
 class RowId:
-    """What a sealed row is bound to (the associated data): its seq, sender, recipient and
-    msgid. A ciphertext copied to another row, or a row pointed at another recipient, does
-    not decrypt."""
+    """What a sealed message is bound to (the associated data): its id (the seq of its first
+    delivery), sender, address (``recipient``: whom it was sent to) and msgid. A ciphertext
+    copied to another message, or a message pointed at another recipient, does not
+    decrypt."""
 
     seq: int
     sender: str

@@ -152,6 +152,81 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX key_notices_by_client ON key_notices (client_uuid);
     """,
+    # 6: one stored message, N deliveries. A message (its sender, msgid, content) is stored
+    # once; each recipient's copy of it is a delivery with its own seq, attempts and status.
+    # A message's id is the seq of its first delivery, so the rows written before (one
+    # recipient each) keep their seq, and content sealed at rest stays bound to the same
+    # (id, sender, recipient, msgid): ``address`` is the recipient it was sent to.
+    """
+    CREATE TABLE messages_v6 (
+        id INTEGER PRIMARY KEY,            -- the seq of its first delivery
+        sender TEXT NOT NULL,
+        msgid TEXT NOT NULL,
+        address TEXT NOT NULL,             -- whom it was sent to: a client's uuid
+        high INTEGER NOT NULL,
+        acknowledge INTEGER NOT NULL,
+        fields TEXT NOT NULL,              -- the 13 fields as JSON; emptied once all are final
+        key_id TEXT,                       -- the key fields are encrypted with (relayd/_atrest.py)
+        accepted_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        UNIQUE (sender, msgid)             -- deduplication of re-sent messages
+    );
+    CREATE INDEX messages_by_msgid ON messages_v6 (msgid);
+    CREATE INDEX messages_accepted ON messages_v6 (accepted_at);
+
+    CREATE TABLE deliveries (
+        -- Allocated when the message is accepted, so seq order is send order. AUTOINCREMENT
+        -- keeps the high-water mark in sqlite_sequence even when the newest rows are purged:
+        -- a restarted relay continues above it and never reuses a seq.
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        message INTEGER NOT NULL,          -- messages.id
+        sender TEXT NOT NULL,              -- the message's, for the receipts index
+        recipient TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        status TEXT,                       -- NULL while queued, else the final status
+        reason TEXT NOT NULL DEFAULT '',
+        finished_at REAL,
+        receipt_pending INTEGER NOT NULL DEFAULT 0  -- final status not yet told to the sender
+    );
+    INSERT INTO messages_v6 (id, sender, msgid, address, high, acknowledge, fields, key_id,
+                             accepted_at, expires_at)
+        SELECT seq, sender, msgid, recipient, high, acknowledge, fields, key_id, accepted_at,
+               expires_at FROM messages;
+    INSERT INTO deliveries (seq, message, sender, recipient, expires_at, attempts, status,
+                            reason, finished_at, receipt_pending)
+        SELECT seq, seq, sender, recipient, expires_at, attempts, status, reason, finished_at,
+               receipt_pending FROM messages;
+    -- The high-water mark moves over too: purged rows' seqs are never used again.
+    INSERT INTO sqlite_sequence (name, seq)
+        SELECT 'deliveries', 0 WHERE NOT EXISTS
+            (SELECT 1 FROM sqlite_sequence WHERE name = 'deliveries');
+    UPDATE sqlite_sequence SET seq = max(seq, coalesce(
+        (SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)) WHERE name = 'deliveries';
+    DROP TABLE messages;
+    ALTER TABLE messages_v6 RENAME TO messages;
+
+    CREATE INDEX deliveries_queued ON deliveries (recipient, seq) WHERE status IS NULL;
+    CREATE INDEX deliveries_expiring ON deliveries (expires_at) WHERE status IS NULL;
+    CREATE INDEX deliveries_receipts ON deliveries (sender, seq) WHERE receipt_pending = 1;
+    CREATE INDEX deliveries_finished ON deliveries (finished_at) WHERE status IS NOT NULL;
+    CREATE INDEX deliveries_by_message ON deliveries (message);
+
+    CREATE TRIGGER queue_counts_insert AFTER INSERT ON deliveries WHEN NEW.status IS NULL
+    BEGIN
+        INSERT INTO queue_counts (recipient, queued) VALUES (NEW.recipient, 1)
+        ON CONFLICT (recipient) DO UPDATE SET queued = queued + 1;
+    END;
+    CREATE TRIGGER queue_counts_finish AFTER UPDATE OF status ON deliveries
+    WHEN OLD.status IS NULL AND NEW.status IS NOT NULL
+    BEGIN
+        UPDATE queue_counts SET queued = queued - 1 WHERE recipient = OLD.recipient;
+    END;
+    CREATE TRIGGER queue_counts_delete AFTER DELETE ON deliveries WHEN OLD.status IS NULL
+    BEGIN
+        UPDATE queue_counts SET queued = queued - 1 WHERE recipient = OLD.recipient;
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

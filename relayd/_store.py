@@ -43,6 +43,7 @@ from ._relay.records import (
     Finish,
     Insert,
     Inserted,
+    InsertOutcome,
     KeyNotice,
     LoadKeyNotices,
     LoadQueue,
@@ -127,7 +128,7 @@ def _revoke_client_tokens(db: sqlite3.Connection, uuid: str, at: float, reason: 
 
 
 # What decrypting a row needs: its fields, their key, and what they are bound to.
-_SEALED_COLUMNS = "seq, sender, recipient, msgid, fields, key_id"
+_SEALED_COLUMNS = "id, sender, address, msgid, fields, key_id"
 
 
 def _check_keys(db: sqlite3.Connection, keys: StoreKeys) -> int:
@@ -138,10 +139,10 @@ def _check_keys(db: sqlite3.Connection, keys: StoreKeys) -> int:
         UndecryptableRow: naming the key that is missing or wrong.
     """
     first_of_each_key = db.execute(
-        "SELECT min(seq) FROM messages WHERE key_id IS NOT NULL GROUP BY key_id"
+        "SELECT min(id) FROM messages WHERE key_id IS NOT NULL GROUP BY key_id"
     ).fetchall()
-    for (seq,) in first_of_each_key:
-        row = db.execute(f"SELECT {_SEALED_COLUMNS} FROM messages WHERE seq = ?", (seq,))
+    for (id_,) in first_of_each_key:
+        row = db.execute(f"SELECT {_SEALED_COLUMNS} FROM messages WHERE id = ?", (id_,))
         _fields(row.fetchone(), keys)
     plain = db.execute(
         f"SELECT {_SEALED_COLUMNS} FROM messages WHERE key_id IS NULL AND fields != ''"
@@ -154,8 +155,8 @@ def _check_keys(db: sqlite3.Connection, keys: StoreKeys) -> int:
     try:
         with transaction(db):
             db.executemany(
-                "UPDATE messages SET key_id = ?, fields = ? WHERE seq = ?",
-                [(*keys.seal(row_id(row), row["fields"]), row["seq"]) for row in plain],
+                "UPDATE messages SET key_id = ?, fields = ? WHERE id = ?",
+                [(*keys.seal(row_id(row), row["fields"]), row["id"]) for row in plain],
             )
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
@@ -164,7 +165,7 @@ def _check_keys(db: sqlite3.Connection, keys: StoreKeys) -> int:
 
 
 def keys_in_use(db: sqlite3.Connection) -> dict[str | None, int]:
-    """Rows per key id (``None``: plain text) among messages that hold content."""
+    """Messages per key id (``None``: plain text) among those that hold content."""
     rows = db.execute(
         "SELECT key_id, count(*) FROM messages WHERE fields != '' GROUP BY key_id"
     ).fetchall()
@@ -737,9 +738,11 @@ class Store:
 
         def query(db: sqlite3.Connection) -> MessageRecord | None:
             row = db.execute(
-                "SELECT seq, sender, recipient, msgid, status, reason, attempts, accepted_at,"
-                " expires_at, finished_at FROM messages"
-                " WHERE msgid = ? AND (sender = ? OR recipient = ?) ORDER BY seq DESC LIMIT 1",
+                "SELECT d.seq, m.sender, d.recipient, m.msgid, d.status, d.reason, d.attempts,"
+                " m.accepted_at, d.expires_at, d.finished_at"
+                " FROM messages m JOIN deliveries d ON d.message = m.id"
+                " WHERE m.msgid = ? AND (m.sender = ? OR d.recipient = ?)"
+                " ORDER BY d.seq DESC LIMIT 1",
                 (msgid, client, client),
             ).fetchone()
             return None if row is None else MessageRecord(*row)
@@ -765,8 +768,8 @@ class Store:
                 (recipient,),
             ).fetchone()[0]
             rows = db.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-                " WHERE recipient = ? AND status IS NULL ORDER BY seq LIMIT ?",
+                f"SELECT {_MESSAGE_COLUMNS} FROM {_DELIVERY_JOIN}"
+                " WHERE d.recipient = ? AND d.status IS NULL ORDER BY d.seq LIMIT ?",
                 (recipient, limit),
             )
             return int(count), [_stored(row, self.keys) for row in rows]
@@ -897,14 +900,15 @@ def _load_key_notices(db: sqlite3.Connection, op: LoadKeyNotices) -> list[KeyNot
 
 
 def last_message_seq(db: sqlite3.Connection) -> int:
-    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'").fetchone()
     return 0 if row is None else int(row[0])
 
 
 def recent_messages(db: sqlite3.Connection, *, since: float, limit: int) -> list[RecentMessage]:
     rows = db.execute(
-        "SELECT sender, msgid, accepted_at, status FROM messages WHERE accepted_at >= ?"
-        " ORDER BY seq DESC LIMIT ?",
+        "SELECT m.sender, m.msgid, m.accepted_at, d.status"
+        " FROM messages m JOIN deliveries d ON d.seq = m.id WHERE m.accepted_at >= ?"
+        " ORDER BY m.id DESC LIMIT ?",
         (since, limit),
     ).fetchall()
     return [
@@ -913,10 +917,12 @@ def recent_messages(db: sqlite3.Connection, *, since: float, limit: int) -> list
     ]
 
 
+# A delivery with its message: what a StoredMessage is made of (and row_id needs).
 _MESSAGE_COLUMNS = (
-    "seq, sender, recipient, msgid, high, acknowledge, fields, key_id, accepted_at, expires_at,"
-    " attempts"
+    "d.seq, m.id, m.sender, m.address, d.recipient, m.msgid, m.high, m.acknowledge, m.fields,"
+    " m.key_id, m.accepted_at, d.expires_at, d.attempts"
 )
+_DELIVERY_JOIN = "deliveries d JOIN messages m ON m.id = d.message"
 
 
 def _fields(row: sqlite3.Row, keys: StoreKeys | None) -> str:
@@ -930,13 +936,29 @@ def _fields(row: sqlite3.Row, keys: StoreKeys | None) -> str:
         fields: str = row["fields"]
         return fields
     if keys is None:
-        raise UndecryptableRow(f"message {row['seq']} is encrypted and no store key was loaded")
+        raise UndecryptableRow(f"message {row['id']} is encrypted and no store key was loaded")
     return keys.open(row_id(row), key_id, row["fields"])
 
 
+def _delivered_fields(row: sqlite3.Row, keys: StoreKeys | None) -> str:
+    """A delivery's message fields in plain text, for its recipient.
+
+    Raises:
+        UndecryptableRow: as :func:`_fields`; or the content is sealed for another address
+            than the delivery's recipient (a delivery pointed elsewhere by someone who can
+            write the store but holds no key: the seal binds the message's address, and the
+            delivery must match it).
+    """
+    if row["key_id"] is not None and row["recipient"] != row["address"]:
+        raise UndecryptableRow(
+            f"delivery {row['seq']} is not to the address message {row['id']} was sealed for"
+        )
+    return _fields(row, keys)
+
+
 def row_id(row: sqlite3.Row) -> RowId:
-    """What a row's sealed fields are bound to (see :class:`RowId`)."""
-    return RowId(row["seq"], row["sender"], row["recipient"], row["msgid"])
+    """What a message's sealed fields are bound to (see :class:`RowId`)."""
+    return RowId(row["id"], row["sender"], row["address"], row["msgid"])
 
 
 def _stored(row: sqlite3.Row, keys: StoreKeys | None, fields: str | None = None) -> StoredMessage:
@@ -947,7 +969,7 @@ def _stored(row: sqlite3.Row, keys: StoreKeys | None, fields: str | None = None)
         msgid=row["msgid"],
         high=bool(row["high"]),
         acknowledge=bool(row["acknowledge"]),
-        fields=_fields(row, keys) if fields is None else fields,
+        fields=_delivered_fields(row, keys) if fields is None else fields,
         accepted_at=row["accepted_at"],
         expires_at=row["expires_at"],
         attempts=row["attempts"],
@@ -955,65 +977,81 @@ def _stored(row: sqlite3.Row, keys: StoreKeys | None, fields: str | None = None)
 
 
 def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys | None) -> Any:
+    """Store ``op``'s message and its one delivery (the message's id is the delivery's seq)."""
+    if op.status is None and not _has_room(db, op.recipient, max_queued):
+        return _refusal_or_duplicate(db, op)
     key_id: str | None = None
     fields: str | bytes = op.fields
     if keys is not None and op.fields:
         key_id, fields = keys.seal(RowId(op.seq, op.sender, op.recipient, op.msgid), op.fields)
-    values = (
-        op.seq,
-        op.sender,
-        op.msgid,
-        op.recipient,
-        int(op.high),
-        int(op.acknowledge),
-        fields,
-        key_id,
-        op.accepted_at,
-        op.expires_at,
-        op.attempts,
-        None if op.status is None else op.status.value,
-        op.reason,
-        None if op.status is None else op.accepted_at,
-        int(op.receipt_pending),
+    row = db.execute(
+        "INSERT INTO messages (id, sender, msgid, address, high, acknowledge, fields, key_id,"
+        " accepted_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (sender, msgid) DO NOTHING RETURNING id",
+        (
+            op.seq,
+            op.sender,
+            op.msgid,
+            op.recipient,
+            int(op.high),
+            int(op.acknowledge),
+            fields if op.status is None else "",
+            key_id if op.status is None else None,
+            op.accepted_at,
+            op.expires_at,
+        ),
+    ).fetchone()
+    if row is None:
+        return _refusal_or_duplicate(db, op)
+    db.execute(
+        "INSERT INTO deliveries (seq, message, sender, recipient, expires_at, attempts, status,"
+        " reason, finished_at, receipt_pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            op.seq,
+            op.seq,
+            op.sender,
+            op.recipient,
+            op.expires_at,
+            op.attempts,
+            None if op.status is None else op.status.value,
+            op.reason,
+            None if op.status is None else op.accepted_at,
+            int(op.receipt_pending),
+        ),
     )
-    columns = (
-        "INSERT INTO messages (seq, sender, msgid, recipient, high, acknowledge, fields, key_id,"
-        " accepted_at, expires_at, attempts, status, reason, finished_at, receipt_pending)"
-    )
-    if op.status is not None:  # only a receipt to keep: no queue to check
-        row = db.execute(
-            f"{columns} VALUES ({', '.join('?' * 15)})"
-            " ON CONFLICT (sender, msgid) DO NOTHING RETURNING seq",
-            values,
-        ).fetchone()
-    else:
-        row = db.execute(
-            f"{columns} SELECT {', '.join('?' * 15)}"
-            " WHERE EXISTS (SELECT 1 FROM clients WHERE uuid = ? AND deleted_at IS NULL)"
-            " AND coalesce((SELECT queued FROM queue_counts WHERE recipient = ?), 0) < ?"
-            " ON CONFLICT (sender, msgid) DO NOTHING RETURNING seq",
-            (*values, op.recipient, op.recipient, max_queued),
-        ).fetchone()
-    if row is not None:
-        return Inserted(row[0])
+    return Inserted(op.seq)
+
+
+def _has_room(db: sqlite3.Connection, recipient: str, max_queued: int) -> bool:
+    """``recipient`` is a live client whose queue holds fewer than ``max_queued``."""
+    row = db.execute(
+        "SELECT coalesce((SELECT queued FROM queue_counts WHERE recipient = ?), 0) < ?"
+        " FROM clients WHERE uuid = ? AND deleted_at IS NULL",
+        (recipient, max_queued, recipient),
+    ).fetchone()
+    return row is not None and bool(row[0])
+
+
+def _refusal_or_duplicate(db: sqlite3.Connection, op: Insert) -> InsertOutcome:
+    """Why ``op`` was not stored: its ``(sender, msgid)`` is (a duplicate, or this very Insert
+    run again), or its recipient is unknown or has a full queue."""
     existing = db.execute(
-        "SELECT seq, status FROM messages WHERE sender = ? AND msgid = ?", (op.sender, op.msgid)
+        "SELECT d.seq, d.status FROM messages m JOIN deliveries d ON d.seq = m.id"
+        " WHERE m.sender = ? AND m.msgid = ?",
+        (op.sender, op.msgid),
     ).fetchone()
     if existing is not None and existing["seq"] == op.seq:
         return Inserted(op.seq)  # this Insert, run again (see the Redis engine's retry)
     if existing is not None:
         status = existing["status"]
         return Duplicate(existing["seq"], None if status is None else Status(status))
-    known = db.execute(
-        "SELECT 1 FROM clients WHERE uuid = ? AND deleted_at IS NULL", (op.recipient,)
-    ).fetchone()
-    return Refused("queue_full" if known else "unknown_recipient")
+    return Refused("queue_full" if _live(db, op.recipient) else "unknown_recipient")
 
 
 def _load_queue(db: sqlite3.Connection, op: LoadQueue, keys: StoreKeys | None) -> QueuePage:
     cursor = db.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-        " WHERE recipient = ? AND status IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+        f"SELECT {_MESSAGE_COLUMNS} FROM {_DELIVERY_JOIN}"
+        " WHERE d.recipient = ? AND d.status IS NULL AND d.seq > ? ORDER BY d.seq LIMIT ?",
         (op.recipient, op.after, op.limit + 1),
     )
     rows: list[StoredMessage] = []
@@ -1023,7 +1061,7 @@ def _load_queue(db: sqlite3.Connection, op: LoadQueue, keys: StoreKeys | None) -
         if len(rows) == op.limit:
             more = True
             break
-        fields = _fields(row, keys)
+        fields = _delivered_fields(row, keys)
         size = size_of(fields)
         if rows and total + size > op.max_bytes:
             more = True
@@ -1037,21 +1075,17 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys
     if isinstance(op, Insert):
         return _insert(db, op, max_queued, keys)
     if isinstance(op, Finish):
-        db.execute(
-            "UPDATE messages SET status = ?, finished_at = ?, receipt_pending = ?, reason = ?,"
-            " fields = '', key_id = NULL WHERE seq = ? AND status IS NULL",
-            (op.status.value, op.finished_at, int(op.receipt_pending), op.reason, op.seq),
-        )
+        _finish(db, op)
         return None
     if isinstance(op, SetAttempts):
         db.execute(
-            "UPDATE messages SET attempts = ? WHERE seq = ? AND status IS NULL",
+            "UPDATE deliveries SET attempts = ? WHERE seq = ? AND status IS NULL",
             (op.attempts, op.seq),
         )
         return None
     if isinstance(op, SetReceiptPending):
         db.executemany(
-            "UPDATE messages SET receipt_pending = ? WHERE seq = ? AND status IS NOT NULL",
+            "UPDATE deliveries SET receipt_pending = ? WHERE seq = ? AND status IS NOT NULL",
             [(int(op.pending), seq) for seq in op.seqs],
         )
         return None
@@ -1059,8 +1093,9 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys
         return _load_queue(db, op, keys)
     if isinstance(op, LoadReceipts):
         rows = db.execute(
-            "SELECT seq, msgid, recipient, status, finished_at, reason FROM messages"
-            " WHERE sender = ? AND receipt_pending = 1 AND seq > ? ORDER BY seq LIMIT ?",
+            "SELECT d.seq, m.msgid, d.recipient, d.status, d.finished_at, d.reason"
+            f" FROM {_DELIVERY_JOIN}"
+            " WHERE d.sender = ? AND d.receipt_pending = 1 AND d.seq > ? ORDER BY d.seq LIMIT ?",
             (op.sender, op.after, op.limit),
         )
         return [
@@ -1076,8 +1111,8 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys
         ]
     if isinstance(op, FindExpired):
         rows = db.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-            " WHERE status IS NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+            f"SELECT {_MESSAGE_COLUMNS} FROM {_DELIVERY_JOIN}"
+            " WHERE d.status IS NULL AND d.expires_at <= ? ORDER BY d.expires_at LIMIT ?",
             (op.now, op.limit),
         )
         return [_stored(row, keys) for row in rows]
@@ -1092,10 +1127,37 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys
         )
         return None
     if isinstance(op, Purge):
-        db.execute(
-            "DELETE FROM messages WHERE status IS NOT NULL AND"
-            " ((receipt_pending = 0 AND finished_at < ?) OR finished_at < ?)",
-            (op.finished_before, op.receipts_before),
-        )
+        _purge(db, op)
         return None
     raise TypeError(f"not a store operation: {op!r}")
+
+
+def _finish(db: sqlite3.Connection, op: Finish) -> None:
+    """Give a delivery its final status; its message's content goes once no delivery of it
+    is still queued."""
+    row = db.execute(
+        "UPDATE deliveries SET status = ?, finished_at = ?, receipt_pending = ?, reason = ?"
+        " WHERE seq = ? AND status IS NULL RETURNING message",
+        (op.status.value, op.finished_at, int(op.receipt_pending), op.reason, op.seq),
+    ).fetchone()
+    if row is not None:
+        db.execute(
+            "UPDATE messages SET fields = '', key_id = NULL WHERE id = ?1 AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries WHERE message = ?1 AND status IS NULL)",
+            (row[0],),
+        )
+
+
+def _purge(db: sqlite3.Connection, op: Purge) -> None:
+    """Forget finished deliveries whose receipts were told (or nobody came for), then the
+    messages left with no delivery."""
+    gone = db.execute(
+        "DELETE FROM deliveries WHERE status IS NOT NULL AND"
+        " ((receipt_pending = 0 AND finished_at < ?) OR finished_at < ?) RETURNING message",
+        (op.finished_before, op.receipts_before),
+    ).fetchall()
+    db.executemany(
+        "DELETE FROM messages WHERE id = ?1 AND NOT EXISTS"
+        " (SELECT 1 FROM deliveries WHERE message = ?1)",
+        [(message,) for message in {row[0] for row in gone}],
+    )

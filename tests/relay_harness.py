@@ -117,6 +117,13 @@ class SessionLog:
     gone: bool = False  # the harness told the core it closed
 
 
+# Each delivery with its message's columns, as one row per (message, recipient).
+DELIVERY_ROWS = (
+    "SELECT d.*, m.msgid, m.high, m.acknowledge, m.fields, m.key_id, m.accepted_at"
+    " FROM deliveries d JOIN messages m ON m.id = d.message"
+)
+
+
 class CoreHarness:
     """The relay core driven synchronously. See the module docstring."""
 
@@ -404,7 +411,9 @@ class CoreHarness:
         return found
 
     def stored(self, where: str = "1", *args: Any) -> list[sqlite3.Row]:
-        return list(self.db.execute(f"SELECT * FROM messages WHERE {where} ORDER BY seq", args))
+        return list(
+            self.db.execute(f"SELECT * FROM ({DELIVERY_ROWS}) WHERE {where} ORDER BY seq", args)
+        )
 
     def restart(self) -> CoreHarness:
         """A new core on the same store, as after a crash: sessions and memory are gone."""

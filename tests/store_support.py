@@ -149,7 +149,7 @@ async def stored_messages(target: Target) -> list[tuple[int, str | None, bytes]]
     if target.engine == "sqlite":
         db = sqlite3.connect(target.location)
         try:
-            rows = db.execute("SELECT seq, key_id, fields FROM messages ORDER BY seq").fetchall()
+            rows = db.execute("SELECT id, key_id, fields FROM messages ORDER BY id").fetchall()
         finally:
             db.close()
         return [
@@ -171,7 +171,7 @@ async def point_message_at(target: Target, seq: int, recipient: str) -> None:
     if target.engine == "sqlite":
         db = sqlite3.connect(target.location)
         with db:
-            db.execute("UPDATE messages SET recipient = ? WHERE seq = ?", (recipient, seq))
+            db.execute("UPDATE deliveries SET recipient = ? WHERE seq = ?", (recipient, seq))
         db.close()
         return
     async with coredis.Redis.from_url(target.location) as client:

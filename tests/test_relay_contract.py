@@ -38,7 +38,7 @@ import trio.testing
 from relayd._store import Store, inline_executor
 
 from .hub_support import HubEnv, Peer, hub_config, running_hub, virtual_clock
-from .relay_harness import T0, Client, CoreHarness
+from .relay_harness import DELIVERY_ROWS, T0, Client, CoreHarness
 
 MockClock = trio.testing.MockClock
 
@@ -152,7 +152,7 @@ def normalised(value: Any, names: Mapping[str, str], start: float, key: str = ""
 
 def rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
     db.row_factory = sqlite3.Row
-    return [dict(row) for row in db.execute("SELECT * FROM messages ORDER BY seq")]
+    return [dict(row) for row in db.execute(f"{DELIVERY_ROWS} ORDER BY seq")]
 
 
 async def test_the_harness_and_the_hub_show_every_peer_the_same(

@@ -12,6 +12,7 @@ import attrs
 import pytest
 import trio
 
+from relayd._atrest import RowId, StoreKeys
 from relayd._errors import SchemaTooNewError, StoreError
 from relayd._relay.records import (
     Duplicate,
@@ -19,13 +20,14 @@ from relayd._relay.records import (
     Insert,
     Inserted,
     LoadQueue,
+    LoadReceipts,
     Purge,
     QueuePage,
     Refused,
     Status,
     size_of,
 )
-from relayd._schema import SCHEMA_VERSION
+from relayd._schema import MIGRATIONS, SCHEMA_VERSION
 from relayd._store import ClientRecord, Store, inline_executor
 
 from .store_support import Target
@@ -457,6 +459,71 @@ async def test_revoked_tokens_survive_reopening(persistent_target: Target) -> No
             await store.revoke_token("j1", UUID_A, 10.0, 100.0)
         async with persistent_target.open() as store:
             assert await store.revoked_token_ids(50.0) == {"j1"}
+
+
+async def test_a_store_of_one_row_per_message_migrates_to_messages_and_deliveries(
+    tmp_path: Path,
+) -> None:
+    """Schema 5 kept one row per message and recipient; 6 keeps the message once and a
+    delivery per recipient. What waited, what was owed, what deduplication knew, the seq
+    high-water mark and content sealed at rest all come through."""
+    [index] = [i for i, m in enumerate(MIGRATIONS) if "CREATE TABLE deliveries" in m]
+    path = tmp_path / "relayd.sqlite3"
+    sealed = StoreKeys.from_bytes([("k1", bytes(range(32)))], "<test keys>")
+    key_id, blob = sealed.seal(RowId(2, UUID_A, UUID_B, "m2"), '{"content": "secret"}')
+    db = sqlite3.connect(path)
+    try:
+        for version, migration in enumerate(MIGRATIONS[:index], 1):
+            db.executescript(f"BEGIN; {migration}; PRAGMA user_version = {version}; COMMIT;")
+        for uuid, name in ((UUID_A, "alice"), (UUID_B, "bob")):
+            db.execute(
+                "INSERT INTO clients (uuid, name, secret_hash, roles, created_at,"
+                " tokens_valid_after) VALUES (?, ?, 'x', 'client', 1.0, 1.0)",
+                (uuid, name),
+            )
+        insert = (
+            "INSERT INTO messages (seq, sender, msgid, recipient, high, acknowledge, fields,"
+            " key_id, accepted_at, expires_at, attempts, status, reason, finished_at,"
+            " receipt_pending) VALUES (?, ?, ?, ?, 0, 1, ?, ?, ?, 1e9, ?, ?, '', ?, ?)"
+        )
+        rows = [
+            (1, UUID_A, "m1", UUID_B, '{"content": "plain"}', None, 10.0, 1, None, None, 0),
+            (2, UUID_A, "m2", UUID_B, blob, key_id, 11.0, 0, None, None, 0),
+            (3, UUID_B, "m3", UUID_A, "", None, 12.0, 1, "acknowledged", 13.0, 1),
+            (7, UUID_B, "m7", UUID_A, "", None, 14.0, 1, "delivered", 15.0, 0),
+        ]
+        db.executemany(insert, rows)
+        db.execute("DELETE FROM messages WHERE seq = 7")  # purged: 7 stays the high-water mark
+        db.commit()
+    finally:
+        db.close()
+    with trio.fail_after(IO_DEADLINE):
+        async with Store.open(str(path), keys=sealed, executor=inline_executor) as store:
+            assert await store.schema_version() == SCHEMA_VERSION
+            assert await store.last_message_seq() == 7
+            assert await store.queue_depths() == {UUID_B: 2}
+            [page, receipts, duplicate] = await store.execute(
+                [
+                    LoadQueue(UUID_B, 0, 10, 1 << 20),
+                    LoadReceipts(UUID_B, 0, 10),
+                    attrs.evolve(queued(8), msgid="m1"),
+                ],
+                max_queued=10,
+            )
+            assert [(m.seq, m.msgid, m.fields, m.attempts) for m in page.rows] == [
+                (1, "m1", '{"content": "plain"}', 1),
+                (2, "m2", '{"content": "secret"}', 0),
+            ]
+            assert [(r.seq, r.msgid, r.status) for r in receipts] == [
+                (3, "m3", Status.ACKNOWLEDGED)
+            ]
+            assert duplicate == Duplicate(1, None)
+            # A new message continues above the high-water mark.
+            assert await store.execute([queued(8)], max_queued=10) == [Inserted(8)]
+            record = await store.message_record("m3", UUID_A)
+            assert record is not None
+            assert (record.seq, record.status) == (3, "acknowledged")
+    assert "deliveries" in tables(path)
 
 
 # --- the message queue --------------------------------------------------------------------------
