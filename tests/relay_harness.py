@@ -36,7 +36,8 @@ from relayd._relay.core import RelayCore
 from relayd._relay.effects import Announce, Authenticate, Close, Ping, ReserveSeqs, Send
 from relayd._relay.model import Identity, Ref
 from relayd._relay.seqs import SeqPool
-from relayd._store import _apply, _connect, last_message_seq, recent_messages, transaction
+from relayd._store import _connect, transaction
+from relayd._store_messages import _apply, last_message_seq, recent_messages
 
 T0 = 1_000_000.0  # the harness's epoch: `now` starts here
 

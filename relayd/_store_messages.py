@@ -1,0 +1,466 @@
+"""The SQLite store's message tables: each accepted message once (``messages``), and each
+recipient's delivery of it (``deliveries``), with its queue counts (the
+:class:`relayd._engine.MessageStore` protocol). The relay core's store operations
+(``relayd/_relay/records.py``) run here, a batch per transaction (:meth:`execute`)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+from ._atrest import RowId, StoreKeys, UndecryptableRow
+from ._engine import MessageRecord
+from ._errors import StoreError, StoreUnavailable
+from ._relay.records import (
+    ClearKeyNotice,
+    Duplicate,
+    FindExpired,
+    Finish,
+    Insert,
+    Inserted,
+    InsertOutcome,
+    LoadKeyNotices,
+    LoadQueue,
+    LoadReceipts,
+    Purge,
+    QueuePage,
+    RecentMessage,
+    Refused,
+    SetAttempts,
+    SetReceiptPending,
+    Status,
+    StoredMessage,
+    StoredReceipt,
+    StoreOp,
+    size_of,
+)
+from ._sqlite import SqliteConnection, transaction
+from ._store_clients import live, load_key_notices
+
+
+class SqliteMessageStore(SqliteConnection):
+    """The message queue, in SQLite."""
+
+    async def execute(
+        self, ops: Sequence[StoreOp], *, max_queued: int, inline: bool = False
+    ) -> list[Any]:
+        """Run ``ops`` in order, in one transaction (a group commit); return their results.
+        ``inline``: on the event loop's thread, sparing the hand-off to a worker thread and
+        back (for a small batch on a fast disk; the loop waits for the commit).
+
+        Each operation sees the effects of those before it. Results, aligned with ``ops``:
+        an :data:`InsertOutcome` for an ``Insert``, a list of rows for a read, ``None`` for
+        other writes. When this returns, the writes are committed.
+
+        Raises:
+            StoreError: the transaction failed and was rolled back; nothing was written.
+        """
+
+        def run(db: sqlite3.Connection) -> list[Any]:
+            try:
+                with transaction(db):
+                    return [_apply(db, op, max_queued, self.keys) for op in ops]
+            except sqlite3.OperationalError as exc:  # disk full, I/O error, locked: may pass
+                raise StoreUnavailable(f"{self.path}: writing messages failed: {exc}") from exc
+            except (sqlite3.Error, ValueError) as exc:
+                raise StoreError(f"{self.path}: writing messages failed: {exc}") from exc
+
+        return await self._run(run, inline=inline)
+
+    async def reserve_seqs(self, count: int) -> int:
+        """Reserve ``count`` message seqs, above every seq stored or reserved; return the
+        first."""
+        if count < 1:
+            raise ValueError(f"reserve at least one seq, not {count}")
+
+        def reserve(db: sqlite3.Connection) -> int:
+            first = max(self._reserved, last_message_seq(db)) + 1
+            self._reserved = first + count - 1
+            return first
+
+        return await self._run(reserve)
+
+    async def last_message_seq(self) -> int:
+        """The highest message seq ever stored or reserved (0 if none): the relay allocates
+        above it."""
+        return await self._run(lambda db: max(self._reserved, last_message_seq(db)))
+
+    async def recent_messages(self, since: float, limit: int) -> list[RecentMessage]:
+        """Messages accepted at or after ``since``, newest ``limit`` of them, oldest first:
+        what deduplication must remember across a restart."""
+        return await self._run(partial(recent_messages, since=since, limit=limit))
+
+    async def message_record(self, msgid: str, client: str) -> MessageRecord | None:
+        """The newest stored message with ``msgid`` that ``client`` sent or received."""
+
+        def query(db: sqlite3.Connection) -> MessageRecord | None:
+            row = db.execute(
+                "SELECT d.seq, m.sender, d.recipient, m.msgid, d.status, d.reason, d.attempts,"
+                " m.accepted_at, d.expires_at, d.finished_at"
+                " FROM messages m JOIN deliveries d ON d.message = m.id"
+                " WHERE m.msgid = ? AND (m.sender = ? OR d.recipient = ?)"
+                " ORDER BY d.seq DESC LIMIT 1",
+                (msgid, client, client),
+            ).fetchone()
+            return None if row is None else MessageRecord(*row)
+
+        return await self._run(query)
+
+    async def msgid_known(self, msgid: str) -> bool:
+        """Whether any stored message has ``msgid`` (whoever sent it)."""
+        return await self._run(
+            lambda db: (
+                db.execute("SELECT 1 FROM messages WHERE msgid = ?", (msgid,)).fetchone()
+                is not None
+            )
+        )
+
+    async def undelivered(self, recipient: str, limit: int) -> tuple[int, list[StoredMessage]]:
+        """How many messages wait in the store for ``recipient``, and the oldest ``limit`` of
+        them (content decrypted)."""
+
+        def query(db: sqlite3.Connection) -> tuple[int, list[StoredMessage]]:
+            count = db.execute(
+                "SELECT coalesce(sum(queued), 0) FROM queue_counts WHERE recipient = ?",
+                (recipient,),
+            ).fetchone()[0]
+            rows = db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM {_DELIVERY_JOIN}"
+                " WHERE d.recipient = ? AND d.status IS NULL ORDER BY d.seq LIMIT ?",
+                (recipient, limit),
+            )
+            return int(count), [_stored(row, self.keys) for row in rows]
+
+        return await self._run(query)
+
+    async def keys_in_use(self) -> dict[str | None, int]:
+        """Messages holding content, per the key they are encrypted with (``None``: plain)."""
+        return await self._run(keys_in_use)
+
+    async def queued_total(self) -> int:
+        """Undelivered messages in the store."""
+        return await self._run(
+            lambda db: int(
+                db.execute("SELECT coalesce(sum(queued), 0) FROM queue_counts").fetchone()[0]
+            )
+        )
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Undelivered messages per recipient."""
+
+        def query(db: sqlite3.Connection) -> dict[str, int]:
+            rows = db.execute("SELECT recipient, queued FROM queue_counts WHERE queued > 0")
+            return {row[0]: row[1] for row in rows}
+
+        return await self._run(query)
+
+
+# What decrypting a row needs: its fields, their key, and what they are bound to.
+_SEALED_COLUMNS = "id, sender, address, msgid, fields, key_id"
+
+
+def check_keys(db: sqlite3.Connection, keys: StoreKeys) -> int:
+    """Every key the rows need is in ``keys`` and decrypts one of its rows; then rows still
+    in plain text (written before encryption at rest) are sealed. Returns how many.
+
+    Raises:
+        UndecryptableRow: naming the key that is missing or wrong.
+    """
+    first_of_each_key = db.execute(
+        "SELECT min(id) FROM messages WHERE key_id IS NOT NULL GROUP BY key_id"
+    ).fetchall()
+    for (id_,) in first_of_each_key:
+        row = db.execute(f"SELECT {_SEALED_COLUMNS} FROM messages WHERE id = ?", (id_,))
+        _fields(row.fetchone(), keys)
+    plain = db.execute(
+        f"SELECT {_SEALED_COLUMNS} FROM messages WHERE key_id IS NULL AND fields != ''"
+    ).fetchall()
+    if not plain:
+        return 0
+    # The plain text must not stay behind in freed space, nor in the WAL's older frames.
+    (secure_delete,) = db.execute("PRAGMA secure_delete").fetchone()
+    db.execute("PRAGMA secure_delete = ON")
+    try:
+        with transaction(db):
+            db.executemany(
+                "UPDATE messages SET key_id = ?, fields = ? WHERE id = ?",
+                [(*keys.seal(row_id(row), row["fields"]), row["id"]) for row in plain],
+            )
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.execute(f"PRAGMA secure_delete = {int(secure_delete)}")
+    return len(plain)
+
+
+def keys_in_use(db: sqlite3.Connection) -> dict[str | None, int]:
+    """Messages per key id (``None``: plain text) among those that hold content."""
+    rows = db.execute(
+        "SELECT key_id, count(*) FROM messages WHERE fields != '' GROUP BY key_id"
+    ).fetchall()
+    return {row[0]: row[1] for row in rows}
+
+
+def last_message_seq(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def recent_messages(db: sqlite3.Connection, *, since: float, limit: int) -> list[RecentMessage]:
+    rows = db.execute(
+        "SELECT m.sender, m.msgid, m.accepted_at, d.status"
+        " FROM messages m JOIN deliveries d ON d.seq = m.id WHERE m.accepted_at >= ?"
+        " ORDER BY m.id DESC LIMIT ?",
+        (since, limit),
+    ).fetchall()
+    return [
+        RecentMessage(r[0], r[1], r[2], None if r[3] is None else Status(r[3]))
+        for r in reversed(rows)
+    ]
+
+
+# A delivery with its message: what a StoredMessage is made of (and row_id needs).
+_MESSAGE_COLUMNS = (
+    "d.seq, m.id, m.sender, m.address, d.recipient, m.msgid, m.high, m.acknowledge, m.fields,"
+    " m.key_id, m.accepted_at, d.expires_at, d.attempts"
+)
+_DELIVERY_JOIN = "deliveries d JOIN messages m ON m.id = d.message"
+
+
+def _fields(row: sqlite3.Row, keys: StoreKeys | None) -> str:
+    """A row's fields in plain text (decrypted if they were stored encrypted).
+
+    Raises:
+        UndecryptableRow: encrypted, and ``keys`` cannot decrypt them.
+    """
+    key_id = row["key_id"]
+    if key_id is None:
+        fields: str = row["fields"]
+        return fields
+    if keys is None:
+        raise UndecryptableRow(f"message {row['id']} is encrypted and no store key was loaded")
+    return keys.open(row_id(row), key_id, row["fields"])
+
+
+def _delivered_fields(row: sqlite3.Row, keys: StoreKeys | None) -> str:
+    """A delivery's message fields in plain text, for its recipient.
+
+    Raises:
+        UndecryptableRow: as :func:`_fields`; or the content is sealed for another address
+            than the delivery's recipient (a delivery pointed elsewhere by someone who can
+            write the store but holds no key: the seal binds the message's address, and the
+            delivery must match it).
+    """
+    if row["key_id"] is not None and row["recipient"] != row["address"]:
+        raise UndecryptableRow(
+            f"delivery {row['seq']} is not to the address message {row['id']} was sealed for"
+        )
+    return _fields(row, keys)
+
+
+def row_id(row: sqlite3.Row) -> RowId:
+    """What a message's sealed fields are bound to (see :class:`RowId`)."""
+    return RowId(row["id"], row["sender"], row["address"], row["msgid"])
+
+
+def _stored(row: sqlite3.Row, keys: StoreKeys | None, fields: str | None = None) -> StoredMessage:
+    return StoredMessage(
+        seq=row["seq"],
+        sender=row["sender"],
+        recipient=row["recipient"],
+        msgid=row["msgid"],
+        high=bool(row["high"]),
+        acknowledge=bool(row["acknowledge"]),
+        fields=_delivered_fields(row, keys) if fields is None else fields,
+        accepted_at=row["accepted_at"],
+        expires_at=row["expires_at"],
+        attempts=row["attempts"],
+    )
+
+
+def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys | None) -> Any:
+    """Store ``op``'s message and its one delivery (the message's id is the delivery's seq)."""
+    if op.status is None and not _has_room(db, op.recipient, max_queued):
+        return _refusal_or_duplicate(db, op)
+    key_id: str | None = None
+    fields: str | bytes = op.fields
+    if keys is not None and op.fields:
+        key_id, fields = keys.seal(RowId(op.seq, op.sender, op.recipient, op.msgid), op.fields)
+    row = db.execute(
+        "INSERT INTO messages (id, sender, msgid, address, high, acknowledge, fields, key_id,"
+        " accepted_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (sender, msgid) DO NOTHING RETURNING id",
+        (
+            op.seq,
+            op.sender,
+            op.msgid,
+            op.recipient,
+            int(op.high),
+            int(op.acknowledge),
+            fields if op.status is None else "",
+            key_id if op.status is None else None,
+            op.accepted_at,
+            op.expires_at,
+        ),
+    ).fetchone()
+    if row is None:
+        return _refusal_or_duplicate(db, op)
+    db.execute(
+        "INSERT INTO deliveries (seq, message, sender, recipient, expires_at, attempts, status,"
+        " reason, finished_at, receipt_pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            op.seq,
+            op.seq,
+            op.sender,
+            op.recipient,
+            op.expires_at,
+            op.attempts,
+            None if op.status is None else op.status.value,
+            op.reason,
+            None if op.status is None else op.accepted_at,
+            int(op.receipt_pending),
+        ),
+    )
+    return Inserted(op.seq)
+
+
+def _has_room(db: sqlite3.Connection, recipient: str, max_queued: int) -> bool:
+    """``recipient`` is a live client whose queue holds fewer than ``max_queued``."""
+    row = db.execute(
+        "SELECT coalesce((SELECT queued FROM queue_counts WHERE recipient = ?), 0) < ?"
+        " FROM clients WHERE uuid = ? AND deleted_at IS NULL",
+        (recipient, max_queued, recipient),
+    ).fetchone()
+    return row is not None and bool(row[0])
+
+
+def _refusal_or_duplicate(db: sqlite3.Connection, op: Insert) -> InsertOutcome:
+    """Why ``op`` was not stored: its ``(sender, msgid)`` is (a duplicate, or this very Insert
+    run again), or its recipient is unknown or has a full queue."""
+    existing = db.execute(
+        "SELECT d.seq, d.status FROM messages m JOIN deliveries d ON d.seq = m.id"
+        " WHERE m.sender = ? AND m.msgid = ?",
+        (op.sender, op.msgid),
+    ).fetchone()
+    if existing is not None and existing["seq"] == op.seq:
+        return Inserted(op.seq)  # this Insert, run again (see the Redis engine's retry)
+    if existing is not None:
+        status = existing["status"]
+        return Duplicate(existing["seq"], None if status is None else Status(status))
+    return Refused("queue_full" if live(db, op.recipient) else "unknown_recipient")
+
+
+def _load_queue(db: sqlite3.Connection, op: LoadQueue, keys: StoreKeys | None) -> QueuePage:
+    cursor = db.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM {_DELIVERY_JOIN}"
+        " WHERE d.recipient = ? AND d.status IS NULL AND d.seq > ? ORDER BY d.seq LIMIT ?",
+        (op.recipient, op.after, op.limit + 1),
+    )
+    rows: list[StoredMessage] = []
+    total = 0
+    more = False
+    for row in cursor:
+        if len(rows) == op.limit:
+            more = True
+            break
+        fields = _delivered_fields(row, keys)
+        size = size_of(fields)
+        if rows and total + size > op.max_bytes:
+            more = True
+            break
+        rows.append(_stored(row, keys, fields))
+        total += size
+    return QueuePage(rows, more=more)
+
+
+def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys | None) -> Any:
+    if isinstance(op, Insert):
+        return _insert(db, op, max_queued, keys)
+    if isinstance(op, Finish):
+        _finish(db, op)
+        return None
+    if isinstance(op, SetAttempts):
+        db.execute(
+            "UPDATE deliveries SET attempts = ? WHERE seq = ? AND status IS NULL",
+            (op.attempts, op.seq),
+        )
+        return None
+    if isinstance(op, SetReceiptPending):
+        db.executemany(
+            "UPDATE deliveries SET receipt_pending = ? WHERE seq = ? AND status IS NOT NULL",
+            [(int(op.pending), seq) for seq in op.seqs],
+        )
+        return None
+    if isinstance(op, LoadQueue):
+        return _load_queue(db, op, keys)
+    if isinstance(op, LoadReceipts):
+        rows = db.execute(
+            "SELECT d.seq, m.msgid, d.recipient, d.status, d.finished_at, d.reason"
+            f" FROM {_DELIVERY_JOIN}"
+            " WHERE d.sender = ? AND d.receipt_pending = 1 AND d.seq > ? ORDER BY d.seq LIMIT ?",
+            (op.sender, op.after, op.limit),
+        )
+        return [
+            StoredReceipt(
+                row["seq"],
+                row["msgid"],
+                row["recipient"],
+                Status(row["status"]),
+                row["finished_at"],
+                row["reason"],
+            )
+            for row in rows
+        ]
+    if isinstance(op, FindExpired):
+        rows = db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM {_DELIVERY_JOIN}"
+            " WHERE d.status IS NULL AND d.expires_at <= ? ORDER BY d.expires_at LIMIT ?",
+            (op.now, op.limit),
+        )
+        return [_stored(row, keys) for row in rows]
+    if isinstance(op, LoadKeyNotices):
+        return load_key_notices(db, op)
+    if isinstance(op, ClearKeyNotice):
+        notice = op.notice
+        db.execute(
+            "DELETE FROM key_notices WHERE reader_uuid = ? AND client_uuid = ? AND algorithm = ?"
+            " AND fingerprint = ? AND changed_at = ?",
+            (notice.reader, notice.client, notice.algorithm, notice.fingerprint, notice.changed_at),
+        )
+        return None
+    if isinstance(op, Purge):
+        _purge(db, op)
+        return None
+    raise TypeError(f"not a store operation: {op!r}")
+
+
+def _finish(db: sqlite3.Connection, op: Finish) -> None:
+    """Give a delivery its final status; its message's content goes once no delivery of it
+    is still queued."""
+    row = db.execute(
+        "UPDATE deliveries SET status = ?, finished_at = ?, receipt_pending = ?, reason = ?"
+        " WHERE seq = ? AND status IS NULL RETURNING message",
+        (op.status.value, op.finished_at, int(op.receipt_pending), op.reason, op.seq),
+    ).fetchone()
+    if row is not None:
+        db.execute(
+            "UPDATE messages SET fields = '', key_id = NULL WHERE id = ?1 AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries WHERE message = ?1 AND status IS NULL)",
+            (row[0],),
+        )
+
+
+def _purge(db: sqlite3.Connection, op: Purge) -> None:
+    """Forget finished deliveries whose receipts were told (or nobody came for), then the
+    messages left with no delivery."""
+    gone = db.execute(
+        "DELETE FROM deliveries WHERE status IS NOT NULL AND"
+        " ((receipt_pending = 0 AND finished_at < ?) OR finished_at < ?) RETURNING message",
+        (op.finished_before, op.receipts_before),
+    ).fetchall()
+    db.executemany(
+        "DELETE FROM messages WHERE id = ?1 AND NOT EXISTS"
+        " (SELECT 1 FROM deliveries WHERE message = ?1)",
+        [(message,) for message in {row[0] for row in gone}],
+    )
