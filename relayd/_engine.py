@@ -96,6 +96,42 @@ class MessageRecord:
     finished_at: float | None
 
 
+@frozen
+class HistoryQuery:
+    """A page of what ``client`` sent and received (``box``: ``"all"``, ``"inbox"`` or
+    ``"sent"``), optionally only with ``peer`` or in ``conversation_id``; in seq order
+    (``newest_first`` or oldest first), continuing past the seq ``cursor`` (``None``: from the
+    start), at most ``limit`` entries."""
+
+    client: str
+    box: Literal["all", "inbox", "sent"] = "all"
+    peer: str | None = None
+    conversation_id: str | None = None
+    newest_first: bool = True
+    cursor: int | None = None
+    limit: int = 50
+
+
+@frozen
+class HistoryEntry:
+    """One delivery of a message, as history shows it: ``fields`` is ``""`` once its content
+    was erased (``history.retention`` passed, or 0), ``status`` ``None`` while it waits."""
+
+    seq: int
+    msgid: str
+    sender: str
+    recipient: str
+    fields: str
+    conversation_id: str | None
+    status: str | None
+    reason: str
+    attempts: int
+    accepted_at: float
+    delivered_at: float | None
+    read_at: float | None
+    finished_at: float | None
+
+
 RotateOutcome = Literal["rotated", "reused", "revoked", "unknown"]
 
 
@@ -205,6 +241,7 @@ class MessageStore(Protocol):
     async def keys_in_use(self) -> dict[str | None, int]: ...
     async def queued_total(self) -> int: ...
     async def queue_depths(self) -> dict[str, int]: ...
+    async def history(self, query: HistoryQuery) -> list[HistoryEntry]: ...
 
 
 class Engine(ClientStore, MessageStore, Protocol):

@@ -13,7 +13,7 @@ import enum
 import html
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any, Protocol
 
@@ -42,7 +42,7 @@ from ._api import (
 from ._auth import AuthService
 from ._browser import APP_CSP
 from ._config import Config, RolesConfig
-from ._engine import ClientRecord, Engine
+from ._engine import ClientRecord, Engine, HistoryEntry, HistoryQuery
 from ._errors import (
     ApiError,
     Forbidden,
@@ -62,6 +62,7 @@ from ._openapi import (
     ClientRoles,
     Directory,
     Done,
+    History,
     Invite,
     Invites,
     MessageStatus,
@@ -233,6 +234,78 @@ def _limit(text: str | None) -> int:
     if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
         raise ValidationError("limit", f"must be a whole number from 1 to {MAX_PAGE}")
     return int(text)
+
+
+HISTORY_PAGE = 50
+MAX_HISTORY_PAGE = 200
+HISTORY_ARGS = frozenset(
+    {"token", "box", "peer", "conversation_id", "order", "cursor", "limit", "client"}
+)
+
+
+def _history_query(args: Mapping[str, str], sub: str, *, admin: bool) -> HistoryQuery:
+    """``GET /messages``'s query string, checked: 400 ``invalid_request`` naming what is
+    wrong; 403 ``not_yours`` for ``client`` from anyone but an admin."""
+    unknown = sorted(set(args) - HISTORY_ARGS)
+    if unknown:
+        raise ValidationError(unknown[0][:64], "not a parameter of GET /messages")
+    client = sub
+    if "client" in args:
+        if not admin:
+            raise Forbidden("only an admin may read another client's history", code="not_yours")
+        client = _query_uuid(args["client"], "client")
+    box = args.get("box", "all")
+    if box not in ("all", "inbox", "sent"):
+        raise ValidationError("box", "must be all, inbox or sent")
+    order = args.get("order", "newest")
+    if order not in ("newest", "oldest"):
+        raise ValidationError("order", "must be newest or oldest")
+    peer = _query_uuid(args["peer"], "peer") if "peer" in args else None
+    conversation = args.get("conversation_id")
+    if conversation is not None and not 1 <= len(conversation) <= MAX_MSGID_CHARS:
+        raise ValidationError("conversation_id", f"must be 1 to {MAX_MSGID_CHARS} characters")
+    cursor_text = args.get("cursor")
+    if cursor_text is not None and not (cursor_text.isdigit() and len(cursor_text) <= 19):
+        raise ValidationError("cursor", "must be a next_cursor this route returned")
+    limit_text = args.get("limit", str(HISTORY_PAGE))
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_HISTORY_PAGE:
+        raise ValidationError("limit", f"must be a whole number from 1 to {MAX_HISTORY_PAGE}")
+    return HistoryQuery(
+        client,
+        box=box,  # type: ignore[arg-type]  # checked above
+        peer=peer,
+        conversation_id=conversation,
+        newest_first=order == "newest",
+        cursor=None if cursor_text is None else int(cursor_text),
+        limit=int(limit_text),
+    )
+
+
+def _query_uuid(value: str, name: str) -> str:
+    try:
+        return canonical_uuid(value)
+    except ValueError:
+        raise ValidationError(name, "must be a client uuid") from None
+
+
+def _history_json(entry: HistoryEntry) -> dict[str, Any]:
+    """A history entry: the delivery's record, and ``message`` (its 13 fields) while the
+    content is kept, else ``null``."""
+    return {
+        "msgid": entry.msgid,
+        "from": entry.sender,
+        "to": entry.recipient,
+        "conversation_id": entry.conversation_id,
+        "status": entry.status or "queued",
+        "final": entry.status in FINAL_STATUSES,
+        "reason": entry.reason or None,
+        "attempts": entry.attempts,
+        "accepted_at": entry.accepted_at,
+        "delivered_at": entry.delivered_at,
+        "read_at": entry.read_at,
+        "finished_at": entry.finished_at,
+        "message": json.loads(entry.fields) if entry.fields else None,
+    }
 
 
 def _client_json(client: ClientRecord, online: set[str] | None = None) -> dict[str, Any]:
@@ -789,6 +862,25 @@ def create_app(services: Services) -> QuartTrio:
             for row in rows
         ]
         return {"count": count, "messages": messages}
+
+    @app.get("/messages")
+    @api(["messages"], History, errors=(400, 403), bearer=True)
+    async def history() -> dict[str, Any]:
+        """What a client sent and received, a page at a time (``history.retention`` says for
+        how long after its final status a message keeps its content; see docs/protocol.md).
+        Query: ``box`` (all, inbox, sent), ``peer``, ``conversation_id``, ``order`` (newest,
+        oldest), ``cursor`` (``next_cursor`` of the page before), ``limit``; an admin may
+        read another client's with ``client``."""
+        claims = await authenticated(query_token=True)
+        query = _history_query(request.args, claims.sub, admin=may(claims, "admin"))
+        store = services.store
+        entries = await store.history(query) if store is not None else []
+        full = len(entries) == query.limit
+        return {
+            "count": len(entries),
+            "messages": [_history_json(entry) for entry in entries],
+            "next_cursor": str(entries[-1].seq) if full else None,
+        }
 
     @app.get("/admin/clients")
     @api(["admin"], AdminClients, errors=(403,), bearer=True)

@@ -213,6 +213,19 @@ class Undelivered:
 
 
 @frozen
+class History:
+    """A page of a client's history, newest first unless ``order=oldest``: each entry is a
+    delivery's record (``from``, ``to``, ``status``, ``attempts``, the times it was accepted,
+    delivered, read and finished) with ``message``, its 13 fields, while the content is kept
+    (``history.retention``), else ``null``. ``next_cursor``: pass it as ``cursor`` for the
+    next page (``null``: this page was the last)."""
+
+    count: int
+    messages: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+@frozen
 class Done:
     """``{"revoked": true}``, ``{"revoked": "<uuid>"}``, ``{"deleted": "<uuid>"}``."""
 

@@ -169,10 +169,14 @@ MIGRATIONS: tuple[str, ...] = (
         key_id TEXT,                       -- the key fields are encrypted with (relayd/_atrest.py)
         accepted_at REAL NOT NULL,
         expires_at REAL NOT NULL,
+        -- The message's conversation_id, in plain text as msgid is: history filters by it.
+        conversation_id TEXT,
         UNIQUE (sender, msgid)             -- deduplication of re-sent messages
     );
     CREATE INDEX messages_by_msgid ON messages_v6 (msgid);
     CREATE INDEX messages_accepted ON messages_v6 (accepted_at);
+    CREATE INDEX messages_by_conversation ON messages_v6 (conversation_id, id)
+        WHERE conversation_id IS NOT NULL;
 
     CREATE TABLE deliveries (
         -- Allocated when the message is accepted, so seq order is send order. AUTOINCREMENT
@@ -187,7 +191,9 @@ MIGRATIONS: tuple[str, ...] = (
         status TEXT,                       -- NULL while queued, else the final status
         reason TEXT NOT NULL DEFAULT '',
         finished_at REAL,
-        receipt_pending INTEGER NOT NULL DEFAULT 0  -- final status not yet told to the sender
+        receipt_pending INTEGER NOT NULL DEFAULT 0, -- final status not yet told to the sender
+        delivered_at REAL,                 -- first written to the recipient
+        read_at REAL                       -- the recipient said it read it
     );
     INSERT INTO messages_v6 (id, sender, msgid, address, high, acknowledge, fields, key_id,
                              accepted_at, expires_at)
@@ -211,6 +217,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX deliveries_receipts ON deliveries (sender, seq) WHERE receipt_pending = 1;
     CREATE INDEX deliveries_finished ON deliveries (finished_at) WHERE status IS NOT NULL;
     CREATE INDEX deliveries_by_message ON deliveries (message);
+    -- History: what a client received, what it sent, and either with one peer, by seq.
+    CREATE INDEX deliveries_inbox ON deliveries (recipient, seq);
+    CREATE INDEX deliveries_sent ON deliveries (sender, seq);
+    CREATE INDEX deliveries_inbox_from ON deliveries (recipient, sender, seq);
 
     CREATE TRIGGER queue_counts_insert AFTER INSERT ON deliveries WHEN NEW.status IS NULL
     BEGIN

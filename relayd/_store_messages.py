@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any
 
 from ._atrest import RowId, StoreKeys, UndecryptableRow
-from ._engine import MessageRecord
+from ._engine import HistoryEntry, HistoryQuery, MessageRecord
 from ._errors import StoreError, StoreUnavailable
 from ._relay.records import (
     ClearKeyNotice,
@@ -156,6 +156,14 @@ class SqliteMessageStore(SqliteConnection):
 
         return await self._run(query)
 
+    async def history(self, query: HistoryQuery) -> list[HistoryEntry]:
+        """A page of ``query.client``'s history (see :class:`HistoryQuery`), content decrypted.
+
+        Raises:
+            UndecryptableRow: a message's content cannot be decrypted with the store's keys.
+        """
+        return await self._run(partial(_history, query=query, keys=self.keys))
+
 
 # What decrypting a row needs: its fields, their key, and what they are bound to.
 _SEALED_COLUMNS = "id, sender, address, msgid, fields, key_id"
@@ -289,7 +297,7 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys
         key_id, fields = keys.seal(RowId(op.seq, op.sender, op.recipient, op.msgid), op.fields)
     row = db.execute(
         "INSERT INTO messages (id, sender, msgid, address, high, acknowledge, fields, key_id,"
-        " accepted_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " accepted_at, expires_at, conversation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (sender, msgid) DO NOTHING RETURNING id",
         (
             op.seq,
@@ -298,17 +306,19 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys
             op.recipient,
             int(op.high),
             int(op.acknowledge),
-            fields if op.status is None else "",
-            key_id if op.status is None else None,
+            fields,
+            key_id,
             op.accepted_at,
             op.expires_at,
+            op.conversation_id,
         ),
     ).fetchone()
     if row is None:
         return _refusal_or_duplicate(db, op)
     db.execute(
         "INSERT INTO deliveries (seq, message, sender, recipient, expires_at, attempts, status,"
-        " reason, finished_at, receipt_pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " reason, finished_at, receipt_pending, delivered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?,"
+        " ?, ?)",
         (
             op.seq,
             op.seq,
@@ -320,6 +330,7 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys
             op.reason,
             None if op.status is None else op.accepted_at,
             int(op.receipt_pending),
+            op.accepted_at if op.status is Status.DELIVERED else None,
         ),
     )
     return Inserted(op.seq)
@@ -382,8 +393,9 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys
         return None
     if isinstance(op, SetAttempts):
         db.execute(
-            "UPDATE deliveries SET attempts = ? WHERE seq = ? AND status IS NULL",
-            (op.attempts, op.seq),
+            "UPDATE deliveries SET attempts = ?, delivered_at = coalesce(delivered_at, ?)"
+            " WHERE seq = ? AND status IS NULL",
+            (op.attempts, op.at, op.seq),
         )
         return None
     if isinstance(op, SetReceiptPending):
@@ -435,15 +447,93 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys
     raise TypeError(f"not a store operation: {op!r}")
 
 
+_HISTORY_COLUMNS = (
+    "d.seq, m.id, m.msgid, m.sender, m.address, d.recipient, m.fields, m.key_id,"
+    " m.conversation_id, d.status, d.reason, d.attempts, m.accepted_at, d.delivered_at,"
+    " d.read_at, d.finished_at"
+)
+
+
+def _history(
+    db: sqlite3.Connection, *, query: HistoryQuery, keys: StoreKeys | None
+) -> list[HistoryEntry]:
+    """Each side of the history (what the client received, what it sent) is read on its own
+    index, newest (or oldest) first and at most a page of it, then the two are merged: a
+    page costs its size, not the size of the history."""
+    order = "DESC" if query.newest_first else "ASC"
+    past = "<" if query.newest_first else ">"
+    sides: list[tuple[str, list[Any]]] = []
+    where: str
+    args: list[Any]
+    if query.box in ("all", "inbox"):
+        where, args = "recipient = ?", [query.client]
+        if query.peer is not None:
+            where, args = "recipient = ? AND sender = ?", [query.client, query.peer]
+        sides.append((where, args))
+    if query.box in ("all", "sent"):
+        where, args = "sender = ?", [query.client]
+        if query.peer is not None:
+            where, args = "recipient = ? AND sender = ?", [query.peer, query.client]
+        sides.append((where, args))
+    conversation = ""
+    if query.conversation_id is not None:
+        conversation = " AND message IN (SELECT id FROM messages WHERE conversation_id = ?)"
+    seqs: list[str] = []
+    params: list[Any] = []
+    for where, side_args in sides:
+        cursor = "" if query.cursor is None else f" AND seq {past} ?"
+        seqs.append(
+            f"SELECT seq FROM (SELECT seq FROM deliveries WHERE {where}{cursor}{conversation}"
+            f" ORDER BY seq {order} LIMIT ?)"
+        )
+        params += side_args
+        if query.cursor is not None:
+            params.append(query.cursor)
+        if query.conversation_id is not None:
+            params.append(query.conversation_id)
+        params.append(query.limit)
+    rows = db.execute(
+        f"SELECT {_HISTORY_COLUMNS} FROM {_DELIVERY_JOIN}"
+        f" WHERE d.seq IN ({' UNION '.join(seqs)}) ORDER BY d.seq {order} LIMIT ?",
+        [*params, query.limit],
+    )
+    return [
+        HistoryEntry(
+            seq=row["seq"],
+            msgid=row["msgid"],
+            sender=row["sender"],
+            recipient=row["recipient"],
+            fields=_delivered_fields(row, keys) if row["fields"] else "",
+            conversation_id=row["conversation_id"],
+            status=row["status"],
+            reason=row["reason"],
+            attempts=row["attempts"],
+            accepted_at=row["accepted_at"],
+            delivered_at=row["delivered_at"],
+            read_at=row["read_at"],
+            finished_at=row["finished_at"],
+        )
+        for row in rows
+    ]
+
+
 def _finish(db: sqlite3.Connection, op: Finish) -> None:
     """Give a delivery its final status; its message's content goes once no delivery of it
     is still queued."""
     row = db.execute(
-        "UPDATE deliveries SET status = ?, finished_at = ?, receipt_pending = ?, reason = ?"
-        " WHERE seq = ? AND status IS NULL RETURNING message",
-        (op.status.value, op.finished_at, int(op.receipt_pending), op.reason, op.seq),
+        "UPDATE deliveries SET status = :status, finished_at = :at, receipt_pending = :owed,"
+        " reason = :reason, delivered_at = CASE WHEN :status = 'delivered'"
+        " THEN coalesce(delivered_at, :at) ELSE delivered_at END"
+        " WHERE seq = :seq AND status IS NULL RETURNING message",
+        {
+            "status": op.status.value,
+            "at": op.finished_at,
+            "owed": int(op.receipt_pending),
+            "reason": op.reason,
+            "seq": op.seq,
+        },
     ).fetchone()
-    if row is not None:
+    if row is not None and not op.keep_content:
         db.execute(
             "UPDATE messages SET fields = '', key_id = NULL WHERE id = ?1 AND NOT EXISTS"
             " (SELECT 1 FROM deliveries WHERE message = ?1 AND status IS NULL)",

@@ -92,17 +92,21 @@ class Insert:
     status: Status | None = None  # None: queued
     receipt_pending: bool = False
     reason: str = ""
+    conversation_id: str | None = None  # kept in plain text, for history's filter
 
 
 @frozen
 class Finish:
-    """Give a queued message its final status; ``receipt_pending`` if the sender is offline."""
+    """Give a queued message its final status; ``receipt_pending`` if the sender is offline.
+    Its content is erased once none of its deliveries is queued, unless ``keep_content``
+    (history keeps it: ``history.retention``)."""
 
     seq: int
     status: Status
     finished_at: float
     receipt_pending: bool
     reason: str = ""
+    keep_content: bool = False
 
 
 @frozen
@@ -114,6 +118,7 @@ class SetAttempts:
     seq: int
     attempts: int
     ref: Any = None
+    at: float | None = None  # when: the first one is the delivery's delivered_at
 
 
 @frozen
