@@ -244,7 +244,7 @@ HISTORY_ARGS = frozenset(
 
 
 def _history_query(args: Mapping[str, str], sub: str, *, admin: bool) -> HistoryQuery:
-    """``GET /messages``'s query string, checked: 400 ``invalid_request`` naming what is
+    """``GET /messages``'s query string, checked: 422 ``validation_error`` naming what is
     wrong; 403 ``not_yours`` for ``client`` from anyone but an admin."""
     unknown = sorted(set(args) - HISTORY_ARGS)
     if unknown:
@@ -864,7 +864,7 @@ def create_app(services: Services) -> QuartTrio:
         return {"count": count, "messages": messages}
 
     @app.get("/messages")
-    @api(["messages"], History, errors=(400, 403), bearer=True)
+    @api(["messages"], History, errors=(403, 422), bearer=True)
     async def history() -> dict[str, Any]:
         """What a client sent and received, a page at a time (``history.retention`` says for
         how long after its final status a message keeps its content; see docs/protocol.md).
