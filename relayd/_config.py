@@ -439,6 +439,17 @@ class LogConfig:
 
 
 @frozen(kw_only=True)
+class HistoryConfig:
+    """What relayd keeps of messages once their status is final (``GET /messages``)."""
+
+    retention: float = field(default=0.0, validator=_non_negative)
+    """Seconds a message keeps its content after its last delivery's final status; then it
+    is erased, and the message leaves history. 0 (the default) keeps no content past the
+    final status (history then shows what still waits, and the records of messages no older
+    than ``relay.dedupe_window``). When not 0, at least ``relay.dedupe_window``."""
+
+
+@frozen(kw_only=True)
 class Config:
     """relayd's whole configuration."""
 
@@ -455,6 +466,16 @@ class Config:
     tls: TlsConfig = field(factory=TlsConfig)
     log: LogConfig = field(factory=LogConfig)
     roles: RolesConfig = field(factory=RolesConfig)
+    history: HistoryConfig = field(factory=HistoryConfig)
+
+    def __attrs_post_init__(self) -> None:
+        # A message's record outlives its content by relay.dedupe_window at least (it is
+        # deduplication's memory); content kept for less would need a sweep of its own.
+        retention, window = self.history.retention, self.relay.dedupe_window
+        if 0 < retention < window:
+            raise ValueError(
+                f"history.retention: must be 0 or at least relay.dedupe_window ({window:g} s)"
+            )
 
     @property
     def state_path(self) -> Path:

@@ -475,3 +475,20 @@ def test_the_sqlite_engine_does_not_load_the_redis_client() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+# --- history ------------------------------------------------------------------------------------
+
+
+def test_history_retention_is_zero_or_at_least_the_dedupe_window(tmp_path: Path) -> None:
+    """A message's record is deduplication's memory for relay.dedupe_window: content kept for
+    less would need its own sweep, which relayd does not run."""
+    short = write(tmp_path, "[history]\nretention = 60.0\n")
+    assert "history.retention: must be 0 or at least relay.dedupe_window (600 s)" in config_error(
+        short
+    )
+    negative = write(tmp_path, "[history]\nretention = -1.0\n", "negative.toml")
+    assert "retention" in config_error(negative)
+    fitted = "[history]\nretention = 60.0\n[relay]\ndedupe_window = 60.0\n"
+    assert load_config(write(tmp_path, fitted, "fitted.toml"), environ={}).history.retention == 60
+    assert load_config(write(tmp_path, "", "default.toml"), environ={}).history.retention == 0
