@@ -189,7 +189,9 @@ class SqliteClientStore(SqliteConnection):
         return await self._run(update)
 
     async def delete_client(self, uuid: str, at: float) -> bool:
-        """Turn the client into a tombstone: no secret, no tokens, no families."""
+        """Turn the client into a tombstone: no secret, no tokens, no families, no keys, no
+        history (what it sent and received whose status is final; receipts owed to others
+        about messages to it stay until told)."""
 
         def update(db: sqlite3.Connection) -> bool:
             with transaction(db):
@@ -201,6 +203,7 @@ class SqliteClientStore(SqliteConnection):
                 db.execute("DELETE FROM refresh_families WHERE client_uuid = ?", (uuid,))
                 if cursor.rowcount == 1:
                     _forget_keys(db, uuid)
+                    _forget_history(db, uuid)
             return cursor.rowcount == 1
 
         return await self._run(update)
@@ -527,6 +530,23 @@ def _record_reader(
         " (SELECT reader_uuid FROM key_readers WHERE client_uuid = ?"
         " ORDER BY read_at DESC, reader_uuid LIMIT -1 OFFSET ?)",
         (client, client, max_readers),
+    )
+
+
+def _forget_history(db: sqlite3.Connection, uuid: str) -> None:
+    """A deleted client's history: the finished deliveries it sent or received, and the
+    messages left with none. (It reaches the message tables so that deleting a client and
+    its history is one transaction.) Messages waiting for it stay until they expire, as do
+    those it sent that wait for others; a receipt another sender is owed stays until told."""
+    gone = db.execute(
+        "DELETE FROM deliveries WHERE status IS NOT NULL"
+        " AND (sender = ?1 OR (recipient = ?1 AND receipt_pending = 0)) RETURNING message",
+        (uuid,),
+    ).fetchall()
+    db.executemany(
+        "DELETE FROM messages WHERE id = ?1 AND NOT EXISTS"
+        " (SELECT 1 FROM deliveries WHERE message = ?1)",
+        [(message,) for message in {row[0] for row in gone}],
     )
 
 

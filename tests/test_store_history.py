@@ -141,3 +141,15 @@ async def test_purged_messages_leave_history(store: AnyStore) -> None:
     await store.execute([Finish(1, Status.DELIVERED, 5.0, False, keep_content=True)], max_queued=10)
     await store.execute([Purge(finished_before=6.0, receipts_before=6.0)], max_queued=10)
     assert await page(store, UUID_B) == [2]
+
+
+async def test_a_deleted_client_leaves_no_history(store: AnyStore) -> None:
+    await seed_talk(store)
+    finals = [Finish(seq, Status.DELIVERED, 9.0, seq == 2, keep_content=True) for seq in (1, 2, 3)]
+    await store.execute(finals, max_queued=100)
+    assert await store.delete_client(UUID_A, 10.0)
+    # What A sent or was sent whose status is final is gone (1, 3, and A's note 5 stays only
+    # while it waits: it is not final); B keeps what A sent that still waits for it (4) and
+    # its own message to A whose receipt it is still owed (2).
+    assert await page(store, UUID_B) == [6, 4, 2]
+    assert await page(store, UUID_C) == [6]
