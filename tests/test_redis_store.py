@@ -22,7 +22,7 @@ import trustme
 
 from relayd._atrest import StoreKeys
 from relayd._errors import SchemaTooNewError, StoreError, StoreUnavailable
-from relayd._redis import RedisStore, RedisUrlError, parse_url
+from relayd._redis import LAYOUT_VERSION, RedisStore, RedisUrlError, parse_url
 from relayd._relay.records import (
     Finish,
     Insert,
@@ -324,8 +324,12 @@ async def test_a_server_out_of_memory_is_unavailable(own_server: RedisServer) ->
 
 async def test_a_newer_layout_is_refused(redis_server: RedisServer, redis_url: str) -> None:
     db = urlsplit(redis_url).path.strip("/")
-    command(redis_server, ("SELECT", db), ("SET", "relayd:schema", "2"))
-    with trio.fail_after(IO_DEADLINE), pytest.raises(SchemaTooNewError, match="layout version 2"):
+    newer = LAYOUT_VERSION + 1
+    command(redis_server, ("SELECT", db), ("SET", "relayd:schema", str(newer)))
+    with (
+        trio.fail_after(IO_DEADLINE),
+        pytest.raises(SchemaTooNewError, match=f"layout version {newer}"),
+    ):
         async with RedisStore.open(redis_url):
             pytest.fail("the store opened")  # pragma: no cover
 
@@ -374,10 +378,12 @@ async def test_a_deleted_client_leaves_only_what_sqlite_keeps(redis_url: str) ->
         f"relayd:{name}".encode()
         for name in (
             f"c:{gone}",  # the tombstone
-            "m:1",  # gone -> B, and its indexes: dedupe, receipts owed, ...
+            "m:1",  # gone -> B, its delivery, and their indexes: dedupe, receipts owed, ...
+            "dl:1",
             f"d:{gone}",
             f"rc:{gone}",
-            "m:2",  # B -> gone, still queued for it, and its indexes
+            "m:2",  # B -> gone, its delivery still queued for it, and their indexes
+            "dl:2",
             f"rid:{gone}",
             f"q:{gone}",
             "queues",
