@@ -20,7 +20,7 @@ import trio
 import trio.testing
 import trustme
 
-from relayd._atrest import StoreKeys
+from relayd._atrest import StoreKeys, UndecryptableRow
 from relayd._errors import SchemaTooNewError, StoreError, StoreUnavailable
 from relayd._redis import LAYOUT_VERSION, RedisStore, RedisUrlError, parse_url
 from relayd._relay.records import (
@@ -42,7 +42,7 @@ from .redis_support import (
     start_sentinel,
     stop_redis,
 )
-from .store_support import KEY_1, files_holding, holds, redis_dump
+from .store_support import KEY_1, Target, files_holding, holds, point_message_at, redis_dump
 from .support import IO_DEADLINE
 from .test_keys_store import key
 from .test_store import UUID_A, UUID_B, client
@@ -332,6 +332,24 @@ async def test_a_newer_layout_is_refused(redis_server: RedisServer, redis_url: s
     ):
         async with RedisStore.open(redis_url):
             pytest.fail("the store opened")  # pragma: no cover
+
+
+async def test_a_message_and_its_delivery_pointed_at_another_recipient_do_not_decrypt(
+    redis_url: str,
+) -> None:
+    """tests/test_atrest.py points a delivery at another client (its message's address no
+    longer matches); here the message's address goes with it, which the content's binding
+    to (id, sender, address, msgid) catches."""
+    target = Target("redis", redis_url, keys=KEYS)
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            await store.insert_client(client(UUID_A))
+            await store.insert_client(client(UUID_B))
+            await store.execute([queued(1, SECRET_TEXT)], max_queued=9)  # A to B
+        await point_message_at(target, 1, UUID_A, address=True)
+        with pytest.raises(UndecryptableRow, match="does not decrypt with key 'k1'"):
+            async with target.open():
+                pytest.fail("the store opened")  # pragma: no cover
 
 
 async def test_prefixes_keep_installations_apart(redis_url: str) -> None:
