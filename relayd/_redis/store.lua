@@ -549,6 +549,8 @@ end
 -- The sender and msgid (length-prefixed, joined) of the message a seq holds: the message of
 -- the delivery with that seq, else the message with that id; nil if none.
 function U.holder(seq)
+    -- One call for the common case, a seq that holds nothing yet.
+    if call('EXISTS', K.delivery(seq), K.message(seq)) == 0 then return nil end
     local id = call('HGET', K.delivery(seq), 'm')
     local row = call('HMGET', K.message(id and tonumber(id) or seq), 's', 'i')
     if row[1] == false then return nil end
@@ -617,11 +619,15 @@ end
 -- content is no longer needed, and goes.
 function U.settle(id)
     local key = K.message(id)
-    if call('HINCRBY', key, 'nq', -1) > 0 then return end
-    local row = call('HMGET', key, 'f', 'k')
-    call('HSET', key, 'f', '')
+    local row = call('HMGET', key, 'nq', 'f', 'k')
+    local queued = tonumber(row[1]) - 1
+    if queued > 0 then
+        call('HSET', key, 'nq', queued)
+        return
+    end
+    call('HSET', key, 'nq', 0, 'f', '')
     call('HDEL', key, 'k')
-    U.unindex_content(id, row[1], row[2])
+    U.unindex_content(id, row[2], row[3])
 end
 
 -- Finish = {'F', seq, status, finished_at, receipt_pending, reason}
@@ -705,17 +711,16 @@ function U.find_expired(op)
     return rows
 end
 
-function U.delete_message(id)
-    local key = K.message(id)
-    local row = call('HMGET', key, 's', 'i', 'f', 'k')
-    local sender, msgid = row[1], row[2]
+-- ``message``: its {sender, msgid, fields, key_id}.
+function U.delete_message(id, message)
+    local sender, msgid = message[1], message[2]
     if call('HGET', K.sent(sender), msgid) == U.int(id) then
         call('HDEL', K.sent(sender), msgid)
     end
     if call('HINCRBY', K.msgids, msgid, -1) <= 0 then call('HDEL', K.msgids, msgid) end
     call('ZREM', K.accepted, U.pad(id))
-    U.unindex_content(id, row[3], row[4])
-    call('DEL', key)
+    U.unindex_content(id, message[3], message[4])
+    call('DEL', K.message(id))
 end
 
 -- A final delivery, and its message once it has no delivery left.
@@ -723,12 +728,17 @@ function U.delete_delivery(seq)
     local key = K.delivery(seq)
     local row = call('HMGET', key, 'm', 's', 'r')
     local id = tonumber(row[1])
-    local msgid = call('HGET', K.message(id), 'i')
-    call('ZREM', K.received(row[3]), U.msgid_member(msgid, seq))
+    local message = call('HMGET', K.message(id), 's', 'i', 'f', 'k', 'nd')
+    call('ZREM', K.received(row[3]), U.msgid_member(message[2], seq))
     call('ZREM', K.finished, U.pad(seq))
     call('ZREM', K.receipts(row[2]), seq)
     call('DEL', key)
-    if call('HINCRBY', K.message(id), 'nd', -1) <= 0 then U.delete_message(id) end
+    local left = tonumber(message[5]) - 1
+    if left > 0 then
+        call('HSET', K.message(id), 'nd', left)
+    else
+        U.delete_message(id, message)
+    end
 end
 
 -- Purge = {'G', finished_before, receipts_before}: final deliveries whose sender was told
