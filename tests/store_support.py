@@ -165,9 +165,12 @@ async def stored_messages(target: Target) -> list[tuple[int, str | None, bytes]]
     return sorted(found)
 
 
-async def point_message_at(target: Target, seq: int, recipient: str) -> None:
+async def point_message_at(
+    target: Target, seq: int, recipient: str, *, address: bool = False
+) -> None:
     """Tamper with a stored message: make ``recipient`` its recipient, as one who can write the
-    store but holds no key could."""
+    store but holds no key could. On Redis, the delivery ``seq`` is moved to ``recipient``'s
+    queue; with ``address``, its message's address is changed too."""
     if target.engine == "sqlite":
         db = sqlite3.connect(target.location)
         with db:
@@ -175,9 +178,13 @@ async def point_message_at(target: Target, seq: int, recipient: str) -> None:
         db.close()
         return
     async with coredis.Redis.from_url(target.location) as client:
-        old = await client.hget(f"relayd:m:{seq}", "r")
+        old = await client.hget(f"relayd:dl:{seq}", "r")
         assert old is not None
-        await client.hset(f"relayd:m:{seq}", {"r": recipient})
+        await client.hset(f"relayd:dl:{seq}", {"r": recipient})
+        if address:
+            message = await client.hget(f"relayd:dl:{seq}", "m")
+            assert message is not None
+            await client.hset(b"relayd:m:" + message, {"r": recipient})
         await client.zrem(b"relayd:q:" + old, [str(seq)])
         await client.zadd(f"relayd:q:{recipient}", {str(seq): seq})
         await client.sadd("relayd:queues", [recipient])

@@ -20,9 +20,9 @@ import trio
 import trio.testing
 import trustme
 
-from relayd._atrest import StoreKeys
+from relayd._atrest import StoreKeys, UndecryptableRow
 from relayd._errors import SchemaTooNewError, StoreError, StoreUnavailable
-from relayd._redis import RedisStore, RedisUrlError, parse_url
+from relayd._redis import LAYOUT_VERSION, RedisStore, RedisUrlError, parse_url
 from relayd._relay.records import (
     Finish,
     Insert,
@@ -42,7 +42,7 @@ from .redis_support import (
     start_sentinel,
     stop_redis,
 )
-from .store_support import KEY_1, files_holding, holds, redis_dump
+from .store_support import KEY_1, Target, files_holding, holds, point_message_at, redis_dump
 from .support import IO_DEADLINE
 from .test_keys_store import key
 from .test_store import UUID_A, UUID_B, client
@@ -324,10 +324,32 @@ async def test_a_server_out_of_memory_is_unavailable(own_server: RedisServer) ->
 
 async def test_a_newer_layout_is_refused(redis_server: RedisServer, redis_url: str) -> None:
     db = urlsplit(redis_url).path.strip("/")
-    command(redis_server, ("SELECT", db), ("SET", "relayd:schema", "2"))
-    with trio.fail_after(IO_DEADLINE), pytest.raises(SchemaTooNewError, match="layout version 2"):
+    newer = LAYOUT_VERSION + 1
+    command(redis_server, ("SELECT", db), ("SET", "relayd:schema", str(newer)))
+    with (
+        trio.fail_after(IO_DEADLINE),
+        pytest.raises(SchemaTooNewError, match=f"layout version {newer}"),
+    ):
         async with RedisStore.open(redis_url):
             pytest.fail("the store opened")  # pragma: no cover
+
+
+async def test_a_message_and_its_delivery_pointed_at_another_recipient_do_not_decrypt(
+    redis_url: str,
+) -> None:
+    """tests/test_atrest.py points a delivery at another client (its message's address no
+    longer matches); here the message's address goes with it, which the content's binding
+    to (id, sender, address, msgid) catches."""
+    target = Target("redis", redis_url, keys=KEYS)
+    with trio.fail_after(IO_DEADLINE):
+        async with target.open() as store:
+            await store.insert_client(client(UUID_A))
+            await store.insert_client(client(UUID_B))
+            await store.execute([queued(1, SECRET_TEXT)], max_queued=9)  # A to B
+        await point_message_at(target, 1, UUID_A, address=True)
+        with pytest.raises(UndecryptableRow, match="does not decrypt with key 'k1'"):
+            async with target.open():
+                pytest.fail("the store opened")  # pragma: no cover
 
 
 async def test_prefixes_keep_installations_apart(redis_url: str) -> None:
@@ -374,10 +396,12 @@ async def test_a_deleted_client_leaves_only_what_sqlite_keeps(redis_url: str) ->
         f"relayd:{name}".encode()
         for name in (
             f"c:{gone}",  # the tombstone
-            "m:1",  # gone -> B, and its indexes: dedupe, receipts owed, ...
+            "m:1",  # gone -> B, its delivery, and their indexes: dedupe, receipts owed, ...
+            "dl:1",
             f"d:{gone}",
             f"rc:{gone}",
-            "m:2",  # B -> gone, still queued for it, and its indexes
+            "m:2",  # B -> gone, its delivery still queued for it, and their indexes
+            "dl:2",
             f"rid:{gone}",
             f"q:{gone}",
             "queues",

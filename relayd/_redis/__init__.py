@@ -39,6 +39,14 @@ Theory of operation:
   every key in use, and seals messages stored in plain text (by a store opened without keys,
   which the daemon never does); their plain text stays in the AOF until Redis rewrites it
   (``BGREWRITEAOF``) and in RDB snapshots taken before, which relayd does not force.
+* **Layout migrations** happen when relayd opens the data: :meth:`RedisStore.migrate` walks
+  the messages (``acc``, by rank) a page per ``EVALSHA``, so Redis is never held for long. The
+  first call writes the new version (an older relayd refuses the data from then on) and a
+  cursor (``schema:migration``); each call moves it atomically, the last deletes it. A node
+  killed half-way leaves the cursor; the next one to open goes on from it; nodes opening at
+  once share it. Nodes running an older relayd must be stopped before a newer one opens the
+  data (they would go on writing the old layout). Layout 1 -> 2 splits each ``m:<seq>`` into
+  its message and its delivery; every index keeps its members.
 * **Durability** is the server's: with ``appendonly yes`` and ``appendfsync always``, Redis
   answers a write once it is written and fsynced to its AOF, so an answered call is on disk;
   with ``everysec``, a crash of the server's machine may lose about the last second of
@@ -58,8 +66,16 @@ Sentinel names, found again after a failover) and ``rediss+sentinel://...``.
 
 Key layout. Every key starts with the prefix (``relayd:`` by default; several relayd
 installations may share a server under different prefixes). ``<uuid>`` is a client's uuid,
-``<seq>`` a message's seq; a *padded seq* is the seq in 16 digits, so that members of equal
-score sort in seq order; times are stored as the decimal text of a float.
+``<seq>`` a delivery's seq, ``<id>`` a message's id; a *padded seq* (or id) is the number in 16
+digits, so that members of equal score sort in seq order; times are stored as the decimal text
+of a float.
+
+A *message* is stored once; each recipient's copy of it is a *delivery*, with its own seq,
+attempts and status. A message's id is the seq of its first delivery (today every message has
+exactly one), so that content sealed at rest is bound to the same
+:class:`~relayd._atrest.RowId` (id, sender, address, msgid) as in layout 1, where a message and
+its delivery were one hash. A message's content is emptied once none of its deliveries is
+queued; the message goes once its last delivery is purged.
 
 =================================  =========  ==================================================
 key                                type       what
@@ -96,31 +112,41 @@ key                                type       what
                                               changed_at]
 ``kw:<uuid>``                      hash       reader -> how many notices about the client it
                                               is owed
-``m:<seq>``                        hash       a message: ``s`` sender, ``r`` recipient, ``i``
-                                              msgid, ``h`` high, ``a`` acknowledge, ``f``
-                                              fields (sealed: nonce + ciphertext; emptied once
-                                              final), ``k`` key id (absent: plain or empty),
-                                              ``at`` accepted_at, ``ex`` expires_at, ``n``
-                                              attempts, ``st`` status (absent while queued),
-                                              ``rs`` reason, ``fa`` finished_at, ``rp``
-                                              receipt pending (0/1)
-``q:<uuid>``                       zset       the recipient's queued seqs, by seq
+``m:<id>``                         hash       a message: ``s`` sender, ``i`` msgid, ``r``
+                                              address (whom it was sent to: a client's uuid),
+                                              ``h`` high, ``a`` acknowledge, ``f`` fields
+                                              (sealed: nonce + ciphertext; emptied once every
+                                              delivery is final), ``k`` key id (absent: plain
+                                              or empty), ``at`` accepted_at, ``ex``
+                                              expires_at, ``nd`` its deliveries stored, ``nq``
+                                              its deliveries queued
+``dl:<seq>``                       hash       a delivery, one recipient's copy of a message:
+                                              ``m`` the message's id, ``s`` its sender, ``r``
+                                              recipient, ``ex`` expires_at, ``n`` attempts,
+                                              ``st`` status (absent while queued), ``rs``
+                                              reason, ``fa`` finished_at, ``rp`` receipt
+                                              pending (0/1)
+``q:<uuid>``                       zset       the recipient's queued deliveries (seqs), by seq
 ``queues``                         set        recipients whose queue is not empty
-``exp``                            zset       queued messages (padded seqs) by expires_at
-``fin``                            zset       final messages (padded seqs) by finished_at
-``acc``                            zset       every message (padded seqs) by accepted_at
-``rc:<uuid>``                      zset       seqs whose final status the sender is owed
-``d:<uuid>``                       hash       the sender's msgid -> seq (deduplication)
-``rid:<uuid>``                     zset       the recipient's ``<len>:<msgid><padded seq>``
-                                              (lexicographic: a msgid's messages, newest last)
+``exp``                            zset       queued deliveries (padded seqs) by expires_at
+``fin``                            zset       final deliveries (padded seqs) by finished_at
+``rc:<uuid>``                      zset       deliveries (seqs) whose final status their
+                                              sender is owed
+``rid:<uuid>``                     zset       the recipient's deliveries, ``<len>:<msgid>
+                                              <padded seq>`` (lexicographic: a msgid's
+                                              deliveries, newest last)
+``acc``                            zset       every message (padded ids) by accepted_at
+``d:<uuid>``                       hash       the sender's msgid -> message id (deduplication)
 ``ids``                            hash       msgid -> how many stored messages carry it
-``ck:<key id>``                    zset       seqs whose content is sealed with that key
+``ck:<key id>``                    zset       message ids whose content is sealed with that key
 ``ckeys``                          set        key ids that content is sealed with
-``cp``                             zset       seqs whose content is plain text
+``cp``                             zset       message ids whose content is plain text
+``schema:migration``               hash       while the data is migrated to a new layout:
+                                              ``rank`` in ``acc`` the migration has reached
 =================================  =========  ==================================================
 
 Deleting a client leaves what SQLite leaves: its tombstone (``c:<uuid>`` without ``kseq``) and
-the messages it sent or was sent, with their indexes; its families, keys, readers and
+the messages it sent or was sent, their deliveries and indexes; its families, keys, readers and
 notices (owed to it, or about it) go.
 
 Redis Cluster is not supported: the script reaches keys it derives, which a cluster would have

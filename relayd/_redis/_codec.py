@@ -223,29 +223,56 @@ def _outcome(reply: list[Any]) -> Inserted | Duplicate | Refused:
     return Refused(text(reply[1]))
 
 
-def row_id(row: list[Any]) -> RowId:
+def content_id(row: list[Any]) -> RowId:
+    """What a content row's fields are bound to: ``{id, sender, address, msgid, fields,
+    key_id}``, as the script's ``first_sealed`` and ``plain_rows`` send them."""
     return RowId(int(row[0]), text(row[1]), text(row[2]), text(row[3]))
 
 
-def open_fields(row: list[Any], keys: StoreKeys | None) -> str:
-    """A message row's fields in plain text (decrypted if they were stored encrypted).
+def open_content(row: list[Any], keys: StoreKeys | None) -> str:
+    """A content row's fields in plain text (see :func:`content_id`).
 
     Raises:
         UndecryptableRow: encrypted, and ``keys`` cannot decrypt them.
     """
+    return _open(content_id(row), row[4], row[5], keys)
+
+
+def open_fields(row: list[Any], keys: StoreKeys | None) -> str:
+    """A delivery row's fields in plain text (decrypted if they were stored encrypted).
+
+    The content is bound to its message (id, sender, address, msgid); a direct message's
+    delivery goes to the message's address, so a delivery pointed at another recipient
+    does not open, as a message pointed at one does not decrypt.
+
+    Raises:
+        UndecryptableRow: encrypted, and ``keys`` cannot decrypt them, or the delivery is
+            not to the address its message was sealed for.
+    """
     fields, key_id = row[6], row[7]
+    if key_id is not None and row[2] != row[12]:
+        raise UndecryptableRow(
+            f"delivery {int(row[0])} goes to {text(row[2])}, but its message {int(row[11])}"
+            f" was sealed for {text(row[12])}"
+        )
+    return _open(
+        RowId(int(row[11]), text(row[1]), text(row[12]), text(row[3])), fields, key_id, keys
+    )
+
+
+def _open(row: RowId, fields: bytes, key_id: bytes | None, keys: StoreKeys | None) -> str:
     if key_id is None:
         return text(fields)
     if keys is None:
-        raise UndecryptableRow(f"message {int(row[0])} is encrypted and no store key was loaded")
-    return keys.open(row_id(row), text(key_id), fields)
+        raise UndecryptableRow(f"message {row.seq} is encrypted and no store key was loaded")
+    return keys.open(row, text(key_id), fields)
 
 
 def stored_message(
     row: list[Any], keys: StoreKeys | None, fields: str | None = None
 ) -> StoredMessage:
     """``{seq, sender, recipient, msgid, high, acknowledge, fields, key_id, accepted_at,
-    expires_at, attempts}``."""
+    expires_at, attempts, message id, address}``: a delivery and its message."""
     return StoredMessage(
         seq=int(row[0]),
         sender=text(row[1]),

@@ -26,8 +26,9 @@ from ._url import connect, parse_url
 
 log = logging.getLogger("relayd.store")
 
-LAYOUT_VERSION = 1
-"""The version of the key layout (see the package's docstring); kept under ``<prefix>schema``."""
+LAYOUT_VERSION = 2
+"""The version of the key layout (see the package's docstring); kept under ``<prefix>schema``.
+1: a message and its one recipient's copy in one hash; 2: a message and its deliveries."""
 DEFAULT_PREFIX = "relayd:"
 DEFAULT_TIMEOUT = 5.0
 """Seconds each call to Redis may take (connecting included) before it fails."""
@@ -35,6 +36,9 @@ DEFAULT_WAIT_TIMEOUT = 1.0
 """Seconds a write may wait for its replicas (``WAIT``) on top of its own deadline."""
 SEAL_PAGE = 256
 """Rows sealed per round trip when opening seals rows stored in plain text."""
+MIGRATION_PAGE = 500
+"""Messages migrated to a new layout per round trip: each call holds Redis (which runs
+nothing else meanwhile) for about a millisecond."""
 
 
 class RedisStore:
@@ -69,6 +73,7 @@ class RedisStore:
         call_timeout: float = DEFAULT_TIMEOUT,
         wait_replicas: int = 0,
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+        migration_page: int = MIGRATION_PAGE,
     ) -> AsyncIterator[RedisStore]:
         """Connect to ``url`` (see :mod:`relayd._redis._url` for its forms), load the script,
         check the layout version, and close the connections on exit. With ``keys``, message
@@ -79,6 +84,9 @@ class RedisStore:
         ``wait_replicas``: after each write, wait until that many replicas have it (``WAIT``),
         at most ``wait_timeout`` seconds more, else the write fails with
         :class:`~relayd._errors.StoreUnavailable` (it stays on the primary).
+
+        Data of an older layout is migrated first, ``migration_page`` messages per round
+        trip (see :meth:`migrate`).
 
         The server's persistence (``appendonly``, ``appendfsync``) is read, logged and kept
         in :attr:`durability`; it is not enforced.
@@ -101,7 +109,7 @@ class RedisStore:
             )
             await link.load()
             store = cls(link, keys=keys, prefix=prefix)
-            await store._check_layout()
+            await store._check_layout(migration_page)
             store.durability = await store._read_durability()
             if keys is not None:
                 await store._check_keys(keys)
@@ -113,14 +121,36 @@ class RedisStore:
     async def _call(self, operation: str, *args: Any, write: bool = True) -> Any:
         return await self._link.call(operation, list(args), write=write)
 
-    async def _check_layout(self) -> None:
+    async def _check_layout(self, migration_page: int) -> None:
         # No WAIT: the version, written once, is worth no refusal to open.
-        version = int(await self._call("layout", LAYOUT_VERSION, write=False))
+        version, migrating = await self._call("layout", LAYOUT_VERSION, write=False)
         if version > LAYOUT_VERSION:
             raise SchemaTooNewError(
                 f"{self.where}: the data under {self.prefix!r} has layout version {version},"
                 f" newer than this relayd understands ({LAYOUT_VERSION}); run a newer relayd"
             )
+        if version < LAYOUT_VERSION or migrating:
+            await self.migrate(migration_page)
+
+    async def migrate(self, page: int = MIGRATION_PAGE) -> None:
+        """Bring the data under the prefix to :data:`LAYOUT_VERSION`, ``page`` messages per
+        round trip (one ``EVALSHA`` each, so that Redis is never held long), logging progress.
+
+        The first round trip writes the new version (a relayd that knows only the old layout
+        refuses the data from then on) and a cursor; each moves the cursor, atomically; the
+        last deletes it. Cancelled, or on an error, the migration stops between two round
+        trips; the next :meth:`open` (here or on another node) goes on from the cursor. Nodes
+        migrating at once share the cursor. A relayd that knows only the old layout and is
+        *running* (opened before) must be stopped first: it would go on writing the old one.
+        """
+        if page < 1:
+            raise ValueError(f"migrate at least one message per round trip, not {page}")
+        log.info(
+            "%s: migrating the data under %r to layout %d", self.where, self.prefix, LAYOUT_VERSION
+        )
+        while left := int(await self._call("migrate", LAYOUT_VERSION, page)):
+            log.info("%s: layout migration: %d messages to go", self.where, left)
+        log.info("%s: the data under %r is in layout %d", self.where, self.prefix, LAYOUT_VERSION)
 
     async def _read_durability(self) -> str:
         """``appendonly``/``appendfsync`` as the server reports them: with ``appendonly yes``
@@ -155,12 +185,12 @@ class RedisStore:
             UndecryptableRow: naming the key that is missing or wrong.
         """
         for row in await self._call("first_sealed", write=False):
-            C.open_fields(row, keys)
+            C.open_content(row, keys)
         sealed = 0
         while rows := await self._call("plain_rows", SEAL_PAGE, write=False):
             entries = []
             for row in rows:
-                key_id, blob = keys.seal(C.row_id(row), C.text(row[6]))
+                key_id, blob = keys.seal(C.content_id(row), C.text(row[4]))
                 entries.append([int(row[0]), key_id, C.raw(blob)])
             sealed += int(await self._link.call("seal", entries, write=True))
         return sealed

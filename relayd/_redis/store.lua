@@ -25,7 +25,8 @@ function K.client(uuid) return P .. 'c:' .. uuid end
 function K.families_of(uuid) return P .. 'cf:' .. uuid end
 function K.family(id) return P .. 'f:' .. id end
 function K.invite(id) return P .. 'i:' .. id end
-function K.message(seq) return P .. 'm:' .. string.format('%d', seq) end
+function K.message(id) return P .. 'm:' .. string.format('%d', id) end
+function K.delivery(seq) return P .. 'dl:' .. string.format('%d', seq) end
 function K.queue(recipient) return P .. 'q:' .. recipient end
 function K.receipts(sender) return P .. 'rc:' .. sender end
 function K.sent(sender) return P .. 'd:' .. sender end
@@ -38,6 +39,7 @@ function K.reads(uuid) return P .. 'rs:' .. uuid end
 function K.notices(reader) return P .. 'kn:' .. reader end
 function K.noticed(uuid) return P .. 'kw:' .. uuid end
 K.schema = P .. 'schema'
+K.migration = P .. 'schema:migration'
 K.seq = P .. 'seq'
 K.clients = P .. 'clients'
 K.family_expiry = P .. 'fexp'
@@ -492,38 +494,49 @@ function U.forget_keys(uuid)
     call('DEL', K.noticed(uuid))
 end
 
--- --- messages ---------------------------------------------------------------------------------
-
-local MESSAGE_FIELDS = {'s', 'r', 'i', 'h', 'a', 'f', 'k', 'at', 'ex', 'n'}
+-- --- messages and their deliveries -----------------------------------------------------------
+--
+-- A message is stored once (m:<id>); each recipient's copy of it is a delivery (dl:<seq>) with
+-- its own seq, attempts and status. A message's id is the seq of its first delivery. The
+-- queue, expiry, finished and receipt indexes hold deliveries; dedupe, msgid counts, accepted
+-- times and content keys hold messages.
 
 -- {seq, sender, recipient, msgid, high, acknowledge, fields, key_id, accepted_at, expires_at,
--- attempts}: a StoredMessage, its fields as stored (sealed or plain).
-function U.message_row(seq)
-    local row = call('HMGET', K.message(seq), unpack(MESSAGE_FIELDS))
-    table.insert(row, 1, seq)
-    return row
+-- attempts, message id, address}: a StoredMessage, its fields as stored (sealed or plain), and
+-- what its content is bound to (its message's id and address).
+function U.delivery_row(seq)
+    local d = call('HMGET', K.delivery(seq), 'm', 's', 'r', 'ex', 'n')
+    local id = tonumber(d[1])
+    local m = call('HMGET', K.message(id), 'i', 'h', 'a', 'f', 'k', 'at', 'r')
+    return {seq, d[2], d[3], m[1], m[2], m[3], m[4], m[5], m[6], d[4], d[5], id, m[7]}
+end
+
+-- {id, sender, address, msgid, fields, key_id}: a message's content as stored.
+function U.content_row(id)
+    local m = call('HMGET', K.message(id), 's', 'r', 'i', 'f', 'k')
+    return {id, m[1], m[2], m[3], m[4], m[5]}
 end
 
 function U.msgid_member(msgid, seq) return U.lp(msgid) .. U.pad(seq) end
 
 -- Index a stored message's content under the key it is sealed with (or as plain text).
-function U.index_content(seq, fields, key_id)
+function U.index_content(id, fields, key_id)
     if fields == '' then return end
     if key_id then
-        call('ZADD', K.sealed(key_id), seq, seq)
+        call('ZADD', K.sealed(key_id), id, id)
         TOUCHED.key_ids[key_id] = true
     else
-        call('ZADD', K.plain, seq, seq)
+        call('ZADD', K.plain, id, id)
     end
 end
 
-function U.unindex_content(seq, fields, key_id)
+function U.unindex_content(id, fields, key_id)
     if fields == '' then return end
     if key_id then
-        call('ZREM', K.sealed(key_id), seq)
+        call('ZREM', K.sealed(key_id), id)
         TOUCHED.key_ids[key_id] = true
     else
-        call('ZREM', K.plain, seq)
+        call('ZREM', K.plain, id)
     end
 end
 
@@ -533,8 +546,40 @@ function U.dequeue(seq, recipient)
     call('ZREM', K.expiry, U.pad(seq))
 end
 
+-- The sender and msgid (length-prefixed, joined) of the message a seq holds: the message of
+-- the delivery with that seq, else the message with that id; nil if none.
+function U.holder(seq)
+    -- One call for the common case, a seq that holds nothing yet.
+    if call('EXISTS', K.delivery(seq), K.message(seq)) == 0 then return nil end
+    local id = call('HGET', K.delivery(seq), 'm')
+    local row = call('HMGET', K.message(id and tonumber(id) or seq), 's', 'i')
+    if row[1] == false then return nil end
+    return U.lp(row[1]) .. row[2]
+end
+
+-- A delivery of message ``id`` to ``recipient``: queued, or (``status`` given) final already.
+function U.add_delivery(seq, id, sender, recipient, msgid, expires_at, attempts, status, at,
+                        pending, reason)
+    local row = {'m', id, 's', sender, 'r', recipient, 'ex', expires_at, 'n', attempts,
+        'rs', reason, 'rp', pending}
+    if status then
+        row[#row + 1], row[#row + 2], row[#row + 3], row[#row + 4] = 'st', status, 'fa', at
+    end
+    call('HSET', K.delivery(seq), unpack(row))
+    call('ZADD', K.received(recipient), 0, U.msgid_member(msgid, seq))
+    if status then
+        call('ZADD', K.finished, at, U.pad(seq))
+        if pending == 1 then call('ZADD', K.receipts(sender), seq, seq) end
+    else
+        call('ZADD', K.queue(recipient), seq, seq)
+        TOUCHED.queues[recipient] = true
+        call('ZADD', K.expiry, expires_at, U.pad(seq))
+    end
+end
+
 -- Insert = {'I', seq, sender, recipient, msgid, high, acknowledge, fields, key_id, accepted_at,
--- expires_at, attempts, status, receipt_pending, reason}
+-- expires_at, attempts, status, receipt_pending, reason}: message ``seq`` and its one delivery,
+-- ``seq`` too.
 function U.insert(op, max_queued)
     local _, seq, sender, recipient, msgid, high, ack, fields, key_id, accepted_at,
         expires_at, attempts, status, pending, reason = unpack(op)
@@ -545,7 +590,8 @@ function U.insert(op, max_queued)
         return {1, seq}
     end
     if existing then
-        return {2, tonumber(existing), call('HGET', K.message(tonumber(existing)), 'st')}
+        -- Reported as its first delivery, whose seq is the message's id.
+        return {2, tonumber(existing), call('HGET', K.delivery(tonumber(existing)), 'st')}
     end
     if not status then
         -- No operation of a batch changes who is a client: asked once per batch.
@@ -553,51 +599,54 @@ function U.insert(op, max_queued)
         if not BATCH.live[recipient] then return {3, 'unknown_recipient'} end
         if call('ZCARD', K.queue(recipient)) >= max_queued then return {3, 'queue_full'} end
     end
-    local key = K.message(seq)
     local row = {'s', sender, 'r', recipient, 'i', msgid, 'h', high, 'a', ack, 'f', fields,
-        'at', accepted_at, 'ex', expires_at, 'n', attempts, 'rs', reason, 'rp', pending}
+        'at', accepted_at, 'ex', expires_at, 'nd', 1, 'nq', status and 0 or 1}
     if key_id then
         row[#row + 1], row[#row + 2] = 'k', key_id
     end
-    if status then
-        row[#row + 1], row[#row + 2], row[#row + 3], row[#row + 4] = 'st', status, 'fa', accepted_at
-    end
-    call('HSET', key, unpack(row))
+    call('HSET', K.message(seq), unpack(row))
     call('HSET', K.sent(sender), msgid, seq)
-    call('ZADD', K.received(recipient), 0, U.msgid_member(msgid, seq))
     call('HINCRBY', K.msgids, msgid, 1)
     call('ZADD', K.accepted, accepted_at, U.pad(seq))
-    if status then
-        call('ZADD', K.finished, accepted_at, U.pad(seq))
-        if pending == 1 then call('ZADD', K.receipts(sender), seq, seq) end
-    else
-        call('ZADD', K.queue(recipient), seq, seq)
-        TOUCHED.queues[recipient] = true
-        call('ZADD', K.expiry, expires_at, U.pad(seq))
-    end
     U.index_content(seq, fields, key_id)
+    U.add_delivery(seq, seq, sender, recipient, msgid, expires_at, attempts, status,
+        accepted_at, pending, reason)
     BATCH.high = math.max(BATCH.high, seq)
     return {1, seq}
+end
+
+-- A delivery of message ``id`` left the queue: once none of its deliveries is queued, its
+-- content is no longer needed, and goes.
+function U.settle(id)
+    local key = K.message(id)
+    local row = call('HMGET', key, 'nq', 'f', 'k')
+    local queued = tonumber(row[1]) - 1
+    if queued > 0 then
+        call('HSET', key, 'nq', queued)
+        return
+    end
+    call('HSET', key, 'nq', 0, 'f', '')
+    call('HDEL', key, 'k')
+    U.unindex_content(id, row[2], row[3])
 end
 
 -- Finish = {'F', seq, status, finished_at, receipt_pending, reason}
 function U.finish(op)
     local seq, status, finished_at, pending, reason = op[2], op[3], op[4], op[5], op[6]
-    local key = K.message(seq)
-    local row = call('HMGET', key, 'r', 'st', 's', 'f', 'k')
+    local key = K.delivery(seq)
+    local row = call('HMGET', key, 'r', 'st', 's', 'm')
     if row[1] == false or row[2] ~= false then return false end
-    call('HSET', key, 'st', status, 'fa', finished_at, 'rp', pending, 'rs', reason, 'f', '')
-    call('HDEL', key, 'k')
+    call('HSET', key, 'st', status, 'fa', finished_at, 'rp', pending, 'rs', reason)
     U.dequeue(seq, row[1])
     call('ZADD', K.finished, finished_at, U.pad(seq))
     if pending == 1 then call('ZADD', K.receipts(row[3]), seq, seq) end
-    U.unindex_content(seq, row[4], row[5])
+    U.settle(tonumber(row[4]))
     return false
 end
 
 -- SetAttempts = {'A', seq, attempts}
 function U.set_attempts(op)
-    local key = K.message(op[2])
+    local key = K.delivery(op[2])
     local row = call('HMGET', key, 'r', 'st')
     if row[1] ~= false and row[2] == false then call('HSET', key, 'n', op[3]) end
     return false
@@ -606,7 +655,7 @@ end
 -- SetReceiptPending = {'P', {seq...}, pending}
 function U.set_receipt_pending(op)
     for _, seq in ipairs(op[2]) do
-        local key = K.message(seq)
+        local key = K.delivery(seq)
         local row = call('HMGET', key, 'st', 's')
         if row[1] ~= false then
             call('HSET', key, 'rp', op[3])
@@ -631,7 +680,7 @@ function U.load_queue(op)
         'LIMIT', 0, limit + 1)
     local rows, least = {}, 0
     for _, seq in ipairs(seqs) do
-        local row = U.message_row(tonumber(seq))
+        local row = U.delivery_row(tonumber(seq))
         rows[#rows + 1] = row
         local text = #row[7] - (row[8] and 28 or 0)  -- a sealed row: nonce and tag
         least = least + math.floor(text / 2)
@@ -646,9 +695,9 @@ function U.load_receipts(op)
         'LIMIT', 0, op[4])
     local rows = {}
     for i, seq in ipairs(seqs) do
-        local row = call('HMGET', K.message(tonumber(seq)), 'i', 'r', 'st', 'fa', 'rs')
-        table.insert(row, 1, tonumber(seq))
-        rows[i] = row
+        local d = call('HMGET', K.delivery(tonumber(seq)), 'm', 'r', 'st', 'fa', 'rs')
+        local msgid = call('HGET', K.message(tonumber(d[1])), 'i')
+        rows[i] = {tonumber(seq), msgid, d[2], d[3], d[4], d[5]}
     end
     return rows
 end
@@ -657,40 +706,54 @@ end
 function U.find_expired(op)
     local rows = {}
     for i, seq in ipairs(call('ZRANGEBYSCORE', K.expiry, '-inf', op[2], 'LIMIT', 0, op[3])) do
-        rows[i] = U.message_row(tonumber(seq))
+        rows[i] = U.delivery_row(tonumber(seq))
     end
     return rows
 end
 
-function U.delete_message(seq)
-    local key = K.message(seq)
-    local row = call('HMGET', key, 's', 'r', 'i', 'st', 'f', 'k')
-    local sender, recipient, msgid = row[1], row[2], row[3]
-    if call('HGET', K.sent(sender), msgid) == U.int(seq) then
+-- ``message``: its {sender, msgid, fields, key_id}.
+function U.delete_message(id, message)
+    local sender, msgid = message[1], message[2]
+    if call('HGET', K.sent(sender), msgid) == U.int(id) then
         call('HDEL', K.sent(sender), msgid)
     end
-    call('ZREM', K.received(recipient), U.msgid_member(msgid, seq))
     if call('HINCRBY', K.msgids, msgid, -1) <= 0 then call('HDEL', K.msgids, msgid) end
-    call('ZREM', K.accepted, U.pad(seq))
-    call('ZREM', K.finished, U.pad(seq))
-    call('ZREM', K.receipts(sender), seq)
-    if row[4] == false then U.dequeue(seq, recipient) end
-    U.unindex_content(seq, row[5], row[6])
-    call('DEL', key)
+    call('ZREM', K.accepted, U.pad(id))
+    U.unindex_content(id, message[3], message[4])
+    call('DEL', K.message(id))
 end
 
--- Purge = {'G', finished_before, receipts_before}
+-- A final delivery, and its message once it has no delivery left.
+function U.delete_delivery(seq)
+    local key = K.delivery(seq)
+    local row = call('HMGET', key, 'm', 's', 'r')
+    local id = tonumber(row[1])
+    local message = call('HMGET', K.message(id), 's', 'i', 'f', 'k', 'nd')
+    call('ZREM', K.received(row[3]), U.msgid_member(message[2], seq))
+    call('ZREM', K.finished, U.pad(seq))
+    call('ZREM', K.receipts(row[2]), seq)
+    call('DEL', key)
+    local left = tonumber(message[5]) - 1
+    if left > 0 then
+        call('HSET', K.message(id), 'nd', left)
+    else
+        U.delete_message(id, message)
+    end
+end
+
+-- Purge = {'G', finished_before, receipts_before}: final deliveries whose sender was told
+-- (or never came for its receipt), then the messages left with no delivery.
 function U.purge(op)
     local finished_before, receipts_before = op[2], op[3]
     local before = finished_before
     if tonumber(receipts_before) > tonumber(finished_before) then before = receipts_before end
     for _, padded in ipairs(call('ZRANGEBYSCORE', K.finished, '-inf', '(' .. before)) do
         local seq = tonumber(padded)
-        local row = call('HMGET', K.message(seq), 'rp', 'fa')
+        local row = call('HMGET', K.delivery(seq), 'rp', 'fa')
         local finished_at = tonumber(row[2])
         if (row[1] == '0' and finished_at < tonumber(finished_before))
             or finished_at < tonumber(receipts_before) then
-            U.delete_message(seq)
+            U.delete_delivery(seq)
         end
     end
     return false
@@ -769,8 +832,7 @@ function OPS.execute(a)
             -- A seq that holds this very message again is a duplicate (a re-sent Insert);
             -- one that holds another message is a conflict.
             local message = U.lp(op[3]) .. op[5]
-            local stored = call('HMGET', K.message(seq), 's', 'i')
-            if stored[1] then seqs[seq] = seqs[seq] or U.lp(stored[1]) .. stored[2] end
+            if seqs[seq] == nil then seqs[seq] = U.holder(seq) end
             if (seqs[seq] or message) ~= message then
                 return U.fail('message seq ' .. U.int(seq) .. ' holds another message')
             end
@@ -800,22 +862,27 @@ function OPS.reserve_seqs(a)
     return call('INCRBY', K.seq, a[1])
 end
 
+-- {since, limit}: the messages accepted since, newest last, each with its first delivery's
+-- status.
 function OPS.recent_messages(a)
     local since, limit = a[1], a[2]
-    local seqs = {}
+    local ids = {}
     for i, padded in ipairs(call('ZRANGEBYSCORE', K.accepted, since, '+inf')) do
-        seqs[i] = tonumber(padded)
+        ids[i] = tonumber(padded)
     end
-    table.sort(seqs, function(x, y) return x > y end)
+    table.sort(ids, function(x, y) return x > y end)
     local rows = {}
-    if limit < 0 or limit > #seqs then limit = #seqs end
+    if limit < 0 or limit > #ids then limit = #ids end
     for i = limit, 1, -1 do
-        local row = call('HMGET', K.message(seqs[i]), 's', 'i', 'at', 'st')
+        local row = call('HMGET', K.message(ids[i]), 's', 'i', 'at')
+        row[4] = call('HGET', K.delivery(ids[i]), 'st')
         rows[#rows + 1] = row
     end
     return rows
 end
 
+-- {msgid, client}: the newest of the message the client sent with that msgid (as its first
+-- delivery) and the deliveries it was sent with it.
 function OPS.message_record(a)
     local msgid, client = a[1], a[2]
     local best = tonumber(call('HGET', K.sent(client), msgid) or '0')
@@ -827,9 +894,11 @@ function OPS.message_record(a)
         if seq > best then best = seq end
     end
     if best == 0 then return false end
-    local row = call('HMGET', K.message(best), 's', 'r', 'i', 'st', 'rs', 'n', 'at', 'ex', 'fa')
-    table.insert(row, 1, best)
-    return row
+    local d = call('HMGET', K.delivery(best), 'm', 's', 'r', 'st', 'rs', 'n', 'ex', 'fa')
+    local m = call('HMGET', K.message(tonumber(d[1])), 'i', 'at')
+    -- {seq, sender, recipient, msgid, status, reason, attempts, accepted_at, expires_at,
+    -- finished_at}
+    return {best, d[2], d[3], m[1], d[4], d[5], d[6], m[2], d[7], d[8]}
 end
 
 function OPS.msgid_known(a)
@@ -842,7 +911,7 @@ function OPS.undelivered(a)
     if limit ~= 0 then
         local stop = limit > 0 and limit - 1 or -1
         for i, seq in ipairs(call('ZRANGE', K.queue(recipient), 0, stop)) do
-            rows[i] = U.message_row(tonumber(seq))
+            rows[i] = U.delivery_row(tonumber(seq))
         end
     end
     return {call('ZCARD', K.queue(recipient)), rows}
@@ -866,48 +935,107 @@ function OPS.queue_depths(a)
     return depths
 end
 
--- --- opening: the layout's version, and the keys rows need --------------------------------------
+-- --- opening: the layout's version and its migration, and the keys content needs --------------
 
--- {version}: the stored layout version, set to ``version`` if there is none yet.
+-- {version}: the stored layout version (set to ``version`` if there is none yet), and 1 if a
+-- migration has yet to finish, else 0.
 function OPS.layout(a)
     call('SET', K.schema, U.int(a[1]), 'NX')
-    return tonumber(call('GET', K.schema))
+    return {tonumber(call('GET', K.schema)), call('EXISTS', K.migration)}
 end
 
 function OPS.schema_version(a)
     return tonumber(call('GET', K.schema) or '0')
 end
 
--- The first row sealed under each key in use (what the store's keys must decrypt).
+-- Layout 1 kept a message and its one recipient's copy in one hash, m:<seq>; layout 2 splits
+-- it into the message (m:<seq>, its id the seq) and its delivery (dl:<seq>), exactly as an
+-- Insert of layout 2 would have stored them. The indexes stay as they are: each seq they hold
+-- is now both a message's id and its delivery's seq.
+function U.split_message(id)
+    local key = K.message(id)
+    local row = call('HMGET', key, 's', 'r', 'ex', 'n', 'st', 'rs', 'fa', 'rp')
+    local status = row[5]
+    local delivery = {'m', id, 's', row[1], 'r', row[2], 'ex', row[3], 'n', row[4],
+        'rs', row[6], 'rp', row[8]}
+    if status then
+        delivery[#delivery + 1], delivery[#delivery + 2] = 'st', status
+        delivery[#delivery + 1], delivery[#delivery + 2] = 'fa', row[7]
+    end
+    call('HSET', K.delivery(id), unpack(delivery))
+    call('HDEL', key, 'n', 'st', 'rs', 'fa', 'rp')
+    call('HSET', key, 'nd', 1, 'nq', status and 0 or 1)
+end
+
+-- {version, page}: migrate the next ``page`` messages, by rank in ``acc``, from layout 1 to
+-- ``version`` (2, the only migration there is); returns how many are left (0: done).
+--
+-- The first call writes the new version, so that an older relayd refuses the data from then
+-- on, and the migration's cursor (``schema:migration``: the rank reached); each call moves the
+-- cursor, the last deletes it. Each call is atomic: a node killed between two leaves the
+-- cursor where the last one put it, and the next node to open goes on from there; two nodes
+-- opening at once share the cursor. A message split already (it has its delivery) is skipped,
+-- so a cursor that lags can only cost time. No message is stored or forgotten meanwhile: every
+-- relayd that knows layout 2 migrates before it serves, and one that does not refuses to open.
+function OPS.migrate(a)
+    local version, page = a[1], a[2]
+    local stored = tonumber(call('GET', K.schema) or '0')
+    if stored < version then
+        if stored ~= 1 or version ~= 2 then
+            return U.fail('no migration from layout ' .. U.int(stored) .. ' to ' .. U.int(version))
+        end
+        call('SET', K.schema, U.int(version))
+        call('HSET', K.migration, 'rank', 0)
+    elseif stored > version then
+        return U.fail('layout ' .. U.int(stored) .. ' is newer than ' .. U.int(version))
+    end
+    if call('EXISTS', K.migration) == 0 then return 0 end
+    local rank = tonumber(call('HGET', K.migration, 'rank'))
+    local ids = call('ZRANGE', K.accepted, rank, rank + page - 1)
+    for _, padded in ipairs(ids) do
+        local id = tonumber(padded)
+        if call('EXISTS', K.delivery(id)) == 0 then U.split_message(id) end
+    end
+    rank = rank + #ids
+    local left = call('ZCARD', K.accepted) - rank
+    if left <= 0 then
+        call('DEL', K.migration)
+        return 0
+    end
+    call('HSET', K.migration, 'rank', rank)
+    return left
+end
+
+-- The first message sealed under each key in use (what the store's keys must decrypt).
 function OPS.first_sealed(a)
     local rows = {}
     for _, key_id in ipairs(call('SMEMBERS', K.key_ids)) do
         local first = call('ZRANGE', K.sealed(key_id), 0, 0)
-        if first[1] then rows[#rows + 1] = U.message_row(tonumber(first[1])) end
+        if first[1] then rows[#rows + 1] = U.content_row(tonumber(first[1])) end
     end
     return rows
 end
 
 function OPS.plain_rows(a)
     local rows = {}
-    for i, seq in ipairs(call('ZRANGE', K.plain, 0, a[1] - 1)) do
-        rows[i] = U.message_row(tonumber(seq))
+    for i, id in ipairs(call('ZRANGE', K.plain, 0, a[1] - 1)) do
+        rows[i] = U.content_row(tonumber(id))
     end
     return rows
 end
 
--- {{seq, key_id, blob}...}: rows sealed in Python replace their plain text, unless they have
--- changed since (finished: emptied; sealed already).
+-- {{id, key_id, blob}...}: messages sealed in Python replace their plain text, unless they
+-- have changed since (final: emptied; sealed already).
 function OPS.seal(a)
     local sealed = 0
     for _, entry in ipairs(a) do
-        local seq, key_id, blob = entry[1], entry[2], entry[3]
-        local key = K.message(seq)
+        local id, key_id, blob = entry[1], entry[2], entry[3]
+        local key = K.message(id)
         local row = call('HMGET', key, 'f', 'k')
-        call('ZREM', K.plain, seq)
+        call('ZREM', K.plain, id)
         if row[1] and row[1] ~= '' and row[2] == false then
             call('HSET', key, 'f', blob, 'k', key_id)
-            U.index_content(seq, blob, key_id)
+            U.index_content(id, blob, key_id)
             sealed = sealed + 1
         end
     end
