@@ -49,6 +49,7 @@ from ._errors import (
     NotFound,
     RateLimited,
     StoreError,
+    StoreUnavailable,
     Unauthorized,
     Unavailable,
     UnsupportedMediaType,
@@ -223,6 +224,7 @@ def _path_uuid(value: str) -> str:
 
 
 MAX_MSGID_CHARS = 256
+STORE_RETRY_AFTER = 1  # seconds a client waits before it tries again when the store is down
 FINAL_STATUSES = frozenset({"delivered", "acknowledged", "failed", "expired"})
 MAX_PAGE = 1000
 
@@ -515,6 +517,23 @@ def create_app(services: Services) -> QuartTrio:
             if name.lower() != "content-type":
                 response.headers[name] = value  # e.g. Allow on 405
         return response
+
+    @app.errorhandler(StoreUnavailable)
+    async def store_unavailable(error: StoreUnavailable) -> Response:
+        # Redis unreachable or refusing for now: the caller's to retry, not a fault to trace.
+        log.warning(
+            "store unavailable serving %s %s",
+            request.method,
+            request.path,
+            extra={"fields": {"error": str(error)}},
+        )
+        api = Unavailable(
+            "the store cannot be reached now; try again later",
+            code="store_unavailable",
+            details={"retry_after": STORE_RETRY_AFTER},
+            headers={"Retry-After": str(STORE_RETRY_AFTER)},
+        )
+        return _error_response(api)
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:

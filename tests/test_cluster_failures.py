@@ -160,3 +160,29 @@ async def test_a_node_cut_off_from_redis_for_its_lease_closes_its_sessions_1013_
         await welcomed(a)
         update = await a.next_of("delivery_update")
         assert (update["msgid"], update["status"]) == ("m1", "acknowledged")
+
+
+async def test_while_redis_is_down_logins_are_refused_clearly_and_the_node_stays_up(
+    nursery: trio.Nursery, tmp_path: Path, own_redis: OwnRedis
+) -> None:
+    """A store that cannot answer an authentication (or a REST call) is a refusal to try again
+    later: an error frame and 4001 on the socket, 503 over REST; never the node's end."""
+    node = await start_relayd(nursery, node_config(tmp_path, own_redis.url, lease=30.0))
+    hub = node.daemon.hub
+    assert hub is not None
+    alice = await node.http.register("alice")
+    resyncs = hub.revocations_reloaded
+    own_redis.kill()
+    async with ws_connect(node, alice["access_token"]) as a:
+        error = await a.next_of("error")
+        assert error["error"]["code"] == "store_unavailable"
+        assert await a.closed() == CloseCode.AUTH_FAILED
+    refused = await node.http.post("/register", {"name": "bob"})
+    assert (refused.status, refused.json()["error"]["code"]) == (503, "store_unavailable")
+    assert refused.headers.get("retry-after") is not None
+    assert (await node.http.get("/health/live")).status == 200
+    own_redis.restart()
+    with trio.fail_after(IO_DEADLINE):  # subscribed again, it resyncs: it hears the cluster
+        await hub.until(lambda: hub.revocations_reloaded > resyncs)
+    async with ws_connect(node, alice["access_token"]) as a:
+        await welcomed(a)

@@ -572,6 +572,14 @@ class Hub:
             audit("ws_auth_failed", source=remote, reason=exc.code, refresh=refresh or None)
             self.core.metrics.events[f"auth_failed:{exc.code}"] += 1
             self.core.auth_failed(sid, exc.code, exc.message, self.clock(), refresh=refresh)
+        except StoreError as exc:
+            # The store could not check the token (Redis unreachable, or refusing): the
+            # client tries again later; this node goes on.
+            log.warning("authentication not checked", extra={"fields": {"error": str(exc)}})
+            code = "store_unavailable"
+            self.core.metrics.events[f"auth_failed:{code}"] += 1
+            message = "the store cannot be reached now; try again later"
+            self.core.auth_failed(sid, code, message, self.clock(), refresh=refresh)
         else:
             who = Identity(
                 client.uuid, client.name, claims.iat, claims.exp, claims.jti, claims.family, epoch
