@@ -390,12 +390,7 @@ class RelayCore:
             session.expires_at = who.expires_at
             session.token_id, session.login = who.token_id, who.login
             self._arm_token_timers(session, now)
-            self._send(
-                session,
-                F.encode(
-                    {"type": "token_refreshed", "expires_at": who.expires_at, "timestamp": now}
-                ),
-            )
+            self._send(session, F.token_refreshed_frame(who.expires_at, now))
             return
         if session.phase is not Phase.PENDING:
             return
@@ -408,21 +403,15 @@ class RelayCore:
         session.last_seen = session.last_ping = now
         previous = self._active.get(who.client)
         self._active[who.client] = session
-        self._send(
-            session,
-            F.encode(
-                {
-                    "type": "connection",
-                    "message": "Connected successfully",
-                    "uuid": who.client,
-                    "name": who.name,
-                    "timestamp": now,
-                    "protocol": "relayd.v1.lean" if session.lean else "relayd.v1",
-                    "token_expires_at": who.expires_at,
-                    "heartbeat_interval": self.ws.heartbeat_interval,
-                }
-            ),
+        welcome = F.connection_frame(
+            who.client,
+            who.name,
+            now,
+            lean=session.lean,
+            token_expires_at=who.expires_at,
+            heartbeat_interval=self.ws.heartbeat_interval,
         )
+        self._send(session, welcome)
         self._arm_token_timers(session, now)
         if session.pong_observable:
             # Otherwise the server under the transport pings and drops a silent peer.
@@ -493,13 +482,7 @@ class RelayCore:
             and now >= session.expires_at - self.ws.token_warning
         ):
             session.warned_for = session.expires_at
-            frame = {
-                "type": "token_expiring",
-                "expires_at": session.expires_at,
-                "expires_in": session.expires_at - now,
-                "timestamp": now,
-            }
-            self._send(session, F.encode(frame))
+            self._send(session, F.token_expiring_frame(session.expires_at, now))
         self._arm_token_timers(session, now)
 
     def _auth_timeout(self, sid: int, now: float) -> None:
@@ -555,7 +538,7 @@ class RelayCore:
             token_id is not None and session.token_id != token_id
         ):
             return
-        text = _REVOKED_TEXT.get(reason, "the session's token was revoked")
+        text = F.revoked_text(reason)
         self._error(session, "token_revoked", text, now, {"reason": reason})
         self._close(session, CloseCode.REVOKED, reason)
 
@@ -662,12 +645,7 @@ class RelayCore:
         self.draining = True
         for session in list(self._sessions.values()):
             if session.phase is Phase.ACTIVE:
-                notice = {
-                    "type": "shutdown",
-                    "message": "relayd is shutting down",
-                    "timestamp": now,
-                }
-                self._send(session, F.encode(notice))
+                self._send(session, F.shutdown_frame(now))
             self._close(session, CloseCode.GOING_AWAY, "server shutting down")
 
     def closed(
@@ -873,7 +851,7 @@ class RelayCore:
                 assert session.client is not None
                 wait = self._send_limiter.acquire(session.client, now)
                 if wait > 0:
-                    raise _RateLimited(wait)
+                    raise F.RateLimited(wait)
                 if session.authenticating:
                     raise ProtocolError(
                         F.REFRESH_IN_PROGRESS, "a refresh is being checked; wait for its answer"
@@ -881,7 +859,7 @@ class RelayCore:
                 session.authenticating = True
                 self._actions.append(Authenticate(sid, token, refresh=True))
             elif kind == "ping":
-                self._send(session, F.encode({"type": "pong", "timestamp": now}))
+                self._send(session, F.pong_frame(now))
             elif kind == "pong":
                 pass  # answers JSON pings that relayd no longer sends: accepted, ignored
             elif kind == "auth":
@@ -937,7 +915,7 @@ class RelayCore:
             )
         wait = self._send_limiter.acquire(sender, now)
         if wait > 0:
-            raise _RateLimited(wait, msgid=envelope.msgid, to=envelope.to)
+            raise F.RateLimited(wait, msgid=envelope.msgid, to=envelope.to)
         msgid = envelope.msgid or F.new_msgid()
         known = self._recent.get((sender, msgid))
         if known is not None:
@@ -992,29 +970,14 @@ class RelayCore:
         recipient = self._recipients.get(session.client)
         message = recipient.unacked.get(msgid) if recipient is not None else None
         if recipient is None or message is None or message.sid != session.sid:
-            self._send(
-                session,
-                F.encode(
-                    {"type": "ack_received", "msgid": msgid, "status": "unknown", "timestamp": now}
-                ),
-            )
+            self._send(session, F.ack_received_frame(msgid, "unknown", now))
             return
         del recipient.unacked[msgid]
         if message.written_at:  # an ack may come before relayd hears the write completed
             self.metrics.ack_latency.observe(now - message.written_at)
         self._finish(message, Status.ACKNOWLEDGED, now)
         if not session.lean:
-            self._send(
-                session,
-                F.encode(
-                    {
-                        "type": "ack_received",
-                        "msgid": msgid,
-                        "status": "acknowledged",
-                        "timestamp": now,
-                    }
-                ),
-            )
+            self._send(session, F.ack_received_frame(msgid, "acknowledged", now))
         self._pump(recipient, now)
 
     # --- acceptance and routing ------------------------------------------------------------
@@ -1333,19 +1296,7 @@ class RelayCore:
         duplicate: bool = False,
         ref: Ref | None = None,
     ) -> None:
-        value = status.value if status is not None else "accepted"
-        frame: dict[str, Any] = {
-            "type": kind,
-            "msgid": msgid,
-            "to": recipient,
-            "status": value,
-            "timestamp": now,
-            "message": _STATUS_TEXT.get(value, value),
-        }
-        if reason:
-            frame["reason"] = reason
         if duplicate:
-            frame["duplicate"] = True
             self.metrics.events["duplicate"] += 1
         if isinstance(ref, ReceiptRef) and session.queued >= self._receipt_room:
             # A burst of final receipts (a group commit, a sweep) would crowd the socket: the
@@ -1354,7 +1305,11 @@ class RelayCore:
             session.receipts_more = True
             session.receipt_cursor = min(session.receipt_cursor, ref.seq - 1)
             return
-        self._send(session, F.encode(frame), ref)
+        value = status.value if status is not None else "accepted"
+        frame = F.receipt_frame(
+            kind, msgid, recipient, value, now, reason=reason, duplicate=duplicate
+        )
+        self._send(session, frame, ref)
 
     # --- store results ---------------------------------------------------------------------
 
@@ -1650,39 +1605,3 @@ class RelayCore:
             self._finish(message, Status.EXPIRED, now)
         if len(rows) == self.SWEEP_PAGE:
             self._read(FindExpired(now, self.SWEEP_PAGE))
-
-
-class _RateLimited(ProtocolError):
-    def __init__(self, wait: float, *, msgid: str | None = None, to: str | None = None) -> None:
-        """``msgid`` and ``to``: a refused message's, so that its sender can tell which."""
-        details: dict[str, Any] = {"retry_after": round(wait, 3)}
-        if to is not None:
-            details["to"] = to
-        if msgid is not None:
-            details["msgid"] = msgid
-        super().__init__(
-            F.RATE_LIMITED, f"too many messages; retry in {wait:.3f} s", details=details
-        )
-
-
-_REVOKED_TEXT = {
-    "revoked": "this client's tokens were revoked",
-    "deleted": "this client was deleted",
-    "logged_out": "this session's login was logged out",
-    "refresh_reused": "a spent refresh token of this login was presented again: every token of "
-    "the login is revoked",
-    "token_revoked": "this session's access token was revoked",
-    "secret_rotated": "this client's secret was rotated and its earlier tokens revoked",
-    "secret_reset": "an admin reset this client's secret: its earlier tokens are revoked",
-}
-
-_STATUS_TEXT = {
-    "queued_offline": "recipient offline; stored for delivery",
-    "queued": "stored; the recipient has a backlog",
-    "pending_ack": "accepted; awaiting the recipient's acknowledgement",
-    "delivered": "delivered to the recipient",
-    "acknowledged": "acknowledged by the recipient",
-    "failed": "not delivered",
-    "expired": "expired before delivery",
-    "accepted": "accepted",
-}
