@@ -365,20 +365,20 @@ _STATUS_TEXT = {
 
 
 def receipt_frame(
-    kind: str,
     msgid: str,
     to: str,
     status: str,
     now: float,
     *,
+    first: bool,
     reason: str = "",
     duplicate: bool = False,
 ) -> str:
-    """A receipt to a message's sender: ``kind`` is ``delivery_status`` (its first) or
+    """A receipt to a message's sender: ``delivery_status`` (its ``first``) or
     ``delivery_update``; ``status`` a :class:`relayd._relay.records.Status` value, or
     ``accepted``."""
     frame: dict[str, Any] = {
-        "type": kind,
+        "type": "delivery_status" if first else "delivery_update",
         "msgid": msgid,
         "to": to,
         "status": status,
