@@ -106,7 +106,7 @@ class Delivery:
         msgid = envelope.msgid or F.new_msgid()
         known = self.receipts.remembered(sender, msgid)
         if known is not None:
-            self.receipts.send(
+            self.receipts.send_receipt(
                 session, msgid, envelope.to, known[1], now, first=True, duplicate=True
             )
             return

@@ -152,7 +152,7 @@ class Receipts:
             if not online and self._cluster:
                 self.ctx.actions.append(Announce("receipts", message.sender, message.seq))
         if online and sender is not None and not (sender.lean and status is Status.PENDING_ACK):
-            self.send(
+            self.send_receipt(
                 sender,
                 message.msgid,
                 message.recipient,
@@ -163,7 +163,7 @@ class Receipts:
                 ref=ref,
             )
 
-    def send(
+    def send_receipt(
         self,
         session: Session,
         msgid: str,
@@ -201,7 +201,7 @@ class Receipts:
         if isinstance(outcome, Duplicate):
             self._recent[message.key] = (now, outcome.status or Status.QUEUED)
             if sender is not None:
-                self.send(
+                self.send_receipt(
                     sender,
                     message.msgid,
                     message.recipient,
@@ -248,7 +248,7 @@ class Receipts:
         session.receipts_more = len(rows) == op.limit
         for row in rows:
             session.receipt_cursor = max(session.receipt_cursor, row.seq)
-            self.send(
+            self.send_receipt(
                 session,
                 row.msgid,
                 row.recipient,
