@@ -3,10 +3,12 @@ out (store operations, defined in ``records.py``, among them)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from attrs import frozen
 
-from .model import Ref
-from .records import StoreOp
+from .model import Message, Ref
+from .records import Insert, StoreOp
 
 
 @frozen
@@ -64,3 +66,21 @@ class Announce:
 
 
 Action = Send | Close | Authenticate | Ping | ReserveSeqs | StoreOp | Announce
+
+
+def insert_op(message: Message, **final: Any) -> Insert:
+    """Store ``message``: queued, or with ``final`` (status, reason...) only its receipt."""
+    return Insert(
+        ref=None if final else message,
+        seq=message.seq,
+        sender=message.sender,
+        recipient=message.recipient,
+        msgid=message.msgid,
+        high=message.high,
+        acknowledge=message.acknowledge,
+        fields="" if final else message.fields,
+        accepted_at=message.accepted_at,
+        expires_at=message.expires_at,
+        attempts=message.recorded_attempts,
+        **final,
+    )

@@ -87,6 +87,20 @@ TOO_MANY_CONNECTIONS = "too_many_connections"
 SHUTTING_DOWN = "shutting_down"
 STORE_UNAVAILABLE = "store_unavailable"
 
+
+class RateLimited(ProtocolError):
+    """A frame over the client's message rate (``websocket.messages_per_second``)."""
+
+    def __init__(self, wait: float, *, msgid: str | None = None, to: str | None = None) -> None:
+        """``msgid`` and ``to``: a refused message's, so that its sender can tell which."""
+        details: dict[str, Any] = {"retry_after": round(wait, 3)}
+        if to is not None:
+            details["to"] = to
+        if msgid is not None:
+            details["msgid"] = msgid
+        super().__init__(RATE_LIMITED, f"too many messages; retry in {wait:.3f} s", details=details)
+
+
 _RECOVERY = {
     INVALID_MESSAGE_FORMAT: "fix the named field and send the message again",
     MESSAGE_SENDER_MISMATCH: "omit 'from' or set it to your own client uuid",
@@ -283,6 +297,116 @@ def key_changed_frame(
             "timestamp": now,
         }
     )
+
+
+def connection_frame(
+    client: str,
+    name: str,
+    now: float,
+    *,
+    lean: bool,
+    token_expires_at: float,
+    heartbeat_interval: float,
+) -> str:
+    """The welcome: the session is authenticated as ``client``."""
+    return encode(
+        {
+            "type": "connection",
+            "message": "Connected successfully",
+            "uuid": client,
+            "name": name,
+            "timestamp": now,
+            "protocol": "relayd.v1.lean" if lean else "relayd.v1",
+            "token_expires_at": token_expires_at,
+            "heartbeat_interval": heartbeat_interval,
+        }
+    )
+
+
+def token_refreshed_frame(expires_at: float, now: float) -> str:
+    return encode({"type": "token_refreshed", "expires_at": expires_at, "timestamp": now})
+
+
+def token_expiring_frame(expires_at: float, now: float) -> str:
+    return encode(
+        {
+            "type": "token_expiring",
+            "expires_at": expires_at,
+            "expires_in": expires_at - now,
+            "timestamp": now,
+        }
+    )
+
+
+def shutdown_frame(now: float) -> str:
+    return encode({"type": "shutdown", "message": "relayd is shutting down", "timestamp": now})
+
+
+def pong_frame(now: float) -> str:
+    """The answer to a JSON ``ping``."""
+    return encode({"type": "pong", "timestamp": now})
+
+
+def ack_received_frame(msgid: str, status: str, now: float) -> str:
+    """The answer to an ``ack``: ``acknowledged``, or ``unknown`` (nothing awaits that ack)."""
+    return encode({"type": "ack_received", "msgid": msgid, "status": status, "timestamp": now})
+
+
+_STATUS_TEXT = {
+    "queued_offline": "recipient offline; stored for delivery",
+    "queued": "stored; the recipient has a backlog",
+    "pending_ack": "accepted; awaiting the recipient's acknowledgement",
+    "delivered": "delivered to the recipient",
+    "acknowledged": "acknowledged by the recipient",
+    "failed": "not delivered",
+    "expired": "expired before delivery",
+    "accepted": "accepted",
+}
+
+
+def receipt_frame(
+    msgid: str,
+    to: str,
+    status: str,
+    now: float,
+    *,
+    first: bool,
+    reason: str = "",
+    duplicate: bool = False,
+) -> str:
+    """A receipt to a message's sender: ``delivery_status`` (its ``first``) or
+    ``delivery_update``; ``status`` a :class:`relayd._relay.records.Status` value, or
+    ``accepted``."""
+    frame: dict[str, Any] = {
+        "type": "delivery_status" if first else "delivery_update",
+        "msgid": msgid,
+        "to": to,
+        "status": status,
+        "timestamp": now,
+        "message": _STATUS_TEXT.get(status, status),
+    }
+    if reason:
+        frame["reason"] = reason
+    if duplicate:
+        frame["duplicate"] = True
+    return encode(frame)
+
+
+_REVOKED_TEXT = {
+    "revoked": "this client's tokens were revoked",
+    "deleted": "this client was deleted",
+    "logged_out": "this session's login was logged out",
+    "refresh_reused": "a spent refresh token of this login was presented again: every token of "
+    "the login is revoked",
+    "token_revoked": "this session's access token was revoked",
+    "secret_rotated": "this client's secret was rotated and its earlier tokens revoked",
+    "secret_reset": "an admin reset this client's secret: its earlier tokens are revoked",
+}
+
+
+def revoked_text(reason: str) -> str:
+    """The ``token_revoked`` error's message for a revocation's ``reason``."""
+    return _REVOKED_TEXT.get(reason, "the session's token was revoked")
 
 
 def delivery_frame(fields: str, *, attempt: int, redelivered: bool) -> str:

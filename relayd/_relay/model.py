@@ -1,8 +1,9 @@
 """The relay core's state: sessions, messages and recipients, and the moves a message may make.
 
-Plain data, no behaviour beyond :func:`move`: the core (``core.py``) changes it, the hub
-(``hub.py``) hands references to it back and forth with the sockets. See the core's module
-docstring for the rules that hold between events.
+Plain data, no behaviour beyond :func:`move`: the core's parts (``sessions.py``,
+``delivery.py``, ``receipts.py``) change it, the hub (``hub.py``) hands references to it back
+and forth with the sockets. See the core's module docstring for the rules that hold between
+events.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Where(enum.Enum):
     DONE = "done"
 
 
-# The moves a message may make, and nothing else (see _move). A stored message has left
+# The moves a message may make, and nothing else (see move). A stored message has left
 # memory: it comes back as a new Message when loaded. Staged to staged: put back at the head
 # of its recipient's staging, to be stored after all.
 MOVES: dict[Where, frozenset[Where]] = {
@@ -125,7 +126,7 @@ class Message:
     # first attempt before the message can reach its recipient's socket, so a crash never
     # hides a delivery: loaded after a restart, the message is a redelivery exactly when its
     # row counts one. A message stored while its recipient is online is inserted counting
-    # one; any other waits in its mailbox for that write (see _pump). A row that counts an
+    # one; any other waits in its mailbox for that write (see Delivery.pump). A row that counts an
     # attempt never made is corrected when the message leaves memory unsent; only a crash
     # leaves it so.
     recorded_attempts: int = 0
