@@ -21,6 +21,7 @@ import trio.testing
 import trustme
 
 from relayd._atrest import StoreKeys, UndecryptableRow
+from relayd._engine import HistoryQuery
 from relayd._errors import SchemaTooNewError, StoreError, StoreUnavailable
 from relayd._redis import LAYOUT_VERSION, RedisStore, RedisUrlError, parse_url
 from relayd._relay.records import (
@@ -165,8 +166,9 @@ async def test_every_call_is_one_round_trip(redis_url: str, nursery: trio.Nurser
             await store.publish_keys(UUID_A, [key(1)], 1.0, max_superseded=4, max_notices=4)
             await store.read_keys(UUID_A, UUID_B, 2.0, max_readers=4)
             await store.list_clients()
+            await store.history(HistoryQuery(UUID_A, peer=UUID_B, limit=50))
             await store.delete_client(UUID_B, 3.0)
-            assert proxy.commands == ["EVALSHA"] * 4
+            assert proxy.commands == ["EVALSHA"] * 5
 
 
 async def test_a_refused_batch_writes_nothing(redis_url: str) -> None:
@@ -400,11 +402,15 @@ async def test_a_deleted_client_leaves_only_what_sqlite_keeps(redis_url: str) ->
             "dl:1",
             f"d:{gone}",
             f"rc:{gone}",
+            f"hs:{gone}",
+            f"hp:{gone}:{UUID_B}",
             "m:2",  # B -> gone, its delivery still queued for it, and their indexes
             "dl:2",
             f"rid:{gone}",
             f"q:{gone}",
             "queues",
+            f"hr:{gone}",
+            f"hp:{UUID_B}:{gone}",
             "i:inv",  # spent by it
         )
     }
