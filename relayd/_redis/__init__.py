@@ -55,7 +55,8 @@ Theory of operation:
   cursor from each side (one index, or two for ``box="all"``) and merges them: it costs its
   size, not the history's, with or without a peer or a conversation. Every delivery is in the
   three of its sender and recipient (and three more in a conversation) from its ``Insert``
-  until it is purged.
+  until it is purged; deleting a client deletes its history in the same call as its tombstone,
+  a cost that grows with that history (Redis runs nothing else meanwhile).
 * **Durability** is the server's: with ``appendonly yes`` and ``appendfsync always``, Redis
   answers a write once it is written and fsynced to its AOF, so an answered call is on disk;
   with ``everysec``, a crash of the server's machine may lose about the last second of
@@ -168,9 +169,10 @@ key                                type       what
                                               ``rank`` in ``acc`` the migration has reached
 =================================  =========  ==================================================
 
-Deleting a client leaves what SQLite leaves: its tombstone (``c:<uuid>`` without ``kseq``) and
-the messages it sent or was sent, their deliveries and indexes; its families, keys, readers and
-notices (owed to it, or about it) go.
+Deleting a client leaves what SQLite leaves: its tombstone (``c:<uuid>`` without ``kseq``),
+the deliveries still queued for it or from it and those it received whose receipt their sender
+is still owed, with their messages and indexes; its families, keys, readers, notices (owed to
+it, or about it) and the rest of its history go.
 
 Redis Cluster is not supported: the script reaches keys it derives, which a cluster would have
 to hold in one slot (a prefix with a hash tag, ``{relayd}:``, would do it; untested).

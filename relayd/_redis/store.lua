@@ -231,7 +231,10 @@ function OPS.delete_client(a)
     for _, family in ipairs(call('SMEMBERS', K.families_of(uuid))) do
         U.delete_family(family, uuid)
     end
-    if live then U.forget_keys(uuid) end
+    if live then
+        U.forget_keys(uuid)
+        U.forget_history(uuid)
+    end
     return live and 1 or 0
 end
 
@@ -751,6 +754,22 @@ function U.load_receipts(op)
         rows[i] = {tonumber(seq), msgid, d[2], d[3], d[4], d[5]}
     end
     return rows
+end
+
+-- A deleted client's history: the final deliveries it sent or received (but a receipt owed
+-- to another sender stays until told), and their messages once they have no delivery left.
+-- What waits, for it or from it, stays until it expires. It costs the size of the client's
+-- history, in one call: the tombstone and the history go together.
+function U.forget_history(uuid)
+    for _, seq in ipairs(call('ZRANGE', K.history(uuid, false), 0, -1)) do
+        seq = tonumber(seq)
+        if call('HEXISTS', K.delivery(seq), 'st') == 1 then U.delete_delivery(seq) end
+    end
+    for _, seq in ipairs(call('ZRANGE', K.history(false, uuid), 0, -1)) do
+        seq = tonumber(seq)
+        local row = call('HMGET', K.delivery(seq), 'st', 'rp')
+        if row[1] ~= false and row[2] == '0' then U.delete_delivery(seq) end
+    end
 end
 
 -- FindExpired = {'X', now, limit}
