@@ -5,15 +5,16 @@ on one client's N messages with 10 peers.
     python -m contrib.bench.history_pages --engines redis,sqlite --messages 20000
 
 The store is filled with ``--messages`` messages of one client (half sent, half received,
-round-robin over ``--peers`` peers (with each, both ways), each pair's messages in one conversation), every one final
-with its content kept (256 characters, sealed with a store key, as the daemon does), in batches
-of 1,000. Then each query below is asked ``--pages`` times, a page of ``--limit`` at a cursor
-drawn at random over the whole history (a page deep in it costs what the first does, if the
-indexes do their work): ``all`` (both boxes, newest first), ``peer`` (with one peer), ``inbox
-peer`` (what one peer sent it), ``conversation`` (one conversation), ``oldest`` (both boxes,
-oldest first). One JSON line per engine and query (median and p99 of a page's wall time, in
-ms: the round trip, the script or SQL, decrypting the page) is appended to
-contrib/bench/results/results.jsonl (``--results`` elsewhere).
+round-robin over ``--peers`` peers, both ways with each; each pair's messages in one
+conversation), every one final with its content kept (256 characters, sealed with a store key,
+as the daemon does), in batches of 1,000. Then each query below is asked ``--pages`` times, a
+page of ``--limit`` at a cursor drawn at random over the whole history (a page deep in it costs
+what the first does, if the indexes do their work): ``all`` (both boxes, newest first),
+``peer`` (with one peer), ``inbox peer`` (what one peer sent it), ``conversation`` (one
+conversation), ``oldest`` (both boxes, oldest first). One JSON line per engine and query is
+appended to contrib/bench/results/results.jsonl (``--results`` elsewhere): the median, p99 and
+max of a page's wall time in ms (the round trip, the script or the SQL, decrypting the page)
+and, on Redis, the server's own CPU per page.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def queries(cursor: int, limit: int) -> dict[str, HistoryQuery]:
 async def measure(engine: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="relayd-bench-history-") as workdir:
-        async with opened(engine, Path(workdir)) as (store, _):
+        async with opened(engine, Path(workdir)) as (store, server_cpu):
             for n in range(args.peers):
                 other = peer(n)
                 await store.insert_client(
@@ -104,14 +105,16 @@ async def measure(engine: str, args: argparse.Namespace) -> list[dict[str, Any]]
             filled = time.monotonic() - filled
             draw = random.Random(args.seed)
             times: dict[str, list[float]] = {}
+            server: dict[str, float] = {}
             for _ in range(args.pages):
                 # Far enough from either end for a full page of one side with one peer.
                 margin = args.limit * args.peers * 4
                 cursor = draw.randrange(margin, args.messages - margin)
                 for name, query in queries(cursor, args.limit).items():
-                    start = time.perf_counter()
+                    cpu, start = server_cpu(), time.perf_counter()
                     page = await store.history(query)
                     times.setdefault(name, []).append(time.perf_counter() - start)
+                    server[name] = server.get(name, 0.0) + server_cpu() - cpu
                     assert len(page) == args.limit, (name, cursor, len(page))
     for name, spent in times.items():
         ms = sorted(t * 1e3 for t in spent)
@@ -131,6 +134,10 @@ async def measure(engine: str, args: argparse.Namespace) -> list[dict[str, Any]]
                 "median_ms": round(statistics.median(ms), 3),
                 "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3),
                 "max_ms": round(ms[-1], 3),
+                # Redis's CPU (its /proc ticks: 10 ms apiece, hence the many pages).
+                "server_cpu_us_per_page": round(server[name] / len(ms) * 1e6, 1)
+                if engine == "redis"
+                else None,
                 "ok": True,
             }
         )
