@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from relayd._atrest import StoreKeys
+from relayd._engine import HistoryQuery
 from relayd._redis import LAYOUT_VERSION, RedisStore
 from relayd._redis._link import Link
 from relayd._redis._url import connect, parse_url
@@ -53,8 +54,25 @@ MAX_QUEUED = 100
 BULK = 17  # messages A -> B beyond the handful of special ones: several migration pages
 
 
+# The fields of each operation that layout 1's script takes: this relayd's, less those
+# layout 2 added since (a conversation, keep_content, a delivery time), which layout 1 never
+# had and this history never sets.
+LAYOUT_1_FIELDS = {"I": 15, "F": 6, "A": 3}
+
+
+def layout_1_op(op: list[Any]) -> list[Any]:
+    size = LAYOUT_1_FIELDS.get(op[0], len(op))
+    assert not any(op[size:]), f"layout 1 cannot store {op}"
+    return op[:size]
+
+
 class Layout1Link(Link):
     """The store's link, calling layout 1's script instead of this relayd's."""
+
+    async def call(self, operation: str, args: Any, *, write: bool) -> Any:
+        if operation == "execute":
+            args = [args[0], *(layout_1_op(op) for op in args[1:])]
+        return await super().call(operation, args, write=write)
 
     async def load(self) -> None:
         await self.command("SCRIPT LOAD", lambda client: client.script_load(LAYOUT_1))
@@ -170,6 +188,13 @@ async def reads(store: RedisStore) -> dict[str, Any]:
             await store.message_record(f"m{seq}", uuid) for seq in SEQS for uuid in CLIENTS
         ],
         "known": [await store.msgid_known(f"m{seq}") for seq in SEQS],
+        "history": [
+            await store.history(HistoryQuery(uuid, box=box, peer=peer, newest_first=newest))
+            for uuid in CLIENTS
+            for box in ("all", "inbox", "sent")
+            for peer in (None, UUID_B)
+            for newest in (True, False)
+        ],
         "recent": await store.recent_messages(0.0, -1),
         "keys": await store.keys_in_use(),
         "depths": await store.queue_depths(),
@@ -267,6 +292,18 @@ async def test_layout_1_data_is_migrated_to_what_layout_2_writes(
     assert found["depths"] == {UUID_A: 1, UUID_B: 1 + len(bulk_queued), UUID_C: 1}
     # Content kept: the queued deliveries' messages, and the one stored final.
     assert found["keys"] == {None if keys is None else "k1": 3 + len(bulk_queued) + 1}
+    # History, which layout 1 had no index for: A's, newest first (its first query).
+    history_a = found["history"][0]
+    bulk = range(FIRST_BULK + BULK - 1, FIRST_BULK - 1, -1)
+    assert [entry.seq for entry in history_a] == [
+        91,
+        *bulk,
+        FINAL_AT_INSERT,
+        OWED_TO_A,
+        QUEUED_WITH_ATTEMPTS,
+    ]
+    at_insert = history_a[1 + BULK]
+    assert (at_insert.status, at_insert.delivered_at) == ("delivered", 10.0 + FINAL_AT_INSERT)
     record = found["records"][SEQS.index(TOLD) * len(CLIENTS) + CLIENTS.index(UUID_A)]
     assert (record.seq, record.sender, record.status) == (91, UUID_B, None)
 

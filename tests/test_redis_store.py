@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -21,6 +22,7 @@ import trio.testing
 import trustme
 
 from relayd._atrest import StoreKeys, UndecryptableRow
+from relayd._engine import HistoryQuery
 from relayd._errors import SchemaTooNewError, StoreError, StoreUnavailable
 from relayd._redis import LAYOUT_VERSION, RedisStore, RedisUrlError, parse_url
 from relayd._relay.records import (
@@ -28,8 +30,10 @@ from relayd._relay.records import (
     Insert,
     Inserted,
     LoadQueue,
+    Purge,
     QueuePage,
     SetAttempts,
+    SetReceiptPending,
     Status,
     StoreOp,
 )
@@ -46,6 +50,8 @@ from .store_support import KEY_1, Target, files_holding, holds, point_message_at
 from .support import IO_DEADLINE
 from .test_keys_store import key
 from .test_store import UUID_A, UUID_B, client
+from .test_store_contract import UUID_C
+from .test_store_history import talk
 
 KEYS = StoreKeys.from_bytes([("k1", KEY_1)], "<test keys>")
 SECRET_TEXT = "the-launch-code-is-0000"
@@ -165,8 +171,9 @@ async def test_every_call_is_one_round_trip(redis_url: str, nursery: trio.Nurser
             await store.publish_keys(UUID_A, [key(1)], 1.0, max_superseded=4, max_notices=4)
             await store.read_keys(UUID_A, UUID_B, 2.0, max_readers=4)
             await store.list_clients()
+            await store.history(HistoryQuery(UUID_A, peer=UUID_B, limit=50))
             await store.delete_client(UUID_B, 3.0)
-            assert proxy.commands == ["EVALSHA"] * 4
+            assert proxy.commands == ["EVALSHA"] * 5
 
 
 async def test_a_refused_batch_writes_nothing(redis_url: str) -> None:
@@ -372,9 +379,10 @@ async def test_prefixes_keep_installations_apart(redis_url: str) -> None:
 
 
 async def test_a_deleted_client_leaves_only_what_sqlite_keeps(redis_url: str) -> None:
-    """SQLite keeps a deleted client's row (a tombstone), the messages it sent or was sent,
-    and an invite it spent; its families, keys, readers and notices go (tests/test_store.py,
-    tests/test_keys_store.py). Here: every key or value that still names the client."""
+    """SQLite keeps a deleted client's row (a tombstone), what still waits for it, and an
+    invite it spent; its families, keys, readers, notices and history go (tests/test_store.py,
+    tests/test_keys_store.py, tests/test_store_history.py). Here: every key or value that
+    still names the client."""
     gone = UUID_A
     with trio.fail_after(IO_DEADLINE):
         async with RedisStore.open(redis_url, keys=KEYS) as store:
@@ -396,20 +404,111 @@ async def test_a_deleted_client_leaves_only_what_sqlite_keeps(redis_url: str) ->
         f"relayd:{name}".encode()
         for name in (
             f"c:{gone}",  # the tombstone
-            "m:1",  # gone -> B, its delivery, and their indexes: dedupe, receipts owed, ...
-            "dl:1",
-            f"d:{gone}",
-            f"rc:{gone}",
+            # gone -> B, final, is history, gone with its indexes (dedupe, receipts owed...).
             "m:2",  # B -> gone, its delivery still queued for it, and their indexes
             "dl:2",
             f"rid:{gone}",
             f"q:{gone}",
             "queues",
+            f"hr:{gone}",
+            f"hp:{UUID_B}:{gone}",
             "i:inv",  # spent by it
         )
     }
     assert naming == kept
     assert set(dump[f"relayd:c:{gone}".encode()]) == {b"n", b"h", b"r", b"ca", b"tv", b"da"}
+
+
+# --- history's indexes ------------------------------------------------------------------------
+
+HISTORY_INDEX = re.compile(rb"relayd:(hr|hs|hp|hcr|hcs|hcp):")
+
+
+def history_indexes(dump: dict[bytes, Any]) -> dict[bytes, set[int]]:
+    """The history indexes in ``dump``: key -> the seqs it holds (each scored by itself)."""
+    found: dict[bytes, set[int]] = {}
+    for name, members in dump.items():
+        if HISTORY_INDEX.match(name):
+            assert all(score == int(member) for member, score in members), name
+            found[name] = {int(member) for member, _ in members}
+    return found
+
+
+def history_indexes_due(dump: dict[bytes, Any]) -> dict[bytes, set[int]]:
+    """The history indexes the deliveries in ``dump`` call for (the package's key layout):
+    each delivery in its recipient's, its sender's, the two's, and those again within its
+    message's conversation."""
+    due: dict[bytes, set[int]] = {}
+    for name, row in dump.items():
+        if not name.startswith(b"relayd:dl:"):
+            continue
+        sender, recipient = row[b"s"], row[b"r"]
+        indexes = [b"hr:" + recipient, b"hs:" + sender, b"hp:" + sender + b":" + recipient]
+        conversation = dump[b"relayd:m:" + row[b"m"]].get(b"cv")
+        if conversation is not None:
+            indexes += [b"hc" + index[1:] + b":" + conversation for index in indexes]
+        for index in indexes:
+            due.setdefault(b"relayd:" + index, set()).add(int(name.removeprefix(b"relayd:dl:")))
+    return due
+
+
+async def test_history_indexes_hold_every_delivery_and_nothing_else(redis_url: str) -> None:
+    """Through inserts, finishes, purges and a client's deletion, each history index holds
+    exactly the deliveries it should: none missing (a page would skip it), none left behind
+    (an orphan would grow forever); and once every message is purged, nothing but the clients
+    is left."""
+
+    async def consistent() -> dict[bytes, Any]:
+        dump = await redis_dump(redis_url)
+        assert history_indexes(dump) == history_indexes_due(dump)
+        return dump
+
+    a, b = UUID_A.encode(), UUID_B.encode()
+    with trio.fail_after(IO_DEADLINE):
+        async with RedisStore.open(redis_url, keys=KEYS) as store:
+            for uuid in (UUID_A, UUID_B, UUID_C):
+                await store.insert_client(client(uuid))
+            final_at_insert = attrs.evolve(
+                talk(5, UUID_C, UUID_B, "x"), status=Status.DELIVERED, receipt_pending=True
+            )
+            await store.execute(
+                [
+                    talk(1, UUID_A, UUID_B, "x"),
+                    talk(2, UUID_B, UUID_A, "x"),
+                    talk(3, UUID_C, UUID_A),
+                    talk(4, UUID_A, UUID_A, "note"),
+                    final_at_insert,
+                    talk(6, UUID_B, UUID_C),
+                ],
+                max_queued=10,
+            )
+            indexes = history_indexes(await consistent())
+            assert indexes[b"relayd:hcp:" + a + b":" + b + b":x"] == {1}
+            assert indexes[b"relayd:hp:" + a + b":" + a] == {4}
+            assert indexes[b"relayd:hr:" + a] == {2, 3, 4}
+            finals = [
+                Finish(seq, Status.ACKNOWLEDGED, 10.0 + seq, False, keep_content=True)
+                for seq in (1, 2, 3, 4)
+            ]
+            await store.execute(finals, max_queued=10)
+            await consistent()
+            await store.execute([Purge(finished_before=12.5, receipts_before=0.0)], max_queued=10)
+            assert set(history_indexes(await consistent())[b"relayd:hs:" + a]) == {4}
+            assert await store.delete_client(UUID_A, 20.0)
+            assert not any(a in index for index in history_indexes(await consistent()))
+            await store.execute(
+                [
+                    Finish(6, Status.DELIVERED, 21.0, False),
+                    SetReceiptPending((5,), pending=False),
+                    Purge(finished_before=30.0, receipts_before=0.0),
+                ],
+                max_queued=10,
+            )
+    dump = await consistent()
+    assert set(dump) == {
+        f"relayd:{name}".encode()
+        for name in ("schema", "seq", "clients", f"c:{UUID_A}", f"c:{UUID_B}", f"c:{UUID_C}")
+    }
 
 
 async def test_no_content_at_rest_in_redis_its_rdb_or_its_aof(tmp_path: Path) -> None:

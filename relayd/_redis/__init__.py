@@ -46,7 +46,17 @@ Theory of operation:
   killed half-way leaves the cursor; the next one to open goes on from it; nodes opening at
   once share it. Nodes running an older relayd must be stopped before a newer one opens the
   data (they would go on writing the old layout). Layout 1 -> 2 splits each ``m:<seq>`` into
-  its message and its delivery; every index keeps its members.
+  its message and its delivery, and adds the delivery to the history indexes (layout 1 kept
+  no conversation, nor when a message was delivered: a delivery whose status is
+  ``delivered`` was delivered when it finished); every other index keeps its members.
+* **History** (:meth:`RedisStore.history`) is read on indexes of its own: per client what it
+  received (``hr``) and sent (``hs``), per sender and recipient (``hp``), and the same three
+  per conversation (``hc*``), each a sorted set of seqs. A page reads at most a page past the
+  cursor from each side (one index, or two for ``box="all"``) and merges them: it costs its
+  size, not the history's, with or without a peer or a conversation. Every delivery is in the
+  three of its sender and recipient (and three more in a conversation) from its ``Insert``
+  until it is purged; deleting a client deletes its history in the same call as its tombstone,
+  a cost that grows with that history (Redis runs nothing else meanwhile).
 * **Durability** is the server's: with ``appendonly yes`` and ``appendfsync always``, Redis
   answers a write once it is written and fsynced to its AOF, so an answered call is on disk;
   with ``everysec``, a crash of the server's machine may lose about the last second of
@@ -75,7 +85,8 @@ attempts and status. A message's id is the seq of its first delivery (today ever
 exactly one), so that content sealed at rest is bound to the same
 :class:`~relayd._atrest.RowId` (id, sender, address, msgid) as in layout 1, where a message and
 its delivery were one hash. A message's content is emptied once none of its deliveries is
-queued; the message goes once its last delivery is purged.
+queued (unless history keeps it: ``Finish.keep_content``); the message goes once its last
+delivery is purged.
 
 =================================  =========  ==================================================
 key                                type       what
@@ -116,16 +127,19 @@ key                                type       what
                                               address (whom it was sent to: a client's uuid),
                                               ``h`` high, ``a`` acknowledge, ``f`` fields
                                               (sealed: nonce + ciphertext; emptied once every
-                                              delivery is final), ``k`` key id (absent: plain
-                                              or empty), ``at`` accepted_at, ``ex``
-                                              expires_at, ``nd`` its deliveries stored, ``nq``
-                                              its deliveries queued
+                                              delivery is final, unless kept), ``k`` key id
+                                              (absent: plain or empty), ``at`` accepted_at,
+                                              ``ex`` expires_at, ``nd`` its deliveries stored,
+                                              ``nq`` its deliveries queued, ``cv``
+                                              conversation_id (plain text; absent: none)
 ``dl:<seq>``                       hash       a delivery, one recipient's copy of a message:
                                               ``m`` the message's id, ``s`` its sender, ``r``
                                               recipient, ``ex`` expires_at, ``n`` attempts,
                                               ``st`` status (absent while queued), ``rs``
                                               reason, ``fa`` finished_at, ``rp`` receipt
-                                              pending (0/1)
+                                              pending (0/1), ``dv`` delivered_at (first
+                                              delivery, or finished delivered; never
+                                              overwritten)
 ``q:<uuid>``                       zset       the recipient's queued deliveries (seqs), by seq
 ``queues``                         set        recipients whose queue is not empty
 ``exp``                            zset       queued deliveries (padded seqs) by expires_at
@@ -135,6 +149,16 @@ key                                type       what
 ``rid:<uuid>``                     zset       the recipient's deliveries, ``<len>:<msgid>
                                               <padded seq>`` (lexicographic: a msgid's
                                               deliveries, newest last)
+``hr:<uuid>``                      zset       history: the deliveries the client received
+                                              (seqs), by seq
+``hs:<uuid>``                      zset       history: the deliveries the client sent (seqs), by
+                                              seq
+``hp:<from>:<to>``                 zset       history: the deliveries one client sent another,
+                                              by seq
+``hcr:<uuid>:<conv>``              zset       as ``hr``, in one conversation (the messages'
+                                              ``cv``)
+``hcs:<uuid>:<conv>``              zset       as ``hs``, in one conversation
+``hcp:<from>:<to>:<conv>``         zset       as ``hp``, in one conversation
 ``acc``                            zset       every message (padded ids) by accepted_at
 ``d:<uuid>``                       hash       the sender's msgid -> message id (deduplication)
 ``ids``                            hash       msgid -> how many stored messages carry it
@@ -145,9 +169,10 @@ key                                type       what
                                               ``rank`` in ``acc`` the migration has reached
 =================================  =========  ==================================================
 
-Deleting a client leaves what SQLite leaves: its tombstone (``c:<uuid>`` without ``kseq``) and
-the messages it sent or was sent, their deliveries and indexes; its families, keys, readers and
-notices (owed to it, or about it) go.
+Deleting a client leaves what SQLite leaves: its tombstone (``c:<uuid>`` without ``kseq``),
+the deliveries still queued for it or from it and those it received whose receipt their sender
+is still owed, with their messages and indexes; its families, keys, readers, notices (owed to
+it, or about it) and the rest of its history go.
 
 Redis Cluster is not supported: the script reaches keys it derives, which a cluster would have
 to hold in one slot (a prefix with a hash tag, ``{relayd}:``, would do it; untested).

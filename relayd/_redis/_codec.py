@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from relayd._atrest import RowId, StoreKeys, UndecryptableRow
+from relayd._engine import HistoryEntry
 from relayd._relay.records import (
     ClearKeyNotice,
     Duplicate,
@@ -168,6 +169,7 @@ def encode(op: StoreOp, keys: StoreKeys | None) -> list[Any]:
             False if op.status is None else op.status.value,
             int(op.receipt_pending),
             op.reason,
+            False if op.conversation_id is None else op.conversation_id,
         ]
     if isinstance(op, Finish):
         return [
@@ -177,9 +179,10 @@ def encode(op: StoreOp, keys: StoreKeys | None) -> list[Any]:
             when(op.finished_at),
             int(op.receipt_pending),
             op.reason,
+            int(op.keep_content),
         ]
     if isinstance(op, SetAttempts):
-        return ["A", op.seq, op.attempts]
+        return ["A", op.seq, op.attempts, maybe_when(op.at)]
     if isinstance(op, SetReceiptPending):
         return ["P", list(op.seqs), int(op.pending)]
     if isinstance(op, LoadQueue):
@@ -249,14 +252,39 @@ def open_fields(row: list[Any], keys: StoreKeys | None) -> str:
         UndecryptableRow: encrypted, and ``keys`` cannot decrypt them, or the delivery is
             not to the address its message was sealed for.
     """
-    fields, key_id = row[6], row[7]
-    if key_id is not None and row[2] != row[12]:
+    return _open_delivery(
+        seq=row[0],
+        message=row[11],
+        sender=row[1],
+        recipient=row[2],
+        address=row[12],
+        msgid=row[3],
+        fields=row[6],
+        key_id=row[7],
+        keys=keys,
+    )
+
+
+def _open_delivery(
+    *,
+    seq: int,
+    message: int,
+    sender: bytes,
+    recipient: bytes,
+    address: bytes,
+    msgid: bytes,
+    fields: bytes,
+    key_id: bytes | None,
+    keys: StoreKeys | None,
+) -> str:
+    """See :func:`open_fields`."""
+    if key_id is not None and recipient != address:
         raise UndecryptableRow(
-            f"delivery {int(row[0])} goes to {text(row[2])}, but its message {int(row[11])}"
-            f" was sealed for {text(row[12])}"
+            f"delivery {int(seq)} goes to {text(recipient)}, but its message {int(message)}"
+            f" was sealed for {text(address)}"
         )
     return _open(
-        RowId(int(row[11]), text(row[1]), text(row[12]), text(row[3])), fields, key_id, keys
+        RowId(int(message), text(sender), text(address), text(msgid)), fields, key_id, keys
     )
 
 
@@ -339,4 +367,59 @@ def message_record(row: list[Any]) -> MessageRecord:
         float(accepted_at),
         float(expires_at),
         maybe_float(finished),
+    )
+
+
+def history_entry(row: list[Any], keys: StoreKeys | None) -> HistoryEntry:
+    """``{seq, sender, recipient, msgid, fields, key_id, conversation_id, status, reason,
+    attempts, accepted_at, delivered_at, finished_at, message id, address}``, as the script's
+    ``history`` sends it; ``fields`` opened as a queued delivery's are (:func:`open_fields`),
+    ``""`` once erased.
+
+    Raises:
+        UndecryptableRow: as :func:`open_fields`.
+    """
+    (
+        seq,
+        sender,
+        recipient,
+        msgid,
+        fields,
+        key_id,
+        conversation,
+        status,
+        reason,
+        attempts,
+        accepted_at,
+        delivered_at,
+        finished_at,
+        message,
+        address,
+    ) = row
+    return HistoryEntry(
+        seq=int(seq),
+        msgid=text(msgid),
+        sender=text(sender),
+        recipient=text(recipient),
+        fields=_open_delivery(
+            seq=seq,
+            message=message,
+            sender=sender,
+            recipient=recipient,
+            address=address,
+            msgid=msgid,
+            fields=fields,
+            key_id=key_id,
+            keys=keys,
+        )
+        if fields
+        else "",
+        conversation_id=maybe_text(conversation),
+        status=maybe_text(status),
+        reason=text(reason),
+        attempts=int(attempts),
+        accepted_at=float(accepted_at),
+        delivered_at=maybe_float(delivered_at),
+        read_at=None,
+        finished_at=maybe_float(finished_at),
     )

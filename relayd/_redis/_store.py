@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal, cast
 
 from relayd._atrest import StoreKeys
+from relayd._engine import HistoryEntry, HistoryQuery
 from relayd._errors import SchemaTooNewError, StoreError
 from relayd._relay.records import RecentMessage, StoredMessage, StoreOp
 from relayd._store import (
@@ -428,6 +429,26 @@ class RedisStore:
     async def undelivered(self, recipient: str, limit: int) -> tuple[int, list[StoredMessage]]:
         count, rows = await self._call("undelivered", recipient, limit, write=False)
         return int(count), [C.stored_message(row, self.keys) for row in rows]
+
+    async def history(self, query: HistoryQuery) -> list[HistoryEntry]:
+        """A page of ``query.client``'s history (see :class:`HistoryQuery`), content
+        decrypted; read on the history indexes, so that it costs the page, not the history.
+
+        Raises:
+            UndecryptableRow: a message's content cannot be decrypted with the store's keys.
+        """
+        rows = await self._call(
+            "history",
+            query.client,
+            query.box,
+            False if query.peer is None else query.peer,
+            False if query.conversation_id is None else query.conversation_id,
+            int(query.newest_first),
+            False if query.cursor is None else query.cursor,
+            query.limit,
+            write=False,
+        )
+        return [C.history_entry(row, self.keys) for row in rows]
 
     async def keys_in_use(self) -> dict[str | None, int]:
         rows = await self._call("keys_in_use", write=False)

@@ -38,6 +38,21 @@ function K.readers(uuid) return P .. 'rd:' .. uuid end
 function K.reads(uuid) return P .. 'rs:' .. uuid end
 function K.notices(reader) return P .. 'kn:' .. reader end
 function K.noticed(uuid) return P .. 'kw:' .. uuid end
+-- A history index: the deliveries ``sender`` sent ``recipient`` (either false: anyone), in
+-- ``conversation`` (false: any). Every delivery is in the three of its sender and recipient,
+-- and in the three of its message's conversation too if it has one.
+function K.history(sender, recipient, conversation)
+    local key
+    if not sender then
+        key = 'hr:' .. recipient
+    elseif not recipient then
+        key = 'hs:' .. sender
+    else
+        key = 'hp:' .. sender .. ':' .. recipient
+    end
+    if conversation then key = 'hc' .. string.sub(key, 2) .. ':' .. conversation end
+    return P .. key
+end
 K.schema = P .. 'schema'
 K.migration = P .. 'schema:migration'
 K.seq = P .. 'seq'
@@ -216,7 +231,10 @@ function OPS.delete_client(a)
     for _, family in ipairs(call('SMEMBERS', K.families_of(uuid))) do
         U.delete_family(family, uuid)
     end
-    if live then U.forget_keys(uuid) end
+    if live then
+        U.forget_keys(uuid)
+        U.forget_history(uuid)
+    end
     return live and 1 or 0
 end
 
@@ -546,6 +564,26 @@ function U.dequeue(seq, recipient)
     call('ZREM', K.expiry, U.pad(seq))
 end
 
+-- The history indexes a delivery is in (K.history): by its recipient, by its sender, by the
+-- two, and the same in its message's conversation.
+function U.history_keys(sender, recipient, conversation)
+    local keys = {}
+    for _, within in ipairs({false, conversation}) do
+        keys[#keys + 1] = K.history(false, recipient, within)
+        keys[#keys + 1] = K.history(sender, false, within)
+        keys[#keys + 1] = K.history(sender, recipient, within)
+        if not conversation then break end
+    end
+    return keys
+end
+
+-- ``verb``: ZADD (a delivery stored) or ZREM (purged).
+function U.history_index(verb, seq, sender, recipient, conversation)
+    for _, key in ipairs(U.history_keys(sender, recipient, conversation)) do
+        if verb == 'ZADD' then call('ZADD', key, seq, seq) else call('ZREM', key, seq) end
+    end
+end
+
 -- The sender and msgid (length-prefixed, joined) of the message a seq holds: the message of
 -- the delivery with that seq, else the message with that id; nil if none.
 function U.holder(seq)
@@ -557,16 +595,19 @@ function U.holder(seq)
     return U.lp(row[1]) .. row[2]
 end
 
--- A delivery of message ``id`` to ``recipient``: queued, or (``status`` given) final already.
+-- A delivery of message ``id`` (in ``conversation``, or false) to ``recipient``: queued, or
+-- (``status`` given) final already, and then delivered when it was accepted if it was.
 function U.add_delivery(seq, id, sender, recipient, msgid, expires_at, attempts, status, at,
-                        pending, reason)
+                        pending, reason, conversation)
     local row = {'m', id, 's', sender, 'r', recipient, 'ex', expires_at, 'n', attempts,
         'rs', reason, 'rp', pending}
     if status then
         row[#row + 1], row[#row + 2], row[#row + 3], row[#row + 4] = 'st', status, 'fa', at
+        if status == 'delivered' then row[#row + 1], row[#row + 2] = 'dv', at end
     end
     call('HSET', K.delivery(seq), unpack(row))
     call('ZADD', K.received(recipient), 0, U.msgid_member(msgid, seq))
+    U.history_index('ZADD', seq, sender, recipient, conversation)
     if status then
         call('ZADD', K.finished, at, U.pad(seq))
         if pending == 1 then call('ZADD', K.receipts(sender), seq, seq) end
@@ -578,11 +619,11 @@ function U.add_delivery(seq, id, sender, recipient, msgid, expires_at, attempts,
 end
 
 -- Insert = {'I', seq, sender, recipient, msgid, high, acknowledge, fields, key_id, accepted_at,
--- expires_at, attempts, status, receipt_pending, reason}: message ``seq`` and its one delivery,
--- ``seq`` too.
+-- expires_at, attempts, status, receipt_pending, reason, conversation_id}: message ``seq`` and
+-- its one delivery, ``seq`` too.
 function U.insert(op, max_queued)
     local _, seq, sender, recipient, msgid, high, ack, fields, key_id, accepted_at,
-        expires_at, attempts, status, pending, reason = unpack(op)
+        expires_at, attempts, status, pending, reason, conversation = unpack(op)
     local existing = call('HGET', K.sent(sender), msgid)
     if existing and tonumber(existing) == seq then
         -- This very Insert, sent again: its batch was applied but its answer lost (a
@@ -604,24 +645,27 @@ function U.insert(op, max_queued)
     if key_id then
         row[#row + 1], row[#row + 2] = 'k', key_id
     end
+    if conversation then
+        row[#row + 1], row[#row + 2] = 'cv', conversation
+    end
     call('HSET', K.message(seq), unpack(row))
     call('HSET', K.sent(sender), msgid, seq)
     call('HINCRBY', K.msgids, msgid, 1)
     call('ZADD', K.accepted, accepted_at, U.pad(seq))
     U.index_content(seq, fields, key_id)
     U.add_delivery(seq, seq, sender, recipient, msgid, expires_at, attempts, status,
-        accepted_at, pending, reason)
+        accepted_at, pending, reason, conversation)
     BATCH.high = math.max(BATCH.high, seq)
     return {1, seq}
 end
 
 -- A delivery of message ``id`` left the queue: once none of its deliveries is queued, its
--- content is no longer needed, and goes.
-function U.settle(id)
+-- content is no longer needed, and goes, unless history keeps it (``keep``).
+function U.settle(id, keep)
     local key = K.message(id)
     local row = call('HMGET', key, 'nq', 'f', 'k')
     local queued = tonumber(row[1]) - 1
-    if queued > 0 then
+    if queued > 0 or keep then
         call('HSET', key, 'nq', queued)
         return
     end
@@ -630,25 +674,35 @@ function U.settle(id)
     U.unindex_content(id, row[2], row[3])
 end
 
--- Finish = {'F', seq, status, finished_at, receipt_pending, reason}
+-- Finish = {'F', seq, status, finished_at, receipt_pending, reason, keep_content}: a
+-- delivered one was delivered when it finished, unless a SetAttempts said when before.
 function U.finish(op)
     local seq, status, finished_at, pending, reason = op[2], op[3], op[4], op[5], op[6]
     local key = K.delivery(seq)
-    local row = call('HMGET', key, 'r', 'st', 's', 'm')
+    local row = call('HMGET', key, 'r', 'st', 's', 'm', 'dv')
     if row[1] == false or row[2] ~= false then return false end
-    call('HSET', key, 'st', status, 'fa', finished_at, 'rp', pending, 'rs', reason)
+    local fields = {'st', status, 'fa', finished_at, 'rp', pending, 'rs', reason}
+    if status == 'delivered' and row[5] == false then
+        fields[#fields + 1], fields[#fields + 2] = 'dv', finished_at
+    end
+    call('HSET', key, unpack(fields))
     U.dequeue(seq, row[1])
     call('ZADD', K.finished, finished_at, U.pad(seq))
     if pending == 1 then call('ZADD', K.receipts(row[3]), seq, seq) end
-    U.settle(tonumber(row[4]))
+    U.settle(tonumber(row[4]), op[7] == 1)
     return false
 end
 
--- SetAttempts = {'A', seq, attempts}
+-- SetAttempts = {'A', seq, attempts, at}: the first ``at`` is when it was delivered.
 function U.set_attempts(op)
     local key = K.delivery(op[2])
-    local row = call('HMGET', key, 'r', 'st')
-    if row[1] ~= false and row[2] == false then call('HSET', key, 'n', op[3]) end
+    local row = call('HMGET', key, 'r', 'st', 'dv')
+    if row[1] == false or row[2] ~= false then return false end
+    if op[4] and row[3] == false then
+        call('HSET', key, 'n', op[3], 'dv', op[4])
+    else
+        call('HSET', key, 'n', op[3])
+    end
     return false
 end
 
@@ -702,6 +756,22 @@ function U.load_receipts(op)
     return rows
 end
 
+-- A deleted client's history: the final deliveries it sent or received (but a receipt owed
+-- to another sender stays until told), and their messages once they have no delivery left.
+-- What waits, for it or from it, stays until it expires. It costs the size of the client's
+-- history, in one call: the tombstone and the history go together.
+function U.forget_history(uuid)
+    for _, seq in ipairs(call('ZRANGE', K.history(uuid, false), 0, -1)) do
+        seq = tonumber(seq)
+        if call('HEXISTS', K.delivery(seq), 'st') == 1 then U.delete_delivery(seq) end
+    end
+    for _, seq in ipairs(call('ZRANGE', K.history(false, uuid), 0, -1)) do
+        seq = tonumber(seq)
+        local row = call('HMGET', K.delivery(seq), 'st', 'rp')
+        if row[1] ~= false and row[2] == '0' then U.delete_delivery(seq) end
+    end
+end
+
 -- FindExpired = {'X', now, limit}
 function U.find_expired(op)
     local rows = {}
@@ -728,10 +798,11 @@ function U.delete_delivery(seq)
     local key = K.delivery(seq)
     local row = call('HMGET', key, 'm', 's', 'r')
     local id = tonumber(row[1])
-    local message = call('HMGET', K.message(id), 's', 'i', 'f', 'k', 'nd')
+    local message = call('HMGET', K.message(id), 's', 'i', 'f', 'k', 'nd', 'cv')
     call('ZREM', K.received(row[3]), U.msgid_member(message[2], seq))
     call('ZREM', K.finished, U.pad(seq))
     call('ZREM', K.receipts(row[2]), seq)
+    U.history_index('ZREM', seq, row[2], row[3], message[6])
     call('DEL', key)
     local left = tonumber(message[5]) - 1
     if left > 0 then
@@ -791,7 +862,7 @@ local APPLY = {
 -- Each operation's arguments by type, the code first: n a number, s a string, S a string or
 -- false, t a list of numbers.
 local SIGNATURES = {
-    I = 'snsssnnsSssnSns', F = 'snssns', A = 'snn', P = 'stn', Q = 'ssnnn', R = 'ssnn',
+    I = 'snsssnnsSssnSnsS', F = 'snssnsn', A = 'snnS', P = 'stn', Q = 'ssnnn', R = 'ssnn',
     X = 'ssn', G = 'sss', N = 'ssn', C = 'ssssss',
 }
 
@@ -901,6 +972,50 @@ function OPS.message_record(a)
     return {best, d[2], d[3], m[1], d[4], d[5], d[6], m[2], d[7], d[8]}
 end
 
+-- {client, box, peer, conversation, newest_first, cursor, limit}: a page of the client's
+-- history (see HistoryQuery), each entry {seq, sender, recipient, msgid, fields, key_id,
+-- conversation, status, reason, attempts, accepted_at, delivered_at, finished_at, message id,
+-- address}. Each side (what it received, what it sent) is read on its own index, at most a
+-- page of it past the cursor, and the two are merged: a page costs its size.
+function OPS.history(a)
+    local client, box, peer, conversation, newest_first, cursor, limit = unpack(a)
+    if limit == 0 then return {} end
+    local sides = {}
+    if box ~= 'sent' then sides[#sides + 1] = K.history(peer, client, conversation) end
+    if box ~= 'inbox' then
+        local key = K.history(client, peer, conversation)
+        if key ~= sides[1] then sides[#sides + 1] = key end  -- notes to itself, with itself
+    end
+    local verb, from, to = 'ZRANGEBYSCORE', '-inf', '+inf'
+    if newest_first == 1 then verb, from, to = 'ZREVRANGEBYSCORE', '+inf', '-inf' end
+    if cursor then from = '(' .. U.int(cursor) end
+    local seqs, seen = {}, {}
+    for _, key in ipairs(sides) do
+        for _, seq in ipairs(call(verb, key, from, to, 'LIMIT', 0, limit)) do
+            seq = tonumber(seq)
+            if not seen[seq] then
+                seen[seq] = true
+                seqs[#seqs + 1] = seq
+            end
+        end
+    end
+    if newest_first == 1 then
+        table.sort(seqs, function(x, y) return x > y end)
+    else
+        table.sort(seqs)
+    end
+    local rows = {}
+    for i, seq in ipairs(seqs) do
+        if limit > 0 and i > limit then break end  -- as SQL: a negative LIMIT is none
+        local d = call('HMGET', K.delivery(seq), 'm', 's', 'r', 'st', 'rs', 'n', 'dv', 'fa')
+        local id = tonumber(d[1])
+        local m = call('HMGET', K.message(id), 'i', 'f', 'k', 'cv', 'at', 'r')
+        rows[i] = {seq, d[2], d[3], m[1], m[2], m[3], m[4], d[4], d[5], d[6], m[5], d[7], d[8],
+            id, m[6]}
+    end
+    return rows
+end
+
 function OPS.msgid_known(a)
     return call('HEXISTS', K.msgids, a[1])
 end
@@ -950,8 +1065,11 @@ end
 
 -- Layout 1 kept a message and its one recipient's copy in one hash, m:<seq>; layout 2 splits
 -- it into the message (m:<seq>, its id the seq) and its delivery (dl:<seq>), exactly as an
--- Insert of layout 2 would have stored them. The indexes stay as they are: each seq they hold
--- is now both a message's id and its delivery's seq.
+-- Insert of layout 2 would have stored them, and adds the delivery to the history indexes
+-- (layout 1 kept no conversation). The other indexes stay as they are: each seq they hold is
+-- now both a message's id and its delivery's seq. Layout 1 kept no delivery time: a delivery
+-- whose status is delivered was delivered when it finished, as a Finish (or an Insert, final
+-- already) of layout 2 would have recorded it; others keep none.
 function U.split_message(id)
     local key = K.message(id)
     local row = call('HMGET', key, 's', 'r', 'ex', 'n', 'st', 'rs', 'fa', 'rp')
@@ -961,8 +1079,12 @@ function U.split_message(id)
     if status then
         delivery[#delivery + 1], delivery[#delivery + 2] = 'st', status
         delivery[#delivery + 1], delivery[#delivery + 2] = 'fa', row[7]
+        if status == 'delivered' then
+            delivery[#delivery + 1], delivery[#delivery + 2] = 'dv', row[7]
+        end
     end
     call('HSET', K.delivery(id), unpack(delivery))
+    U.history_index('ZADD', id, row[1], row[2], false)
     call('HDEL', key, 'n', 'st', 'rs', 'fa', 'rp')
     call('HSET', key, 'nd', 1, 'nq', status and 0 or 1)
 end
