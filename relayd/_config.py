@@ -704,6 +704,7 @@ RELOADABLE = frozenset(
         "relay.default_ttl",
         "relay.max_ttl",
         "relay.max_queued_per_recipient",
+        "history.retention",
     }
 )
 

@@ -18,7 +18,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 import trio
-from attrs import define, field
+from attrs import define, evolve, field
 from quart import Response, jsonify, request
 from quart_cors import cors
 from quart_schema import hide
@@ -288,6 +288,18 @@ def _query_uuid(value: str, name: str) -> str:
         return canonical_uuid(value)
     except ValueError:
         raise ValidationError(name, "must be a client uuid") from None
+
+
+def _as_told(entry: HistoryEntry, relay: Relay | None, *, keeps: bool) -> HistoryEntry:
+    """``entry`` with the final status its sender was told, if the store has not recorded it
+    yet (the core's view is ahead of the store by at most one deferred commit): what the
+    status route answers too."""
+    if entry.status is not None or relay is None:
+        return entry
+    told = relay.recent_status(entry.sender, entry.msgid)
+    if told is None or told[1] not in FINAL_STATUSES:
+        return entry
+    return evolve(entry, status=told[1], fields=entry.fields if keeps else "")
 
 
 def _history_json(entry: HistoryEntry) -> dict[str, Any]:
@@ -895,9 +907,12 @@ def create_app(services: Services) -> QuartTrio:
         store = services.store
         entries = await store.history(query) if store is not None else []
         full = len(entries) == query.limit
+        keeps = services.config.history.retention > 0
         return {
             "count": len(entries),
-            "messages": [_history_json(entry) for entry in entries],
+            "messages": [
+                _history_json(_as_told(entry, services.relay, keeps=keeps)) for entry in entries
+            ],
             "next_cursor": str(entries[-1].seq) if full else None,
         }
 

@@ -330,7 +330,11 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys
             op.reason,
             None if op.status is None else op.accepted_at,
             int(op.receipt_pending),
-            op.accepted_at if op.status is Status.DELIVERED else None,
+            # Delivered when accepted: final as delivered already, or going out as it is
+            # stored (it counts an attempt).
+            op.accepted_at
+            if op.status is Status.DELIVERED or (op.status is None and op.attempts > 0)
+            else None,
         ),
     )
     return Inserted(op.seq)
@@ -392,10 +396,12 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys
         _finish(db, op)
         return None
     if isinstance(op, SetAttempts):
+        # The first attempt's time is when it was delivered; back to none (one counted but
+        # never made), it was not.
         db.execute(
-            "UPDATE deliveries SET attempts = ?, delivered_at = coalesce(delivered_at, ?)"
-            " WHERE seq = ? AND status IS NULL",
-            (op.attempts, op.at, op.seq),
+            "UPDATE deliveries SET attempts = :n, delivered_at = CASE WHEN :n = 0 THEN NULL"
+            " ELSE coalesce(delivered_at, :at) END WHERE seq = :seq AND status IS NULL",
+            {"n": op.attempts, "at": op.at, "seq": op.seq},
         )
         return None
     if isinstance(op, SetReceiptPending):

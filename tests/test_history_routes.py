@@ -4,11 +4,13 @@ and every bad query a clear 422."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
-from .support import HttpClient, RunningRelayd
+from .support import Engine, HttpClient, RunningRelayd, make_config, start_relayd
 from .test_message_routes import send
 from .test_rest import admin_token, assert_error, assert_ok
 from .ws_support import ws_connect
@@ -95,3 +97,58 @@ async def test_a_bad_query_is_a_422_naming_what_is_wrong(
     token = admin_token(relayd) if "client" in query else (await http.register("a"))["access_token"]
     error = assert_error(await http.get(f"/messages{query}", token=token), 422, "validation_error")
     assert field in str(error)
+
+
+async def test_with_a_retention_history_keeps_what_was_said_and_when(
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine
+) -> None:
+    config = make_config(tmp_path, {"history": {"retention": 3600.0}}, engine=engine)
+    relayd = await start_relayd(nursery, config)
+    http = relayd.http
+    alice, bob = [await http.register(name) for name in ("alice", "bob")]
+    async with (
+        ws_connect(relayd, alice["access_token"]) as a,
+        ws_connect(relayd, bob["access_token"]) as b,
+    ):
+        await a.next()
+        await b.next()
+        for msgid, conversation in (("m1", "trip"), ("m2", "work"), ("m3", "trip")):
+            await a.send(
+                {
+                    "to": bob["uuid"],
+                    "msgid": msgid,
+                    "acknowledge": True,
+                    "content": f"c-{msgid}",
+                    "conversation_id": conversation,
+                }
+            )
+            message = await b.next_of("message")
+            await b.send({"type": "ack", "msgid": message["msgid"]})
+            update = await a.next_of("delivery_update")
+            assert (update["msgid"], update["status"]) == (msgid, "acknowledged")
+    trip = await history(http, bob["access_token"], "?conversation_id=trip&order=oldest")
+    assert [(m["msgid"], m["status"], m["message"]["content"]) for m in trip["messages"]] == [
+        ("m1", "acknowledged", "c-m1"),
+        ("m3", "acknowledged", "c-m3"),
+    ]
+    entry = trip["messages"][0]
+    assert entry["accepted_at"] <= entry["delivered_at"] <= entry["finished_at"]
+    assert entry["message"]["from"] == alice["uuid"]
+
+
+async def test_without_a_retention_a_final_message_keeps_its_record_not_its_content(
+    relayd: RunningRelayd,
+) -> None:
+    http = relayd.http
+    alice, bob = [await http.register(name) for name in ("alice", "bob")]
+    async with (
+        ws_connect(relayd, alice["access_token"]) as a,
+        ws_connect(relayd, bob["access_token"]) as b,
+    ):
+        await a.next()
+        await b.next()
+        await a.send({"to": bob["uuid"], "msgid": "m1", "acknowledge": True, "content": "x"})
+        await b.send({"type": "ack", "msgid": (await b.next_of("message"))["msgid"]})
+        assert (await a.next_of("delivery_update"))["status"] == "acknowledged"
+    [entry] = (await history(http, alice["access_token"]))["messages"]
+    assert (entry["msgid"], entry["status"], entry["message"]) == ("m1", "acknowledged", None)

@@ -596,7 +596,8 @@ function U.holder(seq)
 end
 
 -- A delivery of message ``id`` (in ``conversation``, or false) to ``recipient``: queued, or
--- (``status`` given) final already, and then delivered when it was accepted if it was.
+-- (``status`` given) final already, and then delivered when it was accepted if it was. A queued
+-- one that counts an attempt already goes out as it is stored: delivered when accepted.
 function U.add_delivery(seq, id, sender, recipient, msgid, expires_at, attempts, status, at,
                         pending, reason, conversation)
     local row = {'m', id, 's', sender, 'r', recipient, 'ex', expires_at, 'n', attempts,
@@ -604,6 +605,8 @@ function U.add_delivery(seq, id, sender, recipient, msgid, expires_at, attempts,
     if status then
         row[#row + 1], row[#row + 2], row[#row + 3], row[#row + 4] = 'st', status, 'fa', at
         if status == 'delivered' then row[#row + 1], row[#row + 2] = 'dv', at end
+    elseif attempts > 0 then
+        row[#row + 1], row[#row + 2] = 'dv', at
     end
     call('HSET', K.delivery(seq), unpack(row))
     call('ZADD', K.received(recipient), 0, U.msgid_member(msgid, seq))
@@ -693,12 +696,16 @@ function U.finish(op)
     return false
 end
 
--- SetAttempts = {'A', seq, attempts, at}: the first ``at`` is when it was delivered.
+-- SetAttempts = {'A', seq, attempts, at}: the first ``at`` is when it was delivered; back to
+-- no attempt (one counted but never made), it was not.
 function U.set_attempts(op)
     local key = K.delivery(op[2])
     local row = call('HMGET', key, 'r', 'st', 'dv')
     if row[1] == false or row[2] ~= false then return false end
-    if op[4] and row[3] == false then
+    if op[3] == 0 then
+        call('HSET', key, 'n', 0)
+        call('HDEL', key, 'dv')
+    elseif op[4] and row[3] == false then
         call('HSET', key, 'n', op[3], 'dv', op[4])
     else
         call('HSET', key, 'n', op[3])

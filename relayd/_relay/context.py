@@ -32,9 +32,12 @@ class TimerKind(enum.Enum):
 class Context:
     """The settings (replaced on a reload), the metrics, the actions and the timers."""
 
-    def __init__(self, relay: RelayConfig, websocket: WebsocketConfig) -> None:
+    def __init__(
+        self, relay: RelayConfig, websocket: WebsocketConfig, retention: float = 0.0
+    ) -> None:
         self.relay = relay
         self.ws = websocket
+        self.retention = retention  # history.retention: content kept after the final status
         self.metrics = RelayStats()
         self.actions: list[Action] = []
         # (deadline, tie-breaker, kind, target, generation): a timer whose target has moved on

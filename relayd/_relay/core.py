@@ -104,6 +104,7 @@ class RelayCore:
         recent: Iterable[RecentMessage] = (),
         may_message: Callable[[str, str], bool] | None = None,
         cluster: bool = False,
+        retention: float = 0.0,
     ) -> None:
         """``last_seq``: the highest message seq the store ever held; new ones go above.
         ``seqs``: where seqs come from instead (reserved in blocks: cluster mode).
@@ -111,8 +112,10 @@ class RelayCore:
         :class:`Announce`).
         ``recent``: the store's messages within the dedupe window, oldest first.
         ``may_message(sender, recipient)``: whether the roles allow it (``None``: anyone may
-        message anyone)."""
-        self._ctx = ctx = Context(relay, websocket)
+        message anyone).
+        ``retention``: ``history.retention``: how long a message keeps its content (and its
+        record) after its final status."""
+        self._ctx = ctx = Context(relay, websocket, retention)
         self._may_message = may_message
         self._seqs = seqs if seqs is not None else SeqPool.endless(last_seq)
         # Messages and token refreshes count against one per-client rate.
@@ -132,10 +135,14 @@ class RelayCore:
         )
         ctx.at(now + relay.sweep_interval, TimerKind.SWEEP, None, 0)
 
-    def reconfigure(self, relay: RelayConfig, websocket: WebsocketConfig) -> None:
+    def reconfigure(
+        self, relay: RelayConfig, websocket: WebsocketConfig, retention: float | None = None
+    ) -> None:
         """New settings (a reload): limits and timers apply from the next decision on."""
         self._ctx.relay = relay
         self._ctx.ws = websocket
+        if retention is not None:
+            self._ctx.retention = retention
         self._send_limiter.reconfigure(
             rate=websocket.messages_per_second, burst=websocket.message_burst
         )

@@ -140,6 +140,7 @@ class Delivery:
             expires_at=now + ttl,
             durable=not direct,
             seq=seq,
+            conversation_id=envelope.conversation_id or None,
         )
         self.ctx.metrics.events["accepted"] += 1
         self.receipts.remember(message, now)
@@ -427,7 +428,7 @@ class Delivery:
             if message.acknowledge and message.msgid in recipient.unacked:
                 break  # same msgid still unacked: wait, so acks stay unambiguous
             if message.durable and message.recorded_attempts == 0:
-                self._count_first_attempts(recipient)
+                self._count_first_attempts(recipient, now)
             if message.recording:
                 break  # its row does not count this attempt yet: see Message
             queue.popleft()
@@ -457,14 +458,14 @@ class Delivery:
         ):
             self._load(recipient)
 
-    def _count_first_attempts(self, recipient: Recipient) -> None:
+    def _count_first_attempts(self, recipient: Recipient, now: float) -> None:
         """Have the store count a first attempt for every stored message in the recipient's
         mailbox that counts none: one write for all, before any of them goes out."""
         for message in itertools.chain(recipient.high, recipient.normal):
             if message.durable and message.recorded_attempts == 0:
                 message.recorded_attempts = 1
                 message.recording = True
-                self.ctx.actions.append(SetAttempts(message.seq, 1, ref=message))
+                self.ctx.actions.append(SetAttempts(message.seq, 1, ref=message, at=now))
 
     def drained(self, session: Session, now: float) -> None:
         """Frames of ``session`` were written: fill its socket again from the mailbox."""
@@ -523,11 +524,11 @@ class Delivery:
     def sweep(self, now: float) -> None:
         """Look for expired messages in the store, and purge what is past keeping."""
         self._read(FindExpired(now, SWEEP_PAGE))
-        relay = self.ctx.relay
+        relay, retention = self.ctx.relay, self.ctx.retention
         self.ctx.actions.append(
-            Purge(
-                finished_before=now - relay.dedupe_window,
-                receipts_before=now - relay.max_ttl,
+            Purge(  # history keeps a message's record for its retention, if longer
+                finished_before=now - max(relay.dedupe_window, retention),
+                receipts_before=now - max(relay.max_ttl, retention),
             )
         )
 

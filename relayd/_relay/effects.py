@@ -68,8 +68,9 @@ class Announce:
 Action = Send | Close | Authenticate | Ping | ReserveSeqs | StoreOp | Announce
 
 
-def insert_op(message: Message, **final: Any) -> Insert:
-    """Store ``message``: queued, or with ``final`` (status, reason...) only its receipt."""
+def insert_op(message: Message, *, keep_content: bool = False, **final: Any) -> Insert:
+    """Store ``message``: queued, or with ``final`` (status, reason...) only its receipt, and
+    its content only if history keeps it (``keep_content``)."""
     return Insert(
         ref=None if final else message,
         seq=message.seq,
@@ -78,9 +79,10 @@ def insert_op(message: Message, **final: Any) -> Insert:
         msgid=message.msgid,
         high=message.high,
         acknowledge=message.acknowledge,
-        fields="" if final else message.fields,
+        fields="" if final and not keep_content else message.fields,
         accepted_at=message.accepted_at,
         expires_at=message.expires_at,
         attempts=message.recorded_attempts,
+        conversation_id=message.conversation_id,
         **final,
     )

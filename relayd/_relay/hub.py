@@ -257,6 +257,7 @@ class Hub:
             recent=await store.recent_messages(now - relay.dedupe_window, relay.dedupe_max_entries),
             may_message=may_message,
             cluster=cluster is not None,
+            retention=config.history.retention,
         )
         return cls(config, store, auth, core, clock=clock, cluster=cluster)
 

@@ -121,6 +121,7 @@ class Message:
     expires_at: float
     durable: bool
     seq: int  # allocated at acceptance: the order of first deliveries
+    conversation_id: str | None = None  # stored in plain text: history filters by it
     attempts: int = 0
     # The attempts its store row counts (or will, once ``recording`` is done). A row counts a
     # first attempt before the message can reach its recipient's socket, so a crash never

@@ -142,10 +142,19 @@ class Receipts:
         if status in FINAL:
             # The receipt is owed until its frame is written (see ReceiptRef).
             if message.committed:
-                self.ctx.actions.append(Finish(message.seq, status, now, True, reason))
+                keep = self.ctx.retention > 0
+                self.ctx.actions.append(
+                    Finish(message.seq, status, now, True, reason, keep_content=keep)
+                )
                 ref = ReceiptRef(message.seq)
             else:
-                owed = insert_op(message, status=status, receipt_pending=True, reason=reason)
+                owed = insert_op(
+                    message,
+                    status=status,
+                    receipt_pending=True,
+                    reason=reason,
+                    keep_content=self.ctx.retention > 0,
+                )
                 if not online:
                     self.ctx.actions.append(owed)
                 ref = ReceiptRef(message.seq, owed)
