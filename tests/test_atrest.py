@@ -23,6 +23,7 @@ from relayd._atrest import (
     render_key_file,
     write_key_file,
 )
+from relayd._engine import HistoryQuery
 from relayd._relay.records import Insert, LoadQueue, QueuePage
 
 from .store_support import (
@@ -227,6 +228,10 @@ async def test_a_row_pointed_at_another_recipient_does_not_decrypt(engine_target
         with pytest.raises(UndecryptableRow):
             async with engine_target.open(keys=keys(("k1", KEY_1))) as store:
                 await store.execute([LoadQueue(UUID_A, 0, 100, 1 << 20)], max_queued=1)
+        # Nor in history.
+        with pytest.raises(UndecryptableRow):
+            async with engine_target.open(keys=keys(("k1", KEY_1))) as store:
+                await store.history(HistoryQuery(UUID_A))
 
 
 async def test_a_missing_or_wrong_key_stops_the_store_at_open(engine_target: Target) -> None:

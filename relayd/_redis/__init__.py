@@ -56,7 +56,9 @@ Theory of operation:
   size, not the history's, with or without a peer or a conversation. Every delivery is in the
   three of its sender and recipient (and three more in a conversation) from its ``Insert``
   until it is purged; deleting a client deletes its history in the same call as its tombstone,
-  a cost that grows with that history (Redis runs nothing else meanwhile).
+  a cost that grows with that history, and Redis runs nothing else meanwhile: about 0.1 ms a
+  message on a small, busy machine (100,000 messages: ~10 s, past ``call_timeout``, so the
+  caller sees :class:`~relayd._errors.StoreUnavailable` while the deletion completes).
 * **Durability** is the server's: with ``appendonly yes`` and ``appendfsync always``, Redis
   answers a write once it is written and fsynced to its AOF, so an answered call is on disk;
   with ``everysec``, a crash of the server's machine may lose about the last second of
