@@ -175,8 +175,6 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX messages_by_msgid ON messages_v6 (msgid);
     CREATE INDEX messages_accepted ON messages_v6 (accepted_at);
-    CREATE INDEX messages_by_conversation ON messages_v6 (conversation_id, id)
-        WHERE conversation_id IS NOT NULL;
 
     CREATE TABLE deliveries (
         -- Allocated when the message is accepted, so seq order is send order. AUTOINCREMENT
@@ -193,16 +191,18 @@ MIGRATIONS: tuple[str, ...] = (
         finished_at REAL,
         receipt_pending INTEGER NOT NULL DEFAULT 0, -- final status not yet told to the sender
         delivered_at REAL,                 -- first written to the recipient
-        read_at REAL                       -- the recipient said it read it
+        read_at REAL,                      -- the recipient said it read it
+        conversation_id TEXT               -- the message's, for history's indexes
     );
     INSERT INTO messages_v6 (id, sender, msgid, address, high, acknowledge, fields, key_id,
                              accepted_at, expires_at)
         SELECT seq, sender, msgid, recipient, high, acknowledge, fields, key_id, accepted_at,
                expires_at FROM messages;
     INSERT INTO deliveries (seq, message, sender, recipient, expires_at, attempts, status,
-                            reason, finished_at, receipt_pending)
+                            reason, finished_at, receipt_pending, delivered_at)
         SELECT seq, seq, sender, recipient, expires_at, attempts, status, reason, finished_at,
-               receipt_pending FROM messages;
+               receipt_pending, CASE WHEN status = 'delivered' THEN finished_at END
+        FROM messages;
     -- The high-water mark moves over too: purged rows' seqs are never used again.
     INSERT INTO sqlite_sequence (name, seq)
         SELECT 'deliveries', 0 WHERE NOT EXISTS
@@ -221,6 +221,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX deliveries_inbox ON deliveries (recipient, seq);
     CREATE INDEX deliveries_sent ON deliveries (sender, seq);
     CREATE INDEX deliveries_inbox_from ON deliveries (recipient, sender, seq);
+    CREATE INDEX deliveries_inbox_conversation ON deliveries (recipient, conversation_id, seq)
+        WHERE conversation_id IS NOT NULL;
+    CREATE INDEX deliveries_sent_conversation ON deliveries (sender, conversation_id, seq)
+        WHERE conversation_id IS NOT NULL;
 
     CREATE TRIGGER queue_counts_insert AFTER INSERT ON deliveries WHEN NEW.status IS NULL
     BEGIN

@@ -317,8 +317,8 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys
         return _refusal_or_duplicate(db, op)
     db.execute(
         "INSERT INTO deliveries (seq, message, sender, recipient, expires_at, attempts, status,"
-        " reason, finished_at, receipt_pending, delivered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?,"
-        " ?, ?)",
+        " reason, finished_at, receipt_pending, delivered_at, conversation_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             op.seq,
             op.seq,
@@ -335,6 +335,7 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys
             op.accepted_at
             if op.status is Status.DELIVERED or (op.status is None and op.attempts > 0)
             else None,
+            op.conversation_id,
         ),
     )
     return Inserted(op.seq)
@@ -482,8 +483,8 @@ def _history(
             where, args = "recipient = ? AND sender = ?", [query.peer, query.client]
         sides.append((where, args))
     conversation = ""
-    if query.conversation_id is not None:
-        conversation = " AND message IN (SELECT id FROM messages WHERE conversation_id = ?)"
+    if query.conversation_id is not None:  # on the sides' conversation indexes
+        conversation = " AND conversation_id = ?"
     seqs: list[str] = []
     params: list[Any] = []
     for where, side_args in sides:
