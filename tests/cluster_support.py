@@ -23,9 +23,11 @@ from relayd._config import Config
 from .redis_support import RedisServer, require_redis, start_redis, stop_redis
 from .support import IO_DEADLINE, TEST_SECRET, make_config
 
-# Quick to notice an outage: a call fails after half a second, a node without Redis for a
-# second fences itself.
-QUICK_STORE: dict[str, Any] = {"timeout": 0.3, "lease": 1.0}
+# Quick to notice an outage: a call fails after a second, a node without Redis for two
+# seconds fences itself. Not quicker: a node in the test's process, on a loaded machine with
+# every write fsynced (AOF_ALWAYS), has missed a tighter lease (0.3 s calls, 1 s lease) and
+# closed its sessions 1013 in the middle of a test.
+QUICK_STORE: dict[str, Any] = {"timeout": 1.0, "lease": 3.0}
 AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
 
 

@@ -164,7 +164,8 @@ def stop_redis(server: RedisServer) -> None:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One real Redis server for the whole test session (tests keep apart by key prefix or
-    by flushing, see :func:`redis_url`)."""
+    by flushing, see :func:`redis_url`). Under pytest-xdist each worker is a session of its
+    own, with a server of its own."""
     binary = require_redis()
     with tempfile.TemporaryDirectory(prefix="relayd-redis-") as data:
         server = start_redis(binary, Path(data))
@@ -182,8 +183,8 @@ def redis_url(redis_server: RedisServer, request: pytest.FixtureRequest) -> str:
     """A URL for this test alone: a database of the session's server, flushed before use.
 
     Redis has 16 databases; tests take 1-15 in turn and flush the one they get, so a test
-    never sees another's keys (tests do not run concurrently within one pytest process).
-    """
+    never sees another's keys (tests do not run concurrently within one pytest process, and
+    each xdist worker process has a server of its own)."""
     global _databases
     try:
         db = next(_databases)

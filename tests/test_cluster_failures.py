@@ -126,7 +126,8 @@ async def test_a_node_cut_off_from_redis_for_its_lease_closes_its_sessions_1013_
         status = await a.next_of("delivery_status")
         assert (status["msgid"], status["status"]) == ("m1", "queued_offline")
         own_redis.kill()
-        # store.lease (1 s) without an answer: the node may have lost Alice's claim.
+        # Two thirds of store.lease (3 s) without an answer: the node may have lost Alice's
+        # claim.
         error = await a.next_of("error")
         assert error["error"]["code"] == "store_unavailable"
         assert await a.closed() == CloseCode.TRY_AGAIN_LATER
