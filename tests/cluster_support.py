@@ -27,7 +27,7 @@ from .support import IO_DEADLINE, TEST_SECRET, make_config
 # seconds fences itself. Not quicker: a node in the test's process, on a loaded machine with
 # every write fsynced (AOF_ALWAYS), has missed a tighter lease (0.3 s calls, 1 s lease) and
 # closed its sessions 1013 in the middle of a test.
-QUICK_STORE: dict[str, Any] = {"timeout": 1.0, "lease": 3.0}
+QUICK_STORE: dict[str, Any] = {"timeout": 2.0, "lease": 6.0}
 AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
 
 
