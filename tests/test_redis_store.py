@@ -511,6 +511,47 @@ async def test_history_indexes_hold_every_delivery_and_nothing_else(redis_url: s
     }
 
 
+async def test_a_big_history_is_forgotten_a_page_at_a_time_and_a_cut_deletion_finished_at_open(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting a client deletes its history a page per call (Redis runs nothing else during
+    one); a deletion cut short between pages is finished by the next open of the store."""
+    monkeypatch.setattr("relayd._redis._store.FORGET_PAGE", 2)
+    calls: list[str] = []
+    with trio.fail_after(IO_DEADLINE):
+        async with RedisStore.open(redis_url) as store:
+            for uuid in (UUID_A, UUID_B):
+                await store.insert_client(client(uuid))
+            sent = [talk(seq, UUID_A, UUID_B) for seq in range(1, 8)]
+            await store.execute(sent, max_queued=100)
+            finals = [Finish(seq, Status.DELIVERED, 10.0, False) for seq in range(1, 7)]
+            await store.execute(finals, max_queued=100)
+            call = store._call
+
+            async def counted(operation: str, *args: Any, write: bool = True) -> Any:
+                calls.append(operation)
+                return await call(operation, *args, write=write)
+
+            monkeypatch.setattr(store, "_call", counted)
+            assert await store.delete_client(UUID_A, 20.0)
+            # 7 deliveries on the sent side, 0 received: pages of 2, the first two with the
+            # tombstone, then three more (1-2, 3-4; 5-6, 7, the received side).
+            assert calls == ["delete_client"] + ["forget_history"] * 3
+            # What waits (7) stays; the final ones are gone from B's history too.
+            assert [e.seq for e in await store.history(HistoryQuery(UUID_B))] == [7]
+            # Cut short: the tombstone and two pages of one are made, then the node stops.
+            await store.insert_client(client(UUID_C))
+            await store.execute([talk(seq, UUID_C, UUID_B) for seq in (8, 9, 10)], max_queued=9)
+            ends = [Finish(seq, Status.DELIVERED, 30.0, False) for seq in (8, 9, 10)]
+            await store.execute(ends, max_queued=100)
+            assert await call("delete_client", UUID_C, "40.0", 1) == [1, 1]
+            assert [e.seq for e in await store.history(HistoryQuery(UUID_B))] == [10, 7]
+        assert UUID_C.encode() in (await redis_dump(redis_url))[b"relayd:forget"]
+        async with RedisStore.open(redis_url) as store:
+            assert [e.seq for e in await store.history(HistoryQuery(UUID_B))] == [7]
+    assert b"relayd:forget" not in await redis_dump(redis_url)
+
+
 async def test_no_content_at_rest_in_redis_its_rdb_or_its_aof(tmp_path: Path) -> None:
     server = start_redis(
         require_redis(),

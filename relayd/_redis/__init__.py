@@ -55,10 +55,12 @@ Theory of operation:
   cursor from each side (one index, or two for ``box="all"``) and merges them: it costs its
   size, not the history's, with or without a peer or a conversation. Every delivery is in the
   three of its sender and recipient (and three more in a conversation) from its ``Insert``
-  until it is purged; deleting a client deletes its history in the same call as its tombstone,
-  a cost that grows with that history, and Redis runs nothing else meanwhile: about 0.1 ms a
-  message on a small, busy machine (100,000 messages: ~10 s, past ``call_timeout``, so the
-  caller sees :class:`~relayd._errors.StoreUnavailable` while the deletion completes).
+  until it is purged. Deleting a client makes its tombstone in one call and then deletes its
+  history a page (``FORGET_PAGE``) per call, so that Redis, which runs nothing else during a
+  call, is never held long by a big history (one call for 100,000 messages held it ~10 s); the
+  clients whose history is still being deleted are in ``forget`` with a cursor, and a deletion
+  cut short (the node stopped between pages) is finished by the next node that opens the
+  store.
 * **Durability** is the server's: with ``appendonly yes`` and ``appendfsync always``, Redis
   answers a write once it is written and fsynced to its AOF, so an answered call is on disk;
   with ``everysec``, a crash of the server's machine may lose about the last second of
@@ -166,6 +168,9 @@ key                                type       what
 ``ids``                            hash       msgid -> how many stored messages carry it
 ``ck:<key id>``                    zset       message ids whose content is sealed with that key
 ``ckeys``                          set        key ids that content is sealed with
+``forget``                         hash       deleted client -> where deleting its history is
+                                              (``hs:<seq>`` its sent side, ``hr:<seq>`` its
+                                              received side): while it is not done
 ``cp``                             zset       message ids whose content is plain text
 ``schema:migration``               hash       while the data is migrated to a new layout:
                                               ``rank`` in ``acc`` the migration has reached

@@ -40,6 +40,9 @@ SEAL_PAGE = 256
 MIGRATION_PAGE = 500
 """Messages migrated to a new layout per round trip: each call holds Redis (which runs
 nothing else meanwhile) for about a millisecond."""
+FORGET_PAGE = 500
+"""Deliveries of a deleted client's history looked at per round trip (a history of 100,000
+held Redis for ~10 s in one call: ~0.1 ms each, so a page holds it for ~50 ms)."""
 
 
 class RedisStore:
@@ -111,6 +114,7 @@ class RedisStore:
             await link.load()
             store = cls(link, keys=keys, prefix=prefix)
             await store._check_layout(migration_page)
+            await store._finish_forgetting()
             store.durability = await store._read_durability()
             if keys is not None:
                 await store._check_keys(keys)
@@ -260,7 +264,22 @@ class RedisStore:
         return bool(await self._call("revoke_client_tokens", uuid, C.when(at)))
 
     async def delete_client(self, uuid: str, at: float) -> bool:
-        return bool(await self._call("delete_client", uuid, C.when(at)))
+        """The tombstone, families and keys go in one call; the client's history then a page
+        per call (:meth:`_forget_history`), so that a big one never holds Redis for long. If
+        this is cancelled or fails between pages, the next open of the store finishes it."""
+        deleted, more = await self._call("delete_client", uuid, C.when(at), FORGET_PAGE)
+        if more:
+            await self._forget_history(uuid)
+        return bool(deleted)
+
+    async def _forget_history(self, uuid: str) -> None:
+        while await self._call("forget_history", uuid, FORGET_PAGE):
+            pass
+
+    async def _finish_forgetting(self) -> None:
+        """What a deletion left unfinished (a node stopped between its pages) is forgotten."""
+        for uuid in await self._call("forgetting", write=False):
+            await self._forget_history(C.text(uuid))
 
     # --- refresh families -------------------------------------------------------------------
 

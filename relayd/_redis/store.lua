@@ -70,6 +70,7 @@ K.accepted = P .. 'acc'
 K.msgids = P .. 'ids'
 K.key_ids = P .. 'ckeys'
 K.plain = P .. 'cp'
+K.forgetting = P .. 'forget'  -- hash: deleted client -> where forgetting its history is
 
 -- --- helpers ----------------------------------------------------------------------------------
 
@@ -221,8 +222,10 @@ function U.delete_family(id, uuid)
     call('SREM', K.families_of(uuid), id)
 end
 
+-- {uuid, at, limit}: {1 if it was live, else 0; 1 if its history is not all forgotten yet}.
 function OPS.delete_client(a)
-    local uuid, at = a[1], a[2]
+    local uuid, at, limit = a[1], a[2], a[3]
+    if type(limit) ~= 'number' or limit < 1 then return U.fail('a page of at least 1') end
     local live = U.live(uuid)
     if live then
         call('HSET', K.client(uuid), 'da', at, 'h', '', 'tv', at)
@@ -231,11 +234,49 @@ function OPS.delete_client(a)
     for _, family in ipairs(call('SMEMBERS', K.families_of(uuid))) do
         U.delete_family(family, uuid)
     end
+    local more = 0
     if live then
         U.forget_keys(uuid)
-        U.forget_history(uuid)
+        -- Its history goes a page per call (forget_history): a big one would hold Redis. A
+        -- page of each side here, so that a small one is forgotten in this call.
+        call('HSET', K.forgetting, uuid, 'hs:0')
+        more = OPS.forget_history({uuid, limit})
+        if more == 1 then more = OPS.forget_history({uuid, limit}) end
     end
-    return live and 1 or 0
+    return {live and 1 or 0, more}
+end
+
+-- {uuid, limit}: forget up to ``limit`` more of a deleted client's history (the final
+-- deliveries it sent, then those it received with no receipt owed, by seq); the cursor is
+-- kept in ``forget``. 1 while more may remain, 0 once done (or never asked).
+function OPS.forget_history(a)
+    local uuid, limit = a[1], a[2]
+    if type(limit) ~= 'number' or limit < 1 then return U.fail('a page of at least 1') end
+    local at = call('HGET', K.forgetting, uuid)
+    if not at then return 0 end
+    local side, after = string.match(at, '^(%a+):(%d+)$')
+    local sent = side == 'hs'
+    local index = sent and K.history(uuid, false) or K.history(false, uuid)
+    local seqs = call('ZRANGEBYSCORE', index, '(' .. after, '+inf', 'LIMIT', 0, limit)
+    for _, seq in ipairs(seqs) do
+        seq = tonumber(seq)
+        local row = call('HMGET', K.delivery(seq), 'st', 'rp')
+        if row[1] ~= false and (sent or row[2] == '0') then U.delete_delivery(seq) end
+    end
+    if #seqs == limit then
+        call('HSET', K.forgetting, uuid, side .. ':' .. U.int(tonumber(seqs[#seqs])))
+    elseif sent then
+        call('HSET', K.forgetting, uuid, 'hr:0')
+    else
+        call('HDEL', K.forgetting, uuid)
+        return 0
+    end
+    return 1
+end
+
+-- {}: the deleted clients whose history is not all forgotten yet.
+function OPS.forgetting(a)
+    return call('HKEYS', K.forgetting)
 end
 
 -- --- refresh families and revoked tokens ------------------------------------------------------
@@ -767,18 +808,6 @@ end
 -- to another sender stays until told), and their messages once they have no delivery left.
 -- What waits, for it or from it, stays until it expires. It costs the size of the client's
 -- history, in one call: the tombstone and the history go together.
-function U.forget_history(uuid)
-    for _, seq in ipairs(call('ZRANGE', K.history(uuid, false), 0, -1)) do
-        seq = tonumber(seq)
-        if call('HEXISTS', K.delivery(seq), 'st') == 1 then U.delete_delivery(seq) end
-    end
-    for _, seq in ipairs(call('ZRANGE', K.history(false, uuid), 0, -1)) do
-        seq = tonumber(seq)
-        local row = call('HMGET', K.delivery(seq), 'st', 'rp')
-        if row[1] ~= false and row[2] == '0' then U.delete_delivery(seq) end
-    end
-end
-
 -- FindExpired = {'X', now, limit}
 function U.find_expired(op)
     local rows = {}
