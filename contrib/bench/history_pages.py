@@ -15,6 +15,13 @@ conversation), ``oldest`` (both boxes, oldest first). One JSON line per engine a
 appended to contrib/bench/results/results.jsonl (``--results`` elsewhere): the median, p99 and
 max of a page's wall time in ms (the round trip, the script or the SQL, decrypting the page)
 and, on Redis, the server's own CPU per page.
+
+With ``--load``, the pages are asked while another task runs the relay's own store traffic as
+fast as the store takes it (batches of 64 messages accepted, loaded, counted, acknowledged and
+purged between two other clients, as the group commit writes them): the row says how many
+messages a second that load moved meanwhile. Each row also gives the store's size per 1,000
+messages kept: the SQLite file (WAL checkpointed), or Redis's ``used_memory``, grown by the
+fill.
 """
 
 from __future__ import annotations
@@ -32,11 +39,11 @@ from typing import Any
 import trio
 
 from relayd._engine import HistoryQuery
-from relayd._relay.records import Finish, Insert, Status, StoreOp
+from relayd._relay.records import Finish, Insert, Purge, Status, StoreOp
 from relayd._store import ClientRecord
 
 from ._proc import RESULTS, record
-from .store_engines import CONTENT, opened
+from .store_engines import CONTENT, cycle, opened
 
 ENGINES = ("redis", "sqlite")
 CLIENT = "0b6f3b0e-1c1e-4c39-9a59-3f0f8f0c0a01"
@@ -51,6 +58,7 @@ def fill_batch(first: int, size: int, peers: int) -> list[StoreOp]:
     """Messages ``first``.. of the client, half to and half from its peers, each pair's in
     its conversation, finished with their content kept."""
     ops: list[StoreOp] = []
+    at = time.time()
     for seq in range(first, first + size):
         other = peer(seq % peers)
         sender, recipient = (CLIENT, other) if (seq // peers) % 2 else (other, CLIENT)
@@ -64,16 +72,31 @@ def fill_batch(first: int, size: int, peers: int) -> list[StoreOp]:
                 False,
                 True,
                 CONTENT,
-                float(seq),
-                1e12,
+                at,
+                at + 1e9,
                 conversation_id=f"c-{other}",
             )
         )
     ops += [
-        Finish(seq, Status.ACKNOWLEDGED, float(seq), False, keep_content=True)
+        Finish(seq, Status.ACKNOWLEDGED, at, False, keep_content=True)
         for seq in range(first, first + size)
     ]
     return ops
+
+
+LOAD_BATCH = 64
+
+
+async def size_of(store: Any, engine: str, workdir: Path) -> int:
+    """Bytes the store takes now: the SQLite file (its WAL checkpointed), or Redis's
+    ``used_memory``."""
+    if engine.startswith("redis"):
+        info = await store._link.command("info", lambda client: client.info("memory"))
+        return int(info["used_memory"])
+    # Checkpointed first: the WAL's frames are copies of pages the file will hold.
+    await store._run(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+    files = await trio.to_thread.run_sync(lambda: list(workdir.glob("bench.sqlite3*")))
+    return sum([(await trio.Path(path).stat()).st_size for path in files])
 
 
 def queries(cursor: int, limit: int) -> dict[str, HistoryQuery]:
@@ -98,24 +121,49 @@ async def measure(engine: str, args: argparse.Namespace) -> list[dict[str, Any]]
                 await store.insert_client(
                     ClientRecord(other, other[-4:], "x", ("client",), 1.0, 1.0)
                 )
+            empty = await size_of(store, engine, Path(workdir))
             filled = time.monotonic()
             for first in range(1, args.messages + 1, BATCH):
                 size = min(BATCH, args.messages + 1 - first)
                 await store.execute(fill_batch(first, size, args.peers), max_queued=1 << 30)
             filled = time.monotonic() - filled
+            per_thousand = (await size_of(store, engine, Path(workdir)) - empty) / (
+                args.messages / 1000
+            )
             draw = random.Random(args.seed)
             times: dict[str, list[float]] = {}
             server: dict[str, float] = {}
-            for _ in range(args.pages):
-                # Far enough from either end for a full page of one side with one peer.
-                margin = args.limit * args.peers * 4
-                cursor = draw.randrange(margin, args.messages - margin)
-                for name, query in queries(cursor, args.limit).items():
-                    cpu, start = server_cpu(), time.perf_counter()
-                    page = await store.history(query)
-                    times.setdefault(name, []).append(time.perf_counter() - start)
-                    server[name] = server.get(name, 0.0) + server_cpu() - cpu
-                    assert len(page) == args.limit, (name, cursor, len(page))
+            loaded = 0
+            async with trio.open_nursery() as nursery:
+                if args.load:
+
+                    async def load() -> None:
+                        nonlocal loaded
+                        seq = args.messages + 1
+                        while True:
+                            now = time.time()
+                            await store.execute(cycle(seq, LOAD_BATCH, now), max_queued=1 << 30)
+                            # A day's retention: what the fill kept stays, as on a relay
+                            # keeping history (its purge finds nothing to do yet).
+                            horizon = now - 86_400
+                            await store.execute([Purge(horizon, horizon)], max_queued=1 << 30)
+                            seq += LOAD_BATCH
+                            loaded += LOAD_BATCH
+
+                    nursery.start_soon(load)
+                began = time.monotonic()
+                for _ in range(args.pages):
+                    # Far enough from either end for a full page of one side with one peer.
+                    margin = args.limit * args.peers * 4
+                    cursor = draw.randrange(margin, args.messages - margin)
+                    for name, query in queries(cursor, args.limit).items():
+                        cpu, start = server_cpu(), time.perf_counter()
+                        page = await store.history(query)
+                        times.setdefault(name, []).append(time.perf_counter() - start)
+                        server[name] = server.get(name, 0.0) + server_cpu() - cpu
+                        assert len(page) == args.limit, (name, cursor, len(page))
+                load_rate = loaded / (time.monotonic() - began)
+                nursery.cancel_scope.cancel()
     for name, spent in times.items():
         ms = sorted(t * 1e3 for t in spent)
         rows.append(
@@ -129,8 +177,11 @@ async def measure(engine: str, args: argparse.Namespace) -> list[dict[str, Any]]
                     "peers": args.peers,
                     "limit": args.limit,
                     "pages": args.pages,
+                    "load": args.load,
                 },
                 "fill_s": round(filled, 1),
+                "bytes_per_1000_messages": round(per_thousand),
+                "load_msgs_per_s": round(load_rate) if args.load else None,
                 "median_ms": round(statistics.median(ms), 3),
                 "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3),
                 "max_ms": round(ms[-1], 3),
@@ -154,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=50, help="entries per page")
     parser.add_argument("--pages", type=int, default=200, help="pages asked, per query")
     parser.add_argument("--seed", type=int, default=14)
+    parser.add_argument(
+        "--load", action="store_true", help="ask the pages under the relay's store traffic"
+    )
     parser.add_argument("--tag", default="", help="free text stored with each row")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where rows are appended")
     args = parser.parse_args(argv)
