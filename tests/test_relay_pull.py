@@ -45,7 +45,7 @@ def send(h: CoreHarness, sid: int, to: str, msgid: str, *, ack: bool = True) -> 
     h.send(sid, {"to": to, "msgid": msgid, "acknowledge": ack, "content": msgid})
 
 
-def test_a_rest_session_is_handed_deliveries_only_while_a_pull_waits_and_no_more_than_it_takes() -> (
+def test_a_rest_session_is_handed_deliveries_only_while_a_pull_waits_and_only_what_it_takes() -> (
     None
 ):
     h = CoreHarness()
@@ -98,9 +98,7 @@ def test_an_ack_over_rest_finishes_the_delivery_and_tells_the_sender_only_for_wh
     assert row["status"] == "acknowledged"
 
 
-def test_an_unacknowledged_pull_is_redelivered_to_the_next_pull_after_the_ack_timeout_then_fails() -> (
-    None
-):
+def test_an_unacked_pull_is_redelivered_to_the_next_pull_after_the_ack_timeout_then_fails() -> None:
     relay = RelayConfig(ack_timeout=10.0, backoff_initial=1.0, max_attempts=2)
     h = CoreHarness(relay)
     alice, bob = h.client("alice"), h.client("bob")
@@ -123,9 +121,7 @@ def test_an_unacknowledged_pull_is_redelivered_to_the_next_pull_after_the_ack_ti
     assert h.core.acknowledge(r, "m1", h.now) is False
 
 
-def test_a_rest_session_ends_exactly_its_idle_timeout_after_its_last_pull_and_its_unacked_wait() -> (
-    None
-):
+def test_a_rest_session_ends_its_idle_timeout_after_its_last_pull_and_its_unacked_wait() -> None:
     relay = RelayConfig(pull_idle_timeout=60.0, ack_timeout=1000.0)
     h = CoreHarness(relay)
     alice, bob = h.client("alice"), h.client("bob")
@@ -200,9 +196,7 @@ def test_a_rest_session_never_replaces_a_live_socket() -> None:
     assert [m["msgid"] for m in h.messages(b)] == ["m1"]
 
 
-def test_a_rest_session_is_told_no_receipts_nor_key_changes_they_stay_owed_for_its_socket() -> (
-    None
-):
+def test_a_rest_session_is_told_no_receipts_nor_key_changes_they_stay_owed_for_its_socket() -> None:
     h = CoreHarness()
     alice, bob = h.client("alice"), h.client("bob")
     b = h.connect(bob)

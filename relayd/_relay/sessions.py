@@ -245,9 +245,7 @@ class Sessions:
         if session.rest and previous is not None and _is_live_socket(previous):
             # A pull never takes over a live socket (deliveries would swing between a socket
             # and a poller): the socket is how that client receives.
-            self.error(
-                session, F.CLIENT_CONNECTED, "the client has a live WebSocket session", now
-            )
+            self.error(session, F.CLIENT_CONNECTED, "the client has a live WebSocket session", now)
             self.close(session, CloseCode.REPLACED, F.CLIENT_CONNECTED)
             return None
         self.pending_auth -= 1
