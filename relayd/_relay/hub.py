@@ -961,6 +961,11 @@ class Hub:
                 del self._rest[client]
             self._signal()
 
+    @property
+    def waiting_pulls(self) -> int:
+        """Pulls waiting on a REST session here now (opened, not yet returned)."""
+        return sum(transport.pull is not None for transport in self._rest.values())
+
     def acknowledge(self, client: str, msgid: str) -> bool:
         """``POST /messages/{msgid}/ack``: ``True`` if ``client``'s REST session here held
         that delivery unacknowledged (its sender is told ``acknowledged``)."""
