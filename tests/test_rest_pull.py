@@ -80,7 +80,7 @@ async def test_a_pull_takes_what_waits_and_an_ack_tells_the_sender(relayd: Runni
         # Handing m2 to the pull delivered it.
         update = await a.next_of("delivery_status")
         assert (update["msgid"], update["status"]) == ("m2", "delivered")
-        assert_ok(await ack(http, token, "m1")) == {"msgid": "m1", "status": "acknowledged"}
+        assert assert_ok(await ack(http, token, "m1")) == {"msgid": "m1", "status": "acknowledged"}
         update = await a.next_of("delivery_update")
         assert (update["msgid"], update["status"]) == ("m1", "acknowledged")
     assert_error(await ack(http, token, "m1"), 404, "not_held")  # once
