@@ -201,18 +201,29 @@ def test_a_rest_session_is_told_no_receipts_nor_key_changes_they_stay_owed_for_i
     alice, bob = h.client("alice"), h.client("bob")
     b = h.connect(bob)
     send(h, b, alice.uuid, "m1")  # alice offline: queued
-    assert h.receipts(b) == [("delivery_status", "m1", "queued_offline")]
+    send(h, b, alice.uuid, "m2")
+    assert h.receipts(b) == [
+        ("delivery_status", "m1", "queued_offline"),
+        ("delivery_status", "m2", "queued_offline"),
+    ]
     h.disconnect(b)
-    r = rest_session(h, bob.token)
     a = h.connect(alice)
-    [m1] = h.messages(a)
-    h.send(a, {"type": "ack", "msgid": m1["msgid"]})
-    assert h.read(r) == []  # the acknowledged receipt is not the REST session's
-    [row] = h.stored("msgid = 'm1'")
-    assert (row["status"], row["receipt_pending"]) == ("acknowledged", 1)
+    m1, m2 = h.messages(a)
+    h.send(a, {"type": "ack", "msgid": m1["msgid"]})  # owed before bob's REST session opens
+    r = rest_session(h, bob.token)
+    h.send(a, {"type": "ack", "msgid": m2["msgid"]})  # and while it holds bob
+    assert h.read(r) == []  # neither receipt is the REST session's
+    rows = h.stored()
+    assert [(x["msgid"], x["status"], x["receipt_pending"]) for x in rows] == [
+        ("m1", "acknowledged", 1),
+        ("m2", "acknowledged", 1),
+    ]
     b2 = h.connect(bob)
     assert closed_code(h, r) == CloseCode.REPLACED
-    assert h.receipts(b2) == [("delivery_update", "m1", "acknowledged")]
+    assert h.receipts(b2) == [
+        ("delivery_update", "m1", "acknowledged"),
+        ("delivery_update", "m2", "acknowledged"),
+    ]
 
 
 def test_cluster_a_socket_on_another_node_takes_over_a_rest_session_and_gets_its_redelivery() -> (
