@@ -11,7 +11,10 @@ Theory of operation:
   client's channel when another session held it, and returns the message seq counter, which
   becomes the node's seq floor (see ``relayd/_relay/seqs.py``). A kicked node closes its
   session with 4009; what that session had not had acknowledged stays queued in the store,
-  and the new node delivers it as a redelivery.
+  and the new node delivers it as a redelivery. A REST session's claim (a pull's, see
+  ``relayd/_relay/rest.py``) is marked so in ``restclaim:<client>``; it is refused, atomically,
+  while a socket's claim of a live node holds the client (a pull never kicks a socket), and
+  taken over by any socket's.
 * **Leases.** A claim is only as live as its node: ``node:<id>`` is renewed every third of
   ``store.lease`` and expires after it (it counts from when the renewal was sent). A node
   without a successful renewal for two thirds of its lease (it was partitioned, or paused)
@@ -63,19 +66,36 @@ from ._relay.records import KeyNotice
 
 log = logging.getLogger("relayd.cluster")
 
-# Claim a client: take its claim (newest wins), kick the old holder, return the seq floor.
+# Claim a client: take its claim (newest wins), kick the old holder, return the seq floor. A
+# REST session's claim (ARGV[4] '1') is marked in KEYS[4], and refused ({0, 0}) while a socket's
+# claim of a live node (ARGV[5]: the node prefix) holds the client.
 _CLAIM = """
-local epoch = redis.call('INCR', KEYS[2])
 local previous = redis.call('GET', KEYS[1])
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. epoch)
+if ARGV[4] == '1' and previous and previous ~= redis.call('GET', KEYS[4]) then
+  local node = string.match(previous, '^(.*)|')
+  if node and redis.call('EXISTS', ARGV[5] .. node) == 1 then
+    return {0, 0}
+  end
+end
+local epoch = redis.call('INCR', KEYS[2])
+local value = ARGV[1] .. '|' .. epoch
+redis.call('SET', KEYS[1], value)
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[4], value)
+else
+  redis.call('DEL', KEYS[4])
+end
 if previous then
   redis.call('PUBLISH', ARGV[2], cjson.encode({k = 'kick', c = ARGV[3], e = epoch}))
 end
 return {epoch, tonumber(redis.call('GET', KEYS[3]) or '0')}
 """
 
-# Release a claim, if it is still the one this session made.
+# Release a claim (and its REST mark, KEYS[2]), if it is still the one this session made.
 _RELEASE = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
@@ -252,8 +272,9 @@ class RedisCluster:
         except StoreError as exc:
             raise ClusterUnavailable(str(exc)) from None
 
-    async def claim(self, client: str) -> Claim:
-        """Take ``client`` for a session on this node (see the module docstring).
+    async def claim(self, client: str, *, rest: bool = False) -> Claim | None:
+        """Take ``client`` for a session on this node (see the module docstring); ``rest``:
+        for a REST session, which is refused (``None``) while a socket holds the client.
 
         Raises:
             ClusterUnavailable: Redis did not answer; the client was not claimed.
@@ -263,10 +284,23 @@ class RedisCluster:
         epoch, floor = await self._call(
             "claim",
             lambda: self._claim(
-                keys=[self._key("claim", client), self._key("epochs"), self._seq_key],
-                args=[self.node, self.channel(client), client],
+                keys=[
+                    self._key("claim", client),
+                    self._key("epochs"),
+                    self._seq_key,
+                    self._key("restclaim", client),
+                ],
+                args=[
+                    self.node,
+                    self.channel(client),
+                    client,
+                    "1" if rest else "0",
+                    self._key("node", ""),
+                ],
             ),
         )
+        if not int(epoch):
+            return None
         return Claim(int(epoch), int(floor))
 
     async def release(self, client: str, epoch: int) -> None:
@@ -276,7 +310,8 @@ class RedisCluster:
             await self._call(
                 "release",
                 lambda: self._release(
-                    keys=[self._key("claim", client)], args=[f"{self.node}|{epoch}"]
+                    keys=[self._key("claim", client), self._key("restclaim", client)],
+                    args=[f"{self.node}|{epoch}"],
                 ),
             )
         except ClusterUnavailable as exc:

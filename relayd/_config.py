@@ -300,6 +300,15 @@ class RelayConfig:
     """Most operations written in one group commit."""
     sweep_interval: float = field(default=30.0, validator=_positive)
     """Seconds between sweeps for expired messages in the store."""
+    pull_idle_timeout: float = field(default=60.0, validator=_positive)
+    """Seconds a REST session (``GET /messages/pending``) lives after its last pull ends;
+    then it ends, and what it was handed and had not had acknowledged is redelivered."""
+    pull_max_wait: float = field(default=30.0, validator=_non_negative)
+    """Longest long-poll (``wait``) a pull may ask for; longer ones are cut to this."""
+    pull_max_limit: int = field(default=100, validator=_positive)
+    """Most messages one pull returns (``limit``); larger ones are cut to this."""
+    max_pulls_waiting: int = field(default=1_000, validator=_positive)
+    """Pulls in progress at once on this node; more are refused (503 ``too_many_pulls``)."""
 
 
 @frozen(kw_only=True)

@@ -13,6 +13,7 @@ import enum
 import html
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any, Protocol
@@ -67,7 +68,9 @@ from ._openapi import (
     Invite,
     Invites,
     MessageStatus,
+    Pending,
     PublicKeys,
+    PullAck,
     Registered,
     Secret,
     Service,
@@ -101,6 +104,20 @@ class Relay(Protocol):
     async def queue_depths(self) -> dict[str, int]: ...
 
     def recent_status(self, sender: str, msgid: str) -> tuple[float, str | None] | None: ...
+
+    async def pull(
+        self, token: str, claims: Claims, *, remote: str, wait: float, limit: int
+    ) -> list[dict[str, Any]]:
+        """What waits for the client, over its REST session (see Hub.pull).
+
+        Raises:
+            ApiError: the pull was refused (too many, the client's socket is live, ...).
+        """
+        ...
+
+    def acknowledge(self, client: str, msgid: str) -> bool:
+        """Whether ``client``'s REST session held ``msgid`` unacknowledged (now acknowledged)."""
+        ...
 
 
 class Readiness(enum.Enum):
@@ -236,6 +253,27 @@ def _limit(text: str | None) -> int:
     if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
         raise ValidationError("limit", f"must be a whole number from 1 to {MAX_PAGE}")
     return int(text)
+
+
+def _pull_args(args: Mapping[str, str], *, max_wait: float, max_limit: int) -> tuple[float, int]:
+    """``GET /messages/pending``'s ``wait`` (seconds, 0 when absent, cut to ``max_wait``)
+    and ``limit`` (from 1, ``max_limit`` when absent, cut to it): 422 for anything else."""
+    wait = 0.0
+    text = args.get("wait")
+    if text is not None:
+        try:
+            wait = float(text)
+        except ValueError:
+            wait = math.nan
+        if not (math.isfinite(wait) and wait >= 0) or len(text) > 32:
+            raise ValidationError("wait", "must be a number of seconds, 0 or more")
+    limit = max_limit
+    text = args.get("limit")
+    if text is not None:
+        if not (text.isdigit() and len(text) <= 19 and int(text) >= 1):
+            raise ValidationError("limit", "must be a whole number, 1 or more")
+        limit = int(text)
+    return min(wait, max_wait), min(limit, max_limit)
 
 
 HISTORY_PAGE = 50
@@ -893,6 +931,49 @@ def create_app(services: Services) -> QuartTrio:
             for row in rows
         ]
         return {"count": count, "messages": messages}
+
+    @app.get("/messages/pending")
+    @api(["messages"], Pending, errors=(403, 409, 422, 503), bearer=True)
+    async def pending() -> dict[str, Any]:
+        """Receive over REST: what waits for the client, waiting up to ``wait`` seconds for
+        the first (a long poll), at most ``limit``. Each is handed out as on a socket: one
+        with ``acknowledge: true`` awaits ``POST /messages/{msgid}/ack`` and is redelivered
+        after ``relay.ack_timeout``. Refused (409) while the client's WebSocket is live."""
+        claims = await authenticated()
+        if claims.is_operator:
+            raise Forbidden("an operator token receives no messages", code="not_a_client")
+        relay_config = services.config.relay
+        wait, limit = _pull_args(
+            request.args,
+            max_wait=relay_config.pull_max_wait,
+            max_limit=relay_config.pull_max_limit,
+        )
+        relay = services.relay
+        if relay is None:
+            raise Unavailable("relayd is not relaying", code="unavailable")
+        messages = await relay.pull(
+            _bearer_token(), claims, remote=_source() or "-", wait=wait, limit=limit
+        )
+        return {"count": len(messages), "messages": messages}
+
+    @app.post("/messages/<msgid>/ack")
+    @api(["messages"], PullAck, errors=(404,), bearer=True)
+    async def acknowledge(msgid: str) -> dict[str, Any]:
+        """Acknowledge a message a pull handed out (as the ``ack`` frame does on a socket):
+        its sender is told ``acknowledged``. 404 ``not_held`` when the client's REST session
+        does not hold it unacknowledged."""
+        claims = await authenticated()
+        relay = services.relay
+        if (
+            len(msgid) > MAX_MSGID_CHARS
+            or relay is None
+            or not relay.acknowledge(claims.sub, msgid)
+        ):
+            raise NotFound(
+                "your REST session holds no unacknowledged delivery of this msgid",
+                code="not_held",
+            )
+        return {"msgid": msgid, "status": "acknowledged"}
 
     @app.get("/messages")
     @api(["messages"], History, errors=(403, 422), bearer=True)

@@ -213,6 +213,23 @@ class Undelivered:
 
 
 @frozen
+class Pending:
+    """What a pull took (``GET /messages/pending``): ``messages``, each a delivered
+    ``message`` frame as a socket gets it (the 13 fields, ``attempt``, ``redelivered``)."""
+
+    count: int
+    messages: list[dict[str, Any]]
+
+
+@frozen
+class PullAck:
+    """A delivery acknowledged over REST: ``{"msgid": ..., "status": "acknowledged"}``."""
+
+    msgid: str
+    status: str
+
+
+@frozen
 class History:
     """A page of a client's history, newest first unless ``order=oldest``: each entry is a
     delivery's record (``from``, ``to``, ``status``, ``attempts``, the times it was accepted,

@@ -78,6 +78,7 @@ class Peer:
         return item
 
     coalesces = False
+    rest = False
     bounded_writes = False  # the hub's write timer bounds its writes
     writes_inline = True
 

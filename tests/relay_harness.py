@@ -212,11 +212,14 @@ class CoreHarness:
         token: str | None = None,
         pong: bool = False,
         lean: bool = False,
+        rest: bool = False,
     ) -> int:
         sid = self._next_sid
         self._next_sid += 1
         self.sessions[sid] = SessionLog(sid)
-        self.core.open(sid, remote, self.now, token=token, pong_observable=pong, lean=lean)
+        self.core.open(
+            sid, remote, self.now, token=token, pong_observable=pong, lean=lean, rest=rest
+        )
         self.run()
         return sid
 
@@ -227,6 +230,14 @@ class CoreHarness:
         assert welcome[0]["type"] == "connection", welcome
         self.sessions[sid].written[:0] = welcome[1:]
         return sid
+
+    def pull(self, sid: int, limit: int = 100) -> list[dict[str, Any]]:
+        """A pull on REST session ``sid`` that returns at once: the deliveries it takes."""
+        self.core.pull(sid, limit, self.now)
+        self.run()
+        self.core.pull_done(sid, self.now)
+        self.run()
+        return self.messages(sid)
 
     def send(self, sid: int, frame: dict[str, Any] | str | bytes) -> None:
         data = json.dumps(frame) if isinstance(frame, dict) else frame

@@ -704,10 +704,10 @@ class GatedClaims(RedisCluster):
         self.gate = trio.Event()
         self.held = trio.Event()
 
-    async def claim(self, client: str) -> Claim:
+    async def claim(self, client: str, *, rest: bool = False) -> Claim | None:
         self.held.set()
         await self.gate.wait()
-        return await super().claim(client)
+        return await super().claim(client, rest=rest)
 
 
 async def test_a_claim_made_for_a_session_that_ended_meanwhile_is_given_back(

@@ -27,6 +27,7 @@ class TimerKind(enum.Enum):
     ACK = 5
     BACKOFF = 6
     SWEEP = 7
+    IDLE = 8  # a REST session's idle end
 
 
 class Context:

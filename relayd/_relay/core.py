@@ -48,6 +48,13 @@ Rules that hold between any two events:
    written: pushed at once to an online correspondent with room on its socket, otherwise
    loaded from the store when it connects or when its socket drains. So it is told at least
    once; a change landing while its correspondent connects may be told twice.
+8. A *REST session* (``rest``; ``GET /messages/pending``) is a session without a socket: its
+   transport is a buffer that pulls drain. It is a client's active session like any other
+   (rule 1; a socket that authenticates replaces it with 4009), except that it never
+   replaces a live socket (it is refused, ``client_connected``), it is handed deliveries only
+   while a pull waits and at most as many as that pull may take (its ``credit``), it is told
+   no receipts and no key changes (they stay owed for the client's next socket), and it ends
+   ``relay.pull_idle_timeout`` after its last pull.
 """
 
 from __future__ import annotations
@@ -255,6 +262,8 @@ class RelayCore:
                 self.sessions.token_timer(target, now)
             elif kind is TimerKind.SWEEP:
                 self._sweep(now)
+            elif kind is TimerKind.IDLE:
+                self.sessions.idle(target, now)
 
     def _sweep(self, now: float) -> None:
         relay = self._ctx.relay
@@ -273,10 +282,11 @@ class RelayCore:
         token: str | None = None,
         pong_observable: bool = False,
         lean: bool = False,
+        rest: bool = False,
     ) -> None:
         """A socket was accepted. ``token``: one offered in the URL, a header or a subprotocol;
         ``lean``: the client chose the lean receipt profile (no ``pending_ack`` receipts, no
-        ``ack_received``).
+        ``ack_received``); ``rest``: a REST session, opened by a pull with its token (rule 8).
 
         Connection limits: a socket is *admitted* — counted against ``max_connections`` and
         ``max_connections_per_ip``, or refused with 4029 — as soon as it offers a token, in the
@@ -286,7 +296,7 @@ class RelayCore:
         sockets that never authenticate cannot lock out a client that presents a token.
         """
         self.sessions.open(
-            sid, remote, now, token=token, pong_observable=pong_observable, lean=lean
+            sid, remote, now, token=token, pong_observable=pong_observable, lean=lean, rest=rest
         )
 
     def authenticated(self, sid: int, who: Identity, now: float, *, refresh: bool) -> None:
@@ -296,7 +306,8 @@ class RelayCore:
             return
         session, previous = opened
         self.delivery.connected(session, previous)
-        self.receipts.connected(session)
+        if not session.rest:
+            self.receipts.connected(session)
         self.delivery.drain_staging(who.client, now)
         held, session.held = session.held, []
         for data in held:
@@ -323,6 +334,37 @@ class RelayCore:
         ``login`` (its refresh family), or one access token (``token_id``). The client's
         session is closed with 4003 at once if it runs on a revoked token."""
         self.sessions.revoke(client, now, login=login, token_id=token_id, reason=reason)
+
+    # --- REST sessions (rule 8) ------------------------------------------------------------
+
+    def pull(self, sid: int, limit: int, now: float) -> None:
+        """A pull waits on REST session ``sid`` for at most ``limit`` deliveries: what its
+        mailbox holds goes out now (as frames on the session, written as soon as handed to
+        the pull), more as it arrives, until :meth:`pull_done`."""
+        session = self.sessions.pull_begins(sid, limit, now)
+        if session is not None:
+            self.delivery.drained(session, now)
+
+    def pull_done(self, sid: int, now: float) -> None:
+        """The pull on REST session ``sid`` returned; its idle time counts from ``now``."""
+        self.sessions.pull_ends(sid, now)
+
+    def pull_ready(self, sid: int) -> bool:
+        """Whether REST session ``sid`` has loaded what the store held for its client when
+        it opened (or has ended): a pull that finds nothing can say nothing waits."""
+        session = self.sessions.by_sid.get(sid)
+        if session is None or session.phase is not Phase.ACTIVE or session.client is None:
+            return True
+        recipient = self.delivery.recipients.get(session.client)
+        return recipient is None or recipient.session is not session or recipient.loading is None
+
+    def acknowledge(self, sid: int, msgid: str, now: float) -> bool:
+        """``POST /messages/{msgid}/ack`` on REST session ``sid``: ``True`` if it held that
+        delivery unacknowledged (its sender is told ``acknowledged``), ``False`` if not."""
+        session = self.sessions.by_sid.get(sid)
+        if session is None or session.phase is not Phase.ACTIVE or not session.rest:
+            return False
+        return self.delivery.acknowledge(session, msgid, now)
 
     def drain(self, now: float) -> None:
         """Shutdown: tell every session, then close it with 1001 once its frames are written."""
@@ -540,7 +582,8 @@ class RelayCore:
         for client, recipient in self.delivery.recipients.items():
             self.delivery.wake(client, 1, now)
             self.receipts.owed(client, 1)
-            if recipient.session.notices is None and recipient.session.phase is Phase.ACTIVE:
+            session = recipient.session
+            if session.notices is None and session.phase is Phase.ACTIVE and not session.rest:
                 self.receipts.load_key_notices(recipient.session)
 
     def fence(self, now: float) -> None:

@@ -153,24 +153,42 @@ class Delivery:
         Raises:
             ProtocolError: no msgid.
         """
-        assert session.client is not None
         msgid = doc.get("msgid")
         if not isinstance(msgid, str) or not msgid:
             raise ProtocolError(
                 F.INVALID_ACK, "msgid: must be the msgid of a received message", field="msgid"
             )
+        recipient = self._acknowledge(session, msgid, now)
+        if recipient is None:
+            self.sessions.send(session, F.ack_received_frame(msgid, "unknown", now))
+            return
+        if not session.lean:
+            self.sessions.send(session, F.ack_received_frame(msgid, "acknowledged", now))
+        self.pump(recipient, now)
+
+    def acknowledge(self, session: Session, msgid: str, now: float) -> bool:
+        """An ack over REST (``POST /messages/{msgid}/ack``) on the client's REST session:
+        ``False`` if it holds no unacknowledged delivery of ``msgid`` (never handed to it,
+        acknowledged or finished already, or handed to another session of the client)."""
+        recipient = self._acknowledge(session, msgid, now)
+        if recipient is None:
+            return False
+        self.pump(recipient, now)
+        return True
+
+    def _acknowledge(self, session: Session, msgid: str, now: float) -> Recipient | None:
+        """Finish the delivery of ``msgid`` that ``session`` holds unacknowledged: its
+        recipient, or ``None`` if it holds none."""
+        assert session.client is not None
         recipient = self.recipients.get(session.client)
         message = recipient.unacked.get(msgid) if recipient is not None else None
         if recipient is None or message is None or message.sid != session.sid:
-            self.sessions.send(session, F.ack_received_frame(msgid, "unknown", now))
-            return
+            return None
         del recipient.unacked[msgid]
         if message.written_at:  # an ack may come before relayd hears the write completed
             self.ctx.metrics.ack_latency.observe(now - message.written_at)
         self.finish(message, Status.ACKNOWLEDGED, now)
-        if not session.lean:
-            self.sessions.send(session, F.ack_received_frame(msgid, "acknowledged", now))
-        self.pump(recipient, now)
+        return recipient
 
     def reserve_seqs(self) -> None:
         """Ask the store for the next block of seqs if the pool runs low (cluster mode)."""
@@ -423,6 +441,8 @@ class Delivery:
         while recipient.high or recipient.normal:
             if session.queued >= room or len(recipient.unacked) >= window:
                 break
+            if session.rest and session.credit <= 0:
+                break  # a REST session's deliveries go out only to a waiting pull
             queue = recipient.high or recipient.normal
             message = queue[0]
             if message.acknowledge and message.msgid in recipient.unacked:
@@ -450,6 +470,8 @@ class Delivery:
                 message.fields, attempt=message.attempts, redelivered=redelivered
             )
             self.sessions.send(session, text, message)
+            if session.rest:
+                session.credit -= 1
         if (
             recipient.backlog
             and recipient.loading is None

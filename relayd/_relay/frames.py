@@ -86,6 +86,7 @@ REFRESH_IN_PROGRESS = "refresh_in_progress"
 TOO_MANY_CONNECTIONS = "too_many_connections"
 SHUTTING_DOWN = "shutting_down"
 STORE_UNAVAILABLE = "store_unavailable"
+CLIENT_CONNECTED = "client_connected"  # a REST pull while the client has a socket
 
 
 class RateLimited(ProtocolError):

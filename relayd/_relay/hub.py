@@ -43,16 +43,20 @@ from relayd._engine import Engine
 from relayd._errors import (
     ApiError,
     ClusterUnavailable,
+    Conflict,
+    RateLimited,
     StoreError,
     StoreUnavailable,
     TokenError,
+    Unavailable,
 )
 from relayd._log import audit, conn_id
 from relayd._roles import RoleDirectory, RolePolicy
+from relayd._tokens import Claims
 
 from .core import RelayCore
 from .effects import Action, Announce, Authenticate, Close, Ping, ReserveSeqs, Send
-from .frames import CloseCode
+from .frames import CLIENT_CONNECTED, CloseCode
 from .model import Identity, Ref
 from .records import (
     ClearKeyNotice,
@@ -63,6 +67,7 @@ from .records import (
     SetReceiptPending,
     StoreOp,
 )
+from .rest import RestTransport
 from .seqs import SeqPool
 
 if TYPE_CHECKING:  # coredis is imported only when the Redis engine is used
@@ -216,6 +221,8 @@ class Hub:
         self._unflushed: dict[int, _Handle] = {}  # sockets with frames queued by _dispatch
         self.closing = False
         self._stopped = False  # shutdown's deadline has passed
+        self._rest: dict[str, RestTransport] = {}  # each client's REST session here, by uuid
+        self.pulls = 0  # pulls in progress (bounded by relay.max_pulls_waiting)
         auth.subscribe(self.revoked)
         if cluster is not None:
             auth.subscribe(self._publish_revocation)
@@ -600,7 +607,8 @@ class Hub:
         the claim's epoch. Seqs for what it sends here sort above what it sent elsewhere.
 
         Raises:
-            ApiError: ``store_unavailable``: Redis did not answer in time.
+            ApiError: ``store_unavailable``: Redis did not answer in time;
+                ``client_connected``: a REST session's claim, refused (see RedisCluster.claim).
         """
         cluster = self.cluster
         assert cluster is not None
@@ -608,7 +616,10 @@ class Hub:
             await cluster.watch(client)
             handle.watching = client  # from here on, _unclaim gives it back
             self._ended_meanwhile(handle)
-            claim = await cluster.claim(client)
+            claim = await cluster.claim(client, rest=handle.transport.rest)
+            if claim is None:
+                # A REST session never takes a client from its live socket on another node.
+                raise ApiError("the client has a live WebSocket session", code=CLIENT_CONNECTED)
             handle.claim = (client, claim.epoch)
             self._ended_meanwhile(handle)
         except ClusterUnavailable as exc:
@@ -859,6 +870,113 @@ class Hub:
         deduplication remembers it (``relay.dedupe_window``)."""
         return self.core.recent_status(sender, msgid)
 
+    # --- REST sessions (GET /messages/pending; rule 8 of core.py) ---------------------------
+
+    async def pull(
+        self, token: str, claims: Claims, *, remote: str, wait: float, limit: int
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` deliveries for the client of ``token`` (verified as ``claims``),
+        waiting up to ``wait`` seconds for the first: each a delivered ``message`` frame. The
+        client's REST session here is opened by its first pull (authenticated and, in cluster
+        mode, claimed as a socket's session is). A newer pull of the same client makes one
+        still waiting return at once, empty. Cancelled, what the pull was handed stays for
+        the next (it is in flight: unacknowledged, it is redelivered after the ack timeout).
+
+        Raises:
+            Unavailable: ``too_many_pulls`` (``relay.max_pulls_waiting``), or the session
+                could not open (``store_unavailable``, ``shutting_down``, ...).
+            Conflict: ``client_connected``: the client has a live WebSocket session.
+            TokenError: the token was refused when the session opened.
+        """
+        if self.pulls >= self.core.relay.max_pulls_waiting:
+            raise Unavailable(
+                "too many pulls are waiting; try again later",
+                code="too_many_pulls",
+                details={"retry_after": 1},
+                headers={"Retry-After": "1"},
+            )
+        self.pulls += 1
+        try:
+            transport = await self._rest_session(token, claims, remote)
+            return await self._pull(transport, wait, limit)
+        finally:
+            self.pulls -= 1
+
+    async def _rest_session(self, token: str, claims: Claims, remote: str) -> RestTransport:
+        """The client's REST session here, opened if it has none, once it is ready."""
+        transport = self._rest.get(claims.sub)
+        if transport is not None and not transport.ended:
+            if transport.token_id != claims.jti and transport.ready:
+                # A newer token: the session runs on it from now on (as a refresh frame does).
+                transport.token_id = claims.jti
+                who = Identity(claims.sub, "", claims.iat, claims.exp, claims.jti, claims.family)
+                self.core.authenticated(transport.sid, who, self.clock(), refresh=True)
+                self._apply()
+        else:
+            transport = RestTransport(self.new_sid(), remote, token, self._signal)
+            transport.token_id = claims.jti
+            if self.closing or not self._spawn(self._serve_rest, claims.sub, transport):
+                raise Unavailable("relayd is shutting down", code="shutting_down")
+            self._rest[claims.sub] = transport
+        sid = transport.sid
+        # The first load from the store is part of opening: a pull that finds nothing then
+        # can say that nothing waits.
+        with trio.move_on_after(self.core.ws.auth_timeout):
+            await self._until(
+                lambda: transport.ended or (transport.ready and self.core.pull_ready(sid))
+            )
+        if transport.ended and not transport.ready:
+            raise _refusal(transport.error)
+        if not transport.ready:
+            raise Unavailable("the REST session did not open in time", code="store_unavailable")
+        return transport
+
+    async def _pull(
+        self, transport: RestTransport, wait: float, limit: int
+    ) -> list[dict[str, Any]]:
+        me = transport.pull = object()
+        self._signal()  # a pull still waiting on this session returns
+        sid = transport.sid
+        self.core.pull(sid, max(0, limit - len(transport.outbox)), self.clock())
+        self._apply()
+        try:
+            with trio.move_on_after(wait):
+                await self._until(
+                    lambda: bool(transport.outbox) or transport.ended or transport.pull is not me
+                )
+        finally:
+            if transport.pull is me:
+                transport.pull = None
+                self.core.pull_done(sid, self.clock())
+                self._apply()
+        if transport.pull is not None:
+            return []  # a newer pull took over: what waits is its
+        return transport.take(limit)
+
+    async def _serve_rest(self, client: str, transport: RestTransport) -> None:
+        try:
+            await self.serve(transport, sid=transport.sid)
+        finally:
+            transport.end()
+            if self._rest.get(client) is transport:
+                del self._rest[client]
+            self._signal()
+
+    @property
+    def waiting_pulls(self) -> int:
+        """Pulls waiting on a REST session here now (opened, not yet returned)."""
+        return sum(transport.pull is not None for transport in self._rest.values())
+
+    def acknowledge(self, client: str, msgid: str) -> bool:
+        """``POST /messages/{msgid}/ack``: ``True`` if ``client``'s REST session here held
+        that delivery unacknowledged (its sender is told ``acknowledged``)."""
+        transport = self._rest.get(client)
+        if transport is None or transport.ended:
+            return False
+        done = self.core.acknowledge(transport.sid, msgid, self.clock())
+        self._apply()
+        return done
+
     async def queue_depths(self) -> dict[str, int]:
         """Undelivered messages in the store, per recipient."""
         return await self.store.queue_depths()
@@ -892,6 +1010,7 @@ class Hub:
                         token=transport.token,
                         pong_observable=transport.pong_observable,
                         lean=transport.lean,
+                        rest=transport.rest,
                     )
                     transport.token = None  # checked by now, or on its way: not kept
                     if not transport.writes_inline:
@@ -1033,3 +1152,18 @@ class Hub:
             handle.pinging = False
         self.core.pong(handle.sid, self.clock())
         self._apply()
+
+
+def _refusal(error: tuple[str, str] | None) -> ApiError:
+    """What a pull answers when the REST session it opened was refused (its error frame)."""
+    code, message = error or ("connection_closed", "the REST session ended")
+    if code == CLIENT_CONNECTED:
+        return Conflict(
+            "the client has a live WebSocket session: receive on it, or close it first",
+            code=code,
+        )
+    if code.startswith("token_") or code in ("not_authenticated", "missing_token"):
+        return TokenError(code, message)
+    if code == "too_many_connections":
+        return RateLimited(1.0)
+    return Unavailable(message, code=code, details={"retry_after": 1}, headers={"Retry-After": "1"})

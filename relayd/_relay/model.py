@@ -107,6 +107,11 @@ class Session:
     notices: LoadKeyNotices | None = None  # the owed key changes being loaded, if any
     notices_out: int = 0  # key_changed frames handed to the socket, not yet written
     notices_more: bool = False  # the store may owe key changes not sent on this session
+    # A REST session (GET /messages/pending): no socket; deliveries go out only to a pull,
+    # never receipts or key changes (they stay owed for the client's next socket).
+    rest: bool = False
+    pulling: bool = False  # REST: a pull is waiting for deliveries
+    credit: int = 0  # REST: deliveries the waiting pull may still take
 
 
 @define(eq=False)

@@ -136,8 +136,8 @@ class Receipts:
         known = self._recent.get(message.key)
         if known is not None:
             self._recent[message.key] = (known[0], status)
-        sender = self.sessions.active.get(message.sender)
-        online = sender is not None and sender.phase is Phase.ACTIVE
+        sender = self.sessions.teller(message.sender)
+        online = sender is not None
         ref: ReceiptRef | None = None
         if status in FINAL:
             # The receipt is owed until its frame is written (see ReceiptRef).
@@ -206,7 +206,7 @@ class Receipts:
         """The store refused ``message``, whose sender was told nothing yet: say why (a
         duplicate is answered with the status its sender was told the first time)."""
         self._told_first(message)
-        sender = self.sessions.active.get(message.sender)
+        sender = self.sessions.teller(message.sender)
         if isinstance(outcome, Duplicate):
             self._recent[message.key] = (now, outcome.status or Status.QUEUED)
             if sender is not None:
@@ -278,8 +278,8 @@ class Receipts:
 
     def owed(self, client: str, seq: int) -> None:
         """See :meth:`RelayCore.receipts_owed`."""
-        session = self.sessions.active.get(client)
-        if session is None or session.phase is not Phase.ACTIVE:
+        session = self.sessions.teller(client)
+        if session is None:
             return
         if session.receipts is None:
             session.receipt_cursor = min(session.receipt_cursor, seq - 1)
@@ -318,8 +318,8 @@ class Receipts:
     def key_changed(self, notices: Iterable[KeyNotice], now: float) -> None:
         """See :meth:`RelayCore.key_changed`."""
         for notice in notices:
-            session = self.sessions.active.get(notice.reader)
-            if session is not None and session.phase is Phase.ACTIVE:
+            session = self.sessions.teller(notice.reader)
+            if session is not None:
                 self._send_key_notice(session, notice, now)
 
     def _send_key_notice(self, session: Session, notice: KeyNotice, now: float) -> None:

@@ -55,6 +55,14 @@ class Sessions:
         session = self.active.get(client)
         return session is not None and session.phase is Phase.ACTIVE
 
+    def teller(self, client: str) -> Session | None:
+        """The session told ``client``'s receipts and key changes: its active socket's. A REST
+        session takes deliveries only; while it is the active one, they stay owed."""
+        session = self.active.get(client)
+        if session is None or session.phase is not Phase.ACTIVE or session.rest:
+            return None
+        return session
+
     def active_tokens(self) -> list[tuple[str, str]]:
         """``(client, jti)`` of the token each active session runs on."""
         return [(client, s.token_id) for client, s in self.active.items() if s.token_id]
@@ -120,9 +128,11 @@ class Sessions:
         token: str | None,
         pong_observable: bool,
         lean: bool,
+        rest: bool = False,
     ) -> None:
         """See :meth:`RelayCore.open`."""
-        session = Session(sid, remote, now, now, pong_observable, lean=lean)
+        # A REST session is lean: an ack is answered by its HTTP response, not a frame.
+        session = Session(sid, remote, now, now, pong_observable, lean=lean or rest, rest=rest)
         self.by_sid[sid] = session
         self.pending_auth += 1
         if self.draining:
@@ -231,6 +241,13 @@ class Sessions:
             return None
         if session.phase is not Phase.PENDING:
             return None
+        previous = self.active.get(who.client)
+        if session.rest and previous is not None and _is_live_socket(previous):
+            # A pull never takes over a live socket (deliveries would swing between a socket
+            # and a poller): the socket is how that client receives.
+            self.error(session, F.CLIENT_CONNECTED, "the client has a live WebSocket session", now)
+            self.close(session, CloseCode.REPLACED, F.CLIENT_CONNECTED)
+            return None
         self.pending_auth -= 1
         session.phase = Phase.ACTIVE
         session.client = who.client
@@ -238,7 +255,6 @@ class Sessions:
         session.epoch = who.epoch
         session.expires_at = who.expires_at
         session.last_seen = session.last_ping = now
-        previous = self.active.get(who.client)
         self.active[who.client] = session
         welcome = F.connection_frame(
             who.client,
@@ -253,6 +269,8 @@ class Sessions:
         if session.pong_observable:
             # Otherwise the server under the transport pings and drops a silent peer.
             self.ctx.at(now + self.ctx.ws.heartbeat_interval, TimerKind.HEARTBEAT, sid, 0)
+        if session.rest:
+            self.ctx.at(now + self.ctx.relay.pull_idle_timeout, TimerKind.IDLE, sid, 0)
         return session, previous
 
     def auth_failed(self, sid: int, code: str, message: str, now: float, *, refresh: bool) -> None:
@@ -309,6 +327,41 @@ class Sessions:
             session.warned_for = session.expires_at
             self.send(session, F.token_expiring_frame(session.expires_at, now))
         self._arm_token_timers(session, now)
+
+    def idle(self, sid: int, now: float) -> None:
+        """A REST session's idle timer: it ends ``pull_idle_timeout`` after its last pull
+        ended (one timer per session, re-armed when it fires early)."""
+        session = self.by_sid.get(sid)
+        if session is None or session.phase is not Phase.ACTIVE:
+            return
+        timeout = self.ctx.relay.pull_idle_timeout
+        due = now + timeout if session.pulling else session.last_seen + timeout
+        if now < due:
+            self.ctx.at(due, TimerKind.IDLE, sid, 0)
+            return
+        self.close(session, CloseCode.NORMAL, "idle")
+
+    # --- pulls (REST sessions) -------------------------------------------------------------
+
+    def pull_begins(self, sid: int, limit: int, now: float) -> Session | None:
+        """A pull of at most ``limit`` deliveries waits on REST session ``sid``: the session,
+        if it is active."""
+        session = self.by_sid.get(sid)
+        if session is None or session.phase is not Phase.ACTIVE or not session.rest:
+            return None
+        session.pulling = True
+        session.credit = limit
+        session.last_seen = now
+        return session
+
+    def pull_ends(self, sid: int, now: float) -> None:
+        """The pull on REST session ``sid`` returned: nothing more is handed out until the
+        next; the idle time counts from now."""
+        session = self.by_sid.get(sid)
+        if session is not None and session.rest:
+            session.pulling = False
+            session.credit = 0
+            session.last_seen = now
 
     def auth_timeout(self, sid: int, now: float) -> None:
         session = self.by_sid.get(sid)
@@ -419,3 +472,7 @@ class Sessions:
             return False
         del self.active[session.client]
         return True
+
+
+def _is_live_socket(session: Session) -> bool:
+    return session.phase is Phase.ACTIVE and not session.rest

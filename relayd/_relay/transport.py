@@ -50,6 +50,7 @@ class Transport(Protocol):
     remote: str
     token: str | None
     lean: bool  # the client chose the lean receipt profile
+    rest: bool  # a REST session's (relayd/_relay/rest.py), not a socket
     pong_observable: bool
     coalesces: bool  # send_frames writes several frames at once
     # try_send can write without waiting (else the hub keeps a writer task for the socket)
@@ -156,6 +157,7 @@ class AsgiTransport:
 
     pong_observable = False
     coalesces = False  # ASGI sends one frame per message
+    rest = False
     writes_inline = False
 
     def __init__(

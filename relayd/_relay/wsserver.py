@@ -66,6 +66,7 @@ class WebsocketsTransport:
 
     pong_observable = True
     coalesces = True
+    rest = False
     bounded_writes = False  # the hub's write timer bounds them
 
     def __init__(
