@@ -482,9 +482,7 @@ def _mark_read(db: sqlite3.Connection, op: MarkRead) -> ReadOutcome:
         return ReadOutcome(ReadCode.ALREADY_READ, seq, sender_uuid, row["read_at"])
     if row["delivered_at"] is None:
         return ReadOutcome(ReadCode.NOT_DELIVERED, seq, sender_uuid)
-    shares = db.execute(
-        "SELECT read_receipts FROM clients WHERE uuid = ?", (op.reader,)
-    ).fetchone()
+    shares = db.execute("SELECT read_receipts FROM clients WHERE uuid = ?", (op.reader,)).fetchone()
     owed = shares is not None and bool(shares[0])
     db.execute(
         "UPDATE deliveries SET read_at = ?, read_pending = ?, read_hidden = ? WHERE seq = ?",

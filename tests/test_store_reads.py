@@ -154,7 +154,9 @@ async def test_a_client_with_read_receipts_off_keeps_its_reads_to_itself(store: 
     assert found is not None
     assert found.read_receipts
     await run(store, message(2), Finish(2, Status.DELIVERED, 2.0, receipt_pending=False))
-    assert await run(store, read("m2")) == [ReadOutcome(ReadCode.READ, 2, UUID_A, PRECISE, owed=True)]
+    assert await run(store, read("m2")) == [
+        ReadOutcome(ReadCode.READ, 2, UUID_A, PRECISE, owed=True)
+    ]
     theirs = await store.message_record("m1", UUID_A)
     assert theirs is not None
     assert theirs.read_at is None

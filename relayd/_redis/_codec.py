@@ -422,8 +422,8 @@ def message_record(row: list[Any]) -> MessageRecord:
 def history_entry(row: list[Any], keys: StoreKeys | None) -> HistoryEntry:
     """``{seq, sender, recipient, msgid, fields, key_id, conversation_id, status, reason,
     attempts, accepted_at, delivered_at, finished_at, message id, address, read_at}``, as the
-    script's ``history`` sends it (``read_at`` absent for a sender the reader hid it from); ``fields`` opened as a queued delivery's are (:func:`open_fields`),
-    ``""`` once erased.
+    script's ``history`` sends it (``read_at`` absent for a sender the reader hid it from);
+    ``fields`` opened as a queued delivery's are (:func:`open_fields`), ``""`` once erased.
 
     Raises:
         UndecryptableRow: as :func:`open_fields`.

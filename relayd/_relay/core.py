@@ -17,6 +17,7 @@ Its modules follow the dependency direction, each importing only those before it
 - ``sessions.py``: session lifecycle (admission, authentication, tokens, heartbeats,
   revocation, shutdown), and the one way a frame reaches a socket;
 - ``receipts.py``: the sender's side (receipts told or owed, the dedupe memory, key changes);
+- ``reads.py``: the recipient's side of read receipts (``read`` frames, their answers);
 - ``delivery.py``: messages in memory (acceptance, staging, routing, mailboxes, acks,
   redelivery, expiry, loading from and parking in the store);
 - this module, :class:`RelayCore`: the events the driver calls, each routed to those parts.
@@ -48,6 +49,12 @@ Rules that hold between any two events:
    written: pushed at once to an online correspondent with room on its socket, otherwise
    loaded from the store when it connects or when its socket drains. So it is told at least
    once; a change landing while its correspondent connects may be told twice.
+8. A read receipt is decided by the store (``MarkRead``: only a delivery's recipient, only once
+   it was written to it, only once) and then owed in the store, apart from the final status,
+   until its frame is written to the sender: told at once to a sender online here (announced
+   to the other nodes in cluster mode), else loaded with the final receipts when it connects
+   or its socket drains. A receipt on its way to a socket is never loaded again meanwhile, so
+   neither receipt is told twice nor lost while the other is told.
 """
 
 from __future__ import annotations
@@ -63,15 +70,18 @@ from .context import Context, TimerKind
 from .delivery import Delivery
 from .effects import Action
 from .frames import CloseCode, ProtocolError
-from .model import Identity, Message, Phase, ReceiptRef, Ref, Session
+from .model import Identity, Message, Phase, ReadRef, ReceiptRef, Ref, Session
+from .reads import Reads
 from .receipts import Receipts
 from .records import (
+    ClearReadPending,
     FindExpired,
     Insert,
     KeyNotice,
     LoadKeyNotices,
     LoadQueue,
     LoadReceipts,
+    MarkRead,
     RecentMessage,
     SetAttempts,
     SetReceiptPending,
@@ -121,6 +131,7 @@ class RelayCore:
         )
         self.sessions = Sessions(ctx, self._send_limiter)
         self.receipts = Receipts(ctx, self.sessions, recent=recent, cluster=cluster)
+        self.reads = Reads(ctx, self.sessions, self.receipts, self._send_limiter)
         self.delivery = Delivery(
             ctx,
             self.sessions,
@@ -201,6 +212,8 @@ class RelayCore:
         half = max(1, self._ctx.ws.outbound_buffer // 2)
         if session.queued >= half or session.client is None:
             return session.queued < half
+        if session.reads >= max(1, self._ctx.ws.outbound_buffer // 4):
+            return False  # their answers must fit in the socket (see Reads)
         return self.receipts.may_read(session.client)
 
     def stats(self) -> dict[str, int]:
@@ -339,15 +352,15 @@ class RelayCore:
         self._account_written(session, written[0], written[1], now)
         returned: list[Message] = []
         for ref in unsent:
-            if isinstance(ref, ReceiptRef):
-                self.sessions.owe(ref)
+            if isinstance(ref, ReceiptRef | ReadRef):
+                self.receipts.untold(ref)
             elif isinstance(ref, KeyNotice):
                 continue  # owed in the store until written
             elif self.delivery.unsent(ref, sid):
                 returned.append(ref)
         for ref in interrupted:
-            if isinstance(ref, ReceiptRef):
-                self.sessions.owe(ref)  # it may have arrived: receipts are told at least once
+            if isinstance(ref, ReceiptRef | ReadRef):
+                self.receipts.untold(ref)  # it may have arrived: receipts are told at least once
             elif isinstance(ref, KeyNotice):
                 continue  # it may have arrived: key changes are told at least once
             elif self.delivery.interrupted(ref, sid, now):
@@ -386,6 +399,8 @@ class RelayCore:
                 self.delivery.accept(session, doc, now)
             elif kind == "ack":
                 self.delivery.ack(session, doc, now)
+            elif kind == "read":
+                self.reads.frame(session, doc, now)
             elif kind in ("refresh", "refresh_token"):
                 sessions.refresh(session, doc, now)
             elif kind == "ping":
@@ -449,21 +464,33 @@ class RelayCore:
         session.queued -= count
         self._ctx.metrics.frames_out += count
         told: list[int] = []
+        read: list[int] = []
         for ref in refs:
             if isinstance(ref, ReceiptRef):
                 self.receipts.written(ref, told)
+            elif isinstance(ref, ReadRef):
+                read.append(ref.seq)
             elif isinstance(ref, KeyNotice):
                 self.receipts.notice_written(session, ref)
             else:
                 self.delivery.written(session, ref, now)
         if told:
             self._ctx.actions.append(SetReceiptPending(tuple(told), pending=False))
+        if read:
+            self._ctx.actions.append(ClearReadPending(tuple(read)))
 
     def key_changed(self, notices: Iterable[KeyNotice], now: float) -> None:
         """Key changes were committed, each owed to a correspondent (its ``reader``): an online
         one is sent the frame now, if its socket has room; the store keeps the rest owed (see
         rule 7)."""
         self.receipts.key_changed(notices, now)
+
+    def read(self, ref: Any, reader: str, msgid: str, sender: str | None, now: float) -> None:
+        """``reader`` read ``msgid`` (from ``sender``; ``None``: the newest delivery of it to
+        ``reader``), said over REST: a :class:`MarkRead` with ``ref``, which comes back with
+        the store's answer (see :meth:`store_done`); the sender is told as for a ``read``
+        frame."""
+        self.reads.request(ref, reader, msgid, sender, now)
 
     # --- the store -------------------------------------------------------------------------
 
@@ -485,6 +512,10 @@ class RelayCore:
                 delivery.expired_found(result, now)
             elif isinstance(op, SetAttempts):
                 delivery.attempts_written(op, now)
+            elif isinstance(op, MarkRead):
+                self.reads.done(op, result, now)
+            elif isinstance(op, SetReceiptPending | ClearReadPending):
+                self.receipts.cleared(op)
         for client in touched:
             delivery.drain_staging(client, now)
 

@@ -480,6 +480,10 @@ class Delivery:
             self.ctx.metrics.delivery_latency.observe(now - message.accepted_at)
         if message.acknowledge:
             move(message, Where.UNACKED)
+            if not message.written_at:
+                # Its row learns when it was first written to its recipient (a redelivery
+                # keeps the first): from then on the recipient may mark it read.
+                self.ctx.actions.append(SetAttempts(message.seq, message.recorded_attempts, at=now))
             message.written_at = now
             self.ctx.at(now + self.ctx.relay.ack_timeout, TimerKind.ACK, message, message.gen)
         else:

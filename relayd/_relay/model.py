@@ -107,6 +107,7 @@ class Session:
     notices: LoadKeyNotices | None = None  # the owed key changes being loaded, if any
     notices_out: int = 0  # key_changed frames handed to the socket, not yet written
     notices_more: bool = False  # the store may owe key changes not sent on this session
+    reads: int = 0  # its read frames whose store operation is under way (see RelayCore.readable)
 
 
 @define(eq=False)
@@ -161,7 +162,15 @@ class ReceiptRef:
     owed: Insert | None = None
 
 
-Ref = Message | ReceiptRef | KeyNotice
+@frozen
+class ReadRef:
+    """A read receipt handed to the sender's socket: the delivery's row says it is owed
+    (``read_pending``) until the frame is written."""
+
+    seq: int
+
+
+Ref = Message | ReceiptRef | ReadRef | KeyNotice
 
 
 @define(eq=False)
