@@ -569,7 +569,7 @@ def _finish(db: sqlite3.Connection, op: Finish) -> None:
     row = db.execute(
         "UPDATE deliveries SET status = :status, finished_at = :at, receipt_pending = :owed,"
         " reason = :reason, delivered_at = CASE WHEN :status = 'delivered'"
-        " THEN coalesce(delivered_at, :at) ELSE delivered_at END"
+        " THEN coalesce(delivered_at, :at) ELSE coalesce(delivered_at, :delivered) END"
         " WHERE seq = :seq AND status IS NULL RETURNING message",
         {
             "status": op.status.value,
@@ -577,6 +577,7 @@ def _finish(db: sqlite3.Connection, op: Finish) -> None:
             "owed": int(op.receipt_pending),
             "reason": op.reason,
             "seq": op.seq,
+            "delivered": op.delivered_at,
         },
     ).fetchone()
     if row is not None and not op.keep_content:

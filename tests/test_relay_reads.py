@@ -10,7 +10,7 @@ from typing import Any
 from attrs import define
 
 from relayd._config import RelayConfig, WebsocketConfig
-from relayd._relay.records import ReadCode, ReadOutcome
+from relayd._relay.records import MarkRead, ReadCode, ReadOutcome
 
 from .relay_harness import T0, Bus, CoreHarness
 
@@ -315,6 +315,7 @@ def test_a_rest_read_tells_the_sender_as_a_frame_would_and_answers_through_the_s
     h.run()
     [op] = h.pending_store
     [outcome] = h.commit()
+    assert isinstance(op, MarkRead)
     assert op.ref is ref
     assert outcome == ReadOutcome(ReadCode.READ, 1, alice.uuid, T0, owed=True)
     h.auto_store = True

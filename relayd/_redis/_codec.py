@@ -195,6 +195,7 @@ def encode(op: StoreOp, keys: StoreKeys | None) -> list[Any]:
             int(op.receipt_pending),
             op.reason,
             int(op.keep_content),
+            maybe_when(op.delivered_at),
         ]
     if isinstance(op, SetAttempts):
         return ["A", op.seq, op.attempts, maybe_when(op.at)]

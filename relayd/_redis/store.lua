@@ -685,8 +685,9 @@ function U.settle(id, keep)
     U.unindex_content(id, row[2], row[3])
 end
 
--- Finish = {'F', seq, status, finished_at, receipt_pending, reason, keep_content}: a
--- delivered one was delivered when it finished, unless a SetAttempts said when before.
+-- Finish = {'F', seq, status, finished_at, receipt_pending, reason, keep_content,
+-- delivered_at or false}: a delivered one was delivered when it finished, unless a SetAttempts
+-- said when before; another, at ``delivered_at`` if it was written and nothing said when.
 function U.finish(op)
     local seq, status, finished_at, pending, reason = op[2], op[3], op[4], op[5], op[6]
     local key = K.delivery(seq)
@@ -695,6 +696,8 @@ function U.finish(op)
     local fields = {'st', status, 'fa', finished_at, 'rp', pending, 'rs', reason}
     if status == 'delivered' and row[5] == false then
         fields[#fields + 1], fields[#fields + 2] = 'dv', finished_at
+    elseif op[8] and row[5] == false then
+        fields[#fields + 1], fields[#fields + 2] = 'dv', op[8]
     end
     call('HSET', key, unpack(fields))
     U.dequeue(seq, row[1])
@@ -925,7 +928,7 @@ local APPLY = {
 -- Each operation's arguments by type, the code first: n a number, s a string, S a string or
 -- false, t a list of numbers.
 local SIGNATURES = {
-    I = 'snsssnnsSssnSnsS', F = 'snssnsn', A = 'snnS', P = 'stn', Q = 'ssnnn', R = 'ssnn',
+    I = 'snsssnnsSssnSnsS', F = 'snssnsnS', A = 'snnS', P = 'stn', Q = 'ssnnn', R = 'ssnn',
     X = 'ssn', G = 'sss', N = 'ssn', C = 'ssssss', M = 'sssSs', T = 'st',
 }
 

@@ -17,9 +17,9 @@ Its modules follow the dependency direction, each importing only those before it
 - ``sessions.py``: session lifecycle (admission, authentication, tokens, heartbeats,
   revocation, shutdown), and the one way a frame reaches a socket;
 - ``receipts.py``: the sender's side (receipts told or owed, the dedupe memory, key changes);
-- ``reads.py``: the recipient's side of read receipts (``read`` frames, their answers);
 - ``delivery.py``: messages in memory (acceptance, staging, routing, mailboxes, acks,
   redelivery, expiry, loading from and parking in the store);
+- ``reads.py``: the recipient's side of read receipts (``read`` frames, their answers);
 - this module, :class:`RelayCore`: the events the driver calls, each routed to those parts.
 
 Rules that hold between any two events:
@@ -131,7 +131,6 @@ class RelayCore:
         )
         self.sessions = Sessions(ctx, self._send_limiter)
         self.receipts = Receipts(ctx, self.sessions, recent=recent, cluster=cluster)
-        self.reads = Reads(ctx, self.sessions, self.receipts, self._send_limiter)
         self.delivery = Delivery(
             ctx,
             self.sessions,
@@ -141,6 +140,7 @@ class RelayCore:
             may_message=may_message,
             cluster=cluster,
         )
+        self.reads = Reads(ctx, self.sessions, self.receipts, self.delivery, self._send_limiter)
         ctx.at(now + relay.sweep_interval, TimerKind.SWEEP, None, 0)
 
     def reconfigure(self, relay: RelayConfig, websocket: WebsocketConfig) -> None:

@@ -138,6 +138,9 @@ class Message:
     holder: Recipient | None = None  # whose memory counts it (see Recipient.held_bytes)
     sid: int | None = None  # the session it was last sent on
     written_at: float = 0.0  # when it was last written to the recipient's socket
+    # When it was first written to its recipient while in memory: its row learns it with the
+    # next write about it (its Finish, its attempts, or a read of it: see Delivery.record_written).
+    delivered_at: float | None = None
     gen: int = 0  # bumped on every move, so stale timers are ignored
 
     @property

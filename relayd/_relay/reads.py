@@ -17,6 +17,7 @@ from relayd._ratelimit import RateLimiter
 
 from . import frames as F
 from .context import Context
+from .delivery import Delivery
 from .model import Phase, Session
 from .receipts import Receipts
 from .records import MarkRead, ReadCode, ReadOutcome
@@ -38,11 +39,17 @@ class Reads:
     """``limiter``: the per-client message rate, which read frames count against."""
 
     def __init__(
-        self, ctx: Context, sessions: Sessions, receipts: Receipts, limiter: RateLimiter
+        self,
+        ctx: Context,
+        sessions: Sessions,
+        receipts: Receipts,
+        delivery: Delivery,
+        limiter: RateLimiter,
     ) -> None:
         self.ctx = ctx
         self.sessions = sessions
         self.receipts = receipts
+        self.delivery = delivery
         self._limiter = limiter
 
     def frame(self, session: Session, doc: dict[str, Any], now: float) -> None:
@@ -63,6 +70,7 @@ class Reads:
         """Mark ``reader``'s delivery of ``msgid`` (from ``sender``) read; ``ref`` (a session
         id, or the REST route's waiter) comes back with the answer."""
         self.receipts.store_for_read(reader, msgid, sender)
+        self.delivery.record_written(reader, msgid, sender)
         self.ctx.actions.append(MarkRead(ref, reader, msgid, sender, now))
 
     def done(self, op: MarkRead, outcome: ReadOutcome, now: float) -> None:

@@ -160,7 +160,11 @@ class Receipts:
         if status in FINAL:
             # The receipt is owed until its frame is written (see ReceiptRef).
             if message.committed:
-                self.ctx.actions.append(Finish(message.seq, status, now, True, reason))
+                self.ctx.actions.append(
+                    Finish(
+                        message.seq, status, now, True, reason, delivered_at=message.delivered_at
+                    )
+                )
                 ref = ReceiptRef(message.seq)
             else:
                 owed = insert_op(message, status=status, receipt_pending=True, reason=reason)

@@ -112,6 +112,7 @@ class Finish:
     receipt_pending: bool
     reason: str = ""
     keep_content: bool = False
+    delivered_at: float | None = None  # when it was first written, if the row may not know
 
 
 @frozen
