@@ -371,8 +371,9 @@ class Delivery:
                 self.ctx.actions.append(insert_op(message))
 
     def _record_attempts(self, message: Message) -> None:
-        """Bring the store's attempt count of a stored message up to date."""
-        if message.attempts != message.recorded_attempts:
+        """Bring the store's attempt count of a stored message up to date, and when it was
+        first written (its row may not know yet: see Message.delivered_at)."""
+        if message.attempts != message.recorded_attempts or message.delivered_at is not None:
             message.recorded_attempts = message.attempts
             # A read already queued reads the count before this write: see _message_from_row.
             self._counts_written[message.seq] = message.attempts
