@@ -46,7 +46,9 @@ SETTINGS: dict[str, Any] = {
     "relay": {"ack_timeout": 10.0, "backoff_initial": 1.0, "sweep_interval": 30.0},
 }
 # Keys whose values are instants: compared as offsets from the start of the run.
-INSTANTS = frozenset({"timestamp", "token_expires_at", "expires_at", "accepted_at", "finished_at"})
+INSTANTS = frozenset(
+    {"timestamp", "token_expires_at", "expires_at", "accepted_at", "finished_at", "delivered_at"}
+)
 
 
 class World(Protocol):
