@@ -98,6 +98,14 @@ class RotateSecretRequest:
 
 
 @frozen(kw_only=True)
+class ReadReceiptsRequest:
+    """``PUT /clients/{uuid}/read-receipts``: whether the client's reads are told to their
+    senders from now on."""
+
+    enabled: bool
+
+
+@frozen(kw_only=True)
 class RolesRequest:
     """``PUT /admin/clients/{uuid}/roles``: the roles the client holds from now on."""
 

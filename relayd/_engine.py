@@ -47,6 +47,7 @@ class ClientRecord:
     created_at: float
     tokens_valid_after: float
     deleted_at: float | None = None
+    read_receipts: bool = True  # its reads are told to their senders (see MarkRead)
 
 
 @frozen
@@ -94,6 +95,8 @@ class MessageRecord:
     accepted_at: float
     expires_at: float
     finished_at: float | None
+    delivered_at: float | None = None
+    read_at: float | None = None  # None too for its sender when the reader hid it
 
 
 @frozen
@@ -178,6 +181,7 @@ class ClientStore(Protocol):
         token_issued_at: float | None = None,
     ) -> bool: ...
     async def get_client(self, uuid: str) -> ClientRecord | None: ...
+    async def set_read_receipts(self, uuid: str, enabled: bool) -> bool: ...
     async def token_holder(
         self, uuid: str, family: str | None
     ) -> tuple[ClientRecord | None, bool]: ...

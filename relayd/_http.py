@@ -31,6 +31,7 @@ from . import _openapi as openapi
 from ._api import (
     InviteRequest,
     LoginRequest,
+    ReadReceiptsRequest,
     RefreshRequest,
     RegisterRequest,
     RevokeRequest,
@@ -46,6 +47,7 @@ from ._config import Config, RolesConfig
 from ._engine import ClientRecord, Engine, HistoryEntry, HistoryQuery
 from ._errors import (
     ApiError,
+    Conflict,
     Forbidden,
     NotFound,
     RateLimited,
@@ -71,6 +73,8 @@ from ._openapi import (
     Pending,
     PublicKeys,
     PullAck,
+    Read,
+    ReadReceipts,
     Registered,
     Secret,
     Service,
@@ -81,6 +85,8 @@ from ._openapi import (
     api,
 )
 from ._ratelimit import RateLimiter
+from ._relay.reads import refusal
+from ._relay.records import ReadCode, ReadOutcome
 from ._roles import RolePolicy
 from ._tokens import Claims
 
@@ -117,6 +123,15 @@ class Relay(Protocol):
 
     def acknowledge(self, client: str, msgid: str) -> bool:
         """Whether ``client``'s REST session held ``msgid`` unacknowledged (now acknowledged)."""
+        ...
+
+    async def mark_read(self, reader: str, msgid: str, sender: str | None) -> ReadOutcome:
+        """``reader`` read ``msgid`` (from ``sender``): recorded, and the sender told, as for
+        a ``read`` frame.
+
+        Raises:
+            StoreUnavailable: the store cannot record it now.
+        """
         ...
 
 
@@ -243,6 +258,12 @@ def _path_uuid(value: str) -> str:
 MAX_MSGID_CHARS = 256
 STORE_RETRY_AFTER = 1  # seconds a client waits before it tries again when the store is down
 FINAL_STATUSES = frozenset({"delivered", "acknowledged", "failed", "expired"})
+# A read refused, as REST answers it (relayd/_relay/reads.py).
+_READ_ERRORS: dict[ReadCode, type[ApiError]] = {
+    ReadCode.UNKNOWN_MESSAGE: NotFound,
+    ReadCode.NOT_YOURS: Forbidden,
+    ReadCode.NOT_DELIVERED: Conflict,
+}
 MAX_PAGE = 1000
 
 
@@ -758,10 +779,29 @@ def create_app(services: Services) -> QuartTrio:
     @app.get("/clients/<client_uuid>")
     @api(["clients"], Client, errors=(403, 404), bearer=True)
     async def get_client(client_uuid: str) -> dict[str, Any]:
-        """One client of the directory (needs the 'directory' grant)."""
-        await permitted("directory")
+        """One client of the directory (needs the 'directory' grant); its own record says
+        whether it sends read receipts."""
+        claims = await permitted("directory")
         client = await auth.get_client(_path_uuid(client_uuid))
-        return _client_json(client, await _online(services.relay, [client]))
+        doc = _client_json(client, await _online(services.relay, [client]))
+        if claims.sub == client.uuid:
+            doc["read_receipts"] = client.read_receipts
+        return doc
+
+    @app.put("/clients/<client_uuid>/read-receipts")
+    @api(["clients"], ReadReceipts, body=ReadReceiptsRequest, errors=(403, 404), bearer=True)
+    async def set_read_receipts(client_uuid: str) -> dict[str, Any]:
+        """Whether a client's reads are told to their senders (the client itself only): off,
+        its reads are recorded for itself alone."""
+        claims = await authenticated()
+        client_uuid = _path_uuid(client_uuid)
+        if claims.sub != client_uuid:
+            raise Forbidden("a client may set only its own read receipts", code="not_yours")
+        body = parse_body(await _json_body(), ReadReceiptsRequest)
+        store = services.store
+        if store is None or not await store.set_read_receipts(client_uuid, body.enabled):
+            raise NotFound(f"no client {client_uuid}", code="unknown_client")
+        return {"uuid": client_uuid, "read_receipts": body.enabled}
 
     @app.delete("/clients/<client_uuid>")
     @api(["clients"], Done, errors=(403, 404), bearer=True)
@@ -907,10 +947,37 @@ def create_app(services: Services) -> QuartTrio:
                 "accepted_at": record.accepted_at,
                 "expires_at": record.expires_at,
                 "finished_at": record.finished_at,
+                "delivered_at": record.delivered_at,
+                "read_at": record.read_at,
             }
         if await store.msgid_known(msgid):
             raise Forbidden("only its sender or its recipient may ask", code="not_yours")
         raise NotFound("no such message (or it is older than it is kept)", code="unknown_message")
+
+    @app.post("/messages/<msgid>/read")
+    @api(["messages"], Read, errors=(403, 404, 409, 422, 503), bearer=True)
+    async def mark_read(msgid: str) -> dict[str, Any]:
+        """Mark a message read, as its recipient (a ``read`` frame's twin): its sender gets a
+        read receipt unless the caller's read receipts are off. ``?from=`` names the sender
+        when two used the same msgid. Seed-style ``?token=`` accepted."""
+        claims = await authenticated(query_token=True)
+        sender = request.args.get("from")
+        if sender is not None:
+            sender = _query_uuid(sender, "from")
+        relay = services.relay
+        if relay is None or len(msgid) > MAX_MSGID_CHARS:
+            raise NotFound(refusal(ReadCode.UNKNOWN_MESSAGE), code="unknown_message")
+        outcome = await relay.mark_read(claims.sub, msgid, sender)
+        if outcome.read_at is None:
+            error = _READ_ERRORS[outcome.code]
+            raise error(refusal(outcome.code), code=outcome.code.value, details={"msgid": msgid})
+        return {
+            "msgid": msgid,
+            "from": outcome.sender,
+            "to": claims.sub,
+            "status": outcome.code.value,
+            "read_at": outcome.read_at,
+        }
 
     @app.get("/clients/<client_uuid>/undelivered")
     @api(["messages"], Undelivered, errors=(403, 404), bearer=True)

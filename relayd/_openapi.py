@@ -91,10 +91,13 @@ class Registered:
 
 @frozen
 class Client:
+    """``read_receipts`` only in a client's own record (see ``PUT .../read-receipts``)."""
+
     uuid: str
     name: str
     created_at: float
     online: bool
+    read_receipts: bool | None = None
 
 
 @frozen
@@ -201,6 +204,27 @@ class MessageStatus:
     accepted_at: float
     expires_at: float
     finished_at: float | None
+    delivered_at: float | None = None
+    read_at: float | None = None
+
+
+@frozen
+class Read:
+    """A read recorded (with ``from``, the message's sender): ``status`` ``read`` (now) or
+    ``already_read`` (``read_at``: the first time)."""
+
+    msgid: str
+    to: str
+    status: str
+    read_at: float
+
+
+@frozen
+class ReadReceipts:
+    """Whether a client's reads are told to their senders."""
+
+    uuid: str
+    read_receipts: bool
 
 
 @frozen

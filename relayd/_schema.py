@@ -192,7 +192,10 @@ MIGRATIONS: tuple[str, ...] = (
         receipt_pending INTEGER NOT NULL DEFAULT 0, -- final status not yet told to the sender
         delivered_at REAL,                 -- first written to the recipient
         read_at REAL,                      -- the recipient said it read it
-        conversation_id TEXT               -- the message's, for history's indexes
+        conversation_id TEXT,              -- the message's, for history's indexes
+        read_pending INTEGER NOT NULL DEFAULT 0, -- the read receipt not yet told to the sender
+        -- The recipient read it with read receipts off: its sender is never shown read_at.
+        read_hidden INTEGER NOT NULL DEFAULT 0
     );
     INSERT INTO messages_v6 (id, sender, msgid, address, high, acknowledge, fields, key_id,
                              accepted_at, expires_at)
@@ -214,7 +217,8 @@ MIGRATIONS: tuple[str, ...] = (
 
     CREATE INDEX deliveries_queued ON deliveries (recipient, seq) WHERE status IS NULL;
     CREATE INDEX deliveries_expiring ON deliveries (expires_at) WHERE status IS NULL;
-    CREATE INDEX deliveries_receipts ON deliveries (sender, seq) WHERE receipt_pending = 1;
+    CREATE INDEX deliveries_receipts ON deliveries (sender, seq)
+        WHERE receipt_pending = 1 OR read_pending = 1;
     CREATE INDEX deliveries_finished ON deliveries (finished_at) WHERE status IS NOT NULL;
     CREATE INDEX deliveries_by_message ON deliveries (message);
     -- History: what a client received, what it sent, and either with one peer, by seq.
@@ -225,6 +229,9 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE conversation_id IS NOT NULL;
     CREATE INDEX deliveries_sent_conversation ON deliveries (sender, conversation_id, seq)
         WHERE conversation_id IS NOT NULL;
+
+    -- Whether the client's reads are told to their senders (PUT /clients/{uuid}/read-receipts).
+    ALTER TABLE clients ADD COLUMN read_receipts INTEGER NOT NULL DEFAULT 1;
 
     CREATE TRIGGER queue_counts_insert AFTER INSERT ON deliveries WHEN NEW.status IS NULL
     BEGIN

@@ -21,6 +21,7 @@ def _client(row: sqlite3.Row) -> ClientRecord:
         created_at=row["created_at"],
         tokens_valid_after=row["tokens_valid_after"],
         deleted_at=row["deleted_at"],
+        read_receipts=bool(row["read_receipts"]),
     )
 
 
@@ -138,6 +139,20 @@ class SqliteClientStore(SqliteConnection):
                 if cursor.rowcount == 1 and revoke_at is not None:
                     _revoke_client_tokens(db, uuid, revoke_at, "secret_reset")
             return cursor.rowcount == 1
+
+        return await self._run(update)
+
+    async def set_read_receipts(self, uuid: str, enabled: bool) -> bool:
+        """Whether a live client's reads are told to their senders from now on; ``False``
+        if there is no such live client. Reads recorded before keep what they were."""
+
+        def update(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                cursor = db.execute(
+                    "UPDATE clients SET read_receipts = ? WHERE uuid = ? AND deleted_at IS NULL",
+                    (int(enabled), uuid),
+                )
+                return cursor.rowcount == 1
 
         return await self._run(update)
 
@@ -537,10 +552,12 @@ def _forget_history(db: sqlite3.Connection, uuid: str) -> None:
     """A deleted client's history: the finished deliveries it sent or received, and the
     messages left with none. (It reaches the message tables so that deleting a client and
     its history is one transaction.) Messages waiting for it stay until they expire, as do
-    those it sent that wait for others; a receipt another sender is owed stays until told."""
+    those it sent that wait for others; a receipt (final or read) another sender is owed stays
+    until told."""
     gone = db.execute(
         "DELETE FROM deliveries WHERE status IS NOT NULL"
-        " AND (sender = ?1 OR (recipient = ?1 AND receipt_pending = 0)) RETURNING message",
+        " AND (sender = ?1 OR (recipient = ?1 AND receipt_pending = 0 AND read_pending = 0))"
+        " RETURNING message",
         (uuid,),
     ).fetchall()
     db.executemany(

@@ -15,6 +15,7 @@ from ._engine import HistoryEntry, HistoryQuery, MessageRecord
 from ._errors import StoreError, StoreUnavailable
 from ._relay.records import (
     ClearKeyNotice,
+    ClearReadPending,
     Duplicate,
     FindExpired,
     Finish,
@@ -24,8 +25,11 @@ from ._relay.records import (
     LoadKeyNotices,
     LoadQueue,
     LoadReceipts,
+    MarkRead,
     Purge,
     QueuePage,
+    ReadCode,
+    ReadOutcome,
     RecentMessage,
     Refused,
     SetAttempts,
@@ -93,14 +97,17 @@ class SqliteMessageStore(SqliteConnection):
         return await self._run(partial(recent_messages, since=since, limit=limit))
 
     async def message_record(self, msgid: str, client: str) -> MessageRecord | None:
-        """The newest stored message with ``msgid`` that ``client`` sent or received."""
+        """The newest stored message with ``msgid`` that ``client`` sent or received. Its
+        ``read_at`` is ``None`` for its sender when its recipient read it with read receipts
+        off."""
 
         def query(db: sqlite3.Connection) -> MessageRecord | None:
             row = db.execute(
                 "SELECT d.seq, m.sender, d.recipient, m.msgid, d.status, d.reason, d.attempts,"
-                " m.accepted_at, d.expires_at, d.finished_at"
+                " m.accepted_at, d.expires_at, d.finished_at, d.delivered_at,"
+                " CASE WHEN d.read_hidden AND d.recipient != ?3 THEN NULL ELSE d.read_at END"
                 " FROM messages m JOIN deliveries d ON d.message = m.id"
-                " WHERE m.msgid = ? AND (m.sender = ? OR d.recipient = ?)"
+                " WHERE m.msgid = ?1 AND (m.sender = ?2 OR d.recipient = ?2)"
                 " ORDER BY d.seq DESC LIMIT 1",
                 (msgid, client, client),
             ).fetchone()
@@ -415,9 +422,11 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys
         return _load_queue(db, op, keys)
     if isinstance(op, LoadReceipts):
         rows = db.execute(
-            "SELECT d.seq, m.msgid, d.recipient, d.status, d.finished_at, d.reason"
+            "SELECT d.seq, m.msgid, d.recipient, d.status, d.finished_at, d.reason,"
+            " d.receipt_pending, d.read_pending, d.read_at"
             f" FROM {_DELIVERY_JOIN}"
-            " WHERE d.sender = ? AND d.receipt_pending = 1 AND d.seq > ? ORDER BY d.seq LIMIT ?",
+            " WHERE d.sender = ? AND (d.receipt_pending = 1 OR d.read_pending = 1) AND d.seq > ?"
+            " ORDER BY d.seq LIMIT ?",
             (op.sender, op.after, op.limit),
         )
         return [
@@ -425,12 +434,21 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys
                 row["seq"],
                 row["msgid"],
                 row["recipient"],
-                Status(row["status"]),
+                None if row["status"] is None else Status(row["status"]),
                 row["finished_at"],
                 row["reason"],
+                final=bool(row["receipt_pending"]),
+                read_at=row["read_at"] if row["read_pending"] else None,
             )
             for row in rows
         ]
+    if isinstance(op, MarkRead):
+        return _mark_read(db, op)
+    if isinstance(op, ClearReadPending):
+        db.executemany(
+            "UPDATE deliveries SET read_pending = 0 WHERE seq = ?", [(seq,) for seq in op.seqs]
+        )
+        return None
     if isinstance(op, FindExpired):
         rows = db.execute(
             f"SELECT {_MESSAGE_COLUMNS} FROM {_DELIVERY_JOIN}"
@@ -454,10 +472,36 @@ def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys
     raise TypeError(f"not a store operation: {op!r}")
 
 
+def _mark_read(db: sqlite3.Connection, op: MarkRead) -> ReadOutcome:
+    """See :class:`MarkRead`."""
+    sender = "" if op.sender is None else " AND m.sender = ?"
+    row = db.execute(
+        "SELECT d.seq, m.sender, d.delivered_at, d.read_at FROM deliveries d"
+        " JOIN messages m ON m.id = d.message"
+        f" WHERE d.recipient = ? AND m.msgid = ?{sender} ORDER BY d.seq DESC LIMIT 1",
+        (op.reader, op.msgid) if op.sender is None else (op.reader, op.msgid, op.sender),
+    ).fetchone()
+    if row is None:
+        known = db.execute("SELECT 1 FROM messages WHERE msgid = ?", (op.msgid,)).fetchone()
+        return ReadOutcome(ReadCode.NOT_YOURS if known else ReadCode.UNKNOWN_MESSAGE)
+    seq, sender_uuid = row["seq"], row["sender"]
+    if row["read_at"] is not None:
+        return ReadOutcome(ReadCode.ALREADY_READ, seq, sender_uuid, row["read_at"])
+    if row["delivered_at"] is None:
+        return ReadOutcome(ReadCode.NOT_DELIVERED, seq, sender_uuid)
+    shares = db.execute("SELECT read_receipts FROM clients WHERE uuid = ?", (op.reader,)).fetchone()
+    owed = shares is not None and bool(shares[0])
+    db.execute(
+        "UPDATE deliveries SET read_at = ?, read_pending = ?, read_hidden = ? WHERE seq = ?",
+        (op.at, int(owed), int(not owed), seq),
+    )
+    return ReadOutcome(ReadCode.READ, seq, sender_uuid, op.at, owed=owed)
+
+
 _HISTORY_COLUMNS = (
     "d.seq, m.id, m.msgid, m.sender, m.address, d.recipient, m.fields, m.key_id,"
     " m.conversation_id, d.status, d.reason, d.attempts, m.accepted_at, d.delivered_at,"
-    " d.read_at, d.finished_at"
+    " d.read_at, d.read_hidden, d.finished_at"
 )
 
 
@@ -517,7 +561,9 @@ def _history(
             attempts=row["attempts"],
             accepted_at=row["accepted_at"],
             delivered_at=row["delivered_at"],
-            read_at=row["read_at"],
+            read_at=None
+            if row["read_hidden"] and row["recipient"] != query.client
+            else row["read_at"],
             finished_at=row["finished_at"],
         )
         for row in rows
@@ -530,7 +576,7 @@ def _finish(db: sqlite3.Connection, op: Finish) -> None:
     row = db.execute(
         "UPDATE deliveries SET status = :status, finished_at = :at, receipt_pending = :owed,"
         " reason = :reason, delivered_at = CASE WHEN :status = 'delivered'"
-        " THEN coalesce(delivered_at, :at) ELSE delivered_at END"
+        " THEN coalesce(delivered_at, :at) ELSE coalesce(delivered_at, :delivered) END"
         " WHERE seq = :seq AND status IS NULL RETURNING message",
         {
             "status": op.status.value,
@@ -538,6 +584,7 @@ def _finish(db: sqlite3.Connection, op: Finish) -> None:
             "owed": int(op.receipt_pending),
             "reason": op.reason,
             "seq": op.seq,
+            "delivered": op.delivered_at,
         },
     ).fetchone()
     if row is not None and not op.keep_content:
@@ -549,11 +596,12 @@ def _finish(db: sqlite3.Connection, op: Finish) -> None:
 
 
 def _purge(db: sqlite3.Connection, op: Purge) -> None:
-    """Forget finished deliveries whose receipts were told (or nobody came for), then the
-    messages left with no delivery."""
+    """Forget finished deliveries whose receipts (final and read) were told (or nobody came
+    for), then the messages left with no delivery."""
     gone = db.execute(
         "DELETE FROM deliveries WHERE status IS NOT NULL AND"
-        " ((receipt_pending = 0 AND finished_at < ?) OR finished_at < ?) RETURNING message",
+        " ((receipt_pending = 0 AND read_pending = 0 AND finished_at < ?) OR finished_at < ?)"
+        " RETURNING message",
         (op.finished_before, op.receipts_before),
     ).fetchall()
     db.executemany(

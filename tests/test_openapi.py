@@ -13,6 +13,7 @@ import pytest
 from relayd._api import (
     InviteRequest,
     LoginRequest,
+    ReadReceiptsRequest,
     RefreshRequest,
     RegisterRequest,
     RevokeRequest,
@@ -36,6 +37,7 @@ BODIES = {
     ("/admin/invites", "post"): InviteRequest,
     ("/admin/clients/{client_uuid}/roles", "put"): RolesRequest,
     ("/clients/{client_uuid}/keys", "put"): PublishKeysRequest,
+    ("/clients/{client_uuid}/read-receipts", "put"): ReadReceiptsRequest,
 }
 # Routes anyone may call without a token.
 OPEN = {"/", "/health/live", "/health/ready", "/metrics", "/register", "/auth/token"}

@@ -101,7 +101,8 @@ key                                type       what
                                               once deleted), ``r`` roles (space-separated),
                                               ``ca`` created_at, ``tv`` tokens_valid_after,
                                               ``da`` deleted_at (a tombstone), ``kseq`` its key
-                                              records' counter
+                                              records' counter, ``pr`` 1 while its read
+                                              receipts are off (its reads are private)
 ``clients``                        zset       live clients, by created_at (ties by uuid)
 ``f:<family>``                     hash       a refresh family: ``c`` client, ``j`` current jti,
                                               ``ca``, ``ra`` rotated_at, ``ex`` expires_at, ``rv``
@@ -143,13 +144,15 @@ key                                type       what
                                               reason, ``fa`` finished_at, ``rp`` receipt
                                               pending (0/1), ``dv`` delivered_at (first
                                               delivery, or finished delivered; never
-                                              overwritten)
+                                              overwritten), ``ra`` read_at, ``rq`` read
+                                              receipt pending (0/1), ``rh`` 1: read with
+                                              read receipts off (hidden from the sender)
 ``q:<uuid>``                       zset       the recipient's queued deliveries (seqs), by seq
 ``queues``                         set        recipients whose queue is not empty
 ``exp``                            zset       queued deliveries (padded seqs) by expires_at
 ``fin``                            zset       final deliveries (padded seqs) by finished_at
-``rc:<uuid>``                      zset       deliveries (seqs) whose final status their
-                                              sender is owed
+``rc:<uuid>``                      zset       deliveries (seqs) whose final status or read
+                                              receipt their sender is owed
 ``rid:<uuid>``                     zset       the recipient's deliveries, ``<len>:<msgid>
                                               <padded seq>`` (lexicographic: a msgid's
                                               deliveries, newest last)

@@ -18,6 +18,7 @@ from relayd._atrest import RowId, StoreKeys, UndecryptableRow
 from relayd._engine import HistoryEntry
 from relayd._relay.records import (
     ClearKeyNotice,
+    ClearReadPending,
     Duplicate,
     FindExpired,
     Finish,
@@ -27,8 +28,11 @@ from relayd._relay.records import (
     LoadKeyNotices,
     LoadQueue,
     LoadReceipts,
+    MarkRead,
     Purge,
     QueuePage,
+    ReadCode,
+    ReadOutcome,
     RecentMessage,
     Refused,
     SetAttempts,
@@ -41,7 +45,16 @@ from relayd._relay.records import (
 )
 from relayd._store import ClientRecord, InviteRecord, KeyRecord, MessageRecord
 
-WRITES = (Insert, Finish, SetAttempts, SetReceiptPending, Purge, ClearKeyNotice)
+WRITES = (
+    Insert,
+    Finish,
+    SetAttempts,
+    SetReceiptPending,
+    Purge,
+    ClearKeyNotice,
+    MarkRead,
+    ClearReadPending,
+)
 
 
 def raw(data: bytes) -> msgspec.Raw:
@@ -84,10 +97,11 @@ def maybe_float(value: bytes | None) -> float | None:
 
 
 def client_record(row: list[Any] | None) -> ClientRecord | None:
-    """``{uuid, name, secret_hash, roles, created_at, tokens_valid_after, deleted_at}``."""
+    """``{uuid, name, secret_hash, roles, created_at, tokens_valid_after, deleted_at,
+    reads_private}``."""
     if row is None:
         return None
-    uuid, name, secret_hash, roles, created_at, valid_after, deleted_at = row
+    uuid, name, secret_hash, roles, created_at, valid_after, deleted_at, private = row
     return ClientRecord(
         uuid=text(uuid),
         name=text(name),
@@ -96,6 +110,7 @@ def client_record(row: list[Any] | None) -> ClientRecord | None:
         created_at=float(created_at),
         tokens_valid_after=float(valid_after),
         deleted_at=maybe_float(deleted_at),
+        read_receipts=private != b"1",
     )
 
 
@@ -180,6 +195,7 @@ def encode(op: StoreOp, keys: StoreKeys | None) -> list[Any]:
             int(op.receipt_pending),
             op.reason,
             int(op.keep_content),
+            maybe_when(op.delivered_at),
         ]
     if isinstance(op, SetAttempts):
         return ["A", op.seq, op.attempts, maybe_when(op.at)]
@@ -198,6 +214,10 @@ def encode(op: StoreOp, keys: StoreKeys | None) -> list[Any]:
     if isinstance(op, ClearKeyNotice):
         n = op.notice
         return ["C", n.reader, n.client, n.algorithm, n.fingerprint, when(n.changed_at)]
+    if isinstance(op, MarkRead):
+        return ["M", op.reader, op.msgid, False if op.sender is None else op.sender, when(op.at)]
+    if isinstance(op, ClearReadPending):
+        return ["T", list(op.seqs)]
     raise TypeError(f"not a store operation: {op!r}")
 
 
@@ -213,7 +233,18 @@ def decode(op: StoreOp, reply: Any, keys: StoreKeys | None) -> Any:
         return [stored_message(row, keys) for row in reply]
     if isinstance(op, LoadKeyNotices):
         return [key_notice(row) for row in reply]
+    if isinstance(op, MarkRead):
+        return _read_outcome(reply)
     return None
+
+
+def _read_outcome(reply: list[Any]) -> ReadOutcome:
+    """``{code}``, or ``{code, seq, sender, read_at, owed}``."""
+    code = ReadCode(text(reply[0]))
+    if len(reply) == 1:
+        return ReadOutcome(code)
+    _, seq, sender, read_at, owed = reply
+    return ReadOutcome(code, int(seq), text(sender), maybe_float(read_at), owed=owed == 1)
 
 
 def _outcome(reply: list[Any]) -> Inserted | Duplicate | Refused:
@@ -333,14 +364,18 @@ def _queue_page(op: LoadQueue, reply: list[Any], keys: StoreKeys | None) -> Queu
 
 
 def _receipt(row: list[Any]) -> StoredReceipt:
-    seq, msgid, recipient, status, finished_at, reason = row
+    """``{seq, msgid, recipient, status, finished_at, reason, final owed, read_at}``
+    (``read_at`` absent unless the read receipt is owed)."""
+    seq, msgid, recipient, status, finished_at, reason, final, read_at = row
     return StoredReceipt(
         int(seq),
         text(msgid),
         text(recipient),
-        Status(text(status)),
-        float(finished_at),
+        None if status is None else Status(text(status)),
+        maybe_float(finished_at),
         text(reason),
+        final=final == 1,
+        read_at=maybe_float(read_at),
     )
 
 
@@ -355,7 +390,20 @@ def recent_message(row: list[Any]) -> RecentMessage:
 
 
 def message_record(row: list[Any]) -> MessageRecord:
-    seq, sender, recipient, msgid, status, reason, attempts, accepted_at, expires_at, finished = row
+    (
+        seq,
+        sender,
+        recipient,
+        msgid,
+        status,
+        reason,
+        attempts,
+        accepted_at,
+        expires_at,
+        finished,
+        delivered_at,
+        read_at,
+    ) = row
     return MessageRecord(
         int(seq),
         text(sender),
@@ -367,14 +415,16 @@ def message_record(row: list[Any]) -> MessageRecord:
         float(accepted_at),
         float(expires_at),
         maybe_float(finished),
+        maybe_float(delivered_at),
+        maybe_float(read_at),
     )
 
 
 def history_entry(row: list[Any], keys: StoreKeys | None) -> HistoryEntry:
     """``{seq, sender, recipient, msgid, fields, key_id, conversation_id, status, reason,
-    attempts, accepted_at, delivered_at, finished_at, message id, address}``, as the script's
-    ``history`` sends it; ``fields`` opened as a queued delivery's are (:func:`open_fields`),
-    ``""`` once erased.
+    attempts, accepted_at, delivered_at, finished_at, message id, address, read_at}``, as the
+    script's ``history`` sends it (``read_at`` absent for a sender the reader hid it from);
+    ``fields`` opened as a queued delivery's are (:func:`open_fields`), ``""`` once erased.
 
     Raises:
         UndecryptableRow: as :func:`open_fields`.
@@ -395,6 +445,7 @@ def history_entry(row: list[Any], keys: StoreKeys | None) -> HistoryEntry:
         finished_at,
         message,
         address,
+        read_at,
     ) = row
     return HistoryEntry(
         seq=int(seq),
@@ -420,6 +471,6 @@ def history_entry(row: list[Any], keys: StoreKeys | None) -> HistoryEntry:
         attempts=int(attempts),
         accepted_at=float(accepted_at),
         delivered_at=maybe_float(delivered_at),
-        read_at=None,
+        read_at=maybe_float(read_at),
         finished_at=maybe_float(finished_at),
     )

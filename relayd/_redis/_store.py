@@ -247,6 +247,9 @@ class RedisStore:
             )
         )
 
+    async def set_read_receipts(self, uuid: str, enabled: bool) -> bool:
+        return bool(await self._call("set_read_receipts", uuid, int(enabled)))
+
     async def get_client(self, uuid: str) -> ClientRecord | None:
         return C.client_record(await self._call("get_client", uuid, write=False))
 

@@ -121,12 +121,12 @@ end
 
 -- --- clients ----------------------------------------------------------------------------------
 
-local CLIENT_FIELDS = {'n', 'h', 'r', 'ca', 'tv', 'da'}
+local CLIENT_FIELDS = {'n', 'h', 'r', 'ca', 'tv', 'da', 'pr'}
 
 function U.client_row(uuid)
     local row = call('HMGET', K.client(uuid), unpack(CLIENT_FIELDS))
     if row[4] == false then return false end
-    return {uuid, row[1], row[2], row[3], row[4], row[5], row[6]}
+    return {uuid, row[1], row[2], row[3], row[4], row[5], row[6], row[7]}
 end
 
 function U.spend_invite(id, uuid, at)
@@ -152,6 +152,17 @@ end
 function OPS.rename_client(a)
     if not U.live(a[1]) then return 0 end
     call('HSET', K.client(a[1]), 'n', a[2])
+    return 1
+end
+
+-- {uuid, enabled}: ``pr`` (its reads are private) is set while read receipts are off.
+function OPS.set_read_receipts(a)
+    if not U.live(a[1]) then return 0 end
+    if a[2] == 1 then
+        call('HDEL', K.client(a[1]), 'pr')
+    else
+        call('HSET', K.client(a[1]), 'pr', 1)
+    end
     return 1
 end
 
@@ -247,8 +258,10 @@ function OPS.delete_client(a)
 end
 
 -- {uuid, limit}: forget up to ``limit`` more of a deleted client's history (the final
--- deliveries it sent, then those it received with no receipt owed, by seq); the cursor is
--- kept in ``forget``. 1 while more may remain, 0 once done (or never asked).
+-- deliveries it sent, then those it received with no receipt owed to their sender, by seq),
+-- and their messages once they have no delivery left; what waits, for it or from it, stays
+-- until it expires. The cursor is kept in ``forget``. 1 while more may remain, 0 once done
+-- (or never asked).
 function OPS.forget_history(a)
     local uuid, limit = a[1], a[2]
     if type(limit) ~= 'number' or limit < 1 then return U.fail('a page of at least 1') end
@@ -260,8 +273,11 @@ function OPS.forget_history(a)
     local seqs = call('ZRANGEBYSCORE', index, '(' .. after, '+inf', 'LIMIT', 0, limit)
     for _, seq in ipairs(seqs) do
         seq = tonumber(seq)
-        local row = call('HMGET', K.delivery(seq), 'st', 'rp')
-        if row[1] ~= false and (sent or row[2] == '0') then U.delete_delivery(seq) end
+        local row = call('HMGET', K.delivery(seq), 'st', 'rp', 'rq')
+        -- A receipt (final or read) owed to another sender stays until told.
+        if row[1] ~= false and (sent or (row[2] == '0' and row[3] ~= '1')) then
+            U.delete_delivery(seq)
+        end
     end
     if #seqs == limit then
         call('HSET', K.forgetting, uuid, side .. ':' .. U.int(tonumber(seqs[#seqs])))
@@ -718,8 +734,9 @@ function U.settle(id, keep)
     U.unindex_content(id, row[2], row[3])
 end
 
--- Finish = {'F', seq, status, finished_at, receipt_pending, reason, keep_content}: a
--- delivered one was delivered when it finished, unless a SetAttempts said when before.
+-- Finish = {'F', seq, status, finished_at, receipt_pending, reason, keep_content,
+-- delivered_at or false}: a delivered one was delivered when it finished, unless a SetAttempts
+-- said when before; another, at ``delivered_at`` if it was written and nothing said when.
 function U.finish(op)
     local seq, status, finished_at, pending, reason = op[2], op[3], op[4], op[5], op[6]
     local key = K.delivery(seq)
@@ -728,6 +745,8 @@ function U.finish(op)
     local fields = {'st', status, 'fa', finished_at, 'rp', pending, 'rs', reason}
     if status == 'delivered' and row[5] == false then
         fields[#fields + 1], fields[#fields + 2] = 'dv', finished_at
+    elseif op[8] and row[5] == false then
+        fields[#fields + 1], fields[#fields + 2] = 'dv', op[8]
     end
     call('HSET', key, unpack(fields))
     U.dequeue(seq, row[1])
@@ -754,18 +773,67 @@ function U.set_attempts(op)
     return false
 end
 
--- SetReceiptPending = {'P', {seq...}, pending}
+-- SetReceiptPending = {'P', {seq...}, pending}: a delivery stays in its sender's ``rc`` while
+-- its final status or its read receipt (``rq``) is owed.
 function U.set_receipt_pending(op)
     for _, seq in ipairs(op[2]) do
         local key = K.delivery(seq)
-        local row = call('HMGET', key, 'st', 's')
+        local row = call('HMGET', key, 'st', 's', 'rq')
         if row[1] ~= false then
             call('HSET', key, 'rp', op[3])
             if op[3] == 1 then
                 call('ZADD', K.receipts(row[2]), seq, seq)
-            else
+            elseif row[3] ~= '1' then
                 call('ZREM', K.receipts(row[2]), seq)
             end
+        end
+    end
+    return false
+end
+
+-- MarkRead = {'M', reader, msgid, sender or false, at}: the newest delivery of msgid to the
+-- reader (from that sender), read at ``at`` unless it was read before. {code}, or {code, seq,
+-- sender, read_at, owed}. ``ra`` read_at, ``rq`` the read receipt owed (0/1), ``rh`` hidden
+-- from the sender (the reader had read receipts off).
+function U.mark_read(op)
+    local reader, msgid, sender, at = op[2], op[3], op[4], op[5]
+    local prefix = U.lp(msgid)
+    local seq, from
+    -- Newest first; a delivery of another sender's is passed over (one per sender at most).
+    for _, member in ipairs(call('ZREVRANGEBYLEX', K.received(reader), '[' .. prefix .. '\255',
+            '[' .. prefix)) do
+        local candidate = tonumber(string.sub(member, #prefix + 1))
+        local s = call('HGET', K.delivery(candidate), 's')
+        if not sender or s == sender then
+            seq, from = candidate, s
+            break
+        end
+    end
+    if not seq then
+        if call('HEXISTS', K.msgids, msgid) == 1 then return {'not_yours'} end
+        return {'unknown_message'}
+    end
+    local key = K.delivery(seq)
+    local row = call('HMGET', key, 'dv', 'ra')
+    if row[2] ~= false then return {'already_read', seq, from, row[2], 0} end
+    if row[1] == false then return {'not_delivered', seq, from, false, 0} end
+    if call('HEXISTS', K.client(reader), 'pr') == 1 then
+        call('HSET', key, 'ra', at, 'rh', 1)
+        return {'read', seq, from, at, 0}
+    end
+    call('HSET', key, 'ra', at, 'rq', 1)
+    call('ZADD', K.receipts(from), seq, seq)
+    return {'read', seq, from, at, 1}
+end
+
+-- ClearReadPending = {'T', {seq...}}
+function U.clear_read_pending(op)
+    for _, seq in ipairs(op[2]) do
+        local key = K.delivery(seq)
+        local row = call('HMGET', key, 's', 'rq', 'rp')
+        if row[2] == '1' then
+            call('HSET', key, 'rq', 0)
+            if row[3] ~= '1' then call('ZREM', K.receipts(row[1]), seq) end
         end
     end
     return false
@@ -797,17 +865,16 @@ function U.load_receipts(op)
         'LIMIT', 0, op[4])
     local rows = {}
     for i, seq in ipairs(seqs) do
-        local d = call('HMGET', K.delivery(tonumber(seq)), 'm', 'r', 'st', 'fa', 'rs')
+        local d = call('HMGET', K.delivery(tonumber(seq)), 'm', 'r', 'st', 'fa', 'rs', 'rp', 'rq',
+            'ra')
         local msgid = call('HGET', K.message(tonumber(d[1])), 'i')
-        rows[i] = {tonumber(seq), msgid, d[2], d[3], d[4], d[5]}
+        -- {seq, msgid, recipient, status, finished_at, reason, final owed, read_at if owed}
+        rows[i] = {tonumber(seq), msgid, d[2], d[3], d[4], d[5] or '', d[6] == '1' and 1 or 0,
+            d[7] == '1' and d[8]}
     end
     return rows
 end
 
--- A deleted client's history: the final deliveries it sent or received (but a receipt owed
--- to another sender stays until told), and their messages once they have no delivery left.
--- What waits, for it or from it, stays until it expires. It costs the size of the client's
--- history, in one call: the tombstone and the history go together.
 -- FindExpired = {'X', now, limit}
 function U.find_expired(op)
     local rows = {}
@@ -856,9 +923,9 @@ function U.purge(op)
     if tonumber(receipts_before) > tonumber(finished_before) then before = receipts_before end
     for _, padded in ipairs(call('ZRANGEBYSCORE', K.finished, '-inf', '(' .. before)) do
         local seq = tonumber(padded)
-        local row = call('HMGET', K.delivery(seq), 'rp', 'fa')
+        local row = call('HMGET', K.delivery(seq), 'rp', 'fa', 'rq')
         local finished_at = tonumber(row[2])
-        if (row[1] == '0' and finished_at < tonumber(finished_before))
+        if (row[1] == '0' and row[3] ~= '1' and finished_at < tonumber(finished_before))
             or finished_at < tonumber(receipts_before) then
             U.delete_delivery(seq)
         end
@@ -893,13 +960,13 @@ end
 local APPLY = {
     I = U.insert, F = U.finish, A = U.set_attempts, P = U.set_receipt_pending,
     Q = U.load_queue, R = U.load_receipts, X = U.find_expired, G = U.purge,
-    N = U.load_key_notices, C = U.clear_key_notice,
+    N = U.load_key_notices, C = U.clear_key_notice, M = U.mark_read, T = U.clear_read_pending,
 }
 -- Each operation's arguments by type, the code first: n a number, s a string, S a string or
 -- false, t a list of numbers.
 local SIGNATURES = {
-    I = 'snsssnnsSssnSnsS', F = 'snssnsn', A = 'snnS', P = 'stn', Q = 'ssnnn', R = 'ssnn',
-    X = 'ssn', G = 'sss', N = 'ssn', C = 'ssssss',
+    I = 'snsssnnsSssnSnsS', F = 'snssnsnS', A = 'snnS', P = 'stn', Q = 'ssnnn', R = 'ssnn',
+    X = 'ssn', G = 'sss', N = 'ssn', C = 'ssssss', M = 'sssSs', T = 'st',
 }
 
 function U.well_formed(op)
@@ -1001,17 +1068,20 @@ function OPS.message_record(a)
         if seq > best then best = seq end
     end
     if best == 0 then return false end
-    local d = call('HMGET', K.delivery(best), 'm', 's', 'r', 'st', 'rs', 'n', 'ex', 'fa')
+    local d = call('HMGET', K.delivery(best), 'm', 's', 'r', 'st', 'rs', 'n', 'ex', 'fa', 'dv',
+        'ra', 'rh')
     local m = call('HMGET', K.message(tonumber(d[1])), 'i', 'at')
+    local read_at = d[10]
+    if d[11] == '1' and d[3] ~= client then read_at = false end  -- hidden from its sender
     -- {seq, sender, recipient, msgid, status, reason, attempts, accepted_at, expires_at,
-    -- finished_at}
-    return {best, d[2], d[3], m[1], d[4], d[5], d[6], m[2], d[7], d[8]}
+    -- finished_at, delivered_at, read_at}
+    return {best, d[2], d[3], m[1], d[4], d[5], d[6], m[2], d[7], d[8], d[9], read_at}
 end
 
 -- {client, box, peer, conversation, newest_first, cursor, limit}: a page of the client's
 -- history (see HistoryQuery), each entry {seq, sender, recipient, msgid, fields, key_id,
 -- conversation, status, reason, attempts, accepted_at, delivered_at, finished_at, message id,
--- address}. Each side (what it received, what it sent) is read on its own index, at most a
+-- address, read_at (false for a sender the reader hid it from)}. Each side (what it received, what it sent) is read on its own index, at most a
 -- page of it past the cursor, and the two are merged: a page costs its size.
 function OPS.history(a)
     local client, box, peer, conversation, newest_first, cursor, limit = unpack(a)
@@ -1043,11 +1113,14 @@ function OPS.history(a)
     local rows = {}
     for i, seq in ipairs(seqs) do
         if limit > 0 and i > limit then break end  -- as SQL: a negative LIMIT is none
-        local d = call('HMGET', K.delivery(seq), 'm', 's', 'r', 'st', 'rs', 'n', 'dv', 'fa')
+        local d = call('HMGET', K.delivery(seq), 'm', 's', 'r', 'st', 'rs', 'n', 'dv', 'fa', 'ra',
+            'rh')
         local id = tonumber(d[1])
         local m = call('HMGET', K.message(id), 'i', 'f', 'k', 'cv', 'at', 'r')
+        local read_at = d[9]
+        if d[10] == '1' and d[3] ~= client then read_at = false end  -- hidden from its sender
         rows[i] = {seq, d[2], d[3], m[1], m[2], m[3], m[4], d[4], d[5], d[6], m[5], d[7], d[8],
-            id, m[6]}
+            id, m[6], read_at}
     end
     return rows
 end

@@ -19,6 +19,7 @@ Its modules follow the dependency direction, each importing only those before it
 - ``receipts.py``: the sender's side (receipts told or owed, the dedupe memory, key changes);
 - ``delivery.py``: messages in memory (acceptance, staging, routing, mailboxes, acks,
   redelivery, expiry, loading from and parking in the store);
+- ``reads.py``: the recipient's side of read receipts (``read`` frames, their answers);
 - this module, :class:`RelayCore`: the events the driver calls, each routed to those parts.
 
 Rules that hold between any two events:
@@ -55,6 +56,12 @@ Rules that hold between any two events:
    while a pull waits and at most as many as that pull may take (its ``credit``), it is told
    no receipts and no key changes (they stay owed for the client's next socket), and it ends
    ``relay.pull_idle_timeout`` after its last pull.
+9. A read receipt is decided by the store (``MarkRead``: only a delivery's recipient, only once
+   it was written to it, only once) and then owed in the store, apart from the final status,
+   until its frame is written to the sender: told at once to a sender online here (announced
+   to the other nodes in cluster mode), else loaded with the final receipts when it connects
+   or its socket drains. A receipt on its way to a socket is never loaded again meanwhile, so
+   neither receipt is told twice nor lost while the other is told.
 """
 
 from __future__ import annotations
@@ -70,15 +77,18 @@ from .context import Context, TimerKind
 from .delivery import Delivery
 from .effects import Action
 from .frames import CloseCode, ProtocolError
-from .model import Identity, Message, Phase, ReceiptRef, Ref, Session
+from .model import Identity, Message, Phase, ReadRef, ReceiptRef, Ref, Session
+from .reads import Reads
 from .receipts import Receipts
 from .records import (
+    ClearReadPending,
     FindExpired,
     Insert,
     KeyNotice,
     LoadKeyNotices,
     LoadQueue,
     LoadReceipts,
+    MarkRead,
     RecentMessage,
     SetAttempts,
     SetReceiptPending,
@@ -140,6 +150,7 @@ class RelayCore:
             may_message=may_message,
             cluster=cluster,
         )
+        self.reads = Reads(ctx, self.sessions, self.receipts, self.delivery, self._send_limiter)
         ctx.at(now + relay.sweep_interval, TimerKind.SWEEP, None, 0)
 
     def reconfigure(
@@ -215,6 +226,8 @@ class RelayCore:
         half = max(1, self._ctx.ws.outbound_buffer // 2)
         if session.queued >= half or session.client is None:
             return session.queued < half
+        if session.reads >= max(1, self._ctx.ws.outbound_buffer // 4):
+            return False  # their answers must fit in the socket (see Reads)
         return self.receipts.may_read(session.client)
 
     def stats(self) -> dict[str, int]:
@@ -388,15 +401,15 @@ class RelayCore:
         self._account_written(session, written[0], written[1], now)
         returned: list[Message] = []
         for ref in unsent:
-            if isinstance(ref, ReceiptRef):
-                self.sessions.owe(ref)
+            if isinstance(ref, ReceiptRef | ReadRef):
+                self.receipts.untold(ref)
             elif isinstance(ref, KeyNotice):
                 continue  # owed in the store until written
             elif self.delivery.unsent(ref, sid):
                 returned.append(ref)
         for ref in interrupted:
-            if isinstance(ref, ReceiptRef):
-                self.sessions.owe(ref)  # it may have arrived: receipts are told at least once
+            if isinstance(ref, ReceiptRef | ReadRef):
+                self.receipts.untold(ref)  # it may have arrived: receipts are told at least once
             elif isinstance(ref, KeyNotice):
                 continue  # it may have arrived: key changes are told at least once
             elif self.delivery.interrupted(ref, sid, now):
@@ -435,6 +448,8 @@ class RelayCore:
                 self.delivery.accept(session, doc, now)
             elif kind == "ack":
                 self.delivery.ack(session, doc, now)
+            elif kind == "read":
+                self.reads.frame(session, doc, now)
             elif kind in ("refresh", "refresh_token"):
                 sessions.refresh(session, doc, now)
             elif kind == "ping":
@@ -498,21 +513,33 @@ class RelayCore:
         session.queued -= count
         self._ctx.metrics.frames_out += count
         told: list[int] = []
+        read: list[int] = []
         for ref in refs:
             if isinstance(ref, ReceiptRef):
                 self.receipts.written(ref, told)
+            elif isinstance(ref, ReadRef):
+                read.append(ref.seq)
             elif isinstance(ref, KeyNotice):
                 self.receipts.notice_written(session, ref)
             else:
                 self.delivery.written(session, ref, now)
         if told:
             self._ctx.actions.append(SetReceiptPending(tuple(told), pending=False))
+        if read:
+            self._ctx.actions.append(ClearReadPending(tuple(read)))
 
     def key_changed(self, notices: Iterable[KeyNotice], now: float) -> None:
         """Key changes were committed, each owed to a correspondent (its ``reader``): an online
         one is sent the frame now, if its socket has room; the store keeps the rest owed (see
         rule 7)."""
         self.receipts.key_changed(notices, now)
+
+    def read(self, ref: Any, reader: str, msgid: str, sender: str | None, now: float) -> None:
+        """``reader`` read ``msgid`` (from ``sender``; ``None``: the newest delivery of it to
+        ``reader``), said over REST: a :class:`MarkRead` with ``ref``, which comes back with
+        the store's answer (see :meth:`store_done`); the sender is told as for a ``read``
+        frame."""
+        self.reads.request(ref, reader, msgid, sender, now)
 
     # --- the store -------------------------------------------------------------------------
 
@@ -534,6 +561,10 @@ class RelayCore:
                 delivery.expired_found(result, now)
             elif isinstance(op, SetAttempts):
                 delivery.attempts_written(op, now)
+            elif isinstance(op, MarkRead):
+                self.reads.done(op, result, now)
+            elif isinstance(op, SetReceiptPending | ClearReadPending):
+                self.receipts.cleared(op)
         for client in touched:
             delivery.drain_staging(client, now)
 

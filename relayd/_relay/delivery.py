@@ -390,12 +390,15 @@ class Delivery:
                 self.ctx.actions.append(insert_op(message))
 
     def _record_attempts(self, message: Message) -> None:
-        """Bring the store's attempt count of a stored message up to date."""
-        if message.attempts != message.recorded_attempts:
+        """Bring the store's attempt count of a stored message up to date, and when it was
+        first written (its row may not know yet: see Message.delivered_at)."""
+        if message.attempts != message.recorded_attempts or message.delivered_at is not None:
             message.recorded_attempts = message.attempts
             # A read already queued reads the count before this write: see _message_from_row.
             self._counts_written[message.seq] = message.attempts
-            self.ctx.actions.append(SetAttempts(message.seq, message.attempts))
+            self.ctx.actions.append(
+                SetAttempts(message.seq, message.attempts, at=message.delivered_at)
+            )
 
     def _forget(self, message: Message) -> None:
         """The message leaves memory; the store keeps it."""
@@ -504,6 +507,8 @@ class Delivery:
         if message.acknowledge:
             move(message, Where.UNACKED)
             message.written_at = now
+            if message.delivered_at is None:
+                message.delivered_at = now
             self.ctx.at(now + self.ctx.relay.ack_timeout, TimerKind.ACK, message, message.gen)
         else:
             self.finish(message, Status.DELIVERED, now)
@@ -589,6 +594,22 @@ class Delivery:
             return
         move(message, Where.DONE)
         self.receipts.refused(message, outcome, now)
+
+    def record_written(self, reader: str, msgid: str, sender: str | None) -> None:
+        """``reader`` read ``msgid``: if that message waits in memory for its ack, written
+        to ``reader`` already, its row learns when (it does at its Finish otherwise), so that
+        the read finds it delivered."""
+        recipient = self.recipients.get(reader)
+        message = recipient.unacked.get(msgid) if recipient is not None else None
+        if (
+            message is not None
+            and message.delivered_at is not None
+            and message.committed
+            and (sender is None or message.sender == sender)
+        ):
+            self.ctx.actions.append(
+                SetAttempts(message.seq, message.recorded_attempts, at=message.delivered_at)
+            )
 
     def attempts_written(self, op: SetAttempts, now: float) -> None:
         """The store ran a :class:`~relayd._relay.records.SetAttempts`."""

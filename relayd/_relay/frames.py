@@ -87,6 +87,11 @@ TOO_MANY_CONNECTIONS = "too_many_connections"
 SHUTTING_DOWN = "shutting_down"
 STORE_UNAVAILABLE = "store_unavailable"
 CLIENT_CONNECTED = "client_connected"  # a REST pull while the client has a socket
+# A read receipt refused (see relayd._relay.records.ReadCode): each an honest race or a stale
+# msgid as often as a hostile client, so none counts as a refused frame.
+UNKNOWN_MESSAGE = "unknown_message"
+NOT_YOURS = "not_yours"
+NOT_DELIVERED = "not_delivered"
 
 
 class RateLimited(ProtocolError):
@@ -118,6 +123,9 @@ _RECOVERY = {
     TOO_MANY_CONNECTIONS: "reconnect later, with backoff",
     SHUTTING_DOWN: "reconnect later, with backoff",
     STORE_UNAVAILABLE: "nothing was stored: send it again after details.retry_after seconds",
+    UNKNOWN_MESSAGE: "no message with that msgid was sent to you (or it is no longer kept)",
+    NOT_YOURS: "only a message's recipient may mark it read",
+    NOT_DELIVERED: "mark a message read once you received it",
 }
 
 
@@ -260,6 +268,31 @@ def parse_envelope(doc: dict[str, Any]) -> Envelope:
         raise ProtocolError(INVALID_MESSAGE_FORMAT, f"{name}: {reason}", field=name) from None
 
 
+def parse_read(doc: dict[str, Any]) -> tuple[str, str | None]:
+    """A ``read`` frame's ``msgid`` and ``from`` (the sender, to tell apart two senders' same
+    msgid; ``None``: the newest delivery of that msgid to the reader).
+
+    Raises:
+        ProtocolError: ``INVALID_MESSAGE_FORMAT`` naming the bad field.
+    """
+    msgid = doc.get("msgid")
+    if not isinstance(msgid, str) or not 0 < len(msgid) <= MAX_MSGID_CHARS:
+        raise ProtocolError(
+            INVALID_MESSAGE_FORMAT,
+            f"msgid: must be the msgid of a received message, 1 to {MAX_MSGID_CHARS} characters",
+            field="msgid",
+        )
+    sender = doc.get("from")
+    if sender is None:
+        return msgid, None
+    try:
+        return msgid, canonical_uuid(strict_scalar(sender, str))
+    except (TypeError, ValueError):
+        raise ProtocolError(
+            INVALID_MESSAGE_FORMAT, "from: must be the sender's client uuid", field="from"
+        ) from None
+
+
 def encode(frame: dict[str, Any]) -> str:
     return _ENCODER.encode(frame)
 
@@ -362,6 +395,7 @@ _STATUS_TEXT = {
     "failed": "not delivered",
     "expired": "expired before delivery",
     "accepted": "accepted",
+    "read": "read by the recipient",
 }
 
 
@@ -391,6 +425,36 @@ def receipt_frame(
     if duplicate:
         frame["duplicate"] = True
     return encode(frame)
+
+
+def read_frame(msgid: str, to: str, read_at: float, now: float) -> str:
+    """A read receipt to a message's sender: its recipient ``to`` read it at ``read_at``."""
+    return encode(
+        {
+            "type": "delivery_update",
+            "msgid": msgid,
+            "to": to,
+            "status": "read",
+            "read_at": read_at,
+            "timestamp": now,
+            "message": _STATUS_TEXT["read"],
+        }
+    )
+
+
+def read_received_frame(msgid: str, sender: str, status: str, read_at: float, now: float) -> str:
+    """The answer to a ``read``: ``read`` (marked now) or ``already_read`` (``read_at`` is the
+    first time)."""
+    return encode(
+        {
+            "type": "read_received",
+            "msgid": msgid,
+            "from": sender,
+            "status": status,
+            "read_at": read_at,
+            "timestamp": now,
+        }
+    )
 
 
 _REVOKED_TEXT = {

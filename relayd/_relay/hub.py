@@ -60,9 +60,12 @@ from .frames import CLIENT_CONNECTED, CloseCode
 from .model import Identity, Ref
 from .records import (
     ClearKeyNotice,
+    ClearReadPending,
     Finish,
     KeyNotice,
+    MarkRead,
     Purge,
+    ReadOutcome,
     SetAttempts,
     SetReceiptPending,
     StoreOp,
@@ -96,6 +99,8 @@ INLINE_SECONDS = 0.001
 # After a failed batch, the store is tried again after this long, doubling up to the max.
 STORE_RETRY = 0.1
 STORE_RETRY_MAX = 2.0
+# Seconds a REST read waits for its store operation (queued behind the others) to be answered.
+READ_TIMEOUT = 10.0
 # Cluster mode: message seqs reserved from the store at a time (see relayd/_relay/seqs.py).
 SEQ_BLOCK = 1000
 # Bytes written to a socket at once, at most, where frames are coalesced: past write_timeout
@@ -132,7 +137,17 @@ def _urgent(op: StoreOp | Announce) -> bool:
     record, a first attempt counted before a delivery (see DEFER_COMMIT)."""
     if isinstance(op, SetAttempts):
         return op.ref is not None
-    return not isinstance(op, Finish | SetReceiptPending | Purge | ClearKeyNotice)
+    return not isinstance(
+        op, Finish | SetReceiptPending | Purge | ClearKeyNotice | ClearReadPending
+    )
+
+
+@define(eq=False)
+class _ReadWaiter:
+    """A REST read waiting for its :class:`MarkRead`'s answer."""
+
+    done: trio.Event = field(factory=trio.Event)
+    outcome: ReadOutcome | None = None
 
 
 @frozen
@@ -527,6 +542,10 @@ class Hub:
                 self.core.store_recovered()
             self.core.store_done(ops, results, self.clock())
             self._apply()
+            for done, result in zip(ops, results, strict=True):
+                if isinstance(done, MarkRead) and isinstance(done.ref, _ReadWaiter):
+                    done.ref.outcome = result
+                    done.ref.done.set()
             self._signal()
             if self.cluster is not None:
                 for op in taken:
@@ -976,6 +995,25 @@ class Hub:
         done = self.core.acknowledge(transport.sid, msgid, self.clock())
         self._apply()
         return done
+
+    async def mark_read(self, reader: str, msgid: str, sender: str | None) -> ReadOutcome:
+        """``POST /messages/{msgid}/read``: as a ``read`` frame of ``reader``'s (the sender is
+        told the same way), in order with the store operations before it. Cancelled, it
+        leaves the read to be recorded all the same.
+
+        Raises:
+            StoreUnavailable: the store is failing, or did not answer within READ_TIMEOUT.
+        """
+        if not self.store_available:
+            raise StoreUnavailable("the store cannot take reads now")
+        waiter = _ReadWaiter()
+        self.core.read(waiter, reader, msgid, sender, self.clock())
+        self._apply()
+        with trio.move_on_after(READ_TIMEOUT):
+            await waiter.done.wait()
+        if waiter.outcome is None:
+            raise StoreUnavailable("the store did not record the read in time")
+        return waiter.outcome
 
     async def queue_depths(self) -> dict[str, int]:
         """Undelivered messages in the store, per recipient."""

@@ -112,6 +112,7 @@ class Session:
     rest: bool = False
     pulling: bool = False  # REST: a pull is waiting for deliveries
     credit: int = 0  # REST: deliveries the waiting pull may still take
+    reads: int = 0  # its read frames whose store operation is under way (see RelayCore.readable)
 
 
 @define(eq=False)
@@ -143,6 +144,9 @@ class Message:
     holder: Recipient | None = None  # whose memory counts it (see Recipient.held_bytes)
     sid: int | None = None  # the session it was last sent on
     written_at: float = 0.0  # when it was last written to the recipient's socket
+    # When it was first written to its recipient while in memory: its row learns it with the
+    # next write about it (its Finish, its attempts, or a read of it: see Delivery.record_written).
+    delivered_at: float | None = None
     gen: int = 0  # bumped on every move, so stale timers are ignored
 
     @property
@@ -167,7 +171,15 @@ class ReceiptRef:
     owed: Insert | None = None
 
 
-Ref = Message | ReceiptRef | KeyNotice
+@frozen
+class ReadRef:
+    """A read receipt handed to the sender's socket: the delivery's row says it is owed
+    (``read_pending``) until the frame is written."""
+
+    seq: int
+
+
+Ref = Message | ReceiptRef | ReadRef | KeyNotice
 
 
 @define(eq=False)

@@ -7,6 +7,12 @@ remembers, per ``(sender, msgid)`` within the dedupe window, the last status tol
 message sent again is answered as a duplicate), and counts what each sender has sent that
 awaits its first receipt (which bounds reading from it: see :meth:`Receipts.may_read`). Key
 changes (rule 7) travel the same way: pushed when there is room, owed in the store otherwise.
+
+Read receipts (rule 9) too, owed apart from the final status: a delivery's row says which of
+the two its sender is still owed, and each is marked told on its own once its frame is
+written, so neither can clear the other. A receipt on its way to a socket is still owed in the
+store until then: a page loaded meanwhile skips it (:attr:`Receipts._telling`), so that it is
+told once.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import attrs
 from . import frames as F
 from .context import Context
 from .effects import Announce, insert_op
-from .model import Message, Phase, ReceiptRef, Ref, Session
+from .model import Message, Phase, ReadRef, ReceiptRef, Ref, Session
 from .records import (
     FINAL,
     ClearKeyNotice,
+    ClearReadPending,
     Duplicate,
     Finish,
     KeyNotice,
@@ -31,6 +38,7 @@ from .records import (
     LoadReceipts,
     RecentMessage,
     Refused,
+    SetReceiptPending,
     Status,
     StoredReceipt,
 )
@@ -63,6 +71,16 @@ class Receipts:
         # bytes.
         self._awaiting: Counter[str] = Counter()
         self._awaiting_bytes: Counter[str] = Counter()
+        # Stored receipts handed to a socket whose row says they are owed until their frame is
+        # written and that write committed: (seq, True for a read receipt). A page of owed
+        # receipts loaded meanwhile skips them. At most the frames on the sockets, and one
+        # commit's worth.
+        self._telling: set[tuple[int, bool]] = set()
+        # Final receipts of messages never stored (delivered straight from memory) on their
+        # way to the sender's socket, by (recipient, msgid) and sender: their row is written
+        # once the frame is. A read of one stores it first (see store_for_read).
+        self._unstored: dict[tuple[str, str], dict[str, ReceiptRef]] = {}
+        self._flushed: set[int] = set()  # of those, the seqs stored early for a read
 
     # --- the dedupe memory and what senders await ------------------------------------------
 
@@ -142,9 +160,16 @@ class Receipts:
         if status in FINAL:
             # The receipt is owed until its frame is written (see ReceiptRef).
             if message.committed:
-                keep = self.ctx.retention > 0
                 self.ctx.actions.append(
-                    Finish(message.seq, status, now, True, reason, keep_content=keep)
+                    Finish(
+                        message.seq,
+                        status,
+                        now,
+                        True,
+                        reason,
+                        delivered_at=message.delivered_at,
+                        keep_content=self.ctx.retention > 0,
+                    )
                 )
                 ref = ReceiptRef(message.seq)
             else:
@@ -189,18 +214,101 @@ class Receipts:
         accepted), or keep a final one owed if the socket is crowded."""
         if duplicate:
             self.ctx.metrics.events["duplicate"] += 1
-        if isinstance(ref, ReceiptRef) and session.queued >= self._room:
-            # A burst of final receipts (a group commit, a sweep) would crowd the socket: the
-            # rest stay owed in the store and are loaded as it drains.
-            self.sessions.owe(ref)
-            session.receipts_more = True
-            session.receipt_cursor = min(session.receipt_cursor, ref.seq - 1)
-            return
         value = status.value if status is not None else "accepted"
         frame = F.receipt_frame(
             msgid, recipient, value, now, first=first, reason=reason, duplicate=duplicate
         )
+        self._send(session, frame, ref)
+
+    def send_read(
+        self, session: Session, seq: int, msgid: str, recipient: str, read_at: float, now: float
+    ) -> None:
+        """Send a read receipt frame, or keep it owed if the socket is crowded."""
+        self._send(session, F.read_frame(msgid, recipient, read_at, now), ReadRef(seq))
+
+    def _send(self, session: Session, frame: str, ref: Ref | None) -> None:
+        if isinstance(ref, ReceiptRef | ReadRef) and session.queued >= self._room:
+            # A burst of receipts (a group commit, a sweep) would crowd the socket: the rest
+            # stay owed in the store and are loaded as it drains.
+            if isinstance(ref, ReceiptRef):
+                self.sessions.owe(ref)
+            session.receipts_more = True
+            session.receipt_cursor = min(session.receipt_cursor, ref.seq - 1)
+            return
+        if session.phase is not Phase.CLOSING and session.queued < self.ctx.ws.outbound_buffer:
+            self._track(ref)  # it will be queued (else Sessions.send keeps it owed)
         self.sessions.send(session, frame, ref)
+
+    def _track(self, ref: Ref | None) -> None:
+        if isinstance(ref, ReadRef):
+            self._telling.add((ref.seq, True))
+        elif isinstance(ref, ReceiptRef) and ref.owed is None:
+            self._telling.add((ref.seq, False))
+        elif isinstance(ref, ReceiptRef) and ref.owed is not None:
+            key = (ref.owed.recipient, ref.owed.msgid)
+            self._unstored.setdefault(key, {})[ref.owed.sender] = ref
+
+    def _untrack(self, ref: ReceiptRef | ReadRef) -> None:
+        if isinstance(ref, ReadRef):
+            self._telling.discard((ref.seq, True))
+            return
+        self._telling.discard((ref.seq, False))
+        if ref.owed is not None:
+            key = (ref.owed.recipient, ref.owed.msgid)
+            pending = self._unstored.get(key)
+            if pending is not None and pending.get(ref.owed.sender) is ref:
+                del pending[ref.owed.sender]
+                if not pending:
+                    del self._unstored[key]
+
+    def store_for_read(self, reader: str, msgid: str, sender: str | None) -> None:
+        """``reader`` read ``msgid`` (from ``sender``): a final receipt of it on its way to its
+        sender, for a message never stored, is stored now (as owed), so that the read finds
+        its row. When its frame is written it is marked told (see :meth:`written`)."""
+        pending = self._unstored.get((reader, msgid))
+        if pending is None:
+            return
+        for from_, ref in list(pending.items()):
+            if (sender is None or from_ == sender) and ref.owed is not None:
+                self.ctx.actions.append(ref.owed)
+                self._flushed.add(ref.seq)
+                self._telling.add((ref.seq, False))
+                del pending[from_]
+        if not pending:
+            del self._unstored[(reader, msgid)]
+
+    def untold(self, ref: ReceiptRef | ReadRef) -> None:
+        """A receipt's frame was not (surely) written: it stays owed (see
+        :meth:`Sessions.owe`), and a page loaded from now on may tell it."""
+        self._untrack(ref)
+        if isinstance(ref, ReceiptRef):
+            self._flushed.discard(ref.seq)
+            self.sessions.owe(ref)
+
+    def cleared(self, op: SetReceiptPending | ClearReadPending) -> None:
+        """Receipts marked told are committed: a load from now on does not find them."""
+        if isinstance(op, ClearReadPending):
+            for seq in op.seqs:
+                self._telling.discard((seq, True))
+        elif not op.pending:
+            for seq in op.seqs:
+                self._telling.discard((seq, False))
+
+    def tell_read(
+        self, sender: str, seq: int, msgid: str, recipient: str, read_at: float, now: float
+    ) -> None:
+        """``recipient`` read ``msgid``, and ``sender`` is owed the read receipt (stored):
+        told now if it is here and its socket has room; announced if it may be on another
+        node; else loaded when it connects."""
+        session = self.sessions.active.get(sender)
+        if session is not None and session.phase is Phase.ACTIVE and session.receipts is not None:
+            # A page of owed receipts is being loaded: it may hold this delivery's final
+            # status, which the read must not overtake. Loaded with it, or right after it.
+            self.owed(sender, seq)
+        elif session is not None and session.phase is Phase.ACTIVE:
+            self.send_read(session, seq, msgid, recipient, read_at, now)
+        elif self._cluster:
+            self.ctx.actions.append(Announce("receipts", sender, seq))
 
     def refused(self, message: Message, outcome: object, now: float) -> None:
         """The store refused ``message``, whose sender was told nothing yet: say why (a
@@ -257,16 +365,20 @@ class Receipts:
         session.receipts_more = len(rows) == op.limit
         for row in rows:
             session.receipt_cursor = max(session.receipt_cursor, row.seq)
-            self.send_receipt(
-                session,
-                row.msgid,
-                row.recipient,
-                row.status,
-                now,
-                first=False,
-                reason=row.reason,
-                ref=ReceiptRef(row.seq),
-            )
+            # The final status first: a read receipt never overtakes it.
+            if row.final and row.status is not None and (row.seq, False) not in self._telling:
+                self.send_receipt(
+                    session,
+                    row.msgid,
+                    row.recipient,
+                    row.status,
+                    now,
+                    first=False,
+                    reason=row.reason,
+                    ref=ReceiptRef(row.seq),
+                )
+            if row.read_at is not None and (row.seq, True) not in self._telling:
+                self.send_read(session, row.seq, row.msgid, row.recipient, row.read_at, now)
         if session.receipt_rewind < math.inf:
             # Hinted while this load was under way: look again from below the hint.
             session.receipt_cursor = int(min(session.receipt_cursor, session.receipt_rewind))
@@ -290,18 +402,23 @@ class Receipts:
     def written(self, ref: ReceiptRef, told: list[int]) -> None:
         """A receipt frame was written: a stored receipt's seq joins ``told`` (marked told in
         one write for all); a receipt never stored is, as told."""
-        if ref.owed is None:
+        if ref.owed is not None:
+            self._untrack(ref)
+        if ref.owed is None or ref.seq in self._flushed:
+            self._flushed.discard(ref.seq)
             told.append(ref.seq)
         else:  # keep a trace, for deduplication across a restart
             self.ctx.actions.append(attrs.evolve(ref.owed, receipt_pending=False))
 
     def announce_owed(self, client: str, refs: Iterable[Ref]) -> None:
         """Cluster mode: ``refs`` of a closed session of ``client`` were not (surely) written;
-        the receipts among them stored only now are announced."""
-        owed = [r.seq for r in refs if isinstance(r, ReceiptRef) and r.owed]
+        the receipts among them stored only now, and the read receipts, are announced."""
+        owed = [
+            r.seq for r in refs if (isinstance(r, ReceiptRef) and r.owed) or isinstance(r, ReadRef)
+        ]
         if owed and self._cluster:
-            # Stored only now: the client's session on another node may have loaded its
-            # receipts already.
+            # Stored only now (or, a read receipt, since that session loaded its receipts):
+            # the client's session on another node may have loaded them already.
             self.ctx.actions.append(Announce("receipts", client, min(owed)))
 
     def drained(self, session: Session) -> None:

@@ -47,14 +47,19 @@ class StoredMessage:
 
 @frozen
 class StoredReceipt:
-    """A final status its sender has not been told yet."""
+    """What a delivery's sender has not been told yet: its final status (``final``), its read
+    receipt (``read_at`` not ``None``), or both. Kept apart, each told and marked told on its
+    own, so that neither can clear the other: a read may land while the final status is being
+    told, or the reverse."""
 
     seq: int
     msgid: str
     recipient: str
-    status: Status
-    finished_at: float
+    status: Status | None  # None: not final yet (a read receipt of a pending_ack delivery)
+    finished_at: float | None
     reason: str
+    final: bool = True  # the final status is owed
+    read_at: float | None = None  # the read receipt is owed: when the recipient read it
 
 
 @frozen
@@ -107,6 +112,7 @@ class Finish:
     receipt_pending: bool
     reason: str = ""
     keep_content: bool = False
+    delivered_at: float | None = None  # when it was first written, if the row may not know
 
 
 @frozen
@@ -127,6 +133,33 @@ class SetReceiptPending:
 
     seqs: tuple[int, ...]
     pending: bool
+
+
+@frozen(eq=False)
+class MarkRead:
+    """The recipient ``reader`` read its delivery of ``msgid``: the one ``sender`` sent, or
+    (``sender`` ``None``) the newest delivery of that msgid to it. Records ``at`` as its
+    ``read_at`` unless it has one; the read receipt is owed to the sender then, unless the
+    reader keeps its reads to itself (``read_receipts`` off: then the sender is never shown
+    it). Only a delivery written to its recipient (``delivered_at`` set) can be read. The
+    answer is a :class:`ReadOutcome`.
+
+    ``ref``: who asked (the core's session id, or the REST route's waiter), handed back.
+    Compared by identity: the core matches a result to the request it made.
+    """
+
+    ref: Any
+    reader: str
+    msgid: str
+    sender: str | None
+    at: float
+
+
+@frozen
+class ClearReadPending:
+    """Read receipts were written to their senders' sockets: owed no more."""
+
+    seqs: tuple[int, ...]
 
 
 # --- read operations ----------------------------------------------------------------------------
@@ -233,6 +266,8 @@ StoreOp = (
     | Purge
     | LoadKeyNotices
     | ClearKeyNotice
+    | MarkRead
+    | ClearReadPending
 )
 
 
@@ -253,3 +288,27 @@ class Refused:
 
 
 InsertOutcome = Inserted | Duplicate | Refused
+
+
+class ReadCode(enum.StrEnum):
+    """What a :class:`MarkRead` found (the REST and WebSocket error codes, but ``read`` and
+    ``already_read``)."""
+
+    READ = "read"  # marked read now
+    ALREADY_READ = "already_read"  # it was read before: nothing changed, nobody is told again
+    NOT_DELIVERED = "not_delivered"  # not written to the reader yet
+    NOT_YOURS = "not_yours"  # the msgid exists, but no delivery of it is to the reader
+    UNKNOWN_MESSAGE = "unknown_message"  # no stored message has that msgid
+
+
+@frozen
+class ReadOutcome:
+    """The answer to a :class:`MarkRead`: ``seq``, ``sender`` and ``read_at`` of the delivery
+    found (``0``, ``""``, ``None`` when none was); ``owed``: its sender is owed a read receipt
+    now (marked read now, and the reader shares its reads)."""
+
+    code: ReadCode
+    seq: int = 0
+    sender: str = ""
+    read_at: float | None = None
+    owed: bool = False

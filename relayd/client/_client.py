@@ -63,6 +63,7 @@ from ._frames import (
     KeyChange,
     Message,
     Pong,
+    ReadReceived,
     Receipt,
     Shutdown,
     TokenExpiring,
@@ -75,6 +76,7 @@ from ._frames import (
     message_frame,
     new_msgid,
     parse,
+    read_frame,
     refresh_frame,
 )
 from ._ledger import Entry, Ledger
@@ -128,7 +130,8 @@ class ClientOptions:
     max_tracked: int = 10_000
     """Sent messages awaiting their final receipt (then: ``send()`` waits)."""
     max_pending_acks: int = 1024
-    """Acks waiting to be written (then: the oldest is dropped; relayd redelivers)."""
+    """Acks waiting to be written (then: the oldest is dropped; relayd redelivers), and so
+    many read receipts (then: the oldest is dropped)."""
     max_frame_bytes: int = 65_536
     """relayd's ``websocket.max_frame_bytes``: a larger message is refused by ``send()``."""
     max_incoming_chars: int = 1 << 20
@@ -287,6 +290,9 @@ class Client:
         self._ledger = Ledger(window=self.options.send_window, capacity=self.options.max_tracked)
         self._handles: dict[str, SendHandle] = {}
         self._acks: collections.deque[str] = collections.deque()
+        # Read receipts to write, (msgid, sender): kept across sessions (relayd answers a
+        # repeated one already_read), bounded as the acks are.
+        self._reads: collections.deque[tuple[str, str]] = collections.deque()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[_Delivery](
             self.options.inbox_size
         )
@@ -521,6 +527,17 @@ class Client:
         self._acks.append(message.msgid)
         self._wake_writer()
 
+    def read(self, message: Message) -> None:
+        """Tell ``message``'s sender that this client read it (a read receipt; relayd records
+        it for this client either way, and tells the sender unless this client turned read
+        receipts off). Written on the live session, or the next one; a repeat changes
+        nothing. When ``max_pending_acks`` reads wait, the oldest is dropped (logged)."""
+        if len(self._reads) >= self.options.max_pending_acks:
+            dropped = self._reads.popleft()
+            log.warning("too many reads pending: dropped the read receipt of %s", dropped[0])
+        self._reads.append((message.msgid, message.sender))
+        self._wake_writer()
+
     # --- the directory -------------------------------------------------------------------------
 
     async def directory(self) -> list[DirectoryEntry]:
@@ -728,7 +745,7 @@ class Client:
                     listener(event)
                 except Exception:
                     log.exception("on_key_changed callback failed")
-        elif isinstance(event, AckReceived | Pong | Welcome):
+        elif isinstance(event, AckReceived | ReadReceived | Pong | Welcome):
             pass
         elif isinstance(event, Unknown):
             log.debug("ignored a frame this client does not know")
@@ -775,6 +792,9 @@ class Client:
                 self._work = anyio.Event()
                 while self._acks:
                     await self._write(session, ack_frame(self._acks.popleft()))
+                while self._reads:
+                    await self._write(session, read_frame(*self._reads[0]))
+                    self._reads.popleft()  # written: a write cut short keeps it
                 now = anyio.current_time()
                 entry = self._ledger.next_to_write(now)
                 if entry is not None:

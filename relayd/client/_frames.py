@@ -34,6 +34,7 @@ class Status(enum.StrEnum):
     ACKNOWLEDGED = "acknowledged"
     FAILED = "failed"
     EXPIRED = "expired"
+    READ = "read"  # a read receipt: the recipient read it (``Receipt.read_at``); not final
     # The SDK's own: relayd refused the message (unknown_recipient, queue_full); ``reason``
     # holds relayd's error code.
     REJECTED = "rejected"
@@ -59,6 +60,7 @@ class Receipt:
     reason: str = ""
     duplicate: bool = False
     kind: str = "delivery_status"
+    read_at: float | None = None  # with status ``read``: when the recipient read it
 
     @property
     def final(self) -> bool:
@@ -105,6 +107,16 @@ class Welcome:
 class AckReceived:
     msgid: str
     status: str
+
+
+@frozen
+class ReadReceived:
+    """relayd's answer to :meth:`Client.read`: ``read`` (recorded now) or ``already_read``."""
+
+    msgid: str
+    sender: str
+    status: str
+    read_at: float
 
 
 @frozen
@@ -163,6 +175,7 @@ Event = (
     | Message
     | Receipt
     | AckReceived
+    | ReadReceived
     | TokenExpiring
     | TokenRefreshed
     | Shutdown
@@ -209,6 +222,7 @@ def parse(text: str) -> Event:
             reason=_str(doc, "reason"),
             duplicate=doc.get("duplicate") is True,
             kind=kind,
+            read_at=_num(doc, "read_at") if "read_at" in doc else None,
         )
     if kind == "connection":
         return Welcome(
@@ -219,6 +233,10 @@ def parse(text: str) -> Event:
         )
     if kind == "ack_received":
         return AckReceived(_str(doc, "msgid"), _str(doc, "status"))
+    if kind == "read_received":
+        return ReadReceived(
+            _str(doc, "msgid"), _str(doc, "from"), _str(doc, "status"), _num(doc, "read_at")
+        )
     if kind == "token_expiring":
         return TokenExpiring(_num(doc, "expires_at"))
     if kind == "token_refreshed":
@@ -349,6 +367,10 @@ def message_frame(
 
 def ack_frame(msgid: str) -> dict[str, Any]:
     return {"type": "ack", "msgid": msgid}
+
+
+def read_frame(msgid: str, sender: str) -> dict[str, Any]:
+    return {"type": "read", "msgid": msgid, "from": sender}
 
 
 def refresh_frame(token: str) -> dict[str, Any]:
