@@ -44,7 +44,10 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 class SqliteConnection:
-    """The store's one connection, used by one call at a time (:meth:`_run`)."""
+    """The store's connection, used by one call at a time (:meth:`_run`); and a second one,
+    read-only, for the reads that may take a while (:meth:`_read`): in WAL mode a reader
+    runs beside the writer, so a page of history never waits for a group commit's fsync,
+    nor holds one up."""
 
     def __init__(
         self,
@@ -52,8 +55,11 @@ class SqliteConnection:
         path: str,
         executor: Executor,
         keys: StoreKeys | None = None,
+        reader: sqlite3.Connection | None = None,
     ) -> None:
         self._db = db
+        self._reader = reader
+        self._read_limiter = trio.CapacityLimiter(1)
         self.path = path
         self._executor = executor
         self.keys = keys
@@ -64,6 +70,14 @@ class SqliteConnection:
         # The highest seq reserve_seqs gave out: one process uses a SQLite file, so
         # reservations need not outlive it (a seq never stored may be given out again).
         self._reserved = 0
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` on the read-only connection (the writer's, for a store in memory)."""
+        if self._reader is None:
+            return await self._run(fn)
+        async with self._read_limiter:
+            result: T = await self._executor(fn, self._reader)
+            return result
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], *, inline: bool = False) -> T:
         async with self._limiter:

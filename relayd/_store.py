@@ -97,6 +97,18 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     return db
 
 
+def _connect_reader(path: str) -> sqlite3.Connection:
+    """A read-only connection to the store's (migrated) file, for reads beside the writer."""
+    try:
+        uri = Path(path).absolute().as_uri() + "?mode=ro"  # quoted: any file name will do
+        reader = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open the store for reading: {exc}") from exc
+    reader.row_factory = sqlite3.Row
+    reader.execute("PRAGMA busy_timeout = 5000")
+    return reader
+
+
 class Store(SqliteClientStore, SqliteMessageStore):
     """relayd's durable state in one SQLite file. Open it with :meth:`Store.open`."""
 
@@ -120,13 +132,16 @@ class Store(SqliteClientStore, SqliteMessageStore):
             UndecryptableRow: ``keys`` lack a key that rows need, or hold a wrong one.
         """
         db = await executor(_connect, path, synchronous)
+        reader: sqlite3.Connection | None = None
         try:
             if keys is not None:
                 await executor(check_keys, db, keys)
+            if path != ":memory:":
+                reader = await executor(_connect_reader, path)
         except BaseException:
             await executor(db.close)
             raise
-        store = cls(db, path, executor, keys)
+        store = cls(db, path, executor, keys, reader)
         try:
             yield store
         finally:
@@ -135,6 +150,9 @@ class Store(SqliteClientStore, SqliteMessageStore):
                 with trio.move_on_after(30):
                     async with store._limiter:
                         await executor(db.close)
+                    if reader is not None:
+                        async with store._read_limiter:
+                            await executor(reader.close)
 
     async def schema_version(self) -> int:
         return await self._run(lambda db: int(db.execute("PRAGMA user_version").fetchone()[0]))

@@ -5,6 +5,7 @@ only when the relay asks (``keep_content``: ``history.retention``); delivery tim
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import attrs
 import pytest
@@ -12,6 +13,7 @@ import trio
 
 from relayd._engine import HistoryEntry, HistoryQuery
 from relayd._relay.records import Finish, Insert, Purge, SetAttempts, Status
+from relayd._store import Store, thread_executor
 
 from .store_support import AnyStore, Target
 from .support import IO_DEADLINE
@@ -168,3 +170,17 @@ async def test_a_message_stored_as_it_goes_out_was_delivered_when_accepted(
     await store.execute([SetAttempts(1, 0)], max_queued=10)
     [_, first] = await store.history(HistoryQuery(UUID_B))
     assert (first.attempts, first.delivered_at) == (0, None)
+
+
+async def test_history_is_read_beside_the_writer(tmp_path: Path) -> None:
+    """On a SQLite file, a page of history is read on a connection of its own: it is answered
+    while the writer is busy with a batch, and never waits for it."""
+    path = tmp_path / "odd name #1?.sqlite3"  # quoted in the reader's URI
+    with trio.fail_after(IO_DEADLINE):
+        async with Store.open(str(path), executor=thread_executor) as store:
+            for uuid, name in ((UUID_A, "alice"), (UUID_B, "bob")):
+                await store.insert_client(client(uuid, name=name))
+            await store.execute([talk(1, UUID_A, UUID_B)], max_queued=10)
+            async with store._limiter:  # the writer is busy
+                [entry] = await store.history(HistoryQuery(UUID_B))
+            assert entry.fields == '{"content": "c1"}'
