@@ -18,10 +18,10 @@ and, on Redis, the server's own CPU per page.
 
 With ``--load``, the pages are asked while another task runs the relay's own store traffic as
 fast as the store takes it (batches of 64 messages accepted, loaded, counted and acknowledged
-between two other clients, as the group commit writes them, and a purge every 50 batches): the row says how many
-messages a second that load moved meanwhile. Each row also gives the store's size per 1,000
-messages kept: the SQLite file (WAL checkpointed), or Redis's ``used_memory``, grown by the
-fill.
+between two other clients, as the group commit writes them, and a purge every 50 batches):
+the row says how many messages a second that load moved meanwhile. Each row also gives the
+store's size per 1,000 messages kept: the SQLite file (WAL checkpointed), or Redis's
+``used_memory``, grown by the fill.
 """
 
 from __future__ import annotations
