@@ -377,19 +377,37 @@ def receipt_frame(
     """A receipt to a message's sender: ``delivery_status`` (its ``first``) or
     ``delivery_update``; ``status`` a :class:`relayd._relay.records.Status` value, or
     ``accepted``."""
-    frame: dict[str, Any] = {
-        "type": "delivery_status" if first else "delivery_update",
-        "msgid": msgid,
-        "to": to,
-        "status": status,
-        "timestamp": now,
-        "message": _STATUS_TEXT.get(status, status),
-    }
+    kind = "delivery_status" if first else "delivery_update"
+    return encode(receipt_doc(kind, msgid, to, status, now, reason=reason, duplicate=duplicate))
+
+
+def receipt_doc(
+    kind: str,
+    msgid: str,
+    to: str,
+    status: str,
+    now: float,
+    *,
+    reason: str = "",
+    duplicate: bool = False,
+) -> dict[str, Any]:
+    """A receipt's fields: a frame's (``kind`` its type), or, with ``kind`` empty, the answer
+    to ``POST /messages`` (the first receipt of a message sent over REST)."""
+    frame: dict[str, Any] = {"type": kind} if kind else {}
+    frame.update(
+        {
+            "msgid": msgid,
+            "to": to,
+            "status": status,
+            "timestamp": now,
+            "message": _STATUS_TEXT.get(status, status),
+        }
+    )
     if reason:
         frame["reason"] = reason
     if duplicate:
         frame["duplicate"] = True
-    return encode(frame)
+    return frame
 
 
 _REVOKED_TEXT = {

@@ -138,6 +138,12 @@ class Message:
     sid: int | None = None  # the session it was last sent on
     written_at: float = 0.0  # when it was last written to the recipient's socket
     gen: int = 0  # bumped on every move, so stale timers are ignored
+    # Submitted without a session (RelayCore.submit): the ticket its first answer goes to
+    # while the submitter waits for it; None once answered, abandoned, or for a socket's.
+    ticket: int | None = None
+    # Its submitter was answered without a receipt (it stopped waiting): every receipt that
+    # follows is an update, not the first.
+    answered: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
