@@ -94,10 +94,11 @@ __all__ = ["RelayCore", "Ticket", "TimerKind"]
 class Ticket:
     """A message submitted without a session (see :meth:`RelayCore.submit`): ``id`` names the
     :class:`~relayd._relay.effects.Answer` meant for it; ``msgid`` is the message's (relayd's
-    own if the submitter gave none)."""
+    own if the submitter gave none), ``to`` its recipient."""
 
     id: int
     msgid: str
+    to: str
 
 
 class RelayCore:
@@ -413,11 +414,11 @@ class RelayCore:
             raise F.RateLimited(wait)
         ticket = self.receipts.open_ticket()
         try:
-            msgid = self.delivery.submit(client, doc, now, ticket)
+            msgid, to = self.delivery.submit(client, doc, now, ticket)
         except ProtocolError:
             self.receipts.abandon(ticket)
             raise
-        return Ticket(ticket, msgid)
+        return Ticket(ticket, msgid, to)
 
     def abandon(self, ticket: int) -> None:
         """The submitter of ``ticket`` stopped waiting before its answer (its deadline, or it

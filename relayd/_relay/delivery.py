@@ -89,9 +89,11 @@ class Delivery:
         assert session.client is not None
         self._accept(session.client, doc, now, session=session)
 
-    def submit(self, sender: str, doc: dict[str, Any], now: float, ticket: int) -> str:
+    def submit(
+        self, sender: str, doc: dict[str, Any], now: float, ticket: int
+    ) -> tuple[str, str]:
         """A message from ``sender`` without a session (see :meth:`RelayCore.submit`), whose
-        first answer goes to ``ticket``; its msgid. The rate was taken already.
+        first answer goes to ``ticket``; its msgid and recipient. The rate was taken already.
 
         Raises:
             ProtocolError: the message is refused (nothing is answered on ``ticket``).
@@ -106,10 +108,10 @@ class Delivery:
         *,
         session: Session | None = None,
         ticket: int | None = None,
-    ) -> str:
-        """Accept a message from ``sender``, stage it, route what may go; its msgid. Its first
-        answer goes to ``session``, or (submitted without one) to ``ticket``: the one
-        acceptance, dedupe and receipt path for both (issue 14)."""
+    ) -> tuple[str, str]:
+        """Accept a message from ``sender``, stage it, route what may go; its msgid and
+        recipient. Its first answer goes to ``session``, or (submitted without one) to
+        ``ticket``: the one acceptance, dedupe and receipt path for both (issue 14)."""
         envelope = F.parse_envelope(doc)
         if envelope.sender is not None and envelope.sender != sender:
             raise ProtocolError(
@@ -137,7 +139,7 @@ class Delivery:
                 self.receipts.send_receipt(
                     session, msgid, envelope.to, known[1], now, first=True, duplicate=True
                 )
-            return msgid
+            return msgid, envelope.to
         seq = None if self.store_down else self._seqs.take()
         self.reserve_seqs()
         if seq is None:
@@ -175,7 +177,7 @@ class Delivery:
         self.receipts.remember(message, now)
         self._stage(message, front=False)
         self.drain_staging(message.recipient, now)
-        return msgid
+        return msgid, envelope.to
 
     def ack(self, session: Session, doc: dict[str, Any], now: float) -> None:
         """An ``ack`` frame from ``session``'s client.

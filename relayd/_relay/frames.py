@@ -86,6 +86,9 @@ REFRESH_IN_PROGRESS = "refresh_in_progress"
 TOO_MANY_CONNECTIONS = "too_many_connections"
 SHUTTING_DOWN = "shutting_down"
 STORE_UNAVAILABLE = "store_unavailable"
+# POST /messages only (never in a frame, so not in _RECOVERY): too many requests wait for a
+# first receipt, or the store lags.
+SERVER_BUSY = "server_busy"
 
 
 class RateLimited(ProtocolError):
