@@ -106,6 +106,23 @@ def test_a_message_delivered_straight_away_is_answered_delivered_and_recorded_as
     assert h.receipts(a) == []
 
 
+def test_a_stored_message_first_answered_with_its_final_status_is_recorded_as_told() -> None:
+    h = CoreHarness(RelayConfig(mailbox_size=1), auto_store=False)
+    alice, bob = h.client("alice"), h.client("bob")
+    b = h.connect(bob)
+    h.commit()
+    h.submit(alice, {"to": bob.uuid, "msgid": "m1", "acknowledge": True})
+    # Behind m1, awaiting its commit, bob's mailbox has no room: m2 is stored first too.
+    ticket = h.submit(alice, {"to": bob.uuid, "msgid": "m2"})
+    h.commit()
+    h.run()
+    assert [m["msgid"] for m in h.messages(b)] == ["m1", "m2"]
+    h.commit()
+    assert receipt(h, ticket.id)["status"] == "delivered"
+    [row] = h.stored("msgid = 'm2'")
+    assert (row["status"], row["receipt_pending"]) == ("delivered", 0)
+
+
 def test_dedupe_spans_both_paths() -> None:
     h = CoreHarness()
     alice, bob = h.client("alice"), h.client("bob")

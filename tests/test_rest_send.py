@@ -9,13 +9,14 @@ or are owed until it connects; every refusal is the documented JSON error.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from .support import HttpResponse, RunningRelayd, make_config, start_relayd
+from .support import IO_DEADLINE, HttpResponse, RunningRelayd, _exchange, make_config, start_relayd
 from .support import Engine as StoreEngine
 from .test_cluster import cluster
 from .test_rest import admin_token, assert_error
@@ -293,8 +294,36 @@ async def test_a_body_bigger_than_a_frame_is_413(
     # Past http.max_body_bytes too (65,536): refused before it is read.
     giant = {"to": bob["uuid"], "content": "x" * 100_000}
     assert_error(await rest_send(relayd, token, giant), 413, "payload_too_large")
+    # Chunked, without a Content-Length: counted as it is read.
+    chunked = await chunked_post(relayd, token, json.dumps(huge).encode())
+    assert_error(chunked, 413, "payload_too_large")
+    assert (await chunked_post(relayd, token, json.dumps(fits).encode())).status == 202
+    # A Content-Length over the bound is refused before a byte of the body is read.
+    with trio.fail_after(IO_DEADLINE):
+        stream = await trio.open_tcp_stream(*relayd.addresses.http)
+        async with stream:
+            await stream.send_all(
+                b"POST /messages HTTP/1.1\r\nHost: relayd\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {token}\r\nContent-Length: 2000\r\n\r\n".encode()
+            )
+            head = await stream.receive_some(65536)
+    assert head.startswith(b"HTTP/1.1 413 "), head
     waiting = await relayd.http.get(f"/clients/{bob['uuid']}/undelivered", token=bob["access_token"])
-    assert waiting.json()["count"] == 1
+    assert waiting.json()["count"] == 2
+
+
+async def chunked_post(relayd: RunningRelayd, token: str, body: bytes) -> HttpResponse:
+    headers = {
+        "Host": "relayd",
+        "Connection": "close",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {token}",
+        "Transfer-Encoding": "chunked",
+    }
+    with trio.fail_after(IO_DEADLINE):
+        stream = await trio.open_tcp_stream(*relayd.addresses.http)
+        async with stream:
+            return await _exchange(stream, "POST", "/messages", headers, body)
 
 
 async def test_a_flood_is_429_with_retry_after_and_shares_the_sockets_rate(
