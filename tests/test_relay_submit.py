@@ -29,7 +29,8 @@ def answer(h: CoreHarness, ticket: int) -> Answer:
 
 def receipt(h: CoreHarness, ticket: int) -> Frame:
     got = h.answers[ticket]
-    assert got.error == "" and got.receipt is not None, got
+    assert got.error == "", got
+    assert got.receipt is not None, got
     return got.receipt
 
 
@@ -185,7 +186,11 @@ def test_a_full_queue_is_a_refusal_for_the_submitter() -> None:
     [
         ({"content": "no to"}, "INVALID_MESSAGE_FORMAT", "to"),
         ({"to": "BOB", "msgno": "x"}, "INVALID_MESSAGE_FORMAT", "msgno"),
-        ({"to": "BOB", "from": "00000000-0000-4000-8000-000000000000"}, "MESSAGE_SENDER_MISMATCH", "from"),
+        (
+            {"to": "BOB", "from": "00000000-0000-4000-8000-000000000000"},
+            "MESSAGE_SENDER_MISMATCH",
+            "from",
+        ),
         ({"to": "BOB", "type": "ack", "msgid": "m1"}, "unknown_type", "type"),
     ],
 )
@@ -197,7 +202,8 @@ def test_a_bad_submission_is_refused_at_once_and_nothing_is_accepted(
     doc = {k: bob.uuid if v == "BOB" else v for k, v in doc.items()}
     error = refused(h, alice, doc)
     assert (error.code, error.details.get("field")) == (code, field)
-    assert h.stored() == [] and h.answers == {}
+    assert h.stored() == []
+    assert h.answers == {}
     assert h.core.receipts.tickets == 0
 
 

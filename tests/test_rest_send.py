@@ -68,7 +68,9 @@ async def test_a_message_sent_over_rest_reaches_a_socket_as_one_sent_over_a_sock
     async with ws_connect(relayd, alice["access_token"]) as a:
         await welcomed(a)
         assert (await ws_send(a, {**envelope, "msgid": "ws-1"}))["status"] == "queued_offline"
-        rest = answered(await rest_send(relayd, alice["access_token"], {**envelope, "msgid": "rest-1"}), 202)
+        rest = answered(
+            await rest_send(relayd, alice["access_token"], {**envelope, "msgid": "rest-1"}), 202
+        )
     assert (rest["msgid"], rest["to"], rest["status"], rest["final"]) == (
         "rest-1",
         bob["uuid"],
@@ -308,7 +310,9 @@ async def test_a_body_bigger_than_a_frame_is_413(
             )
             head = await stream.receive_some(65536)
     assert head.startswith(b"HTTP/1.1 413 "), head
-    waiting = await relayd.http.get(f"/clients/{bob['uuid']}/undelivered", token=bob["access_token"])
+    waiting = await relayd.http.get(
+        f"/clients/{bob['uuid']}/undelivered", token=bob["access_token"]
+    )
     assert waiting.json()["count"] == 2
 
 
@@ -346,5 +350,7 @@ async def test_a_flood_is_429_with_retry_after_and_shares_the_sockets_rate(
         await welcomed(a)
         await a.send(message)
         assert (await a.next_of("error"))["error"]["code"] == "rate_limited"
-    waiting = await relayd.http.get(f"/clients/{bob['uuid']}/undelivered", token=bob["access_token"])
+    waiting = await relayd.http.get(
+        f"/clients/{bob['uuid']}/undelivered", token=bob["access_token"]
+    )
     assert waiting.json()["count"] == 2

@@ -68,9 +68,10 @@ async def test_past_max_waiting_a_submission_is_refused_at_once(
 async def test_while_the_store_lags_a_submission_waits_to_be_read_until_its_deadline(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    async with gated_store() as store, running_hub(
-        {"relay": {"max_pending_commit": 1}}, store=store
-    ) as env:
+    async with (
+        gated_store() as store,
+        running_hub({"relay": {"max_pending_commit": 1}}, store=store) as env,
+    ):
         alice, bob = await env.client("alice"), await env.client("bob")
         store.gate = trio.Event()
         start = trio.current_time()

@@ -400,7 +400,8 @@ class RelayCore:
         kind = doc.get("type")
         if kind is not None and kind != "message":
             raise ProtocolError(
-                F.UNKNOWN_TYPE, "only messages are sent this way (no type, or message)",
+                F.UNKNOWN_TYPE,
+                "only messages are sent this way (no type, or message)",
                 field="type",
             )
         if not self.receipts.may_read(client):

@@ -89,9 +89,7 @@ class Delivery:
         assert session.client is not None
         self._accept(session.client, doc, now, session=session)
 
-    def submit(
-        self, sender: str, doc: dict[str, Any], now: float, ticket: int
-    ) -> tuple[str, str]:
+    def submit(self, sender: str, doc: dict[str, Any], now: float, ticket: int) -> tuple[str, str]:
         """A message from ``sender`` without a session (see :meth:`RelayCore.submit`), whose
         first answer goes to ``ticket``; its msgid and recipient. The rate was taken already.
 

@@ -162,7 +162,9 @@ class Receipts:
         """Answer ``ticket`` with a receipt (``status``: a Status value, or ``accepted``)."""
         if duplicate:
             self.ctx.metrics.events["duplicate"] += 1
-        receipt = F.receipt_doc("", msgid, recipient, status, now, reason=reason, duplicate=duplicate)
+        receipt = F.receipt_doc(
+            "", msgid, recipient, status, now, reason=reason, duplicate=duplicate
+        )
         self._tickets.pop(ticket, None)
         self.ctx.actions.append(Answer(ticket, receipt=receipt))
 
