@@ -186,6 +186,12 @@ class HttpConfig:
     """Serve the browser client under ``/app/`` and admit WebSocket handshakes from the origin
     it was served from (this listener's own address); behind a proxy, list the public origin in
     ``websocket.allowed_origins``. False: no page, and only the listed origins."""
+    send_timeout: float = field(default=10.0, validator=_positive)
+    """``POST /messages``: seconds a request waits for its message's first receipt; past it,
+    the answer is 202 ``accepted`` and the message goes on."""
+    max_pending_sends: int = field(default=1_024, validator=_positive)
+    """``POST /messages`` requests waiting for their first receipt at once, over all clients;
+    beyond it, 503 ``server_busy``."""
 
 
 @frozen(kw_only=True)

@@ -50,6 +50,7 @@ from ._errors import (
     Conflict,
     Forbidden,
     NotFound,
+    PayloadTooLarge,
     RateLimited,
     StoreError,
     StoreUnavailable,
@@ -70,6 +71,7 @@ from ._openapi import (
     Invite,
     Invites,
     MessageStatus,
+    OutgoingMessage,
     Pending,
     PublicKeys,
     PullAck,
@@ -77,6 +79,7 @@ from ._openapi import (
     ReadReceipts,
     Registered,
     Secret,
+    SendReceipt,
     Service,
     Status,
     StoreKeys,
@@ -85,6 +88,8 @@ from ._openapi import (
     api,
 )
 from ._ratelimit import RateLimiter
+from ._relay import frames as F
+from ._relay.frames import ProtocolError
 from ._relay.reads import refusal
 from ._relay.records import ReadCode, ReadOutcome
 from ._roles import RolePolicy
@@ -131,6 +136,17 @@ class Relay(Protocol):
 
         Raises:
             StoreUnavailable: the store cannot record it now.
+        """
+        ...
+
+    async def submit(
+        self, client: str, doc: dict[str, Any], *, deadline: float, max_waiting: int
+    ) -> dict[str, Any]:
+        """Send ``doc`` as ``client`` without a session; its first receipt (see
+        :meth:`relayd._relay.hub.Hub.submit`).
+
+        Raises:
+            ProtocolError: refused, with the code a socket's error frame would carry.
         """
         ...
 
@@ -265,6 +281,56 @@ _READ_ERRORS: dict[ReadCode, type[ApiError]] = {
     ReadCode.NOT_DELIVERED: Conflict,
 }
 MAX_PAGE = 1000
+# POST /messages: the HTTP status of each refusal, by the code a socket's error frame carries.
+SEND_REFUSALS = {
+    F.INVALID_MESSAGE_FORMAT: 422,
+    F.UNKNOWN_TYPE: 422,
+    F.MESSAGE_SENDER_MISMATCH: 403,
+    F.NOT_PERMITTED: 403,
+    F.UNKNOWN_RECIPIENT: 404,
+    F.RATE_LIMITED: 429,
+    F.QUEUE_FULL: 429,
+    F.STORE_UNAVAILABLE: 503,
+    F.SHUTTING_DOWN: 503,
+    F.SERVER_BUSY: 503,
+}
+
+
+def _send_refused(exc: ProtocolError) -> ApiError:
+    """A refused ``POST /messages``: the socket's code and details, with its HTTP status; a
+    429 or 503 says when to retry (``Retry-After``, whole seconds, and ``details``)."""
+    error = ApiError(exc.message, code=exc.code, details=dict(exc.details))
+    error.status = SEND_REFUSALS.get(exc.code, 400)
+    if error.status in (429, 503):
+        seconds = max(1, math.ceil(float(exc.details.get("retry_after", 1))))
+        error.details["retry_after"] = seconds
+        error.headers["Retry-After"] = str(seconds)
+    return error
+
+
+async def _message_body(limit: int) -> dict[str, Any]:
+    """``POST /messages``' body: JSON, at most ``limit`` bytes (a WebSocket frame's bound).
+
+    Raises:
+        UnsupportedMediaType: not ``application/json``.
+        PayloadTooLarge: over ``limit``.
+        BadRequest: not a JSON object (see :func:`parse_json_object`).
+    """
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(
+            "send the message as JSON with Content-Type: application/json",
+            details={"content_type": request.mimetype or None},
+        )
+    too_big = PayloadTooLarge(
+        f"a message is at most {limit} bytes (websocket.max_frame_bytes)",
+        details={"limit": limit},
+    )
+    if (request.content_length or 0) > limit:
+        raise too_big
+    raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+    if len(raw) > limit:  # sent without a Content-Length (chunked)
+        raise too_big
+    return parse_json_object(raw)
 
 
 def _limit(text: str | None) -> int:
@@ -978,6 +1044,50 @@ def create_app(services: Services) -> QuartTrio:
             "status": outcome.code.value,
             "read_at": outcome.read_at,
         }
+
+    @app.post("/messages")
+    @api(
+        ["messages"],
+        SendReceipt,
+        body=OutgoingMessage,
+        errors=(403, 404, 503),
+        bearer=True,
+        success=(200, 202),
+    )
+    async def send_message() -> Response:
+        """Send a message without a socket: the envelope of a WebSocket ``message`` frame, the
+        same checks, dedupe and delivery; the answer is its first receipt (202 on its way, 200
+        final). It counts against the client's message rate, not ``http.api_per_minute``."""
+        claims = await auth.authenticate(_bearer_token())
+        if claims.is_operator:
+            raise Forbidden("operator tokens cannot send messages", code="not_a_client")
+        config = services.config
+        doc = await _message_body(min(config.http.max_body_bytes, config.websocket.max_frame_bytes))
+        relay = services.relay
+        if relay is None:
+            raise Unavailable("this relayd relays no messages", code="unavailable")
+        deadline = trio.current_time() + config.http.send_timeout
+        try:
+            receipt = await relay.submit(
+                claims.sub, doc, deadline=deadline, max_waiting=config.http.max_pending_sends
+            )
+        except ProtocolError as exc:
+            raise _send_refused(exc) from None
+        final = receipt["status"] in FINAL_STATUSES
+        response = jsonify(
+            {
+                "msgid": receipt["msgid"],
+                "to": receipt["to"],
+                "status": receipt["status"],
+                "final": final,
+                "timestamp": receipt["timestamp"],
+                "message": receipt["message"],
+                "reason": receipt.get("reason") or None,
+                "duplicate": receipt.get("duplicate", False),
+            }
+        )
+        response.status_code = 200 if final else 202
+        return response
 
     @app.get("/clients/<client_uuid>/undelivered")
     @api(["messages"], Undelivered, errors=(403, 404), bearer=True)

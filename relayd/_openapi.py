@@ -227,6 +227,45 @@ class ReadReceipts:
     read_receipts: bool
 
 
+class OutgoingMessage(msgspec.Struct, kw_only=True):
+    """``POST /messages``: the envelope of a WebSocket ``message`` frame, checked the same
+    way (only ``to`` is required; ``from``, if given, must be the token's client)."""
+
+    to: str
+    from_: str | None = msgspec.field(default=None, name="from")
+    type: str | None = None  # absent, or "message"
+    msgid: str | None = None
+    timestamp: float | None = None
+    priority: str = "normal"
+    subject: str = ""
+    acknowledge: bool = False
+    content: str = ""
+    action: str = ""
+    event: str = ""
+    status: str = ""
+    conversation_id: str = ""
+    msgno: int = 0
+    ttl: float | None = None
+
+
+@frozen
+class SendReceipt:
+    """A message's first receipt, as its ``delivery_status`` frame would say: 202 while it is
+    on its way (``queued_offline``, ``queued``, ``pending_ack``, or ``accepted`` when no
+    receipt came within ``http.send_timeout``), 200 once ``final`` (``delivered``,
+    ``acknowledged``, ``failed``, ``expired``). ``duplicate``: the msgid was sent before (over
+    either path); the status is the one its sender was last told."""
+
+    msgid: str
+    to: str
+    status: str
+    final: bool
+    timestamp: float
+    message: str
+    reason: str | None
+    duplicate: bool
+
+
 @frozen
 class Undelivered:
     """What waits for a client: ``count`` in all, ``messages`` the oldest (each the 13 fields
@@ -319,9 +358,11 @@ def api(
     body: Any = None,
     errors: Iterable[int] = (),
     bearer: bool = False,
+    success: Iterable[int] = (200,),
 ) -> Callable[[T], T]:
-    """Describe a route: its tags, request ``body`` (an attrs class), 200 ``answer``, the
-    error statuses it answers with (401 comes with ``bearer``), and its security."""
+    """Describe a route: its tags, request ``body`` (an attrs class or a msgspec Struct), its
+    ``answer`` with each status of ``success``, the error statuses it answers with (401
+    comes with ``bearer``), and its security."""
 
     _MODELS.update(model for model in (answer, body, ErrorAnswer) if model is not None)
 
@@ -330,7 +371,8 @@ def api(
         if body is not None:
             wrapped = document_request(body)(wrapped)
         if answer is not None:
-            wrapped = document_response(answer, 200)(wrapped)
+            for status in success:
+                wrapped = document_response(answer, status)(wrapped)
         statuses = set(errors) | set(ALWAYS if body is not None else (429,))
         if bearer:
             statuses.add(401)

@@ -32,8 +32,8 @@ import attrs
 
 from relayd._config import RelayConfig, WebsocketConfig
 from relayd._relay import records
-from relayd._relay.core import RelayCore
-from relayd._relay.effects import Announce, Authenticate, Close, Ping, ReserveSeqs, Send
+from relayd._relay.core import RelayCore, Ticket
+from relayd._relay.effects import Announce, Answer, Authenticate, Close, Ping, ReserveSeqs, Send
 from relayd._relay.model import Identity, Ref
 from relayd._relay.seqs import SeqPool
 from relayd._store import _connect, transaction
@@ -180,6 +180,7 @@ class CoreHarness:
         self.executed: list[records.StoreOp] = []  # every store operation run, in order
         self._next_sid = 1
         self.log: dict[int, list[dict[str, Any]]] = defaultdict(list)  # every frame written
+        self.answers: dict[int, Answer] = {}  # what submitters were answered, by ticket
 
     # --- clients ------------------------------------------------------------------------------
 
@@ -243,6 +244,17 @@ class CoreHarness:
         data = json.dumps(frame) if isinstance(frame, dict) else frame
         self.core.receive(sid, data, self.now)
         self.run()
+
+    def submit(self, client: Client, doc: dict[str, Any]) -> Ticket:
+        """Send ``doc`` as ``client`` without a session (a REST send); the answer, when it
+        comes, is in :attr:`answers` under the ticket's id.
+
+        Raises:
+            ProtocolError: refused at once, as the core refused it.
+        """
+        ticket = self.core.submit(client.uuid, doc, self.now)
+        self.run()
+        return ticket
 
     def advance(self, seconds: float) -> None:
         """Move time forward, firing every timer due on the way, in order."""
@@ -342,6 +354,9 @@ class CoreHarness:
                 self.core.seqs_reserved(self.bus.reserve(action.count), action.count)
             elif isinstance(action, Announce):
                 self.pending_announces.append(action)
+            elif isinstance(action, Answer):
+                assert action.ticket not in self.answers, f"ticket answered twice: {action}"
+                self.answers[action.ticket] = action
             else:
                 self.pending_store.append(action)
         return bool(actions)

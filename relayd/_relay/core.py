@@ -62,12 +62,18 @@ Rules that hold between any two events:
    to the other nodes in cluster mode), else loaded with the final receipts when it connects
    or its socket drains. A receipt on its way to a socket is never loaded again meanwhile, so
    neither receipt is told twice nor lost while the other is told.
+10. A message submitted without a session (:meth:`RelayCore.submit`, a REST send) takes the
+    same path as a socket's from acceptance on; only its first answer goes elsewhere: to the
+    ticket its submitter waits on, while it waits. It opens no session, so it never replaces
+    its client's live one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from attrs import frozen
 
 from relayd._config import RelayConfig, WebsocketConfig
 from relayd._ratelimit import RateLimiter
@@ -98,7 +104,18 @@ from .seqs import SeqPool
 from .sessions import Sessions
 from .stats import RelayStats
 
-__all__ = ["RelayCore", "TimerKind"]
+__all__ = ["RelayCore", "Ticket", "TimerKind"]
+
+
+@frozen
+class Ticket:
+    """A message submitted without a session (see :meth:`RelayCore.submit`): ``id`` names the
+    :class:`~relayd._relay.effects.Answer` meant for it; ``msgid`` is the message's (relayd's
+    own if the submitter gave none), ``to`` its recipient."""
+
+    id: int
+    msgid: str
+    to: str
 
 
 class RelayCore:
@@ -419,6 +436,58 @@ class RelayCore:
         self.receipts.announce_owed(session.client, (*unsent, *interrupted))
         was_active = self.sessions.deactivate(session)
         self.delivery.disconnected(session, was_active=was_active, returned=returned, now=now)
+
+    # --- messages without a session ----------------------------------------------------------
+
+    def submit(self, client: str, doc: dict[str, Any], now: float) -> Ticket:
+        """A message from ``client`` that comes without a session (``POST /messages``): the
+        same validation, rate, dedupe, acceptance, routing and receipts as a ``message`` frame
+        (rule 10), and no session is opened. Its first answer comes as an
+        :class:`~relayd._relay.effects.Answer` for the ticket: the receipt a socket would get
+        as ``delivery_status``, or the refusal the store decides (``unknown_recipient``,
+        ``queue_full``; a duplicate is a receipt). Later receipts go to the client's live
+        session, on any node, else are owed as to an offline sender. The driver calls
+        :meth:`abandon` if it stops waiting first.
+
+        Every submission counts against the client's message rate, valid or not, and at most
+        as many of its messages as a socket may have unanswered (see :meth:`readable`) wait
+        for their first answer.
+
+        Raises:
+            ProtocolError: refused at once (invalid, another client's ``from``, not permitted,
+                over the rate, the store down, shutting down): nothing was accepted.
+        """
+        if self.sessions.draining:
+            raise ProtocolError(F.SHUTTING_DOWN, "relayd is shutting down", strike=False)
+        kind = doc.get("type")
+        if kind is not None and kind != "message":
+            raise ProtocolError(
+                F.UNKNOWN_TYPE,
+                "only messages are sent this way (no type, or message)",
+                field="type",
+            )
+        if not self.receipts.may_read(client):
+            raise ProtocolError(
+                F.RATE_LIMITED,
+                "too many of your messages await their first receipt; retry once answered",
+                details={"retry_after": 1.0},
+            )
+        wait = self._send_limiter.acquire(client, now)
+        if wait > 0:
+            raise F.RateLimited(wait)
+        ticket = self.receipts.open_ticket()
+        try:
+            msgid, to = self.delivery.submit(client, doc, now, ticket)
+        except ProtocolError:
+            self.receipts.abandon(ticket)
+            raise
+        return Ticket(ticket, msgid, to)
+
+    def abandon(self, ticket: int) -> None:
+        """The submitter of ``ticket`` stopped waiting before its answer (its deadline, or it
+        went away): the message goes on, and its receipts go where an offline sender's do,
+        or to its live session, as updates."""
+        self.receipts.abandon(ticket)
 
     # --- frames in and out -----------------------------------------------------------------
 

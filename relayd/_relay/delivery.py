@@ -87,7 +87,29 @@ class Delivery:
             ProtocolError: the frame is refused (its error frame says why).
         """
         assert session.client is not None
-        sender = session.client
+        self._accept(session.client, doc, now, session=session)
+
+    def submit(self, sender: str, doc: dict[str, Any], now: float, ticket: int) -> tuple[str, str]:
+        """A message from ``sender`` without a session (see :meth:`RelayCore.submit`), whose
+        first answer goes to ``ticket``; its msgid and recipient. The rate was taken already.
+
+        Raises:
+            ProtocolError: the message is refused (nothing is answered on ``ticket``).
+        """
+        return self._accept(sender, doc, now, ticket=ticket)
+
+    def _accept(
+        self,
+        sender: str,
+        doc: dict[str, Any],
+        now: float,
+        *,
+        session: Session | None = None,
+        ticket: int | None = None,
+    ) -> tuple[str, str]:
+        """Accept a message from ``sender``, stage it, route what may go; its msgid and
+        recipient. Its first answer goes to ``session``, or (submitted without one) to
+        ``ticket``: the one acceptance, dedupe and receipt path for both (issue 14)."""
         envelope = F.parse_envelope(doc)
         if envelope.sender is not None and envelope.sender != sender:
             raise ProtocolError(
@@ -100,16 +122,22 @@ class Delivery:
                 field="to",
                 details={"to": envelope.to, "msgid": envelope.msgid},
             )
-        wait = self._limiter.acquire(sender, now)
-        if wait > 0:
-            raise F.RateLimited(wait, msgid=envelope.msgid, to=envelope.to)
+        if session is not None:
+            wait = self._limiter.acquire(sender, now)
+            if wait > 0:
+                raise F.RateLimited(wait, msgid=envelope.msgid, to=envelope.to)
         msgid = envelope.msgid or F.new_msgid()
         known = self.receipts.remembered(sender, msgid)
         if known is not None:
-            self.receipts.send_receipt(
-                session, msgid, envelope.to, known[1], now, first=True, duplicate=True
-            )
-            return
+            if ticket is not None:
+                told = known[1].value if known[1] is not None else "accepted"
+                self.receipts.answer(ticket, msgid, envelope.to, told, now, duplicate=True)
+            else:
+                assert session is not None
+                self.receipts.send_receipt(
+                    session, msgid, envelope.to, known[1], now, first=True, duplicate=True
+                )
+            return msgid, envelope.to
         seq = None if self.store_down else self._seqs.take()
         self.reserve_seqs()
         if seq is None:
@@ -142,10 +170,13 @@ class Delivery:
             seq=seq,
             conversation_id=envelope.conversation_id or None,
         )
+        if ticket is not None:
+            self.receipts.bind(ticket, message)
         self.ctx.metrics.events["accepted"] += 1
         self.receipts.remember(message, now)
         self._stage(message, front=False)
         self.drain_staging(message.recipient, now)
+        return msgid, envelope.to
 
     def ack(self, session: Session, doc: dict[str, Any], now: float) -> None:
         """An ``ack`` frame from ``session``'s client.

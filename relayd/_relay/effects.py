@@ -65,7 +65,21 @@ class Announce:
     seq: int
 
 
-Action = Send | Close | Authenticate | Ping | ReserveSeqs | StoreOp | Announce
+@frozen
+class Answer:
+    """The first answer to a message submitted without a session (:meth:`RelayCore.submit`),
+    for the request waiting on ``ticket``: a receipt (``receipt``, the fields of a
+    ``delivery_status`` frame, see :func:`relayd._relay.frames.receipt_doc`), or a refusal
+    (``error``, the code of the error frame a socket would have got, with ``details``)."""
+
+    ticket: int
+    receipt: dict[str, Any] | None = None
+    error: str = ""
+    message: str = ""
+    details: dict[str, Any] | None = None
+
+
+Action = Send | Close | Authenticate | Ping | ReserveSeqs | StoreOp | Announce | Answer
 
 
 def insert_op(message: Message, *, keep_content: bool = False, **final: Any) -> Insert:

@@ -92,6 +92,9 @@ CLIENT_CONNECTED = "client_connected"  # a REST pull while the client has a sock
 UNKNOWN_MESSAGE = "unknown_message"
 NOT_YOURS = "not_yours"
 NOT_DELIVERED = "not_delivered"
+# POST /messages only (never in a frame, so not in _RECOVERY): too many requests wait for a
+# first receipt, or the store lags.
+SERVER_BUSY = "server_busy"
 
 
 class RateLimited(ProtocolError):
@@ -412,19 +415,37 @@ def receipt_frame(
     """A receipt to a message's sender: ``delivery_status`` (its ``first``) or
     ``delivery_update``; ``status`` a :class:`relayd._relay.records.Status` value, or
     ``accepted``."""
-    frame: dict[str, Any] = {
-        "type": "delivery_status" if first else "delivery_update",
-        "msgid": msgid,
-        "to": to,
-        "status": status,
-        "timestamp": now,
-        "message": _STATUS_TEXT.get(status, status),
-    }
+    kind = "delivery_status" if first else "delivery_update"
+    return encode(receipt_doc(kind, msgid, to, status, now, reason=reason, duplicate=duplicate))
+
+
+def receipt_doc(
+    kind: str,
+    msgid: str,
+    to: str,
+    status: str,
+    now: float,
+    *,
+    reason: str = "",
+    duplicate: bool = False,
+) -> dict[str, Any]:
+    """A receipt's fields: a frame's (``kind`` its type), or, with ``kind`` empty, the answer
+    to ``POST /messages`` (the first receipt of a message sent over REST)."""
+    frame: dict[str, Any] = {"type": kind} if kind else {}
+    frame.update(
+        {
+            "msgid": msgid,
+            "to": to,
+            "status": status,
+            "timestamp": now,
+            "message": _STATUS_TEXT.get(status, status),
+        }
+    )
     if reason:
         frame["reason"] = reason
     if duplicate:
         frame["duplicate"] = True
-    return encode(frame)
+    return frame
 
 
 def read_frame(msgid: str, to: str, read_at: float, now: float) -> str:

@@ -54,9 +54,10 @@ from relayd._log import audit, conn_id
 from relayd._roles import RoleDirectory, RolePolicy
 from relayd._tokens import Claims
 
+from . import frames as F
 from .core import RelayCore
-from .effects import Action, Announce, Authenticate, Close, Ping, ReserveSeqs, Send
-from .frames import CLIENT_CONNECTED, CloseCode
+from .effects import Action, Announce, Answer, Authenticate, Close, Ping, ReserveSeqs, Send
+from .frames import CLIENT_CONNECTED, CloseCode, ProtocolError
 from .model import Identity, Ref
 from .records import (
     ClearKeyNotice,
@@ -188,6 +189,14 @@ class _Handle:
     watching: str | None = None  # cluster mode: the client whose channel it watches
 
 
+@define(eq=False)
+class _Waiter:
+    """A request waiting for the first answer to the message it submitted."""
+
+    done: trio.Event = field(factory=trio.Event)
+    answer: Answer | None = None
+
+
 class Hub:
     """Runs a :class:`RelayCore` for the daemon. Make one with :meth:`open`, then start
     :meth:`run` in a nursery."""
@@ -234,6 +243,10 @@ class Hub:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._unflushed: dict[int, _Handle] = {}  # sockets with frames queued by _dispatch
+        # Submissions without a session (see submit): those waiting for their first answer,
+        # by ticket, and how many requests are in submit at all.
+        self._waiters: dict[int, _Waiter] = {}
+        self._submitting = 0
         self.closing = False
         self._stopped = False  # shutdown's deadline has passed
         self._rest: dict[str, RestTransport] = {}  # each client's REST session here, by uuid
@@ -334,6 +347,8 @@ class Hub:
             await self._until(lambda: not self._store_queue and not self._store_busy)
         # Out of time: the close handshakes still under way end here, unfinished.
         self._stopped = True
+        for waiter in self._waiters.values():
+            waiter.done.set()  # answered "accepted": the store has what was committed
         for handle in self._handles.values():
             if handle.closing is not None:
                 handle.closing.cancel()
@@ -398,6 +413,11 @@ class Hub:
                 self._urgent_queued += 1
                 self._store_urgent.set()
                 self._store_wakeup.set()
+            elif isinstance(action, Answer):
+                waiter = self._waiters.get(action.ticket)
+                if waiter is not None:
+                    waiter.answer = action
+                    waiter.done.set()
             elif isinstance(action, Ping):
                 handle = self._handles.get(action.sid)
                 if handle is not None and handle.nursery is not None and not handle.pinging:
@@ -1023,6 +1043,68 @@ class Hub:
     def store_backlog(self) -> int:
         """Store operations waiting for the next group commit."""
         return len(self._store_queue)
+
+    async def submit(
+        self, client: str, doc: dict[str, Any], *, deadline: float, max_waiting: int
+    ) -> dict[str, Any]:
+        """Send ``doc`` as ``client`` without a session (``POST /messages``; see
+        :meth:`RelayCore.submit`) and wait until ``deadline`` (Trio time) for its first
+        receipt: the fields of its ``delivery_status`` frame, or, past the deadline, a receipt
+        with status ``accepted`` (its receipts then go where an offline sender's go). At most
+        ``max_waiting`` requests are in here at once. While the store lags, it waits to be
+        read, as a socket does. Cancelled, it leaves the message accepted (if it was), its
+        receipts going where an offline sender's go.
+
+        Raises:
+            ProtocolError: refused, at once or as its answer (``unknown_recipient``,
+                ``queue_full``); ``server_busy`` past ``max_waiting``, or when the store
+                lagged until the deadline.
+        """
+        if self._submitting >= max_waiting:
+            raise ProtocolError(
+                F.SERVER_BUSY,
+                "too many messages sent over REST await their first receipt; retry later",
+                details={"retry_after": 1.0},
+                strike=False,
+            )
+        self._submitting += 1
+        try:
+            with trio.move_on_at(deadline):
+                await self._until(lambda: self._accepting or self.closing)
+            if not self._accepting and not self.closing:
+                raise ProtocolError(
+                    F.SERVER_BUSY,
+                    "relayd is catching up with its store; retry later",
+                    details={"retry_after": 1.0},
+                    strike=False,
+                )
+            return await self._submitted(client, doc, deadline)
+        finally:
+            self._submitting -= 1
+
+    async def _submitted(self, client: str, doc: dict[str, Any], deadline: float) -> dict[str, Any]:
+        try:
+            ticket = self.core.submit(client, doc, self.clock())
+        except ProtocolError:
+            self._apply()  # a refusal may have decided actions too (a seq reservation)
+            raise
+        waiter = self._waiters[ticket.id] = _Waiter()
+        try:
+            self._apply()  # its answer may be among the actions already (a duplicate)
+            with trio.move_on_at(deadline):
+                await waiter.done.wait()
+        finally:
+            del self._waiters[ticket.id]
+            if waiter.answer is None:
+                self.core.abandon(ticket.id)
+                self._apply()
+        answer = waiter.answer
+        if answer is None:
+            return F.receipt_doc("", ticket.msgid, ticket.to, "accepted", self.clock())
+        if answer.error:
+            raise ProtocolError(answer.error, answer.message, details=answer.details, strike=False)
+        assert answer.receipt is not None
+        return answer.receipt
 
     def new_sid(self) -> int:
         """An id for a socket about to be served (see :meth:`serve`)."""

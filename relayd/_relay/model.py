@@ -148,6 +148,12 @@ class Message:
     # next write about it (its Finish, its attempts, or a read of it: see Delivery.record_written).
     delivered_at: float | None = None
     gen: int = 0  # bumped on every move, so stale timers are ignored
+    # Submitted without a session (RelayCore.submit): the ticket its first answer goes to
+    # while the submitter waits for it; None once answered, abandoned, or for a socket's.
+    ticket: int | None = None
+    # Its submitter was answered without a receipt (it stopped waiting): every receipt that
+    # follows is an update, not the first.
+    answered: bool = False
 
     @property
     def key(self) -> tuple[str, str]:

@@ -17,15 +17,17 @@ told once.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
 from . import frames as F
 from .context import Context
-from .effects import Announce, insert_op
+from .effects import Announce, Answer, insert_op
 from .model import Message, Phase, ReadRef, ReceiptRef, Ref, Session
 from .records import (
     FINAL,
@@ -81,6 +83,10 @@ class Receipts:
         # once the frame is. A read of one stores it first (see store_for_read).
         self._unstored: dict[tuple[str, str], dict[str, ReceiptRef]] = {}
         self._flushed: set[int] = set()  # of those, the seqs stored early for a read
+        # Submissions without a session (RelayCore.submit) whose submitter waits for the first
+        # answer: ticket -> its message, once accepted (None before).
+        self._tickets: dict[int, Message | None] = {}
+        self._ticket_ids = itertools.count(1)
 
     # --- the dedupe memory and what senders await ------------------------------------------
 
@@ -133,6 +139,75 @@ class Receipts:
     def awaiting_bytes(self) -> int:
         return sum(self._awaiting_bytes.values())
 
+    # --- submissions without a session ---------------------------------------------------
+
+    def open_ticket(self) -> int:
+        """A ticket for a submission whose submitter waits for its first answer."""
+        ticket = next(self._ticket_ids)
+        self._tickets[ticket] = None
+        return ticket
+
+    @property
+    def tickets(self) -> int:
+        """Submitters waiting for a first answer."""
+        return len(self._tickets)
+
+    def bind(self, ticket: int, message: Message) -> None:
+        """``message`` was accepted for ``ticket``: its first answer goes there."""
+        message.ticket = ticket
+        self._tickets[ticket] = message
+
+    def abandon(self, ticket: int) -> None:
+        """The submitter of ``ticket`` stopped waiting (its deadline, or it went away): what
+        its message is told from now on goes where a socket's would (its sender's live
+        session, or owed in the store), as updates."""
+        message = self._tickets.pop(ticket, None)
+        if message is not None and message.ticket == ticket:
+            message.ticket = None
+            message.answered = True
+
+    def answer(
+        self,
+        ticket: int,
+        msgid: str,
+        recipient: str,
+        status: str,
+        now: float,
+        *,
+        reason: str = "",
+        duplicate: bool = False,
+    ) -> None:
+        """Answer ``ticket`` with a receipt (``status``: a Status value, or ``accepted``)."""
+        if duplicate:
+            self.ctx.metrics.events["duplicate"] += 1
+        receipt = F.receipt_doc(
+            "", msgid, recipient, status, now, reason=reason, duplicate=duplicate
+        )
+        self._tickets.pop(ticket, None)
+        self.ctx.actions.append(Answer(ticket, receipt=receipt))
+
+    def refuse(
+        self, ticket: int, code: str, text: str, details: dict[str, Any] | None = None
+    ) -> None:
+        """Answer ``ticket`` with a refusal: the error a socket would have been sent."""
+        self.ctx.metrics.events[f"error:{code}"] += 1
+        self._tickets.pop(ticket, None)
+        self.ctx.actions.append(Answer(ticket, error=code, message=text, details=details))
+
+    def _tell_ticket(self, message: Message, status: Status, now: float, reason: str) -> None:
+        """The first receipt of a submitted message goes to its waiting submitter. A final
+        one is told by that answer: it is recorded as told, not owed."""
+        assert message.ticket is not None
+        ticket, message.ticket = message.ticket, None
+        if status in FINAL:
+            if message.committed:
+                self.ctx.actions.append(Finish(message.seq, status, now, False, reason))
+            else:  # delivered straight from memory: its row is written now, as told
+                self.ctx.actions.append(
+                    insert_op(message, status=status, receipt_pending=False, reason=reason)
+                )
+        self.answer(ticket, message.msgid, message.recipient, status.value, now, reason=reason)
+
     # --- telling ---------------------------------------------------------------------------
 
     @property
@@ -154,6 +229,9 @@ class Receipts:
         known = self._recent.get(message.key)
         if known is not None:
             self._recent[message.key] = (known[0], status)
+        if first and message.ticket is not None:
+            self._tell_ticket(message, status, now, reason)
+            return
         sender = self.sessions.teller(message.sender)
         online = sender is not None
         ref: ReceiptRef | None = None
@@ -192,7 +270,7 @@ class Receipts:
                 message.recipient,
                 status,
                 now,
-                first=first,
+                first=first and not message.answered,
                 reason=reason,
                 ref=ref,
             )
@@ -314,10 +392,16 @@ class Receipts:
         """The store refused ``message``, whose sender was told nothing yet: say why (a
         duplicate is answered with the status its sender was told the first time)."""
         self._told_first(message)
+        ticket, message.ticket = message.ticket, None
         sender = self.sessions.teller(message.sender)
         if isinstance(outcome, Duplicate):
             self._recent[message.key] = (now, outcome.status or Status.QUEUED)
-            if sender is not None:
+            if ticket is not None:
+                status = outcome.status or Status.QUEUED
+                self.answer(
+                    ticket, message.msgid, message.recipient, status.value, now, duplicate=True
+                )
+            elif sender is not None:
                 self.send_receipt(
                     sender,
                     message.msgid,
@@ -329,15 +413,18 @@ class Receipts:
                 )
             return
         self._recent.pop(message.key, None)
-        if sender is not None and isinstance(outcome, Refused):
-            text = (
-                "no such recipient"
-                if outcome.code == F.UNKNOWN_RECIPIENT
-                else "the recipient's queue is full"
-            )
-            self.sessions.error(
-                sender, outcome.code, text, now, {"msgid": message.msgid, "to": message.recipient}
-            )
+        if not isinstance(outcome, Refused):
+            return
+        text = (
+            "no such recipient"
+            if outcome.code == F.UNKNOWN_RECIPIENT
+            else "the recipient's queue is full"
+        )
+        details = {"msgid": message.msgid, "to": message.recipient}
+        if ticket is not None:
+            self.refuse(ticket, outcome.code, text, details)
+        elif sender is not None:
+            self.sessions.error(sender, outcome.code, text, now, details)
 
     # --- owed receipts ---------------------------------------------------------------------
 
