@@ -337,11 +337,7 @@ def _insert(db: sqlite3.Connection, op: Insert, max_queued: int, keys: StoreKeys
             op.reason,
             None if op.status is None else op.accepted_at,
             int(op.receipt_pending),
-            # Delivered when accepted: final as delivered already, or going out as it is
-            # stored (it counts an attempt).
-            op.accepted_at
-            if op.status is Status.DELIVERED or (op.status is None and op.attempts > 0)
-            else None,
+            op.accepted_at if op.status is Status.DELIVERED else None,
             op.conversation_id,
         ),
     )

@@ -157,16 +157,17 @@ async def test_a_deleted_client_leaves_no_history(store: AnyStore) -> None:
     assert await page(store, UUID_C) == [6]
 
 
-async def test_a_message_stored_as_it_goes_out_was_delivered_when_accepted(
-    store: AnyStore,
-) -> None:
-    """The relay stores a message for an online recipient counting its first attempt: it goes
-    out as it is stored. An attempt counted but never made (the recipient left first) is taken
-    back, and with it the delivery time."""
+async def test_an_attempt_counted_is_not_a_delivery(store: AnyStore) -> None:
+    """The relay counts a message's first attempt before it can reach the socket (so that a
+    crash never hides a delivery): only the time it was written, when the relay says it, is
+    its delivered_at; an attempt taken back (never made) takes that back too."""
     going = attrs.evolve(talk(1, UUID_A, UUID_B), attempts=1)
     await store.execute([going, talk(2, UUID_A, UUID_B)], max_queued=10)
     [second, first] = await store.history(HistoryQuery(UUID_B))
-    assert (first.delivered_at, second.delivered_at) == (1.0, None)
+    assert (first.attempts, first.delivered_at, second.delivered_at) == (1, None, None)
+    await store.execute([SetAttempts(1, 1, at=5.0)], max_queued=10)
+    [_, first] = await store.history(HistoryQuery(UUID_B))
+    assert first.delivered_at == 5.0
     await store.execute([SetAttempts(1, 0)], max_queued=10)
     [_, first] = await store.history(HistoryQuery(UUID_B))
     assert (first.attempts, first.delivered_at) == (0, None)

@@ -653,8 +653,7 @@ function U.holder(seq)
 end
 
 -- A delivery of message ``id`` (in ``conversation``, or false) to ``recipient``: queued, or
--- (``status`` given) final already, and then delivered when it was accepted if it was. A queued
--- one that counts an attempt already goes out as it is stored: delivered when accepted.
+-- (``status`` given) final already, and then delivered when it was accepted if it was.
 function U.add_delivery(seq, id, sender, recipient, msgid, expires_at, attempts, status, at,
                         pending, reason, conversation)
     local row = {'m', id, 's', sender, 'r', recipient, 'ex', expires_at, 'n', attempts,
@@ -662,8 +661,6 @@ function U.add_delivery(seq, id, sender, recipient, msgid, expires_at, attempts,
     if status then
         row[#row + 1], row[#row + 2], row[#row + 3], row[#row + 4] = 'st', status, 'fa', at
         if status == 'delivered' then row[#row + 1], row[#row + 2] = 'dv', at end
-    elseif attempts > 0 then
-        row[#row + 1], row[#row + 2] = 'dv', at
     end
     call('HSET', K.delivery(seq), unpack(row))
     call('ZADD', K.received(recipient), 0, U.msgid_member(msgid, seq))

@@ -521,7 +521,7 @@ class Delivery:
             if message.durable and message.recorded_attempts == 0:
                 message.recorded_attempts = 1
                 message.recording = True
-                self.ctx.actions.append(SetAttempts(message.seq, 1, ref=message, at=now))
+                self.ctx.actions.append(SetAttempts(message.seq, 1, ref=message))
 
     def drained(self, session: Session, now: float) -> None:
         """Frames of ``session`` were written: fill its socket again from the mailbox."""
