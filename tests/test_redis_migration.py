@@ -58,9 +58,13 @@ BULK = 17  # messages A -> B beyond the handful of special ones: several migrati
 # layout 2 added since (a conversation, keep_content, a delivery time), which layout 1 never
 # had and this history never sets.
 LAYOUT_1_FIELDS = {"I": 15, "F": 6, "A": 3}
+# A purge's page and skip (how to walk, not what is stored): layout 1 purged in one call.
+LAYOUT_1_PURGE = 3
 
 
 def layout_1_op(op: list[Any]) -> list[Any]:
+    if op[0] == "G":
+        return op[:LAYOUT_1_PURGE]
     size = LAYOUT_1_FIELDS.get(op[0], len(op))
     assert not any(op[size:]), f"layout 1 cannot store {op}"
     return op[:size]
@@ -70,9 +74,14 @@ class Layout1Link(Link):
     """The store's link, calling layout 1's script instead of this relayd's."""
 
     async def call(self, operation: str, args: Any, *, write: bool) -> Any:
-        if operation == "execute":
-            args = [args[0], *(layout_1_op(op) for op in args[1:])]
-        return await super().call(operation, args, write=write)
+        if operation != "execute":
+            return await super().call(operation, args, write=write)
+        ops = args[1:]
+        replies = await super().call(
+            operation, [args[0], *(layout_1_op(op) for op in ops)], write=write
+        )
+        # Layout 1 purged all at once: nothing more to purge.
+        return [[0, 0] if op[0] == "G" else reply for op, reply in zip(ops, replies, strict=True)]
 
     async def load(self) -> None:
         await self.command("SCRIPT LOAD", lambda client: client.script_load(LAYOUT_1))

@@ -552,6 +552,37 @@ async def test_a_big_history_is_forgotten_a_page_at_a_time_and_a_cut_deletion_fi
     assert b"relayd:forget" not in await redis_dump(redis_url)
 
 
+async def test_a_purge_goes_a_page_per_call_past_what_it_keeps(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purge looks at a page of the oldest finished deliveries per call (Redis runs nothing
+    else during one), and steps past those it keeps (a receipt still owed), so that they never
+    stop it from reaching the rest."""
+    monkeypatch.setattr("relayd._redis._codec.PURGE_PAGE", 2)
+    calls: list[str] = []
+    with trio.fail_after(IO_DEADLINE):
+        async with RedisStore.open(redis_url) as store:
+            for uuid in (UUID_A, UUID_B):
+                await store.insert_client(client(uuid))
+            await store.execute([talk(seq, UUID_A, UUID_B) for seq in range(1, 9)], max_queued=99)
+            # The two oldest keep a receipt owed (its sender never came); the next five were
+            # told; the last still waits.
+            finals = [Finish(seq, Status.DELIVERED, float(seq), seq <= 2) for seq in range(1, 8)]
+            await store.execute(finals, max_queued=99)
+            call = store._call
+
+            async def counted(operation: str, *args: Any, write: bool = True) -> Any:
+                calls.append(operation)
+                return await call(operation, *args, write=write)
+
+            monkeypatch.setattr(store, "_call", counted)
+            await store.execute([Purge(finished_before=100.0, receipts_before=0.0)], max_queued=9)
+            # The batch's page (1, 2: kept), then 3-4, 5-6, 7 and the end.
+            assert calls == ["purge"] * 3
+            left = await store.history(HistoryQuery(UUID_B, newest_first=False))
+            assert [entry.seq for entry in left] == [1, 2, 8]
+
+
 async def test_no_content_at_rest_in_redis_its_rdb_or_its_aof(tmp_path: Path) -> None:
     server = start_redis(
         require_redis(),

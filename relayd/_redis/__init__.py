@@ -60,7 +60,9 @@ Theory of operation:
   call, is never held long by a big history (one call for 100,000 messages held it ~10 s); the
   clients whose history is still being deleted are in ``forget`` with a cursor, and a deletion
   cut short (the node stopped between pages) is finished by the next node that opens the
-  store.
+  store. A purge, likewise, looks at a page (``PURGE_PAGE``) of the oldest finished
+  deliveries per call, stepping past those it keeps (a receipt still owed): the batch that
+  asks for it takes the first page, further calls the rest (cut short, the next sweep goes on).
 * **Durability** is the server's: with ``appendonly yes`` and ``appendfsync always``, Redis
   answers a write once it is written and fsynced to its AOF, so an answered call is on disk;
   with ``everysec``, a crash of the server's machine may lose about the last second of

@@ -10,7 +10,7 @@ from typing import Any, Literal, cast
 from relayd._atrest import StoreKeys
 from relayd._engine import HistoryEntry, HistoryQuery
 from relayd._errors import SchemaTooNewError, StoreError
-from relayd._relay.records import RecentMessage, StoredMessage, StoreOp
+from relayd._relay.records import Purge, RecentMessage, StoredMessage, StoreOp
 from relayd._store import (
     ClientRecord,
     FamilyRecord,
@@ -422,7 +422,20 @@ class RedisStore:
         encoded = [C.encode(op, self.keys) for op in ops]
         write = any(isinstance(op, C.WRITES) for op in ops)
         replies = await self._link.call("execute", [max_queued, *encoded], write=write)
-        return [C.decode(op, reply, self.keys) for op, reply in zip(ops, replies, strict=True)]
+        results = [C.decode(op, reply, self.keys) for op, reply in zip(ops, replies, strict=True)]
+        for op, reply in zip(ops, replies, strict=True):
+            if isinstance(op, Purge):
+                await self._purge_more(op, reply)
+        return results
+
+    async def _purge_more(self, op: Purge, reply: list[int]) -> None:
+        """The rest of a purge the batch began: a page (``PURGE_PAGE``) per call, so that a
+        big one (a busy relay's sweep, or the first after a long pause) never holds Redis for
+        long. Cancelled, or on an error, the rest waits for the next sweep."""
+        more, skip = reply
+        before = (C.when(op.finished_before), C.when(op.receipts_before))
+        while more:
+            more, skip = await self._call("purge", *before, C.PURGE_PAGE, skip)
 
     async def reserve_seqs(self, count: int) -> int:
         """Reserve ``count`` message seqs; return the first. The seqs come from one counter

@@ -912,22 +912,37 @@ function U.delete_delivery(seq)
     end
 end
 
--- Purge = {'G', finished_before, receipts_before}: final deliveries whose sender was told
--- (or never came for its receipt), then the messages left with no delivery.
+-- Purge = {'G', finished_before, receipts_before, page, skip}: final deliveries whose sender
+-- was told (or never came for its receipt), then the messages left with no delivery; at most
+-- ``page`` of the oldest candidates a call (Redis runs nothing else meanwhile), past the
+-- ``skip`` first (kept: a receipt still owed). {1 if more may remain, skip} for the next call
+-- (OPS.purge).
 function U.purge(op)
-    local finished_before, receipts_before = op[2], op[3]
+    local finished_before, receipts_before, page, skip = op[2], op[3], op[4], op[5]
     local before = finished_before
     if tonumber(receipts_before) > tonumber(finished_before) then before = receipts_before end
-    for _, padded in ipairs(call('ZRANGEBYSCORE', K.finished, '-inf', '(' .. before)) do
+    local candidates = call('ZRANGEBYSCORE', K.finished, '-inf', '(' .. before, 'LIMIT', skip,
+        page)
+    for _, padded in ipairs(candidates) do
         local seq = tonumber(padded)
         local row = call('HMGET', K.delivery(seq), 'rp', 'fa', 'rq')
         local finished_at = tonumber(row[2])
         if (row[1] == '0' and row[3] ~= '1' and finished_at < tonumber(finished_before))
             or finished_at < tonumber(receipts_before) then
             U.delete_delivery(seq)
+        else
+            skip = skip + 1
         end
     end
-    return false
+    return {#candidates == page and 1 or 0, skip}
+end
+
+-- {finished_before, receipts_before, page, skip}: a Purge's next call.
+function OPS.purge(a)
+    if type(a[3]) ~= 'number' or a[3] < 1 or type(a[4]) ~= 'number' or a[4] < 0 then
+        return U.fail('a page of at least 1, and a skip of at least 0')
+    end
+    return U.purge({'G', a[1], a[2], a[3], a[4]})
 end
 
 -- LoadKeyNotices = {'N', reader, limit}: oldest first.
@@ -963,7 +978,7 @@ local APPLY = {
 -- false, t a list of numbers.
 local SIGNATURES = {
     I = 'snsssnnsSssnSnsS', F = 'snssnsnS', A = 'snnS', P = 'stn', Q = 'ssnnn', R = 'ssnn',
-    X = 'ssn', G = 'sss', N = 'ssn', C = 'ssssss', M = 'sssSs', T = 'st',
+    X = 'ssn', G = 'sssnn', N = 'ssn', C = 'ssssss', M = 'sssSs', T = 'st',
 }
 
 function U.well_formed(op)
