@@ -1001,6 +1001,11 @@ class Hub:
                 del self._rest[client]
             self._signal()
 
+    def pulling(self, client: str) -> bool:
+        """Whether a pull of ``client``'s waits on its REST session here now."""
+        transport = self._rest.get(client)
+        return transport is not None and transport.pull is not None
+
     @property
     def waiting_pulls(self) -> int:
         """Pulls waiting on a REST session here now (opened, not yet returned)."""
