@@ -560,10 +560,16 @@ def _forget_history(db: sqlite3.Connection, uuid: str) -> None:
         " RETURNING message",
         (uuid,),
     ).fetchall()
+    forget_orphans(db, {row[0] for row in gone})
+
+
+def forget_orphans(db: sqlite3.Connection, messages: set[int]) -> None:
+    """Of ``messages`` (ids whose deliveries were just deleted), those left with no delivery
+    go too."""
     db.executemany(
         "DELETE FROM messages WHERE id = ?1 AND NOT EXISTS"
         " (SELECT 1 FROM deliveries WHERE message = ?1)",
-        [(message,) for message in {row[0] for row in gone}],
+        [(message,) for message in messages],
     )
 
 

@@ -41,7 +41,7 @@ from ._relay.records import (
     size_of,
 )
 from ._sqlite import SqliteConnection, transaction
-from ._store_clients import live, load_key_notices
+from ._store_clients import forget_orphans, live, load_key_notices
 
 
 class SqliteMessageStore(SqliteConnection):
@@ -602,8 +602,4 @@ def _purge(db: sqlite3.Connection, op: Purge) -> None:
         " RETURNING message",
         {"fb": op.finished_before, "rb": op.receipts_before},
     ).fetchall()
-    db.executemany(
-        "DELETE FROM messages WHERE id = ?1 AND NOT EXISTS"
-        " (SELECT 1 FROM deliveries WHERE message = ?1)",
-        [(message,) for message in {row[0] for row in gone}],
-    )
+    forget_orphans(db, {row[0] for row in gone})
