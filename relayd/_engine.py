@@ -160,6 +160,70 @@ class Publication:
 
 InsertClientOutcome = Literal["inserted", "uuid_taken", "invite_invalid"]
 
+TopicAccess = Literal["open", "private"]
+PublishPolicy = Literal["members", "owner"]
+
+
+@frozen
+class TopicRecord:
+    """A topic (a room): ``access`` ``"open"`` (anyone may subscribe) or ``"private"`` (its
+    owner or an admin adds members); ``publish`` ``"members"`` (any subscriber, and the
+    owner) or ``"owner"`` (the owner and admins: an announcement channel). Its history keeps
+    its last ``history_count`` messages, none older than ``history_age`` seconds; each
+    message has the next ``offset`` (``last_offset`` is the newest given). ``metadata`` is a
+    JSON object's text, as its creator gave it."""
+
+    id: str
+    creator: str
+    metadata: str = "{}"
+    access: TopicAccess = "open"
+    publish: PublishPolicy = "members"
+    presence: bool = False
+    history_count: int = 100
+    history_age: float = 86400.0
+    created_at: float = 0.0
+    subscribers: int = 0
+    last_offset: int = 0
+
+
+@frozen
+class TopicMessage:
+    """A message in a topic's history."""
+
+    offset: int
+    msgid: str
+    sender: str
+    fields: str  # the published fields, JSON
+    accepted_at: float
+
+
+@frozen
+class TopicCounts:
+    """What became of a published message's deliveries, one per subscriber it went to."""
+
+    total: int
+    delivered: int = 0
+    acknowledged: int = 0
+    failed: int = 0
+    expired: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.delivered - self.acknowledged - self.failed - self.expired
+
+
+CreateTopicOutcome = Literal["created", "exists", "too_many"]
+SubscribeOutcome = Literal[
+    "subscribed",
+    "already",
+    "topic_not_found",
+    "private",
+    "topic_full",
+    "too_many",
+    "unknown_client",
+]
+UnsubscribeOutcome = Literal["unsubscribed", "not_subscribed", "topic_not_found"]
+
 
 class ClientStore(Protocol):
     """Clients, logins, revocations, invites and public keys. The contract of each method is
@@ -226,6 +290,50 @@ class ClientStore(Protocol):
     ) -> list[KeyRecord] | None: ...
 
 
+class TopicStore(Protocol):
+    """Topics, their subscribers and their history (publishing is the store operation
+    :class:`~relayd._relay.records.Publish`). The contract is the SQLite store's docstrings
+    (``relayd/_store_topics.py``); ``tests/test_store_topics.py`` runs it on both engines."""
+
+    async def create_topic(self, topic: TopicRecord, *, max_owned: int) -> CreateTopicOutcome: ...
+    async def get_topic(self, topic_id: str) -> TopicRecord | None: ...
+    async def list_topics(
+        self, viewer: str | None, *, everything: bool, after: str | None, limit: int
+    ) -> list[TopicRecord]: ...
+    async def update_topic(
+        self,
+        topic_id: str,
+        *,
+        metadata: str | None = None,
+        access: TopicAccess | None = None,
+        publish: PublishPolicy | None = None,
+        presence: bool | None = None,
+        history_count: int | None = None,
+        history_age: float | None = None,
+    ) -> TopicRecord | None: ...
+    async def delete_topic(self, topic_id: str) -> bool: ...
+    async def subscribe(
+        self,
+        topic_id: str,
+        client: str,
+        at: float,
+        *,
+        max_subscribers: int,
+        max_subscriptions: int,
+        invited: bool = False,
+    ) -> SubscribeOutcome: ...
+    async def unsubscribe(self, topic_id: str, client: str) -> UnsubscribeOutcome: ...
+    async def is_subscribed(self, topic_id: str, client: str) -> bool: ...
+    async def topic_subscribers(
+        self, topic_id: str, *, after: str | None, limit: int
+    ) -> list[str]: ...
+    async def client_topics(self, client: str) -> list[str]: ...
+    async def topic_messages(
+        self, topic_id: str, *, since: int, limit: int, now: float
+    ) -> list[TopicMessage]: ...
+    async def topic_counts(self, message_ids: Sequence[int]) -> dict[int, TopicCounts]: ...
+
+
 class MessageStore(Protocol):
     """The message queue: the store operations of ``relayd/_relay/records.py``, and what the
     REST routes and metrics read of it."""
@@ -248,7 +356,7 @@ class MessageStore(Protocol):
     async def history(self, query: HistoryQuery) -> list[HistoryEntry]: ...
 
 
-class Engine(ClientStore, MessageStore, Protocol):
+class Engine(ClientStore, MessageStore, TopicStore, Protocol):
     """A whole engine: what the daemon opens (``store.engine``)."""
 
     async def schema_version(self) -> int: ...

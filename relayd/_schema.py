@@ -248,6 +248,40 @@ MIGRATIONS: tuple[str, ...] = (
         UPDATE queue_counts SET queued = queued - 1 WHERE recipient = OLD.recipient;
     END;
     """,
+    # 7: topics (rooms). A topic's history is its published messages: ``topic`` and its
+    # ``topic_offset`` stay with a message for good (its deliveries are a topic's: no receipt
+    # per subscriber); ``in_history`` while the topic keeps it (its content is kept then,
+    # whatever its deliveries' states). See relayd/_store_topics.py.
+    """
+    CREATE TABLE topics (
+        id TEXT PRIMARY KEY,
+        creator TEXT NOT NULL,
+        metadata TEXT NOT NULL,            -- a JSON object, as its creator gave it
+        access TEXT NOT NULL,              -- open or private
+        publish TEXT NOT NULL,             -- members or owner
+        presence INTEGER NOT NULL,
+        history_count INTEGER NOT NULL,
+        history_age REAL NOT NULL,
+        created_at REAL NOT NULL,
+        subscribers INTEGER NOT NULL,
+        last_offset INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX topics_by_creator ON topics (creator);
+
+    CREATE TABLE topic_members (
+        topic TEXT NOT NULL,
+        client TEXT NOT NULL,
+        joined_at REAL NOT NULL,
+        PRIMARY KEY (topic, client)
+    ) WITHOUT ROWID;
+    CREATE INDEX topic_members_by_client ON topic_members (client);
+
+    ALTER TABLE messages ADD COLUMN topic TEXT;
+    ALTER TABLE messages ADD COLUMN topic_offset INTEGER;
+    ALTER TABLE messages ADD COLUMN in_history INTEGER NOT NULL DEFAULT 0;
+    CREATE UNIQUE INDEX messages_in_topic ON messages (topic, topic_offset) WHERE in_history = 1;
+    CREATE INDEX messages_by_sender_in_history ON messages (sender) WHERE in_history = 1;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -14,8 +14,9 @@ Theory of operation:
 * An ``await`` on a write returns only after the write is committed; with
   ``synchronous = full`` that commit is on disk.
 
-The store is two sets of tables over that one connection: the clients'
-(``relayd/_store_clients.py``) and the messages' (``relayd/_store_messages.py``); the schema
+The store is three sets of tables over that one connection: the clients'
+(``relayd/_store_clients.py``), the messages' (``relayd/_store_messages.py``) and the topics'
+(``relayd/_store_topics.py``); the schema
 and its migrations are in ``relayd/_schema.py``.
 """
 
@@ -45,6 +46,7 @@ from ._sqlite import thread_executor as thread_executor
 from ._sqlite import transaction as transaction
 from ._store_clients import SqliteClientStore
 from ._store_messages import SqliteMessageStore, check_keys
+from ._store_topics import SqliteTopicStore
 
 
 def _migrate(db: sqlite3.Connection, path: str) -> int:
@@ -109,7 +111,7 @@ def _connect_reader(path: str) -> sqlite3.Connection:
     return reader
 
 
-class Store(SqliteClientStore, SqliteMessageStore):
+class Store(SqliteClientStore, SqliteMessageStore, SqliteTopicStore):
     """relayd's durable state in one SQLite file. Open it with :meth:`Store.open`."""
 
     @classmethod

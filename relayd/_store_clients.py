@@ -10,6 +10,7 @@ from typing import Literal
 from ._engine import ClientRecord, FamilyRecord, InviteRecord, KeyRecord, Publication, RotateOutcome
 from ._relay.records import KeyNotice, LoadKeyNotices
 from ._sqlite import SqliteConnection, transaction
+from ._store_topics import forget_client_topics
 
 
 def _client(row: sqlite3.Row) -> ClientRecord:
@@ -219,6 +220,7 @@ class SqliteClientStore(SqliteConnection):
                 if cursor.rowcount == 1:
                     _forget_keys(db, uuid)
                     _forget_history(db, uuid)
+                    forget_client_topics(db, uuid)
             return cursor.rowcount == 1
 
         return await self._run(update)
@@ -567,7 +569,7 @@ def forget_orphans(db: sqlite3.Connection, messages: set[int]) -> None:
     """Of ``messages`` (ids whose deliveries were just deleted), those left with no delivery
     go too."""
     db.executemany(
-        "DELETE FROM messages WHERE id = ?1 AND NOT EXISTS"
+        "DELETE FROM messages WHERE id = ?1 AND in_history = 0 AND NOT EXISTS"
         " (SELECT 1 FROM deliveries WHERE message = ?1)",
         [(message,) for message in messages],
     )

@@ -26,6 +26,7 @@ from ._relay.records import (
     LoadQueue,
     LoadReceipts,
     MarkRead,
+    Publish,
     Purge,
     QueuePage,
     ReadCode,
@@ -42,6 +43,10 @@ from ._relay.records import (
 )
 from ._sqlite import SqliteConnection, transaction
 from ._store_clients import forget_orphans, live, load_key_notices
+from ._store_topics import publish, trim_by_age
+
+# At most this many topic messages leave their history per purge (it runs every sweep).
+PURGE_TOPIC_PAGE = 1000
 
 
 class SqliteMessageStore(SqliteConnection):
@@ -65,7 +70,12 @@ class SqliteMessageStore(SqliteConnection):
         def run(db: sqlite3.Connection) -> list[Any]:
             try:
                 with transaction(db):
-                    return [_apply(db, op, max_queued, self.keys) for op in ops]
+                    return [
+                        publish(db, op, max_queued, self.keys, self._reserve)
+                        if isinstance(op, Publish)
+                        else _apply(db, op, max_queued, self.keys)
+                        for op in ops
+                    ]
             except sqlite3.OperationalError as exc:  # disk full, I/O error, locked: may pass
                 raise StoreUnavailable(f"{self.path}: writing messages failed: {exc}") from exc
             except (sqlite3.Error, ValueError) as exc:
@@ -79,12 +89,12 @@ class SqliteMessageStore(SqliteConnection):
         if count < 1:
             raise ValueError(f"reserve at least one seq, not {count}")
 
-        def reserve(db: sqlite3.Connection) -> int:
-            first = max(self._reserved, last_message_seq(db)) + 1
-            self._reserved = first + count - 1
-            return first
+        return await self._run(lambda db: self._reserve(db, count))
 
-        return await self._run(reserve)
+    def _reserve(self, db: sqlite3.Connection, count: int) -> int:
+        first = max(self._reserved, last_message_seq(db)) + 1
+        self._reserved = first + count - 1
+        return first
 
     async def last_message_seq(self) -> int:
         """The highest message seq ever stored or reserved (0 if none): the relay allocates
@@ -188,7 +198,7 @@ def check_keys(db: sqlite3.Connection, keys: StoreKeys) -> int:
     ).fetchall()
     for (id_,) in first_of_each_key:
         row = db.execute(f"SELECT {_SEALED_COLUMNS} FROM messages WHERE id = ?", (id_,))
-        _fields(row.fetchone(), keys)
+        fields_of(row.fetchone(), keys)
     plain = db.execute(
         f"SELECT {_SEALED_COLUMNS} FROM messages WHERE key_id IS NULL AND fields != ''"
     ).fetchall()
@@ -238,12 +248,12 @@ def recent_messages(db: sqlite3.Connection, *, since: float, limit: int) -> list
 # A delivery with its message: what a StoredMessage is made of (and row_id needs).
 _MESSAGE_COLUMNS = (
     "d.seq, m.id, m.sender, m.address, d.recipient, m.msgid, m.high, m.acknowledge, m.fields,"
-    " m.key_id, m.accepted_at, d.expires_at, d.attempts"
+    " m.key_id, m.accepted_at, d.expires_at, d.attempts, m.topic, m.topic_offset"
 )
 _DELIVERY_JOIN = "deliveries d JOIN messages m ON m.id = d.message"
 
 
-def _fields(row: sqlite3.Row, keys: StoreKeys | None) -> str:
+def fields_of(row: sqlite3.Row, keys: StoreKeys | None) -> str:
     """A row's fields in plain text (decrypted if they were stored encrypted).
 
     Raises:
@@ -267,11 +277,13 @@ def _delivered_fields(row: sqlite3.Row, keys: StoreKeys | None) -> str:
             write the store but holds no key: the seal binds the message's address, and the
             delivery must match it).
     """
-    if row["key_id"] is not None and row["recipient"] != row["address"]:
+    # A topic message is sealed for its topic (see relayd/_store_topics.py).
+    address: str = row["address"]
+    if row["key_id"] is not None and row["recipient"] != address and address[:1] != "#":
         raise UndecryptableRow(
             f"delivery {row['seq']} is not to the address message {row['id']} was sealed for"
         )
-    return _fields(row, keys)
+    return fields_of(row, keys)
 
 
 def row_id(row: sqlite3.Row) -> RowId:
@@ -291,6 +303,8 @@ def _stored(row: sqlite3.Row, keys: StoreKeys | None, fields: str | None = None)
         accepted_at=row["accepted_at"],
         expires_at=row["expires_at"],
         attempts=row["attempts"],
+        topic=row["topic"],
+        offset=row["topic_offset"],
     )
 
 
@@ -472,7 +486,7 @@ def _mark_read(db: sqlite3.Connection, op: MarkRead) -> ReadOutcome:
     """See :class:`MarkRead`."""
     sender = "" if op.sender is None else " AND m.sender = ?"
     row = db.execute(
-        "SELECT d.seq, m.sender, d.delivered_at, d.read_at FROM deliveries d"
+        "SELECT d.seq, m.sender, d.delivered_at, d.read_at, m.topic FROM deliveries d"
         " JOIN messages m ON m.id = d.message"
         f" WHERE d.recipient = ? AND m.msgid = ?{sender} ORDER BY d.seq DESC LIMIT 1",
         (op.reader, op.msgid) if op.sender is None else (op.reader, op.msgid, op.sender),
@@ -486,7 +500,8 @@ def _mark_read(db: sqlite3.Connection, op: MarkRead) -> ReadOutcome:
     if row["delivered_at"] is None:
         return ReadOutcome(ReadCode.NOT_DELIVERED, seq, sender_uuid)
     shares = db.execute("SELECT read_receipts FROM clients WHERE uuid = ?", (op.reader,)).fetchone()
-    owed = shares is not None and bool(shares[0])
+    # A topic message's publisher is never told each subscriber's read (one frame each).
+    owed = shares is not None and bool(shares[0]) and row["topic"] is None
     db.execute(
         "UPDATE deliveries SET read_at = ?, read_pending = ?, read_hidden = ? WHERE seq = ?",
         (op.at, int(owed), int(not owed), seq),
@@ -585,8 +600,8 @@ def _finish(db: sqlite3.Connection, op: Finish) -> None:
     ).fetchone()
     if row is not None and not op.keep_content:
         db.execute(
-            "UPDATE messages SET fields = '', key_id = NULL WHERE id = ?1 AND NOT EXISTS"
-            " (SELECT 1 FROM deliveries WHERE message = ?1 AND status IS NULL)",
+            "UPDATE messages SET fields = '', key_id = NULL WHERE id = ?1 AND in_history = 0"
+            " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE message = ?1 AND status IS NULL)",
             (row[0],),
         )
 
@@ -603,3 +618,5 @@ def _purge(db: sqlite3.Connection, op: Purge) -> None:
         {"fb": op.finished_before, "rb": op.receipts_before},
     ).fetchall()
     forget_orphans(db, {row[0] for row in gone})
+    if op.now is not None:
+        trim_by_age(db, op.now, PURGE_TOPIC_PAGE)

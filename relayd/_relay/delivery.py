@@ -587,6 +587,7 @@ class Delivery:
             Purge(  # history keeps a message's record for its retention, if longer
                 finished_before=now - max(relay.dedupe_window, retention),
                 receipts_before=now - max(relay.max_ttl, retention),
+                now=now,
             )
         )
 

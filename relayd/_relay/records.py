@@ -43,6 +43,8 @@ class StoredMessage:
     accepted_at: float
     expires_at: float
     attempts: int
+    topic: str | None = None  # published to this topic (see Publish), at ``offset`` in it
+    offset: int | None = None
 
 
 @frozen
@@ -98,6 +100,51 @@ class Insert:
     receipt_pending: bool = False
     reason: str = ""
     conversation_id: str | None = None  # kept in plain text, for history's filter
+
+
+@frozen(eq=False)
+class Publish:
+    """Store a message published to ``topic`` once, with one queued delivery of it to every
+    subscriber of the topic but its sender, each with its own seq (allocated by the store,
+    above every seq handed out: see ``MessageStore.reserve_seqs``), and give it the topic's
+    next offset. Every delivery is told to nobody: a topic message's receipts are its counts
+    (``MessageStore.topic_counts``), never a frame per subscriber.
+
+    Refused (:class:`Refused`) as ``topic_not_found``; as ``not_subscribed`` if the sender may
+    not publish there: neither its owner, nor (``publish`` ``"members"``) a subscriber, nor
+    ``admin``. A subscriber whose queue holds ``max_queued`` gets its delivery failed at once
+    (reason ``queue_full``). A duplicate ``(sender, msgid)`` is :class:`Duplicate` (seq: the
+    message's id).
+
+    Compared by identity: the core matches a result to the request it made.
+    """
+
+    ref: Any
+    topic: str
+    sender: str
+    msgid: str
+    high: bool
+    acknowledge: bool
+    fields: str
+    accepted_at: float
+    expires_at: float
+    admin: bool = False
+    conversation_id: str | None = None
+
+
+@frozen
+class Published:
+    """What a :class:`Publish` stored: the message's id and topic ``offset``, the queued
+    deliveries as ``(recipient, seq)``, and how many subscribers' queues were full."""
+
+    message: int
+    offset: int
+    deliveries: tuple[tuple[str, int], ...]
+    full: int = 0
+
+    @property
+    def subscribers(self) -> int:
+        return len(self.deliveries) + self.full
 
 
 @frozen
@@ -220,6 +267,9 @@ class Purge:
 
     finished_before: float
     receipts_before: float
+    # Topic messages older than their topic's history_age at ``now`` leave its history
+    # (``None``: not this time).
+    now: float | None = None
 
 
 @frozen
@@ -268,6 +318,7 @@ StoreOp = (
     | ClearKeyNotice
     | MarkRead
     | ClearReadPending
+    | Publish
 )
 
 
@@ -288,6 +339,7 @@ class Refused:
 
 
 InsertOutcome = Inserted | Duplicate | Refused
+PublishOutcome = Published | Duplicate | Refused
 
 
 class ReadCode(enum.StrEnum):
