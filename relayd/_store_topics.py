@@ -74,7 +74,8 @@ class SqliteTopicStore(SqliteConnection):
                 if owned >= max_owned:
                     return "too_many"
                 db.execute(
-                    f"INSERT INTO topics ({_TOPIC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0)",
+                    f"INSERT INTO topics ({_TOPIC_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0)",
                     (
                         topic.id,
                         topic.creator,
@@ -312,7 +313,7 @@ class SqliteTopicStore(SqliteConnection):
                     "SELECT 1 FROM messages WHERE id = ? AND topic IS NOT NULL", (message,)
                 ).fetchone()
                 if exists:
-                    found[message] = {status: count for status, count in rows}
+                    found[message] = dict(rows)
             return {
                 message: TopicCounts(
                     total=sum(counts.values()),

@@ -160,12 +160,14 @@ async def test_subscriptions_count_and_refuse_clearly(store: AnyStore) -> None:
     assert await store.is_subscribed("room", UUID_B)
     assert not await store.is_subscribed("room", UUID_C)
     found = await store.get_topic("room")
-    assert found is not None and found.subscribers == 1
+    assert found is not None
+    assert found.subscribers == 1
     assert await store.unsubscribe("room", UUID_B) == "unsubscribed"
     assert await store.unsubscribe("room", UUID_B) == "not_subscribed"
     assert await store.unsubscribe("nope", UUID_B) == "topic_not_found"
     found = await store.get_topic("room")
-    assert found is not None and found.subscribers == 0
+    assert found is not None
+    assert found.subscribers == 0
 
 
 async def test_a_private_topic_takes_only_invited_members(store: AnyStore) -> None:
@@ -208,15 +210,18 @@ async def test_a_publish_stores_one_message_and_a_delivery_per_other_subscriber(
     assert isinstance(outcome, Published)
     assert outcome.offset == 1
     assert sorted(r for r, _ in outcome.deliveries) == sorted([UUID_B, UUID_C])
-    assert outcome.subscribers == 2 and outcome.full == 0
+    assert outcome.subscribers == 2
+    assert outcome.full == 0
     seqs = [seq for _, seq in outcome.deliveries]
-    assert len(set(seqs)) == 2 and outcome.message not in seqs
+    assert len(set(seqs)) == 2
+    assert outcome.message not in seqs
     # Each subscriber's queue holds its delivery, with the topic and offset; not the sender's.
     for recipient, seq in outcome.deliveries:
         assert await queue(store, recipient) == [(seq, "room", 1)]
     assert await queue(store, UUID_A) == []
     [second] = await run(store, publish("m2", sender=UUID_B))
-    assert isinstance(second, Published) and second.offset == 2
+    assert isinstance(second, Published)
+    assert second.offset == 2
     assert min(s for _, s in second.deliveries) > max(seqs)
 
 
@@ -242,14 +247,16 @@ async def test_who_may_publish(store: AnyStore) -> None:
     [stranger] = await run(store, publish("m1", sender=UUID_C))
     assert stranger == Refused("not_subscribed")
     [owner] = await run(store, publish("m2", sender=UUID_A))  # the owner, not subscribed
-    assert isinstance(owner, Published) and [r for r, _ in owner.deliveries] == [UUID_B]
+    assert isinstance(owner, Published)
+    assert [r for r, _ in owner.deliveries] == [UUID_B]
     [admin] = await run(store, publish("m3", sender=UUID_C, admin=True))
     assert isinstance(admin, Published)
     await store.update_topic("room", publish="owner")
     [member] = await run(store, publish("m4", sender=UUID_B))
     assert member == Refused("not_permitted")
     [owner_again] = await run(store, publish("m5", sender=UUID_A))
-    assert isinstance(owner_again, Published) and owner_again.offset == 3
+    assert isinstance(owner_again, Published)
+    assert owner_again.offset == 3
 
 
 async def test_a_duplicate_publish_is_found_and_stores_nothing(store: AnyStore) -> None:
@@ -259,7 +266,8 @@ async def test_a_duplicate_publish_is_found_and_stores_nothing(store: AnyStore) 
     assert again == Duplicate(first.message, None)
     assert len(await queue(store, UUID_B)) == 1
     found = await store.get_topic("room")
-    assert found is not None and found.last_offset == 1
+    assert found is not None
+    assert found.last_offset == 1
 
 
 async def test_a_full_queue_fails_that_subscribers_delivery_only(store: AnyStore) -> None:
@@ -267,7 +275,8 @@ async def test_a_full_queue_fails_that_subscribers_delivery_only(store: AnyStore
     await run(store, message(1, sender=UUID_D, recipient=UUID_B))
     [outcome] = await run(store, publish("m1"), max_queued=1)
     assert isinstance(outcome, Published)
-    assert [r for r, _ in outcome.deliveries] == [UUID_C] and outcome.full == 1
+    assert [r for r, _ in outcome.deliveries] == [UUID_C]
+    assert outcome.full == 1
     counts = await store.topic_counts([outcome.message])
     assert counts == {outcome.message: TopicCounts(total=2, failed=1)}
 
@@ -296,7 +305,8 @@ async def test_a_topic_delivery_owes_its_publisher_no_read_receipt(store: AnySto
     [_, read] = await run(
         store, SetAttempts(seq, 1, at=11.0), MarkRead(None, UUID_B, "m1", None, 12.0)
     )
-    assert read.code is ReadCode.READ and not read.owed  # type: ignore[attr-defined]
+    assert read.code is ReadCode.READ
+    assert not read.owed
 
 
 # --- history --------------------------------------------------------------------------------
@@ -342,7 +352,8 @@ async def test_history_forgets_what_is_older_than_history_age(store: AnyStore) -
 async def test_a_zero_history_keeps_nothing(store: AnyStore) -> None:
     await room(store, history_count=0)
     [outcome] = await run(store, publish("m1"))  # nobody else subscribed
-    assert isinstance(outcome, Published) and outcome.subscribers == 0
+    assert isinstance(outcome, Published)
+    assert outcome.subscribers == 0
     assert await store.topic_messages("room", since=0, limit=10, now=20.0) == []
 
 
@@ -364,7 +375,8 @@ async def test_deleting_a_topic_ends_subscriptions_and_history_not_waiting_deliv
     # The id may be taken again, offsets from 1.
     await room(store, UUID_B)
     [again] = await run(store, publish("m2"))
-    assert isinstance(again, Published) and again.offset == 1
+    assert isinstance(again, Published)
+    assert again.offset == 1
 
 
 async def test_deleting_a_client_ends_its_topics_and_subscriptions(store: AnyStore) -> None:
@@ -374,7 +386,8 @@ async def test_deleting_a_client_ends_its_topics_and_subscriptions(store: AnySto
     assert await store.delete_client(UUID_B, 50.0)
     assert await store.get_topic("bobs") is None
     found = await store.get_topic("room")
-    assert found is not None and found.subscribers == 1
+    assert found is not None
+    assert found.subscribers == 1
     assert await store.topic_subscribers("room", after=None, limit=10) == [UUID_C]
     # What it published left the room's history.
     assert await store.topic_messages("room", since=0, limit=10, now=60.0) == []
