@@ -50,6 +50,7 @@ ENV_RESERVED = frozenset({"RELAYD_CONFIG", "RELAYD_SECRET", "RELAYD_VENV"})
 RegistrationPolicy = Literal["open", "closed", "invite"]
 Synchronous = Literal["full", "normal"]
 EngineName = Literal["sqlite", "redis"]
+TopicCreators = Literal["clients", "admins"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 # Browser origins (``https://app.example.com``), or ``"*"`` for any.
@@ -465,6 +466,42 @@ class HistoryConfig:
 
 
 @frozen(kw_only=True)
+class TopicsConfig:
+    """Topics (rooms): who may create them, their limits, their history, their receipts."""
+
+    create: TopicCreators = "clients"
+    """Who may create topics: any client (``clients``) or admins only (``admins``)."""
+    max_owned: int = field(default=100, validator=_positive)
+    """Topics one client may own."""
+    max_subscriptions: int = field(default=1000, validator=_positive)
+    """Topics one client may subscribe to."""
+    max_subscribers: int = field(default=10_000, validator=_positive)
+    """Subscribers one topic may have."""
+    history_count: int = field(default=100, validator=_non_negative)
+    """Messages a new topic keeps in its history, unless its creator asks for another count."""
+    history_age: float = field(default=86_400.0, validator=_positive)
+    """Seconds a new topic keeps a message in its history, unless its creator asks otherwise."""
+    max_history_count: int = field(default=10_000, validator=_non_negative)
+    """The most messages any topic may keep (a creator may ask for up to this)."""
+    max_history_age: float = field(default=2_592_000.0, validator=_positive)
+    """The longest any topic may keep a message (30 days by default)."""
+    update_interval: float = field(default=1.0, validator=_positive)
+    """Seconds between two ``topic_update`` frames about one published message, at least."""
+    max_watched: int = field(default=100, validator=_non_negative)
+    """Published messages one connection is sent ``topic_update`` frames about at once (the
+    oldest stops first; 0: none)."""
+    anonymous_read: bool = True
+    """``GET /topics`` and ``GET /topics/{topic_id}`` answer without a token, as the seed
+    system's did, showing open topics only and no subscriber ids (false: a token is needed)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.history_count > self.max_history_count:
+            raise ValueError("topics.history_count: must be at most topics.max_history_count")
+        if self.history_age > self.max_history_age:
+            raise ValueError("topics.history_age: must be at most topics.max_history_age")
+
+
+@frozen(kw_only=True)
 class Config:
     """relayd's whole configuration."""
 
@@ -482,6 +519,7 @@ class Config:
     log: LogConfig = field(factory=LogConfig)
     roles: RolesConfig = field(factory=RolesConfig)
     history: HistoryConfig = field(factory=HistoryConfig)
+    topics: TopicsConfig = field(factory=TopicsConfig)
 
     def __attrs_post_init__(self) -> None:
         # A message's record outlives its content by relay.dedupe_window at least (it is
@@ -712,6 +750,15 @@ RELOADABLE = frozenset(
         "websocket.auth_timeout",
         "websocket.write_timeout",
         "websocket.token_warning",
+        "topics.create",
+        "topics.max_owned",
+        "topics.max_subscriptions",
+        "topics.max_subscribers",
+        "topics.history_count",
+        "topics.history_age",
+        "topics.max_history_count",
+        "topics.max_history_age",
+        "topics.anonymous_read",
         "relay.ack_timeout",
         "relay.max_attempts",
         "relay.backoff_initial",

@@ -157,7 +157,9 @@ class Daemon:
         if self.services is not None:
             self.services.reconfigure(config)
         if self.hub is not None:
-            self.hub.core.reconfigure(config.relay, config.websocket, config.history.retention)
+            self.hub.core.reconfigure(
+                config.relay, config.websocket, config.history.retention, config.topics
+            )
         if self._http_config is not None:
             set_write_timeout(self._http_config, config.websocket.write_timeout)
         self._reload_store_keys()

@@ -90,6 +90,10 @@ class RoleDirectory:
         else:
             self._roles[client] = self._sets.setdefault(roles, roles)
 
+    def allows(self, client: str, permission: str) -> bool:
+        """Whether ``client``'s roles grant ``permission`` now (an unknown client: nothing)."""
+        return self.policy.allows(self._roles.get(client, ()), permission)
+
     def may_message(self, sender: str, recipient: str) -> bool:
         """Whether ``sender`` may message ``recipient``; ``True`` for a recipient it does not
         know (the store refuses it as ``unknown_recipient``, as for anyone)."""

@@ -14,7 +14,7 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
-from relayd._config import RelayConfig, WebsocketConfig
+from relayd._config import RelayConfig, TopicsConfig, WebsocketConfig
 
 from .effects import Action
 from .stats import RelayStats
@@ -28,16 +28,22 @@ class TimerKind(enum.Enum):
     BACKOFF = 6
     SWEEP = 7
     IDLE = 8  # a REST session's idle end
+    TOPIC_COUNTS = 9  # ask for the counts of published messages (see topics.py)
 
 
 class Context:
     """The settings (replaced on a reload), the metrics, the actions and the timers."""
 
     def __init__(
-        self, relay: RelayConfig, websocket: WebsocketConfig, retention: float = 0.0
+        self,
+        relay: RelayConfig,
+        websocket: WebsocketConfig,
+        retention: float = 0.0,
+        topics: TopicsConfig | None = None,
     ) -> None:
         self.relay = relay
         self.ws = websocket
+        self.topics = topics or TopicsConfig()
         self.retention = retention  # history.retention: content kept after the final status
         self.metrics = RelayStats()
         self.actions: list[Action] = []

@@ -20,6 +20,7 @@ Its modules follow the dependency direction, each importing only those before it
 - ``delivery.py``: messages in memory (acceptance, staging, routing, mailboxes, acks,
   redelivery, expiry, loading from and parking in the store);
 - ``reads.py``: the recipient's side of read receipts (``read`` frames, their answers);
+- ``topics.py``: publishing to topics (rule 11) and the publisher's counts;
 - this module, :class:`RelayCore`: the events the driver calls, each routed to those parts.
 
 Rules that hold between any two events:
@@ -66,6 +67,11 @@ Rules that hold between any two events:
     same path as a socket's from acceptance on; only its first answer goes elsewhere: to the
     ticket its submitter waits on, while it waits. It opens no session, so it never replaces
     its client's live one.
+11. A message published to a topic (``topics.py``) is stored by one :class:`Publish` (the
+    store decides who may publish and who subscribes, and writes one delivery per
+    subscriber); the core holds none of its deliveries until a subscriber here loads its own
+    from the store, as any queued message. A topic's delivery is told to nobody (rule 4 does
+    not apply): its publisher gets ``topic_sent`` once, then counts.
 """
 
 from __future__ import annotations
@@ -75,7 +81,8 @@ from typing import Any
 
 from attrs import frozen
 
-from relayd._config import RelayConfig, WebsocketConfig
+from relayd._config import RelayConfig, TopicsConfig, WebsocketConfig
+from relayd._engine import TopicCounts
 from relayd._ratelimit import RateLimiter
 
 from . import frames as F
@@ -95,6 +102,7 @@ from .records import (
     LoadQueue,
     LoadReceipts,
     MarkRead,
+    Publish,
     RecentMessage,
     SetAttempts,
     SetReceiptPending,
@@ -103,6 +111,7 @@ from .records import (
 from .seqs import SeqPool
 from .sessions import Sessions
 from .stats import RelayStats
+from .topics import Topics
 
 __all__ = ["RelayCore", "Ticket", "TimerKind"]
 
@@ -139,6 +148,8 @@ class RelayCore:
         may_message: Callable[[str, str], bool] | None = None,
         cluster: bool = False,
         retention: float = 0.0,
+        topics: TopicsConfig | None = None,
+        permits: Callable[[str, str], bool] | None = None,
     ) -> None:
         """``last_seq``: the highest message seq the store ever held; new ones go above.
         ``seqs``: where seqs come from instead (reserved in blocks: cluster mode).
@@ -148,8 +159,10 @@ class RelayCore:
         ``may_message(sender, recipient)``: whether the roles allow it (``None``: anyone may
         message anyone).
         ``retention``: ``history.retention``: how long a message keeps its content (and its
-        record) after its final status."""
-        self._ctx = ctx = Context(relay, websocket, retention)
+        record) after its final status.
+        ``topics``: the ``[topics]`` settings; ``permits(client, permission)``: what a
+        client's roles grant now (``None``: nobody is an admin)."""
+        self._ctx = ctx = Context(relay, websocket, retention, topics)
         self._may_message = may_message
         self._seqs = seqs if seqs is not None else SeqPool.endless(last_seq)
         # Messages and token refreshes count against one per-client rate.
@@ -168,14 +181,28 @@ class RelayCore:
             cluster=cluster,
         )
         self.reads = Reads(ctx, self.sessions, self.receipts, self.delivery, self._send_limiter)
+        self.topics = Topics(
+            ctx,
+            self.sessions,
+            self.delivery,
+            self._send_limiter,
+            cluster=cluster,
+            permits=permits,
+        )
         ctx.at(now + relay.sweep_interval, TimerKind.SWEEP, None, 0)
 
     def reconfigure(
-        self, relay: RelayConfig, websocket: WebsocketConfig, retention: float | None = None
+        self,
+        relay: RelayConfig,
+        websocket: WebsocketConfig,
+        retention: float | None = None,
+        topics: TopicsConfig | None = None,
     ) -> None:
         """New settings (a reload): limits and timers apply from the next decision on."""
         self._ctx.relay = relay
         self._ctx.ws = websocket
+        if topics is not None:
+            self._ctx.topics = topics
         if retention is not None:
             self._ctx.retention = retention
         self._send_limiter.reconfigure(
@@ -294,6 +321,8 @@ class RelayCore:
                 self._sweep(now)
             elif kind is TimerKind.IDLE:
                 self.sessions.idle(target, now)
+            elif kind is TimerKind.TOPIC_COUNTS:
+                self.topics.count_due(now)
 
     def _sweep(self, now: float) -> None:
         relay = self._ctx.relay
@@ -513,7 +542,9 @@ class RelayCore:
         try:
             doc = F.decode(data)
             kind = doc.get("type")
-            if kind is None or kind == "message":
+            if (kind is None and "topic_id" in doc and "to" not in doc) or kind == "publish":
+                self.topics.publish(session, doc, now)
+            elif kind is None or kind == "message":
                 self.delivery.accept(session, doc, now)
             elif kind == "ack":
                 self.delivery.ack(session, doc, now)
@@ -634,8 +665,18 @@ class RelayCore:
                 self.reads.done(op, result, now)
             elif isinstance(op, SetReceiptPending | ClearReadPending):
                 self.receipts.cleared(op)
+            elif isinstance(op, Publish):
+                self.topics.published(op, result, now)
         for client in touched:
             delivery.drain_staging(client, now)
+
+    def topics_counted(self, counts: dict[int, TopicCounts], now: float) -> None:
+        """The driver ran a :class:`~relayd._relay.effects.CountTopics`."""
+        self.topics.counted(counts, now)
+
+    def topics_not_counted(self) -> None:
+        """A :class:`~relayd._relay.effects.CountTopics` failed: asked again at the next tick."""
+        self.topics.count_failed()
 
     def store_failed(self) -> None:
         """The store failed a batch (it will be retried): refuse new messages meanwhile."""

@@ -501,7 +501,10 @@ class Delivery:
             if redelivered:
                 self.ctx.metrics.events["redelivered"] += 1
             text = F.delivery_frame(
-                message.fields, attempt=message.attempts, redelivered=redelivered
+                message.fields,
+                attempt=message.attempts,
+                redelivered=redelivered,
+                offset=message.offset,
             )
             self.sessions.send(session, text, message)
             if session.rest:
@@ -667,6 +670,8 @@ class Delivery:
             expires_at=row.expires_at,
             durable=True,
             seq=row.seq,
+            topic=row.topic,
+            offset=row.offset,
             attempts=attempts,
             recorded_attempts=attempts,
             committed=True,

@@ -79,7 +79,18 @@ class Answer:
     details: dict[str, Any] | None = None
 
 
-Action = Send | Close | Authenticate | Ping | ReserveSeqs | StoreOp | Announce | Answer
+@frozen
+class CountTopics:
+    """Read the counts of these published messages' deliveries
+    (``TopicStore.topic_counts``); answer :meth:`RelayCore.topics_counted`, or
+    :meth:`RelayCore.topics_not_counted` if the store could not answer."""
+
+    messages: tuple[int, ...]
+
+
+Action = (
+    Send | Close | Authenticate | Ping | ReserveSeqs | StoreOp | Announce | Answer | CountTopics
+)
 
 
 def insert_op(message: Message, *, keep_content: bool = False, **final: Any) -> Insert:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 import uuid
 from typing import Any
 
@@ -95,6 +96,10 @@ NOT_DELIVERED = "not_delivered"
 # POST /messages only (never in a frame, so not in _RECOVERY): too many requests wait for a
 # first receipt, or the store lags.
 SERVER_BUSY = "server_busy"
+# Topics: the seed system's codes, which its clients know.
+INVALID_TOPIC_MESSAGE = "INVALID_TOPIC_MESSAGE"
+TOPIC_NOT_FOUND = "TOPIC_NOT_FOUND"
+NOT_SUBSCRIBED_TO_TOPIC = "NOT_SUBSCRIBED_TO_TOPIC"
 
 
 class RateLimited(ProtocolError):
@@ -129,6 +134,9 @@ _RECOVERY = {
     UNKNOWN_MESSAGE: "no message with that msgid was sent to you (or it is no longer kept)",
     NOT_YOURS: "only a message's recipient may mark it read",
     NOT_DELIVERED: "mark a message read once you received it",
+    INVALID_TOPIC_MESSAGE: "fix the named field and publish again",
+    TOPIC_NOT_FOUND: "check the topic's id in GET /topics",
+    NOT_SUBSCRIBED_TO_TOPIC: "subscribe first: POST /topics/subscribe",
 }
 
 
@@ -183,6 +191,61 @@ class Envelope:
         """The 13 fields as delivered: ``from`` is the authenticated sender."""
         return {
             "to": self.to,
+            "from": sender,
+            "timestamp": now if self.timestamp is None else self.timestamp,
+            "priority": self.priority,
+            "subject": self.subject,
+            "msgid": msgid,
+            "acknowledge": self.acknowledge,
+            "content": self.content,
+            "action": self.action,
+            "event": self.event,
+            "status": self.status,
+            "conversation_id": self.conversation_id,
+            "msgno": self.msgno,
+        }
+
+
+# A topic's id: what fits a URL path segment as is (docs/protocol.md, "Topics").
+TOPIC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@~-]{0,99}")
+
+
+def valid_topic_id(value: object) -> bool:
+    return isinstance(value, str) and TOPIC_ID.fullmatch(value) is not None
+
+
+def _check_topic_id(_: object, attribute: Any, value: str) -> None:
+    if not valid_topic_id(value):
+        raise field_error(
+            attribute,
+            "must be 1 to 100 letters, digits and . _ : @ ~ -, starting with a letter or digit",
+        )
+
+
+@frozen(kw_only=True)
+class Publication:
+    """A message published to a topic: the seed system's fields, ``topic_id`` in place of
+    ``to`` (and relayd's ``acknowledge``, ``conversation_id`` and ``ttl``)."""
+
+    topic_id: str = field(validator=_check_topic_id)
+    sender: ClientUuid | None = None  # "from" on the wire
+    timestamp: float | None = field(default=None, validator=_check_finite)
+    priority: str = field(default="normal", validator=_short(32))
+    subject: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    msgid: str | None = field(default=None, validator=_check_msgid)
+    acknowledge: bool = False
+    content: str = ""
+    action: str = field(default="topic_message", validator=_short(MAX_SHORT_FIELD_CHARS))
+    event: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    status: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    conversation_id: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    msgno: int = 0
+    ttl: float | None = field(default=None, validator=_check_ttl)
+
+    def fields(self, sender: str, msgid: str, now: float) -> dict[str, Any]:
+        """As subscribers get it: ``from`` is the authenticated publisher."""
+        return {
+            "topic_id": self.topic_id,
             "from": sender,
             "timestamp": now if self.timestamp is None else self.timestamp,
             "priority": self.priority,
@@ -269,6 +332,27 @@ def parse_envelope(doc: dict[str, Any]) -> Envelope:
         name = {"sender": "from"}.get(path, path) or "message"
         reason = "is required" if isinstance(leaf, KeyError) else str(leaf)
         raise ProtocolError(INVALID_MESSAGE_FORMAT, f"{name}: {reason}", field=name) from None
+
+
+def parse_publication(doc: dict[str, Any]) -> Publication:
+    """Read a message published to a topic, as leniently as a direct one.
+
+    Raises:
+        ProtocolError: ``INVALID_TOPIC_MESSAGE`` naming the first bad field.
+    """
+    data = {key: value for key, value in doc.items() if key != "type"}
+    if "from" in data:
+        data["sender"] = data.pop("from")
+    for optional in ("timestamp", "ttl", "msgid"):
+        if data.get(optional) is None:
+            data.pop(optional, None)
+    try:
+        return _converter.structure(data, Publication)
+    except cattrs.BaseValidationError as exc:
+        path, leaf = next(iter_errors(exc))
+        name = {"sender": "from"}.get(path, path) or "message"
+        reason = "is required" if isinstance(leaf, KeyError) else str(leaf)
+        raise ProtocolError(INVALID_TOPIC_MESSAGE, f"{name}: {reason}", field=name) from None
 
 
 def parse_read(doc: dict[str, Any]) -> tuple[str, str | None]:
@@ -495,8 +579,45 @@ def revoked_text(reason: str) -> str:
     return _REVOKED_TEXT.get(reason, "the session's token was revoked")
 
 
-def delivery_frame(fields: str, *, attempt: int, redelivered: bool) -> str:
+def delivery_frame(
+    fields: str, *, attempt: int, redelivered: bool, offset: int | None = None
+) -> str:
     """A delivered message: its fields (a JSON object, as encoded at acceptance) spliced in
-    between the frame's own keys, with no decoding and re-encoding per delivery."""
+    between the frame's own keys, with no decoding and re-encoding per delivery; a topic
+    message's ``offset`` in its topic too."""
     flag = "true" if redelivered else "false"
-    return f'{{"type":"message",{fields[1:-1]},"attempt":{attempt},"redelivered":{flag}}}'
+    at = "" if offset is None else f',"offset":{offset}'
+    return f'{{"type":"message",{fields[1:-1]}{at},"attempt":{attempt},"redelivered":{flag}}}'
+
+
+def topic_sent_frame(
+    topic: str, msgid: str, subscribers: int, now: float, *, offset: int | None, duplicate: bool
+) -> str:
+    """The answer to a publish (the seed system's ``topic_sent``): how many subscribers it
+    went to, and its ``offset`` in the topic; ``duplicate``: published before, stored once."""
+    if duplicate:
+        text = "Message already sent (duplicate msgid)"
+    else:
+        text = f"Message sent to {subscribers} subscribers"
+    frame: dict[str, Any] = {
+        "type": "topic_sent",
+        "message": text,
+        "topic_id": topic,
+        "msgid": msgid,
+        "subscribers": subscribers,
+        "offset": offset,
+        "timestamp": now,
+    }
+    if duplicate:
+        frame["duplicate"] = True
+    return encode(frame)
+
+
+def topic_update_frame(topic: str, msgid: str, counts: dict[str, int], now: float) -> str:
+    """What became of a published message's deliveries so far (coalesced: see
+    relayd/_relay/topics.py)."""
+    # "topic", not "topic_id": the seed system's clients take any frame with a topic_id for
+    # a topic message.
+    return encode(
+        {"type": "topic_update", "topic": topic, "msgid": msgid, **counts, "timestamp": now}
+    )

@@ -56,7 +56,17 @@ from relayd._tokens import Claims
 
 from . import frames as F
 from .core import RelayCore
-from .effects import Action, Announce, Answer, Authenticate, Close, Ping, ReserveSeqs, Send
+from .effects import (
+    Action,
+    Announce,
+    Answer,
+    Authenticate,
+    Close,
+    CountTopics,
+    Ping,
+    ReserveSeqs,
+    Send,
+)
 from .frames import CLIENT_CONNECTED, CloseCode, ProtocolError
 from .model import Identity, Ref
 from .records import (
@@ -272,18 +282,15 @@ class Hub:
         now = clock()
         relay = config.relay
         policy = RolePolicy.from_config(config.roles)
-        may_message = None
-        if not policy.messaging_is_open:
-            # Some role may not message everyone: each message is checked against every
-            # client's roles, kept in memory and told of every change.
-            directory = RoleDirectory(policy, await auth.client_roles())
-            auth.subscribe_roles(directory.update)
-            may_message = directory.may_message
-        if cluster is None:
-            seqs = SeqPool.endless(await store.last_message_seq())
-        else:
-            seqs = SeqPool.reserved(SEQ_BLOCK)
-            seqs.add(await store.reserve_seqs(SEQ_BLOCK), SEQ_BLOCK)
+        # Every client's roles, kept in memory and told of every change: what a publish in a
+        # topic may do, and (if some role may not message everyone) whom each message may go to.
+        directory = RoleDirectory(policy, await auth.client_roles())
+        auth.subscribe_roles(directory.update)
+        may_message = None if policy.messaging_is_open else directory.may_message
+        # Seqs come in blocks the store reserves, on either engine: a publish takes its
+        # deliveries' seqs from the store too, above every block (see records.Publish).
+        seqs = SeqPool.reserved(SEQ_BLOCK)
+        seqs.add(await store.reserve_seqs(SEQ_BLOCK), SEQ_BLOCK)
         core = RelayCore(
             relay,
             config.websocket,
@@ -293,6 +300,8 @@ class Hub:
             may_message=may_message,
             cluster=cluster is not None,
             retention=config.history.retention,
+            topics=config.topics,
+            permits=directory.allows,
         )
         return cls(config, store, auth, core, clock=clock, cluster=cluster)
 
@@ -405,6 +414,8 @@ class Hub:
                     )
             elif isinstance(action, ReserveSeqs):
                 self._spawn(self._reserve_seqs, action.count)
+            elif isinstance(action, CountTopics):
+                self._spawn(self._count_topics, action.messages)
             elif isinstance(action, Announce):
                 # Published once every store operation queued before it is committed.
                 if not self._store_queue:
@@ -745,6 +756,18 @@ class Hub:
         self.core.seqs_reserved(start, count)
         self._seqs_ready.set()
         self._seqs_ready = trio.Event()
+        self._apply()
+        self._signal()
+
+    async def _count_topics(self, messages: tuple[int, ...]) -> None:
+        """Read the counts a :class:`CountTopics` asks for (within the store's deadline)."""
+        try:
+            counts = await self.store.topic_counts(messages)
+        except StoreError as exc:
+            log.warning("topic counts not read", extra={"fields": {"error": str(exc)}})
+            self.core.topics_not_counted()
+        else:
+            self.core.topics_counted(counts, self.clock())
         self._apply()
         self._signal()
 

@@ -128,6 +128,8 @@ class Message:
     durable: bool
     seq: int  # allocated at acceptance: the order of first deliveries
     conversation_id: str | None = None  # stored in plain text: history filters by it
+    topic: str | None = None  # a topic's delivery: no receipt is told (see topics.py)
+    offset: int | None = None  # its offset in the topic
     attempts: int = 0
     # The attempts its store row counts (or will, once ``recording`` is done). A row counts a
     # first attempt before the message can reach its recipient's socket, so a crash never

@@ -221,7 +221,24 @@ class Receipts:
         return max(1, self.ctx.ws.outbound_buffer * 3 // 4)
 
     def tell(self, message: Message, status: Status, now: float, *, reason: str = "") -> None:
-        """Tell the sender ``status``. A final status is stored if the sender is offline."""
+        """Tell the sender ``status``. A final status is stored if the sender is offline.
+        A topic's delivery only has its final status recorded: its publisher is told counts
+        (relayd/_relay/topics.py), never a receipt per subscriber."""
+        if message.topic is not None:
+            message.status = status
+            if status in FINAL:
+                self.ctx.actions.append(
+                    Finish(
+                        message.seq,
+                        status,
+                        now,
+                        False,
+                        reason,
+                        delivered_at=message.delivered_at,
+                        keep_content=self.ctx.retention > 0,
+                    )
+                )
+            return
         first = message.status is None
         message.status = status
         if first:
