@@ -59,6 +59,7 @@ from ._errors import (
     UnsupportedMediaType,
     ValidationError,
 )
+from ._http_topics import serve_topics
 from ._keys import KeyDirectory, PublishKeysRequest, keys_json
 from ._metrics import CONTENT_TYPE, HttpStats, Metrics
 from ._openapi import (
@@ -882,6 +883,16 @@ def create_app(services: Services) -> QuartTrio:
 
     if services.keys is not None:
         _serve_keys(app, services.keys, authenticated, may_read_keys)
+    if services.store is not None:
+        serve_topics(
+            app,
+            services.store,
+            lambda: services.config.topics,
+            authenticated,
+            lambda claims: may(claims, "admin"),
+            lambda: auth.now,
+            _json_body,
+        )
 
     @app.post("/admin/clients/<client_uuid>/revoke")
     @api(["admin"], Done, errors=(403, 404), bearer=True)

@@ -7,8 +7,10 @@ delivery then takes the direct-message path from the store (rule 11 of the core'
   others to their nodes), and each loads its own delivery when its mailbox has room, as it
   loads any queued message.
 * **No receipt per subscriber.** A topic delivery's final status is recorded, never told
-  (see :meth:`Receipts.tell`). Its publisher is told counts instead: while deliveries of a
-  message it published are pending, and it is connected, every ``topic_update_interval`` the
+  (see :meth:`Receipts.tell`). A publisher that asked for acknowledgements (``acknowledge:
+  true``) is told counts instead (seed clients, which never ask, take any frame with a
+  ``topic_id`` for a message, so they are sent none): while deliveries of a
+  message it published are pending, and it is connected, every ``topics.update_interval`` the
   core asks the driver for the counts of the messages it watches (:class:`CountTopics`) and
   sends a ``topic_update`` for each whose counts changed: at most one a message per interval,
   whatever the number of subscribers. A session watches at most ``max_watched`` messages
@@ -171,7 +173,7 @@ class Topics:
                     duplicate=False,
                 ),
             )
-            if outcome.subscribers:
+            if outcome.subscribers and op.acknowledge:
                 self._watch(session, op, outcome.message, now)
 
     def _wake(self, outcome: Published, now: float) -> None:
@@ -258,5 +260,3 @@ def counts_doc(counts: TopicCounts) -> dict[str, int]:
         "expired": counts.expired,
         "pending": counts.pending,
     }
-
-
