@@ -26,7 +26,7 @@ DEADLINE = 60.0
 
 
 def git_blob_id(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324 (git's id)
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git's object id
 
 
 def test_the_example_is_the_seed_systems_own() -> None:
