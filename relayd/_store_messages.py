@@ -6,7 +6,7 @@ recipient's delivery of it (``deliveries``), with its queue counts (the
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -70,12 +70,7 @@ class SqliteMessageStore(SqliteConnection):
         def run(db: sqlite3.Connection) -> list[Any]:
             try:
                 with transaction(db):
-                    return [
-                        publish(db, op, max_queued, self.keys, self._reserve)
-                        if isinstance(op, Publish)
-                        else _apply(db, op, max_queued, self.keys)
-                        for op in ops
-                    ]
+                    return [_apply(db, op, max_queued, self.keys, self._reserve) for op in ops]
             except sqlite3.OperationalError as exc:  # disk full, I/O error, locked: may pass
                 raise StoreUnavailable(f"{self.path}: writing messages failed: {exc}") from exc
             except (sqlite3.Error, ValueError) as exc:
@@ -407,7 +402,15 @@ def _load_queue(db: sqlite3.Connection, op: LoadQueue, keys: StoreKeys | None) -
     return QueuePage(rows, more=more)
 
 
-def _apply(db: sqlite3.Connection, op: StoreOp, max_queued: int, keys: StoreKeys | None) -> Any:
+def _apply(
+    db: sqlite3.Connection,
+    op: StoreOp,
+    max_queued: int,
+    keys: StoreKeys | None,
+    reserve: Callable[[sqlite3.Connection, int], int],
+) -> Any:
+    if isinstance(op, Publish):
+        return publish(db, op, max_queued, keys, reserve)
     if isinstance(op, Insert):
         return _insert(db, op, max_queued, keys)
     if isinstance(op, Finish):

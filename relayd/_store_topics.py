@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from ._atrest import RowId, StoreKeys
@@ -300,32 +301,32 @@ class SqliteTopicStore(SqliteConnection):
     async def topic_counts(self, message_ids: Sequence[int]) -> dict[int, TopicCounts]:
         """The counts of each published message's deliveries, by final status (a message
         not found is left out)."""
+        return await self._read(partial(topic_counts, message_ids=message_ids))
 
-        def query(db: sqlite3.Connection) -> dict[int, TopicCounts]:
-            found: dict[int, dict[str, int]] = {}
-            for message in message_ids:
-                rows = db.execute(
-                    "SELECT coalesce(status, ''), count(*) FROM deliveries WHERE message = ?"
-                    " GROUP BY status",
-                    (message,),
-                ).fetchall()
-                exists = db.execute(
-                    "SELECT 1 FROM messages WHERE id = ? AND topic IS NOT NULL", (message,)
-                ).fetchone()
-                if exists:
-                    found[message] = dict(rows)
-            return {
-                message: TopicCounts(
-                    total=sum(counts.values()),
-                    delivered=counts.get(Status.DELIVERED.value, 0),
-                    acknowledged=counts.get(Status.ACKNOWLEDGED.value, 0),
-                    failed=counts.get(Status.FAILED.value, 0),
-                    expired=counts.get(Status.EXPIRED.value, 0),
-                )
-                for message, counts in found.items()
-            }
 
-        return await self._read(query)
+def topic_counts(db: sqlite3.Connection, message_ids: Sequence[int]) -> dict[int, TopicCounts]:
+    """See :meth:`SqliteTopicStore.topic_counts`."""
+    found: dict[int, TopicCounts] = {}
+    for message in message_ids:
+        if not db.execute(
+            "SELECT 1 FROM messages WHERE id = ? AND topic IS NOT NULL", (message,)
+        ).fetchone():
+            continue
+        counts: dict[str, int] = dict(
+            db.execute(
+                "SELECT coalesce(status, ''), count(*) FROM deliveries WHERE message = ?"
+                " GROUP BY status",
+                (message,),
+            ).fetchall()
+        )
+        found[message] = TopicCounts(
+            total=sum(counts.values()),
+            delivered=counts.get(Status.DELIVERED.value, 0),
+            acknowledged=counts.get(Status.ACKNOWLEDGED.value, 0),
+            failed=counts.get(Status.FAILED.value, 0),
+            expired=counts.get(Status.EXPIRED.value, 0),
+        )
+    return found
 
 
 def _open(row: sqlite3.Row, keys: StoreKeys | None) -> str:

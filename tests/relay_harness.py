@@ -30,14 +30,24 @@ from typing import Any
 
 import attrs
 
-from relayd._config import RelayConfig, WebsocketConfig
+from relayd._config import RelayConfig, TopicsConfig, WebsocketConfig
 from relayd._relay import records
 from relayd._relay.core import RelayCore, Ticket
-from relayd._relay.effects import Announce, Answer, Authenticate, Close, Ping, ReserveSeqs, Send
+from relayd._relay.effects import (
+    Announce,
+    Answer,
+    Authenticate,
+    Close,
+    CountTopics,
+    Ping,
+    ReserveSeqs,
+    Send,
+)
 from relayd._relay.model import Identity, Ref
 from relayd._relay.seqs import SeqPool
 from relayd._store import _connect, transaction
 from relayd._store_messages import _apply, last_message_seq, recent_messages
+from relayd._store_topics import topic_counts
 
 T0 = 1_000_000.0  # the harness's epoch: `now` starts here
 
@@ -141,6 +151,8 @@ class CoreHarness:
         auto_flush: bool = True,
         bus: Bus | None = None,
         seq_block: int = 100,
+        topics: TopicsConfig | None = None,
+        permits: Callable[[str, str], bool] | None = None,
     ) -> None:
         """``bus``: a node of a cluster (its store is the bus's first node's)."""
         self.relay = relay or RelayConfig()
@@ -151,11 +163,13 @@ class CoreHarness:
         if first is not None:
             db = first.db
         self.db = db if db is not None else _connect(":memory:", "full")
-        seqs = None
+        # Seqs come in reserved blocks, as the hub's do; a publish reserves from the same
+        # counter (the bus's, in a cluster).
+        self._reserved = 0
         if bus is not None:
             bus.nodes.append(self)
-            seqs = SeqPool.reserved(seq_block)
-            seqs.add(bus.reserve(seq_block), seq_block)
+        seqs = SeqPool.reserved(seq_block)
+        seqs.add(self.reserve(seq_block), seq_block)
         self.core = RelayCore(
             self.relay,
             self.ws,
@@ -166,6 +180,8 @@ class CoreHarness:
                 self.db, since=now - self.relay.dedupe_window, limit=self.relay.dedupe_max_entries
             ),
             cluster=bus is not None,
+            topics=topics,
+            permits=permits,
         )
         # A cluster's nodes check tokens against one table, as they share the store.
         self.tokens: dict[str, Identity] = first.tokens if first is not None else {}
@@ -181,6 +197,15 @@ class CoreHarness:
         self._next_sid = 1
         self.log: dict[int, list[dict[str, Any]]] = defaultdict(list)  # every frame written
         self.answers: dict[int, Answer] = {}  # what submitters were answered, by ticket
+        self.counted: list[tuple[int, ...]] = []  # the CountTopics asked for, in order
+
+    def reserve(self, count: int, db: sqlite3.Connection | None = None) -> int:
+        """The first of ``count`` fresh seqs: from the bus, or above every seq stored."""
+        if self.bus is not None:
+            return self.bus.reserve(count)
+        start = max(self._reserved, last_message_seq(self.db)) + 1
+        self._reserved = start + count - 1
+        return start
 
     # --- clients ------------------------------------------------------------------------------
 
@@ -350,8 +375,10 @@ class CoreHarness:
             elif isinstance(action, Ping):
                 self.sessions[action.sid].pings += 1
             elif isinstance(action, ReserveSeqs):
-                assert self.bus is not None, "only a cluster node reserves seqs"
-                self.core.seqs_reserved(self.bus.reserve(action.count), action.count)
+                self.core.seqs_reserved(self.reserve(action.count), action.count)
+            elif isinstance(action, CountTopics):
+                self.counted.append(action.messages)
+                self.core.topics_counted(topic_counts(self.db, action.messages), self.now)
             elif isinstance(action, Announce):
                 self.pending_announces.append(action)
             elif isinstance(action, Answer):
@@ -375,7 +402,9 @@ class CoreHarness:
         core yet (that is :meth:`commit`'s second half, ``core.store_done``)."""
         with transaction(self.db):
             max_queued = self.relay.max_queued_per_recipient
-            results = [_apply(self.db, op, max_queued, None) for op in ops]
+            results = [
+                _apply(self.db, op, max_queued, None, lambda _, n: self.reserve(n)) for op in ops
+            ]
         self.commits += 1
         self.executed += ops
         return results
