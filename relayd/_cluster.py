@@ -62,6 +62,7 @@ from ._auth import Revocation
 from ._errors import ClusterUnavailable, StoreError
 from ._redis._link import Link
 from ._redis._url import connect, parse_url
+from ._relay.effects import PresenceNote, TypingNote
 from ._relay.records import KeyNotice
 
 log = logging.getLogger("relayd.cluster")
@@ -178,6 +179,9 @@ class Listener(Protocol):
     def key_changed(self, notice: KeyNotice) -> None: ...
     def revoked_elsewhere(self, revocation: Revocation) -> None: ...
     def roles_changed(self, client: str, roles: tuple[str, ...] | None) -> None: ...
+    def presence_heard(self, note: PresenceNote) -> None: ...
+    def typing_heard(self, note: TypingNote) -> None: ...
+    def member_heard(self, topic: str, client: str, joined: bool, presence: bool) -> None: ...
     def resync(self) -> None: ...
     def fenced(self) -> None: ...
 
@@ -601,6 +605,13 @@ class RedisCluster:
                 listener.key_changed(KeyNotice(**note["n"]))
             elif kind == "revoked" and note.get("from") != self.node:
                 listener.revoked_elsewhere(Revocation(**note["r"]))
+            elif kind == "presence" and note.get("from") != self.node:
+                listener.presence_heard(PresenceNote(**note["n"]))
+            elif kind == "typing" and note.get("from") != self.node:
+                listener.typing_heard(TypingNote(**note["n"]))
+            elif kind == "member" and note.get("from") != self.node:
+                body = note["n"]
+                listener.member_heard(body["t"], body["c"], bool(body["j"]), bool(body["p"]))
             elif kind == "roles" and note.get("from") != self.node:
                 roles = note["roles"]
                 listener.roles_changed(note["c"], None if roles is None else tuple(roles))

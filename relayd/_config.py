@@ -490,6 +490,12 @@ class TopicsConfig:
     max_watched: int = field(default=100, validator=_non_negative)
     """Published messages one connection is sent ``topic_update`` frames about at once (the
     oldest stops first; 0: none)."""
+    presence_interval: float = field(default=1.0, validator=_positive)
+    """Seconds between two ``presence`` frames about one topic to one connection, at least."""
+    max_presence_events: int = field(default=100, validator=_positive)
+    """Events one ``presence`` frame carries at most (beyond: ``truncated``)."""
+    typing_interval: float = field(default=1.0, validator=_non_negative)
+    """A client's ``typing`` frames to one client or topic closer than this are dropped."""
     anonymous_read: bool = True
     """``GET /topics`` and ``GET /topics/{topic_id}`` answer without a token, as the seed
     system's did, showing open topics only and no subscriber ids (false: a token is needed)."""
@@ -759,6 +765,9 @@ RELOADABLE = frozenset(
         "topics.max_history_count",
         "topics.max_history_age",
         "topics.anonymous_read",
+        "topics.presence_interval",
+        "topics.max_presence_events",
+        "topics.typing_interval",
         "relay.ack_timeout",
         "relay.max_attempts",
         "relay.backoff_initial",

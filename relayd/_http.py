@@ -131,6 +131,11 @@ class Relay(Protocol):
         """Whether ``client``'s REST session held ``msgid`` unacknowledged (now acknowledged)."""
         ...
 
+    def membership_changed(self, topic: str, client: str, *, joined: bool, presence: bool) -> None:
+        """``client`` subscribed to ``topic`` or left it: its live session learns it, and
+        with presence on, the topic's other subscribers are told (relayd/_relay/presence.py)."""
+        ...
+
     async def mark_read(self, reader: str, msgid: str, sender: str | None) -> ReadOutcome:
         """``reader`` read ``msgid`` (from ``sender``): recorded, and the sender told, as for
         a ``read`` frame.
@@ -892,6 +897,7 @@ def create_app(services: Services) -> QuartTrio:
             lambda claims: may(claims, "admin"),
             lambda: auth.now,
             _json_body,
+            lambda: services.relay,
         )
 
     @app.post("/admin/clients/<client_uuid>/revoke")

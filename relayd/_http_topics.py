@@ -28,7 +28,14 @@ from quart_trio import QuartTrio
 from ._api import canonical_uuid, parse_body
 from ._config import TopicsConfig
 from ._engine import Engine, PublishPolicy, TopicAccess, TopicRecord
-from ._errors import BadRequest, Conflict, Forbidden, NotFound, ValidationError
+from ._errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    StoreUnavailable,
+    ValidationError,
+)
 from ._openapi import api
 from ._relay.frames import valid_topic_id
 from ._tokens import Claims
@@ -137,6 +144,13 @@ class Subscribers:
 
 
 @frozen
+class TopicPresence:
+    topic_id: str
+    online: list[str]
+    next: str | None
+
+
+@frozen
 class TopicMessageEntry:
     offset: int
     msgid: str
@@ -204,10 +218,17 @@ def serve_topics(
     is_admin: Callable[[Claims], bool],
     now: Callable[[], float],
     json_body: Callable[[], Awaitable[dict[str, Any]]],
+    relay: Callable[[], Any],
 ) -> None:
     """Install the topics' routes. ``topics()``: the ``[topics]`` settings now (a reload
     changes them); ``is_admin(claims)``: whether the caller's roles make it an admin now;
-    ``json_body()``: the request's JSON object, checked as every route's is."""
+    ``json_body()``: the request's JSON object, checked as every route's is; ``relay()``: the
+    relay (``None`` without one), told of every change of membership."""
+
+    def changed(topic: TopicRecord, client: str, *, joined: bool) -> None:
+        hub = relay()
+        if hub is not None:
+            hub.membership_changed(topic.id, client, joined=joined, presence=topic.presence)
 
     _json = json_body
 
@@ -414,6 +435,8 @@ def serve_topics(
                 code="too_many_subscriptions",
                 details={**details, "max_subscriptions": limits.max_subscriptions},
             )
+        if outcome == "subscribed":
+            changed(topic, client, joined=True)
         return outcome == "subscribed"
 
     @app.post("/topics/subscribe")
@@ -443,6 +466,8 @@ def serve_topics(
         body = parse_body(await _json(), TopicRequest)
         topic, _ = await visible(body.topic_id, claims)
         outcome = await store.unsubscribe(topic.id, claims.sub)
+        if outcome == "unsubscribed":
+            changed(topic, claims.sub, joined=False)
         return {
             "message": f"Unsubscribed from topic {topic.id}"
             if outcome == "unsubscribed"
@@ -478,6 +503,8 @@ def serve_topics(
         else:
             _, topic = await owned(topic_id)
         outcome = await store.unsubscribe(topic.id, client)
+        if outcome == "unsubscribed":
+            changed(topic, client, joined=False)
         if outcome == "not_subscribed":
             raise NotFound(
                 "not a member of this topic",
@@ -489,6 +516,33 @@ def serve_topics(
             "topic_id": topic.id,
             "client_uuid": client,
             "subscribed": False,
+        }
+
+    @app.get("/topics/<topic_id>/presence")
+    @api(["topics"], TopicPresence, errors=(404, 409, 422, 503), bearer=True)
+    async def topic_presence(topic_id: str) -> dict[str, Any]:
+        """Which of a topic's subscribers have a live socket now (on any node): a page of its
+        subscribers (``?after=<uuid>&limit=``, at most 1000) filtered to those online;
+        ``next`` is the ``after`` of the next page (``null``: the last). Only for a topic with
+        presence on, and for those who may see it."""
+        claims = await caller()
+        topic, _ = await visible(topic_id, claims)
+        if not topic.presence:
+            raise Conflict(
+                "this topic does not keep presence (its owner may turn it on)",
+                code="presence_off",
+                details={"topic_id": topic.id},
+            )
+        hub = relay()
+        if hub is None:
+            raise StoreUnavailable("the relay is not running")
+        limit = _int_arg("limit", 1000, low=1, high=MAX_PAGE)
+        page = await store.topic_subscribers(topic.id, after=request.args.get("after"), limit=limit)
+        online = await hub.online(page)
+        return {
+            "topic_id": topic.id,
+            "online": [client for client in page if client in online],
+            "next": page[-1] if len(page) == limit else None,
         }
 
     @app.get("/topics/<topic_id>/messages")

@@ -270,6 +270,19 @@ class SqliteTopicStore(SqliteConnection):
 
         return await self._read(query)
 
+    async def memberships(self, client: str) -> list[tuple[str, bool]]:
+        """The topics ``client`` subscribes to, in id order, each with its presence setting."""
+
+        def query(db: sqlite3.Connection) -> list[tuple[str, bool]]:
+            rows = db.execute(
+                "SELECT t.id, t.presence FROM topic_members m JOIN topics t ON t.id = m.topic"
+                " WHERE m.client = ? ORDER BY t.id",
+                (client,),
+            )
+            return [(row[0], bool(row[1])) for row in rows]
+
+        return await self._read(query)
+
     async def topic_messages(
         self, topic_id: str, *, since: int, limit: int, now: float
     ) -> list[TopicMessage]:

@@ -39,9 +39,12 @@ from relayd._relay.effects import (
     Authenticate,
     Close,
     CountTopics,
+    LoadMemberships,
     Ping,
+    PresenceNote,
     ReserveSeqs,
     Send,
+    TypingNote,
 )
 from relayd._relay.model import Identity, Ref
 from relayd._relay.seqs import SeqPool
@@ -376,6 +379,25 @@ class CoreHarness:
                 self.sessions[action.sid].pings += 1
             elif isinstance(action, ReserveSeqs):
                 self.core.seqs_reserved(self.reserve(action.count), action.count)
+            elif isinstance(action, LoadMemberships):
+                rows = self.db.execute(
+                    "SELECT t.id, t.presence FROM topic_members m JOIN topics t"
+                    " ON t.id = m.topic WHERE m.client = ? ORDER BY t.id",
+                    (action.client,),
+                ).fetchall()
+                loaded = [(row[0], bool(row[1])) for row in rows]
+                self.core.memberships_loaded(action.sid, loaded, self.now)
+            elif isinstance(action, PresenceNote | TypingNote):
+                # Here at once, as the hub does; on the other nodes of a cluster via the bus.
+                for node in [self] + [
+                    n for n in (self.bus.nodes if self.bus else []) if n is not self
+                ]:
+                    if isinstance(action, PresenceNote):
+                        node.core.presence_event(action, node.now)
+                    else:
+                        node.core.typed(action, node.now)
+                    if node is not self:
+                        node.run()
             elif isinstance(action, CountTopics):
                 self.counted.append(action.messages)
                 self.core.topics_counted(topic_counts(self.db, action.messages), self.now)

@@ -29,15 +29,20 @@ def errors(frames: list[Frame]) -> list[str]:
 
 
 def make_topic(
-    h: CoreHarness, topic_id: str, owner: Client, *members: Client, publish: str = "members"
+    h: CoreHarness,
+    topic_id: str,
+    owner: Client,
+    *members: Client,
+    publish: str = "members",
+    presence: bool = False,
 ) -> None:
     """A topic in the harness's store, as the REST routes make one."""
     with transaction(h.db):
         h.db.execute(
             "INSERT INTO topics (id, creator, metadata, access, publish, presence,"
             " history_count, history_age, created_at, subscribers, last_offset)"
-            " VALUES (?, ?, '{}', 'open', ?, 0, 100, 86400.0, ?, ?, 0)",
-            (topic_id, owner.uuid, publish, h.now, len(members)),
+            " VALUES (?, ?, '{}', 'open', ?, ?, 100, 86400.0, ?, ?, 0)",
+            (topic_id, owner.uuid, publish, int(presence), h.now, len(members)),
         )
         h.db.executemany(
             "INSERT INTO topic_members (topic, client, joined_at) VALUES (?, ?, ?)",

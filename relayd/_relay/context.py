@@ -29,6 +29,7 @@ class TimerKind(enum.Enum):
     SWEEP = 7
     IDLE = 8  # a REST session's idle end
     TOPIC_COUNTS = 9  # ask for the counts of published messages (see topics.py)
+    PRESENCE = 10  # send the presence events waiting (see presence.py)
 
 
 class Context:

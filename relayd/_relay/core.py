@@ -21,6 +21,7 @@ Its modules follow the dependency direction, each importing only those before it
   redelivery, expiry, loading from and parking in the store);
 - ``reads.py``: the recipient's side of read receipts (``read`` frames, their answers);
 - ``topics.py``: publishing to topics (rule 11) and the publisher's counts;
+- ``presence.py``: memberships of live sockets, presence events and typing (rule 12);
 - this module, :class:`RelayCore`: the events the driver calls, each routed to those parts.
 
 Rules that hold between any two events:
@@ -72,6 +73,10 @@ Rules that hold between any two events:
     subscriber); the core holds none of its deliveries until a subscriber here loads its own
     from the store, as any queued message. A topic's delivery is told to nobody (rule 4 does
     not apply): its publisher gets ``topic_sent`` once, then counts.
+12. Presence and typing (``presence.py``) are never stored and told at most once: a live
+    socket's memberships are loaded when it becomes active and kept while it lives; presence
+    events reach the topic's other live sockets, coalesced per session and topic to one frame
+    per ``topics.presence_interval``; a client's replacement by a newer socket is not offline.
 """
 
 from __future__ import annotations
@@ -88,9 +93,10 @@ from relayd._ratelimit import RateLimiter
 from . import frames as F
 from .context import Context, TimerKind
 from .delivery import Delivery
-from .effects import Action
+from .effects import Action, PresenceNote, TypingNote
 from .frames import CloseCode, ProtocolError
 from .model import Identity, Message, Phase, ReadRef, ReceiptRef, Ref, Session
+from .presence import Presence
 from .reads import Reads
 from .receipts import Receipts
 from .records import (
@@ -189,6 +195,7 @@ class RelayCore:
             cluster=cluster,
             permits=permits,
         )
+        self.presence = Presence(ctx, self.sessions, may_message=may_message)
         ctx.at(now + relay.sweep_interval, TimerKind.SWEEP, None, 0)
 
     def reconfigure(
@@ -323,6 +330,8 @@ class RelayCore:
                 self.sessions.idle(target, now)
             elif kind is TimerKind.TOPIC_COUNTS:
                 self.topics.count_due(now)
+            elif kind is TimerKind.PRESENCE:
+                self.presence.flush(now)
 
     def _sweep(self, now: float) -> None:
         relay = self._ctx.relay
@@ -367,6 +376,7 @@ class RelayCore:
         self.delivery.connected(session, previous)
         if not session.rest:
             self.receipts.connected(session)
+            self.presence.connected(session)
         self.delivery.drain_staging(who.client, now)
         held, session.held = session.held, []
         for data in held:
@@ -464,6 +474,7 @@ class RelayCore:
             return
         self.receipts.announce_owed(session.client, (*unsent, *interrupted))
         was_active = self.sessions.deactivate(session)
+        self.presence.disconnected(session, offline=was_active and not session.moved)
         self.delivery.disconnected(session, was_active=was_active, returned=returned, now=now)
 
     # --- messages without a session ----------------------------------------------------------
@@ -550,6 +561,8 @@ class RelayCore:
                 self.delivery.ack(session, doc, now)
             elif kind == "read":
                 self.reads.frame(session, doc, now)
+            elif kind == "typing":
+                self.presence.typing(session, doc, now)
             elif kind in ("refresh", "refresh_token"):
                 sessions.refresh(session, doc, now)
             elif kind == "ping":
@@ -669,6 +682,24 @@ class RelayCore:
                 self.topics.published(op, result, now)
         for client in touched:
             delivery.drain_staging(client, now)
+
+    def memberships_loaded(self, sid: int, rows: list[tuple[str, bool]], now: float) -> None:
+        """The driver ran a :class:`~relayd._relay.effects.LoadMemberships`."""
+        self.presence.loaded(sid, rows, now)
+
+    def presence_event(self, note: PresenceNote, now: float) -> None:
+        """A presence event, from this node or another (see rule 12)."""
+        self.presence.event(note.topic, note.client, note.event, now)
+
+    def membership_changed(
+        self, topic: str, client: str, *, joined: bool, presence: bool, now: float
+    ) -> None:
+        """``client`` subscribed to ``topic`` or left it (over REST, on any node)."""
+        self.presence.membership_changed(topic, client, joined, presence, now)
+
+    def typed(self, note: TypingNote, now: float) -> None:
+        """A typing indicator, from this node or another: to its readers here."""
+        self.presence.typed(note, now)
 
     def topics_counted(self, counts: dict[int, TopicCounts], now: float) -> None:
         """The driver ran a :class:`~relayd._relay.effects.CountTopics`."""

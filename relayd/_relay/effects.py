@@ -88,8 +88,50 @@ class CountTopics:
     messages: tuple[int, ...]
 
 
+@frozen
+class LoadMemberships:
+    """Load ``client``'s topics (``TopicStore.memberships``) for its live session ``sid``;
+    answer :meth:`RelayCore.memberships_loaded`."""
+
+    sid: int
+    client: str
+
+
+@frozen
+class PresenceNote:
+    """A presence ``event`` (online, offline, joined, left) of ``client`` in ``topic``:
+    apply it here (:meth:`RelayCore.presence_event`) and, in cluster mode, on every node."""
+
+    topic: str
+    client: str
+    event: str
+
+
+@frozen
+class TypingNote:
+    """``sender`` is typing (``state``) to the client ``to`` or in ``topic``: pass it on here
+    (:meth:`RelayCore.typed`) and, in cluster mode, to the nodes that may hold its readers.
+    Never stored: lost with a node, as a typing indicator may be."""
+
+    sender: str
+    state: str
+    to: str | None = None
+    topic: str | None = None
+
+
 Action = (
-    Send | Close | Authenticate | Ping | ReserveSeqs | StoreOp | Announce | Answer | CountTopics
+    Send
+    | Close
+    | Authenticate
+    | Ping
+    | ReserveSeqs
+    | StoreOp
+    | Announce
+    | Answer
+    | CountTopics
+    | LoadMemberships
+    | PresenceNote
+    | TypingNote
 )
 
 

@@ -613,6 +613,28 @@ def topic_sent_frame(
     return encode(frame)
 
 
+def presence_frame(topic: str, events: dict[str, str], now: float, *, truncated: bool) -> str:
+    """Presence events in a topic since the last frame, the latest per client."""
+    return encode(
+        {
+            "type": "presence",
+            "topic": topic,  # not topic_id: see topic_update_frame
+            "events": [{"client": c, "event": e} for c, e in events.items()],
+            "truncated": truncated,
+            "timestamp": now,
+        }
+    )
+
+
+def typing_frame(sender: str, state: str, now: float, *, topic: str | None) -> str:
+    """``sender`` is typing (or stopped), to the reader or in ``topic``."""
+    frame: dict[str, Any] = {"type": "typing", "from": sender, "state": state}
+    if topic is not None:
+        frame["topic"] = topic
+    frame["timestamp"] = now
+    return encode(frame)
+
+
 def topic_update_frame(topic: str, msgid: str, counts: dict[str, int], now: float) -> str:
     """What became of a published message's deliveries so far (coalesced: see
     relayd/_relay/topics.py)."""

@@ -63,9 +63,12 @@ from .effects import (
     Authenticate,
     Close,
     CountTopics,
+    LoadMemberships,
     Ping,
+    PresenceNote,
     ReserveSeqs,
     Send,
+    TypingNote,
 )
 from .frames import CLIENT_CONNECTED, CloseCode, ProtocolError
 from .model import Identity, Ref
@@ -416,6 +419,12 @@ class Hub:
                 self._spawn(self._reserve_seqs, action.count)
             elif isinstance(action, CountTopics):
                 self._spawn(self._count_topics, action.messages)
+            elif isinstance(action, LoadMemberships):
+                self._spawn(self._load_memberships, action)
+            elif isinstance(action, PresenceNote):
+                self._presence(action)
+            elif isinstance(action, TypingNote):
+                self._typing(action)
             elif isinstance(action, Announce):
                 # Published once every store operation queued before it is committed.
                 if not self._store_queue:
@@ -771,6 +780,52 @@ class Hub:
         self._apply()
         self._signal()
 
+    async def _load_memberships(self, action: LoadMemberships) -> None:
+        """A live socket's topics, for presence and typing (see relayd/_relay/presence.py).
+        A store that cannot answer leaves the session without them (logged): messages still
+        flow, presence and typing in topics do not, until it reconnects."""
+        try:
+            rows = await self.store.memberships(action.client)
+        except StoreError as exc:
+            log.warning("topics not loaded", extra={"fields": {"error": str(exc)}})
+            return
+        self.core.memberships_loaded(action.sid, rows, self.clock())
+        self._apply()
+        self._signal()
+
+    def _presence(self, note: PresenceNote) -> None:
+        """A presence event: applied here (what the core decides is carried out by the
+        :meth:`_apply` loop under way), and told to every other node."""
+        self.core.presence_event(note, self.clock())
+        if self.cluster is not None:
+            self._publish_soon(
+                [("", {"k": "presence", "from": self.cluster.node, "n": attrs.asdict(note)})]
+            )
+
+    def _typing(self, note: TypingNote) -> None:
+        """A typing indicator: to its readers here, and (cluster mode) to the node of its
+        reader, or every node for a topic."""
+        self.core.typed(note, self.clock())
+        if self.cluster is None:
+            return
+        body = {"k": "typing", "from": self.cluster.node, "n": attrs.asdict(note)}
+        if note.to is None:
+            self._publish_soon([("", body)])
+        elif not self.core.online(note.to):
+            self._publish_soon([(note.to, body)])
+
+    def membership_changed(self, topic: str, client: str, *, joined: bool, presence: bool) -> None:
+        """``client`` subscribed to ``topic`` or left it (a REST route, here): its session (on
+        any node) learns it, and with presence on, the topic's subscribers are told."""
+        self.core.membership_changed(
+            topic, client, joined=joined, presence=presence, now=self.clock()
+        )
+        self._apply()
+        self._signal()
+        if self.cluster is not None:
+            note = {"t": topic, "c": client, "j": joined, "p": presence}
+            self._publish_soon([("", {"k": "member", "from": self.cluster.node, "n": note})])
+
     async def _publish_announces(self) -> None:
         """Publish the waiting hints, one round trip at a time, until none wait."""
         try:
@@ -825,6 +880,20 @@ class Hub:
 
     def receipts_owed(self, client: str, seq: int) -> None:
         self.core.receipts_owed(client, seq)
+        self._apply()
+
+    def presence_heard(self, note: PresenceNote) -> None:
+        self.core.presence_event(note, self.clock())
+        self._apply()
+
+    def typing_heard(self, note: TypingNote) -> None:
+        self.core.typed(note, self.clock())
+        self._apply()
+
+    def member_heard(self, topic: str, client: str, joined: bool, presence: bool) -> None:
+        self.core.membership_changed(
+            topic, client, joined=joined, presence=presence, now=self.clock()
+        )
         self._apply()
 
     def kicked(self, client: str, epoch: int) -> None:

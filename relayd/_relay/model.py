@@ -113,6 +113,7 @@ class Session:
     pulling: bool = False  # REST: a pull is waiting for deliveries
     credit: int = 0  # REST: deliveries the waiting pull may still take
     reads: int = 0  # its read frames whose store operation is under way (see RelayCore.readable)
+    moved: bool = False  # a newer session of its client on another node replaced it
 
 
 @define(eq=False)

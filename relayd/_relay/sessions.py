@@ -430,6 +430,7 @@ class Sessions:
         session = self.active.get(client)
         if session is None or session.epoch >= epoch or session.phase is Phase.CLOSING:
             return
+        session.moved = True
         self.close(session, CloseCode.REPLACED, "replaced by a newer connection", abort=True)
 
     def fence(self, now: float) -> None:
