@@ -20,6 +20,7 @@ from attrs import frozen
 from relayd._auth import Revocation
 from relayd._cluster import RedisCluster
 from relayd._errors import ClusterUnavailable
+from relayd._relay.effects import PresenceNote, TypingNote
 from relayd._relay.records import KeyNotice
 
 LEASE = 10.0
@@ -94,6 +95,15 @@ class Recorder:
         raise AssertionError("no client here")
 
     def revoked_elsewhere(self, revocation: Revocation) -> None:
+        raise AssertionError("no other node")
+
+    def presence_heard(self, note: PresenceNote) -> None:
+        raise AssertionError("no other node")
+
+    def typing_heard(self, note: TypingNote) -> None:
+        raise AssertionError("no other node")
+
+    def member_heard(self, topic: str, client: str, joined: bool, presence: bool) -> None:
         raise AssertionError("no other node")
 
     def roles_changed(self, client: str, roles: tuple[str, ...] | None) -> None:
