@@ -62,7 +62,7 @@ from ._auth import Revocation
 from ._errors import ClusterUnavailable, StoreError
 from ._redis._link import Link
 from ._redis._url import connect, parse_url
-from ._relay.effects import PresenceNote, TypingNote
+from ._relay.effects import BroadcastNote, PresenceNote, TypingNote
 from ._relay.records import KeyNotice
 
 log = logging.getLogger("relayd.cluster")
@@ -181,6 +181,7 @@ class Listener(Protocol):
     def roles_changed(self, client: str, roles: tuple[str, ...] | None) -> None: ...
     def presence_heard(self, note: PresenceNote) -> None: ...
     def typing_heard(self, note: TypingNote) -> None: ...
+    def broadcast_heard(self, note: BroadcastNote) -> None: ...
     def member_heard(self, topic: str, client: str, joined: bool, presence: bool) -> None: ...
     def resync(self) -> None: ...
     def fenced(self) -> None: ...
@@ -607,6 +608,8 @@ class RedisCluster:
                 listener.revoked_elsewhere(Revocation(**note["r"]))
             elif kind == "presence" and note.get("from") != self.node:
                 listener.presence_heard(PresenceNote(**note["n"]))
+            elif kind == "broadcast" and note.get("from") != self.node:
+                listener.broadcast_heard(BroadcastNote(**note["n"]))
             elif kind == "typing" and note.get("from") != self.node:
                 listener.typing_heard(TypingNote(**note["n"]))
             elif kind == "member" and note.get("from") != self.node:

@@ -496,6 +496,9 @@ class TopicsConfig:
     """Events one ``presence`` frame carries at most (beyond: ``truncated``)."""
     typing_interval: float = field(default=1.0, validator=_non_negative)
     """A client's ``typing`` frames to one client or topic closer than this are dropped."""
+    broadcast_durable: bool = False
+    """A broadcast (admins only) is also stored for every client offline when it is sent, and
+    delivered when it connects (false: it goes to the live sockets only, at most once)."""
     anonymous_read: bool = True
     """``GET /topics`` and ``GET /topics/{topic_id}`` answer without a token, as the seed
     system's did, showing open topics only and no subscriber ids (false: a token is needed)."""
@@ -768,6 +771,7 @@ RELOADABLE = frozenset(
         "topics.presence_interval",
         "topics.max_presence_events",
         "topics.typing_interval",
+        "topics.broadcast_durable",
         "relay.ack_timeout",
         "relay.max_attempts",
         "relay.backoff_initial",

@@ -28,7 +28,15 @@ from ._engine import (
     TopicRecord,
     UnsubscribeOutcome,
 )
-from ._relay.records import Duplicate, Publish, Published, PublishOutcome, Refused, Status
+from ._relay.records import (
+    BROADCAST,
+    Duplicate,
+    Publish,
+    Published,
+    PublishOutcome,
+    Refused,
+    Status,
+)
 from ._sqlite import SqliteConnection, transaction
 
 _TOPIC_COLUMNS = (
@@ -360,34 +368,50 @@ def publish(
 ) -> PublishOutcome:
     """Run a :class:`~relayd._relay.records.Publish` (see there). ``reserve(db, n)``: the
     first of ``n`` fresh seqs."""
-    topic = db.execute(
-        "SELECT creator, publish, history_count, last_offset FROM topics WHERE id = ?",
-        (op.topic,),
-    ).fetchone()
-    if topic is None:
-        return Refused("topic_not_found")
+    broadcast = op.topic == BROADCAST
+    topic = None
+    if not broadcast:
+        topic = db.execute(
+            "SELECT creator, publish, history_count, last_offset FROM topics WHERE id = ?",
+            (op.topic,),
+        ).fetchone()
+        if topic is None:
+            return Refused("topic_not_found")
     existing = db.execute(
         "SELECT id FROM messages WHERE sender = ? AND msgid = ?", (op.sender, op.msgid)
     ).fetchone()
     if existing is not None:
         return Duplicate(existing[0], None)
-    if not op.admin and op.sender != topic["creator"]:
-        if topic["publish"] == "owner":
+    if topic is None:
+        if not op.admin:
             return Refused("not_permitted")
-        if not db.execute(
-            "SELECT 1 FROM topic_members WHERE topic = ? AND client = ?", (op.topic, op.sender)
-        ).fetchone():
-            return Refused("not_subscribed")
-    offset = topic["last_offset"] + 1
-    db.execute("UPDATE topics SET last_offset = ? WHERE id = ?", (offset, op.topic))
-    # Every subscriber but the sender, live, and whether its queue has room.
-    members = db.execute(
-        "SELECT m.client, coalesce(q.queued, 0) < ? FROM topic_members m"
-        " JOIN clients c ON c.uuid = m.client AND c.deleted_at IS NULL"
-        " LEFT JOIN queue_counts q ON q.recipient = m.client"
-        " WHERE m.topic = ? AND m.client != ? ORDER BY m.client",
-        (max_queued, op.topic, op.sender),
-    ).fetchall()
+        offset = None
+        # Every live client but the sender, and whether its queue has room.
+        members = db.execute(
+            "SELECT c.uuid, coalesce(q.queued, 0) < ? FROM clients c"
+            " LEFT JOIN queue_counts q ON q.recipient = c.uuid"
+            " WHERE c.deleted_at IS NULL AND c.uuid != ? ORDER BY c.uuid",
+            (max_queued, op.sender),
+        ).fetchall()
+    else:
+        if not op.admin and op.sender != topic["creator"]:
+            if topic["publish"] == "owner":
+                return Refused("not_permitted")
+            if not db.execute(
+                "SELECT 1 FROM topic_members WHERE topic = ? AND client = ?",
+                (op.topic, op.sender),
+            ).fetchone():
+                return Refused("not_subscribed")
+        offset = topic["last_offset"] + 1
+        db.execute("UPDATE topics SET last_offset = ? WHERE id = ?", (offset, op.topic))
+        # Every subscriber but the sender, live, and whether its queue has room.
+        members = db.execute(
+            "SELECT m.client, coalesce(q.queued, 0) < ? FROM topic_members m"
+            " JOIN clients c ON c.uuid = m.client AND c.deleted_at IS NULL"
+            " LEFT JOIN queue_counts q ON q.recipient = m.client"
+            " WHERE m.topic = ? AND m.client != ? ORDER BY m.client",
+            (max_queued, op.topic, op.sender),
+        ).fetchall()
     first = reserve(db, len(members) + 1)
     address = topic_address(op.topic)
     key_id: str | None = None
@@ -397,7 +421,7 @@ def publish(
     db.execute(
         "INSERT INTO messages (id, sender, msgid, address, high, acknowledge, fields, key_id,"
         " accepted_at, expires_at, conversation_id, topic, topic_offset, in_history)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             first,
             op.sender,
@@ -412,6 +436,7 @@ def publish(
             op.conversation_id,
             op.topic,
             offset,
+            int(not broadcast),
         ),
     )
     queued: list[tuple[str, int]] = []
@@ -441,6 +466,8 @@ def publish(
         " finished_at, conversation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
+    if topic is None or offset is None:
+        return Published(first, 0, tuple(queued), full)
     _trim(db, op.topic, offset - topic["history_count"])
     return Published(first, offset, tuple(queued), full)
 

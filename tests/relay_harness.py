@@ -37,6 +37,7 @@ from relayd._relay.effects import (
     Announce,
     Answer,
     Authenticate,
+    BroadcastNote,
     Close,
     CountTopics,
     LoadMemberships,
@@ -387,13 +388,15 @@ class CoreHarness:
                 ).fetchall()
                 loaded = [(row[0], bool(row[1])) for row in rows]
                 self.core.memberships_loaded(action.sid, loaded, self.now)
-            elif isinstance(action, PresenceNote | TypingNote):
+            elif isinstance(action, PresenceNote | TypingNote | BroadcastNote):
                 # Here at once, as the hub does; on the other nodes of a cluster via the bus.
                 for node in [self] + [
                     n for n in (self.bus.nodes if self.bus else []) if n is not self
                 ]:
                     if isinstance(action, PresenceNote):
                         node.core.presence_event(action, node.now)
+                    elif isinstance(action, BroadcastNote):
+                        node.core.broadcast_heard(action)
                     else:
                         node.core.typed(action, node.now)
                     if node is not self:

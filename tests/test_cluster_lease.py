@@ -20,7 +20,7 @@ from attrs import frozen
 from relayd._auth import Revocation
 from relayd._cluster import RedisCluster
 from relayd._errors import ClusterUnavailable
-from relayd._relay.effects import PresenceNote, TypingNote
+from relayd._relay.effects import BroadcastNote, PresenceNote, TypingNote
 from relayd._relay.records import KeyNotice
 
 LEASE = 10.0
@@ -101,6 +101,9 @@ class Recorder:
         raise AssertionError("no other node")
 
     def typing_heard(self, note: TypingNote) -> None:
+        raise AssertionError("no other node")
+
+    def broadcast_heard(self, note: BroadcastNote) -> None:
         raise AssertionError("no other node")
 
     def member_heard(self, topic: str, client: str, joined: bool, presence: bool) -> None:

@@ -280,3 +280,75 @@ def test_a_subscriber_on_another_node_is_woken() -> None:
     b = two.connect(bob)
     publish(one, one.connect(alice), "across")
     assert [m["content"] for m in two.messages(b)] == ["across"]
+
+
+# --- broadcast ------------------------------------------------------------------------------
+
+
+def admins_harness(**topics: Any) -> tuple[CoreHarness, set[str]]:
+    admins: set[str] = set()
+    h = CoreHarness(
+        topics=TopicsConfig(**topics), permits=lambda client, permission: client in admins
+    )
+    return h, admins
+
+
+def test_only_an_admin_broadcasts() -> None:
+    h, _ = admins_harness()
+    alice = h.client("alice")
+    a = h.connect(alice)
+    h.send(a, {"type": "broadcast", "content": "hi all"})
+    assert errors(h.read(a)) == ["not_permitted"]
+    assert h.sessions[a].closed is None
+
+
+def test_a_broadcast_reaches_every_live_socket_once_and_is_not_stored() -> None:
+    h, admins = admins_harness()
+    root, bob, carol, dave = (h.client(n) for n in ("root", "bob", "carol", "dave"))
+    admins.add(root.uuid)
+    r, b, c = h.connect(root), h.connect(bob), h.connect(carol)
+    h.send(r, {"type": "broadcast", "msgid": "b1", "content": "maintenance at noon"})
+    [sent] = of_type(h.read(r), "broadcast_sent")
+    assert (sent["msgid"], sent["durable"], sent["recipients"]) == ("b1", False, None)
+    for sid in (b, c):
+        [got] = of_type(h.read(sid), "broadcast")
+        assert (got["from"], got["to"], got["content"]) == (root.uuid, "*", "maintenance at noon")
+    assert of_type(h.read(r), "broadcast") == []
+    d = h.connect(dave)  # offline when it was sent: it never gets it
+    assert of_type(h.read(d), "broadcast") == []
+    assert h.db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+def test_a_durable_broadcast_is_stored_for_everyone_and_delivered_when_they_connect() -> None:
+    h, admins = admins_harness(broadcast_durable=True)
+    root, bob, carol = h.client("root"), h.client("bob"), h.client("carol")
+    admins.add(root.uuid)
+    r, b = h.connect(root), h.connect(bob)
+    h.send(r, {"type": "broadcast", "msgid": "b1", "content": "kept", "acknowledge": True})
+    [sent] = of_type(h.read(r), "broadcast_sent")
+    assert (sent["durable"], sent["recipients"]) == (True, 2)
+    [got] = h.messages(b)
+    assert (got["to"], got["content"], got["acknowledge"]) == ("*", "kept", True)
+    assert "offset" not in got  # a broadcast is in no topic's history
+    c = h.connect(carol)
+    assert [m["content"] for m in h.messages(c)] == ["kept"]
+    h.send(b, {"type": "ack", "msgid": "b1"})
+    h.send(c, {"type": "ack", "msgid": "b1"})
+    h.advance(1.0)
+    [update] = of_type(h.read(r), "topic_update")
+    assert (update["topic"], update["acknowledged"], update["pending"]) == ("*", 2, 0)
+    h.send(r, {"type": "broadcast", "msgid": "b1", "content": "kept"})
+    [again] = of_type(h.read(r), "broadcast_sent")
+    assert again["duplicate"] is True
+
+
+def test_a_broadcast_crosses_nodes() -> None:
+    bus = Bus()
+    admins: set[str] = set()
+    one = CoreHarness(bus=bus, permits=lambda client, permission: client in admins)
+    two = CoreHarness(bus=bus)
+    root, bob = one.client("root"), one.client("bob")
+    admins.add(root.uuid)
+    b = two.connect(bob)
+    one.send(one.connect(root), {"type": "broadcast", "content": "everywhere"})
+    assert [f["content"] for f in of_type(two.read(b), "broadcast")] == ["everywhere"]

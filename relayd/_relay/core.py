@@ -93,7 +93,7 @@ from relayd._ratelimit import RateLimiter
 from . import frames as F
 from .context import Context, TimerKind
 from .delivery import Delivery
-from .effects import Action, PresenceNote, TypingNote
+from .effects import Action, BroadcastNote, PresenceNote, TypingNote
 from .frames import CloseCode, ProtocolError
 from .model import Identity, Message, Phase, ReadRef, ReceiptRef, Ref, Session
 from .presence import Presence
@@ -563,6 +563,8 @@ class RelayCore:
                 self.reads.frame(session, doc, now)
             elif kind == "typing":
                 self.presence.typing(session, doc, now)
+            elif kind == "broadcast":
+                self.topics.broadcast(session, doc, now)
             elif kind in ("refresh", "refresh_token"):
                 sessions.refresh(session, doc, now)
             elif kind == "ping":
@@ -696,6 +698,10 @@ class RelayCore:
     ) -> None:
         """``client`` subscribed to ``topic`` or left it (over REST, on any node)."""
         self.presence.membership_changed(topic, client, joined, presence, now)
+
+    def broadcast_heard(self, note: BroadcastNote) -> None:
+        """A broadcast, from this node or another: to every live socket here."""
+        self.topics.heard(note)
 
     def typed(self, note: TypingNote, now: float) -> None:
         """A typing indicator, from this node or another: to its readers here."""

@@ -119,6 +119,15 @@ class TypingNote:
     topic: str | None = None
 
 
+@frozen
+class BroadcastNote:
+    """A broadcast's frame for every live socket (but its sender's): here
+    (:meth:`RelayCore.broadcast_heard`) and, in cluster mode, on every node. Never stored."""
+
+    sender: str
+    frame: str
+
+
 Action = (
     Send
     | Close
@@ -132,6 +141,7 @@ Action = (
     | LoadMemberships
     | PresenceNote
     | TypingNote
+    | BroadcastNote
 )
 
 

@@ -14,7 +14,7 @@ import json
 import math
 import re
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import cattrs
 from attrs import field, frozen
@@ -22,6 +22,7 @@ from attrs import field, frozen
 from relayd._api import ClientUuid, canonical_uuid, encodable
 from relayd._structure import field_error, iter_errors, strict_converter, strict_scalar
 
+T = TypeVar("T")
 MAX_MSGID_CHARS = 128
 MAX_SHORT_FIELD_CHARS = 256
 
@@ -261,6 +262,44 @@ class Publication:
         }
 
 
+@frozen(kw_only=True)
+class Announcement:
+    """A broadcast to every client (``"type": "broadcast"``, admins only): a message's fields
+    without ``to``."""
+
+    sender: ClientUuid | None = None  # "from" on the wire
+    timestamp: float | None = field(default=None, validator=_check_finite)
+    priority: str = field(default="normal", validator=_short(32))
+    subject: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    msgid: str | None = field(default=None, validator=_check_msgid)
+    acknowledge: bool = False
+    content: str = ""
+    action: str = field(default="broadcast", validator=_short(MAX_SHORT_FIELD_CHARS))
+    event: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    status: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    conversation_id: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
+    msgno: int = 0
+    ttl: float | None = field(default=None, validator=_check_ttl)
+
+    def fields(self, sender: str, msgid: str, now: float) -> dict[str, Any]:
+        """The 13 fields as every client gets them: ``to`` is ``"*"``."""
+        return {
+            "to": "*",
+            "from": sender,
+            "timestamp": now if self.timestamp is None else self.timestamp,
+            "priority": self.priority,
+            "subject": self.subject,
+            "msgid": msgid,
+            "acknowledge": self.acknowledge,
+            "content": self.content,
+            "action": self.action,
+            "event": self.event,
+            "status": self.status,
+            "conversation_id": self.conversation_id,
+            "msgno": self.msgno,
+        }
+
+
 _converter = strict_converter(forbid_extra_keys=False)
 _converter.register_structure_hook(
     ClientUuid, lambda value, _: canonical_uuid(strict_scalar(value, str))
@@ -340,6 +379,19 @@ def parse_publication(doc: dict[str, Any]) -> Publication:
     Raises:
         ProtocolError: ``INVALID_TOPIC_MESSAGE`` naming the first bad field.
     """
+    return _structure_lenient(doc, Publication, INVALID_TOPIC_MESSAGE)
+
+
+def parse_announcement(doc: dict[str, Any]) -> Announcement:
+    """Read a broadcast, as leniently as a direct message.
+
+    Raises:
+        ProtocolError: ``INVALID_MESSAGE_FORMAT`` naming the first bad field.
+    """
+    return _structure_lenient(doc, Announcement, INVALID_MESSAGE_FORMAT)
+
+
+def _structure_lenient(doc: dict[str, Any], cls: type[T], code: str) -> T:
     data = {key: value for key, value in doc.items() if key != "type"}
     if "from" in data:
         data["sender"] = data.pop("from")
@@ -347,12 +399,12 @@ def parse_publication(doc: dict[str, Any]) -> Publication:
         if data.get(optional) is None:
             data.pop(optional, None)
     try:
-        return _converter.structure(data, Publication)
+        return _converter.structure(data, cls)
     except cattrs.BaseValidationError as exc:
         path, leaf = next(iter_errors(exc))
         name = {"sender": "from"}.get(path, path) or "message"
         reason = "is required" if isinstance(leaf, KeyError) else str(leaf)
-        raise ProtocolError(INVALID_TOPIC_MESSAGE, f"{name}: {reason}", field=name) from None
+        raise ProtocolError(code, f"{name}: {reason}", field=name) from None
 
 
 def parse_read(doc: dict[str, Any]) -> tuple[str, str | None]:
@@ -632,6 +684,28 @@ def typing_frame(sender: str, state: str, now: float, *, topic: str | None) -> s
     if topic is not None:
         frame["topic"] = topic
     frame["timestamp"] = now
+    return encode(frame)
+
+
+def broadcast_frame(fields: str) -> str:
+    """A broadcast to every live socket: its fields, as encoded once."""
+    return f'{{"type":"broadcast",{fields[1:-1]}}}'
+
+
+def broadcast_sent_frame(
+    msgid: str, now: float, *, durable: bool, recipients: int | None, duplicate: bool = False
+) -> str:
+    """The answer to a broadcast: stored for ``recipients`` clients (``durable``), or passed
+    to the live sockets (``recipients`` ``None``: not counted across nodes)."""
+    frame: dict[str, Any] = {
+        "type": "broadcast_sent",
+        "msgid": msgid,
+        "durable": durable,
+        "recipients": recipients,
+        "timestamp": now,
+    }
+    if duplicate:
+        frame["duplicate"] = True
     return encode(frame)
 
 

@@ -61,6 +61,7 @@ from .effects import (
     Announce,
     Answer,
     Authenticate,
+    BroadcastNote,
     Close,
     CountTopics,
     LoadMemberships,
@@ -425,6 +426,11 @@ class Hub:
                 self._presence(action)
             elif isinstance(action, TypingNote):
                 self._typing(action)
+            elif isinstance(action, BroadcastNote):
+                self.core.broadcast_heard(action)
+                if self.cluster is not None:
+                    note = {"k": "broadcast", "from": self.cluster.node, "n": attrs.asdict(action)}
+                    self._publish_soon([("", note)])
             elif isinstance(action, Announce):
                 # Published once every store operation queued before it is committed.
                 if not self._store_queue:
@@ -884,6 +890,10 @@ class Hub:
 
     def presence_heard(self, note: PresenceNote) -> None:
         self.core.presence_event(note, self.clock())
+        self._apply()
+
+    def broadcast_heard(self, note: BroadcastNote) -> None:
+        self.core.broadcast_heard(note)
         self._apply()
 
     def typing_heard(self, note: TypingNote) -> None:

@@ -102,6 +102,11 @@ class Insert:
     conversation_id: str | None = None  # kept in plain text, for history's filter
 
 
+# Publish's topic for a broadcast to every live client (no topic has this id: see
+# frames.TOPIC_ID): admins only, no history, no offset.
+BROADCAST = "*"
+
+
 @frozen(eq=False)
 class Publish:
     """Store a message published to ``topic`` once, with one queued delivery of it to every
@@ -112,7 +117,9 @@ class Publish:
 
     Refused (:class:`Refused`) as ``topic_not_found``; as ``not_subscribed`` if the sender may
     not publish there: neither its owner, nor (``publish`` ``"members"``) a subscriber, nor
-    ``admin``. A subscriber whose queue holds ``max_queued`` gets its delivery failed at once
+    ``admin``. To :data:`BROADCAST`: a delivery to every live client but the sender (refused as
+    ``not_permitted`` but for ``admin``), kept in no history (``offset`` 0).
+    A subscriber whose queue holds ``max_queued`` gets its delivery failed at once
     (reason ``queue_full``). A duplicate ``(sender, msgid)`` is :class:`Duplicate` (seq: the
     message's id).
 

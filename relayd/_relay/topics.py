@@ -31,10 +31,10 @@ from relayd._ratelimit import RateLimiter
 from . import frames as F
 from .context import Context, TimerKind
 from .delivery import Delivery
-from .effects import Announce, CountTopics
+from .effects import Announce, BroadcastNote, CountTopics
 from .frames import ProtocolError
 from .model import Phase, Session
-from .records import Duplicate, Publish, Published, PublishOutcome, Refused
+from .records import BROADCAST, Duplicate, Publish, Published, PublishOutcome, Refused
 from .sessions import Sessions
 
 # Answered with the seed system's codes where it had one.
@@ -137,6 +137,69 @@ class Topics:
             )
         )
 
+    def broadcast(self, session: Session, doc: dict[str, Any], now: float) -> None:
+        """A ``broadcast`` frame (admins only): to every live socket, or (with
+        ``topics.broadcast_durable``) stored for every client, as a publish to everyone.
+
+        Raises:
+            ProtocolError: refused (not an admin, malformed, over the rate, store down).
+        """
+        sender = session.client
+        assert sender is not None
+        if self._permits is None or not self._permits(sender, "admin"):
+            raise ProtocolError(
+                F.NOT_PERMITTED, "only admins broadcast", details={"permission": "admin"}
+            )
+        announcement = F.parse_announcement(doc)
+        if announcement.sender is not None and announcement.sender != sender:
+            raise ProtocolError(
+                F.MESSAGE_SENDER_MISMATCH, "from: is not the authenticated client", field="from"
+            )
+        wait = self._limiter.acquire(sender, now)
+        if wait > 0:
+            raise F.RateLimited(wait, msgid=announcement.msgid)
+        msgid = announcement.msgid or F.new_msgid()
+        fields = F.encode(announcement.fields(sender, msgid, now))
+        self.ctx.metrics.events["broadcast"] += 1
+        if not self.ctx.topics.broadcast_durable:
+            self.ctx.actions.append(BroadcastNote(sender, F.broadcast_frame(fields)))
+            self.sessions.send(
+                session, F.broadcast_sent_frame(msgid, now, durable=False, recipients=None)
+            )
+            return
+        if self.delivery.store_down:
+            raise ProtocolError(
+                F.STORE_UNAVAILABLE,
+                "the store cannot take messages now; broadcast again later",
+                details={"msgid": msgid, "retry_after": 1.0},
+                strike=False,
+            )
+        relay = self.ctx.relay
+        ttl = min(announcement.ttl or relay.default_ttl, relay.max_ttl)
+        self.delivery.pending_commit += 1
+        self.ctx.actions.append(
+            Publish(
+                ref=PublishRef(session.sid, sender),
+                topic=BROADCAST,
+                sender=sender,
+                msgid=msgid,
+                high=announcement.priority == "high",
+                acknowledge=announcement.acknowledge,
+                fields=fields,
+                accepted_at=now,
+                expires_at=now + ttl,
+                admin=True,
+                conversation_id=announcement.conversation_id or None,
+            )
+        )
+
+    def heard(self, note: BroadcastNote) -> None:
+        """A broadcast (from this node or another): to every live socket here but the
+        sender's."""
+        for client, session in self.sessions.active.items():
+            if client != note.sender and session.phase is Phase.ACTIVE and not session.rest:
+                self.sessions.send(session, note.frame)
+
     def published(self, op: Publish, outcome: PublishOutcome, now: float) -> None:
         """The store ran ``op``: wake the subscribers, answer the publisher."""
         self.delivery.pending_commit -= 1
@@ -144,6 +207,9 @@ class Topics:
         session = self.sessions.by_sid.get(ref.sid)
         if session is not None and session.phase is not Phase.ACTIVE:
             session = None
+        if op.topic == BROADCAST:
+            self._broadcast_stored(op, outcome, session, now)
+            return
         if isinstance(outcome, Refused):
             if session is not None:
                 code, text = _REFUSALS.get(outcome.code, (outcome.code, outcome.code))
@@ -175,6 +241,30 @@ class Topics:
             )
             if outcome.subscribers and op.acknowledge:
                 self._watch(session, op, outcome.message, now)
+
+    def _broadcast_stored(
+        self, op: Publish, outcome: PublishOutcome, session: Session | None, now: float
+    ) -> None:
+        if isinstance(outcome, Published):
+            self._wake(outcome, now)
+        if session is None:
+            return
+        if isinstance(outcome, Refused):
+            self.sessions.error(session, F.NOT_PERMITTED, "only admins broadcast", now)
+            return
+        recipients = outcome.subscribers if isinstance(outcome, Published) else None
+        self.sessions.send(
+            session,
+            F.broadcast_sent_frame(
+                op.msgid,
+                now,
+                durable=True,
+                recipients=recipients,
+                duplicate=isinstance(outcome, Duplicate),
+            ),
+        )
+        if isinstance(outcome, Published) and outcome.subscribers and op.acknowledge:
+            self._watch(session, op, outcome.message, now)
 
     def _wake(self, outcome: Published, now: float) -> None:
         """Each subscriber online here loads its delivery; the others' nodes are told."""
