@@ -459,6 +459,7 @@ def _client_json(client: ClientRecord, online: set[str] | None = None) -> dict[s
         "uuid": client.uuid,
         "name": client.name,
         "created_at": client.created_at,
+        "last_seen": client.last_seen,
     }
     if online is not None:
         doc["online"] = client.uuid in online

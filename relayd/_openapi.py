@@ -78,6 +78,7 @@ class Registered:
     uuid: str
     name: str
     created_at: float
+    last_seen: float | None
     created: bool
     access_token: str
     refresh_token: str
@@ -97,6 +98,7 @@ class Client:
     name: str
     created_at: float
     online: bool
+    last_seen: float | None = None
     read_receipts: bool | None = None
 
 

@@ -281,6 +281,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages ADD COLUMN in_history INTEGER NOT NULL DEFAULT 0;
     CREATE UNIQUE INDEX messages_in_topic ON messages (topic, topic_offset) WHERE in_history = 1;
     CREATE INDEX messages_by_sender_in_history ON messages (sender) WHERE in_history = 1;
+
+    -- When the client last had a live socket (the directory's last_seen).
+    ALTER TABLE clients ADD COLUMN last_seen REAL;
     """,
 )
 

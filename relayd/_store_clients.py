@@ -23,6 +23,7 @@ def _client(row: sqlite3.Row) -> ClientRecord:
         tokens_valid_after=row["tokens_valid_after"],
         deleted_at=row["deleted_at"],
         read_receipts=bool(row["read_receipts"]),
+        last_seen=row["last_seen"],
     )
 
 
@@ -156,6 +157,20 @@ class SqliteClientStore(SqliteConnection):
                 return cursor.rowcount == 1
 
         return await self._run(update)
+
+    async def set_last_seen(self, uuid: str, at: float) -> None:
+        """When the client last had a live socket (never earlier than it was: two nodes may
+        record it out of order)."""
+
+        def update(db: sqlite3.Connection) -> None:
+            with transaction(db):
+                db.execute(
+                    "UPDATE clients SET last_seen = max(coalesce(last_seen, 0), ?)"
+                    " WHERE uuid = ? AND deleted_at IS NULL",
+                    (at, uuid),
+                )
+
+        await self._run(update)
 
     async def get_client(self, uuid: str) -> ClientRecord | None:
         """The client with this UUID, tombstones included (check ``deleted_at``)."""

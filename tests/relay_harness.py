@@ -44,6 +44,7 @@ from relayd._relay.effects import (
     Ping,
     PresenceNote,
     ReserveSeqs,
+    Seen,
     Send,
     TypingNote,
 )
@@ -202,6 +203,7 @@ class CoreHarness:
         self.log: dict[int, list[dict[str, Any]]] = defaultdict(list)  # every frame written
         self.answers: dict[int, Answer] = {}  # what submitters were answered, by ticket
         self.counted: list[tuple[int, ...]] = []  # the CountTopics asked for, in order
+        self.seen: list[tuple[str, float]] = []  # the Seen asked for, in order
 
     def reserve(self, count: int, db: sqlite3.Connection | None = None) -> int:
         """The first of ``count`` fresh seqs: from the bus, or above every seq stored."""
@@ -380,6 +382,8 @@ class CoreHarness:
                 self.sessions[action.sid].pings += 1
             elif isinstance(action, ReserveSeqs):
                 self.core.seqs_reserved(self.reserve(action.count), action.count)
+            elif isinstance(action, Seen):
+                self.seen.append((action.client, action.at))
             elif isinstance(action, LoadMemberships):
                 rows = self.db.execute(
                     "SELECT t.id, t.presence FROM topic_members m JOIN topics t"

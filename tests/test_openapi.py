@@ -22,6 +22,7 @@ from relayd._api import (
     RotateSecretRequest,
 )
 from relayd._http import create_app
+from relayd._http_topics import CreateTopicRequest, TopicRequest, TopicSettings
 from relayd._keys import PublishKeysRequest
 from relayd._openapi import DOCS_CSP, OutgoingMessage
 
@@ -40,6 +41,10 @@ BODIES = {
     ("/clients/{client_uuid}/keys", "put"): PublishKeysRequest,
     ("/clients/{client_uuid}/read-receipts", "put"): ReadReceiptsRequest,
     ("/messages", "post"): OutgoingMessage,
+    ("/topics/create", "post"): CreateTopicRequest,
+    ("/topics/subscribe", "post"): TopicRequest,
+    ("/topics/unsubscribe", "post"): TopicRequest,
+    ("/topics/{topic_id}", "patch"): TopicSettings,
 }
 # Routes anyone may call without a token.
 OPEN = {"/", "/health/live", "/health/ready", "/metrics", "/register", "/auth/token"}

@@ -218,3 +218,17 @@ def test_a_client_with_no_topics_costs_nothing(monkeypatch: Any) -> None:
     h.advance(5.0)
     assert presence(h.read(s)) == []
     assert h.core.presence.members == {}
+
+
+def test_last_seen_is_recorded_when_a_socket_connects_and_when_the_last_one_closes() -> None:
+    h = harness()
+    alice = h.client("alice")
+    first = h.connect(alice)
+    h.advance(5.0)
+    h.connect(alice)  # replaces the first: not a disconnection
+    h.advance(5.0)
+    h.disconnect(first)
+    assert h.seen == [(alice.uuid, T0), (alice.uuid, T0 + 5.0)]
+    h.advance(5.0)
+    h.disconnect(h.core.sessions.active[alice.uuid].sid)
+    assert h.seen[-1] == (alice.uuid, T0 + 15.0)

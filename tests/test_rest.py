@@ -44,6 +44,7 @@ REGISTER_KEYS = {
     "uuid",
     "name",
     "created_at",
+    "last_seen",
     "created",
     "client_secret",
     "access_token",
@@ -54,8 +55,8 @@ REGISTER_KEYS = {
     "refresh_expires_in",
     "refresh_expires_at",
 }
-TOKEN_KEYS = REGISTER_KEYS - {"name", "created_at", "created", "client_secret"}
-CLIENT_KEYS = {"uuid", "name", "created_at", "online"}
+TOKEN_KEYS = REGISTER_KEYS - {"name", "created_at", "last_seen", "created", "client_secret"}
+CLIENT_KEYS = {"uuid", "name", "created_at", "last_seen", "online"}
 SOME_UUID = "6b2b6c3e-6f5c-4a5b-9d1a-1f6e3c2a9b10"
 
 
@@ -397,9 +398,16 @@ async def test_clients_lists_every_client(relayd: RunningRelayd) -> None:
             "uuid": alice["uuid"],
             "name": "alice",
             "created_at": alice["created_at"],
+            "last_seen": None,
             "online": False,
         },
-        {"uuid": bob["uuid"], "name": "bob", "created_at": bob["created_at"], "online": False},
+        {
+            "uuid": bob["uuid"],
+            "name": "bob",
+            "created_at": bob["created_at"],
+            "last_seen": None,
+            "online": False,
+        },
     ]
 
 
@@ -412,6 +420,7 @@ async def test_get_one_client(relayd: RunningRelayd) -> None:
             "uuid": SOME_UUID,
             "name": "alice",
             "created_at": alice["created_at"],
+            "last_seen": None,
             "online": False,
         }
 

@@ -96,6 +96,7 @@ async def test_clients_and_tokens_survive_a_restart(tmp_path: Path, engine: Engi
             "uuid": alice["uuid"],
             "name": "alice",
             "created_at": alice["created_at"],
+            "last_seen": None,
             "online": False,
         }
         # The secret still logs in.

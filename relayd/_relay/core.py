@@ -376,7 +376,7 @@ class RelayCore:
         self.delivery.connected(session, previous)
         if not session.rest:
             self.receipts.connected(session)
-            self.presence.connected(session)
+            self.presence.connected(session, now)
         self.delivery.drain_staging(who.client, now)
         held, session.held = session.held, []
         for data in held:
@@ -474,7 +474,7 @@ class RelayCore:
             return
         self.receipts.announce_owed(session.client, (*unsent, *interrupted))
         was_active = self.sessions.deactivate(session)
-        self.presence.disconnected(session, offline=was_active and not session.moved)
+        self.presence.disconnected(session, now, offline=was_active and not session.moved)
         self.delivery.disconnected(session, was_active=was_active, returned=returned, now=now)
 
     # --- messages without a session ----------------------------------------------------------

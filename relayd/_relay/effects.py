@@ -120,6 +120,15 @@ class TypingNote:
 
 
 @frozen
+class Seen:
+    """``client`` had a live socket ``at`` (it connected, or its socket closed): the
+    directory's ``last_seen`` (``ClientStore.set_last_seen``). Best effort."""
+
+    client: str
+    at: float
+
+
+@frozen
 class BroadcastNote:
     """A broadcast's frame for every live socket (but its sender's): here
     (:meth:`RelayCore.broadcast_heard`) and, in cluster mode, on every node. Never stored."""
@@ -142,6 +151,7 @@ Action = (
     | PresenceNote
     | TypingNote
     | BroadcastNote
+    | Seen
 )
 
 

@@ -68,6 +68,7 @@ from .effects import (
     Ping,
     PresenceNote,
     ReserveSeqs,
+    Seen,
     Send,
     TypingNote,
 )
@@ -426,6 +427,8 @@ class Hub:
                 self._presence(action)
             elif isinstance(action, TypingNote):
                 self._typing(action)
+            elif isinstance(action, Seen):
+                self._spawn(self._seen, action)
             elif isinstance(action, BroadcastNote):
                 self.core.broadcast_heard(action)
                 if self.cluster is not None:
@@ -798,6 +801,13 @@ class Hub:
         self.core.memberships_loaded(action.sid, rows, self.clock())
         self._apply()
         self._signal()
+
+    async def _seen(self, seen: Seen) -> None:
+        """Record when a client was last connected (best effort: logged if not)."""
+        try:
+            await self.store.set_last_seen(seen.client, seen.at)
+        except StoreError as exc:
+            log.info("last_seen not recorded", extra={"fields": {"error": str(exc)}})
 
     def _presence(self, note: PresenceNote) -> None:
         """A presence event: applied here (what the core decides is carried out by the

@@ -31,7 +31,7 @@ from relayd._api import canonical_uuid
 
 from . import frames as F
 from .context import Context, TimerKind
-from .effects import LoadMemberships, PresenceNote, TypingNote
+from .effects import LoadMemberships, PresenceNote, Seen, TypingNote
 from .frames import ProtocolError
 from .model import Phase, Session
 from .sessions import Sessions
@@ -71,9 +71,10 @@ class Presence:
 
     # --- memberships -----------------------------------------------------------------------
 
-    def connected(self, session: Session) -> None:
+    def connected(self, session: Session, now: float) -> None:
         """A socket became its client's active one: load its memberships."""
         if not session.rest and session.client is not None:
+            self.ctx.actions.append(Seen(session.client, now))
             self.ctx.actions.append(LoadMemberships(session.sid, session.client))
 
     def loaded(self, sid: int, rows: Iterable[tuple[str, bool]], now: float) -> None:
@@ -104,8 +105,10 @@ class Presence:
             if not sids:
                 del self.members[topic]
 
-    def disconnected(self, session: Session, *, offline: bool) -> None:
+    def disconnected(self, session: Session, now: float, *, offline: bool) -> None:
         """A session ended; ``offline``: it was its client's last live socket (not replaced)."""
+        if offline and session.client is not None and not session.rest:
+            self.ctx.actions.append(Seen(session.client, now))
         mine = self.of.pop(session.sid, None)
         if mine is None:
             return
