@@ -58,7 +58,7 @@ Origins = tuple[str, ...]
 # Role name -> what it grants (see RolesConfig).
 RoleGrants = dict[str, tuple[str, ...]]
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-PERMISSIONS = ("directory", "admin")
+PERMISSIONS = ("directory", "admin", "create_topics", "publish", "presence", "broadcast")
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -428,15 +428,16 @@ def _check_roles(instance: RolesConfig, _: attrs.Attribute[Any], define: RoleGra
 @frozen(kw_only=True)
 class RolesConfig:
     """Roles and what they permit. ``define`` maps each role to its grants: ``directory``
-    (read the client directory), ``admin`` (the admin API), ``message:<role>`` (message
-    clients that hold that role; ``message:*``: anyone), ``inherit:<role>`` (everything that
-    role grants)."""
+    (read the client directory), ``admin`` (the admin API, and every other grant),
+    ``create_topics``, ``publish`` (in topics), ``presence`` (read a topic's presence),
+    ``broadcast`` (to every client), ``message:<role>`` (message clients that hold that role;
+    ``message:*``: anyone), ``inherit:<role>`` (everything that role grants)."""
 
     default: str = "client"
     """The role a client gets when it registers."""
     define: RoleGrants = field(
         factory=lambda: {
-            "client": ("message:*", "directory"),
+            "client": ("message:*", "directory", "create_topics", "publish", "presence"),
             "admin": ("inherit:client", "admin"),
         },
         validator=_check_roles,

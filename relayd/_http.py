@@ -896,6 +896,7 @@ def create_app(services: Services) -> QuartTrio:
             lambda: services.config.topics,
             authenticated,
             lambda claims: may(claims, "admin"),
+            may,
             lambda: auth.now,
             _json_body,
             lambda: services.relay,

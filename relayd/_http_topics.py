@@ -216,12 +216,14 @@ def serve_topics(
     topics: Callable[[], TopicsConfig],
     authenticated: Callable[..., Awaitable[Claims]],
     is_admin: Callable[[Claims], bool],
+    permits: Callable[[Claims, str], bool],
     now: Callable[[], float],
     json_body: Callable[[], Awaitable[dict[str, Any]]],
     relay: Callable[[], Any],
 ) -> None:
     """Install the topics' routes. ``topics()``: the ``[topics]`` settings now (a reload
     changes them); ``is_admin(claims)``: whether the caller's roles make it an admin now;
+    ``permits(claims, grant)``: whether they grant ``create_topics`` or ``presence``;
     ``json_body()``: the request's JSON object, checked as every route's is; ``relay()``: the
     relay (``None`` without one), told of every change of membership."""
 
@@ -252,6 +254,14 @@ def serve_topics(
             if topic.access == "open" or (claims is not None and (member or owns(claims, topic))):
                 return topic, member
         raise NotFound("no such topic", code="TOPIC_NOT_FOUND", details={"topic_id": topic_id})
+
+    def refuse_unless(claims: Claims, grant: str) -> None:
+        if not permits(claims, grant):
+            raise Forbidden(
+                f"your roles do not grant {grant!r}",
+                code="not_permitted",
+                details={"permission": grant, "roles": list(claims.roles)},
+            )
 
     def owns(claims: Claims, topic: TopicRecord) -> bool:
         return claims.sub == topic.creator or is_admin(claims)
@@ -302,6 +312,7 @@ def serve_topics(
         limits = topics()
         if limits.create == "admins" and not is_admin(claims):
             raise Forbidden("only admins create topics here", code="admin_required")
+        refuse_unless(claims, "create_topics")
         given = {k: v for k, v in settings_of(body).items() if v is not None}
         topic = TopicRecord(
             id=body.topic_id,
@@ -519,13 +530,15 @@ def serve_topics(
         }
 
     @app.get("/topics/<topic_id>/presence")
-    @api(["topics"], TopicPresence, errors=(404, 409, 422, 503), bearer=True)
+    @api(["topics"], TopicPresence, errors=(403, 404, 409, 422, 503), bearer=True)
     async def topic_presence(topic_id: str) -> dict[str, Any]:
         """Which of a topic's subscribers have a live socket now (on any node): a page of its
         subscribers (``?after=<uuid>&limit=``, at most 1000) filtered to those online;
         ``next`` is the ``after`` of the next page (``null``: the last). Only for a topic with
         presence on, and for those who may see it."""
         claims = await caller()
+        assert claims is not None
+        refuse_unless(claims, "presence")
         topic, _ = await visible(topic_id, claims)
         if not topic.presence:
             raise Conflict(

@@ -250,6 +250,18 @@ def test_a_duplicate_publish_is_answered_and_delivered_once(h: CoreHarness) -> N
     assert [m["content"] for m in h.messages(b)] == ["once"]
 
 
+def test_a_client_whose_roles_do_not_grant_publish_is_refused() -> None:
+    h = CoreHarness(permits=lambda client, permission: permission != "publish")
+    alice, bob = h.client("alice"), h.client("bob")
+    make_topic(h, "room", alice, alice, bob)
+    a = h.connect(alice)
+    publish(h, a, "nope")
+    [error] = of_type(h.read(a), "error")
+    assert error["error"]["code"] == "not_permitted"
+    assert error["error"]["details"] == {"permission": "publish", "topic_id": "room"}
+    assert not any(isinstance(op, Publish) for op in h.executed)
+
+
 def test_an_admin_publishes_in_an_owner_only_topic() -> None:
     admins: set[str] = set()
     h = CoreHarness(permits=lambda client, permission: client in admins)

@@ -25,8 +25,15 @@ from .ws_support import WsClient, ws_connect
 SCHOOL: dict[str, Any] = {
     "default": "student",
     "define": {
-        "student": ["message:teacher"],
-        "teacher": ["message:student", "message:teacher", "directory"],
+        "student": ["message:teacher", "publish"],
+        "teacher": [
+            "message:student",
+            "message:teacher",
+            "directory",
+            "create_topics",
+            "publish",
+            "presence",
+        ],
         "admin": ["inherit:teacher", "message:*", "admin"],
     },
 }
@@ -72,8 +79,9 @@ def test_a_bad_roles_table_is_refused_naming_it(tmp_path: Path, roles: str, comp
 
 def test_a_roles_table_can_be_written_as_a_section(tmp_path: Path) -> None:
     text = (
-        '[roles]\ndefault = "student"\n[roles.define]\nstudent = ["message:teacher"]\n'
-        'teacher = ["message:student", "message:teacher", "directory"]\n'
+        '[roles]\ndefault = "student"\n[roles.define]\nstudent = ["message:teacher", "publish"]\n'
+        'teacher = ["message:student", "message:teacher", "directory", "create_topics",'
+        ' "publish", "presence"]\n'
         'admin = ["inherit:teacher", "message:*", "admin"]\n'
     )
     from relayd._config import load_config
@@ -188,6 +196,71 @@ async def test_the_school_permission_matrix(tmp_path: Path, engine: Engine) -> N
         )
         assert {item["name"]: item["roles"] for item in listed["items"]} == {
             role: [role] for role in ROLES
+        }
+        relayd.daemon.stop()
+
+
+async def test_the_school_topic_permission_matrix(tmp_path: Path, engine: Engine) -> None:
+    """Who creates topics, reads presence, publishes and broadcasts: each grant's refusal is
+    a 403 ``not_permitted`` (REST) or an error frame (WebSocket) naming the permission."""
+    async with trio.open_nursery() as nursery:
+        relayd = await start_school(nursery, tmp_path / "state", engine)
+        people = {role: await enrol(relayd, role, role) for role in ROLES}
+        http = relayd.http
+        seen_create = {}
+        for role in ROLES:
+            made = await http.request(
+                "POST",
+                "/topics/create",
+                json_body={"topic_id": f"room-{role}", "presence": True},
+                token=people[role]["access_token"],
+            )
+            seen_create[role] = made.status
+        assert seen_create == {"student": 403, "teacher": 200, "admin": 200}
+        refused = await http.request(
+            "POST",
+            "/topics/create",
+            json_body={"topic_id": "x"},
+            token=people["student"]["access_token"],
+        )
+        assert assert_error(refused, 403, "not_permitted")["details"] == {
+            "permission": "create_topics",
+            "roles": ["student"],
+        }
+        for role in ROLES:  # everyone joins the teacher's room
+            joined = await http.request(
+                "POST",
+                "/topics/subscribe",
+                json_body={"topic_id": "room-teacher"},
+                token=people[role]["access_token"],
+            )
+            assert_ok(joined)
+        seen_presence = {
+            role: (
+                await http.get("/topics/room-teacher/presence", token=people[role]["access_token"])
+            ).status
+            for role in ROLES
+        }
+        assert seen_presence == {"student": 403, "teacher": 200, "admin": 200}
+
+        seen_frames = {}
+        for role in ROLES:
+            async with ws_connect(relayd, people[role]["access_token"]) as socket:
+                assert (await socket.next())["type"] == "connection"
+                await socket.send({"topic_id": "room-teacher", "content": role})
+                published = await socket.next_of("topic_sent")
+                await socket.send({"type": "broadcast", "content": role})
+                answer = await socket.next()
+                while answer["type"] not in ("broadcast_sent", "error"):
+                    answer = await socket.next()
+                seen_frames[role] = (
+                    published["subscribers"],
+                    answer["type"] if answer["type"] != "error" else answer["error"]["code"],
+                )
+        assert seen_frames == {
+            "student": (2, "not_permitted"),
+            "teacher": (2, "not_permitted"),
+            "admin": (2, "broadcast_sent"),
         }
         relayd.daemon.stop()
 

@@ -101,6 +101,12 @@ class Topics:
         sender = session.client
         assert sender is not None
         publication = F.parse_publication(doc)
+        if self._permits is not None and not self._permits(sender, "publish"):
+            raise ProtocolError(
+                F.NOT_PERMITTED,
+                "your roles do not allow publishing in topics",
+                details={"permission": "publish", "topic_id": publication.topic_id},
+            )
         if publication.sender is not None and publication.sender != sender:
             raise ProtocolError(
                 F.MESSAGE_SENDER_MISMATCH, "from: is not the authenticated client", field="from"
@@ -146,9 +152,11 @@ class Topics:
         """
         sender = session.client
         assert sender is not None
-        if self._permits is None or not self._permits(sender, "admin"):
+        if self._permits is None or not self._permits(sender, "broadcast"):
             raise ProtocolError(
-                F.NOT_PERMITTED, "only admins broadcast", details={"permission": "admin"}
+                F.NOT_PERMITTED,
+                "your roles do not allow broadcasting (admins may)",
+                details={"permission": "broadcast"},
             )
         announcement = F.parse_announcement(doc)
         if announcement.sender is not None and announcement.sender != sender:
