@@ -1,11 +1,12 @@
-"""The Redis engine's layout migration (layout 1 -> 2, relayd/_redis/store.lua ``migrate``), on a
-real server: data written by layout 1's own script (a frozen copy, tests/fixtures) is opened by
-this relayd and must then be, key for key, what this relayd would have written itself, and
-answer every read the same; an interrupted migration resumes, two nodes may migrate at once,
-and a migration run again changes nothing.
+"""The Redis engine's layout migrations (relayd/_redis/store.lua ``migrate``), on a real server:
+data written by layout 1's or layout 2's own script (frozen copies, tests/fixtures) is opened
+by this relayd (layout 3) and must then be, key for key, what this relayd would have written
+itself, and answer every read the same; an interrupted migration resumes, two nodes may migrate
+at once, and a migration run again changes nothing. Layout 3 (topics) changed nothing that
+layout 2 wrote: its data is left as it was, but for the version.
 
-Each history is written twice, under two prefixes of one database: ``old:`` by layout 1's
-script, then migrated; ``new:`` by this relayd from the start.
+Each history is written twice, under two prefixes of one database: ``old:`` by the old
+layout's script, then migrated; ``new:`` by this relayd from the start.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 import trio
 
 from relayd._atrest import StoreKeys
-from relayd._engine import HistoryQuery
+from relayd._engine import HistoryQuery, TopicRecord
 from relayd._redis import LAYOUT_VERSION, RedisStore
 from relayd._redis._link import Link
 from relayd._redis._url import connect, parse_url
@@ -34,7 +35,10 @@ from relayd._relay.records import (
     Inserted,
     LoadQueue,
     LoadReceipts,
+    Publish,
+    Published,
     Purge,
+    QueuePage,
     SetAttempts,
     SetReceiptPending,
     Status,
@@ -50,8 +54,11 @@ CLIENTS = (UUID_A, UUID_B, UUID_C)
 KEYS = StoreKeys.from_bytes([("k1", KEY_1)], "<test keys>")
 LAYOUT_1 = (Path(__file__).parent / "fixtures" / "redis_layout_1.lua").read_text(encoding="utf-8")
 LAYOUT_1_SHA = hashlib.sha1(LAYOUT_1.encode("utf-8")).hexdigest()
+LAYOUT_2 = (Path(__file__).parent / "fixtures" / "redis_layout_2.lua").read_text(encoding="utf-8")
+LAYOUT_2_SHA = hashlib.sha1(LAYOUT_2.encode("utf-8")).hexdigest()
 MAX_QUEUED = 100
 BULK = 17  # messages A -> B beyond the handful of special ones: several migration pages
+TOPIC_LIMITS: dict[str, Any] = {"max_subscribers": 10, "max_subscriptions": 10}
 
 
 # The fields of each operation that layout 1's script takes: this relayd's, less those
@@ -60,6 +67,8 @@ BULK = 17  # messages A -> B beyond the handful of special ones: several migrati
 LAYOUT_1_FIELDS = {"I": 15, "F": 6, "A": 3}
 # A purge's page and skip (how to walk, not what is stored): layout 1 purged in one call.
 LAYOUT_1_PURGE = 3
+# A purge's ``now`` (topics' history, which layout 3 added): layout 2 had none to trim.
+LAYOUT_2_PURGE = 5
 
 
 def layout_1_op(op: list[Any]) -> list[Any]:
@@ -70,24 +79,53 @@ def layout_1_op(op: list[Any]) -> list[Any]:
     return op[:size]
 
 
+def layout_2_op(op: list[Any]) -> list[Any]:
+    assert op[0] != "B", "layout 2 has no topics"
+    if op[0] == "G":
+        return op[:LAYOUT_2_PURGE]
+    return op
+
+
 class Layout1Link(Link):
     """The store's link, calling layout 1's script instead of this relayd's."""
+
+    script, sha = LAYOUT_1, LAYOUT_1_SHA
+
+    def old_op(self, op: list[Any]) -> list[Any]:
+        return layout_1_op(op)
+
+    def purged(self, reply: list[int]) -> list[int]:
+        return [0, 0, 0]  # layout 1 purged all at once: nothing more to purge
 
     async def call(self, operation: str, args: Any, *, write: bool) -> Any:
         if operation != "execute":
             return await super().call(operation, args, write=write)
         ops = args[1:]
         replies = await super().call(
-            operation, [args[0], *(layout_1_op(op) for op in ops)], write=write
+            operation, [args[0], *(self.old_op(op) for op in ops)], write=write
         )
-        # Layout 1 purged all at once: nothing more to purge.
-        return [[0, 0] if op[0] == "G" else reply for op, reply in zip(ops, replies, strict=True)]
+        return [
+            self.purged(reply) if op[0] == "G" else reply
+            for op, reply in zip(ops, replies, strict=True)
+        ]
 
     async def load(self) -> None:
-        await self.command("SCRIPT LOAD", lambda client: client.script_load(LAYOUT_1))
+        await self.command("SCRIPT LOAD", lambda client: client.script_load(self.script))
 
     async def _evalsha(self, client: coredis.Redis[bytes], arguments: list[Any]) -> Any:
-        return await client.evalsha(LAYOUT_1_SHA, args=arguments)
+        return await client.evalsha(self.sha, args=arguments)
+
+
+class Layout2Link(Layout1Link):
+    """The store's link, calling layout 2's script instead of this relayd's."""
+
+    script, sha = LAYOUT_2, LAYOUT_2_SHA
+
+    def old_op(self, op: list[Any]) -> list[Any]:
+        return layout_2_op(op)
+
+    def purged(self, reply: list[int]) -> list[int]:
+        return [*reply, 0]  # no topic message to age out of a history
 
 
 @asynccontextmanager
@@ -101,6 +139,20 @@ async def layout_1_store(
         )
         await link.load()
         assert await link.call("layout", [1], write=False) == 1
+        yield RedisStore(link, keys=keys, prefix=prefix)
+
+
+@asynccontextmanager
+async def layout_2_store(
+    url: str, prefix: str, keys: StoreKeys | None
+) -> AsyncIterator[RedisStore]:
+    """A store whose every call runs layout 2's script: relayd as it was, writing layout 2."""
+    async with connect(parse_url(url), connect_timeout=IO_DEADLINE) as redis:
+        link = Layout2Link(
+            redis, where="old", prefix=prefix, timeout=IO_DEADLINE, wait_replicas=0, wait_timeout=0
+        )
+        await link.load()
+        assert await link.call("layout", [2], write=False) == [2, 0]
         yield RedisStore(link, keys=keys, prefix=prefix)
 
 
@@ -241,10 +293,10 @@ async def layout(url: str, prefix: str, keys: StoreKeys | None) -> dict[bytes, A
     return found
 
 
-async def written_twice(url: str, keys: StoreKeys | None) -> None:
-    """The history under ``old:`` by layout 1 (not migrated yet), and under ``new:`` by this
-    relayd; both write the same outcomes."""
-    async with layout_1_store(url, "old:", keys) as old:
+async def written_twice(url: str, keys: StoreKeys | None, old_store: Any = layout_1_store) -> None:
+    """The history under ``old:`` by an old layout (``old_store``: layout 1's by default; not
+    migrated yet), and under ``new:`` by this relayd; both write the same outcomes."""
+    async with old_store(url, "old:", keys) as old:
         old_results = await write_history(old)
     async with RedisStore.open(url, keys=keys, prefix="new:") as new:
         assert await write_history(new) == old_results
@@ -269,7 +321,7 @@ async def assert_same(url: str, keys: StoreKeys | None, *, page: int = 4) -> dic
 
 
 @pytest.mark.parametrize("keys", [None, KEYS], ids=["plain", "sealed"])
-async def test_layout_1_data_is_migrated_to_what_layout_2_writes(
+async def test_layout_1_data_is_migrated_to_what_this_layout_writes(
     redis_url: str, keys: StoreKeys | None
 ) -> None:
     with trio.fail_after(IO_DEADLINE * 4):
@@ -279,7 +331,7 @@ async def test_layout_1_data_is_migrated_to_what_layout_2_writes(
         assert not any(name.startswith(b"dl:") for name in before)
         found = await assert_same(redis_url, keys)
     # Not only what layout 2 writes: what the history says.
-    assert found["layout"] == LAYOUT_VERSION == 2
+    assert found["layout"] == LAYOUT_VERSION == 3
     load_a, receipts_a, load_b, receipts_b, load_c, receipts_c, expired = found["execute"]
     bulk_queued = [s for s in range(FIRST_BULK, FIRST_BULK + BULK) if (s - FIRST_BULK) % 3]
     assert [row.seq for row in load_a.rows] == [91]
@@ -326,11 +378,11 @@ async def test_an_interrupted_migration_goes_on_from_where_it_stopped(redis_url:
             assert await link.call("migrate", [LAYOUT_VERSION, 4], write=True) == total - 4
             assert await link.call("migrate", [LAYOUT_VERSION, 4], write=True) == total - 8
         half = await layout(redis_url, "old:", KEYS)
-        assert half[b"schema"] == b"2"  # relayd of layout 1 refuses it from the first step
+        assert half[b"schema"] == b"3"  # relayd of layout 1 refuses it from the first step
         assert half[b"schema:migration"] == {b"rank": b"8"}
         assert sum(name.startswith(b"dl:") for name in half) == 8
         async with new_link(redis_url, "old:") as link:
-            assert await link.call("layout", [LAYOUT_VERSION], write=False) == [2, 1]
+            assert await link.call("layout", [LAYOUT_VERSION], write=False) == [3, 1]
         await assert_same(redis_url, KEYS, page=5)
         assert b"schema:migration" not in await layout(redis_url, "old:", KEYS)
 
@@ -355,6 +407,35 @@ async def test_a_migration_run_again_changes_nothing(redis_url: str) -> None:
         await open_and_close(redis_url, "old:", 4)
         assert await layout(redis_url, "old:", KEYS) == migrated
         await assert_same(redis_url, KEYS)
+
+
+@pytest.mark.parametrize("keys", [None, KEYS], ids=["plain", "sealed"])
+async def test_layout_2_data_is_left_as_it_was_but_for_its_version(
+    redis_url: str, keys: StoreKeys | None
+) -> None:
+    """Layout 3 added keys and message fields of topics, and changed nothing layout 2 wrote:
+    opening layout 2's data writes the new version (and no migration cursor), nothing else;
+    the data then answers and goes on as this relayd's own, and takes topics."""
+    with trio.fail_after(IO_DEADLINE * 4):
+        await written_twice(redis_url, keys, layout_2_store)
+        before = await layout(redis_url, "old:", None)  # as stored: sealed content too
+        assert before[b"schema"] == b"2"
+        await open_and_close(redis_url, "old:", 4)
+        assert await layout(redis_url, "old:", None) == {**before, b"schema": b"3"}
+        await assert_same(redis_url, keys)
+        async with RedisStore.open(redis_url, keys=keys, prefix="old:") as old:
+            assert await old.create_topic(TopicRecord("room", UUID_A), max_owned=1) == "created"
+            assert await old.subscribe("room", UUID_B, 50.0, **TOPIC_LIMITS) == "subscribed"
+            last = await old.last_message_seq()
+            publish = Publish(None, "room", UUID_A, "p1", False, True, '{"c": 1}', 50.0, 1e4)
+            [published, page] = await old.execute(
+                [publish, LoadQueue(UUID_B, last, 10, 1 << 20)], max_queued=MAX_QUEUED
+            )
+            assert published == Published(last + 1, 1, ((UUID_B, last + 2),))
+            assert isinstance(page, QueuePage)
+            assert [(m.seq, m.topic, m.offset, m.fields) for m in page.rows] == [
+                (last + 2, "room", 1, '{"c": 1}')
+            ]
 
 
 async def open_and_close(url: str, prefix: str, page: int) -> None:

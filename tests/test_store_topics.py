@@ -6,6 +6,7 @@ message's deliveries, deletion of a topic and of a client."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import attrs
 import pytest
@@ -33,7 +34,7 @@ from .test_store import UUID_A, UUID_B, client
 from .test_store_contract import UUID_C, message
 
 UUID_D = "dddddddd-dddd-4ddd-8ddd-dddddddddddd"
-LIMITS = {"max_subscribers": 100, "max_subscriptions": 100}
+LIMITS: dict[str, Any] = {"max_subscribers": 100, "max_subscriptions": 100}
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ async def store(target: Target) -> AsyncIterator[AnyStore]:
             yield store
 
 
-def topic(topic_id: str = "room", creator: str = UUID_A, **settings: object) -> TopicRecord:
+def topic(topic_id: str = "room", creator: str = UUID_A, **settings: Any) -> TopicRecord:
     return attrs.evolve(TopicRecord(topic_id, creator, created_at=1.0), **settings)
 
 
@@ -74,11 +75,11 @@ def publish(
     )
 
 
-async def run(store: AnyStore, *ops: object, max_queued: int = 100) -> list[object]:
+async def run(store: AnyStore, *ops: object, max_queued: int = 100) -> list[Any]:
     return await store.execute(list(ops), max_queued=max_queued)  # type: ignore[arg-type]
 
 
-async def room(store: AnyStore, *members: str, **settings: object) -> None:
+async def room(store: AnyStore, *members: str, **settings: Any) -> None:
     assert await store.create_topic(topic(**settings), max_owned=10) == "created"
     for member in members:
         assert await store.subscribe("room", member, 2.0, invited=True, **LIMITS) == "subscribed"
@@ -179,10 +180,10 @@ async def test_a_private_topic_takes_only_invited_members(store: AnyStore) -> No
 async def test_subscriber_and_subscription_limits(store: AnyStore) -> None:
     assert await store.create_topic(topic(), max_owned=10) == "created"
     assert await store.create_topic(topic("other"), max_owned=10) == "created"
-    one = {"max_subscribers": 1, "max_subscriptions": 100}
+    one: dict[str, Any] = {"max_subscribers": 1, "max_subscriptions": 100}
     assert await store.subscribe("room", UUID_B, 2.0, **one) == "subscribed"
     assert await store.subscribe("room", UUID_C, 2.0, **one) == "topic_full"
-    single = {"max_subscribers": 100, "max_subscriptions": 1}
+    single: dict[str, Any] = {"max_subscribers": 100, "max_subscriptions": 1}
     assert await store.subscribe("other", UUID_B, 2.0, **single) == "too_many"
     assert await store.subscribe("other", UUID_C, 2.0, **single) == "subscribed"
 

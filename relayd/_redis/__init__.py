@@ -10,7 +10,8 @@ Theory of operation:
   batch of :meth:`RedisStore.execute` is one call, its operations packed as MessagePack and
   applied in order, each seeing the effects of those before it: SQLite's group commit. The
   script is loaded at open; a server that lost it (restart, failover, ``SCRIPT FLUSH``)
-  answers ``NOSCRIPT``, and the call loads it and repeats itself.
+  answers ``NOSCRIPT``, and the call loads it and repeats itself. A batch that holds a
+  ``Publish`` is two: its message's id is reserved first (see *Topics*).
 * **All or nothing.** Redis never rolls a script back, so the script checks everything that
   could make it fail (the batch's shape and types; an ``Insert`` whose seq holds another
   message) before its first write, and refuses the whole batch with an error reply. (A key of
@@ -23,6 +24,10 @@ Theory of operation:
   rows a read of a batch loads are decrypted once the batch is committed, so an undecryptable
   row raises with the batch's writes kept (SQLite rolls them back); ``inline`` changes
   nothing; the seq counter remembers reservations across restarts (SQLite's, in memory, not).
+  A ``Publish``'s deliveries are numbered in subscriber order, those queued first, then those
+  failed at once (SQLite: in subscriber order); when a subscriber joined is not kept (nothing
+  reads it); an ``Insert`` that reuses the (sender, msgid) of a topic's message is its
+  ``Duplicate`` (SQLite refuses it as ``queue_full``).
 * **Deadlines, and errors relayd owns.** Each call has a deadline (``call_timeout``, 5 s
   by default, connecting included); no coredis exception leaves the store:
   :class:`~relayd._errors.StoreUnavailable` when Redis cannot be reached, did not answer in
@@ -48,7 +53,8 @@ Theory of operation:
   data (they would go on writing the old layout). Layout 1 -> 2 splits each ``m:<seq>`` into
   its message and its delivery, and adds the delivery to the history indexes (layout 1 kept
   no conversation, nor when a message was delivered: a delivery whose status is
-  ``delivered`` was delivered when it finished); every other index keeps its members.
+  ``delivered`` was delivered when it finished); every other index keeps its members. Layout
+  2 -> 3 (topics) writes the version: it added keys and fields, and changed none.
 * **History** (:meth:`RedisStore.history`) is read on indexes of its own: per client what it
   received (``hr``) and sent (``hs``), per sender and recipient (``hp``), and the same three
   per conversation (``hc*``), each a sorted set of seqs. A page reads at most a page past the
@@ -63,6 +69,25 @@ Theory of operation:
   store. A purge, likewise, looks at a page (``PURGE_PAGE``) of the oldest finished
   deliveries per call, stepping past those it keeps (a receipt still owed): the batch that
   asks for it takes the first page, further calls the rest (cut short, the next sweep goes on).
+* **Topics** (the contract: ``relayd/_store_topics.py``). A ``Publish`` stores one message and
+  a delivery per subscriber, in its batch's call. Its content must be sealed (in Python) for
+  the message's id, which is a seq: the batch first reserves one per ``Publish`` from the seq
+  counter (as :meth:`RedisStore.reserve_seqs`), kept with the ``Publish`` while it lives, so
+  that a batch run again after its answer was lost finds it ("this very Publish", as an
+  ``Insert`` finds itself) rather than a duplicate; the script takes the deliveries' seqs,
+  whose number only it knows, from the same counter (``INCRBY``, above any seq an ``Insert``
+  of the batch holds). A publish holds Redis about 25 µs per subscriber: 20-30 ms for 1,000
+  subscribers, 250-300 ms for 10,000 (``contrib/bench/store_fanout.py``; SQLite's writer
+  takes longer).
+  A published message keeps counts of its deliveries by final status (what ``topic_counts``
+  reads, whatever their number), and stays, content and all, while its topic's history
+  keeps it (``ih``): a ``Finish`` or a purge never takes it then. A history is trimmed by
+  count when a message is published or the topic's ``history_count`` shrinks, by age by the
+  purge (a page per call, on ``tha``: each message's time of leaving, by its topic's
+  ``history_age``). Deleting a topic is one call (its members: at most the server's limit).
+  A deleted client's subscriptions end with its tombstone; then, in the pages of its
+  deletion, its messages leave the topics' histories and the topics it owns are deleted (one
+  a call), finished by the next open if cut short.
 * **Durability** is the server's: with ``appendonly yes`` and ``appendfsync always``, Redis
   answers a write once it is written and fsynced to its AOF, so an answered call is on disk;
   with ``everysec``, a crash of the server's machine may lose about the last second of
@@ -87,12 +112,14 @@ digits, so that members of equal score sort in seq order; times are stored as th
 of a float.
 
 A *message* is stored once; each recipient's copy of it is a *delivery*, with its own seq,
-attempts and status. A message's id is the seq of its first delivery (today every message has
-exactly one), so that content sealed at rest is bound to the same
-:class:`~relayd._atrest.RowId` (id, sender, address, msgid) as in layout 1, where a message and
-its delivery were one hash. A message's content is emptied once none of its deliveries is
-queued (unless history keeps it: ``Finish.keep_content``); the message goes once its last
-delivery is purged.
+attempts and status. A direct message's id is the seq of its one delivery, so that content
+sealed at rest is bound to the same :class:`~relayd._atrest.RowId` (id, sender, address, msgid)
+as in layout 1, where a message and its delivery were one hash. A topic's message has an id
+(a seq) of its own, its address is ``#<topic>`` (its content is sealed for that), and its
+deliveries' seqs follow one another (``d0`` on). A message's content is emptied once none of its
+deliveries is queued (unless history keeps it: ``Finish.keep_content``, or its topic's
+history); the message goes once its last delivery is purged (and its topic's history let it
+go).
 
 =================================  =========  ==================================================
 key                                type       what
@@ -138,7 +165,14 @@ key                                type       what
                                               (absent: plain or empty), ``at`` accepted_at,
                                               ``ex`` expires_at, ``nd`` its deliveries stored,
                                               ``nq`` its deliveries queued, ``cv``
-                                              conversation_id (plain text; absent: none)
+                                              conversation_id (plain text; absent: none);
+                                              published to a topic: ``tp`` the topic, ``to``
+                                              its offset, ``ih`` 1 while in the topic's
+                                              history, ``d0`` its first delivery's seq,
+                                              ``dn`` its deliveries made, ``nf`` how many of
+                                              them (the last) failed at once (queue full),
+                                              ``n:<status>`` its deliveries of each final
+                                              status
 ``dl:<seq>``                       hash       a delivery, one recipient's copy of a message:
                                               ``m`` the message's id, ``s`` its sender, ``r``
                                               recipient, ``ex`` expires_at, ``n`` attempts,
@@ -175,16 +209,34 @@ key                                type       what
 ``ckeys``                          set        key ids that content is sealed with
 ``forget``                         hash       deleted client -> where deleting its history is
                                               (``hs:<seq>`` its sent side, ``hr:<seq>`` its
-                                              received side): while it is not done
+                                              received side, ``tp:0`` its messages in
+                                              topics' histories, ``to:0`` the topics it
+                                              owns): while it is not done
 ``cp``                             zset       message ids whose content is plain text
 ``schema:migration``               hash       while the data is migrated to a new layout:
                                               ``rank`` in ``acc`` the migration has reached
+``t:<topic>``                      hash       a topic: ``c`` creator, ``md`` metadata, ``ac``
+                                              access, ``pb`` publish, ``pr`` presence (0/1),
+                                              ``hn`` history_count, ``ha`` history_age, ``ca``
+                                              created_at, ``lo`` last_offset
+``topics``                         zset       every topic (score 0: in id order)
+``topics:open``                    zset       the open topics (score 0)
+``tm:<topic>``                     zset       its subscribers (score 0: in uuid order); live
+                                              clients only
+``th:<topic>``                     zset       its history: message ids by offset
+``tha``                            zset       messages in a topic's history (padded ids) by
+                                              when they leave it by age (accepted_at +
+                                              history_age)
+``ct:<uuid>``                      zset       the topics the client subscribes to (score 0)
+``to:<uuid>``                      zset       the topics the client created (score 0)
+``tp:<uuid>``                      zset       the client's messages in a topic's history (ids)
 =================================  =========  ==================================================
 
 Deleting a client leaves what SQLite leaves: its tombstone (``c:<uuid>`` without ``kseq``),
 the deliveries still queued for it or from it and those it received whose receipt their sender
 is still owed, with their messages and indexes; its families, keys, readers, notices (owed to
-it, or about it) and the rest of its history go.
+it, or about it), subscriptions, topics and the rest of its history go, and its messages leave
+the topics' histories.
 
 Redis Cluster is not supported: the script reaches keys it derives, which a cluster would have
 to hold in one slot (a prefix with a hash tag, ``{relayd}:``, would do it; untested).

@@ -10,12 +10,19 @@ travel as MessagePack strings (:func:`raw`). Message content is sealed
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
 from relayd._atrest import RowId, StoreKeys, UndecryptableRow
-from relayd._engine import HistoryEntry
+from relayd._engine import (
+    HistoryEntry,
+    PublishPolicy,
+    TopicAccess,
+    TopicCounts,
+    TopicMessage,
+    TopicRecord,
+)
 from relayd._relay.records import (
     ClearKeyNotice,
     ClearReadPending,
@@ -29,6 +36,8 @@ from relayd._relay.records import (
     LoadQueue,
     LoadReceipts,
     MarkRead,
+    Publish,
+    Published,
     Purge,
     QueuePage,
     ReadCode,
@@ -44,6 +53,7 @@ from relayd._relay.records import (
     size_of,
 )
 from relayd._store import ClientRecord, InviteRecord, KeyRecord, MessageRecord
+from relayd._store_topics import topic_address
 
 PURGE_PAGE = 1000
 """Finished deliveries a purge looks at per round trip (about 0.1 ms of Redis each): a
@@ -58,6 +68,7 @@ WRITES = (
     ClearKeyNotice,
     MarkRead,
     ClearReadPending,
+    Publish,
 )
 
 
@@ -168,8 +179,36 @@ def seal(op: Insert, keys: StoreKeys | None) -> tuple[str | bool, str | msgspec.
     return key_id, raw(blob)
 
 
+def encode_publish(op: Publish, message: int, keys: StoreKeys | None) -> list[Any]:
+    """``op`` as the script's ``execute`` takes it, stored as message ``message`` (a seq
+    reserved for it): its content is sealed for that id and the topic's address, as SQLite
+    seals it (relayd/_store_topics.py)."""
+    key_id: str | bool = False
+    fields: str | msgspec.Raw = op.fields
+    if keys is not None and op.fields:
+        address = topic_address(op.topic)
+        key_id, blob = keys.seal(RowId(message, op.sender, address, op.msgid), op.fields)
+        fields = raw(blob)
+    return [
+        "B",
+        message,
+        op.topic,
+        op.sender,
+        op.msgid,
+        int(op.high),
+        int(op.acknowledge),
+        fields,
+        key_id,
+        when(op.accepted_at),
+        when(op.expires_at),
+        int(op.admin),
+        False if op.conversation_id is None else op.conversation_id,
+    ]
+
+
 def encode(op: StoreOp, keys: StoreKeys | None) -> list[Any]:
-    """``op`` as the script's ``execute`` takes it (see store.lua's SIGNATURES)."""
+    """``op`` as the script's ``execute`` takes it (see store.lua's SIGNATURES); a
+    :class:`Publish` needs its message's id (:func:`encode_publish`)."""
     if isinstance(op, Insert):
         key_id, fields = seal(op, keys)
         return [
@@ -212,7 +251,14 @@ def encode(op: StoreOp, keys: StoreKeys | None) -> list[Any]:
     if isinstance(op, FindExpired):
         return ["X", when(op.now), op.limit]
     if isinstance(op, Purge):
-        return ["G", when(op.finished_before), when(op.receipts_before), PURGE_PAGE, 0]
+        return [
+            "G",
+            when(op.finished_before),
+            when(op.receipts_before),
+            PURGE_PAGE,
+            0,
+            maybe_when(op.now),
+        ]
     if isinstance(op, LoadKeyNotices):
         return ["N", op.reader, op.limit]
     if isinstance(op, ClearKeyNotice):
@@ -229,6 +275,8 @@ def decode(op: StoreOp, reply: Any, keys: StoreKeys | None) -> Any:
     """The result of ``op`` from its reply, as :meth:`Store.execute` gives it."""
     if isinstance(op, Insert):
         return _outcome(reply)
+    if isinstance(op, Publish):
+        return _published(reply)
     if isinstance(op, LoadQueue):
         return _queue_page(op, reply, keys)
     if isinstance(op, LoadReceipts):
@@ -252,13 +300,27 @@ def _read_outcome(reply: list[Any]) -> ReadOutcome:
 
 
 def _outcome(reply: list[Any]) -> Inserted | Duplicate | Refused:
-    kind = reply[0]
-    if kind == 1:
+    if reply[0] == 1:
         return Inserted(int(reply[1]))
-    if kind == 2:
+    return _not_stored(reply)
+
+
+def _not_stored(reply: list[Any]) -> Duplicate | Refused:
+    """``{2, id, status}`` (a duplicate of message ``id``) or ``{3, reason}``."""
+    if reply[0] == 2:
         status = maybe_text(reply[2])
         return Duplicate(int(reply[1]), None if status is None else Status(status))
     return Refused(text(reply[1]))
+
+
+def _published(reply: list[Any]) -> Published | Duplicate | Refused:
+    """``{1, id, offset, {recipient...}, {seq...}, full}``, or as an Insert's refusal or
+    duplicate."""
+    if reply[0] != 1:
+        return _not_stored(reply)
+    _, message, offset, recipients, seqs, full = reply
+    deliveries = tuple((text(r), int(seq)) for r, seq in zip(recipients, seqs, strict=True))
+    return Published(int(message), int(offset), deliveries, int(full))
 
 
 def content_id(row: list[Any]) -> RowId:
@@ -313,7 +375,8 @@ def _open_delivery(
     keys: StoreKeys | None,
 ) -> str:
     """See :func:`open_fields`."""
-    if key_id is not None and recipient != address:
+    # A topic's message is sealed for its topic (relayd/_store_topics.py), not a recipient.
+    if key_id is not None and recipient != address and not address.startswith(b"#"):
         raise UndecryptableRow(
             f"delivery {int(seq)} goes to {text(recipient)}, but its message {int(message)}"
             f" was sealed for {text(address)}"
@@ -335,7 +398,7 @@ def stored_message(
     row: list[Any], keys: StoreKeys | None, fields: str | None = None
 ) -> StoredMessage:
     """``{seq, sender, recipient, msgid, high, acknowledge, fields, key_id, accepted_at,
-    expires_at, attempts, message id, address}``: a delivery and its message."""
+    expires_at, attempts, message id, address, topic, offset}``: a delivery and its message."""
     return StoredMessage(
         seq=int(row[0]),
         sender=text(row[1]),
@@ -347,6 +410,8 @@ def stored_message(
         accepted_at=float(row[8]),
         expires_at=float(row[9]),
         attempts=int(row[10]),
+        topic=maybe_text(row[13]),
+        offset=None if row[14] is None else int(row[14]),
     )
 
 
@@ -478,3 +543,52 @@ def history_entry(row: list[Any], keys: StoreKeys | None) -> HistoryEntry:
         read_at=maybe_float(read_at),
         finished_at=maybe_float(finished_at),
     )
+
+
+# --- topics ------------------------------------------------------------------------------------
+
+
+def topic_record(row: list[Any] | None) -> TopicRecord | None:
+    """``{id, creator, metadata, access, publish, presence, history_count, history_age,
+    created_at, subscribers, last_offset}``."""
+    if row is None:
+        return None
+    id_, creator, metadata, access, publish, presence, count, age, created_at, members, last = row
+    return TopicRecord(
+        id=text(id_),
+        creator=text(creator),
+        metadata=text(metadata),
+        access=cast(TopicAccess, text(access)),
+        publish=cast(PublishPolicy, text(publish)),
+        presence=presence == b"1",
+        history_count=int(count),
+        history_age=float(age),
+        created_at=float(created_at),
+        subscribers=int(members),
+        last_offset=int(last),
+    )
+
+
+def topic_message(row: list[Any], keys: StoreKeys | None) -> TopicMessage:
+    """``{offset, msgid, sender, fields, key_id, accepted_at, message id, address}``, its
+    content opened.
+
+    Raises:
+        UndecryptableRow: encrypted, and ``keys`` cannot decrypt it.
+    """
+    offset, msgid, sender, fields, key_id, accepted_at, message, address = row
+    return TopicMessage(
+        offset=int(offset),
+        msgid=text(msgid),
+        sender=text(sender),
+        fields=_open(
+            RowId(int(message), text(sender), text(address), text(msgid)), fields, key_id, keys
+        ),
+        accepted_at=float(accepted_at),
+    )
+
+
+def topic_counts(row: list[Any]) -> tuple[int, TopicCounts]:
+    """``{id, deliveries, delivered, acknowledged, failed, expired}``."""
+    message, total, delivered, acknowledged, failed, expired = (int(n) for n in row)
+    return message, TopicCounts(total, delivered, acknowledged, failed, expired)

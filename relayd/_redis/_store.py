@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, cast
 
 from relayd._atrest import StoreKeys
-from relayd._engine import HistoryEntry, HistoryQuery
+from relayd._engine import (
+    CreateTopicOutcome,
+    HistoryEntry,
+    HistoryQuery,
+    PublishPolicy,
+    SubscribeOutcome,
+    TopicAccess,
+    TopicCounts,
+    TopicMessage,
+    TopicRecord,
+    UnsubscribeOutcome,
+)
 from relayd._errors import SchemaTooNewError, StoreError
-from relayd._relay.records import Purge, RecentMessage, StoredMessage, StoreOp
+from relayd._relay.records import Publish, Purge, RecentMessage, StoredMessage, StoreOp
 from relayd._store import (
     ClientRecord,
     FamilyRecord,
@@ -27,9 +39,10 @@ from ._url import connect, parse_url
 
 log = logging.getLogger("relayd.store")
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 """The version of the key layout (see the package's docstring); kept under ``<prefix>schema``.
-1: a message and its one recipient's copy in one hash; 2: a message and its deliveries."""
+1: a message and its one recipient's copy in one hash; 2: a message and its deliveries; 3:
+topics (keys and message fields of their own: layout 2 data needs no change)."""
 DEFAULT_PREFIX = "relayd:"
 DEFAULT_TIMEOUT = 5.0
 """Seconds each call to Redis may take (connecting included) before it fails."""
@@ -50,7 +63,8 @@ class RedisStore:
     :class:`relayd._store.Store` (its docstrings say what each method does). Open it with
     :meth:`RedisStore.open`.
 
-    Every method is one round trip (``EVALSHA``) and atomic on the server. Every call has a
+    Every method is one round trip (``EVALSHA``) and atomic on the server (but for a batch that
+    holds a ``Publish``, two; and the pages of a deletion or a purge). Every call has a
     deadline (``call_timeout``). A method that raises :class:`~relayd._errors.StoreUnavailable`
     after its request was sent may or may not have taken effect, as a whole.
     """
@@ -65,6 +79,10 @@ class RedisStore:
         """The server, as errors name it (never with its password)."""
         self.durability = "unknown"
         """What the server's persistence settings promise (see :meth:`open`)."""
+        # The message id reserved for each Publish of a batch (see execute), kept while the
+        # Publish lives: a batch run again (its answer was lost) stores it under the same id,
+        # so the script finds it ("this very Publish") rather than a duplicate.
+        self._publish_ids: weakref.WeakKeyDictionary[Publish, int] = weakref.WeakKeyDictionary()
 
     @classmethod
     @asynccontextmanager
@@ -419,7 +437,13 @@ class RedisStore:
         """
         if not ops:
             return []
-        encoded = [C.encode(op, self.keys) for op in ops]
+        await self._reserve_publish_ids(ops)
+        encoded = [
+            C.encode_publish(op, self._publish_ids[op], self.keys)
+            if isinstance(op, Publish)
+            else C.encode(op, self.keys)
+            for op in ops
+        ]
         write = any(isinstance(op, C.WRITES) for op in ops)
         replies = await self._link.call("execute", [max_queued, *encoded], write=write)
         results = [C.decode(op, reply, self.keys) for op, reply in zip(ops, replies, strict=True)]
@@ -428,14 +452,34 @@ class RedisStore:
                 await self._purge_more(op, reply)
         return results
 
+    async def _reserve_publish_ids(self, ops: Sequence[StoreOp]) -> None:
+        """An id for each Publish of ``ops`` that has none yet, from the seq counter (one
+        round trip for them all, before the batch's).
+
+        A published message's content is sealed for its id (as SQLite seals it), and Redis
+        only ever holds it sealed, so Python must know the id before the script runs; the
+        script cannot seal (it holds no key). The id is reserved here, as the core reserves
+        an Insert's seq; the deliveries' seqs, whose number only the script knows (the
+        subscribers then), are taken by the script from the same counter. A reserved id that
+        a refused Publish leaves unused is a gap, as a reserved seq the core never used."""
+        needed = [op for op in ops if isinstance(op, Publish) and op not in self._publish_ids]
+        if not needed:
+            return
+        first = await self.reserve_seqs(len(needed))
+        for offset, op in enumerate(needed):
+            self._publish_ids[op] = first + offset
+
     async def _purge_more(self, op: Purge, reply: list[int]) -> None:
         """The rest of a purge the batch began: a page (``PURGE_PAGE``) per call, so that a
         big one (a busy relay's sweep, or the first after a long pause) never holds Redis for
-        long. Cancelled, or on an error, the rest waits for the next sweep."""
-        more, skip = reply
+        long; then the topic messages that aged out of their history, a page per call too.
+        Cancelled, or on an error, the rest waits for the next sweep."""
+        more, skip, aged = reply
         before = (C.when(op.finished_before), C.when(op.receipts_before))
         while more:
-            more, skip = await self._call("purge", *before, C.PURGE_PAGE, skip)
+            more, skip, _ = await self._call("purge", *before, C.PURGE_PAGE, skip)
+        while aged and op.now is not None:
+            aged = await self._call("trim_aged", C.when(op.now), C.PURGE_PAGE)
 
     async def reserve_seqs(self, count: int) -> int:
         """Reserve ``count`` message seqs; return the first. The seqs come from one counter
@@ -495,3 +539,118 @@ class RedisStore:
     async def queue_depths(self) -> dict[str, int]:
         rows = await self._call("queue_depths", write=False)
         return {C.text(recipient): int(count) for recipient, count in rows}
+
+    # --- topics -----------------------------------------------------------------------------
+
+    async def create_topic(self, topic: TopicRecord, *, max_owned: int) -> CreateTopicOutcome:
+        outcome = await self._call(
+            "create_topic",
+            topic.id,
+            topic.creator,
+            topic.metadata,
+            topic.access,
+            topic.publish,
+            int(topic.presence),
+            topic.history_count,
+            C.when(topic.history_age),
+            C.when(topic.created_at),
+            max_owned,
+        )
+        return cast(CreateTopicOutcome, C.text(outcome))
+
+    async def get_topic(self, topic_id: str) -> TopicRecord | None:
+        return C.topic_record(await self._call("get_topic", topic_id, write=False))
+
+    async def list_topics(
+        self, viewer: str | None, *, everything: bool, after: str | None, limit: int
+    ) -> list[TopicRecord]:
+        """As :meth:`Store.list_topics`: a page costs its size (and, for a viewer, a walk of
+        its subscriptions up to where the page ends)."""
+        rows = await self._call(
+            "list_topics",
+            False if viewer is None else viewer,
+            int(everything),
+            False if after is None else after,
+            limit,
+            write=False,
+        )
+        return [record for row in rows if (record := C.topic_record(row)) is not None]
+
+    async def update_topic(
+        self,
+        topic_id: str,
+        *,
+        metadata: str | None = None,
+        access: TopicAccess | None = None,
+        publish: PublishPolicy | None = None,
+        presence: bool | None = None,
+        history_count: int | None = None,
+        history_age: float | None = None,
+    ) -> TopicRecord | None:
+        return C.topic_record(
+            await self._call(
+                "update_topic",
+                topic_id,
+                False if metadata is None else metadata,
+                False if access is None else access,
+                False if publish is None else publish,
+                False if presence is None else int(presence),
+                False if history_count is None else history_count,
+                C.maybe_when(history_age),
+            )
+        )
+
+    async def delete_topic(self, topic_id: str) -> bool:
+        """As :meth:`Store.delete_topic`, in one call: it holds Redis for each member and
+        message of the topic's history (about 1 µs each; a topic's members are bounded by
+        the server's limit)."""
+        return bool(await self._call("delete_topic", topic_id))
+
+    async def subscribe(
+        self,
+        topic_id: str,
+        client: str,
+        at: float,
+        *,
+        max_subscribers: int,
+        max_subscriptions: int,
+        invited: bool = False,
+    ) -> SubscribeOutcome:
+        """As :meth:`Store.subscribe`; when the client joined (``at``) is not kept (nothing
+        reads it)."""
+        outcome = await self._call(
+            "subscribe", topic_id, client, max_subscribers, max_subscriptions, int(invited)
+        )
+        return cast(SubscribeOutcome, C.text(outcome))
+
+    async def unsubscribe(self, topic_id: str, client: str) -> UnsubscribeOutcome:
+        return cast(UnsubscribeOutcome, C.text(await self._call("unsubscribe", topic_id, client)))
+
+    async def is_subscribed(self, topic_id: str, client: str) -> bool:
+        return bool(await self._call("is_subscribed", topic_id, client, write=False))
+
+    async def topic_subscribers(self, topic_id: str, *, after: str | None, limit: int) -> list[str]:
+        rows = await self._call(
+            "topic_subscribers", topic_id, False if after is None else after, limit, write=False
+        )
+        return [C.text(uuid) for uuid in rows]
+
+    async def client_topics(self, client: str) -> list[str]:
+        return [C.text(topic) for topic in await self._call("client_topics", client, write=False)]
+
+    async def topic_messages(
+        self, topic_id: str, *, since: int, limit: int, now: float
+    ) -> list[TopicMessage]:
+        """As :meth:`Store.topic_messages`, content decrypted.
+
+        Raises:
+            UndecryptableRow: a message's content cannot be decrypted with the store's keys.
+        """
+        rows = await self._call("topic_messages", topic_id, since, limit, C.when(now), write=False)
+        return [C.topic_message(row, self.keys) for row in rows]
+
+    async def topic_counts(self, message_ids: Sequence[int]) -> dict[int, TopicCounts]:
+        """As :meth:`Store.topic_counts`: counters each message keeps, a few reads each,
+        whatever its number of deliveries."""
+        rows = await self._call("topic_counts", list(message_ids), write=False)
+        return dict(C.topic_counts(row) for row in rows)

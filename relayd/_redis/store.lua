@@ -53,6 +53,12 @@ function K.history(sender, recipient, conversation)
     if conversation then key = 'hc' .. string.sub(key, 2) .. ':' .. conversation end
     return P .. key
 end
+function K.topic(id) return P .. 't:' .. id end
+function K.members(id) return P .. 'tm:' .. id end
+function K.topic_history(id) return P .. 'th:' .. id end
+function K.subscriptions(uuid) return P .. 'ct:' .. uuid end
+function K.owned(uuid) return P .. 'to:' .. uuid end
+function K.in_history_by(uuid) return P .. 'tp:' .. uuid end
 K.schema = P .. 'schema'
 K.migration = P .. 'schema:migration'
 K.seq = P .. 'seq'
@@ -71,6 +77,9 @@ K.msgids = P .. 'ids'
 K.key_ids = P .. 'ckeys'
 K.plain = P .. 'cp'
 K.forgetting = P .. 'forget'  -- hash: deleted client -> where forgetting its history is
+K.topics = P .. 'topics'
+K.open_topics = P .. 'topics:open'
+K.aging = P .. 'tha'  -- zset: messages in a topic's history, by when they age out of it
 
 -- --- helpers ----------------------------------------------------------------------------------
 
@@ -106,7 +115,7 @@ end
 -- than after each message.
 local TOUCHED = {queues = {}, key_ids = {}}
 -- What a batch of ``execute`` learned once for all its operations.
-local BATCH = {live = {}, high = 0}
+local BATCH = {live = {}, high = 0, top = 0}
 
 function U.reconcile()
     for recipient in pairs(TOUCHED.queues) do
@@ -248,6 +257,7 @@ function OPS.delete_client(a)
     local more = 0
     if live then
         U.forget_keys(uuid)
+        U.unsubscribe_all(uuid)
         -- Its history goes a page per call (forget_history): a big one would hold Redis. A
         -- page of each side here, so that a small one is forgotten in this call.
         call('HSET', K.forgetting, uuid, 'hs:0')
@@ -260,14 +270,15 @@ end
 -- {uuid, limit}: forget up to ``limit`` more of a deleted client's history (the final
 -- deliveries it sent, then those it received with no receipt owed to their sender, by seq),
 -- and their messages once they have no delivery left; what waits, for it or from it, stays
--- until it expires. The cursor is kept in ``forget``. 1 while more may remain, 0 once done
--- (or never asked).
+-- until it expires. Then its topics (U.forget_topics). The cursor is kept in ``forget``. 1
+-- while more may remain, 0 once done (or never asked).
 function OPS.forget_history(a)
     local uuid, limit = a[1], a[2]
     if type(limit) ~= 'number' or limit < 1 then return U.fail('a page of at least 1') end
     local at = call('HGET', K.forgetting, uuid)
     if not at then return 0 end
     local side, after = string.match(at, '^(%a+):(%d+)$')
+    if side == 'tp' or side == 'to' then return U.forget_topics(uuid, side, limit) end
     local sent = side == 'hs'
     local index = sent and K.history(uuid, false) or K.history(false, uuid)
     local seqs = call('ZRANGEBYSCORE', index, '(' .. after, '+inf', 'LIMIT', 0, limit)
@@ -284,8 +295,7 @@ function OPS.forget_history(a)
     elseif sent then
         call('HSET', K.forgetting, uuid, 'hr:0')
     else
-        call('HDEL', K.forgetting, uuid)
-        return 0
+        return U.forget_next(uuid, 'hr')
     end
     return 1
 end
@@ -577,13 +587,14 @@ end
 -- times and content keys hold messages.
 
 -- {seq, sender, recipient, msgid, high, acknowledge, fields, key_id, accepted_at, expires_at,
--- attempts, message id, address}: a StoredMessage, its fields as stored (sealed or plain), and
--- what its content is bound to (its message's id and address).
+-- attempts, message id, address, topic, offset}: a StoredMessage, its fields as stored (sealed
+-- or plain), and what its content is bound to (its message's id and address).
 function U.delivery_row(seq)
     local d = call('HMGET', K.delivery(seq), 'm', 's', 'r', 'ex', 'n')
     local id = tonumber(d[1])
-    local m = call('HMGET', K.message(id), 'i', 'h', 'a', 'f', 'k', 'at', 'r')
-    return {seq, d[2], d[3], m[1], m[2], m[3], m[4], m[5], m[6], d[4], d[5], id, m[7]}
+    local m = call('HMGET', K.message(id), 'i', 'h', 'a', 'f', 'k', 'at', 'r', 'tp', 'to')
+    return {seq, d[2], d[3], m[1], m[2], m[3], m[4], m[5], m[6], d[4], d[5], id, m[7], m[8],
+        m[9]}
 end
 
 -- {id, sender, address, msgid, fields, key_id}: a message's content as stored.
@@ -716,13 +727,15 @@ function U.insert(op, max_queued)
     return {1, seq}
 end
 
--- A delivery of message ``id`` left the queue: once none of its deliveries is queued, its
--- content is no longer needed, and goes, unless history keeps it (``keep``).
-function U.settle(id, keep)
+-- A delivery of message ``id`` left the queue with ``status``: once none of its deliveries is
+-- queued, its content is no longer needed, and goes, unless history keeps it (``keep``, or
+-- its topic's history: ``ih``). A topic message counts its deliveries by status.
+function U.settle(id, keep, status)
     local key = K.message(id)
-    local row = call('HMGET', key, 'nq', 'f', 'k')
+    local row = call('HMGET', key, 'nq', 'f', 'k', 'tp', 'ih')
+    if row[4] then call('HINCRBY', key, 'n:' .. status, 1) end
     local queued = tonumber(row[1]) - 1
-    if queued > 0 or keep then
+    if queued > 0 or keep or row[5] == '1' then
         call('HSET', key, 'nq', queued)
         return
     end
@@ -749,7 +762,7 @@ function U.finish(op)
     U.dequeue(seq, row[1])
     call('ZADD', K.finished, finished_at, U.pad(seq))
     if pending == 1 then call('ZADD', K.receipts(row[3]), seq, seq) end
-    U.settle(tonumber(row[4]), op[7] == 1)
+    U.settle(tonumber(row[4]), op[7] == 1, status)
     return false
 end
 
@@ -811,10 +824,12 @@ function U.mark_read(op)
         return {'unknown_message'}
     end
     local key = K.delivery(seq)
-    local row = call('HMGET', key, 'dv', 'ra')
+    local row = call('HMGET', key, 'dv', 'ra', 'm')
     if row[2] ~= false then return {'already_read', seq, from, row[2], 0} end
     if row[1] == false then return {'not_delivered', seq, from, false, 0} end
-    if call('HEXISTS', K.client(reader), 'pr') == 1 then
+    -- A topic message's publisher is never told each subscriber's read (one frame each).
+    if call('HEXISTS', K.client(reader), 'pr') == 1
+            or call('HEXISTS', K.message(tonumber(row[3])), 'tp') == 1 then
         call('HSET', key, 'ra', at, 'rh', 1)
         return {'read', seq, from, at, 0}
     end
@@ -893,32 +908,38 @@ function U.delete_message(id, message)
     call('DEL', K.message(id))
 end
 
--- A final delivery, and its message once it has no delivery left.
+-- A final delivery, and its message once it has no delivery left (unless a topic's history
+-- keeps it).
 function U.delete_delivery(seq)
     local key = K.delivery(seq)
-    local row = call('HMGET', key, 'm', 's', 'r')
+    local row = call('HMGET', key, 'm', 's', 'r', 'st')
     local id = tonumber(row[1])
-    local message = call('HMGET', K.message(id), 's', 'i', 'f', 'k', 'nd', 'cv')
+    local message = call('HMGET', K.message(id), 's', 'i', 'f', 'k', 'nd', 'cv', 'tp', 'ih')
     call('ZREM', K.received(row[3]), U.msgid_member(message[2], seq))
     call('ZREM', K.finished, U.pad(seq))
     call('ZREM', K.receipts(row[2]), seq)
     U.history_index('ZREM', seq, row[2], row[3], message[6])
     call('DEL', key)
+    if message[7] and row[4] then call('HINCRBY', K.message(id), 'n:' .. row[4], -1) end
     local left = tonumber(message[5]) - 1
-    if left > 0 then
+    if left > 0 or message[8] == '1' then
         call('HSET', K.message(id), 'nd', left)
     else
         U.delete_message(id, message)
     end
 end
 
--- Purge = {'G', finished_before, receipts_before, page, skip}: final deliveries whose sender
--- was told (or never came for its receipt), then the messages left with no delivery; at most
--- ``page`` of the oldest candidates a call (Redis runs nothing else meanwhile), past the
--- ``skip`` first (kept: a receipt still owed). {1 if more may remain, skip} for the next call
--- (OPS.purge).
+-- Purge = {'G', finished_before, receipts_before, page, skip, now or false}: final deliveries
+-- whose sender was told (or never came for its receipt), then the messages left with no
+-- delivery; at most ``page`` of the oldest candidates a call (Redis runs nothing else
+-- meanwhile), past the ``skip`` first (kept: a receipt still owed). With ``now``, a page of
+-- the topic messages older than their topic's history_age leave its history too (U.trim_aged).
+-- {1 if more deliveries may remain, skip, 1 if more topic messages may have aged} for the next
+-- calls (OPS.purge, OPS.trim_aged).
 function U.purge(op)
     local finished_before, receipts_before, page, skip = op[2], op[3], op[4], op[5]
+    local aged = 0
+    if op[6] then aged = U.trim_aged(op[6], page) end
     local before = finished_before
     if tonumber(receipts_before) > tonumber(finished_before) then before = receipts_before end
     local candidates = call('ZRANGEBYSCORE', K.finished, '-inf', '(' .. before, 'LIMIT', skip,
@@ -934,7 +955,13 @@ function U.purge(op)
             skip = skip + 1
         end
     end
-    return {#candidates == page and 1 or 0, skip}
+    return {#candidates == page and 1 or 0, skip, aged}
+end
+
+-- {now, page}: a Purge's next page of topic messages that aged out of their history.
+function OPS.trim_aged(a)
+    if type(a[2]) ~= 'number' or a[2] < 1 then return U.fail('a page of at least 1') end
+    return U.trim_aged(a[1], a[2])
 end
 
 -- {finished_before, receipts_before, page, skip}: a Purge's next call.
@@ -942,7 +969,7 @@ function OPS.purge(a)
     if type(a[3]) ~= 'number' or a[3] < 1 or type(a[4]) ~= 'number' or a[4] < 0 then
         return U.fail('a page of at least 1, and a skip of at least 0')
     end
-    return U.purge({'G', a[1], a[2], a[3], a[4]})
+    return U.purge({'G', a[1], a[2], a[3], a[4], false})
 end
 
 -- LoadKeyNotices = {'N', reader, limit}: oldest first.
@@ -969,16 +996,414 @@ function U.clear_key_notice(op)
     return false
 end
 
+-- --- topics -----------------------------------------------------------------------------------
+--
+-- A topic (t:<id>) has its members (tm:<id>) and its history (th:<id>: message ids by offset);
+-- each client's subscriptions (ct:<uuid>) and the topics it owns (to:<uuid>) are indexed for
+-- its limits and its deletion. A published message is a message (m:<id>, address '#<topic>')
+-- with ``tp`` its topic and ``to`` its offset for good, ``ih`` 1 while its topic's history
+-- keeps it (its content and record stay then, whatever its deliveries), and a count of its
+-- deliveries per final status (``n:<status>``); each subscriber's copy is a delivery like any.
+--
+-- tm:<id> holds live clients only: subscribing checks, and a client's deletion ends its
+-- subscriptions in the call that makes its tombstone. A publish need not ask.
+
+local TOPIC_FIELDS = {'c', 'md', 'ac', 'pb', 'pr', 'hn', 'ha', 'ca', 'lo'}
+
+-- {id, creator, metadata, access, publish, presence, history_count, history_age, created_at,
+-- subscribers, last_offset}, or false.
+function U.topic_row(id)
+    local t = call('HMGET', K.topic(id), unpack(TOPIC_FIELDS))
+    if t[1] == false then return false end
+    return {id, t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], call('ZCARD', K.members(id)),
+        t[9]}
+end
+
+-- A lexicographic range's start after ``after`` (false: from the first).
+function U.after(after) return after and '(' .. after or '-' end
+
+-- The score of ``tha``: when a message accepted at ``accepted_at`` ages out of a history that
+-- keeps ``age`` seconds (rounded, as a sum of floats is: U.trim_aged checks each exactly).
+function U.ages_out(accepted_at, age)
+    return string.format('%.17g', tonumber(accepted_at) + tonumber(age))
+end
+
+-- Message ``id`` of ``sender`` joins ``topic``'s history at ``offset``.
+function U.enter_history(id, topic, sender, offset, accepted_at, age)
+    call('ZADD', K.topic_history(topic), offset, id)
+    call('ZADD', K.aging, U.ages_out(accepted_at, age), U.pad(id))
+    call('ZADD', K.in_history_by(sender), id, id)
+end
+
+-- Message ``id`` leaves its topic's history: its content goes unless a delivery of it is
+-- queued, and its record too if no delivery of it is left.
+function U.leave_history(id)
+    local key = K.message(id)
+    local m = call('HMGET', key, 'ih', 'tp', 's', 'i', 'f', 'k', 'nq', 'nd')
+    if m[1] ~= '1' then return end
+    call('HDEL', key, 'ih')
+    call('ZREM', K.topic_history(m[2]), id)
+    call('ZREM', K.aging, U.pad(id))
+    call('ZREM', K.in_history_by(m[3]), id)
+    local fields, key_id = m[5], m[6]
+    if tonumber(m[7]) == 0 then
+        call('HSET', key, 'f', '')
+        call('HDEL', key, 'k')
+        U.unindex_content(id, fields, key_id)
+        fields, key_id = '', false
+    end
+    if tonumber(m[8]) == 0 then U.delete_message(id, {m[3], m[4], fields, key_id}) end
+end
+
+-- The messages of ``topic`` at offsets up to ``up_to`` leave its history.
+function U.trim(topic, up_to)
+    for _, id in ipairs(call('ZRANGEBYSCORE', K.topic_history(topic), '-inf', up_to)) do
+        U.leave_history(tonumber(id))
+    end
+end
+
+-- At most ``page`` of the messages older than their topic's history_age at ``now`` leave its
+-- history: 1 if more may be due, else 0.
+function U.trim_aged(now, page)
+    local due = call('ZRANGEBYSCORE', K.aging, '-inf', '(' .. now, 'LIMIT', 0, page)
+    for _, padded in ipairs(due) do
+        local id = tonumber(padded)
+        local m = call('HMGET', K.message(id), 'at', 'tp')
+        local age = call('HGET', K.topic(m[2]), 'ha')
+        -- Compared as SQLite does; one due by its rounded score only waits for the next purge,
+        -- as does everything after it.
+        if not (tonumber(m[1]) < tonumber(now) - tonumber(age)) then return 0 end
+        U.leave_history(id)
+    end
+    return #due == page and 1 or 0
+end
+
+-- The counter raised to ``seq`` if it is below (never lowered): seqs it hands out then pass
+-- ``seq``.
+function U.raise_seq(seq)
+    if seq > tonumber(call('GET', K.seq) or '0') then call('SET', K.seq, U.int(seq)) end
+end
+
+-- What the Publish that stored message ``id`` answered: its queued deliveries are the first
+-- ``dn - nf`` of the ``dn`` seqs from ``d0`` (those still stored), then came the failed ones.
+function U.published(id)
+    local m = call('HMGET', K.message(id), 'to', 'd0', 'dn', 'nf')
+    local recipients, seqs = {}, {}
+    if m[2] then
+        local first = tonumber(m[2])
+        for seq = first, first + tonumber(m[3]) - tonumber(m[4]) - 1 do
+            local recipient = call('HGET', K.delivery(seq), 'r')
+            if recipient then
+                recipients[#recipients + 1], seqs[#seqs + 1] = recipient, seq
+            end
+        end
+    end
+    return {1, id, tonumber(m[1]), recipients, seqs, tonumber(m[4])}
+end
+
+-- Publish = {'B', id, topic, sender, msgid, high, acknowledge, fields, key_id, accepted_at,
+-- expires_at, admin, conversation_id}: message ``id`` (a seq reserved for it, which its
+-- content is sealed for) stored once, and a delivery of it to each subscriber but the sender,
+-- in uuid order: first those queued, then those failed at once (their queue is full). Their
+-- seqs are taken from the counter now, above every seq reserved or stored (and above this
+-- batch's Inserts). {1, id, offset, {recipient...}, {seq...}, full} (the queued deliveries),
+-- {2, id of the message with that msgid, false} or {3, reason}.
+function U.publish(op, max_queued)
+    local _, id, topic, sender, msgid, high, ack, fields, key_id, accepted_at, expires_at,
+        admin, conversation = unpack(op)
+    local t = call('HMGET', K.topic(topic), 'c', 'pb', 'hn', 'ha', 'lo')
+    if t[1] == false then return {3, 'topic_not_found'} end
+    local existing = call('HGET', K.sent(sender), msgid)
+    if existing and tonumber(existing) == id then
+        -- This very Publish, sent again: its batch was applied but its answer lost (a
+        -- deadline, a failed WAIT), and the hub retried it.
+        return U.published(id)
+    end
+    if existing then return {2, tonumber(existing), false} end
+    if admin == 0 and sender ~= t[1] then
+        if t[2] == 'owner' then return {3, 'not_permitted'} end
+        if call('ZSCORE', K.members(topic), sender) == false then
+            return {3, 'not_subscribed'}
+        end
+    end
+    local offset = tonumber(t[5]) + 1
+    call('HSET', K.topic(topic), 'lo', offset)
+    local queued, full = {}, {}
+    for _, member in ipairs(call('ZRANGE', K.members(topic), 0, -1)) do
+        if member ~= sender then
+            if call('ZCARD', K.queue(member)) < max_queued then
+                queued[#queued + 1] = member
+            else
+                full[#full + 1] = member
+            end
+        end
+    end
+    local made = #queued + #full
+    local row = {'s', sender, 'r', '#' .. topic, 'i', msgid, 'h', high, 'a', ack, 'f', fields,
+        'at', accepted_at, 'ex', expires_at, 'nd', made, 'nq', #queued, 'tp', topic,
+        'to', offset, 'ih', 1, 'dn', made, 'nf', #full}
+    if key_id then row[#row + 1], row[#row + 2] = 'k', key_id end
+    if conversation then row[#row + 1], row[#row + 2] = 'cv', conversation end
+    if #full > 0 then row[#row + 1], row[#row + 2] = 'n:failed', #full end
+    local first = 0
+    if made > 0 then
+        U.raise_seq(BATCH.top)
+        first = call('INCRBY', K.seq, made) - made + 1
+        row[#row + 1], row[#row + 2] = 'd0', first
+    end
+    call('HSET', K.message(id), unpack(row))
+    call('HSET', K.sent(sender), msgid, id)
+    call('HINCRBY', K.msgids, msgid, 1)
+    call('ZADD', K.accepted, accepted_at, U.pad(id))
+    U.index_content(id, fields, key_id)
+    local seqs = {}
+    for i, member in ipairs(queued) do
+        seqs[i] = first + i - 1
+        U.add_delivery(seqs[i], id, sender, member, msgid, expires_at, 0, false, accepted_at, 0,
+            '', conversation)
+    end
+    for i, member in ipairs(full) do
+        U.add_delivery(first + #queued + i - 1, id, sender, member, msgid, expires_at, 0,
+            'failed', accepted_at, 0, 'queue_full', conversation)
+    end
+    U.enter_history(id, topic, sender, offset, accepted_at, t[4])
+    U.trim(topic, offset - tonumber(t[3]))
+    return {1, id, offset, queued, seqs, #full}
+end
+
+-- {id, creator, metadata, access, publish, presence, history_count, history_age, created_at,
+-- max_owned}
+function OPS.create_topic(a)
+    local id, creator, metadata, access, publish, presence, count, age, at, max_owned = unpack(a)
+    if call('EXISTS', K.topic(id)) == 1 then return 'exists' end
+    if call('ZCARD', K.owned(creator)) >= max_owned then return 'too_many' end
+    call('HSET', K.topic(id), 'c', creator, 'md', metadata, 'ac', access, 'pb', publish,
+        'pr', presence, 'hn', count, 'ha', age, 'ca', at, 'lo', 0)
+    call('ZADD', K.topics, 0, id)
+    if access == 'open' then call('ZADD', K.open_topics, 0, id) end
+    call('ZADD', K.owned(creator), 0, id)
+    return 'created'
+end
+
+function OPS.get_topic(a)
+    return U.topic_row(a[1])
+end
+
+-- {viewer or false, everything (0/1), after or false, limit}: topic rows in id order after
+-- ``after``: every one, or the open ones and the private ones the viewer subscribes to (read
+-- on its subscriptions, at most max_subscriptions, up to where the open ones' page ends).
+function OPS.list_topics(a)
+    local viewer, everything, after, limit = a[1], a[2], a[3], a[4]
+    if limit == 0 then return {} end
+    local count = limit > 0 and limit or -1  -- as SQL: a negative LIMIT is none
+    local index = everything == 1 and K.topics or K.open_topics
+    local ids = call('ZRANGEBYLEX', index, U.after(after), '+', 'LIMIT', 0, count)
+    if everything == 0 and viewer then
+        local stop = '+'
+        if #ids == limit then stop = '[' .. ids[#ids] end
+        local found = 0
+        for _, id in ipairs(call('ZRANGEBYLEX', K.subscriptions(viewer), U.after(after), stop)) do
+            if found == limit then break end
+            if call('HGET', K.topic(id), 'ac') == 'private' then
+                ids[#ids + 1] = id
+                found = found + 1
+            end
+        end
+        table.sort(ids, U.lt)
+    end
+    local rows = {}
+    for i, id in ipairs(ids) do
+        if limit > 0 and i > limit then break end
+        rows[i] = U.topic_row(id)
+    end
+    return rows
+end
+
+-- {id, metadata, access, publish, presence, history_count, history_age}, false for each kept:
+-- the topic as it is then, or false if there is none. Its history is trimmed to its count at
+-- once; a new history_age reschedules its messages' ageing out.
+function OPS.update_topic(a)
+    local id, metadata, access, publish, presence, count, age = unpack(a)
+    local key = K.topic(id)
+    if call('EXISTS', key) == 0 then return false end
+    local given = {}
+    for i, field in ipairs({'md', 'ac', 'pb', 'pr', 'hn', 'ha'}) do
+        if a[i + 1] ~= false then given[#given + 1], given[#given + 2] = field, a[i + 1] end
+    end
+    if #given > 0 then call('HSET', key, unpack(given)) end
+    if access == 'open' then
+        call('ZADD', K.open_topics, 0, id)
+    elseif access then
+        call('ZREM', K.open_topics, id)
+    end
+    if age then
+        for _, member in ipairs(call('ZRANGE', K.topic_history(id), 0, -1)) do
+            local message = tonumber(member)
+            local at = call('HGET', K.message(message), 'at')
+            call('ZADD', K.aging, U.ages_out(at, age), U.pad(message))
+        end
+    end
+    local t = call('HMGET', key, 'hn', 'lo')
+    U.trim(id, tonumber(t[2]) - tonumber(t[1]))
+    return U.topic_row(id)
+end
+
+-- Delete a topic, its subscriptions and its history (deliveries of its messages that wait
+-- still go out). One call: its members are at most the server's max_subscribers.
+function U.forget_topic(id)
+    local creator = call('HGET', K.topic(id), 'c')
+    if not creator then return false end
+    call('DEL', K.topic(id))
+    call('ZREM', K.topics, id)
+    call('ZREM', K.open_topics, id)
+    call('ZREM', K.owned(creator), id)
+    for _, member in ipairs(call('ZRANGE', K.members(id), 0, -1)) do
+        call('ZREM', K.subscriptions(member), id)
+    end
+    call('DEL', K.members(id))
+    for _, message in ipairs(call('ZRANGE', K.topic_history(id), 0, -1)) do
+        U.leave_history(tonumber(message))
+    end
+    return true
+end
+
+function OPS.delete_topic(a)
+    return U.forget_topic(a[1]) and 1 or 0
+end
+
+-- {topic, client, max_subscribers, max_subscriptions, invited (0/1)}
+function OPS.subscribe(a)
+    local id, client, max_subscribers, max_subscriptions, invited = unpack(a)
+    local access = call('HGET', K.topic(id), 'ac')
+    if not access then return 'topic_not_found' end
+    if not U.live(client) then return 'unknown_client' end
+    if call('ZSCORE', K.members(id), client) then return 'already' end
+    if access == 'private' and invited == 0 then return 'private' end
+    if call('ZCARD', K.members(id)) >= max_subscribers then return 'topic_full' end
+    if call('ZCARD', K.subscriptions(client)) >= max_subscriptions then return 'too_many' end
+    call('ZADD', K.members(id), 0, client)
+    call('ZADD', K.subscriptions(client), 0, id)
+    return 'subscribed'
+end
+
+function OPS.unsubscribe(a)
+    local id, client = a[1], a[2]
+    if call('EXISTS', K.topic(id)) == 0 then return 'topic_not_found' end
+    if call('ZREM', K.members(id), client) == 0 then return 'not_subscribed' end
+    call('ZREM', K.subscriptions(client), id)
+    return 'unsubscribed'
+end
+
+function OPS.is_subscribed(a)
+    return call('ZSCORE', K.members(a[1]), a[2]) and 1 or 0
+end
+
+-- {topic, after or false, limit}: its subscribers in uuid order.
+function OPS.topic_subscribers(a)
+    if a[3] == 0 then return {} end
+    return call('ZRANGEBYLEX', K.members(a[1]), U.after(a[2]), '+', 'LIMIT', 0, a[3])
+end
+
+function OPS.client_topics(a)
+    return call('ZRANGE', K.subscriptions(a[1]), 0, -1)
+end
+
+-- {topic, since, limit, now}: its history after offset ``since``, oldest first, at most
+-- ``limit``, none older than its history_age at ``now`` (purged or not yet): {offset, msgid,
+-- sender, fields, key_id, accepted_at, message id, address} each.
+function OPS.topic_messages(a)
+    local id, since, limit, now = a[1], a[2], a[3], a[4]
+    local age = call('HGET', K.topic(id), 'ha')
+    if not age or limit == 0 then return {} end
+    local oldest = tonumber(now) - tonumber(age)
+    local page = limit > 0 and limit or -1
+    local rows, from = {}, '(' .. U.int(since)
+    while true do
+        local flat = call('ZRANGEBYSCORE', K.topic_history(id), from, '+inf', 'WITHSCORES',
+            'LIMIT', 0, page)
+        for i = 1, #flat, 2 do
+            local message = tonumber(flat[i])
+            local m = call('HMGET', K.message(message), 'i', 's', 'f', 'k', 'at', 'r')
+            if tonumber(m[5]) >= oldest then
+                rows[#rows + 1] = {tonumber(flat[i + 1]), m[1], m[2], m[3], m[4], m[5], message,
+                    m[6]}
+                if #rows == limit then return rows end
+            end
+        end
+        -- Past the aged ones not purged yet, the next page.
+        if page < 0 or #flat < 2 * page then return rows end
+        from = '(' .. flat[#flat]
+    end
+end
+
+-- {{id...}}: {id, deliveries, delivered, acknowledged, failed, expired} of each one that is
+-- a topic's message.
+function OPS.topic_counts(a)
+    local rows = {}
+    for _, id in ipairs(a[1]) do
+        local m = call('HMGET', K.message(id), 'tp', 'nd', 'n:delivered', 'n:acknowledged',
+            'n:failed', 'n:expired')
+        if m[1] then
+            rows[#rows + 1] = {id, tonumber(m[2]), tonumber(m[3] or '0'), tonumber(m[4] or '0'),
+                tonumber(m[5] or '0'), tonumber(m[6] or '0')}
+        end
+    end
+    return rows
+end
+
+-- A deleted client's subscriptions end (at most max_subscriptions), in its tombstone's call;
+-- its messages leave the topics' histories and the topics it owns go after, in the phases of
+-- OPS.forget_history (each may be big).
+function U.unsubscribe_all(uuid)
+    for _, id in ipairs(call('ZRANGE', K.subscriptions(uuid), 0, -1)) do
+        call('ZREM', K.members(id), uuid)
+    end
+    call('DEL', K.subscriptions(uuid))
+end
+
+-- The phase of a client's deletion after ``phase`` that has work left: ``tp`` its messages
+-- leave the topics' histories, ``to`` the topics it owns go; done once neither has. 1 while
+-- more remains, else 0.
+function U.forget_next(uuid, phase)
+    if phase ~= 'to' and call('ZCARD', K.in_history_by(uuid)) > 0 then
+        call('HSET', K.forgetting, uuid, 'tp:0')
+        return 1
+    end
+    if call('ZCARD', K.owned(uuid)) > 0 then
+        call('HSET', K.forgetting, uuid, 'to:0')
+        return 1
+    end
+    call('HDEL', K.forgetting, uuid)
+    return 0
+end
+
+-- A deleted client's topics: ``limit`` of its messages leave their history (phase ``tp``), or
+-- one topic it owns goes (``to``: one may have many members).
+function U.forget_topics(uuid, phase, limit)
+    if phase == 'tp' then
+        for _, id in ipairs(call('ZRANGE', K.in_history_by(uuid), 0, limit - 1)) do
+            U.leave_history(tonumber(id))
+            call('ZREM', K.in_history_by(uuid), id)  -- whatever its state, it is done with
+        end
+    else
+        local owned = call('ZRANGE', K.owned(uuid), 0, 0)
+        if owned[1] then U.forget_topic(owned[1]) end
+    end
+    return U.forget_next(uuid, phase)
+end
+
 local APPLY = {
     I = U.insert, F = U.finish, A = U.set_attempts, P = U.set_receipt_pending,
     Q = U.load_queue, R = U.load_receipts, X = U.find_expired, G = U.purge,
     N = U.load_key_notices, C = U.clear_key_notice, M = U.mark_read, T = U.clear_read_pending,
+    B = U.publish,
 }
 -- Each operation's arguments by type, the code first: n a number, s a string, S a string or
 -- false, t a list of numbers.
 local SIGNATURES = {
     I = 'snsssnnsSssnSnsS', F = 'snssnsnS', A = 'snnS', P = 'stn', Q = 'ssnnn', R = 'ssnn',
-    X = 'ssn', G = 'sssnn', N = 'ssn', C = 'ssssss', M = 'sssSs', T = 'st',
+    X = 'ssn', G = 'sssnnS', N = 'ssn', C = 'ssssss', M = 'sssSs', T = 'st',
+    B = 'snsssnnsSssnS',
 }
 
 function U.well_formed(op)
@@ -1010,19 +1435,21 @@ function OPS.execute(a)
         if not U.well_formed(op) then
             return U.fail('operation ' .. (i - 1) .. ' of the batch is malformed')
         end
-        if op[1] == 'I' then
+        if op[1] == 'I' or op[1] == 'B' then
             local seq = op[2]
             if seq < 1 or seq ~= math.floor(seq) then
                 return U.fail('operation ' .. (i - 1) .. ': a seq is a positive integer')
             end
-            -- A seq that holds this very message again is a duplicate (a re-sent Insert);
-            -- one that holds another message is a conflict.
-            local message = U.lp(op[3]) .. op[5]
+            -- A seq that holds this very message again is a duplicate (a re-sent Insert or
+            -- Publish); one that holds another message is a conflict.
+            local message = U.lp(op[1] == 'I' and op[3] or op[4]) .. op[5]
             if seqs[seq] == nil then seqs[seq] = U.holder(seq) end
             if (seqs[seq] or message) ~= message then
                 return U.fail('message seq ' .. U.int(seq) .. ' holds another message')
             end
             seqs[seq] = message
+            -- A Publish takes its deliveries' seqs above every Insert of the batch.
+            if op[1] == 'I' then BATCH.top = math.max(BATCH.top, seq) end
         end
     end
     local results = {}
@@ -1032,9 +1459,7 @@ function OPS.execute(a)
         results[i - 1] = result
     end
     -- The high-water mark, as SQLite's AUTOINCREMENT keeps it: never lowered.
-    if BATCH.high > tonumber(call('GET', K.seq) or '0') then
-        call('SET', K.seq, U.int(BATCH.high))
-    end
+    U.raise_seq(BATCH.high)
     return results
 end
 
@@ -1049,7 +1474,8 @@ function OPS.reserve_seqs(a)
 end
 
 -- {since, limit}: the messages accepted since, newest last, each with its first delivery's
--- status.
+-- status; not a topic's (they have no delivery of their own id: SQLite's join leaves them
+-- out).
 function OPS.recent_messages(a)
     local since, limit = a[1], a[2]
     local ids = {}
@@ -1057,14 +1483,30 @@ function OPS.recent_messages(a)
         ids[i] = tonumber(padded)
     end
     table.sort(ids, function(x, y) return x > y end)
-    local rows = {}
-    if limit < 0 or limit > #ids then limit = #ids end
-    for i = limit, 1, -1 do
-        local row = call('HMGET', K.message(ids[i]), 's', 'i', 'at')
-        row[4] = call('HGET', K.delivery(ids[i]), 'st')
-        rows[#rows + 1] = row
+    local newest = {}
+    for _, id in ipairs(ids) do
+        if limit >= 0 and #newest >= limit then break end  -- as SQL: a negative LIMIT is none
+        local row = call('HMGET', K.message(id), 's', 'i', 'at', 'tp')
+        if not row[4] then
+            row[4] = call('HGET', K.delivery(id), 'st')
+            newest[#newest + 1] = row
+        end
     end
+    local rows = {}
+    for i = #newest, 1, -1 do rows[#rows + 1] = newest[i] end
     return rows
+end
+
+-- The newest delivery ``sender`` sent of its message ``id``: the message's own seq, or for a
+-- topic's message, the highest of its deliveries' seqs (d0 .. d0 + dn - 1) still stored (0:
+-- none is).
+function U.newest_sent(id, sender)
+    local m = call('HMGET', K.message(id), 'tp', 'd0', 'dn')
+    if not m[1] then return id end
+    if not m[2] then return 0 end
+    local last = tonumber(m[2]) + tonumber(m[3]) - 1
+    local found = call('ZREVRANGEBYSCORE', K.history(sender, false), last, m[2], 'LIMIT', 0, 1)
+    return found[1] and tonumber(found[1]) or 0
 end
 
 -- {msgid, client}: the newest of the message the client sent with that msgid (as its first
@@ -1072,6 +1514,7 @@ end
 function OPS.message_record(a)
     local msgid, client = a[1], a[2]
     local best = tonumber(call('HGET', K.sent(client), msgid) or '0')
+    if best > 0 then best = U.newest_sent(best, client) end
     local prefix = U.lp(msgid)
     local received = call('ZREVRANGEBYLEX', K.received(client), '[' .. prefix .. '\255',
         '[' .. prefix, 'LIMIT', 0, 1)
@@ -1211,7 +1654,8 @@ function U.split_message(id)
 end
 
 -- {version, page}: migrate the next ``page`` messages, by rank in ``acc``, from layout 1 to
--- ``version`` (2, the only migration there is); returns how many are left (0: done).
+-- ``version`` (3); returns how many are left (0: done). Layout 3 (topics) only added keys and
+-- fields that layout 2 data has none of: from 2, writing the version is all.
 --
 -- The first call writes the new version, so that an older relayd refuses the data from then
 -- on, and the migration's cursor (``schema:migration``: the rank reached); each call moves the
@@ -1219,16 +1663,17 @@ end
 -- cursor where the last one put it, and the next node to open goes on from there; two nodes
 -- opening at once share the cursor. A message split already (it has its delivery) is skipped,
 -- so a cursor that lags can only cost time. No message is stored or forgotten meanwhile: every
--- relayd that knows layout 2 migrates before it serves, and one that does not refuses to open.
+-- relayd that knows the new layout migrates before it serves, and one that does not refuses
+-- to open.
 function OPS.migrate(a)
     local version, page = a[1], a[2]
     local stored = tonumber(call('GET', K.schema) or '0')
     if stored < version then
-        if stored ~= 1 or version ~= 2 then
+        if (stored ~= 1 and stored ~= 2) or version ~= 3 then
             return U.fail('no migration from layout ' .. U.int(stored) .. ' to ' .. U.int(version))
         end
         call('SET', K.schema, U.int(version))
-        call('HSET', K.migration, 'rank', 0)
+        if stored == 1 then call('HSET', K.migration, 'rank', 0) end
     elseif stored > version then
         return U.fail('layout ' .. U.int(stored) .. ' is newer than ' .. U.int(version))
     end
