@@ -367,7 +367,8 @@ def _refusal_or_duplicate(db: sqlite3.Connection, op: Insert) -> InsertOutcome:
     """Why ``op`` was not stored: its ``(sender, msgid)`` is (a duplicate, or this very Insert
     run again), or its recipient is unknown or has a full queue."""
     existing = db.execute(
-        "SELECT d.seq, d.status FROM messages m JOIN deliveries d ON d.seq = m.id"
+        # A published message has no delivery at its id: it is a duplicate all the same.
+        "SELECT m.id AS seq, d.status FROM messages m LEFT JOIN deliveries d ON d.seq = m.id"
         " WHERE m.sender = ? AND m.msgid = ?",
         (op.sender, op.msgid),
     ).fetchone()

@@ -14,6 +14,7 @@ import trio
 
 from relayd._engine import TopicCounts, TopicRecord
 from relayd._relay.records import (
+    BROADCAST,
     Duplicate,
     Finish,
     LoadQueue,
@@ -392,3 +393,41 @@ async def test_deleting_a_client_ends_its_topics_and_subscriptions(store: AnySto
     assert await store.topic_subscribers("room", after=None, limit=10) == [UUID_C]
     # What it published left the room's history.
     assert await store.topic_messages("room", since=0, limit=10, now=60.0) == []
+
+
+# --- memberships and broadcasts -------------------------------------------------------------
+
+
+async def test_memberships_say_which_topics_keep_presence(store: AnyStore) -> None:
+    await room(store, UUID_B, presence=True)
+    assert await store.create_topic(topic("quiet"), max_owned=10) == "created"
+    assert await store.subscribe("quiet", UUID_B, 2.0, **LIMITS) == "subscribed"
+    assert await store.memberships(UUID_B) == [("quiet", False), ("room", True)]
+    assert await store.memberships(UUID_C) == []
+
+
+async def test_a_broadcast_goes_to_every_live_client_but_its_sender_in_no_history(
+    store: AnyStore,
+) -> None:
+    assert await store.delete_client(UUID_D, 5.0)
+    [refused] = await run(store, publish("b0", topic_id=BROADCAST))
+    assert refused == Refused("not_permitted")
+    [outcome] = await run(store, publish("b1", topic_id=BROADCAST, admin=True))
+    assert isinstance(outcome, Published)
+    assert outcome.offset == 0
+    assert sorted(r for r, _ in outcome.deliveries) == sorted([UUID_B, UUID_C])
+    assert [(topic, offset) for _, topic, offset in await queue(store, UUID_B)] == [
+        (BROADCAST, None)
+    ]
+    assert await store.topic_messages(BROADCAST, since=0, limit=10, now=20.0) == []
+    counts = await store.topic_counts([outcome.message])
+    assert counts == {outcome.message: TopicCounts(total=2)}
+
+
+async def test_a_direct_message_reusing_a_published_msgid_is_a_duplicate(store: AnyStore) -> None:
+    await room(store, UUID_B)
+    [outcome] = await run(store, publish("m1"))
+    assert isinstance(outcome, Published)
+    seq = await store.reserve_seqs(1)
+    [again] = await run(store, message(seq, sender=UUID_A, recipient=UUID_C, msgid="m1"))
+    assert again == Duplicate(outcome.message, None)

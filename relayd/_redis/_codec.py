@@ -113,10 +113,10 @@ def maybe_float(value: bytes | None) -> float | None:
 
 def client_record(row: list[Any] | None) -> ClientRecord | None:
     """``{uuid, name, secret_hash, roles, created_at, tokens_valid_after, deleted_at,
-    reads_private}``."""
+    reads_private, last_seen}``."""
     if row is None:
         return None
-    uuid, name, secret_hash, roles, created_at, valid_after, deleted_at, private = row
+    uuid, name, secret_hash, roles, created_at, valid_after, deleted_at, private, seen = row
     return ClientRecord(
         uuid=text(uuid),
         name=text(name),
@@ -126,6 +126,7 @@ def client_record(row: list[Any] | None) -> ClientRecord | None:
         tokens_valid_after=float(valid_after),
         deleted_at=maybe_float(deleted_at),
         read_receipts=private != b"1",
+        last_seen=maybe_float(seen),
     )
 
 

@@ -268,6 +268,9 @@ class RedisStore:
     async def set_read_receipts(self, uuid: str, enabled: bool) -> bool:
         return bool(await self._call("set_read_receipts", uuid, int(enabled)))
 
+    async def set_last_seen(self, uuid: str, at: float) -> None:
+        await self._call("set_last_seen", uuid, C.when(at))
+
     async def get_client(self, uuid: str) -> ClientRecord | None:
         return C.client_record(await self._call("get_client", uuid, write=False))
 
@@ -637,6 +640,10 @@ class RedisStore:
 
     async def client_topics(self, client: str) -> list[str]:
         return [C.text(topic) for topic in await self._call("client_topics", client, write=False)]
+
+    async def memberships(self, client: str) -> list[tuple[str, bool]]:
+        rows = await self._call("memberships", client, write=False)
+        return [(C.text(topic), bool(presence)) for topic, presence in rows]
 
     async def topic_messages(
         self, topic_id: str, *, since: int, limit: int, now: float

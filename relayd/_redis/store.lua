@@ -130,12 +130,12 @@ end
 
 -- --- clients ----------------------------------------------------------------------------------
 
-local CLIENT_FIELDS = {'n', 'h', 'r', 'ca', 'tv', 'da', 'pr'}
+local CLIENT_FIELDS = {'n', 'h', 'r', 'ca', 'tv', 'da', 'pr', 'ls'}
 
 function U.client_row(uuid)
     local row = call('HMGET', K.client(uuid), unpack(CLIENT_FIELDS))
     if row[4] == false then return false end
-    return {uuid, row[1], row[2], row[3], row[4], row[5], row[6], row[7]}
+    return {uuid, row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8]}
 end
 
 function U.spend_invite(id, uuid, at)
@@ -171,6 +171,16 @@ function OPS.set_read_receipts(a)
         call('HDEL', K.client(a[1]), 'pr')
     else
         call('HSET', K.client(a[1]), 'pr', 1)
+    end
+    return 1
+end
+
+-- {uuid, at}: ``ls``, when it last had a live socket, never set back.
+function OPS.set_last_seen(a)
+    if not U.live(a[1]) then return 0 end
+    local seen = call('HGET', K.client(a[1]), 'ls')
+    if seen == false or tonumber(seen) < tonumber(a[2]) then
+        call('HSET', K.client(a[1]), 'ls', a[2])
     end
     return 1
 end
@@ -1098,7 +1108,7 @@ function U.published(id)
             end
         end
     end
-    return {1, id, tonumber(m[1]), recipients, seqs, tonumber(m[4])}
+    return {1, id, tonumber(m[1]) or 0, recipients, seqs, tonumber(m[4])}
 end
 
 -- Publish = {'B', id, topic, sender, msgid, high, acknowledge, fields, key_id, accepted_at,
@@ -1111,7 +1121,10 @@ end
 function U.publish(op, max_queued)
     local _, id, topic, sender, msgid, high, ack, fields, key_id, accepted_at, expires_at,
         admin, conversation = unpack(op)
-    local t = call('HMGET', K.topic(topic), 'c', 'pb', 'hn', 'ha', 'lo')
+    -- '*' (records.BROADCAST): every live client, admins only, in no history.
+    local broadcast = topic == '*'
+    local t = broadcast and {sender, 'owner', 0, 0, 0}
+        or call('HMGET', K.topic(topic), 'c', 'pb', 'hn', 'ha', 'lo')
     if t[1] == false then return {3, 'topic_not_found'} end
     local existing = call('HGET', K.sent(sender), msgid)
     if existing and tonumber(existing) == id then
@@ -1120,6 +1133,7 @@ function U.publish(op, max_queued)
         return U.published(id)
     end
     if existing then return {2, tonumber(existing), false} end
+    if broadcast and admin == 0 then return {3, 'not_permitted'} end
     if admin == 0 and sender ~= t[1] then
         if t[2] == 'owner' then return {3, 'not_permitted'} end
         if call('ZSCORE', K.members(topic), sender) == false then
@@ -1127,9 +1141,18 @@ function U.publish(op, max_queued)
         end
     end
     local offset = tonumber(t[5]) + 1
-    call('HSET', K.topic(topic), 'lo', offset)
+    local members
+    if broadcast then
+        members = {}
+        for _, client in ipairs(call('ZRANGE', K.clients, 0, -1)) do
+            if U.live(client) then members[#members + 1] = client end
+        end
+    else
+        call('HSET', K.topic(topic), 'lo', offset)
+        members = call('ZRANGE', K.members(topic), 0, -1)
+    end
     local queued, full = {}, {}
-    for _, member in ipairs(call('ZRANGE', K.members(topic), 0, -1)) do
+    for _, member in ipairs(members) do
         if member ~= sender then
             if call('ZCARD', K.queue(member)) < max_queued then
                 queued[#queued + 1] = member
@@ -1141,7 +1164,11 @@ function U.publish(op, max_queued)
     local made = #queued + #full
     local row = {'s', sender, 'r', '#' .. topic, 'i', msgid, 'h', high, 'a', ack, 'f', fields,
         'at', accepted_at, 'ex', expires_at, 'nd', made, 'nq', #queued, 'tp', topic,
-        'to', offset, 'ih', 1, 'dn', made, 'nf', #full}
+        'dn', made, 'nf', #full}
+    if not broadcast then
+        row[#row + 1], row[#row + 2] = 'to', offset
+        row[#row + 1], row[#row + 2] = 'ih', 1
+    end
     if key_id then row[#row + 1], row[#row + 2] = 'k', key_id end
     if conversation then row[#row + 1], row[#row + 2] = 'cv', conversation end
     if #full > 0 then row[#row + 1], row[#row + 2] = 'n:failed', #full end
@@ -1166,6 +1193,7 @@ function U.publish(op, max_queued)
         U.add_delivery(first + #queued + i - 1, id, sender, member, msgid, expires_at, 0,
             'failed', accepted_at, 0, 'queue_full', conversation)
     end
+    if broadcast then return {1, id, 0, queued, seqs, #full} end
     U.enter_history(id, topic, sender, offset, accepted_at, t[4])
     U.trim(topic, offset - tonumber(t[3]))
     return {1, id, offset, queued, seqs, #full}
@@ -1306,6 +1334,16 @@ end
 
 function OPS.client_topics(a)
     return call('ZRANGE', K.subscriptions(a[1]), 0, -1)
+end
+
+-- {client}: {topic, presence (1/0)} of each topic it subscribes to, in id order.
+function OPS.memberships(a)
+    local rows = {}
+    for _, topic in ipairs(call('ZRANGE', K.subscriptions(a[1]), 0, -1)) do
+        local presence = call('HGET', K.topic(topic), 'pr')
+        rows[#rows + 1] = {topic, (presence == '1' or presence == 'true') and 1 or 0}
+    end
+    return rows
 end
 
 -- {topic, since, limit, now}: its history after offset ``since``, oldest first, at most

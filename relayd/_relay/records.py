@@ -115,9 +115,10 @@ class Publish:
     next offset. Every delivery is told to nobody: a topic message's receipts are its counts
     (``MessageStore.topic_counts``), never a frame per subscriber.
 
-    Refused (:class:`Refused`) as ``topic_not_found``; as ``not_subscribed`` if the sender may
-    not publish there: neither its owner, nor (``publish`` ``"members"``) a subscriber, nor
-    ``admin``. To :data:`BROADCAST`: a delivery to every live client but the sender (refused as
+    Refused (:class:`Refused`) as ``topic_not_found``; as ``not_permitted`` if the topic is
+    owner-only (``publish`` ``"owner"``) and the sender neither its owner nor ``admin``; as
+    ``not_subscribed`` if the sender is neither its owner, nor a subscriber, nor ``admin``.
+    To :data:`BROADCAST`: a delivery to every live client but the sender (refused as
     ``not_permitted`` but for ``admin``), kept in no history (``offset`` 0).
     A subscriber whose queue holds ``max_queued`` gets its delivery failed at once
     (reason ``queue_full``). A duplicate ``(sender, msgid)`` is :class:`Duplicate` (seq: the
