@@ -1104,3 +1104,30 @@ async def test_hostile_calls_in_parallel_leave_the_daemon_serving(relayd: Runnin
         group.start_soon(friendly)
     assert sorted(set(statuses)) == [400, 403, 404, 422]
     assert await listed(http, None) == [*(f"ok-{i}" for i in range(10)), "room"]
+
+
+# --- clients that go ----------------------------------------------------------------------------
+
+
+async def test_a_deleted_client_leaves_its_topics_and_its_own_are_deleted(
+    relayd: RunningRelayd,
+) -> None:
+    http = relayd.http
+    alice, bob, carol = await register(http, "alice", "bob", "carol")
+    await create(http, token_of(alice), "alices")
+    await create(http, token_of(carol), "carols")
+    for name in ("alices", "carols"):
+        await subscribed(http, token_of(bob), name)
+    await subscribed(http, token_of(alice), "carols")
+    assert assert_ok(await http.delete(f"/clients/{alice['uuid']}", token=token_of(alice))) == {
+        "deleted": alice["uuid"]
+    }
+    assert_topic_not_found(await http.get("/topics/alices", token=token_of(bob)), "alices")
+    shown = await topic(http, token_of(bob), "carols")
+    assert (shown["subscriber_count"], shown["subscribers"]) == (1, [bob["uuid"]])
+    assert await listed(http, token_of(bob)) == ["carols"]
+    # Its id is free for another owner.
+    assert (await create(http, token_of(carol), "alices"))["creator"] == carol["uuid"]
+    # A deleted client cannot be added back.
+    added = await http.put(f"/topics/carols/members/{alice['uuid']}", token=token_of(carol))
+    assert_error(added, 404, "unknown_client")

@@ -144,13 +144,15 @@ def assert_topic_not_found(response: HttpResponse, topic_id: str) -> None:
 # --- over a socket ------------------------------------------------------------------------------
 
 
-async def publish(socket: WsClient, topic_id: str, msgid: str, **fields: Any) -> Doc:
+async def publish(
+    socket: WsClient, topic_id: str, msgid: str, *, duplicate: bool = False, **fields: Any
+) -> Doc:
     """Publish on ``socket`` (``content`` defaults to ``c-<msgid>``); its ``topic_sent``, which
-    must be the next frame the socket gets."""
+    must be the next frame the socket gets (``duplicate``: one saying so)."""
     await socket.send({"topic_id": topic_id, "msgid": msgid, "content": f"c-{msgid}", **fields})
     answer = await socket.next()
     assert answer["type"] == "topic_sent", answer
-    assert list(answer) == TOPIC_SENT_KEYS, answer
+    assert list(answer) == TOPIC_SENT_KEYS + ["duplicate"] * duplicate, answer
     assert (answer["topic_id"], answer["msgid"]) == (topic_id, msgid), answer
     return answer
 
