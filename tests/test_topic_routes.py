@@ -902,6 +902,26 @@ async def test_a_revoked_client_is_refused_on_every_route(
 
 
 @pytest.mark.parametrize(
+    ("headers", "query", "code"),
+    [
+        ({"Authorization": "Bearer not-a-jwt"}, "", "token_invalid"),
+        ({"Authorization": "Basic YWxpY2U6c2VjcmV0"}, "", "missing_token"),
+        ({"Authorization": ""}, "", "missing_token"),
+        ({}, "?token=not-a-jwt", "token_invalid"),
+        ({}, "?token=", "token_invalid"),
+    ],
+)
+async def test_a_bad_token_on_an_anonymous_read_is_refused_not_ignored(
+    relayd: RunningRelayd, headers: dict[str, str], query: str, code: str
+) -> None:
+    alice, _ = await room_of_alice(relayd)
+    for path in ("/topics", "/topics/room"):
+        response = await relayd.http.get(f"{path}{query}", headers=headers)
+        assert_error(response, 401, code)
+    await still_serving(relayd, alice)
+
+
+@pytest.mark.parametrize(
     ("method", "suffix", "body"),
     [
         ("GET", "", None),
