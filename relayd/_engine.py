@@ -98,6 +98,8 @@ class MessageRecord:
     finished_at: float | None
     delivered_at: float | None = None
     read_at: float | None = None  # None too for its sender when the reader hid it
+    message: int = 0  # the message's id (a topic message's counts are read by it)
+    topic: str | None = None  # published to this topic (its status is its counts)
 
 
 @frozen

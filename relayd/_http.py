@@ -44,7 +44,7 @@ from ._api import (
 from ._auth import AuthService
 from ._browser import APP_CSP
 from ._config import Config, RolesConfig
-from ._engine import ClientRecord, Engine, HistoryEntry, HistoryQuery
+from ._engine import ClientRecord, Engine, HistoryEntry, HistoryQuery, MessageRecord
 from ._errors import (
     ApiError,
     Conflict,
@@ -93,6 +93,7 @@ from ._relay import frames as F
 from ._relay.frames import ProtocolError
 from ._relay.reads import refusal
 from ._relay.records import ReadCode, ReadOutcome
+from ._relay.topics import counts_doc
 from ._roles import RolePolicy
 from ._tokens import Claims
 
@@ -450,6 +451,27 @@ def _history_json(entry: HistoryEntry) -> dict[str, Any]:
         "read_at": entry.read_at,
         "finished_at": entry.finished_at,
         "message": json.loads(entry.fields) if entry.fields else None,
+    }
+
+
+async def _published_status(store: Engine, record: MessageRecord) -> dict[str, Any]:
+    """A topic message's record for its publisher: the counts of its deliveries (one per
+    subscriber), as ``topic_update`` frames tell them."""
+    found = (await store.topic_counts([record.message])).get(record.message)
+    counts = counts_doc(found) if found is not None else None
+    return {
+        "msgid": record.msgid,
+        "from": record.sender,
+        "to": "#" + str(record.topic),
+        "topic_id": record.topic,
+        "status": "published",
+        "final": counts is not None and counts["pending"] == 0,
+        "reason": None,
+        "attempts": 0,
+        "accepted_at": record.accepted_at,
+        "expires_at": record.expires_at,
+        "finished_at": None,
+        "counts": counts,
     }
 
 
@@ -1016,6 +1038,8 @@ def create_app(services: Services) -> QuartTrio:
             raise NotFound("no such message", code="unknown_message")
         record = await store.message_record(msgid, claims.sub)
         relay = services.relay
+        if record is not None and record.topic is not None and record.sender == claims.sub:
+            return await _published_status(store, record)
         if record is not None:
             told = relay.recent_status(record.sender, msgid) if relay is not None else None
             # The store's final status, else what its sender was last told (the core's view is

@@ -38,6 +38,7 @@ from ._errors import (
 )
 from ._openapi import api
 from ._relay.frames import valid_topic_id
+from ._structure import field_error
 from ._tokens import Claims
 
 # Subscribers a topic's page lists at most (the rest: GET /topics/{id}/subscribers).
@@ -46,26 +47,28 @@ MAX_PAGE = 1000
 MAX_METADATA_BYTES = 4096
 
 
+# Each raises the field's own error, so that the 422 names the field (relayd/_structure.py).
 def _check_id(_: object, attribute: Any, value: str) -> None:
     if not valid_topic_id(value):
-        raise ValueError(
-            "must be 1 to 100 letters, digits and . _ : @ ~ -, starting with a letter or digit"
+        raise field_error(
+            attribute,
+            "must be 1 to 100 letters, digits and . _ : @ ~ -, starting with a letter or digit",
         )
 
 
 def _check_metadata(_: object, attribute: Any, value: dict[str, Any] | None) -> None:
     if value is not None and len(json.dumps(value)) > MAX_METADATA_BYTES:
-        raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+        raise field_error(attribute, f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
 
 
 def _check_count(_: object, attribute: Any, value: int | None) -> None:
     if value is not None and value < 0:
-        raise ValueError("must be 0 or more")
+        raise field_error(attribute, "must be 0 or more")
 
 
 def _check_age(_: object, attribute: Any, value: float | None) -> None:
     if value is not None and not 0 < value < math.inf:
-        raise ValueError("must be a positive number of seconds")
+        raise field_error(attribute, "must be a positive number of seconds")
 
 
 @frozen(kw_only=True)

@@ -195,7 +195,8 @@ class PublicKeys:
 @frozen
 class MessageStatus:
     """A message's record (with ``from``, its sender). ``final``: its status will not
-    change."""
+    change. To its publisher, a topic message's record is its counts (``status``
+    ``published``; ``to`` the topic's address, ``#<topic>``)."""
 
     msgid: str
     to: str
@@ -208,6 +209,8 @@ class MessageStatus:
     finished_at: float | None
     delivered_at: float | None = None
     read_at: float | None = None
+    topic_id: str | None = None  # a message its caller published to a topic
+    counts: dict[str, int] | None = None  # then: what became of its deliveries
 
 
 @frozen

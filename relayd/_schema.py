@@ -284,6 +284,15 @@ MIGRATIONS: tuple[str, ...] = (
 
     -- When the client last had a live socket (the directory's last_seen).
     ALTER TABLE clients ADD COLUMN last_seen REAL;
+
+    -- A topic's (or a broadcast's) delivery: its publisher's sent history lists the message
+    -- once (in the topic's history), not once per subscriber.
+    ALTER TABLE deliveries ADD COLUMN fanout INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX deliveries_sent;
+    CREATE INDEX deliveries_sent ON deliveries (sender, seq) WHERE fanout = 0;
+    DROP INDEX deliveries_sent_conversation;
+    CREATE INDEX deliveries_sent_conversation ON deliveries (sender, conversation_id, seq)
+        WHERE conversation_id IS NOT NULL AND fanout = 0;
     """,
 )
 

@@ -110,7 +110,8 @@ class SqliteMessageStore(SqliteConnection):
             row = db.execute(
                 "SELECT d.seq, m.sender, d.recipient, m.msgid, d.status, d.reason, d.attempts,"
                 " m.accepted_at, d.expires_at, d.finished_at, d.delivered_at,"
-                " CASE WHEN d.read_hidden AND d.recipient != ?3 THEN NULL ELSE d.read_at END"
+                " CASE WHEN d.read_hidden AND d.recipient != ?3 THEN NULL ELSE d.read_at END,"
+                " m.id, m.topic"
                 " FROM messages m JOIN deliveries d ON d.message = m.id"
                 " WHERE m.msgid = ?1 AND (m.sender = ?2 OR d.recipient = ?2)"
                 " ORDER BY d.seq DESC LIMIT 1",
@@ -537,7 +538,8 @@ def _history(
             where, args = "recipient = ? AND sender = ?", [query.client, query.peer]
         sides.append((where, args))
     if query.box in ("all", "sent"):
-        where, args = "sender = ?", [query.client]
+        # A publish is one entry of its topic's history, not one per subscriber here.
+        where, args = "sender = ? AND fanout = 0", [query.client]
         if query.peer is not None:
             where, args = "recipient = ? AND sender = ?", [query.peer, query.client]
         sides.append((where, args))

@@ -114,12 +114,13 @@ class SqliteTopicStore(SqliteConnection):
         self, viewer: str | None, *, everything: bool, after: str | None, limit: int
     ) -> list[TopicRecord]:
         """Topics in id order after ``after``, at most ``limit``: every one if
-        ``everything``, else the open ones and the private ones ``viewer`` subscribes to."""
+        ``everything``, else the open ones and the private ones ``viewer`` subscribes to or
+        owns."""
 
         def query(db: sqlite3.Connection) -> list[TopicRecord]:
             rows = db.execute(
                 f"SELECT {_TOPIC_COLUMNS} FROM topics t WHERE id > :after AND (:all OR"
-                " access = 'open' OR EXISTS (SELECT 1 FROM topic_members m"
+                " access = 'open' OR creator = :viewer OR EXISTS (SELECT 1 FROM topic_members m"
                 " WHERE m.topic = t.id AND m.client = :viewer)) ORDER BY id LIMIT :limit",
                 {"after": after or "", "all": int(everything), "viewer": viewer, "limit": limit},
             )
@@ -463,7 +464,7 @@ def publish(
         )
     db.executemany(
         "INSERT INTO deliveries (seq, message, sender, recipient, expires_at, status, reason,"
-        " finished_at, conversation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " finished_at, conversation_id, fanout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
         rows,
     )
     if topic is None or offset is None:

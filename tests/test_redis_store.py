@@ -436,15 +436,19 @@ def history_indexes(dump: dict[bytes, Any]) -> dict[bytes, set[int]]:
 
 def history_indexes_due(dump: dict[bytes, Any]) -> dict[bytes, set[int]]:
     """The history indexes the deliveries in ``dump`` call for (the package's key layout):
-    each delivery in its recipient's, its sender's, the two's, and those again within its
-    message's conversation."""
+    each delivery in its recipient's, its sender's (not a topic's delivery: its publisher's
+    history lists it once, in the topic's), the two's, and those again within its message's
+    conversation."""
     due: dict[bytes, set[int]] = {}
     for name, row in dump.items():
         if not name.startswith(b"relayd:dl:"):
             continue
         sender, recipient = row[b"s"], row[b"r"]
+        message = dump[b"relayd:m:" + row[b"m"]]
         indexes = [b"hr:" + recipient, b"hs:" + sender, b"hp:" + sender + b":" + recipient]
-        conversation = dump[b"relayd:m:" + row[b"m"]].get(b"cv")
+        if b"tp" in message:
+            indexes.remove(b"hs:" + sender)
+        conversation = message.get(b"cv")
         if conversation is not None:
             indexes += [b"hc" + index[1:] + b":" + conversation for index in indexes]
         for index in indexes:

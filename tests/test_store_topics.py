@@ -126,6 +126,7 @@ async def test_listing_shows_open_topics_and_private_ones_of_the_viewer_in_pages
     assert await ids(None, after=None, limit=10) == ["a", "b", "c"]
     assert await ids(UUID_B, after=None, limit=10) == ["a", "b", "c", "p"]
     assert await ids(UUID_C, True, after=None, limit=10) == ["a", "b", "c", "p"]
+    assert await ids(UUID_A, after=None, limit=10) == ["a", "b", "c", "p"]  # its owner
     assert await ids(UUID_B, after=None, limit=2) == ["a", "b"]
     assert await ids(UUID_B, after="b", limit=2) == ["c", "p"]
 

@@ -473,6 +473,8 @@ def message_record(row: list[Any]) -> MessageRecord:
         finished,
         delivered_at,
         read_at,
+        message,
+        topic,
     ) = row
     return MessageRecord(
         int(seq),
@@ -487,6 +489,8 @@ def message_record(row: list[Any]) -> MessageRecord:
         maybe_float(finished),
         maybe_float(delivered_at),
         maybe_float(read_at),
+        int(message),
+        maybe_text(topic),
     )
 
 

@@ -644,11 +644,13 @@ end
 
 -- The history indexes a delivery is in (K.history): by its recipient, by its sender, by the
 -- two, and the same in its message's conversation.
-function U.history_keys(sender, recipient, conversation)
+-- ``fanout``: a topic's (or broadcast's) delivery, kept out of its sender's sent index (its
+-- publisher's history lists it once, in the topic's, not once per subscriber).
+function U.history_keys(sender, recipient, conversation, fanout)
     local keys = {}
     for _, within in ipairs({false, conversation}) do
         keys[#keys + 1] = K.history(false, recipient, within)
-        keys[#keys + 1] = K.history(sender, false, within)
+        if not fanout then keys[#keys + 1] = K.history(sender, false, within) end
         keys[#keys + 1] = K.history(sender, recipient, within)
         if not conversation then break end
     end
@@ -656,8 +658,8 @@ function U.history_keys(sender, recipient, conversation)
 end
 
 -- ``verb``: ZADD (a delivery stored) or ZREM (purged).
-function U.history_index(verb, seq, sender, recipient, conversation)
-    for _, key in ipairs(U.history_keys(sender, recipient, conversation)) do
+function U.history_index(verb, seq, sender, recipient, conversation, fanout)
+    for _, key in ipairs(U.history_keys(sender, recipient, conversation, fanout)) do
         if verb == 'ZADD' then call('ZADD', key, seq, seq) else call('ZREM', key, seq) end
     end
 end
@@ -676,7 +678,7 @@ end
 -- A delivery of message ``id`` (in ``conversation``, or false) to ``recipient``: queued, or
 -- (``status`` given) final already, and then delivered when it was accepted if it was.
 function U.add_delivery(seq, id, sender, recipient, msgid, expires_at, attempts, status, at,
-                        pending, reason, conversation)
+                        pending, reason, conversation, fanout)
     local row = {'m', id, 's', sender, 'r', recipient, 'ex', expires_at, 'n', attempts,
         'rs', reason, 'rp', pending}
     if status then
@@ -685,7 +687,7 @@ function U.add_delivery(seq, id, sender, recipient, msgid, expires_at, attempts,
     end
     call('HSET', K.delivery(seq), unpack(row))
     call('ZADD', K.received(recipient), 0, U.msgid_member(msgid, seq))
-    U.history_index('ZADD', seq, sender, recipient, conversation)
+    U.history_index('ZADD', seq, sender, recipient, conversation, fanout)
     if status then
         call('ZADD', K.finished, at, U.pad(seq))
         if pending == 1 then call('ZADD', K.receipts(sender), seq, seq) end
@@ -928,7 +930,7 @@ function U.delete_delivery(seq)
     call('ZREM', K.received(row[3]), U.msgid_member(message[2], seq))
     call('ZREM', K.finished, U.pad(seq))
     call('ZREM', K.receipts(row[2]), seq)
-    U.history_index('ZREM', seq, row[2], row[3], message[6])
+    U.history_index('ZREM', seq, row[2], row[3], message[6], message[7] ~= false)
     call('DEL', key)
     if message[7] and row[4] then call('HINCRBY', K.message(id), 'n:' .. row[4], -1) end
     local left = tonumber(message[5]) - 1
@@ -1187,11 +1189,11 @@ function U.publish(op, max_queued)
     for i, member in ipairs(queued) do
         seqs[i] = first + i - 1
         U.add_delivery(seqs[i], id, sender, member, msgid, expires_at, 0, false, accepted_at, 0,
-            '', conversation)
+            '', conversation, true)
     end
     for i, member in ipairs(full) do
         U.add_delivery(first + #queued + i - 1, id, sender, member, msgid, expires_at, 0,
-            'failed', accepted_at, 0, 'queue_full', conversation)
+            'failed', accepted_at, 0, 'queue_full', conversation, true)
     end
     if broadcast then return {1, id, 0, queued, seqs, #full} end
     U.enter_history(id, topic, sender, offset, accepted_at, t[4])
@@ -1218,8 +1220,9 @@ function OPS.get_topic(a)
 end
 
 -- {viewer or false, everything (0/1), after or false, limit}: topic rows in id order after
--- ``after``: every one, or the open ones and the private ones the viewer subscribes to (read
--- on its subscriptions, at most max_subscriptions, up to where the open ones' page ends).
+-- ``after``: every one, or the open ones and the private ones the viewer subscribes to or owns
+-- (read on its subscriptions and its own, at most max_subscriptions and max_owned, up to
+-- where the open ones' page ends).
 function OPS.list_topics(a)
     local viewer, everything, after, limit = a[1], a[2], a[3], a[4]
     if limit == 0 then return {} end
@@ -1229,12 +1232,16 @@ function OPS.list_topics(a)
     if everything == 0 and viewer then
         local stop = '+'
         if #ids == limit then stop = '[' .. ids[#ids] end
-        local found = 0
-        for _, id in ipairs(call('ZRANGEBYLEX', K.subscriptions(viewer), U.after(after), stop)) do
-            if found == limit then break end
-            if call('HGET', K.topic(id), 'ac') == 'private' then
-                ids[#ids + 1] = id
-                found = found + 1
+        local seen = {}
+        for _, index in ipairs({K.subscriptions(viewer), K.owned(viewer)}) do
+            local found = 0
+            for _, id in ipairs(call('ZRANGEBYLEX', index, U.after(after), stop)) do
+                if found == limit then break end
+                if not seen[id] and call('HGET', K.topic(id), 'ac') == 'private' then
+                    ids[#ids + 1] = id
+                    seen[id] = true
+                    found = found + 1
+                end
             end
         end
         table.sort(ids, U.lt)
@@ -1542,9 +1549,12 @@ function U.newest_sent(id, sender)
     local m = call('HMGET', K.message(id), 'tp', 'd0', 'dn')
     if not m[1] then return id end
     if not m[2] then return 0 end
-    local last = tonumber(m[2]) + tonumber(m[3]) - 1
-    local found = call('ZREVRANGEBYSCORE', K.history(sender, false), last, m[2], 'LIMIT', 0, 1)
-    return found[1] and tonumber(found[1]) or 0
+    -- The newest of its deliveries still stored (those purged are gone from the top first,
+    -- oldest finished first: usually the last one is there).
+    for seq = tonumber(m[2]) + tonumber(m[3]) - 1, tonumber(m[2]), -1 do
+        if call('EXISTS', K.delivery(seq)) == 1 then return seq end
+    end
+    return 0
 end
 
 -- {msgid, client}: the newest of the message the client sent with that msgid (as its first
@@ -1563,12 +1573,13 @@ function OPS.message_record(a)
     if best == 0 then return false end
     local d = call('HMGET', K.delivery(best), 'm', 's', 'r', 'st', 'rs', 'n', 'ex', 'fa', 'dv',
         'ra', 'rh')
-    local m = call('HMGET', K.message(tonumber(d[1])), 'i', 'at')
+    local m = call('HMGET', K.message(tonumber(d[1])), 'i', 'at', 'tp')
     local read_at = d[10]
     if d[11] == '1' and d[3] ~= client then read_at = false end  -- hidden from its sender
     -- {seq, sender, recipient, msgid, status, reason, attempts, accepted_at, expires_at,
-    -- finished_at, delivered_at, read_at}
-    return {best, d[2], d[3], m[1], d[4], d[5], d[6], m[2], d[7], d[8], d[9], read_at}
+    -- finished_at, delivered_at, read_at, message id, topic}
+    return {best, d[2], d[3], m[1], d[4], d[5], d[6], m[2], d[7], d[8], d[9], read_at,
+        tonumber(d[1]), m[3]}
 end
 
 -- {client, box, peer, conversation, newest_first, cursor, limit}: a page of the client's
