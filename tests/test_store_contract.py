@@ -355,10 +355,10 @@ async def test_a_message_record_is_the_newest_the_client_sent_or_received(
         SetAttempts(3, 4),
     )
     assert await store.message_record("x", UUID_A) == MessageRecord(
-        2, UUID_B, UUID_A, "x", None, "", 0, 1.0, 1e9, None
+        2, UUID_B, UUID_A, "x", None, "", 0, 1.0, 1e9, None, message=2
     )
     assert await store.message_record("x", UUID_B) == MessageRecord(
-        3, UUID_C, UUID_B, "x", None, "", 4, 1.0, 1e9, None
+        3, UUID_C, UUID_B, "x", None, "", 4, 1.0, 1e9, None, message=3
     )
     await run(store, Finish(2, Status.EXPIRED, 9.0, receipt_pending=False))
     record = await store.message_record("x", UUID_A)
@@ -381,7 +381,7 @@ async def test_a_failed_message_keeps_its_record(store: AnyStore) -> None:
         Finish(1, Status.FAILED, PRECISE + 1, receipt_pending=True, reason="max_attempts"),
     )
     assert await store.message_record("m1", UUID_B) == MessageRecord(
-        1, UUID_A, UUID_B, "m1", "failed", "max_attempts", 0, PRECISE, 1e9, PRECISE + 1
+        1, UUID_A, UUID_B, "m1", "failed", "max_attempts", 0, PRECISE, 1e9, PRECISE + 1, message=1
     )
 
 
