@@ -226,6 +226,8 @@ class Subscriber(Client):
         self.seen: set[str] = set()
         self.last_offset = 0
         self.last_delivery_ns = 0  # its latest first delivery's receipt
+        self.presence_events = 0  # in the presence frames it got
+        self.presence_truncated = 0  # presence frames that said they left events out
 
     def frame(self, kind: str, doc: dict[str, Any], at: int) -> None:
         if kind == "message":
@@ -233,6 +235,9 @@ class Subscriber(Client):
         elif kind == "ack_received":
             if doc.get("status") != "acknowledged":
                 self.topic.tally.anomaly("ack_not_acknowledged", json.dumps(doc))
+        elif kind == "presence":
+            self.presence_events += len(doc["events"])
+            self.presence_truncated += bool(doc.get("truncated"))
         else:
             super().frame(kind, doc, at)
 

@@ -132,7 +132,9 @@ async def storm(
     info_before = collections.Counter(tally.info)
     gauges_before = await scrape(daemon)
     samples_before = len(tally.samples)
-    presence_before = [s.frames["presence"] for s in subscribers]
+    presence_before = [
+        (s.frames["presence"], s.presence_events, s.presence_truncated) for s in subscribers
+    ]
     rss_before = daemon.rss()
     cpu_before = daemon.cpu()
     await drop_all(subscribers, args.drop)
@@ -169,7 +171,10 @@ async def storm(
     counters = counter_deltas(gauges_before, await scrape(daemon))
     received = sum(p.received for p in missed)
     expected = n * len(missed)
-    presence = [s.frames["presence"] - b for s, b in zip(subscribers, presence_before, strict=True)]
+    presence = [
+        (s.frames["presence"] - f, s.presence_events - e, s.presence_truncated - t)
+        for s, (f, e, t) in zip(subscribers, presence_before, strict=True)
+    ]
     anomalies = tally.anomalies - before
     lost = expected - received
     storm_s = (end_ns - start_ns) / 1e9
@@ -194,8 +199,13 @@ async def storm(
             **machine,
             "other_cores": other_cores(machine, cpu / storm_s, gen_cpu / storm_s),
         },
-        "presence_frames": sum(presence),
-        "presence_frames_max_per_subscriber": max(presence, default=0),
+        # Presence frames each subscriber got from its drop to the end of the round, the
+        # events in them, and those that said they left events out (``truncated``).
+        "presence_frames": sum(p[0] for p in presence),
+        "presence_frames_max_per_subscriber": max((p[0] for p in presence), default=0),
+        "presence_events": sum(p[1] for p in presence),
+        "presence_events_max_per_subscriber": max((p[1] for p in presence), default=0),
+        "presence_truncated_frames": sum(p[2] for p in presence),
         "rss_before_mib": mib(rss_before),
         "rss_away_mib": mib(rss_away),
         "rss_peak_mib": mib(watch.peak),
