@@ -433,6 +433,7 @@ class Gauges(MetricsScraper):
         "relayd_connections",
         "relayd_messages_total",
         "relayd_ack_latency_seconds",
+        "relayd_dedupe_entries",
     )
 
 
