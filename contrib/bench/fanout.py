@@ -345,9 +345,7 @@ class Publisher(Client):
 # --- setting a run up ----------------------------------------------------------------------
 
 
-def fanout_settings(
-    engine: str, transport: str, clients: int, watched: int, extra: Settings | None = None
-) -> Settings:
+def fanout_settings(engine: str, transport: str, clients: int, watched: int) -> Settings:
     """The bench settings, plus: room for every socket from 127.0.0.1 (relayd's per-address
     limit is 1,000), and ``topics.max_watched`` above the publishes of a variant, so that
     every publish's final ``topic_update`` comes and its counts can be checked (relayd's
@@ -357,8 +355,6 @@ def fanout_settings(
         "websocket": {"max_connections": limit, "max_connections_per_ip": limit},
         "topics": {"max_watched": watched},
     }
-    for section, values in (extra or {}).items():
-        layer.setdefault(section, {}).update(values)
     return relay_settings(store=STORES[engine], transport=transport, extra=layer)
 
 
@@ -423,9 +419,9 @@ async def connect_all(
 
 
 class Gauges(MetricsScraper):
-    """The gauges a fan-out run follows in ``GET /metrics``: the bytes of messages relayd
-    holds for online recipients (one copy per subscriber's delivery shows here), where
-    messages wait, and the store's commits."""
+    """What a fan-out run follows in ``GET /metrics``: the bytes of messages relayd holds for
+    online recipients (one copy per subscriber's delivery shows here), where messages wait,
+    open sockets, and the counters of messages, acks and the store's commits."""
 
     WANTED: tuple[str, ...] = (
         "relayd_message_memory_bytes",
