@@ -138,11 +138,39 @@ async def register_many(
     return done, time.monotonic() - started
 
 
+async def call_all(
+    http_url: str,
+    calls: list[tuple[str, str, dict[str, Any] | None]],
+    *,
+    concurrency: int = 8,
+) -> list[tuple[int, Any]]:
+    """Make each ``(method, path, body)`` request, on ``concurrency`` keep-alive connections
+    in parallel; the answers (status, body) in the calls' order. The topics' routes take the
+    token as ``?token=`` in the path, so a call needs no header of its own."""
+    parts = urlsplit(http_url)
+    answers: list[tuple[int, Any] | None] = [None] * len(calls)
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        conn = _Connection(parts.hostname or "127.0.0.1", parts.port or 80)
+        try:
+            while next_index < len(calls):
+                i = next_index
+                next_index += 1
+                answers[i] = await conn.request(*calls[i])
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(calls)))))
+    return [a for a in answers if a is not None]
+
+
 class MetricsScraper:
     """Reads a few gauges from relayd's ``GET /metrics`` (Prometheus text), best effort: a
     relayd without the route, or an answer that does not parse, gives an empty dict."""
 
-    WANTED = (
+    WANTED: tuple[str, ...] = (
         "relayd_pending_commit",
         "relayd_store_queue",
         "relayd_queued_messages",
