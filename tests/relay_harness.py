@@ -204,6 +204,8 @@ class CoreHarness:
         self.answers: dict[int, Answer] = {}  # what submitters were answered, by ticket
         self.counted: list[tuple[int, ...]] = []  # the CountTopics asked for, in order
         self.seen: list[tuple[str, float]] = []  # the Seen asked for, in order
+        self.hold_counts = False  # CountTopics wait in held_counts for answer_counts()
+        self.held_counts: list[CountTopics] = []
 
     def reserve(self, count: int, db: sqlite3.Connection | None = None) -> int:
         """The first of ``count`` fresh seqs: from the bus, or above every seq stored."""
@@ -407,7 +409,10 @@ class CoreHarness:
                         node.run()
             elif isinstance(action, CountTopics):
                 self.counted.append(action.messages)
-                self.core.topics_counted(topic_counts(self.db, action.messages), self.now)
+                if self.hold_counts:
+                    self.held_counts.append(action)  # answered by answer_counts()
+                else:
+                    self.core.topics_counted(topic_counts(self.db, action.messages), self.now)
             elif isinstance(action, Announce):
                 self.pending_announces.append(action)
             elif isinstance(action, Answer):
@@ -437,6 +442,13 @@ class CoreHarness:
         self.commits += 1
         self.executed += ops
         return results
+
+    def answer_counts(self) -> None:
+        """Answer the held CountTopics, with the store's counts as they are now."""
+        held, self.held_counts = self.held_counts, []
+        for action in held:
+            self.core.topics_counted(topic_counts(self.db, action.messages), self.now)
+        self.run()
 
     def commit(self) -> list[Any]:
         """Run the pending store operations in one transaction and report the results."""

@@ -364,3 +364,39 @@ def test_a_broadcast_crosses_nodes() -> None:
     b = two.connect(bob)
     one.send(one.connect(root), {"type": "broadcast", "content": "everywhere"})
     assert [f["content"] for f in of_type(two.read(b), "broadcast")] == ["everywhere"]
+
+
+def test_a_message_published_while_its_counts_are_read_is_still_told() -> None:
+    h = CoreHarness(RelayConfig(ack_timeout=30.0))
+    alice, bob = h.client("alice"), h.client("bob")
+    make_topic(h, "room", alice, bob)
+    a, b = h.connect(alice), h.connect(bob)
+    h.hold_counts = True
+    publish(h, a, "m1", acknowledge=True)
+    h.advance(1.0)  # m1's counts are asked for...
+    publish(h, a, "m2", acknowledge=True)  # ...and m2 is published before they come
+    for message in h.messages(b):
+        h.send(b, {"type": "ack", "msgid": message["msgid"]})
+    h.answer_counts()
+    h.advance(1.0)
+    h.answer_counts()
+    updates = of_type(h.read(a), "topic_update")
+    assert {(u["msgid"], u["pending"]) for u in updates if u["pending"] == 0} == {
+        ("m1", 0),
+        ("m2", 0),
+    }
+
+
+def test_the_subscribers_here_share_one_copy_of_a_topic_messages_content() -> None:
+    h = CoreHarness(RelayConfig(ack_timeout=30.0))
+    alice = h.client("alice")
+    subscribers = [h.client(f"s{i}") for i in range(3)]
+    make_topic(h, "room", alice, *subscribers)
+    sids = [h.connect(s) for s in subscribers]
+    big = {"topic_id": "room", "msgid": "big", "acknowledge": True, "content": "x" * 10_000}
+    h.send(h.connect(alice), big)
+    for sid in sids:
+        assert [m["content"] for m in h.messages(sid)] == ["x" * 10_000]
+    held = [h.core.delivery.recipients[s.uuid].unacked["big"] for s in subscribers]
+    assert held[0].fields is held[1].fields
+    assert held[1].fields is held[2].fields

@@ -42,6 +42,8 @@ from .sessions import Sessions
 
 # Expired messages read per store query; a full page asks for the next at once.
 SWEEP_PAGE = 1000
+# Topic messages whose content is shared by the subscribers here that load them (see _shared).
+SHARED_FIELDS = 256
 
 
 class Delivery:
@@ -77,6 +79,7 @@ class Delivery:
         self._finished_while_reading: set[int] = set()
         # Attempt counts written to the store and not committed yet, by seq.
         self._counts_written: dict[int, int] = {}
+        self._shared_fields: dict[tuple[str, str], str] = {}  # oldest first (see _shared)
 
     # --- frames in -------------------------------------------------------------------------
 
@@ -655,6 +658,22 @@ class Delivery:
         elif self._counts_written.get(op.seq) == op.attempts:
             del self._counts_written[op.seq]
 
+    def _shared(self, row: StoredMessage) -> str:
+        """A topic message's fields, one string for every subscriber here that loads it: a
+        publish to thousands holds its content once in memory, not once per subscriber (each
+        load from the store makes a new string). The last ``SHARED_FIELDS`` messages loaded
+        are remembered; one loaded after it was forgotten is simply not shared."""
+        if row.topic is None:
+            return row.fields
+        key = (row.sender, row.msgid)
+        fields = self._shared_fields.pop(key, None)
+        if fields is None:
+            fields = row.fields
+            if len(self._shared_fields) >= SHARED_FIELDS:
+                del self._shared_fields[next(iter(self._shared_fields))]
+        self._shared_fields[key] = fields  # now the newest
+        return fields
+
     def _message_from_row(self, row: StoredMessage) -> Message:
         known = self.receipts.remembered(row.sender, row.msgid)
         # A count written after this read was queued is the truth, not the row's.
@@ -665,7 +684,7 @@ class Delivery:
             msgid=row.msgid,
             high=row.high,
             acknowledge=row.acknowledge,
-            fields=row.fields,
+            fields=self._shared(row),
             accepted_at=row.accepted_at,
             expires_at=row.expires_at,
             durable=True,

@@ -87,7 +87,7 @@ class Topics:
         # By message id, oldest first; and how many each session has.
         self.watches: OrderedDict[int, Watch] = OrderedDict()
         self._watched_by: dict[int, int] = {}
-        self._counting = False  # a CountTopics is under way
+        self._counting: tuple[int, ...] | None = None  # the messages a CountTopics asks for
         self._timer_armed = False
 
     # --- publishing ------------------------------------------------------------------------
@@ -315,15 +315,15 @@ class Topics:
                 self._unwatch(message)
         if not self.watches:
             return
-        if not self._counting:
-            self._counting = True
-            self.ctx.actions.append(CountTopics(tuple(self.watches)))
+        if self._counting is None:
+            self._counting = tuple(self.watches)
+            self.ctx.actions.append(CountTopics(self._counting))
         self._timer_armed = True
         self.ctx.at(now + self.ctx.topics.update_interval, TimerKind.TOPIC_COUNTS, None, 0)
 
     def counted(self, counts: Mapping[int, TopicCounts], now: float) -> None:
         """The driver ran a :class:`CountTopics`: tell each publisher what changed."""
-        self._counting = False
+        asked, self._counting = self._counting or (), None
         for message, found in counts.items():
             watch = self.watches.get(message)
             if watch is None:
@@ -340,12 +340,14 @@ class Topics:
                 )
             if found.pending == 0:
                 self._unwatch(message)
-        for message in [m for m in self.watches if m not in counts]:
-            self._unwatch(message)  # gone from the store (its topic was deleted...)
+        # Asked for and not found: gone from the store. (One published while the count was
+        # under way was not asked for: it waits for the next.)
+        for message in [m for m in asked if m in self.watches and m not in counts]:
+            self._unwatch(message)
 
     def count_failed(self) -> None:
         """The counts could not be read now: the next tick asks again."""
-        self._counting = False
+        self._counting = None
 
 
 def counts_doc(counts: TopicCounts) -> dict[str, int]:
