@@ -170,10 +170,10 @@ def _check_finite(_: object, attribute: Any, value: float | None) -> None:
 
 
 @frozen(kw_only=True)
-class Envelope:
-    """A direct message as a client sends it. Field names follow the seed system."""
+class _Fields:
+    """The seed system's message fields but the address: what a direct message, a publish
+    and a broadcast share. Read leniently (each defaults), type-checked strictly."""
 
-    to: ClientUuid
     sender: ClientUuid | None = None  # "from" on the wire
     timestamp: float | None = field(default=None, validator=_check_finite)
     priority: str = field(default="normal", validator=_short(32))
@@ -188,10 +188,12 @@ class Envelope:
     msgno: int = 0
     ttl: float | None = field(default=None, validator=_check_ttl)
 
-    def fields(self, sender: str, msgid: str, now: float) -> dict[str, Any]:
-        """The 13 fields as delivered: ``from`` is the authenticated sender."""
+    def _fields(
+        self, address: dict[str, str], sender: str, msgid: str, now: float
+    ) -> dict[str, Any]:
+        """The fields as delivered, ``address`` first: ``from`` is the authenticated sender."""
         return {
-            "to": self.to,
+            **address,
             "from": sender,
             "timestamp": now if self.timestamp is None else self.timestamp,
             "priority": self.priority,
@@ -205,6 +207,17 @@ class Envelope:
             "conversation_id": self.conversation_id,
             "msgno": self.msgno,
         }
+
+
+@frozen(kw_only=True)
+class Envelope(_Fields):
+    """A direct message as a client sends it. Field names follow the seed system."""
+
+    to: ClientUuid
+
+    def fields(self, sender: str, msgid: str, now: float) -> dict[str, Any]:
+        """The 13 fields as delivered."""
+        return self._fields({"to": self.to}, sender, msgid, now)
 
 
 # A topic's id: what fits a URL path segment as is (docs/protocol.md, "Topics").
@@ -224,80 +237,28 @@ def _check_topic_id(_: object, attribute: Any, value: str) -> None:
 
 
 @frozen(kw_only=True)
-class Publication:
+class Publication(_Fields):
     """A message published to a topic: the seed system's fields, ``topic_id`` in place of
     ``to`` (and relayd's ``acknowledge``, ``conversation_id`` and ``ttl``)."""
 
     topic_id: str = field(validator=_check_topic_id)
-    sender: ClientUuid | None = None  # "from" on the wire
-    timestamp: float | None = field(default=None, validator=_check_finite)
-    priority: str = field(default="normal", validator=_short(32))
-    subject: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
-    msgid: str | None = field(default=None, validator=_check_msgid)
-    acknowledge: bool = False
-    content: str = ""
     action: str = field(default="topic_message", validator=_short(MAX_SHORT_FIELD_CHARS))
-    event: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
-    status: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
-    conversation_id: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
-    msgno: int = 0
-    ttl: float | None = field(default=None, validator=_check_ttl)
 
     def fields(self, sender: str, msgid: str, now: float) -> dict[str, Any]:
-        """As subscribers get it: ``from`` is the authenticated publisher."""
-        return {
-            "topic_id": self.topic_id,
-            "from": sender,
-            "timestamp": now if self.timestamp is None else self.timestamp,
-            "priority": self.priority,
-            "subject": self.subject,
-            "msgid": msgid,
-            "acknowledge": self.acknowledge,
-            "content": self.content,
-            "action": self.action,
-            "event": self.event,
-            "status": self.status,
-            "conversation_id": self.conversation_id,
-            "msgno": self.msgno,
-        }
+        """As subscribers get it."""
+        return self._fields({"topic_id": self.topic_id}, sender, msgid, now)
 
 
 @frozen(kw_only=True)
-class Announcement:
+class Announcement(_Fields):
     """A broadcast to every client (``"type": "broadcast"``, admins only): a message's fields
     without ``to``."""
 
-    sender: ClientUuid | None = None  # "from" on the wire
-    timestamp: float | None = field(default=None, validator=_check_finite)
-    priority: str = field(default="normal", validator=_short(32))
-    subject: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
-    msgid: str | None = field(default=None, validator=_check_msgid)
-    acknowledge: bool = False
-    content: str = ""
     action: str = field(default="broadcast", validator=_short(MAX_SHORT_FIELD_CHARS))
-    event: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
-    status: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
-    conversation_id: str = field(default="", validator=_short(MAX_SHORT_FIELD_CHARS))
-    msgno: int = 0
-    ttl: float | None = field(default=None, validator=_check_ttl)
 
     def fields(self, sender: str, msgid: str, now: float) -> dict[str, Any]:
         """The 13 fields as every client gets them: ``to`` is ``"*"``."""
-        return {
-            "to": "*",
-            "from": sender,
-            "timestamp": now if self.timestamp is None else self.timestamp,
-            "priority": self.priority,
-            "subject": self.subject,
-            "msgid": msgid,
-            "acknowledge": self.acknowledge,
-            "content": self.content,
-            "action": self.action,
-            "event": self.event,
-            "status": self.status,
-            "conversation_id": self.conversation_id,
-            "msgno": self.msgno,
-        }
+        return self._fields({"to": "*"}, sender, msgid, now)
 
 
 _converter = strict_converter(forbid_extra_keys=False)

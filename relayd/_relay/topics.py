@@ -115,33 +115,10 @@ class Topics:
         if wait > 0:
             raise F.RateLimited(wait, msgid=publication.msgid)
         msgid = publication.msgid or F.new_msgid()
-        if self.delivery.store_down:
-            raise ProtocolError(
-                F.STORE_UNAVAILABLE,
-                "the store cannot take messages now; publish again later",
-                details={"msgid": msgid, "topic_id": publication.topic_id, "retry_after": 1.0},
-                strike=False,
-            )
-        relay = self.ctx.relay
-        ttl = min(publication.ttl or relay.default_ttl, relay.max_ttl)
+        fields = F.encode(publication.fields(sender, msgid, now))
         admin = self._permits is not None and self._permits(sender, "admin")
-        self.delivery.pending_commit += 1
+        self._store(session, publication.topic_id, publication, msgid, fields, now, admin=admin)
         self.ctx.metrics.events["published"] += 1
-        self.ctx.actions.append(
-            Publish(
-                ref=PublishRef(session.sid, sender),
-                topic=publication.topic_id,
-                sender=sender,
-                msgid=msgid,
-                high=publication.priority == "high",
-                acknowledge=publication.acknowledge,
-                fields=F.encode(publication.fields(sender, msgid, now)),
-                accepted_at=now,
-                expires_at=now + ttl,
-                admin=admin,
-                conversation_id=publication.conversation_id or None,
-            )
-        )
 
     def broadcast(self, session: Session, doc: dict[str, Any], now: float) -> None:
         """A ``broadcast`` frame (admins only): to every live socket, or (with
@@ -175,29 +152,48 @@ class Topics:
                 session, F.broadcast_sent_frame(msgid, now, durable=False, recipients=None)
             )
             return
+        self._store(session, BROADCAST, announcement, msgid, fields, now, admin=True)
+
+    def _store(
+        self,
+        session: Session,
+        topic: str,
+        given: F.Publication | F.Announcement,
+        msgid: str,
+        fields: str,
+        now: float,
+        *,
+        admin: bool,
+    ) -> None:
+        """Ask the store for a :class:`Publish` of ``fields`` to ``topic``.
+
+        Raises:
+            ProtocolError: ``store_unavailable``: the store failed its last batch.
+        """
         if self.delivery.store_down:
             raise ProtocolError(
                 F.STORE_UNAVAILABLE,
-                "the store cannot take messages now; broadcast again later",
-                details={"msgid": msgid, "retry_after": 1.0},
+                "the store cannot take messages now; send it again later",
+                details={"msgid": msgid, "topic_id": topic, "retry_after": 1.0},
                 strike=False,
             )
+        assert session.client is not None
         relay = self.ctx.relay
-        ttl = min(announcement.ttl or relay.default_ttl, relay.max_ttl)
+        ttl = min(given.ttl or relay.default_ttl, relay.max_ttl)
         self.delivery.pending_commit += 1
         self.ctx.actions.append(
             Publish(
-                ref=PublishRef(session.sid, sender),
-                topic=BROADCAST,
-                sender=sender,
+                ref=PublishRef(session.sid, session.client),
+                topic=topic,
+                sender=session.client,
                 msgid=msgid,
-                high=announcement.priority == "high",
-                acknowledge=announcement.acknowledge,
+                high=given.priority == "high",
+                acknowledge=given.acknowledge,
                 fields=fields,
                 accepted_at=now,
                 expires_at=now + ttl,
-                admin=True,
-                conversation_id=announcement.conversation_id or None,
+                admin=admin,
+                conversation_id=given.conversation_id or None,
             )
         )
 
