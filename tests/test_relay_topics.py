@@ -400,3 +400,18 @@ def test_the_subscribers_here_share_one_copy_of_a_topic_messages_content() -> No
     held = [h.core.delivery.recipients[s.uuid].unacked["big"] for s in subscribers]
     assert held[0].fields is held[1].fields
     assert held[1].fields is held[2].fields
+
+
+def test_the_subscribers_here_are_handed_one_frame_of_a_first_delivery() -> None:
+    h = CoreHarness()
+    alice = h.client("alice")
+    subscribers = [h.client(f"s{i}") for i in range(3)]
+    make_topic(h, "room", alice, *subscribers)
+    sids = [h.connect(s) for s in subscribers]
+    a = h.connect(alice)
+    h.auto_flush = False  # the frames stay in the sockets' queues
+    h.send(a, {"topic_id": "room", "msgid": "big", "content": "x" * 10_000})
+    frames = [h.sessions[sid].outbox[-1][0] for sid in sids]
+    assert '"content":"' + "x" * 10_000 in frames[0]
+    assert frames[0] is frames[1]
+    assert frames[1] is frames[2]

@@ -80,6 +80,7 @@ class Delivery:
         # Attempt counts written to the store and not committed yet, by seq.
         self._counts_written: dict[int, int] = {}
         self._shared_fields: dict[tuple[str, str], str] = {}  # oldest first (see _shared)
+        self._shared_frames: dict[tuple[str, str], str] = {}  # first attempts' (see _frame)
 
     # --- frames in -------------------------------------------------------------------------
 
@@ -503,12 +504,7 @@ class Delivery:
             redelivered = message.attempts > 1
             if redelivered:
                 self.ctx.metrics.events["redelivered"] += 1
-            text = F.delivery_frame(
-                message.fields,
-                attempt=message.attempts,
-                redelivered=redelivered,
-                offset=message.offset,
-            )
+            text = self._frame(message, redelivered)
             self.sessions.send(session, text, message)
             if session.rest:
                 session.credit -= 1
@@ -673,6 +669,28 @@ class Delivery:
                 del self._shared_fields[next(iter(self._shared_fields))]
         self._shared_fields[key] = fields  # now the newest
         return fields
+
+    def _frame(self, message: Message, redelivered: bool) -> str:
+        """The delivery's frame. A topic message's first attempt is one frame for every
+        subscriber here (the last ``SHARED_FIELDS`` remembered), as its fields are one string:
+        a socket's queue holds a reference, not a copy of a publish to thousands."""
+        if message.topic is None or redelivered:
+            return F.delivery_frame(
+                message.fields,
+                attempt=message.attempts,
+                redelivered=redelivered,
+                offset=message.offset,
+            )
+        key = (message.sender, message.msgid)
+        text = self._shared_frames.pop(key, None)
+        if text is None:
+            text = F.delivery_frame(
+                message.fields, attempt=1, redelivered=False, offset=message.offset
+            )
+            if len(self._shared_frames) >= SHARED_FIELDS:
+                del self._shared_frames[next(iter(self._shared_frames))]
+        self._shared_frames[key] = text
+        return text
 
     def _message_from_row(self, row: StoredMessage) -> Message:
         known = self.receipts.remembered(row.sender, row.msgid)
