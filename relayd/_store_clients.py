@@ -4,7 +4,7 @@ invites and the public-key directory (the :class:`relayd._engine.ClientStore` pr
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from ._engine import ClientRecord, FamilyRecord, InviteRecord, KeyRecord, Publication, RotateOutcome
@@ -158,16 +158,16 @@ class SqliteClientStore(SqliteConnection):
 
         return await self._run(update)
 
-    async def set_last_seen(self, uuid: str, at: float) -> None:
-        """When the client last had a live socket (never earlier than it was: two nodes may
-        record it out of order)."""
+    async def set_last_seen(self, seen: Mapping[str, float]) -> None:
+        """When each client (uuid: time) last had a live socket (never earlier than it was:
+        two nodes may record it out of order); an unknown or deleted client is skipped."""
 
         def update(db: sqlite3.Connection) -> None:
             with transaction(db):
-                db.execute(
+                db.executemany(
                     "UPDATE clients SET last_seen = max(coalesce(last_seen, 0), ?)"
                     " WHERE uuid = ? AND deleted_at IS NULL",
-                    (at, uuid),
+                    [(at, uuid) for uuid, at in seen.items()],
                 )
 
         await self._run(update)

@@ -221,12 +221,12 @@ async def test_last_seen_only_moves_forward(target: Target) -> None:
     with trio.fail_after(IO_DEADLINE):
         async with target.open() as store:
             assert await store.insert_client(client()) == "inserted"
-            await store.set_last_seen(UUID_A, 300.0)
-            await store.set_last_seen(UUID_A, 250.0)  # another node, late: kept the newer
+            await store.set_last_seen({UUID_A: 300.0})
+            # Another node, late (kept the newer); and nobody (nothing happens).
+            await store.set_last_seen({UUID_A: 250.0, UUID_B: 300.0})
             found = await store.get_client(UUID_A)
             assert found is not None
             assert found.last_seen == 300.0
-            await store.set_last_seen(UUID_B, 300.0)  # nobody: nothing happens
             assert await store.get_client(UUID_B) is None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, cast
 
@@ -268,8 +268,12 @@ class RedisStore:
     async def set_read_receipts(self, uuid: str, enabled: bool) -> bool:
         return bool(await self._call("set_read_receipts", uuid, int(enabled)))
 
-    async def set_last_seen(self, uuid: str, at: float) -> None:
-        await self._call("set_last_seen", uuid, C.when(at))
+    async def set_last_seen(self, seen: Mapping[str, float]) -> None:
+        flat: list[str] = []
+        for uuid, at in seen.items():
+            flat += [uuid, C.when(at)]
+        if flat:
+            await self._call("set_last_seen", *flat)
 
     async def get_client(self, uuid: str) -> ClientRecord | None:
         return C.client_record(await self._call("get_client", uuid, write=False))

@@ -175,12 +175,15 @@ function OPS.set_read_receipts(a)
     return 1
 end
 
--- {uuid, at}: ``ls``, when it last had a live socket, never set back.
+-- {uuid, at, uuid, at...}: ``ls``, when each last had a live socket, never set back.
 function OPS.set_last_seen(a)
-    if not U.live(a[1]) then return 0 end
-    local seen = call('HGET', K.client(a[1]), 'ls')
-    if seen == false or tonumber(seen) < tonumber(a[2]) then
-        call('HSET', K.client(a[1]), 'ls', a[2])
+    for i = 1, #a, 2 do
+        if U.live(a[i]) then
+            local seen = call('HGET', K.client(a[i]), 'ls')
+            if seen == false or tonumber(seen) < tonumber(a[i + 1]) then
+                call('HSET', K.client(a[i]), 'ls', a[i + 1])
+            end
+        end
     end
     return 1
 end

@@ -266,6 +266,11 @@ class RelayCore:
     def online(self, client: str) -> bool:
         return self.sessions.online(client)
 
+    def live(self, sid: int) -> bool:
+        """Whether session ``sid`` is open and authenticated."""
+        session = self.sessions.by_sid.get(sid)
+        return session is not None and session.phase is Phase.ACTIVE
+
     def readable(self, sid: int) -> bool:
         """Whether to read the next frame of ``sid``. Not while its socket is half full, nor
         while a quarter of its buffer's worth of its messages (or ``read_ahead_bytes`` of

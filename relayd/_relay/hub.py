@@ -119,6 +119,9 @@ STORE_RETRY_MAX = 2.0
 READ_TIMEOUT = 10.0
 # Cluster mode: message seqs reserved from the store at a time (see relayd/_relay/seqs.py).
 SEQ_BLOCK = 1000
+NOTE_BATCH = 500  # notes published in one round trip
+MAX_NOTES = 20_000  # notes waiting at most: past it, the oldest ephemeral ones are dropped
+EPHEMERAL_NOTES = frozenset({"presence", "typing", "broadcast"})
 # Bytes written to a socket at once, at most, where frames are coalesced: past write_timeout
 # without completing a write, a socket counts as not draining, so a write must stay small.
 WRITE_CHUNK_BYTES = 128 * 1024
@@ -234,6 +237,14 @@ class Hub:
         # most one note per client and kind waits, however many messages (see Announce).
         self._announces: dict[tuple[str, str], int] = {}
         self._publishing = False  # a task publishes them
+        # Notes for every node (revocations, roles, presence, typing...), published in order
+        # by one task (see _publish_soon).
+        self._notes: list[tuple[str, dict[str, Any]]] = []
+        self._noting = False
+        self._seen_due: dict[str, float] = {}  # last_seen to record (one task: _record_seen)
+        self._seeing = False
+        self._memberships_due: dict[int, str] = {}  # sockets whose topics to load, in order
+        self._loading_memberships = False
         self._resync_due = False  # a publish failed: every node must look in the store
         self._seqs_ready = trio.Event()
         self.releasing = 0  # cluster mode: ended sessions whose claims are being released
@@ -422,13 +433,17 @@ class Hub:
             elif isinstance(action, CountTopics):
                 self._spawn(self._count_topics, action.messages)
             elif isinstance(action, LoadMemberships):
-                self._spawn(self._load_memberships, action)
+                self._memberships_due[action.sid] = action.client
+                if not self._loading_memberships:
+                    self._loading_memberships = self._spawn(self._load_memberships)
             elif isinstance(action, PresenceNote):
                 self._presence(action)
             elif isinstance(action, TypingNote):
                 self._typing(action)
             elif isinstance(action, Seen):
-                self._spawn(self._seen, action)
+                self._seen_due[action.client] = action.at
+                if not self._seeing:
+                    self._seeing = self._spawn(self._record_seen)
             elif isinstance(action, BroadcastNote):
                 self.core.broadcast_heard(action)
                 if self.cluster is not None:
@@ -789,25 +804,40 @@ class Hub:
         self._apply()
         self._signal()
 
-    async def _load_memberships(self, action: LoadMemberships) -> None:
-        """A live socket's topics, for presence and typing (see relayd/_relay/presence.py).
-        A store that cannot answer leaves the session without them (logged): messages still
-        flow, presence and typing in topics do not, until it reconnects."""
+    async def _load_memberships(self) -> None:
+        """Live sockets' topics, for presence and typing (see relayd/_relay/presence.py), one
+        at a time from one task (a reconnect storm queues them; a socket gone meanwhile is
+        skipped). A store that cannot answer leaves the session without them (logged):
+        messages still flow, presence and typing in topics do not, until it reconnects."""
         try:
-            rows = await self.store.memberships(action.client)
-        except StoreError as exc:
-            log.warning("topics not loaded", extra={"fields": {"error": str(exc)}})
-            return
-        self.core.memberships_loaded(action.sid, rows, self.clock())
-        self._apply()
-        self._signal()
+            while self._memberships_due:
+                sid = next(iter(self._memberships_due))
+                client = self._memberships_due.pop(sid)
+                if not self.core.live(sid):
+                    continue
+                try:
+                    rows = await self.store.memberships(client)
+                except StoreError as exc:
+                    log.warning("topics not loaded", extra={"fields": {"error": str(exc)}})
+                    continue
+                self.core.memberships_loaded(sid, rows, self.clock())
+                self._apply()
+                self._signal()
+        finally:
+            self._loading_memberships = False
 
-    async def _seen(self, seen: Seen) -> None:
-        """Record when a client was last connected (best effort: logged if not)."""
+    async def _record_seen(self) -> None:
+        """Record when clients were last connected, all those waiting in one store call, from
+        one task (best effort: logged if not)."""
         try:
-            await self.store.set_last_seen(seen.client, seen.at)
-        except StoreError as exc:
-            log.info("last_seen not recorded", extra={"fields": {"error": str(exc)}})
+            while self._seen_due:
+                seen, self._seen_due = self._seen_due, {}
+                try:
+                    await self.store.set_last_seen(seen)
+                except StoreError as exc:
+                    log.info("last_seen not recorded", extra={"fields": {"error": str(exc)}})
+        finally:
+            self._seeing = False
 
     def _presence(self, note: PresenceNote) -> None:
         """A presence event: applied here (what the core decides is carried out by the
@@ -871,7 +901,31 @@ class Hub:
             self._resync_due = False
 
     def _publish_soon(self, notes: list[tuple[str, dict[str, Any]]]) -> None:
-        self._spawn(self._publish, notes)
+        """Publish ``notes`` from the one task that publishes notes, in batches of NOTE_BATCH
+        (one round trip each): a reconnect storm's presence notes are a few round trips, not a
+        task and a call each. Past MAX_NOTES waiting, the oldest of those never stored
+        (presence, typing, broadcasts: at most once) are dropped, and counted."""
+        self._notes.extend(notes)
+        if len(self._notes) > MAX_NOTES:
+            kept, dropped = [], 0
+            excess = len(self._notes) - MAX_NOTES
+            for note in self._notes:
+                if dropped < excess and note[1].get("k") in EPHEMERAL_NOTES:
+                    dropped += 1
+                    continue
+                kept.append(note)
+            self._notes = kept
+            self.core.metrics.events["notes_dropped"] += dropped
+        if not self._noting:
+            self._noting = self._spawn(self._publish_notes)
+
+    async def _publish_notes(self) -> None:
+        try:
+            while self._notes:
+                batch, self._notes = self._notes[:NOTE_BATCH], self._notes[NOTE_BATCH:]
+                await self._publish(batch)
+        finally:
+            self._noting = False
 
     def _publish_revocation(self, revocation: Revocation) -> None:
         assert self.cluster is not None
