@@ -564,8 +564,14 @@ class RedisCluster:
         """
         bus = self._bus.encode()
         resync_on_subscribe = restored
+        # A subscription's confirmation may take as long as any call (coredis waits 1 s by
+        # default: a reconnect storm's thousand subscriptions took longer, and each refused a
+        # session as if Redis had not answered).
         async with self._redis.pubsub(
-            channels=[self._bus], max_idle_seconds=5, retry_policy=_RESUBSCRIBE_POLICY
+            channels=[self._bus],
+            max_idle_seconds=5,
+            retry_policy=_RESUBSCRIBE_POLICY,
+            subscription_timeout=self.timeout,
         ) as pubsub:
             self._pubsub = pubsub
             try:
