@@ -275,6 +275,23 @@ def test_typing_to_many_clients_keeps_the_typing_table_bounded() -> None:
     assert len(h.core.presence._last_typing) <= 10_000
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="relayd/_relay/presence.py:224-229 raises NOT_SUBSCRIBED_TO_TOPIC for typing with "
+    "the default strike=True, so each counts towards websocket.max_strikes and the socket is "
+    "closed 4029, where docs/protocol.md (Error frames) says 'open (no strike)'",
+)
+def test_typing_in_a_topic_one_is_not_in_is_refused_without_a_strike() -> None:
+    h = CoreHarness(topics=TopicsConfig(typing_interval=0.0))
+    alice, bob = h.client("alice"), h.client("bob")
+    make_topic(h, "room", alice, alice)
+    b = h.connect(bob)
+    for _ in range(h.ws.max_strikes + 5):
+        h.send(b, {"type": "typing", "topic_id": "room"})
+    assert set(errors(h.read(b))) == {"NOT_SUBSCRIBED_TO_TOPIC"}
+    assert h.sessions[b].closed is None
+
+
 # --- floods -------------------------------------------------------------------------------------
 
 
