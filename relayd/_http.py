@@ -132,6 +132,10 @@ class Relay(Protocol):
         """Whether ``client``'s REST session held ``msgid`` unacknowledged (now acknowledged)."""
         ...
 
+    def topic_changed(self, topic: str, presence: bool | None) -> None:
+        """A topic's presence setting changed, or it was deleted or created (``None``)."""
+        ...
+
     def membership_changed(self, topic: str, client: str, *, joined: bool, presence: bool) -> None:
         """``client`` subscribed to ``topic`` or left it: its live session learns it, and
         with presence on, the topic's other subscribers are told (relayd/_relay/presence.py)."""
@@ -922,6 +926,7 @@ def create_app(services: Services) -> QuartTrio:
             lambda: auth.now,
             _json_body,
             lambda: services.relay,
+            may_read_keys,
         )
 
     @app.post("/admin/clients/<client_uuid>/revoke")

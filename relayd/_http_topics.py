@@ -223,12 +223,20 @@ def serve_topics(
     now: Callable[[], float],
     json_body: Callable[[], Awaitable[dict[str, Any]]],
     relay: Callable[[], Any],
+    may_reach: Callable[[Claims, str], Awaitable[None]],
 ) -> None:
     """Install the topics' routes. ``topics()``: the ``[topics]`` settings now (a reload
     changes them); ``is_admin(claims)``: whether the caller's roles make it an admin now;
     ``permits(claims, grant)``: whether they grant ``create_topics`` or ``presence``;
     ``json_body()``: the request's JSON object, checked as every route's is; ``relay()``: the
-    relay (``None`` without one), told of every change of membership."""
+    relay (``None`` without one), told of every change of membership and settings;
+    ``may_reach(claims, uuid)``: refuses (403) a caller whose roles may not message the
+    client (an owner adds as members only those it may message)."""
+
+    def settings_changed(topic: str, presence: bool | None) -> None:
+        hub = relay()
+        if hub is not None:
+            hub.topic_changed(topic, presence)
 
     def changed(topic: TopicRecord, client: str, *, joined: bool) -> None:
         hub = relay()
@@ -329,6 +337,8 @@ def serve_topics(
             created_at=now(),
         )
         outcome = await store.create_topic(topic, max_owned=limits.max_owned)
+        if outcome == "created":
+            settings_changed(topic.id, None)  # a deleted namesake's members are in no more
         if outcome == "exists":
             raise BadRequest(  # the seed system's status and code
                 "a topic with this id exists",
@@ -399,6 +409,8 @@ def serve_topics(
         changed = await store.update_topic(topic.id, **settings_of(body))
         if changed is None:
             raise NotFound("no such topic", code="TOPIC_NOT_FOUND", details={"topic_id": topic_id})
+        if body.presence is not None:
+            settings_changed(changed.id, changed.presence)
         return topic_json(changed)
 
     @app.delete("/topics/<topic_id>")
@@ -409,6 +421,7 @@ def serve_topics(
         _, topic = await owned(topic_id)
         if not await store.delete_topic(topic.id):
             raise NotFound("no such topic", code="TOPIC_NOT_FOUND", details={"topic_id": topic_id})
+        settings_changed(topic.id, None)
         return {"message": "Topic deleted", "topic_id": topic.id}
 
     async def join(topic: TopicRecord, client: str, *, invited: bool) -> bool:
@@ -495,8 +508,10 @@ def serve_topics(
     @api(["topics"], Subscription, errors=(403, 404, 409), bearer=True)
     async def add_member(topic_id: str, client_uuid: str) -> dict[str, Any]:
         """Add a member (subscriber) to a topic, private or open (its owner or an admin)."""
-        _, topic = await owned(topic_id)
+        claims, topic = await owned(topic_id)
         client = _uuid(client_uuid)
+        if client != claims.sub:
+            await may_reach(claims, client)
         new = await join(topic, client, invited=True)
         return {
             "message": "Member added" if new else "Already a member",

@@ -109,6 +109,9 @@ class Recorder:
     def member_heard(self, topic: str, client: str, joined: bool, presence: bool) -> None:
         raise AssertionError("no other node")
 
+    def topic_heard(self, topic: str, presence: bool | None) -> None:
+        raise AssertionError("no other node")
+
     def roles_changed(self, client: str, roles: tuple[str, ...] | None) -> None:
         raise AssertionError("no other node")
 

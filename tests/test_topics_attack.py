@@ -16,26 +16,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import trio_websocket
 
-from relayd._config import RelayConfig, TopicsConfig
+from relayd._config import RelayConfig, TopicsConfig, WebsocketConfig
 from relayd._sqlite import transaction
 from relayd._store_topics import forget_topic
 
 from .relay_harness import Client, CoreHarness
-from .support import Engine
+from .support import Engine, RunningRelayd
 from .test_relay_presence import presence
 from .test_relay_topics import errors, make_topic, of_type, publish
 from .test_rest import assert_ok
 from .topic_support import (
     PUBLISH_DEADLINE,
+    assert_topic_not_found,
     create,
+    refused,
     register,
     start_topics,
     subscribed,
     token_of,
+    unsubscribe,
 )
 from .ws_support import WsClient, welcomed, ws_connect
 
@@ -108,13 +110,6 @@ def typing_from(frames: list[Frame]) -> list[tuple[str, str | None]]:
 # --- the publisher's counts ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayd/_relay/topics.py:343-344 (Topics.counted): every watch not in the counts "
-    "just read is dropped as 'gone from the store', including one taken after the "
-    "CountTopics was asked for (its counts were never asked); its publisher never hears "
-    "of it again",
-)
 def test_a_message_published_while_counts_are_read_still_gets_its_topic_updates() -> None:
     h = CoreHarness(RelayConfig(ack_timeout=30.0), topics=TopicsConfig(update_interval=1.0))
     alice, bob = h.client("alice"), h.client("bob")
@@ -138,12 +133,6 @@ def test_a_message_published_while_counts_are_read_still_gets_its_topic_updates(
 # --- memberships loaded while they change -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayd/_relay/presence.py:130-136 (membership_changed) drops a change for a "
-    "session whose memberships are still loading (mine is None), and loaded() then applies "
-    "the rows read before the change: the socket never learns the topic it joined",
-)
 def test_a_topic_joined_while_the_socket_loads_its_topics_is_learned() -> None:
     h = CoreHarness(topics=TopicsConfig())
     alice, bob = h.client("alice"), h.client("bob")
@@ -158,13 +147,6 @@ def test_a_topic_joined_while_the_socket_loads_its_topics_is_learned() -> None:
     assert typing_from(h.read(a)) == [(bob.uuid, "room")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayd/_relay/presence.py:130-136 and :87-91: a removal while the socket's "
-    "memberships load is dropped, and the stale rows make the removed client a member of "
-    "the (private) topic for the socket's life: it still types into it and hears its "
-    "members type",
-)
 def test_a_member_removed_while_its_socket_loads_its_topics_is_out() -> None:
     h = CoreHarness(topics=TopicsConfig())
     alice, bob = h.client("alice"), h.client("bob")
@@ -181,13 +163,6 @@ def test_a_member_removed_while_its_socket_loads_its_topics_is_out() -> None:
     assert typing_from(h.read(a)) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayd/_relay/presence.py:112-114 (Presence.disconnected) returns before the "
-    "'offline' event when the closing socket's memberships had not loaded yet; the socket it "
-    "replaced was told 'online' and was not offline (it was replaced), so the client stays "
-    "online to its topics for good",
-)
 def test_a_client_whose_last_socket_closes_before_its_topics_load_goes_offline() -> None:
     h = CoreHarness(topics=TopicsConfig(presence_interval=1.0))
     alice, bob = h.client("alice"), h.client("bob")
@@ -208,23 +183,18 @@ def test_a_client_whose_last_socket_closes_before_its_topics_load_goes_offline()
 # --- topics changed under live sockets ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayd/_http_topics.py:404-412 (DELETE /topics/{id}) never tells the relay, so "
-    "live sockets keep the deleted topic in Presence.of/members (presence.py:64-65); when "
-    "its id is taken again by a private topic, a former member types into it and hears "
-    "its members type",
-)
 def test_a_deleted_topic_s_members_are_not_members_of_a_new_topic_with_its_id() -> None:
     h = CoreHarness(topics=TopicsConfig())
     alice, bob, carol = h.client("alice"), h.client("bob"), h.client("carol")
     make_topic(h, "room", alice, alice, bob)
     b = h.connect(bob)
-    with transaction(h.db):  # DELETE /topics/room by its owner: the store only
+    with transaction(h.db):  # DELETE /topics/room by its owner: the store, then the relay
         forget_topic(h.db, "room")
+    h.core.topic_changed("room", None)
     make_topic(h, "room", carol, carol)  # carol's own room, with carol alone in it
     with transaction(h.db):
         h.db.execute("UPDATE topics SET access = 'private' WHERE id = 'room'")
+    h.core.topic_changed("room", None)  # as POST /topics/create tells it
     c = h.connect(carol)
     h.send(c, {"type": "typing", "topic_id": "room"})
     assert typing_from(h.read(b)) == []
@@ -233,13 +203,6 @@ def test_a_deleted_topic_s_members_are_not_members_of_a_new_topic_with_its_id() 
     assert typing_from(h.read(c)) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayd/_http_topics.py:393-402 (PATCH /topics/{id}) never tells the relay, and "
-    "Presence.event (presence.py:153) reads the presence setting each live socket loaded "
-    "when it connected: an owner who turns presence off still has its members' comings "
-    "and goings told to the connected ones",
-)
 def test_presence_turned_off_stops_presence_frames_to_connected_subscribers() -> None:
     h = CoreHarness(topics=TopicsConfig(presence_interval=1.0))
     alice, bob = h.client("alice"), h.client("bob")
@@ -247,8 +210,9 @@ def test_presence_turned_off_stops_presence_frames_to_connected_subscribers() ->
     a, b = h.connect(alice), h.connect(bob)
     h.advance(1.0)
     h.read(a)
-    with transaction(h.db):  # PATCH /topics/room {"presence": false} by its owner
+    with transaction(h.db):  # PATCH /topics/room {"presence": false}: the store, the relay
         h.db.execute("UPDATE topics SET presence = 0 WHERE id = 'room'")
+    h.core.topic_changed("room", False)
     h.disconnect(b)
     h.advance(1.0)
     assert presence(h.read(a)) == []
@@ -257,13 +221,6 @@ def test_presence_turned_off_stops_presence_frames_to_connected_subscribers() ->
 # --- typing ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayd/_relay/presence.py:240-245 (_remember_typing): past 10,000 entries it "
-    "keeps every entry younger than typing_interval, so one client typing to many clients "
-    "within an interval grows the table without bound (and rebuilds it on every frame); "
-    "typing counts against no per-sender rate",
-)
 def test_typing_to_many_clients_keeps_the_typing_table_bounded() -> None:
     h = CoreHarness(topics=TopicsConfig(typing_interval=1.0))
     mallory = h.client("mallory")
@@ -275,12 +232,6 @@ def test_typing_to_many_clients_keeps_the_typing_table_bounded() -> None:
     assert len(h.core.presence._last_typing) <= 10_000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayd/_relay/presence.py:224-229 raises NOT_SUBSCRIBED_TO_TOPIC for typing with "
-    "the default strike=True, so each counts towards websocket.max_strikes and the socket is "
-    "closed 4029, where docs/protocol.md (Error frames) says 'open (no strike)'",
-)
 def test_typing_in_a_topic_one_is_not_in_is_refused_without_a_strike() -> None:
     h = CoreHarness(topics=TopicsConfig(typing_interval=0.0))
     alice, bob = h.client("alice"), h.client("bob")
@@ -295,14 +246,6 @@ def test_typing_in_a_topic_one_is_not_in_is_refused_without_a_strike() -> None:
 # --- floods -------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayd/_relay/presence.py:172-179 (Presence.flush) queues one frame per topic "
-    "for a session in one synchronous loop, with no regard for its outbound buffer: a "
-    "client in more presence topics than websocket.outbound_buffer (256; a client may be "
-    "in topics.max_subscriptions = 1000) is closed 4008 by sessions.py:79-83 the first "
-    "time one co-member comes online, though it reads everything",
-)
 def test_one_client_coming_online_does_not_close_a_reader_in_many_of_its_topics() -> None:
     h = CoreHarness(topics=TopicsConfig(presence_interval=1.0))
     victim, mallory = h.client("victim"), h.client("mallory")
@@ -313,10 +256,15 @@ def test_one_client_coming_online_does_not_close_a_reader_in_many_of_its_topics(
     h.advance(1.0)
     h.read(v)
     h.connect(mallory)  # one socket authenticating, once
+    # A quarter of the socket's buffer (256 frames) per interval: all 300 in two.
     h.advance(1.0)
+    first = presence(h.read(v))
+    assert len(first) == 64
+    for _ in range(4):
+        h.advance(1.0)
     assert h.sessions[v].closed is None
-    frames = presence(h.read(v))
-    assert len(frames) == len(rooms)
+    frames = first + presence(h.read(v))
+    assert sorted(topic for topic, _, _ in frames) == sorted(rooms)
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -334,12 +282,6 @@ async def assert_next_is_pong(socket: WsClient) -> None:
     assert frame["type"] == "pong", frame
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayd/_http_topics.py:404-412 (DELETE /topics/{id}) never tells the relay: a "
-    "member's live socket keeps the deleted topic (presence.py:64-65), so when the id is "
-    "taken again by a private topic it hears that topic's presence and typing",
-)
 async def test_a_deleted_topic_s_live_members_hear_nothing_of_a_private_topic_with_its_id(
     nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
@@ -376,13 +318,6 @@ async def test_a_deleted_topic_s_live_members_hear_nothing_of_a_private_topic_wi
                 await assert_next_is_pong(b)  # nor that she types
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayd/_relay/presence.py:172-179 (Presence.flush) queues a reader's frames of "
-    "every topic at once, past websocket.outbound_buffer, and sessions.py:79-83 closes it "
-    "4008: a client that shares more presence topics than its buffer's frames with another "
-    "is cut off whenever that one comes online",
-)
 async def test_a_reader_in_more_presence_topics_than_its_buffer_survives_a_co_member_arriving(
     nursery: trio.Nursery, tmp_path: Path, engine: Engine
 ) -> None:
@@ -429,3 +364,62 @@ async def presence_topics_or_close(socket: WsClient, count: int) -> tuple[set[st
         except trio_websocket.ConnectionClosed as exc:
             return told, None if exc.reason is None else exc.reason.code
     return told, None
+
+
+# --- guards the mutation check found untested ---------------------------------------------------
+
+
+async def test_a_stranger_cannot_read_who_is_online_in_a_private_topic(
+    relayd: RunningRelayd,
+) -> None:
+    http = relayd.http
+    owner, stranger = await register(http, "owner", "stranger")
+    await create(http, token_of(owner), "club", access="private", presence=True)
+    response = await http.get("/topics/club/presence", token=token_of(stranger))
+    assert_topic_not_found(response, "club")
+
+
+async def test_joining_and_leaving_over_rest_reach_the_live_socket(relayd: RunningRelayd) -> None:
+    http = relayd.http
+    alice, bob = await register(http, "alice", "bob")
+    await create(http, token_of(alice), "room")
+    await subscribed(http, token_of(alice), "room")
+    async with (
+        ws_connect(relayd, token_of(alice)) as a,
+        ws_connect(relayd, token_of(bob)) as b,
+    ):
+        await welcomed(a)
+        await welcomed(b)
+        await subscribed(http, token_of(bob), "room")  # while bob's socket is live
+        await b.send({"type": "typing", "topic_id": "room"})
+        assert (await a.next_of("typing"))["from"] == bob["uuid"]
+        assert_ok(await unsubscribe(http, token_of(bob), "room"))
+        error = await refused(b, {"type": "typing", "topic_id": "room"})
+        assert error["code"] == "NOT_SUBSCRIBED_TO_TOPIC"
+
+
+def test_typing_to_a_client_follows_the_role_rules() -> None:
+    h = CoreHarness()
+    h.core.presence._may_message = lambda sender, recipient: False
+    alice, bob = h.client("alice"), h.client("bob")
+    a, b = h.connect(alice), h.connect(bob)
+    h.send(a, {"type": "typing", "to": bob.uuid})
+    assert errors(h.read(a)) == ["not_permitted"]
+    assert typing_from(h.read(b)) == []
+
+
+def test_a_publish_is_refused_while_the_store_is_down_and_counts_against_the_rate() -> None:
+    h = CoreHarness(websocket=WebsocketConfig(messages_per_second=1.0, message_burst=1))
+    alice, bob = h.client("alice"), h.client("bob")
+    make_topic(h, "room", alice, alice, bob)
+    a = h.connect(alice)
+    h.core.store_failed()
+    h.send(a, {"topic_id": "room", "msgid": "m1", "content": "x"})
+    assert errors(h.read(a)) == ["store_unavailable"]
+    h.core.store_recovered()
+    h.advance(1.0)
+    h.send(a, {"topic_id": "room", "msgid": "m2", "content": "x"})
+    h.send(a, {"topic_id": "room", "msgid": "m3", "content": "x"})  # over 1 a second
+    frames = h.read(a)
+    assert [f["msgid"] for f in of_type(frames, "topic_sent")] == ["m2"]
+    assert errors(frames) == ["rate_limited"]

@@ -195,7 +195,9 @@ class RelayCore:
             cluster=cluster,
             permits=permits,
         )
-        self.presence = Presence(ctx, self.sessions, may_message=may_message)
+        self.presence = Presence(
+            ctx, self.sessions, self._send_limiter, may_message=may_message, permits=permits
+        )
         ctx.at(now + relay.sweep_interval, TimerKind.SWEEP, None, 0)
 
     def reconfigure(
@@ -381,7 +383,7 @@ class RelayCore:
         self.delivery.connected(session, previous)
         if not session.rest:
             self.receipts.connected(session)
-            self.presence.connected(session, now)
+            self.presence.connected(session, previous, now)
         self.delivery.drain_staging(who.client, now)
         held, session.held = session.held, []
         for data in held:
@@ -707,6 +709,11 @@ class RelayCore:
     def broadcast_heard(self, note: BroadcastNote) -> None:
         """A broadcast, from this node or another: to every live socket here."""
         self.topics.heard(note)
+
+    def topic_changed(self, topic: str, presence: bool | None) -> None:
+        """A topic's presence setting changed, or it was deleted or created (``None``): the
+        live sockets here learn it (rule 12)."""
+        self.presence.topic_changed(topic, presence)
 
     def typed(self, note: TypingNote, now: float) -> None:
         """A typing indicator, from this node or another: to its readers here."""

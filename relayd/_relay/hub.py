@@ -860,6 +860,19 @@ class Hub:
         elif not self.core.online(note.to):
             self._publish_soon([(note.to, body)])
 
+    def topic_changed(self, topic: str, presence: bool | None) -> None:
+        """A topic's presence setting changed, or it was deleted or created (``None``): the
+        live sockets here, and on every node, learn it (a REST route, here)."""
+        self.core.topic_changed(topic, presence)
+        self._apply()
+        if self.cluster is not None:
+            note = {"t": topic, "p": presence}
+            self._publish_soon([("", {"k": "topic", "from": self.cluster.node, "n": note})])
+
+    def topic_heard(self, topic: str, presence: bool | None) -> None:
+        self.core.topic_changed(topic, presence)
+        self._apply()
+
     def membership_changed(self, topic: str, client: str, *, joined: bool, presence: bool) -> None:
         """``client`` subscribed to ``topic`` or left it (a REST route, here): its session (on
         any node) learns it, and with presence on, the topic's subscribers are told."""
