@@ -243,8 +243,6 @@ def serve_topics(
         if hub is not None:
             hub.membership_changed(topic.id, client, joined=joined, presence=topic.presence)
 
-    _json = json_body
-
     async def caller(*, anonymous: bool = False) -> Claims | None:
         """The caller's claims (``?token=`` accepted); ``None`` for a request without a token
         where ``anonymous`` reads are allowed."""
@@ -319,7 +317,7 @@ def serve_topics(
         """Create a topic, owned by the caller (seed-compatible; ``?token=`` accepted)."""
         claims = await caller()
         assert claims is not None
-        body = parse_body(await _json(), CreateTopicRequest)
+        body = parse_body(await json_body(), CreateTopicRequest)
         limits = topics()
         if limits.create == "admins" and not is_admin(claims):
             raise Forbidden("only admins create topics here", code="admin_required")
@@ -405,7 +403,7 @@ def serve_topics(
     async def update_topic(topic_id: str) -> dict[str, Any]:
         """Change a topic's settings (its owner or an admin)."""
         _, topic = await owned(topic_id)
-        body = parse_body(await _json(), TopicSettings)
+        body = parse_body(await json_body(), TopicSettings)
         changed = await store.update_topic(topic.id, **settings_of(body))
         if changed is None:
             raise NotFound("no such topic", code="TOPIC_NOT_FOUND", details={"topic_id": topic_id})
@@ -473,7 +471,7 @@ def serve_topics(
         private topic takes only the members its owner adds; its owner may subscribe."""
         claims = await caller()
         assert claims is not None
-        body = parse_body(await _json(), TopicRequest)
+        body = parse_body(await json_body(), TopicRequest)
         topic, _ = await visible(body.topic_id, claims)
         new = await join(topic, claims.sub, invited=owns(claims, topic))
         return {
@@ -490,7 +488,7 @@ def serve_topics(
         nothing). Deliveries already waiting for it still come."""
         claims = await caller()
         assert claims is not None
-        body = parse_body(await _json(), TopicRequest)
+        body = parse_body(await json_body(), TopicRequest)
         topic, _ = await visible(body.topic_id, claims)
         outcome = await store.unsubscribe(topic.id, claims.sub)
         if outcome == "unsubscribed":
