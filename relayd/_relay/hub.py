@@ -515,9 +515,16 @@ class Hub:
         self, handle: _Handle, started: list[_Outgoing], close: _CloseItem | None
     ) -> None:
         assert handle.nursery is not None
-        handle.writing = True
         handle.batch, handle.sent, handle.chunk = started, 0, len(started)
-        handle.nursery.start_soon(self._writer, handle, started, close)
+        try:
+            handle.nursery.start_soon(self._writer, handle, started, close)
+        except RuntimeError:
+            # The session's nursery is closing (its socket ended, e.g. a slow consumer cut
+            # while a store batch was applied): nothing more is written to it. When it ends,
+            # _finish tells the core the started batch was cut off and the queue never sent.
+            handle.nursery = None
+            return
+        handle.writing = True
 
     def _written(self, handle: _Handle, batch: list[_Outgoing]) -> None:
         """``batch`` is written: tell the core (its actions are dispatched by :meth:`_apply`),
