@@ -733,3 +733,19 @@ async def test_a_claim_made_for_a_session_that_ended_meanwhile_is_given_back(
             cluster.gate.set()
             await hub.until(lambda: not hub._claiming and hub.releasing == 0)
             assert await cluster.online([bob.uuid]) == set()
+
+
+async def test_a_writer_asked_for_while_the_sessions_nursery_closes_is_not_started(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A store batch applied while a socket's session ends (its nursery closing, e.g. cut as
+    a slow consumer) may ask for a writer for it: none starts, the session takes nothing
+    more, and the hub goes on (it crashed with "Nursery is closed to new arrivals")."""
+    async with running_hub({}) as env:
+        async with trio.open_nursery() as closed:
+            pass
+        handle = hub_module._Handle(99, transport=None)  # type: ignore[arg-type]
+        handle.nursery = closed
+        env.hub._start_writer(handle, [], None)
+        assert handle.nursery is None
+        assert not handle.writing
