@@ -747,4 +747,5 @@ async def test_a_writer_asked_for_while_the_sessions_nursery_closes_is_not_start
         handle = hub_module._Handle(99, transport=None)  # type: ignore[arg-type]
         handle.nursery = closed
         env.hub._start_writer(handle, [], None)
-        assert (handle.nursery, handle.writing) == (None, False)
+        state: tuple[object, bool] = (handle.nursery, handle.writing)
+        assert state == (None, False)
