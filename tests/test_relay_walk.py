@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import hypothesis.strategies as st
-from hypothesis import given
+from hypothesis import example, given
 
 from relayd._config import RelayConfig
 
@@ -74,6 +74,7 @@ class Walk:
         self.sent = 0
         self.told: dict[str, str] = {}  # msgid -> the last status alice was told
         self.got: dict[str, int] = {}  # msgid -> deliveries bob saw
+        self.plain: dict[str, bool] = {}  # msgid -> a copy not marked redelivered was seen
         self.ack: dict[str, bool] = {}
 
     @property
@@ -93,8 +94,14 @@ class Walk:
             for frame in self.nodes[at].read(sid):
                 if frame["type"] == "message":
                     msgid = frame["msgid"]
-                    if self.got.get(msgid):
-                        assert frame["redelivered"], frame
+                    # At most one copy of a message is not marked redelivered: its client can
+                    # tell every other for a possible duplicate. (Across two sockets of one
+                    # client, the first attempt may arrive after a redelivery: an older socket
+                    # on another node wrote it late, before it heard that it was replaced.)
+                    assert frame["redelivered"] == (frame["attempt"] > 1), frame
+                    if not frame["redelivered"]:
+                        assert not self.plain.get(msgid), frame
+                        self.plain[msgid] = True
                     self.got[msgid] = self.got.get(msgid, 0) + 1
 
     @staticmethod
@@ -218,5 +225,16 @@ def test_a_random_walk_on_one_node_keeps_every_promise(steps: list[Step]) -> Non
 
 @FUZZ
 @given(steps=STEPS)
+# Found by a CI run: bob's older socket (its kick held) writes the first attempt after his
+# newer one on the other node got the redelivery.
+@example(
+    steps=[
+        ("bob_comes", 0),
+        ("stall", True),
+        ("send", (True, False, False)),
+        ("hold_hints", "hold"),
+        ("bob_comes", 1),
+    ]
+)
 def test_a_random_walk_across_two_nodes_keeps_every_promise(steps: list[Step]) -> None:
     walk(2, steps)
