@@ -661,14 +661,7 @@ class Delivery:
         are remembered; one loaded after it was forgotten is simply not shared."""
         if row.topic is None:
             return row.fields
-        key = (row.sender, row.msgid)
-        fields = self._shared_fields.pop(key, None)
-        if fields is None:
-            fields = row.fields
-            if len(self._shared_fields) >= SHARED_FIELDS:
-                del self._shared_fields[next(iter(self._shared_fields))]
-        self._shared_fields[key] = fields  # now the newest
-        return fields
+        return _newest(self._shared_fields, (row.sender, row.msgid), lambda: row.fields)
 
     def _frame(self, message: Message, redelivered: bool) -> str:
         """The delivery's frame. A topic message's first attempt is one frame for every
@@ -681,16 +674,13 @@ class Delivery:
                 redelivered=redelivered,
                 offset=message.offset,
             )
-        key = (message.sender, message.msgid)
-        text = self._shared_frames.pop(key, None)
-        if text is None:
-            text = F.delivery_frame(
+        return _newest(
+            self._shared_frames,
+            (message.sender, message.msgid),
+            lambda: F.delivery_frame(
                 message.fields, attempt=1, redelivered=False, offset=message.offset
-            )
-            if len(self._shared_frames) >= SHARED_FIELDS:
-                del self._shared_frames[next(iter(self._shared_frames))]
-        self._shared_frames[key] = text
-        return text
+            ),
+        )
 
     def _message_from_row(self, row: StoredMessage) -> Message:
         known = self.receipts.remembered(row.sender, row.msgid)
@@ -806,3 +796,17 @@ class Delivery:
             self.finish(message, Status.EXPIRED, now)
         if len(rows) == SWEEP_PAGE:
             self._read(FindExpired(now, SWEEP_PAGE))
+
+
+def _newest(
+    table: dict[tuple[str, str], str], key: tuple[str, str], make: Callable[[], str]
+) -> str:
+    """``table[key]``, made by ``make()`` if missing, and now the newest of the at most
+    ``SHARED_FIELDS`` entries ``table`` keeps (the oldest goes to make room)."""
+    value = table.pop(key, None)
+    if value is None:
+        value = make()
+        if len(table) >= SHARED_FIELDS:
+            del table[next(iter(table))]
+    table[key] = value
+    return value

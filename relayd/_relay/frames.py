@@ -319,19 +319,7 @@ def parse_envelope(doc: dict[str, Any]) -> Envelope:
     Raises:
         ProtocolError: ``INVALID_MESSAGE_FORMAT`` naming the first bad field.
     """
-    data = dict(doc)
-    if "from" in data:
-        data["sender"] = data.pop("from")
-    for optional in ("timestamp", "ttl", "msgid"):
-        if data.get(optional) is None:
-            data.pop(optional, None)
-    try:
-        return _converter.structure(data, Envelope)
-    except cattrs.BaseValidationError as exc:
-        path, leaf = next(iter_errors(exc))
-        name = {"sender": "from"}.get(path, path) or "message"
-        reason = "is required" if isinstance(leaf, KeyError) else str(leaf)
-        raise ProtocolError(INVALID_MESSAGE_FORMAT, f"{name}: {reason}", field=name) from None
+    return _structure_lenient(doc, Envelope, INVALID_MESSAGE_FORMAT)
 
 
 def parse_publication(doc: dict[str, Any]) -> Publication:
@@ -353,6 +341,8 @@ def parse_announcement(doc: dict[str, Any]) -> Announcement:
 
 
 def _structure_lenient(doc: dict[str, Any], cls: type[T], code: str) -> T:
+    """``doc`` as ``cls``: ``from`` read as ``sender``, a null optional as absent, ``type``
+    and unknown keys ignored; a problem is ``code`` naming its field."""
     data = {key: value for key, value in doc.items() if key != "type"}
     if "from" in data:
         data["sender"] = data.pop("from")
